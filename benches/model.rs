@@ -1,0 +1,103 @@
+//! Criterion benchmarks of the model's hot paths, each next to its baseline:
+//! predict per kind, a training step per kind, and a serving-snapshot publish
+//! left-right against a full copy. `scripts/bench` runs them.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use tributary::apply::optim::NoTouch;
+use tributary::apply::rule::State;
+use tributary::config::{Config, ModelKind};
+use tributary::event::Example;
+use tributary::log::record::{GradientRecord, Record, RecordMeta};
+use tributary::model::Model;
+use tributary::serving::Publisher;
+use tributary::synthetic::Synthetic;
+
+fn model(kind: ModelKind) -> Model {
+    let mut c = Config::default().model;
+    c.kind = kind;
+    Model::new(&c)
+}
+
+fn examples(model: &Model, n: usize) -> Vec<Example> {
+    let mut s = Synthetic::new(model.config(), 3);
+    (0..n).map(|_| model.featurizer().event(s.event(0).as_bytes()).unwrap()).collect()
+}
+
+fn predict(c: &mut Criterion) {
+    tributary::startup::init_libtorch();
+    for kind in [ModelKind::Logistic, ModelKind::Mlp, ModelKind::WideDeep] {
+        let m = model(kind);
+        let w = m.init_weights();
+        let ex = examples(&m, 64);
+        c.bench_function(&format!("predict_1/{kind:?}"), |b| b.iter(|| m.predict(&w, black_box(&ex[0].features))));
+        c.bench_function(&format!("predict_64/{kind:?}"), |b| {
+            b.iter(|| ex.iter().map(|e| m.predict(&w, &e.features)).sum::<f32>())
+        });
+    }
+}
+
+fn train_step(c: &mut Criterion) {
+    tributary::startup::init_libtorch();
+    for kind in [ModelKind::Logistic, ModelKind::Mlp, ModelKind::WideDeep] {
+        let m = model(kind);
+        let w = m.init_weights();
+        let ex = examples(&m, 256);
+        c.bench_function(&format!("gradient_256/{kind:?}"), |b| b.iter(|| m.gradient(&w, black_box(&ex)).unwrap()));
+    }
+}
+
+/// Apply one batch's record, then publish: left-right copies the touched
+/// rows, the baseline clones the whole model (64 MB for wide_deep).
+fn publish(c: &mut Criterion) {
+    tributary::startup::init_libtorch();
+    let m = Arc::new(model(ModelKind::WideDeep));
+    let ex = examples(&m, 256);
+    let mut state = State::initial(&m);
+    let gradient = m.gradient(&state.weights, &ex).unwrap();
+    let mut publisher = Publisher::new(m.clone(), &state);
+    let mut offset = 0;
+    let record = |from: i64| {
+        let meta = RecordMeta {
+            fingerprint: m.fingerprint(),
+            partition: 0,
+            from,
+            to: from + 256,
+            base: 0,
+            examples: 256,
+            skipped: 0,
+            oldest_ts: 0,
+            producer: "bench".into(),
+        };
+        Record::Gradient(GradientRecord::new(meta, gradient.clone())).encode()
+    };
+    c.bench_function("publish_after_batch/left_right", |b| {
+        b.iter(|| {
+            let bytes = record(state.watermarks.get(&0).copied().unwrap_or(0));
+            state.apply(&m, offset, &bytes, &mut publisher);
+            offset += 1;
+            publisher.publish(&state)
+        })
+    });
+    c.bench_function("publish_after_batch/full_copy", |b| {
+        b.iter_batched(
+            || (),
+            |()| {
+                let bytes = record(state.watermarks.get(&0).copied().unwrap_or(0));
+                state.apply(&m, offset, &bytes, &mut NoTouch);
+                offset += 1;
+                black_box(state.weights.clone())
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20).measurement_time(std::time::Duration::from_secs(3));
+    targets = predict, train_step, publish
+}
+criterion_main!(benches);

@@ -1,0 +1,6 @@
+//! The applier: reads the whole `updates` log in order and is the one writer
+//! of the replica's state. The apply rule is in [`rule`].
+
+pub mod applier;
+pub mod optim;
+pub mod rule;

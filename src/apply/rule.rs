@@ -1,0 +1,217 @@
+//! The replica's state and the apply rule (DESIGN.md section 3), in one place.
+//!
+//! A gradient record is applied iff it belongs to this model, its `from`
+//! equals the partition's watermark, its tensors have the model's shapes, and
+//! every value is finite with a global L2 norm within the bound. Then the
+//! optimizer steps and the watermark moves to `to`. Otherwise the state does
+//! not change. Every record read advances `position`, applied or not.
+
+use std::collections::BTreeMap;
+
+use super::optim::{Optimizer, Touch};
+use crate::log::record::{GradientRecord, Record};
+use crate::model::{Buffers, GradTensor, GradValues, Model, ParamSpec};
+
+/// Everything a replica learned: identical on every replica at the same position.
+#[derive(Clone, Debug, PartialEq)]
+pub struct State {
+    /// Next `updates` offset to read; the served `model_version`.
+    pub position: i64,
+    /// Events partition -> next event offset to learn.
+    pub watermarks: BTreeMap<i32, i64>,
+    pub examples_learned: u64,
+    pub examples_skipped: u64,
+    pub records_applied: u64,
+    pub records_rejected: u64,
+    /// Progressive loss summed over every learned example (before its update).
+    pub loss_sum: f64,
+    pub weights: Buffers,
+    pub optimizer: Optimizer,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reject {
+    /// The bytes are not a record this build can read.
+    Malformed,
+    /// Written for a model of another structure.
+    OtherModel,
+    /// `from` is not the partition's watermark: a duplicate, a zombie's
+    /// record, or one that follows a rejected record.
+    NotContiguous,
+    /// A tensor names an unknown parameter or has the wrong shape.
+    Shape,
+    NonFinite,
+    NormBound,
+}
+
+impl Reject {
+    pub const ALL: [Reject; 6] =
+        [Reject::Malformed, Reject::OtherModel, Reject::NotContiguous, Reject::Shape, Reject::NonFinite, Reject::NormBound];
+
+    /// The label value in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reject::Malformed => "malformed",
+            Reject::OtherModel => "other_model",
+            Reject::NotContiguous => "not_contiguous",
+            Reject::Shape => "shape",
+            Reject::NonFinite => "non_finite",
+            Reject::NormBound => "norm_bound",
+        }
+    }
+}
+
+/// What the applier did with one record.
+#[derive(Debug, PartialEq)]
+pub enum Outcome {
+    Applied(GradientRecord),
+    /// The record, where it decoded, and why it was rejected.
+    Rejected(Option<GradientRecord>, Reject),
+}
+
+impl State {
+    pub fn initial(model: &Model) -> State {
+        let c = model.config();
+        State {
+            position: 0,
+            watermarks: BTreeMap::new(),
+            examples_learned: 0,
+            examples_skipped: 0,
+            records_applied: 0,
+            records_rejected: 0,
+            loss_sum: 0.0,
+            weights: model.init_weights(),
+            optimizer: Optimizer::new(c.optimizer, c.learning_rate, model.params()),
+        }
+    }
+
+    /// Mean progressive loss so far; `None` before the first example.
+    pub fn progressive_loss(&self) -> Option<f64> {
+        (self.examples_learned > 0).then(|| self.loss_sum / self.examples_learned as f64)
+    }
+
+    /// Reads the record at `offset` of `updates`: the apply rule.
+    pub fn apply(&mut self, model: &Model, offset: i64, bytes: &[u8], touch: &mut impl Touch) -> Outcome {
+        self.position = offset + 1;
+        let outcome = match Record::decode(bytes) {
+            Err(_) => Outcome::Rejected(None, Reject::Malformed),
+            Ok(Record::Gradient(r)) => match check(model, self.watermarks.get(&r.partition).copied().unwrap_or(0), &r) {
+                Err(reason) => Outcome::Rejected(Some(r), reason),
+                Ok(()) => {
+                    if !r.gradient.is_empty() {
+                        self.optimizer.step(model.params(), &mut self.weights, &r.gradient, touch);
+                    }
+                    self.watermarks.insert(r.partition, r.to);
+                    self.examples_learned += u64::from(r.examples);
+                    self.examples_skipped += u64::from(r.skipped);
+                    self.loss_sum += r.loss_sum;
+                    Outcome::Applied(r)
+                }
+            },
+        };
+        match outcome {
+            Outcome::Applied(_) => self.records_applied += 1,
+            Outcome::Rejected(..) => self.records_rejected += 1,
+        }
+        outcome
+    }
+}
+
+fn check(model: &Model, watermark: i64, r: &GradientRecord) -> Result<(), Reject> {
+    if r.fingerprint != model.fingerprint() {
+        return Err(Reject::OtherModel);
+    }
+    if r.from != watermark || r.to < r.from || r.partition < 0 {
+        return Err(Reject::NotContiguous);
+    }
+    if !r.loss_sum.is_finite() {
+        return Err(Reject::NonFinite);
+    }
+    check_gradient(model.params(), model.config().max_grad_norm, &r.gradient)
+}
+
+/// Shapes, finiteness and the norm bound. Trainers run the same check before
+/// they send, so an honest trainer never sends a record that this rejects.
+pub fn check_gradient(params: &[ParamSpec], max_norm: f32, tensors: &[GradTensor]) -> Result<(), Reject> {
+    let mut sum_sq = 0f64;
+    for t in tensors {
+        let p = params.get(t.param as usize).ok_or(Reject::Shape)?;
+        let values = match &t.values {
+            GradValues::Dense(v) if v.len() == p.len() => v,
+            GradValues::Rows { ids, values }
+                if values.len() == ids.len() * p.cols && ids.iter().all(|&id| (id as usize) < p.rows) =>
+            {
+                values
+            }
+            _ => return Err(Reject::Shape),
+        };
+        for &v in values {
+            if !v.is_finite() {
+                return Err(Reject::NonFinite);
+            }
+            sum_sq += f64::from(v) * f64::from(v);
+        }
+    }
+    if sum_sq.sqrt() > f64::from(max_norm) {
+        return Err(Reject::NormBound);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::optim::NoTouch;
+    use crate::config::Config;
+    use crate::log::record::{GradientRecord, Record};
+
+    fn setup() -> (Model, State) {
+        let mut c = Config::default().model;
+        c.kind = crate::config::ModelKind::Logistic;
+        c.dense_dim = 2;
+        c.buckets = 16;
+        let model = Model::new(&c);
+        let state = State::initial(&model);
+        (model, state)
+    }
+
+    fn record(model: &Model, partition: i32, from: i64, to: i64, g: f32) -> Vec<u8> {
+        Record::Gradient(GradientRecord {
+            fingerprint: model.fingerprint(),
+            partition,
+            from,
+            to,
+            base: 0,
+            examples: (to - from) as u32,
+            skipped: 0,
+            loss_sum: 0.7 * (to - from) as f64,
+            oldest_ts: 0,
+            producer: "t".into(),
+            gradient: vec![GradTensor { param: 1, values: GradValues::Dense(vec![g, g]) }],
+        })
+        .encode()
+    }
+
+    #[test]
+    fn applies_contiguous_records_and_rejects_the_rest() {
+        let (model, mut s) = setup();
+        let outcome = |s: &mut State, offset, bytes: Vec<u8>| match s.apply(&model, offset, &bytes, &mut NoTouch) {
+            Outcome::Applied(_) => None,
+            Outcome::Rejected(_, why) => Some(why),
+        };
+        assert_eq!(outcome(&mut s, 0, record(&model, 0, 0, 10, 0.1)), None);
+        // A duplicate of the same range (zombie, retry) changes nothing.
+        let before = s.weights.clone();
+        assert_eq!(outcome(&mut s, 1, record(&model, 0, 0, 10, 0.1)), Some(Reject::NotContiguous));
+        assert_eq!(s.weights, before);
+        assert_eq!(outcome(&mut s, 2, record(&model, 0, 10, 15, f32::INFINITY)), Some(Reject::NonFinite));
+        assert_eq!(outcome(&mut s, 3, record(&model, 0, 10, 15, 1e6)), Some(Reject::NormBound));
+        assert_eq!(outcome(&mut s, 4, b"garbage".to_vec()), Some(Reject::Malformed));
+        assert_eq!(outcome(&mut s, 7, record(&model, 0, 10, 15, 0.1)), None);
+        assert_eq!(s.position, 8, "every record read advances the position");
+        assert_eq!(s.watermarks[&0], 15);
+        assert_eq!(s.examples_learned, 15);
+        assert_eq!((s.records_applied, s.records_rejected), (2, 4));
+        assert_ne!(s.weights, before);
+    }
+}

@@ -1,0 +1,382 @@
+//! Configuration: built-in defaults, then a TOML file, then `TRIBUTARY_*`
+//! environment variables, then command-line flags, each layer overriding the
+//! one before. Unknown keys are errors at every layer, so a typo never goes
+//! unnoticed. `config/tributary.toml` documents every key with its default.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Which model to train and serve.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    /// Dense features plus hashed sparse features, linear.
+    Logistic,
+    /// Dense features through hidden layers.
+    Mlp,
+    /// Bags of hashed embeddings per sparse field, concatenated with the dense
+    /// features into an MLP, plus the linear part of `logistic`.
+    WideDeep,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Loss {
+    /// Binary log-loss on a logit; labels in [0, 1]; predictions are probabilities.
+    Logloss,
+    /// Squared error; any finite label; predictions are the raw output.
+    Squared,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    Sgd,
+    Adagrad,
+    Adam,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Name under which the model is served (`/v1/models/{name}`).
+    pub name: String,
+    pub kind: ModelKind,
+    /// Length of every event's `dense` array.
+    pub dense_dim: usize,
+    /// Names of the sparse fields an event may carry.
+    pub sparse_fields: Vec<String>,
+    /// Hash buckets per sparse field.
+    pub buckets: u32,
+    /// Embedding width per sparse field (`wide_deep`).
+    pub embedding_dim: usize,
+    /// Hidden layer widths (`mlp`, `wide_deep`).
+    pub hidden: Vec<usize>,
+    pub loss: Loss,
+    pub optimizer: OptimizerKind,
+    pub learning_rate: f32,
+    /// Initial weights come from this seed: equal seeds, bit-identical weights.
+    pub seed: u64,
+    /// Gradients whose global L2 norm exceeds this are rejected.
+    pub max_grad_norm: f32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port[,host:port]`.
+    pub brokers: String,
+    pub events_topic: String,
+    pub updates_topic: String,
+    /// Partitions given to the events topic when `serve` creates it.
+    pub events_partitions: i32,
+    pub group_id: String,
+    /// Static membership (`group.instance.id`): a restart within the session
+    /// timeout keeps its partitions without a rebalance. Empty: off.
+    pub group_instance_id: String,
+    pub session_timeout_ms: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Off: the replica applies the log and serves but learns nothing itself.
+    pub enabled: bool,
+    /// Events per gradient record.
+    pub batch_size: usize,
+    /// A partial batch is sent after waiting this long for more events.
+    pub max_wait_ms: u64,
+    /// Gradient records of one partition in flight (sent, not yet applied).
+    pub max_in_flight: usize,
+    /// How often committed consumer offsets catch up with applied watermarks.
+    pub commit_interval_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyConfig {
+    /// Upper bound on serving-snapshot swaps per second; an idle applier
+    /// publishes at once.
+    pub max_swaps_per_sec: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Directory of the embedded checkpoint store.
+    pub state_dir: PathBuf,
+    /// A checkpoint is written this often while the position moves.
+    pub interval_secs: u64,
+    /// Checkpoints kept; older ones are deleted.
+    pub keep: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    pub addr: SocketAddr,
+    /// Request bodies over this many bytes get 413.
+    pub max_body_bytes: usize,
+    /// Instances per predict request.
+    pub max_batch: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Names this replica in gradient records, logs and metrics.
+    pub replica_id: String,
+    pub model: ModelConfig,
+    pub kafka: KafkaConfig,
+    pub train: TrainConfig,
+    pub apply: ApplyConfig,
+    pub checkpoint: CheckpointConfig,
+    pub http: HttpConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            replica_id: "replica-0".into(),
+            model: ModelConfig {
+                name: "default".into(),
+                kind: ModelKind::WideDeep,
+                dense_dim: 8,
+                sparse_fields: ["f0", "f1", "f2", "f3"].map(String::from).to_vec(),
+                buckets: 1 << 18,
+                embedding_dim: 16,
+                hidden: vec![64, 32],
+                loss: Loss::Logloss,
+                optimizer: OptimizerKind::Adagrad,
+                learning_rate: 0.05,
+                seed: 42,
+                max_grad_norm: 1000.0,
+            },
+            kafka: KafkaConfig {
+                brokers: "127.0.0.1:9092".into(),
+                events_topic: "events".into(),
+                updates_topic: "updates".into(),
+                events_partitions: 8,
+                group_id: "tributary".into(),
+                group_instance_id: String::new(),
+                session_timeout_ms: 6000,
+            },
+            train: TrainConfig {
+                enabled: true,
+                batch_size: 256,
+                max_wait_ms: 20,
+                max_in_flight: 4,
+                commit_interval_ms: 1000,
+            },
+            apply: ApplyConfig { max_swaps_per_sec: 20.0 },
+            checkpoint: CheckpointConfig {
+                state_dir: PathBuf::from("./state"),
+                interval_secs: 30,
+                keep: 3,
+            },
+            http: HttpConfig {
+                addr: "127.0.0.1:8080".parse().expect("valid literal"),
+                max_body_bytes: 1 << 20,
+                max_batch: 1024,
+            },
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid TOML: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("environment variable {var}: {reason}")]
+    Env { var: String, reason: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Values given on the command line; `None` leaves the lower layers alone.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub http_addr: Option<SocketAddr>,
+    pub brokers: Option<String>,
+    pub replica_id: Option<String>,
+    pub state_dir: Option<PathBuf>,
+}
+
+type Table = toml::map::Map<String, toml::Value>;
+
+impl Config {
+    /// Builds the configuration from every layer. `env` is passed in so tests
+    /// need not touch the process environment.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match toml::Value::try_from(Config::default()) {
+            Ok(toml::Value::Table(t)) => t,
+            _ => unreachable!("Config serializes to a table"),
+        };
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+            let layer: Table = toml::from_str(&text)
+                .map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+            merge(&mut table, layer);
+        }
+        merge(&mut table, env_layer(env)?);
+        let mut config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_string()))?;
+        if let Some(v) = flags.http_addr {
+            config.http.addr = v;
+        }
+        if let Some(v) = &flags.brokers {
+            config.kafka.brokers = v.clone();
+        }
+        if let Some(v) = &flags.replica_id {
+            config.replica_id = v.clone();
+        }
+        if let Some(v) = &flags.state_dir {
+            config.checkpoint.state_dir = v.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let m = &self.model;
+        let bad = |msg: &str| Err(ConfigError::Invalid(msg.to_string()));
+        if m.name.is_empty() || m.name.contains(['/', ':']) {
+            return bad("model.name must be non-empty without '/' or ':'");
+        }
+        if m.buckets == 0 || m.embedding_dim == 0 {
+            return bad("model.buckets and model.embedding_dim must be positive");
+        }
+        if m.kind == ModelKind::Mlp && m.dense_dim == 0 {
+            return bad("model.kind = \"mlp\" needs model.dense_dim > 0");
+        }
+        if m.hidden.contains(&0) {
+            return bad("model.hidden widths must be positive");
+        }
+        let mut names: Vec<&String> = m.sparse_fields.iter().collect();
+        names.sort();
+        names.dedup();
+        if names.len() != m.sparse_fields.len() {
+            return bad("model.sparse_fields has a duplicate name");
+        }
+        if !(m.learning_rate.is_finite() && m.learning_rate > 0.0) {
+            return bad("model.learning_rate must be a positive number");
+        }
+        if !(m.max_grad_norm.is_finite() && m.max_grad_norm > 0.0) {
+            return bad("model.max_grad_norm must be a positive number");
+        }
+        if self.train.batch_size == 0 || self.train.max_in_flight == 0 {
+            return bad("train.batch_size and train.max_in_flight must be positive");
+        }
+        if self.kafka.events_partitions < 1 {
+            return bad("kafka.events_partitions must be at least 1");
+        }
+        if !(self.apply.max_swaps_per_sec > 0.0) {
+            return bad("apply.max_swaps_per_sec must be positive");
+        }
+        if self.http.max_batch == 0 || self.checkpoint.keep == 0 {
+            return bad("http.max_batch and checkpoint.keep must be positive");
+        }
+        if self.replica_id.is_empty() || self.replica_id.len() > 255 {
+            return bad("replica_id must be 1 to 255 bytes");
+        }
+        Ok(())
+    }
+}
+
+/// `TRIBUTARY_KAFKA__BROKERS=x` becomes `kafka.brokers = "x"`; top-level keys
+/// have no section (`TRIBUTARY_REPLICA_ID`). A value that parses as TOML
+/// (a number, a bool, an array) is taken as such, anything else as a string.
+fn env_layer(env: impl IntoIterator<Item = (String, String)>) -> Result<Table, ConfigError> {
+    let mut layer = Table::new();
+    let vars: BTreeMap<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("TRIBUTARY_"))
+        .collect();
+    for (var, raw) in vars {
+        let path: Vec<String> = var["TRIBUTARY_".len()..]
+            .split("__")
+            .map(str::to_ascii_lowercase)
+            .collect();
+        if path.iter().any(String::is_empty) || path.len() > 2 {
+            return Err(ConfigError::Env { var, reason: "expected TRIBUTARY_KEY or TRIBUTARY_SECTION__KEY".into() });
+        }
+        let value = toml::from_str::<Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(toml::Value::String(raw));
+        let mut node = &mut layer;
+        for key in &path[..path.len() - 1] {
+            node = match node.entry(key.clone()).or_insert_with(|| toml::Value::Table(Table::new())) {
+                toml::Value::Table(t) => t,
+                _ => return Err(ConfigError::Env { var, reason: format!("{key} is not a section") }),
+            };
+        }
+        node.insert(path[path.len() - 1].clone(), value);
+    }
+    Ok(layer)
+}
+
+/// Overlays `top` on `base`, section by section.
+fn merge(base: &mut Table, top: Table) {
+    for (key, value) in top {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(t)) => merge(b, t),
+            (_, v) => {
+                base.insert(key, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn layers_override_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("t.toml");
+        std::fs::write(&file, "replica_id = \"file\"\n[model]\nkind = \"mlp\"\nbuckets = 7\n").unwrap();
+        let flags = Overrides { replica_id: Some("flag".into()), ..Default::default() };
+        let c = Config::load(
+            Some(&file),
+            env(&[("TRIBUTARY_MODEL__BUCKETS", "9"), ("TRIBUTARY_REPLICA_ID", "env"), ("HOME", "x")]),
+            &flags,
+        )
+        .unwrap();
+        assert_eq!(c.model.kind, ModelKind::Mlp);
+        assert_eq!(c.model.buckets, 9);
+        assert_eq!(c.replica_id, "flag");
+        assert_eq!(c.model.embedding_dim, Config::default().model.embedding_dim);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = Config::load(None, env(&[("TRIBUTARY_MODEL__BUCKTES", "9")]), &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("bucktes"), "{err}");
+        let err = Config::load(None, env(&[("TRIBUTARY_MODEL__KIND", "forest")]), &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("forest"), "{err}");
+    }
+
+    #[test]
+    fn documented_defaults_equal_the_code() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tributary.toml");
+        let documented = Config::load(Some(&path), Vec::new(), &Overrides::default()).unwrap();
+        assert_eq!(documented, Config::default(), "config/tributary.toml drifted from Config::default()");
+    }
+}

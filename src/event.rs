@@ -1,0 +1,229 @@
+//! The event and instance schema, its validation, and the hashing of sparse
+//! values into buckets. Shared by serving (instances) and training (events).
+//!
+//! ```json
+//! {"dense": [0.1, 2.0], "sparse": {"country": "de", "tags": ["a", "b"]}, "label": 1, "ts": 1764000000000}
+//! ```
+//! `label` and `ts` appear only in training events; `ts` is optional.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::config::{Loss, ModelConfig};
+
+/// One sparse value or a bag of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SparseValue {
+    One(String),
+    Bag(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInstance {
+    #[serde(default)]
+    dense: Vec<f32>,
+    #[serde(default)]
+    sparse: BTreeMap<String, SparseValue>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEvent {
+    #[serde(default)]
+    dense: Vec<f32>,
+    #[serde(default)]
+    sparse: BTreeMap<String, SparseValue>,
+    label: f64,
+    #[serde(default)]
+    ts: Option<i64>,
+}
+
+/// An instance turned into model inputs: dense values and, per configured
+/// sparse field (in configuration order), the bucket ids of its bag.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Features {
+    pub dense: Vec<f32>,
+    pub ids: Vec<Vec<u32>>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Example {
+    pub features: Features,
+    pub label: f32,
+    /// Event time, epoch milliseconds.
+    pub ts: Option<i64>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SchemaError {
+    #[error("{0}")]
+    Json(String),
+    #[error("dense has {got} values, the model expects {want}")]
+    DenseLength { got: usize, want: usize },
+    #[error("dense[{0}] is not a finite number")]
+    NonFinite(usize),
+    #[error("unknown sparse field {0:?} (known: {1})")]
+    UnknownField(String, String),
+    #[error("sparse field {0:?} has {1} values, at most {MAX_BAG} are allowed")]
+    BagTooLarge(String, usize),
+    #[error("label {0} is out of range: log-loss needs a label in [0, 1]")]
+    LabelRange(f64),
+    #[error("label is not a finite number")]
+    LabelNonFinite,
+}
+
+/// Bags larger than this are rejected: they are almost surely a bug upstream.
+pub const MAX_BAG: usize = 256;
+
+/// Turns parsed instances into features for one model. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Featurizer {
+    dense_dim: usize,
+    fields: Vec<String>,
+    /// Per field, a hash seed derived from its name, so equal values in two
+    /// fields land in unrelated buckets.
+    seeds: Vec<u64>,
+    buckets: u32,
+    loss: Loss,
+}
+
+impl Featurizer {
+    pub fn new(model: &ModelConfig) -> Self {
+        Featurizer {
+            dense_dim: model.dense_dim,
+            seeds: model.sparse_fields.iter().map(|f| fnv1a(FNV_OFFSET, f.as_bytes())).collect(),
+            fields: model.sparse_fields.clone(),
+            buckets: model.buckets,
+            loss: model.loss,
+        }
+    }
+
+    pub fn fields(&self) -> &[String] {
+        &self.fields
+    }
+
+    /// Bucket of `value` in field number `field`. Stable across versions and
+    /// machines: FNV-1a, not the standard library's randomized hasher.
+    pub fn bucket(&self, field: usize, value: &str) -> u32 {
+        (fnv1a(self.seeds[field], value.as_bytes()) % u64::from(self.buckets)) as u32
+    }
+
+    /// Parses one prediction instance from a JSON value.
+    pub fn instance(&self, value: serde_json::Value) -> Result<Features, SchemaError> {
+        let raw: RawInstance = serde_json::from_value(value).map_err(json_error)?;
+        self.features(raw.dense, raw.sparse)
+    }
+
+    /// Parses one training event from its JSON bytes.
+    pub fn event(&self, bytes: &[u8]) -> Result<Example, SchemaError> {
+        let raw: RawEvent = serde_json::from_slice(bytes).map_err(json_error)?;
+        let label = match (raw.label.is_finite(), self.loss) {
+            (false, _) => return Err(SchemaError::LabelNonFinite),
+            (true, Loss::Logloss) if !(0.0..=1.0).contains(&raw.label) => {
+                return Err(SchemaError::LabelRange(raw.label))
+            }
+            (true, _) if raw.label.abs() > f64::from(f32::MAX) => return Err(SchemaError::LabelNonFinite),
+            _ => raw.label as f32,
+        };
+        Ok(Example { features: self.features(raw.dense, raw.sparse)?, label, ts: raw.ts })
+    }
+
+    fn features(&self, dense: Vec<f32>, sparse: BTreeMap<String, SparseValue>) -> Result<Features, SchemaError> {
+        if dense.len() != self.dense_dim {
+            return Err(SchemaError::DenseLength { got: dense.len(), want: self.dense_dim });
+        }
+        if let Some(i) = dense.iter().position(|v| !v.is_finite()) {
+            return Err(SchemaError::NonFinite(i));
+        }
+        let mut ids = vec![Vec::new(); self.fields.len()];
+        for (name, value) in sparse {
+            let Some(field) = self.fields.iter().position(|f| *f == name) else {
+                return Err(SchemaError::UnknownField(name, self.fields.join(", ")));
+            };
+            ids[field] = match value {
+                SparseValue::One(v) => vec![self.bucket(field, &v)],
+                SparseValue::Bag(vs) if vs.len() > MAX_BAG => return Err(SchemaError::BagTooLarge(name, vs.len())),
+                SparseValue::Bag(vs) => vs.iter().map(|v| self.bucket(field, v)).collect(),
+            };
+        }
+        Ok(Features { dense, ids })
+    }
+}
+
+/// serde_json reports a mistyped sparse value as "did not match any variant
+/// of untagged enum": say it plainly. (An f32 overflow such as 1e39 parses as
+/// infinity and is caught by the finiteness check.)
+fn json_error(e: serde_json::Error) -> SchemaError {
+    let msg = e.to_string();
+    if msg.contains("untagged enum SparseValue") {
+        return SchemaError::Json("sparse values must be a string or an array of strings".into());
+    }
+    SchemaError::Json(msg)
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn fnv1a(seed: u64, bytes: &[u8]) -> u64 {
+    let mut h = seed;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // FNV's low bits mix poorly; a final avalanche spreads them over buckets.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^ (h >> 33)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn featurizer() -> Featurizer {
+        let mut m = Config::default().model;
+        m.dense_dim = 2;
+        m.sparse_fields = vec!["a".into(), "b".into()];
+        m.buckets = 1000;
+        Featurizer::new(&m)
+    }
+
+    #[test]
+    fn parses_an_event_with_bags() {
+        let f = featurizer();
+        let e = f.event(br#"{"dense":[1,2],"sparse":{"b":["x","y"],"a":"x"},"label":1,"ts":5}"#).unwrap();
+        assert_eq!(e.features.ids[0], vec![f.bucket(0, "x")]);
+        assert_eq!(e.features.ids[1].len(), 2);
+        assert_ne!(f.bucket(0, "x"), f.bucket(1, "x"), "fields hash independently");
+        assert_eq!(e.ts, Some(5));
+    }
+
+    #[test]
+    fn bucket_is_stable() {
+        // A change here re-maps every deployed model's features.
+        assert_eq!(featurizer().bucket(0, "hello"), 664);
+    }
+
+    #[test]
+    fn rejects_bad_events_with_reasons() {
+        let f = featurizer();
+        let cases: &[(&[u8], &str)] = &[
+            (b"{", "EOF"),
+            (b"\xff\xfe", "expected value"),
+            (br#"{"dense":[1],"label":1}"#, "dense has 1 values"),
+            (br#"{"dense":[1,1e39],"label":1}"#, "dense[1] is not a finite number"),
+            (br#"{"dense":[1,2],"label":2}"#, "out of range"),
+            (br#"{"dense":[1,2]}"#, "missing field `label`"),
+            (br#"{"dense":[1,2],"label":1,"sparse":{"zz":"x"}}"#, "unknown sparse field"),
+            (br#"{"dense":[1,2],"label":1,"sparse":{"a":3}}"#, "string or an array"),
+            (br#"{"dense":[1,2],"label":1,"extra":3}"#, "unknown field"),
+        ];
+        for (input, want) in cases {
+            let err = f.event(input).unwrap_err().to_string();
+            assert!(err.contains(want), "{:?}: {err}", String::from_utf8_lossy(input));
+        }
+    }
+}

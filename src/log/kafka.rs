@@ -1,0 +1,95 @@
+//! Kafka client settings and topic management, shared by the trainer, the
+//! applier and `tributary produce`.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::config::KafkaConfig;
+
+/// Gradient records of a large model are big; the broker default (1 MB) is not.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopicError {
+    #[error("cannot reach the Kafka brokers at {brokers}: {source}")]
+    Unreachable { brokers: String, source: rdkafka::error::KafkaError },
+    #[error("cannot create topic {topic}: {reason}")]
+    Create { topic: String, reason: String },
+    #[error("topic {topic} has {partitions} partitions; the update log needs exactly one (total order). Recreate it with one partition.")]
+    UpdatesPartitions { topic: String, partitions: usize },
+}
+
+pub fn base_config(brokers: &str, client_id: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("client.id", client_id)
+        // Tansu listens on IPv4 only; "localhost" may resolve to ::1 first.
+        .set("broker.address.family", "v4")
+        .set("log_level", "4");
+    c
+}
+
+/// Producer of gradient records and events: every write acknowledged by all
+/// in-sync replicas, low latency over batching.
+pub fn producer_config(brokers: &str, client_id: &str) -> ClientConfig {
+    let mut c = base_config(brokers, client_id);
+    c.set("acks", "all")
+        .set("linger.ms", "1")
+        .set("message.max.bytes", MAX_MESSAGE_BYTES.to_string())
+        .set("message.timeout.ms", "30000");
+    c
+}
+
+/// Reader of the update log: no group semantics (it assigns partition 0 by
+/// hand), fetches as soon as a record lands.
+pub fn log_reader_config(brokers: &str, client_id: &str) -> ClientConfig {
+    let mut c = base_config(brokers, client_id);
+    c.set("group.id", format!("{client_id}-log-reader"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "10")
+        .set("fetch.max.bytes", (2 * MAX_MESSAGE_BYTES).to_string())
+        .set("max.partition.fetch.bytes", MAX_MESSAGE_BYTES.to_string())
+        .set("receive.message.max.bytes", (2 * MAX_MESSAGE_BYTES + 1024).to_string());
+    c
+}
+
+/// The high watermark (end) of partition 0 of `topic`.
+pub fn log_end(consumer: &BaseConsumer<impl rdkafka::consumer::ConsumerContext>, topic: &str) -> Option<i64> {
+    consumer.fetch_watermarks(topic, 0, Duration::from_secs(5)).ok().map(|(_, high)| high)
+}
+
+/// Creates the events and updates topics if missing, and refuses an updates
+/// topic with more than one partition.
+pub async fn ensure_topics(k: &KafkaConfig) -> Result<(), TopicError> {
+    let unreachable = |source| TopicError::Unreachable { brokers: k.brokers.clone(), source };
+    let admin: AdminClient<DefaultClientContext> = base_config(&k.brokers, "tributary-admin").create().map_err(unreachable)?;
+    let wanted = [
+        NewTopic::new(&k.events_topic, k.events_partitions, TopicReplication::Fixed(1)),
+        NewTopic::new(&k.updates_topic, 1, TopicReplication::Fixed(1)),
+    ];
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin.create_topics(&wanted, &opts).await.map_err(unreachable)?;
+    for result in results {
+        if let Err((topic, code)) = result {
+            if code != RDKafkaErrorCode::TopicAlreadyExists {
+                return Err(TopicError::Create { topic, reason: code.to_string() });
+            }
+        }
+    }
+    let metadata = admin
+        .inner()
+        .fetch_metadata(Some(&k.updates_topic), Duration::from_secs(10))
+        .map_err(unreachable)?;
+    if let Some(t) = metadata.topics().first() {
+        if t.partitions().len() != 1 {
+            return Err(TopicError::UpdatesPartitions { topic: k.updates_topic.clone(), partitions: t.partitions().len() });
+        }
+    }
+    Ok(())
+}

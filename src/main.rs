@@ -1,0 +1,130 @@
+//! The `tributary` binary: parses the command line, sets up telemetry and
+//! runs one of the commands. The work lives in the library.
+
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tributary::config::{Config, Overrides};
+
+#[derive(Parser)]
+#[command(name = "tributary", version, about = "Learn online from Kafka, serve over HTTP")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// TOML configuration file (see config/tributary.toml)
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Kafka bootstrap servers
+    #[arg(long)]
+    brokers: Option<String>,
+}
+
+impl ConfigArgs {
+    fn load(&self, mut flags: Overrides) -> anyhow::Result<Config> {
+        flags.brokers = self.brokers.clone();
+        Ok(Config::load(self.config.as_deref(), std::env::vars(), &flags)?)
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a replica: train from the events topic, apply the update log, serve HTTP.
+    Serve {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Address of the HTTP API
+        #[arg(long)]
+        http_addr: Option<SocketAddr>,
+        /// Names this replica in gradient records, logs and metrics
+        #[arg(long)]
+        replica_id: Option<String>,
+        /// Directory of the checkpoint store
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Produce JSONL training events from FILE (or stdin) to a topic.
+    Produce {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[arg(long, default_value = "events")]
+        topic: String,
+        file: Option<PathBuf>,
+    },
+    /// Print synthetic training events as JSONL.
+    Generate {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Events to print (default: without end)
+        #[arg(long)]
+        count: Option<u64>,
+        /// Events per second (default: as fast as possible)
+        #[arg(long)]
+        rate: Option<f64>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tributary::telemetry::init();
+    match Cli::parse().command {
+        Command::Serve { config, http_addr, replica_id, state_dir } => {
+            let config = config.load(Overrides { http_addr, replica_id, state_dir, ..Default::default() })?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(tributary::startup::run(config, shutdown_signal()))
+        }
+        Command::Produce { config, topic, file } => {
+            let config = config.load(Overrides::default())?;
+            let model = tributary::model::Model::new(&config.model);
+            let input: Box<dyn BufRead> = match file {
+                Some(path) => Box::new(std::io::BufReader::new(
+                    std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?,
+                )),
+                None => Box::new(std::io::stdin().lock()),
+            };
+            let report = tributary::ingest::produce(&config.kafka.brokers, &topic, model.featurizer(), input)?;
+            if report.failed > 0 {
+                anyhow::bail!("{} events were not delivered", report.failed);
+            }
+            Ok(())
+        }
+        Command::Generate { config, count, rate, seed } => {
+            let config = config.load(Overrides::default())?;
+            let mut synthetic = tributary::synthetic::Synthetic::new(&config.model, seed);
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let start = Instant::now();
+            for i in 0..count.unwrap_or(u64::MAX) {
+                if let Some(rate) = rate {
+                    let due = start + Duration::from_secs_f64(i as f64 / rate);
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        out.flush()?;
+                        std::thread::sleep(wait);
+                    }
+                }
+                let ts = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
+                if writeln!(out, "{}", synthetic.event(ts)).is_err() {
+                    break; // the reader went away
+                }
+            }
+            let _ = out.flush();
+            Ok(())
+        }
+    }
+}
+
+/// Resolves on SIGTERM or ctrl-c.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

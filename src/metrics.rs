@@ -1,0 +1,104 @@
+//! Every metric the replica exports, named in one place. Labels have few
+//! values (routes, statuses, reject reasons, partitions); counters move by
+//! batch, never per event in a hot loop.
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::apply::rule::Reject;
+
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub model_version: IntGauge,
+    pub events_consumed: IntCounter,
+    pub events_invalid: IntCounter,
+    pub examples_learned: IntCounter,
+    pub records_produced: IntCounter,
+    pub records_applied: IntCounter,
+    pub records_rejected: IntCounterVec,
+    pub consumer_lag: IntGaugeVec,
+    pub freshness: Histogram,
+    pub swaps: IntCounter,
+    pub swap_duration: Histogram,
+    pub swap_full_copies: IntCounter,
+    pub checkpoints: IntCounterVec,
+    pub checkpoint_age: Gauge,
+    pub progressive_logloss: Gauge,
+    pub ready: IntGauge,
+}
+
+fn buckets_seconds() -> Vec<f64> {
+    vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+}
+
+impl Metrics {
+    pub fn new(replica_id: &str) -> Metrics {
+        let registry = Registry::new_custom(Some("tributary".into()), Some([("replica".to_string(), replica_id.to_string())].into()))
+            .expect("valid registry");
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m.expect("valid metric");
+                registry.register(Box::new(m.clone())).expect("unique metric");
+                m
+            }};
+        }
+        let hist = |name: &str, help: &str| HistogramOpts::new(name, help).buckets(buckets_seconds());
+        let m = Metrics {
+            http_requests: reg!(IntCounterVec::new(
+                Opts::new("http_requests_total", "HTTP requests by route and status"),
+                &["route", "status"]
+            )),
+            http_duration: reg!(HistogramVec::new(
+                hist("http_request_duration_seconds", "HTTP request latency by route"),
+                &["route"]
+            )),
+            model_version: reg!(IntGauge::new("model_version", "Served model version (the updates position)")),
+            events_consumed: reg!(IntCounter::new("events_consumed_total", "Training events read from Kafka")),
+            events_invalid: reg!(IntCounter::new("events_invalid_total", "Training events that failed parsing or validation")),
+            examples_learned: reg!(IntCounter::new("examples_learned_total", "Examples in applied gradient records")),
+            records_produced: reg!(IntCounter::new("records_produced_total", "Gradient records this replica appended")),
+            records_applied: reg!(IntCounter::new("records_applied_total", "Update-log records applied")),
+            records_rejected: reg!(IntCounterVec::new(
+                Opts::new("records_rejected_total", "Update-log records rejected, by reason"),
+                &["reason"]
+            )),
+            consumer_lag: reg!(IntGaugeVec::new(
+                Opts::new("consumer_lag", "Events not yet learned, per owned partition"),
+                &["partition"]
+            )),
+            freshness: reg!(Histogram::with_opts(hist(
+                "freshness_seconds",
+                "Event time to the first serving snapshot that includes it"
+            ))),
+            swaps: reg!(IntCounter::new("swaps_total", "Serving-snapshot swaps")),
+            swap_duration: reg!(Histogram::with_opts(hist("swap_duration_seconds", "Time to build and swap a serving snapshot"))),
+            swap_full_copies: reg!(IntCounter::new(
+                "swap_full_copies_total",
+                "Swaps that copied the whole model because the retired snapshot was still read"
+            )),
+            checkpoints: reg!(IntCounterVec::new(
+                Opts::new("checkpoints_total", "Checkpoint writes by result"),
+                &["result"]
+            )),
+            checkpoint_age: reg!(Gauge::new("checkpoint_age_seconds", "Age of the newest checkpoint written or loaded")),
+            progressive_logloss: reg!(Gauge::new("progressive_logloss", "Mean progressive loss over every learned example")),
+            ready: reg!(IntGauge::new("ready", "1 when caught up with the update log and serving")),
+            registry,
+        };
+        for r in Reject::ALL {
+            m.records_rejected.with_label_values(&[r.as_str()]);
+        }
+        m
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}

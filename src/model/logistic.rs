@@ -1,0 +1,16 @@
+//! `logistic`: dense features plus hashed sparse features, linear.
+
+use tch::Tensor;
+
+use super::graph::BatchGraph;
+use super::LinearIdx;
+use crate::event::Features;
+
+pub(super) fn forward<B: AsRef<[f32]>>(l: &LinearIdx, w: &[B], f: &Features) -> f32 {
+    super::linear_forward(l, w, f)
+}
+
+/// The same function as [`forward`], over a batch, as a libtorch graph.
+pub(super) fn graph(l: &LinearIdx, g: &BatchGraph) -> Tensor {
+    g.linear(l)
+}

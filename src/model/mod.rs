@@ -1,0 +1,355 @@
+//! The model: parameter layout, seeded initial weights, the serving forward
+//! pass (plain Rust over the snapshot's f32 buffers) and the training graph
+//! (libtorch autograd through tch). Knows neither HTTP nor Kafka.
+//!
+//! Each model kind lives in its own file with its forward pass and its
+//! training graph side by side, so the two can be read against each other;
+//! `tests::forward_matches_libtorch` checks that they agree.
+//!
+//! Why serve from Rust rather than libtorch: one libtorch op costs a few
+//! microseconds of dispatch, and a `wide_deep` prediction is a dozen ops; the
+//! Rust loop answers a single instance in about a microsecond.
+
+mod graph;
+mod logistic;
+mod mlp;
+mod wide_deep;
+
+use crate::config::{Loss, ModelConfig, ModelKind};
+use crate::event::{Example, Features, Featurizer};
+
+pub use graph::GradientError;
+
+/// One parameter tensor, stored row-major as `rows x cols` f32 values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub rows: usize,
+    pub cols: usize,
+    /// Indexed by bucket id: gradients touch few rows and travel as rows.
+    pub sparse: bool,
+}
+
+impl ParamSpec {
+    fn new(name: impl Into<String>, rows: usize, cols: usize, sparse: bool) -> Self {
+        ParamSpec { name: name.into(), rows, cols, sparse }
+    }
+    pub fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+}
+
+/// Weights (or optimizer state): one buffer per parameter, in layout order.
+pub type Buffers = Vec<Vec<f32>>;
+
+/// The gradient of one parameter.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GradValues {
+    Dense(Vec<f32>),
+    /// `ids` are distinct row indices; `values` holds `ids.len() x cols`.
+    Rows { ids: Vec<u32>, values: Vec<f32> },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GradTensor {
+    pub param: u32,
+    pub values: GradValues,
+}
+
+/// The result of one training step on a batch, before any weight changes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Gradient {
+    /// Loss summed over the batch, computed before the update (progressive).
+    pub loss_sum: f64,
+    /// Gradient of the mean loss over the batch.
+    pub tensors: Vec<GradTensor>,
+}
+
+/// Indices of the parameters of the linear part (`logistic`, and the wide
+/// half of `wide_deep`).
+#[derive(Clone, Debug)]
+struct LinearIdx {
+    bias: usize,
+    dense: usize,
+    /// One `[buckets, 1]` table per sparse field.
+    wide: Vec<usize>,
+}
+
+/// Indices of an MLP's layers: (weight `[out, in]`, bias `[1, out]`).
+#[derive(Clone, Debug)]
+struct MlpIdx {
+    layers: Vec<(usize, usize)>,
+}
+
+#[derive(Clone, Debug)]
+enum Arch {
+    Logistic(LinearIdx),
+    Mlp(MlpIdx),
+    WideDeep { linear: LinearIdx, emb: Vec<usize>, mlp: MlpIdx },
+}
+
+/// A model's structure, fixed by its configuration.
+#[derive(Clone, Debug)]
+pub struct Model {
+    config: ModelConfig,
+    params: Vec<ParamSpec>,
+    arch: Arch,
+    featurizer: Featurizer,
+    fingerprint: u64,
+}
+
+impl Model {
+    pub fn new(config: &ModelConfig) -> Model {
+        let mut params = Vec::new();
+        let mut add = |p: ParamSpec| {
+            params.push(p);
+            params.len() - 1
+        };
+        let arch = match config.kind {
+            ModelKind::Logistic => Arch::Logistic(linear_params(config, &mut add)),
+            ModelKind::Mlp => Arch::Mlp(mlp_params(config, "mlp", config.dense_dim, &mut add)),
+            ModelKind::WideDeep => {
+                let linear = linear_params(config, &mut add);
+                let emb = (config.sparse_fields.iter())
+                    .map(|f| add(ParamSpec::new(format!("emb.{f}"), config.buckets as usize, config.embedding_dim, true)))
+                    .collect();
+                let input = config.dense_dim + config.sparse_fields.len() * config.embedding_dim;
+                let mlp = mlp_params(config, "deep", input, &mut add);
+                Arch::WideDeep { linear, emb, mlp }
+            }
+        };
+        // Everything that changes the meaning of a weight or of a gradient
+        // record goes into the fingerprint; records of another model are
+        // rejected rather than misapplied.
+        let mut h = blake3::Hasher::new();
+        h.update(format!("{:?}|{:?}|{:?}|{}", config.kind, config.loss, config.sparse_fields, config.buckets).as_bytes());
+        for p in &params {
+            h.update(format!("{}:{}x{};", p.name, p.rows, p.cols).as_bytes());
+        }
+        let fingerprint = u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"));
+        Model { featurizer: Featurizer::new(config), config: config.clone(), params, arch, fingerprint }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    pub fn params(&self) -> &[ParamSpec] {
+        &self.params
+    }
+    pub fn featurizer(&self) -> &Featurizer {
+        &self.featurizer
+    }
+    /// Identifies the structure: equal fingerprints, interchangeable weights.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    /// Initial weights from the configured seed, independent of libtorch's
+    /// generator so that they stay identical across libtorch versions.
+    pub fn init_weights(&self) -> Buffers {
+        (self.params.iter())
+            .map(|p| {
+                let mut rng = SplitMix64(self.config.seed ^ fnv(&p.name));
+                let bound = if p.name.starts_with("emb.") {
+                    0.05
+                } else if p.name.ends_with(".w") {
+                    (1.0 / p.cols.max(1) as f32).sqrt()
+                } else {
+                    0.0 // biases and the linear part start at zero
+                };
+                (0..p.len()).map(|_| bound * rng.uniform()).collect()
+            })
+            .collect()
+    }
+
+    /// The model's output for one instance: a probability under log-loss, the
+    /// raw value under squared error.
+    pub fn predict<B: AsRef<[f32]>>(&self, w: &[B], f: &Features) -> f32 {
+        let out = match &self.arch {
+            Arch::Logistic(l) => logistic::forward(l, w, f),
+            Arch::Mlp(m) => mlp::forward(m, w, &f.dense),
+            Arch::WideDeep { linear, emb, mlp } => wide_deep::forward(linear, emb, mlp, self.config.embedding_dim, w, f),
+        };
+        match self.config.loss {
+            Loss::Logloss => 1.0 / (1.0 + (-out).exp()),
+            Loss::Squared => out,
+        }
+    }
+
+    /// Progressive loss and gradient of a batch against weights `w`.
+    pub fn gradient<B: AsRef<[f32]>>(&self, w: &[B], batch: &[Example]) -> Result<Gradient, GradientError> {
+        graph::gradient(self, w, batch)
+    }
+
+    /// A stable digest of all weights, hex: equal digests, equal weights.
+    pub fn digest<B: AsRef<[f32]>>(&self, w: &[B]) -> String {
+        let mut h = blake3::Hasher::new();
+        for (p, buf) in self.params.iter().zip(w) {
+            h.update(p.name.as_bytes());
+            h.update(&(p.len() as u64).to_le_bytes());
+            h.update(f32_bytes(buf.as_ref()));
+        }
+        h.finalize().to_hex().to_string()
+    }
+}
+
+/// The bytes of an f32 slice in memory order (little-endian on every target
+/// tributary builds for; `lib.rs` refuses big-endian targets).
+pub fn f32_bytes(v: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and every byte pattern is a valid u8.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+fn linear_params(c: &ModelConfig, add: &mut impl FnMut(ParamSpec) -> usize) -> LinearIdx {
+    LinearIdx {
+        bias: add(ParamSpec::new("linear.bias", 1, 1, false)),
+        dense: add(ParamSpec::new("linear.dense", 1, c.dense_dim, false)),
+        wide: (c.sparse_fields.iter())
+            .map(|f| add(ParamSpec::new(format!("wide.{f}"), c.buckets as usize, 1, true)))
+            .collect(),
+    }
+}
+
+fn mlp_params(c: &ModelConfig, prefix: &str, input: usize, add: &mut impl FnMut(ParamSpec) -> usize) -> MlpIdx {
+    let mut layers = Vec::new();
+    let mut fan_in = input;
+    for (i, &out) in c.hidden.iter().chain(std::iter::once(&1)).enumerate() {
+        let w = add(ParamSpec::new(format!("{prefix}{i}.w"), out, fan_in, false));
+        let b = add(ParamSpec::new(format!("{prefix}{i}.b"), 1, out, false));
+        layers.push((w, b));
+        fan_in = out;
+    }
+    MlpIdx { layers }
+}
+
+/// The linear part: bias + dense weights . dense + the wide weight of every
+/// bucket in every bag.
+fn linear_forward<B: AsRef<[f32]>>(l: &LinearIdx, w: &[B], f: &Features) -> f32 {
+    let mut out = w[l.bias].as_ref()[0] + dot(w[l.dense].as_ref(), &f.dense);
+    for (table, ids) in l.wide.iter().zip(&f.ids) {
+        let table = w[*table].as_ref();
+        out += ids.iter().map(|&id| table[id as usize]).sum::<f32>();
+    }
+    out
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// splitmix64: tiny, fast, and the same on every platform.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    fn uniform(&mut self) -> f32 {
+        ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    pub(crate) fn small(kind: ModelKind) -> ModelConfig {
+        let mut m = Config::default().model;
+        m.kind = kind;
+        m.dense_dim = 3;
+        m.sparse_fields = vec!["a".into(), "b".into()];
+        m.buckets = 64;
+        m.embedding_dim = 4;
+        m.hidden = vec![8, 4];
+        m
+    }
+
+    fn batch(model: &Model, n: usize) -> Vec<Example> {
+        let f = model.featurizer();
+        (0..n)
+            .map(|i| {
+                let json = format!(
+                    r#"{{"dense":[{},{},0.5],"sparse":{{"a":"x{}","b":["y{}","z"]}},"label":{}}}"#,
+                    i as f32 / n as f32,
+                    (i % 7) as f32 / 7.0,
+                    i % 5,
+                    i % 3,
+                    u8::from(i % 7 < 3) // learnable from dense[1]
+                );
+                f.event(json.as_bytes()).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn same_seed_same_weights_other_seed_other_weights() {
+        let a = Model::new(&small(ModelKind::WideDeep));
+        let b = Model::new(&small(ModelKind::WideDeep));
+        assert_eq!(a.digest(&a.init_weights()), b.digest(&b.init_weights()));
+        let mut c = small(ModelKind::WideDeep);
+        c.seed += 1;
+        let c = Model::new(&c);
+        assert_ne!(a.digest(&a.init_weights()), c.digest(&c.init_weights()));
+    }
+
+    #[test]
+    fn forward_matches_libtorch() {
+        for kind in [ModelKind::Logistic, ModelKind::Mlp, ModelKind::WideDeep] {
+            let model = Model::new(&small(kind));
+            let mut w = model.init_weights();
+            // Non-zero linear weights, so every term of the forward pass counts.
+            for (p, buf) in model.params().iter().zip(w.iter_mut()) {
+                if !p.name.starts_with("emb.") && !p.name.ends_with(".w") {
+                    let mut rng = SplitMix64(7 + p.len() as u64);
+                    buf.iter_mut().for_each(|v| *v = 0.3 * rng.uniform());
+                }
+            }
+            let examples = batch(&model, 16);
+            let logits = graph::logits(&model, &w, &examples).unwrap();
+            for (e, want) in examples.iter().zip(logits) {
+                let got = model.predict(&w, &e.features);
+                let want = 1.0 / (1.0 + (-want).exp());
+                assert!((got - want).abs() < 1e-5, "{kind:?}: rust {got} vs libtorch {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn gradient_descent_lowers_the_loss() {
+        for kind in [ModelKind::Logistic, ModelKind::Mlp, ModelKind::WideDeep] {
+            let model = Model::new(&small(kind));
+            let mut w = model.init_weights();
+            let examples = batch(&model, 32);
+            let first = model.gradient(&w, &examples).unwrap();
+            let mut last = first.clone();
+            for _ in 0..50 {
+                last = model.gradient(&w, &examples).unwrap();
+                for t in &last.tensors {
+                    let buf = &mut w[t.param as usize];
+                    let cols = model.params()[t.param as usize].cols;
+                    match &t.values {
+                        GradValues::Dense(g) => buf.iter_mut().zip(g).for_each(|(x, g)| *x -= 0.5 * g),
+                        GradValues::Rows { ids, values } => {
+                            for (r, id) in ids.iter().enumerate() {
+                                for c in 0..cols {
+                                    buf[*id as usize * cols + c] -= 0.5 * values[r * cols + c];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            assert!(last.loss_sum < first.loss_sum * 0.9, "{kind:?}: {} -> {}", first.loss_sum, last.loss_sum);
+        }
+    }
+}

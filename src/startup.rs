@@ -1,0 +1,200 @@
+//! Builds and runs a replica from its configuration: the same code for
+//! `main` and for tests.
+//!
+//! Three sibling roles run until shutdown: the HTTP server (tokio), the
+//! applier and the trainer (an OS thread each: they block on Kafka and burn
+//! CPU). If one ends on its own, the replica logs which and why, and stops
+//! the others. A graceful stop runs in order: the trainer sends what it has
+//! batched and leaves the group; the applier drains the log to its current
+//! end and writes a final checkpoint; the HTTP server stops last.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+use anyhow::Context;
+use rdkafka::consumer::BaseConsumer;
+use tokio::sync::oneshot;
+use tracing::{error, info, warn};
+
+use crate::apply::applier::{Applier, Progress};
+use crate::apply::rule::State;
+use crate::checkpoint::LocalStore;
+use crate::config::Config;
+use crate::log::kafka;
+use crate::metrics::Metrics;
+use crate::model::Model;
+use crate::serve::{self, AppState};
+use crate::serving::Publisher;
+use crate::train::Trainer;
+
+/// libtorch's own thread pools would fight the trainer and the HTTP server
+/// for two cores; one thread each is fastest for our small graphs.
+pub fn init_libtorch() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        tch::set_num_threads(1);
+        tch::set_num_interop_threads(1);
+    });
+}
+
+/// Runs `f` on a named OS thread; the receiver yields its result.
+fn spawn_role(name: &str, f: impl FnOnce() -> anyhow::Result<()> + Send + 'static) -> oneshot::Receiver<anyhow::Result<()>> {
+    let (tx, rx) = oneshot::channel();
+    let thread_name = name.to_string();
+    std::thread::Builder::new()
+        .name(thread_name.clone())
+        .spawn(move || {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("{thread_name} panicked")));
+            let _ = tx.send(result);
+        })
+        .expect("spawn thread");
+    rx
+}
+
+async fn role_result(rx: &mut oneshot::Receiver<anyhow::Result<()>>) -> anyhow::Result<()> {
+    rx.await.unwrap_or_else(|_| Err(anyhow::anyhow!("role thread vanished")))
+}
+
+/// Runs a replica until `shutdown` resolves or a role fails.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    init_libtorch();
+    let config = Arc::new(config);
+    let model = Arc::new(Model::new(&config.model));
+    let metrics = Arc::new(Metrics::new(&config.replica_id));
+    let store = LocalStore::open(&config.checkpoint.state_dir, config.checkpoint.keep)?;
+    let state = match store.load_newest(&model)? {
+        Some((state, info)) => {
+            info!(position = info.position, path = %info.path.display(), "restored checkpoint");
+            state
+        }
+        None => {
+            info!(seed = config.model.seed, "no checkpoint: starting from seeded weights");
+            State::initial(&model)
+        }
+    };
+    let publisher = Publisher::new(model.clone(), &state);
+    let ready = Arc::new(AtomicBool::new(false));
+
+    let app = serve::router(AppState {
+        serving: publisher.serving(),
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+        model_name: config.model.name.as_str().into(),
+        max_batch: config.http.max_batch,
+        max_body_bytes: config.http.max_body_bytes,
+    });
+    let listener = tokio::net::TcpListener::bind(config.http.addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.http.addr))?;
+    let addr: SocketAddr = listener.local_addr()?;
+    info!(%addr, replica = %config.replica_id, model = ?config.model.kind, "serving HTTP");
+    let (http_stop, http_stopped) = oneshot::channel::<()>();
+    let mut http = tokio::spawn(async move {
+        axum::serve(listener, app).with_graceful_shutdown(async { let _ = http_stopped.await; }).await
+    });
+
+    // Topics: retried while the broker is away; serving goes on meanwhile.
+    tokio::pin!(shutdown);
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match kafka::ensure_topics(&config.kafka).await {
+            Ok(()) => break,
+            Err(e @ kafka::TopicError::UpdatesPartitions { .. }) => return Err(e.into()),
+            Err(e) => warn!(error = %e, "topics not ready; retrying"),
+        }
+        tokio::select! {
+            _ = &mut shutdown => { let _ = http_stop.send(()); return Ok(()); }
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+
+    let progress = Arc::new(Progress::default());
+    progress.applied.lock().expect("progress lock").position = state.position;
+    progress.applied.lock().expect("progress lock").watermarks = state.watermarks.clone();
+    let stop_applier = Arc::new(AtomicBool::new(false));
+    let drain_to = Arc::new(Mutex::new(None));
+    let consumer: BaseConsumer = kafka::log_reader_config(&config.kafka.brokers, &config.replica_id).create()?;
+    let applier = Applier {
+        model: model.clone(),
+        state,
+        publisher,
+        consumer,
+        updates_topic: config.kafka.updates_topic.clone(),
+        replica_id: config.replica_id.clone(),
+        metrics: metrics.clone(),
+        progress: progress.clone(),
+        store,
+        checkpoint_every: Duration::from_secs(config.checkpoint.interval_secs),
+        min_swap_interval: Duration::from_secs_f64(1.0 / config.apply.max_swaps_per_sec),
+        ready: ready.clone(),
+        stop: stop_applier.clone(),
+        drain_to: drain_to.clone(),
+    };
+    let serving = applier.publisher.serving();
+    let mut applier_done = spawn_role("applier", move || applier.run());
+
+    let stop_trainer = Arc::new(AtomicBool::new(false));
+    let mut trainer_done = if config.train.enabled {
+        let trainer = Trainer::new(&config, model.clone(), serving, metrics.clone(), progress.clone(), stop_trainer.clone())?;
+        spawn_role("trainer", move || trainer.run())
+    } else {
+        let (tx, rx) = oneshot::channel();
+        std::mem::forget(tx); // never ends on its own
+        rx
+    };
+
+    // Wait for a stop request or for a role to end on its own.
+    #[derive(PartialEq)]
+    enum Ended { Nothing, Applier, Trainer, Http }
+    let (ended, failure): (Ended, Option<anyhow::Error>) = tokio::select! {
+        _ = &mut shutdown => { info!("stop requested"); (Ended::Nothing, None) }
+        r = role_result(&mut applier_done) => (Ended::Applier, Some(r.err().unwrap_or_else(|| anyhow::anyhow!("ended")).context("applier stopped"))),
+        r = role_result(&mut trainer_done) => (Ended::Trainer, Some(r.err().unwrap_or_else(|| anyhow::anyhow!("ended")).context("trainer stopped"))),
+        r = &mut http => (Ended::Http, Some(match r {
+            Ok(Ok(())) => anyhow::anyhow!("ended"),
+            Ok(Err(e)) => e.into(),
+            Err(e) => e.into(),
+        }.context("HTTP server stopped"))),
+    };
+    if let Some(e) = &failure {
+        error!(error = format!("{e:#}"), "a role ended; stopping the replica");
+    }
+
+    // Graceful stop, in order.
+    stop_trainer.store(true, Ordering::Relaxed);
+    if config.train.enabled && ended != Ended::Trainer {
+        if let Err(e) = role_result(&mut trainer_done).await {
+            warn!(error = format!("{e:#}"), "trainer stopped with an error");
+        }
+    }
+    let end = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || {
+            let c: Option<BaseConsumer> = kafka::log_reader_config(&config.kafka.brokers, "tributary-drain").create().ok();
+            c.and_then(|c| kafka::log_end(&c, &config.kafka.updates_topic))
+        }
+    })
+    .await
+    .ok()
+    .flatten();
+    *drain_to.lock().expect("drain lock") = end;
+    stop_applier.store(true, Ordering::Relaxed);
+    if ended != Ended::Applier {
+        match tokio::time::timeout(Duration::from_secs(30), role_result(&mut applier_done)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = format!("{e:#}"), "applier stopped with an error"),
+            Err(_) => warn!("applier did not drain in 30 s"),
+        }
+    }
+    let _ = http_stop.send(());
+    if ended != Ended::Http {
+        let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
+    }
+    info!("replica stopped");
+    failure.map_or(Ok(()), Err)
+}

@@ -1,0 +1,400 @@
+//! The trainer: a member of the consumer group over `events`, on its own OS
+//! thread (parsing and gradients are CPU work). For each owned partition it
+//! batches events, computes the progressive loss and the gradient against
+//! the current serving snapshot, and appends a gradient record to `updates`.
+//! It never changes weights itself.
+//!
+//! The trainer rule (DESIGN.md section 3): on assignment, wait until the
+//! applier has read the log up to its end as of then, and start each new
+//! partition at its applied watermark; keep at most K records in flight; when
+//! a record of its own is rejected, seek back to the watermark.
+
+mod context;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::{debug, info, warn};
+
+pub use context::{Rebalanced, TrainerContext};
+
+use crate::apply::applier::Progress;
+use crate::apply::rule::check_gradient;
+use crate::config::{Config, TrainConfig};
+use crate::event::Example;
+use crate::log::kafka;
+use crate::log::record::{GradientRecord, Record, RecordMeta};
+use crate::metrics::Metrics;
+use crate::model::{Gradient, Model};
+use crate::serving::Serving;
+
+/// A record sent and not yet applied (or rejected).
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    from: i64,
+    to: i64,
+    sent: Instant,
+}
+
+/// What the trainer knows of one partition it owns.
+#[derive(Debug)]
+struct Partition {
+    /// `from` of the next record: the previous record's `to`.
+    next_from: i64,
+    /// Offset after the last event taken into `batch`; the next record's `to`.
+    end: i64,
+    batch: Vec<Example>,
+    skipped: u32,
+    oldest_ts: i64,
+    first_at: Option<Instant>,
+    in_flight: VecDeque<InFlight>,
+    paused: bool,
+}
+
+impl Partition {
+    fn at(watermark: i64) -> Partition {
+        Partition {
+            next_from: watermark,
+            end: watermark,
+            batch: Vec::new(),
+            skipped: 0,
+            oldest_ts: 0,
+            first_at: None,
+            in_flight: VecDeque::new(),
+            paused: false,
+        }
+    }
+    fn pending(&self) -> usize {
+        self.batch.len() + self.skipped as usize
+    }
+}
+
+/// A record produce failure, reported by the producer's delivery callback.
+pub type DeliveryFailures = Arc<Mutex<Vec<(i32, i64, i64)>>>;
+
+pub struct Trainer {
+    pub model: Arc<Model>,
+    pub serving: Serving,
+    pub consumer: BaseConsumer<TrainerContext>,
+    pub producer: ThreadedProducer<context::DeliveryContext>,
+    pub failures: DeliveryFailures,
+    pub config: TrainConfig,
+    pub events_topic: String,
+    pub updates_topic: String,
+    pub replica_id: String,
+    pub metrics: Arc<Metrics>,
+    pub progress: Arc<Progress>,
+    pub stop: Arc<AtomicBool>,
+    partitions: HashMap<i32, Partition>,
+}
+
+impl Trainer {
+    /// Builds the consumer (joining no group yet) and the producer.
+    pub fn new(
+        config: &Config,
+        model: Arc<Model>,
+        serving: Serving,
+        metrics: Arc<Metrics>,
+        progress: Arc<Progress>,
+        stop: Arc<AtomicBool>,
+    ) -> anyhow::Result<Trainer> {
+        let k = &config.kafka;
+        let mut c = kafka::base_config(&k.brokers, &config.replica_id);
+        c.set("group.id", &k.group_id)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("session.timeout.ms", k.session_timeout_ms.to_string())
+            // Frequent heartbeats: a member learns of a rebalance (a peer left)
+            // on its next heartbeat, and a hand-over should take well under 2 s.
+            .set("heartbeat.interval.ms", (k.session_timeout_ms / 10).clamp(100, 1000).to_string())
+            .set("fetch.wait.max.ms", "10");
+        if !k.group_instance_id.is_empty() {
+            c.set("group.instance.id", &k.group_instance_id);
+        }
+        let context = TrainerContext::new(k.updates_topic.clone(), progress.clone(), stop.clone());
+        let consumer: BaseConsumer<TrainerContext> = c.create_with_context(context)?;
+        let failures = DeliveryFailures::default();
+        let producer = kafka::producer_config(&k.brokers, &config.replica_id)
+            .create_with_context(context::DeliveryContext { failures: failures.clone() })?;
+        Ok(Trainer {
+            model,
+            serving,
+            consumer,
+            producer,
+            failures,
+            config: config.train.clone(),
+            events_topic: k.events_topic.clone(),
+            updates_topic: k.updates_topic.clone(),
+            replica_id: config.replica_id.clone(),
+            metrics,
+            progress,
+            stop,
+            partitions: HashMap::new(),
+        })
+    }
+
+    pub fn run(mut self) -> anyhow::Result<()> {
+        self.consumer.subscribe(&[&self.events_topic])?;
+        info!(topic = %self.events_topic, "trainer joined the consumer group");
+        let max_wait = Duration::from_millis(self.config.max_wait_ms);
+        let commit_every = Duration::from_millis(self.config.commit_interval_ms);
+        let mut last_commit = Instant::now();
+        while !self.stop.load(Ordering::Relaxed) {
+            if let Some((partition, offset, payload)) = self.next_event(Duration::from_millis(5)) {
+                self.take_rebalances();
+                self.take_event(partition, offset, &payload);
+                // Drain what is already fetched before looking at timers.
+                for _ in 0..self.config.batch_size {
+                    let Some((partition, offset, payload)) = self.next_event(Duration::ZERO) else { break };
+                    self.take_rebalances();
+                    self.take_event(partition, offset, &payload);
+                }
+            }
+            self.take_rebalances();
+            self.follow_applier();
+            let due: Vec<i32> = (self.partitions.iter())
+                .filter(|(_, p)| p.first_at.is_some_and(|t| t.elapsed() >= max_wait))
+                .map(|(&id, _)| id)
+                .collect();
+            for id in due {
+                self.flush(id);
+            }
+            if last_commit.elapsed() >= commit_every {
+                self.commit(CommitMode::Async);
+                last_commit = Instant::now();
+            }
+        }
+        self.shut_down();
+        Ok(())
+    }
+
+    /// Graceful stop: send what is batched, flush the producer, then leave
+    /// the group so the partitions move at once.
+    fn shut_down(mut self) {
+        let ids: Vec<i32> = self.partitions.keys().copied().collect();
+        for id in ids {
+            if self.partitions[&id].in_flight.len() < self.config.max_in_flight {
+                self.flush(id);
+            }
+        }
+        let _ = self.producer.flush(Duration::from_secs(10));
+        self.commit(CommitMode::Sync);
+        self.consumer.unsubscribe();
+        drop(self.consumer);
+        info!("trainer left the consumer group");
+    }
+
+    /// The next event fetched, as (partition, offset, payload). Rebalance
+    /// callbacks run inside this poll.
+    fn next_event(&self, timeout: Duration) -> Option<(i32, i64, Vec<u8>)> {
+        match self.consumer.poll(timeout)? {
+            Ok(m) => Some((m.partition(), m.offset(), m.payload().unwrap_or(&[]).to_vec())),
+            Err(e) => {
+                warn!(error = %e, "consumer error");
+                None
+            }
+        }
+    }
+
+    fn take_rebalances(&mut self) {
+        for event in self.consumer.context().take_events() {
+            match event {
+                Rebalanced::Assigned(list) => {
+                    for (id, watermark) in list {
+                        info!(partition = id, watermark, "partition assigned");
+                        self.partitions.insert(id, Partition::at(watermark));
+                    }
+                }
+                Rebalanced::Revoked(list) => {
+                    for id in list {
+                        info!(partition = id, "partition revoked");
+                        self.partitions.remove(&id);
+                        let _ = self.metrics.consumer_lag.remove_label_values(&[&id.to_string()]);
+                    }
+                }
+            }
+        }
+    }
+
+    fn take_event(&mut self, id: i32, offset: i64, payload: &[u8]) {
+        let Some(p) = self.partitions.get_mut(&id) else { return };
+        // Fetched before a seek, or a redelivery: not ours to learn.
+        if offset < p.end {
+            return;
+        }
+        self.metrics.events_consumed.inc();
+        match self.model.featurizer().event(payload) {
+            Ok(example) => {
+                if let Some(ts) = example.ts.filter(|&ts| ts > 0) {
+                    p.oldest_ts = if p.oldest_ts == 0 { ts } else { p.oldest_ts.min(ts) };
+                }
+                p.batch.push(example);
+            }
+            Err(e) => {
+                self.metrics.events_invalid.inc();
+                debug!(partition = id, offset, error = %e, "invalid event skipped");
+                p.skipped += 1;
+            }
+        }
+        p.end = offset + 1;
+        p.first_at.get_or_insert_with(Instant::now);
+        if p.pending() >= self.config.batch_size {
+            self.flush(id);
+        }
+    }
+
+    /// Sends the batch of partition `id` as one gradient record, unless K are
+    /// already in flight (then the partition is paused until one lands).
+    fn flush(&mut self, id: i32) {
+        let Some(p) = self.partitions.get_mut(&id) else { return };
+        if p.pending() == 0 {
+            p.first_at = None;
+            return;
+        }
+        if p.in_flight.len() >= self.config.max_in_flight {
+            if !p.paused {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(&self.events_topic, id);
+                p.paused = self.consumer.pause(&tpl).is_ok();
+            }
+            return;
+        }
+        let snapshot = self.serving.load_full();
+        let mut gradient = match self.model.gradient(&snapshot.weights, &p.batch) {
+            Ok(g) => g,
+            Err(e) => {
+                if !p.batch.is_empty() {
+                    warn!(partition = id, error = %e, "gradient failed; batch skipped");
+                }
+                Gradient::default()
+            }
+        };
+        let mut examples = p.batch.len() as u32;
+        let mut skipped = p.skipped;
+        // The applier would reject this record, and a retry would compute the
+        // same gradient: skip the batch instead, so the partition moves on.
+        let max_norm = self.model.config().max_grad_norm;
+        if let Err(reason) = check_gradient(self.model.params(), max_norm, &gradient.tensors).and_then(|()| {
+            gradient.loss_sum.is_finite().then_some(()).ok_or(crate::apply::rule::Reject::NonFinite)
+        }) {
+            warn!(partition = id, from = p.next_from, to = p.end, reason = reason.as_str(), "gradient refused; batch skipped");
+            skipped += examples;
+            examples = 0;
+            gradient = Gradient::default();
+        }
+        let meta = RecordMeta {
+            fingerprint: self.model.fingerprint(),
+            partition: id,
+            from: p.next_from,
+            to: p.end,
+            base: snapshot.position,
+            examples,
+            skipped,
+            oldest_ts: p.oldest_ts,
+            producer: self.replica_id.clone(),
+        };
+        let bytes = Record::Gradient(GradientRecord::new(meta, gradient)).encode();
+        let key = id.to_be_bytes();
+        let opaque = Box::new((id, p.next_from, p.end));
+        let record = BaseRecord::with_opaque_to(&self.updates_topic, opaque).payload(&bytes).key(&key);
+        match self.producer.send(record) {
+            Ok(()) => {
+                self.metrics.records_produced.inc();
+                p.in_flight.push_back(InFlight { from: p.next_from, to: p.end, sent: Instant::now() });
+                p.next_from = p.end;
+            }
+            Err((e, _)) => {
+                // Nothing was sent: keep the batch, try again at the next tick.
+                warn!(partition = id, error = %e, "cannot queue gradient record");
+                return;
+            }
+        }
+        p.batch.clear();
+        p.skipped = 0;
+        p.oldest_ts = 0;
+        p.first_at = None;
+    }
+
+    /// Retires records the applier applied; seeks back after a rejection of
+    /// one of ours, a delivery failure, or when another trainer moved the
+    /// watermark (a rebalance overlap); resumes paused partitions.
+    fn follow_applier(&mut self) {
+        let (watermarks, rejected) = {
+            let mut applied = self.progress.applied.lock().expect("progress lock");
+            (applied.watermarks.clone(), std::mem::take(&mut applied.rejected_own))
+        };
+        let failed = std::mem::take(&mut *self.failures.lock().expect("failures lock"));
+        let mut reseek = Vec::new();
+        for (&id, p) in self.partitions.iter_mut() {
+            let wm = watermarks.get(&id).copied().unwrap_or(0);
+            while p.in_flight.front().is_some_and(|r| r.to <= wm) {
+                p.in_flight.pop_front();
+            }
+            let ours = |&(pid, from, to): &(i32, i64, i64)| {
+                pid == id && p.in_flight.iter().any(|r| r.from == from && r.to == to)
+            };
+            let lost = rejected.iter().any(ours) || failed.iter().any(ours);
+            let stale = p.in_flight.front().is_some_and(|r| r.sent.elapsed() > Duration::from_secs(30));
+            // Our view is consistent iff our next record continues the
+            // watermark, directly or through records still in flight.
+            let expected_wm = p.in_flight.front().map_or(p.next_from, |r| r.from);
+            if lost || stale || expected_wm != wm && p.in_flight.is_empty() {
+                reseek.push((id, wm));
+            } else if p.paused && p.in_flight.len() < self.config.max_in_flight {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(&self.events_topic, id);
+                if self.consumer.resume(&tpl).is_ok() {
+                    p.paused = false;
+                }
+            }
+        }
+        for (id, wm) in reseek {
+            self.seek_back(id, wm);
+        }
+    }
+
+    fn seek_back(&mut self, id: i32, watermark: i64) {
+        info!(partition = id, watermark, "seeking back to the applied watermark");
+        let mut tpl = TopicPartitionList::new();
+        if let Err(e) = tpl.add_partition_offset(&self.events_topic, id, Offset::Offset(watermark)) {
+            warn!(partition = id, error = %e, "bad seek position");
+            return;
+        }
+        if let Err(e) = self.consumer.seek_partitions(tpl, Duration::from_secs(5)) {
+            warn!(partition = id, error = %e, "seek failed; will retry");
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.events_topic, id);
+        let _ = self.consumer.resume(&tpl);
+        self.partitions.insert(id, Partition::at(watermark));
+    }
+
+    /// Commits the applied watermarks of owned partitions as the group's
+    /// offsets, and refreshes the lag gauges.
+    fn commit(&mut self, mode: CommitMode) {
+        let watermarks: BTreeMap<i32, i64> = self.progress.applied.lock().expect("progress lock").watermarks.clone();
+        let mut tpl = TopicPartitionList::new();
+        for &id in self.partitions.keys() {
+            if let Some(&wm) = watermarks.get(&id) {
+                let _ = tpl.add_partition_offset(&self.events_topic, id, Offset::Offset(wm));
+            }
+            if let Ok((_, high)) = self.consumer.fetch_watermarks(&self.events_topic, id, Duration::from_millis(500)) {
+                let lag = high - watermarks.get(&id).copied().unwrap_or(0);
+                self.metrics.consumer_lag.with_label_values(&[&id.to_string()]).set(lag.max(0));
+            }
+        }
+        if tpl.count() > 0 {
+            if let Err(e) = self.consumer.commit(&tpl, mode) {
+                debug!(error = %e, "offset commit failed; the next one catches up");
+            }
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! The HTTP API in process, through `tower::ServiceExt::oneshot`.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+use tributary::apply::rule::State;
+use tributary::config::{Config, ModelKind};
+use tributary::metrics::Metrics;
+use tributary::model::Model;
+use tributary::serve::{router, AppState};
+use tributary::serving::Publisher;
+
+fn app(kind: ModelKind) -> axum::Router {
+    let mut config = Config::default();
+    config.model.kind = kind;
+    config.model.buckets = 1024;
+    config.model.dense_dim = 2;
+    config.model.sparse_fields = vec!["country".into(), "tags".into()];
+    config.http.max_body_bytes = 4096;
+    config.http.max_batch = 4;
+    let model = Arc::new(Model::new(&config.model));
+    let publisher = Publisher::new(model.clone(), &State::initial(&model));
+    router(AppState {
+        serving: publisher.serving(),
+        metrics: Arc::new(Metrics::new("test")),
+        ready: Arc::new(AtomicBool::new(true)),
+        model_name: "default".into(),
+        max_batch: config.http.max_batch,
+        max_body_bytes: config.http.max_body_bytes,
+    })
+}
+
+async fn call(app: &axum::Router, method: &str, uri: &str, body: impl Into<Body>) -> (StatusCode, Value, String) {
+    let request = Request::builder().method(method).uri(uri).header("content-type", "application/json").body(body.into()).unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&bytes).to_string();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null), text)
+}
+
+const PREDICT: &str = "/v1/models/default:predict";
+
+#[tokio::test]
+async fn predicts_for_every_model_kind() {
+    for kind in [ModelKind::Logistic, ModelKind::Mlp, ModelKind::WideDeep] {
+        let app = app(kind);
+        let body = json!({"instances": [
+            {"dense": [0.5, -1.0], "sparse": {"country": "de", "tags": ["a", "b"]}},
+            {"dense": [0.0, 0.0]}
+        ]});
+        let (status, v, text) = call(&app, "POST", PREDICT, body.to_string()).await;
+        assert_eq!(status, StatusCode::OK, "{kind:?}: {text}");
+        let p = v["predictions"].as_array().unwrap();
+        assert_eq!(p.len(), 2);
+        assert!(p.iter().all(|p| (0.0..=1.0).contains(&p.as_f64().unwrap())), "{text}");
+        assert_eq!(v["model_version"], 0);
+    }
+}
+
+#[tokio::test]
+async fn model_info_health_ready_and_metrics() {
+    let app = app(ModelKind::WideDeep);
+    let (status, v, _) = call(&app, "GET", "/v1/models/default", Body::empty()).await;
+    assert_eq!(status, StatusCode::OK);
+    for key in ["name", "model_version", "ready", "examples_learned", "progressive_logloss", "watermarks"] {
+        assert!(v.get(key).is_some(), "missing {key} in {v}");
+    }
+    assert_eq!(v["weights_digest"].as_str().unwrap().len(), 64);
+    assert_eq!(call(&app, "GET", "/healthz", Body::empty()).await.0, StatusCode::OK);
+    assert_eq!(call(&app, "GET", "/readyz", Body::empty()).await.0, StatusCode::OK);
+    call(&app, "POST", PREDICT, "{").await;
+    let (status, _, text) = call(&app, "GET", "/metrics", Body::empty()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(text.contains("tributary_model_version"), "{text}");
+    assert!(text.contains(r#"tributary_http_requests_total{route="/v1/models/{model}",status="400",replica="test"} 1"#), "{text}");
+    assert!(text.contains("tributary_http_request_duration_seconds_bucket"), "{text}");
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_4xx_json_error_that_says_what_is_wrong() {
+    let app = app(ModelKind::WideDeep);
+    let one = |instance: &str| format!(r#"{{"instances": [{instance}]}}"#);
+    let cases: Vec<(&str, &str, Vec<u8>, StatusCode, &str)> = vec![
+        ("POST", PREDICT, b"{\"instances\": [".to_vec(), StatusCode::BAD_REQUEST, "EOF"),
+        ("POST", PREDICT, vec![0xff, 0xfe, 0x00, 0x13], StatusCode::BAD_REQUEST, "invalid request body"),
+        ("POST", PREDICT, one(r#"{"dense": [NaN, 1]}"#).into_bytes(), StatusCode::BAD_REQUEST, "invalid request body"),
+        ("POST", PREDICT, one(r#"{"dense": [1]}"#).into_bytes(), StatusCode::BAD_REQUEST, "instances[0]: dense has 1 values, the model expects 2"),
+        ("POST", PREDICT, one(r#"{"dense": [1, 1e39]}"#).into_bytes(), StatusCode::BAD_REQUEST, "instances[0]: dense[1] is not a finite number"),
+        ("POST", PREDICT, one(r#"{"dense": ["a", 1]}"#).into_bytes(), StatusCode::BAD_REQUEST, "instances[0]"),
+        ("POST", PREDICT, one(r#"{"dense": [1, 2], "sparse": {"city": "x"}}"#).into_bytes(), StatusCode::BAD_REQUEST, "unknown sparse field \"city\""),
+        ("POST", PREDICT, one(r#"{"dense": [1, 2], "sparse": {"tags": 7}}"#).into_bytes(), StatusCode::BAD_REQUEST, "string or an array"),
+        ("POST", PREDICT, b"{}".to_vec(), StatusCode::BAD_REQUEST, "missing field `instances`"),
+        ("POST", PREDICT, br#"{"instances": []}"#.to_vec(), StatusCode::BAD_REQUEST, "instances is empty"),
+        ("POST", PREDICT, format!(r#"{{"instances": [{}]}}"#, vec![r#"{"dense":[1,2]}"#; 5].join(",")).into_bytes(), StatusCode::BAD_REQUEST, "at most 4"),
+        ("POST", PREDICT, vec![b' '; 5000], StatusCode::PAYLOAD_TOO_LARGE, "larger than 4096 bytes"),
+        ("POST", "/v1/models/other:predict", one(r#"{"dense": [1, 2]}"#).into_bytes(), StatusCode::NOT_FOUND, "model \"other\" not found"),
+        ("POST", "/v1/models/default:explain", one(r#"{"dense": [1, 2]}"#).into_bytes(), StatusCode::NOT_FOUND, "unknown verb"),
+        ("GET", "/v1/models/other", Vec::new(), StatusCode::NOT_FOUND, "not found"),
+        ("GET", "/nope", Vec::new(), StatusCode::NOT_FOUND, "no such route"),
+        ("DELETE", "/healthz", Vec::new(), StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+        ("POST", "/v1/models/default", Vec::new(), StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+    ];
+    for (method, uri, body, want_status, want_text) in cases {
+        let (status, v, text) = call(&app, method, uri, body.clone()).await;
+        let shown = String::from_utf8_lossy(&body[..body.len().min(80)]).to_string();
+        assert_eq!(status, want_status, "{method} {uri} {shown}: {text}");
+        let error = v["error"].as_str().unwrap_or_else(|| panic!("no JSON error for {method} {uri} {shown}: {text}"));
+        assert!(error.contains(want_text), "{method} {uri} {shown}: {error}");
+    }
+}

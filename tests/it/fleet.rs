@@ -1,0 +1,204 @@
+//! The exactly-once protocol across real processes: a Tansu broker, replicas
+//! started as child processes and killed with SIGKILL.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use tributary::config::ModelKind;
+use tributary::log::kafka;
+use tributary::log::record::{GradientRecord, Record};
+use tributary::model::{GradTensor, GradValues, Model};
+
+use crate::helpers::*;
+
+const LEARN_LIMIT: Duration = Duration::from_secs(120);
+
+#[test]
+fn one_replica_learns_every_event_exactly_once() {
+    let cluster = Cluster::new("one_replica", ModelKind::Logistic);
+    let replica = cluster.spawn("r0");
+    replica.wait_ready();
+    let labels = cluster.produce(6000, 1);
+    let info = replica.wait_learned(6000, LEARN_LIMIT);
+    assert_eq!(watermark_sum(&info), 6000, "{info}");
+    let loss = info["progressive_logloss"].as_f64().unwrap();
+    let baseline = constant_logloss(&labels);
+    assert!(loss < baseline, "progressive log-loss {loss} should beat the constant predictor's {baseline}");
+
+    // The group's committed offsets catch up with the applied watermarks.
+    let consumer: BaseConsumer = {
+        let mut c = kafka::base_config(&cluster.config.kafka.brokers, "offset-check");
+        c.set("group.id", &cluster.config.kafka.group_id);
+        c.create().unwrap()
+    };
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..cluster.config.kafka.events_partitions {
+        tpl.add_partition(&cluster.config.kafka.events_topic, p);
+    }
+    let want = watermarks(&info);
+    wait_for("committed offsets to equal the watermarks", Duration::from_secs(20), || {
+        let committed = consumer.committed_offsets(tpl.clone(), Duration::from_secs(5)).ok()?;
+        let got: std::collections::BTreeMap<String, u64> = (committed.elements().iter())
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((e.partition().to_string(), o as u64)),
+                _ => None,
+            })
+            .collect();
+        (got == want).then_some(())
+    });
+    let metrics = replica.metrics();
+    assert_eq!(metric(&metrics, "tributary_examples_learned_total", ""), 6000.0);
+    assert_eq!(metric(&metrics, "tributary_events_consumed_total", ""), 6000.0);
+}
+
+#[test]
+fn zombie_records_for_the_same_range_are_applied_once_everywhere() {
+    let mut cluster = Cluster::new("zombie", ModelKind::Logistic);
+    cluster.config.train.enabled = false; // only our hand-made trainers write
+    let replicas = [cluster.spawn("r0"), cluster.spawn("r1")];
+    replicas.iter().for_each(Replica::wait_ready);
+    let model = Model::new(&cluster.config.model);
+    let record = |producer: &str, from: i64, to: i64, g: f32| {
+        Record::Gradient(GradientRecord {
+            fingerprint: model.fingerprint(),
+            partition: 3,
+            from,
+            to,
+            base: 0,
+            examples: (to - from) as u32,
+            skipped: 0,
+            loss_sum: 0.5,
+            oldest_ts: 0,
+            producer: producer.into(),
+            gradient: vec![GradTensor { param: 1, values: GradValues::Dense(vec![g; model.params()[1].len()]) }],
+        })
+        .encode()
+    };
+    let producer: BaseProducer = kafka::producer_config(&cluster.config.kafka.brokers, "zombies").create().unwrap();
+    // The live trainer and a zombie that lost the partition both send [0, 10);
+    // then the zombie goes on with [0, 20) and the live one with [10, 20).
+    for bytes in [record("live", 0, 10, 0.1), record("zombie", 0, 10, 0.3), record("zombie", 0, 20, 0.3), record("live", 10, 20, 0.1)] {
+        producer.send(BaseRecord::<(), _>::to(&cluster.config.kafka.updates_topic).payload(&bytes)).unwrap();
+        producer.flush(Duration::from_secs(10)).unwrap();
+    }
+    let infos: Vec<_> = replicas.iter().map(|r| r.wait_learned(20, LEARN_LIMIT)).collect();
+    for (r, info) in replicas.iter().zip(&infos) {
+        assert_eq!(info["model_version"], 4, "{info}");
+        assert_eq!(watermarks(info)["3"], 20);
+        let m = r.metrics();
+        assert_eq!(metric(&m, "tributary_records_applied_total", ""), 2.0, "{}", r.id);
+        assert_eq!(metric(&m, "tributary_records_rejected_total", "reason=\"not_contiguous\""), 2.0, "{}", r.id);
+    }
+    assert_eq!(infos[0]["weights_digest"], infos[1]["weights_digest"]);
+    // The digest is that of the live trainer's two records alone.
+    let mut state = tributary::apply::rule::State::initial(&model);
+    state.apply(&model, 0, &record("live", 0, 10, 0.1), &mut tributary::apply::optim::NoTouch);
+    state.apply(&model, 1, &record("live", 10, 20, 0.1), &mut tributary::apply::optim::NoTouch);
+    assert_eq!(infos[0]["weights_digest"], model.digest(&state.weights));
+}
+
+#[test]
+fn restart_from_checkpoint_and_replay_matches_a_replica_that_never_stopped() {
+    let cluster = Cluster::new("restart", ModelKind::WideDeep);
+    let steady = cluster.spawn("steady");
+    let mut restarted = cluster.spawn("restarted");
+    steady.wait_ready();
+    restarted.wait_ready();
+    cluster.produce(3000, 1);
+    restarted.wait_learned(3000, LEARN_LIMIT);
+    wait_for("a checkpoint on disk", Duration::from_secs(30), || {
+        std::fs::read_dir(&restarted.state_dir).ok()?.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".bin")).then_some(())
+    });
+    restarted.kill();
+    cluster.produce(3000, 2);
+    steady.wait_learned(6000, LEARN_LIMIT);
+    restarted.start();
+    let a = steady.wait_learned(6000, LEARN_LIMIT);
+    let b = restarted.wait_learned(6000, LEARN_LIMIT);
+    assert_eq!(a["model_version"], b["model_version"]);
+    assert_eq!(a["weights_digest"], b["weights_digest"]);
+    let log = std::fs::read_to_string(&restarted.log).unwrap();
+    assert!(log.contains("restored checkpoint"), "the restart should load a checkpoint, not replay from zero");
+}
+
+#[test]
+fn slow_three_replicas_survive_a_sigkill_with_no_failed_prediction() {
+    let cluster = Cluster::new("sigkill", ModelKind::WideDeep);
+    let mut replicas = vec![cluster.spawn("r0"), cluster.spawn("r1"), cluster.spawn("r2")];
+    replicas.iter().for_each(Replica::wait_ready);
+
+    // Predictions go to the two survivors the whole time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let clients: Vec<_> = [replicas[0].http, replicas[1].http]
+        .into_iter()
+        .map(|addr| {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            std::thread::spawn(move || {
+                let client = reqwest::blocking::Client::new();
+                let body = r#"{"instances": [{"dense": [0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8], "sparse": {"f0": "v1"}}]}"#;
+                let mut errors = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let r = client.post(format!("http://{addr}/v1/models/default:predict")).body(body).send();
+                    match r {
+                        Ok(r) if r.status().is_success() => ok.fetch_add(1, Ordering::Relaxed),
+                        other => {
+                            errors.push(format!("{other:?}"));
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+                errors
+            })
+        })
+        .collect();
+
+    cluster.produce(4000, 1);
+    wait_for("r2 to learn something", Duration::from_secs(60), || {
+        (replicas[2].info()?["examples_learned"].as_u64()? > 0).then_some(())
+    });
+    replicas[2].kill();
+    cluster.produce(4000, 2);
+    replicas[0].wait_learned(8000, LEARN_LIMIT);
+    replicas[2].start();
+    cluster.produce(2000, 3);
+    let infos: Vec<_> = replicas.iter().map(|r| r.wait_learned(10000, LEARN_LIMIT)).collect();
+    stop.store(true, Ordering::Relaxed);
+    let errors: Vec<String> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+    for info in &infos {
+        assert_eq!(info["model_version"], infos[0]["model_version"], "{infos:?}");
+        assert_eq!(info["weights_digest"], infos[0]["weights_digest"], "{infos:?}");
+        assert_eq!(watermark_sum(info), 10000);
+    }
+    assert!(ok.load(Ordering::Relaxed) > 100, "the prediction load ran");
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "failed predictions at the survivors: {errors:?}");
+}
+
+#[test]
+fn slow_sigterm_hands_partitions_over_within_two_seconds() {
+    let cluster = Cluster::new("sigterm", ModelKind::Logistic);
+    let survivor = cluster.spawn("r0");
+    let mut leaving = cluster.spawn("r1");
+    survivor.wait_ready();
+    leaving.wait_ready();
+    cluster.produce(2000, 1);
+    survivor.wait_learned(2000, LEARN_LIMIT);
+    // Both members must own partitions before the stop means anything.
+    wait_for("both replicas to own partitions", Duration::from_secs(60), || {
+        let owned = |r: &Replica| r.metrics().lines().filter(|l| l.starts_with("tributary_consumer_lag{")).count();
+        (owned(&survivor) > 0 && owned(&leaving) > 0).then_some(())
+    });
+    let status = leaving.terminate();
+    assert!(status.success(), "graceful stop exits 0: {status:?}");
+    let stopped = Instant::now();
+    cluster.produce(800, 2);
+    survivor.wait_learned(2800, Duration::from_secs(10));
+    let took = stopped.elapsed();
+    assert!(took < Duration::from_secs(2), "partitions took {took:?} to move and be learned");
+    let log = std::fs::read_to_string(&leaving.log).unwrap();
+    assert!(log.contains("trainer left the consumer group") && log.contains("final checkpoint"), "{log}");
+}

@@ -1,0 +1,9 @@
+//! All integration tests build into this one binary (one link, not one per
+//! file). `api` drives the HTTP router in process; `fleet` runs real
+//! processes: a Tansu broker and tributary replicas, killed with SIGKILL.
+//! Tests whose name starts with `slow_` inject faults and take longer:
+//! `scripts/test --quick` skips them, CI runs them.
+
+mod api;
+mod fleet;
+mod helpers;
