@@ -44,7 +44,7 @@ pub struct ProduceReport {
 pub fn produce(brokers: &str, topic: &str, featurizer: &Featurizer, input: impl BufRead) -> anyhow::Result<ProduceReport> {
     let delivered = Arc::new(Delivered::default());
     let mut config = kafka::producer_config(brokers, "tributary-produce");
-    config.set("linger.ms", "5").set("queue.buffering.max.messages", "500000");
+    config.set("queue.buffering.max.messages", "500000");
     let producer: BaseProducer<Counting> = config.create_with_context(Counting(delivered.clone()))?;
     let terminal = std::io::stderr().is_terminal();
     let start = Instant::now();

@@ -31,15 +31,28 @@ pub fn base_config(brokers: &str, client_id: &str) -> ClientConfig {
         // Tansu listens on IPv4 only; "localhost" may resolve to ::1 first.
         .set("broker.address.family", "v4")
         .set("log_level", "4");
+    // librdkafka's own debug contexts (e.g. "cgrp,fetch"), for diagnosis.
+    if let Ok(contexts) = std::env::var("LIBRDKAFKA_DEBUG") {
+        c.set("debug", contexts).set("log_level", "7");
+    }
     c
 }
 
 /// Producer of gradient records and events: every write acknowledged by all
 /// in-sync replicas, low latency over batching.
+///
+/// One record per batch: the Tansu broker's memory engine serves a fetch
+/// from the first batch whose *base* offset is at or after the requested
+/// one, so a consumer that starts (or seeks) in the middle of a batch skips
+/// the rest of it. Replicas start the update log at a checkpoint's position
+/// and trainers seek events partitions to watermarks, anywhere. Kafka has no
+/// such flaw; the cost of single-record batches for gradient records (large,
+/// a few hundred a second) is nil.
 pub fn producer_config(brokers: &str, client_id: &str) -> ClientConfig {
     let mut c = base_config(brokers, client_id);
     c.set("acks", "all")
         .set("linger.ms", "1")
+        .set("batch.num.messages", "1")
         .set("message.max.bytes", MAX_MESSAGE_BYTES.to_string())
         .set("message.timeout.ms", "30000");
     c
@@ -61,7 +74,7 @@ pub fn log_reader_config(brokers: &str, client_id: &str) -> ClientConfig {
 
 /// The high watermark (end) of partition 0 of `topic`.
 pub fn log_end(consumer: &BaseConsumer<impl rdkafka::consumer::ConsumerContext>, topic: &str) -> Option<i64> {
-    consumer.fetch_watermarks(topic, 0, Duration::from_secs(5)).ok().map(|(_, high)| high)
+    consumer.fetch_watermarks(topic, 0, Duration::from_secs(2)).ok().map(|(_, high)| high)
 }
 
 /// Creates the events and updates topics if missing, and refuses an updates

@@ -21,7 +21,10 @@ use crate::apply::applier::Progress;
 use crate::log::kafka;
 
 /// How long an assignment waits for the applier to catch up with the log.
-const CATCH_UP_LIMIT: Duration = Duration::from_secs(60);
+/// The callback blocks `poll`, so this stays well under
+/// `max.poll.interval.ms`; past it the trainer starts anyway, and the apply
+/// rule rejects what a stale start would get wrong.
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(4);
 
 #[derive(Debug)]
 pub enum Rebalanced {

@@ -54,7 +54,11 @@ struct Partition {
     oldest_ts: i64,
     first_at: Option<Instant>,
     in_flight: VecDeque<InFlight>,
-    paused: bool,
+    /// The batch is full and K records are in flight: events are refused
+    /// until a record lands, then the partition is sought back to `end`.
+    /// (Not `pause`: librdkafka drops what it had fetched for a paused
+    /// partition, and the next event after `resume` may skip offsets.)
+    blocked: bool,
 }
 
 impl Partition {
@@ -67,7 +71,7 @@ impl Partition {
             oldest_ts: 0,
             first_at: None,
             in_flight: VecDeque::new(),
-            paused: false,
+            blocked: false,
         }
     }
     fn pending(&self) -> usize {
@@ -114,7 +118,11 @@ impl Trainer {
             // Frequent heartbeats: a member learns of a rebalance (a peer left)
             // on its next heartbeat, and a hand-over should take well under 2 s.
             .set("heartbeat.interval.ms", (k.session_timeout_ms / 10).clamp(100, 1000).to_string())
-            .set("fetch.wait.max.ms", "10");
+            .set("fetch.wait.max.ms", "10")
+            // Also the JoinGroup timeout: Tansu 0.6 sometimes never answers a
+            // JoinGroup after a member died mid-rebalance; librdkafka then
+            // retries after this long instead of after five minutes.
+            .set("max.poll.interval.ms", "10000");
         if !k.group_instance_id.is_empty() {
             c.set("group.instance.id", &k.group_instance_id);
         }
@@ -225,9 +233,14 @@ impl Trainer {
 
     fn take_event(&mut self, id: i32, offset: i64, payload: &[u8]) {
         let Some(p) = self.partitions.get_mut(&id) else { return };
-        // Fetched before a seek, or a redelivery: not ours to learn.
-        if offset < p.end {
+        // Fetched before a seek, or a redelivery: not ours to learn. While
+        // blocked, later events are refused and fetched again after the seek.
+        if offset < p.end || p.blocked {
             return;
+        }
+        if offset > p.end {
+            // Legitimate with transactions or compaction; worth seeing otherwise.
+            debug!(partition = id, expected = p.end, offset, "gap in the events partition");
         }
         self.metrics.events_consumed.inc();
         match self.model.featurizer().event(payload) {
@@ -251,7 +264,8 @@ impl Trainer {
     }
 
     /// Sends the batch of partition `id` as one gradient record, unless K are
-    /// already in flight (then the partition is paused until one lands).
+    /// already in flight (then, once the batch is full, the partition is
+    /// blocked until one lands).
     fn flush(&mut self, id: i32) {
         let Some(p) = self.partitions.get_mut(&id) else { return };
         if p.pending() == 0 {
@@ -259,10 +273,9 @@ impl Trainer {
             return;
         }
         if p.in_flight.len() >= self.config.max_in_flight {
-            if !p.paused {
-                let mut tpl = TopicPartitionList::new();
-                tpl.add_partition(&self.events_topic, id);
-                p.paused = self.consumer.pause(&tpl).is_ok();
+            if p.pending() >= self.config.batch_size && !p.blocked {
+                debug!(partition = id, end = p.end, "max in flight: blocking");
+                p.blocked = true;
             }
             return;
         }
@@ -331,7 +344,7 @@ impl Trainer {
             (applied.watermarks.clone(), std::mem::take(&mut applied.rejected_own))
         };
         let failed = std::mem::take(&mut *self.failures.lock().expect("failures lock"));
-        let mut reseek = Vec::new();
+        let (mut reseek, mut unblock) = (Vec::new(), Vec::new());
         for (&id, p) in self.partitions.iter_mut() {
             let wm = watermarks.get(&id).copied().unwrap_or(0);
             while p.in_flight.front().is_some_and(|r| r.to <= wm) {
@@ -347,34 +360,42 @@ impl Trainer {
             let expected_wm = p.in_flight.front().map_or(p.next_from, |r| r.from);
             if lost || stale || expected_wm != wm && p.in_flight.is_empty() {
                 reseek.push((id, wm));
-            } else if p.paused && p.in_flight.len() < self.config.max_in_flight {
-                let mut tpl = TopicPartitionList::new();
-                tpl.add_partition(&self.events_topic, id);
-                if self.consumer.resume(&tpl).is_ok() {
-                    p.paused = false;
-                }
+            } else if p.blocked && p.in_flight.len() < self.config.max_in_flight {
+                unblock.push((id, p.end));
             }
         }
         for (id, wm) in reseek {
             self.seek_back(id, wm);
         }
+        for (id, end) in unblock {
+            if self.seek(id, end) {
+                debug!(partition = id, end, "unblocked");
+                self.partitions.get_mut(&id).expect("owned").blocked = false;
+                self.flush(id);
+            }
+        }
     }
 
+    /// Sends partition `id` back to the applied watermark, dropping what was
+    /// batched and in flight.
     fn seek_back(&mut self, id: i32, watermark: i64) {
         info!(partition = id, watermark, "seeking back to the applied watermark");
-        let mut tpl = TopicPartitionList::new();
-        if let Err(e) = tpl.add_partition_offset(&self.events_topic, id, Offset::Offset(watermark)) {
-            warn!(partition = id, error = %e, "bad seek position");
-            return;
+        if self.seek(id, watermark) {
+            self.partitions.insert(id, Partition::at(watermark));
         }
-        if let Err(e) = self.consumer.seek_partitions(tpl, Duration::from_secs(5)) {
-            warn!(partition = id, error = %e, "seek failed; will retry");
-            return;
-        }
+    }
+
+    /// Makes `offset` the next event fetched from partition `id`. Events
+    /// fetched before are discarded by librdkafka once this returns.
+    fn seek(&self, id: i32, offset: i64) -> bool {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&self.events_topic, id);
-        let _ = self.consumer.resume(&tpl);
-        self.partitions.insert(id, Partition::at(watermark));
+        let result = (tpl.add_partition_offset(&self.events_topic, id, Offset::Offset(offset)))
+            .and_then(|()| self.consumer.seek_partitions(tpl, Duration::from_secs(5)))
+            .and_then(|tpl| tpl.elements().first().and_then(|e| e.error().err()).map_or(Ok(()), Err));
+        if let Err(e) = &result {
+            warn!(partition = id, offset, error = %e, "seek failed; will retry");
+        }
+        result.is_ok()
     }
 
     /// Commits the applied watermarks of owned partitions as the group's

@@ -130,7 +130,7 @@ impl Cluster {
             ("TRIBUTARY_CHECKPOINT__INTERVAL_SECS".into(), c.checkpoint.interval_secs.to_string()),
             ("TRIBUTARY_TRAIN__BATCH_SIZE".into(), c.train.batch_size.to_string()),
             ("TRIBUTARY_TRAIN__ENABLED".into(), c.train.enabled.to_string()),
-            ("RUST_LOG".into(), "info,rdkafka=warn".into()),
+            ("RUST_LOG".into(), std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info,librdkafka=warn".into())),
         ]
     }
 
@@ -148,6 +148,16 @@ impl Cluster {
         };
         r.start();
         r
+    }
+}
+
+impl Drop for Cluster {
+    /// A failed test keeps its directory (logs, checkpoints) for a post-mortem.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+            eprintln!("test files kept in {}", dir.keep().display());
+        }
     }
 }
 
