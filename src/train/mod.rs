@@ -119,9 +119,10 @@ impl Trainer {
             // on its next heartbeat, and a hand-over should take well under 2 s.
             .set("heartbeat.interval.ms", (k.session_timeout_ms / 10).clamp(100, 1000).to_string())
             .set("fetch.wait.max.ms", "10")
-            // Also the JoinGroup timeout: Tansu 0.6 sometimes never answers a
-            // JoinGroup after a member died mid-rebalance; librdkafka then
-            // retries after this long instead of after five minutes.
+            // Also bounds how long librdkafka waits on a JoinGroup before it
+            // retries (the default is five minutes). The rebalance callback
+            // blocks poll for at most CATCH_UP_LIMIT plus a watermark query,
+            // well under this.
             .set("max.poll.interval.ms", "10000");
         if !k.group_instance_id.is_empty() {
             c.set("group.instance.id", &k.group_instance_id);
