@@ -99,7 +99,8 @@ pub struct TrainConfig {
 #[serde(deny_unknown_fields)]
 pub struct ApplyConfig {
     /// Upper bound on serving-snapshot swaps per second; an idle applier
-    /// publishes at once.
+    /// publishes at once. 0 turns swaps off once ready: serving keeps the
+    /// start-up weights (the baseline of the swap benchmark, never for use).
     pub max_swaps_per_sec: f64,
 }
 
@@ -281,8 +282,8 @@ impl Config {
         if self.kafka.events_partitions < 1 {
             return bad("kafka.events_partitions must be at least 1");
         }
-        if !(self.apply.max_swaps_per_sec > 0.0) {
-            return bad("apply.max_swaps_per_sec must be positive");
+        if !(self.apply.max_swaps_per_sec >= 0.0 && self.apply.max_swaps_per_sec.is_finite()) {
+            return bad("apply.max_swaps_per_sec must be a finite number, 0 or more");
         }
         if self.http.max_batch == 0 || self.checkpoint.keep == 0 {
             return bad("http.max_batch and checkpoint.keep must be positive");

@@ -35,6 +35,11 @@ fn buckets_seconds() -> Vec<f64> {
     vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 }
 
+/// Fine where the goal is (p99 under 100 ms), coarse beyond.
+fn buckets_freshness() -> Vec<f64> {
+    vec![0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+}
+
 impl Metrics {
     pub fn new(replica_id: &str) -> Metrics {
         let registry = Registry::new_custom(Some("tributary".into()), Some([("replica".to_string(), replica_id.to_string())].into()))
@@ -70,10 +75,10 @@ impl Metrics {
                 Opts::new("consumer_lag", "Events not yet learned, per owned partition"),
                 &["partition"]
             )),
-            freshness: reg!(Histogram::with_opts(hist(
-                "freshness_seconds",
-                "Event time to the first serving snapshot that includes it"
-            ))),
+            freshness: reg!(Histogram::with_opts(
+                HistogramOpts::new("freshness_seconds", "Event time to the first serving snapshot that includes it")
+                    .buckets(buckets_freshness())
+            )),
             swaps: reg!(IntCounter::new("swaps_total", "Serving-snapshot swaps")),
             swap_duration: reg!(Histogram::with_opts(hist("swap_duration_seconds", "Time to build and swap a serving snapshot"))),
             swap_full_copies: reg!(IntCounter::new(

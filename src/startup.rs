@@ -130,7 +130,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         progress: progress.clone(),
         store,
         checkpoint_every: Duration::from_secs(config.checkpoint.interval_secs),
-        min_swap_interval: Duration::from_secs_f64(1.0 / config.apply.max_swaps_per_sec),
+        min_swap_interval: (config.apply.max_swaps_per_sec > 0.0)
+            .then(|| Duration::from_secs_f64(1.0 / config.apply.max_swaps_per_sec)),
         ready: ready.clone(),
         stop: stop_applier.clone(),
         drain_to: drain_to.clone(),

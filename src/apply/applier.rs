@@ -65,7 +65,9 @@ pub struct Applier {
     pub progress: Arc<Progress>,
     pub store: LocalStore,
     pub checkpoint_every: Duration,
-    pub min_swap_interval: Duration,
+    /// Least time between swaps. `None`: swaps are off once ready, so the
+    /// served weights stay those of start-up (a benchmark baseline only).
+    pub min_swap_interval: Option<Duration>,
     /// Set once the state has caught up with the log end seen at start-up.
     pub ready: Arc<AtomicBool>,
     /// Set by the replica to stop; the applier then drains to `drain_to`.
@@ -81,7 +83,9 @@ impl Applier {
         self.consumer.assign(&tpl)?;
         let start_end = kafka::log_end(&self.consumer, &self.updates_topic).unwrap_or(0);
         info!(position = self.state.position, log_end = start_end, "applier started");
-        let mut last_swap = Instant::now() - self.min_swap_interval;
+        let mut last_swap = Instant::now();
+        let interval = self.min_swap_interval;
+        let swap_due = move |last_swap: Instant| interval.is_some_and(|i| last_swap.elapsed() >= i);
         let mut last_checkpoint = (Instant::now(), self.state.position);
         let mut pending_ts: Vec<i64> = Vec::new();
         let mut saver: Option<std::thread::JoinHandle<()>> = None;
@@ -121,7 +125,7 @@ impl Applier {
                         }
                     }
                 }
-                if last_swap.elapsed() >= self.min_swap_interval && self.publisher.is_behind(&self.state) {
+                if swap_due(last_swap) && self.publisher.is_behind(&self.state) {
                     break;
                 }
                 next = self.consumer.poll(Duration::ZERO);
@@ -136,7 +140,8 @@ impl Applier {
             }
             // Swap at most at the configured rate, and at once when idle.
             let idle = read == 0;
-            if self.publisher.is_behind(&self.state) && (idle || last_swap.elapsed() >= self.min_swap_interval) {
+            let swaps_on = self.min_swap_interval.is_some() || !self.ready.load(Ordering::Relaxed);
+            if swaps_on && self.publisher.is_behind(&self.state) && (idle || swap_due(last_swap)) {
                 let stats = self.publisher.publish(&self.state);
                 last_swap = Instant::now();
                 self.metrics.swaps.inc();
