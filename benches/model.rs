@@ -1,6 +1,6 @@
 //! Criterion benchmarks of the model's hot paths, each next to its baseline:
 //! predict per kind, a training step per kind, and a serving-snapshot publish
-//! left-right against a full copy. `scripts/bench` runs them.
+//! left-right against a full copy. `cargo bench --bench model` runs them.
 
 use std::hint::black_box;
 use std::sync::Arc;

@@ -1,72 +1,18 @@
 //! Real parts for the fleet tests: a Tansu broker and tributary replicas as
-//! child processes, each test with its own broker, topics, group and state
-//! directories. Waiting is polling with a deadline, never a bare sleep.
+//! child processes (started by the load tool's `procs`, shared with it), each
+//! test with its own broker, topics, group and state directories. Waiting is
+//! polling with a deadline, never a bare sleep.
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::ops::{Deref, DerefMut};
+use std::path::Path;
+use std::process::ExitStatus;
+use std::time::Duration;
 
 use serde_json::Value;
 use tributary::config::{Config, ModelKind};
-
-/// Polls `f` every 50 ms until it returns `Some`, or panics after `limit`
-/// with `what` and the last value seen.
-pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn tansu_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("TANSU") {
-        return p.into();
-    }
-    let home = PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo/bin/tansu");
-    if home.exists() { home } else { "tansu".into() }
-}
-
-/// A Tansu broker on a free port, its topics in memory; killed on drop.
-pub struct Broker {
-    child: Child,
-    pub addr: String,
-}
-
-impl Broker {
-    pub fn start(dir: &std::path::Path) -> Broker {
-        let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let log = std::fs::File::create(dir.join("tansu.log")).unwrap();
-        let child = Command::new(tansu_bin())
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://tansu/"])
-            .env("RUST_LOG", "warn")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("tansu runs (scripts/setup installs it)");
-        let addr = format!("127.0.0.1:{port}");
-        wait_for("the broker to listen", Duration::from_secs(30), || TcpStream::connect(&addr).ok());
-        Broker { child, addr }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+pub use tributary_load::procs::{self, try_wait_for, wait_for, Broker};
 
 /// One test's world: a broker, a configuration, and a scratch directory.
 pub struct Cluster {
@@ -79,7 +25,7 @@ impl Cluster {
     /// A broker and a small model of `kind`; topics and group named after the test.
     pub fn new(test: &str, kind: ModelKind) -> Cluster {
         let dir = tempfile::Builder::new().prefix(&format!("tributary-{test}-")).tempdir().unwrap();
-        let broker = Broker::start(dir.path());
+        let broker = Broker::start(dir.path()).expect("a Tansu broker (scripts/setup installs it)");
         let mut config = Config::default();
         config.model.kind = kind;
         config.model.buckets = 4096;
@@ -136,16 +82,8 @@ impl Cluster {
 
     /// Starts replica `id` with its own state directory and HTTP port.
     pub fn spawn(&self, id: &str) -> Replica {
-        let mut r = Replica {
-            child: None,
-            id: id.into(),
-            http: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            state_dir: self.dir.path().join(format!("state-{id}")),
-            log: self.dir.path().join(format!("{id}.log")),
-            env: self.env(),
-            brokers: self.broker.addr.clone(),
-            client: reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build().unwrap(),
-        };
+        let bin = Path::new(env!("CARGO_BIN_EXE_tributary"));
+        let mut r = Replica(procs::Replica::new(bin, self.dir.path(), id, &self.broker.addr, self.env()));
         r.start();
         r
     }
@@ -161,99 +99,54 @@ impl Drop for Cluster {
     }
 }
 
-/// A tributary replica process.
-pub struct Replica {
-    child: Option<Child>,
-    pub id: String,
-    pub http: SocketAddr,
-    pub state_dir: PathBuf,
-    pub log: PathBuf,
-    env: Vec<(String, String)>,
-    brokers: String,
-    client: reqwest::blocking::Client,
+/// A replica process (the load tool's), with conveniences that panic with
+/// the replica's log when something does not happen.
+pub struct Replica(procs::Replica);
+
+impl Deref for Replica {
+    type Target = procs::Replica;
+    fn deref(&self) -> &procs::Replica {
+        &self.0
+    }
+}
+
+impl DerefMut for Replica {
+    fn deref_mut(&mut self) -> &mut procs::Replica {
+        &mut self.0
+    }
 }
 
 impl Replica {
     pub fn start(&mut self) {
-        assert!(self.child.is_none(), "{} already runs", self.id);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tributary"))
-            .arg("serve")
-            .args(["--replica-id", &self.id, "--brokers", &self.brokers])
-            .args(["--http-addr", &self.http.to_string()])
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .envs(self.env.iter().cloned())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-    }
-
-    pub fn kill(&mut self) {
-        let mut child = self.child.take().expect("running");
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        self.0.start().unwrap();
     }
 
     /// SIGTERM; returns once the process has exited.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        wait_for("the replica to exit after SIGTERM", Duration::from_secs(60), || child.try_wait().unwrap())
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.http, path)
-    }
-
-    pub fn get(&self, path: &str) -> Option<Value> {
-        let response = self.client.get(self.url(path)).send().ok()?;
-        response.json().ok()
-    }
-
-    pub fn info(&self) -> Option<Value> {
-        self.get("/v1/models/default")
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.0.terminate().unwrap()
     }
 
     pub fn wait_ready(&self) {
-        wait_for(&format!("{} to be ready (log: {})", self.id, self.log.display()), Duration::from_secs(60), || {
-            let r = self.client.get(self.url("/readyz")).send().ok()?;
-            r.status().is_success().then_some(())
-        });
+        if let Err(e) = self.0.wait_ready(Duration::from_secs(60)) {
+            panic!("{e}\n--- log tail ---\n{}", self.log_tail(40));
+        }
     }
 
     /// Waits until the replica reports `examples_learned == n`; returns its info.
     pub fn wait_learned(&self, n: u64, limit: Duration) -> Value {
         let mut last = Value::Null;
         let what = format!("{} to learn {n} examples", self.id);
-        let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            wait_for(&what, limit, || {
-                let info = self.info()?;
-                last = info.clone();
-                (info["examples_learned"].as_u64()? == n).then_some(info)
-            })
-        }));
-        found.unwrap_or_else(|_| {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: String = log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-            panic!("{what}: last info {last}\n--- log tail ---\n{tail}")
-        })
+        let found = try_wait_for(&what, limit, || {
+            let info = self.info()?;
+            last = info.clone();
+            (info["examples_learned"].as_u64()? == n).then_some(info)
+        });
+        found.unwrap_or_else(|e| panic!("{e}: last info {last}\n--- log tail ---\n{}", self.log_tail(40)))
     }
 
+    /// The Prometheus text (empty if the replica does not answer).
     pub fn metrics(&self) -> String {
-        self.client.get(self.url("/metrics")).send().and_then(|r| r.text()).unwrap_or_default()
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.get("/metrics").map(|(_, body)| body).unwrap_or_default()
     }
 }
 

@@ -1,0 +1,8 @@
+//! tributary's load tool as a library: the HTTP load driver, the processes
+//! it runs (Tansu, replicas, event streams; also used by tributary's fleet
+//! tests), the scenarios and the report.
+
+pub mod driver;
+pub mod procs;
+pub mod report;
+pub mod scenarios;

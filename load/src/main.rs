@@ -1,0 +1,86 @@
+//! `load`: tributary's load tool. `load run` runs the scenarios against real
+//! Tansu brokers and replica processes and writes `report.json` and
+//! `report.md`; `load run --smoke` is the few-second version CI runs, which
+//! fails on any failed request. `scripts/load` builds and runs it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use tributary_load::report::Report;
+use tributary_load::scenarios::{Bench, ALL, SMOKE};
+
+#[derive(Parser)]
+#[command(name = "load", about = "Load tests of tributary: throughput, latency through swaps and failures, recovery")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run scenarios and write the report.
+    Run {
+        /// A few seconds per scenario, and fail on any failed request (CI).
+        #[arg(long)]
+        smoke: bool,
+        /// Scenarios to run, comma-separated (default: all; smoke: baseline,predict).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Where report.json, report.md and the processes' logs go.
+        #[arg(long, default_value = "load/results")]
+        out: PathBuf,
+        /// The tributary binary (default: beside this one).
+        #[arg(long)]
+        tributary: Option<PathBuf>,
+    },
+    /// Serve the hello-world baseline: axum, reading the body, answering a constant.
+    #[command(hide = true)]
+    Hello {
+        #[arg(long)]
+        port: u16,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Hello { port } => hello(port),
+        Cmd::Run { smoke, only, out, tributary } => {
+            let me = std::env::current_exe()?;
+            let tributary = tributary.unwrap_or_else(|| me.with_file_name("tributary"));
+            let names: Vec<String> = if !only.is_empty() {
+                only
+            } else if smoke {
+                SMOKE.map(String::from).to_vec()
+            } else {
+                ALL.map(String::from).to_vec()
+            };
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            let mut bench = Bench::new(tributary, me, out.join("logs"), smoke, Report::new(command))?;
+            let mut failed = Vec::new();
+            for name in &names {
+                println!("== {name}");
+                if let Err(e) = bench.run(name) {
+                    eprintln!("scenario {name} failed: {e:#}");
+                    failed.push(name.clone());
+                }
+            }
+            bench.report.write(&out)?;
+            println!("report: {}", out.join("report.md").display());
+            anyhow::ensure!(failed.is_empty(), "scenarios failed: {}", failed.join(", "));
+            let errors = bench.errors();
+            anyhow::ensure!(!smoke || errors.is_empty(), "failed requests: {}", errors.join("; "));
+            Ok(())
+        }
+    }
+}
+
+fn hello(port: u16) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let app = axum::Router::new().fallback(|_body: bytes::Bytes| async { "hello" });
+        let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
+        axum::serve(listener, app).await?;
+        anyhow::Ok(())
+    })
+}

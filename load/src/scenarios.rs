@@ -1,0 +1,376 @@
+//! The scenarios of the load report, each on its own Tansu broker with real
+//! replica processes. Figures that depend on the machine are reported as
+//! ratios against a baseline measured in the same run where one exists.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::json;
+
+use crate::driver::{self, Outcome, Plan};
+use crate::procs::{free_port, histogram_quantile, try_wait_for, Broker, EventStream, Proc, Replica};
+use crate::report::{Goal, Report};
+
+/// One prediction of the default model's schema, as every scenario sends it.
+pub const PREDICT_BODY: &str = r#"{"instances":[{"dense":[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8],"sparse":{"f0":"v1","f1":"v7","f2":"v3","f3":"v9"}}]}"#;
+pub const PREDICT_PATH: &str = "/v1/models/default:predict";
+/// Keep-alive connections of the load driver.
+const CONNECTIONS: usize = 32;
+const READY_LIMIT: Duration = Duration::from_secs(120);
+
+pub const ALL: [&str; 6] = ["baseline", "predict", "learn_rate", "freshness", "chaos", "recovery"];
+/// The CI smoke run: a few seconds each, asserting no errors.
+pub const SMOKE: [&str; 2] = ["baseline", "predict"];
+
+pub struct Bench {
+    pub tributary: PathBuf,
+    /// This program, which serves the hello-world baseline (`load hello`).
+    pub hello: PathBuf,
+    /// Logs and state of every process, one directory per scenario.
+    pub work: PathBuf,
+    pub smoke: bool,
+    pub report: Report,
+    rt: tokio::runtime::Runtime,
+    baseline_rps: Option<f64>,
+    predict_max_rps: Option<f64>,
+}
+
+impl Bench {
+    pub fn new(tributary: PathBuf, hello: PathBuf, work: PathBuf, smoke: bool, report: Report) -> anyhow::Result<Bench> {
+        anyhow::ensure!(tributary.exists(), "no tributary binary at {} (cargo build --release)", tributary.display());
+        Ok(Bench {
+            tributary,
+            hello,
+            work,
+            smoke,
+            report,
+            rt: tokio::runtime::Runtime::new()?,
+            baseline_rps: None,
+            predict_max_rps: None,
+        })
+    }
+
+    pub fn run(&mut self, name: &str) -> anyhow::Result<()> {
+        match name {
+            "baseline" => self.baseline(),
+            "predict" => self.predict(),
+            "learn_rate" => self.learn_rate(),
+            "freshness" => self.freshness(),
+            "chaos" => self.chaos(),
+            "recovery" => self.recovery(),
+            other => anyhow::bail!("no scenario {other:?}; there are {}", ALL.join(", ")),
+        }
+    }
+
+    /// Every request that failed, over all scenarios run so far.
+    pub fn errors(&self) -> Vec<String> {
+        self.report.findings.iter().filter(|f| f.measure.starts_with("failed requests") && f.value > 0.0).map(|f| format!("{}: {}", f.scenario, f.value)).collect()
+    }
+
+    /// Full run or smoke run: the seconds a measurement lasts.
+    fn secs(&self, full: f64, smoke: f64) -> Duration {
+        Duration::from_secs_f64(if self.smoke { smoke } else { full })
+    }
+
+    fn dir(&self, scenario: &str) -> anyhow::Result<PathBuf> {
+        let dir = self.work.join(scenario);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Ok(dir)
+    }
+
+    fn drive(&self, targets: Vec<SocketAddr>, rate: Option<f64>, duration: Duration) -> Outcome {
+        self.rt.block_on(driver::run(plan(targets, rate, duration)))
+    }
+
+    fn replica(&self, dir: &Path, id: &str, broker: &Broker, env: &[(&str, String)]) -> Replica {
+        let mut vars: Vec<(String, String)> = vec![("RUST_LOG".into(), "info,librdkafka=warn".into())];
+        vars.extend(env.iter().map(|(k, v)| (format!("TRIBUTARY_{k}"), v.clone())));
+        Replica::new(&self.tributary, dir, id, &broker.addr, vars)
+    }
+
+    fn stream(&self, dir: &Path, broker: &Broker, rate: Option<f64>, count: Option<u64>) -> anyhow::Result<EventStream> {
+        EventStream::start(&self.tributary, &broker.addr, "events", rate, count, &[], &dir.join("produce.log"))
+    }
+
+    /// An axum hello-world that reads the same body: what HTTP on this machine can do.
+    fn baseline(&mut self) -> anyhow::Result<()> {
+        let dir = self.dir("baseline")?;
+        let port = free_port();
+        let _hello = Proc::spawn(Command::new(&self.hello).args(["hello", "--port", &port.to_string()]), &dir.join("hello.log"))?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        try_wait_for("the hello-world server", Duration::from_secs(10), || TcpStream::connect(addr).ok())?;
+        let out = self.drive(vec![addr], None, self.secs(10.0, 1.0));
+        let s = out.summary();
+        self.report.add("baseline", "hello-world requests/s, as fast as answered", s.requests_per_sec, Goal::None);
+        self.report.add("baseline", "failed requests", out.error_count() as f64, Goal::AtMost(0.0));
+        self.baseline_rps = Some(s.requests_per_sec);
+        self.report.detail("baseline", s);
+        Ok(())
+    }
+
+    /// One replica of the default model, training on a steady stream:
+    /// throughput against the baseline, then p99 at half that rate with 20
+    /// swaps/s, interleaved with a twin replica whose swaps are off.
+    fn predict(&mut self) -> anyhow::Result<()> {
+        let dir = self.dir("predict")?;
+        let broker = Broker::start(&dir)?;
+        let mut a = self.replica(&dir, "swapping", &broker, &[]);
+        a.start()?;
+        a.wait_ready(READY_LIMIT)?;
+        let stream = self.stream(&dir, &broker, Some(if self.smoke { 300.0 } else { 2000.0 }), None)?;
+        wait_learning(&a)?;
+
+        let max = self.drive(vec![a.http], None, self.secs(10.0, 1.0));
+        let rps = max.summary().requests_per_sec;
+        self.predict_max_rps = Some(rps);
+        self.report.add("predict", "requests/s, as fast as answered, training on", rps, Goal::None);
+        if let Some(base) = self.baseline_rps {
+            self.report.add("predict", "requests/s as a share of hello-world's", rps / base, Goal::AtLeast(0.5));
+        }
+        let mut errors = max.error_count();
+
+        // The twin: same stream, its own update log and group, swaps off.
+        let mut b = self.replica(&dir, "frozen", &broker, &[
+            ("APPLY__MAX_SWAPS_PER_SEC", "0".into()),
+            ("KAFKA__UPDATES_TOPIC", "updates-frozen".into()),
+            ("KAFKA__GROUP_ID", "frozen".into()),
+        ]);
+        let rounds = if self.smoke { 1 } else { 5 };
+        if !self.smoke {
+            b.start()?;
+            b.wait_ready(READY_LIMIT)?;
+            wait_learning(&b)?;
+        }
+        let window = self.secs(3.0, 1.0);
+        let before = a.metrics().ok_or_else(|| anyhow::anyhow!("no metrics from {}", a.id))?;
+        let measuring = Instant::now();
+        let (mut swapping, mut frozen): (Option<Outcome>, Option<Outcome>) = (None, None);
+        for _ in 0..rounds {
+            merge(&mut swapping, self.drive(vec![a.http], Some(rps / 2.0), window));
+            if b.is_running() {
+                merge(&mut frozen, self.drive(vec![b.http], Some(rps / 2.0), window));
+            }
+        }
+        let after = a.metrics().ok_or_else(|| anyhow::anyhow!("no metrics from {}", a.id))?;
+        let swapping = swapping.expect("at least one round");
+        let swaps_per_sec = (after.value("tributary_swaps_total", "") - before.value("tributary_swaps_total", ""))
+            / measuring.elapsed().as_secs_f64();
+        self.report.add("predict", "swaps/s of the swapping replica while measuring", swaps_per_sec, Goal::None);
+        self.report.add("predict", "p99 (ms) at half the max rate, 20 swaps/s", swapping.quantile_ms(0.99), Goal::AtMost(2.0));
+        errors += swapping.error_count();
+        if let Some(frozen) = &frozen {
+            self.report.add("predict", "p99 (ms) at half the max rate, swaps off", frozen.quantile_ms(0.99), Goal::None);
+            self.report.add(
+                "predict",
+                "p99 with 20 swaps/s over p99 with swaps off",
+                swapping.quantile_ms(0.99) / frozen.quantile_ms(0.99),
+                Goal::AtMost(1.2),
+            );
+            errors += frozen.error_count();
+        }
+        self.report.add("predict", "failed requests", errors as f64, Goal::AtMost(0.0));
+        self.report.detail(
+            "predict",
+            json!({"max": max.summary(), "half_rate_swapping": swapping.summary(), "half_rate_frozen": frozen.map(|f| f.summary())}),
+        );
+        stream.stop();
+        Ok(())
+    }
+
+    /// `logistic` learning a pre-filled topic, alone and then with
+    /// predictions at half the measured max rate.
+    fn learn_rate(&mut self) -> anyhow::Result<()> {
+        let dir = self.dir("learn_rate")?;
+        let broker = Broker::start(&dir)?;
+        let n: u64 = if self.smoke { 20_000 } else { 1_000_000 };
+        let fill = Instant::now();
+        self.stream(&dir, &broker, None, Some(n))?.finish(Duration::from_secs(900))?;
+        let fill_rate = n as f64 / fill.elapsed().as_secs_f64();
+        self.report.add("learn_rate", "pre-fill: events/s produced (1 per batch)", fill_rate, Goal::None);
+
+        let half = self.predict_max_rps.unwrap_or(2000.0) / 2.0;
+        let mut rates = Vec::new();
+        for (id, predict) in [("alone", false), ("with-predictions", true)] {
+            let mut r = self.replica(&dir, id, &broker, &[
+                ("MODEL__KIND", "logistic".into()),
+                ("KAFKA__UPDATES_TOPIC", format!("updates-{id}")),
+                ("KAFKA__GROUP_ID", id.into()),
+            ]);
+            r.start()?;
+            r.wait_ready(READY_LIMIT)?;
+            let stop = Arc::new(AtomicBool::new(false));
+            let load = predict.then(|| {
+                let mut plan = plan(vec![r.http], Some(half), Duration::from_secs(900));
+                plan.stop = Some(stop.clone());
+                self.rt.spawn(driver::run(plan))
+            });
+            let rate = learned_rate(&r, n, Duration::from_secs(900))?;
+            stop.store(true, Ordering::Relaxed);
+            if let Some(load) = load {
+                let out = self.rt.block_on(load)?;
+                self.report.add("learn_rate", "failed requests", out.error_count() as f64, Goal::AtMost(0.0));
+            }
+            r.kill();
+            rates.push(rate);
+        }
+        self.report.add("learn_rate", "events learned/s, logistic, pre-filled topic", rates[0], Goal::AtLeast(300_000.0));
+        self.report.add("learn_rate", "with predictions at half load / without", rates[1] / rates[0], Goal::AtLeast(0.7));
+        self.report.detail("learn_rate", json!({"events": n, "fill_rate": fill_rate, "alone": rates[0], "with_predictions": rates[1], "predict_rate": half}));
+        Ok(())
+    }
+
+    /// Event time to serving, at 10k events/s, from the replica's histogram.
+    fn freshness(&mut self) -> anyhow::Result<()> {
+        let dir = self.dir("freshness")?;
+        let broker = Broker::start(&dir)?;
+        let mut r = self.replica(&dir, "r0", &broker, &[]);
+        r.start()?;
+        r.wait_ready(READY_LIMIT)?;
+        let stream = self.stream(&dir, &broker, Some(10_000.0), None)?;
+        wait_learning(&r)?;
+        // Let the stream settle, then measure a window between two scrapes.
+        std::thread::sleep(Duration::from_secs(3));
+        let window = self.secs(20.0, 2.0);
+        let before = r.metrics().ok_or_else(|| anyhow::anyhow!("no metrics"))?;
+        std::thread::sleep(window);
+        let after = r.metrics().ok_or_else(|| anyhow::anyhow!("no metrics"))?;
+        stream.stop();
+        let consumed = (after.value("tributary_events_consumed_total", "") - before.value("tributary_events_consumed_total", ""))
+            / window.as_secs_f64();
+        let q = |q| histogram_quantile(&before, &after, "tributary_freshness_seconds", q).map_or(f64::NAN, |s| s * 1000.0);
+        self.report.add("freshness", "events/s consumed in the window", consumed, Goal::AtLeast(9_500.0));
+        self.report.add("freshness", "freshness p50 (ms, bucket bound)", q(0.5), Goal::None);
+        self.report.add("freshness", "freshness p99 (ms, bucket bound)", q(0.99), Goal::AtMost(100.0));
+        self.report.detail("freshness", json!({"consumed_per_sec": consumed, "p50_ms": q(0.5), "p90_ms": q(0.9), "p99_ms": q(0.99)}));
+        Ok(())
+    }
+
+    /// Three replicas; predictions to two while the third is killed with
+    /// SIGKILL and restarted.
+    fn chaos(&mut self) -> anyhow::Result<()> {
+        let dir = self.dir("chaos")?;
+        let broker = Broker::start(&dir)?;
+        let mut fleet: Vec<Replica> = (0..3).map(|i| self.replica(&dir, &format!("r{i}"), &broker, &[])).collect();
+        for r in &mut fleet {
+            r.start()?;
+        }
+        for r in &fleet {
+            r.wait_ready(READY_LIMIT)?;
+        }
+        let stream = self.stream(&dir, &broker, Some(2000.0), None)?;
+        wait_learning(&fleet[0])?;
+        let total = self.secs(20.0, 6.0);
+        let survivors = vec![fleet[0].http, fleet[1].http];
+        let load = self.rt.spawn(driver::run(plan(survivors, Some(1000.0), total)));
+        std::thread::sleep(total / 4);
+        fleet[2].kill();
+        let killed = Instant::now();
+        // Restarted at once: Tansu 0.6 keeps a dead group leader in the group
+        // until it returns (README, "Tansu limits").
+        fleet[2].start()?;
+        fleet[2].wait_ready(READY_LIMIT)?;
+        let to_ready = killed.elapsed().as_secs_f64();
+        let out = self.rt.block_on(load)?;
+        stream.stop();
+        let agree = try_wait_for("the three replicas to agree", Duration::from_secs(120), || {
+            let infos: Vec<serde_json::Value> = fleet.iter().map(Replica::info).collect::<Option<_>>()?;
+            let same = infos.windows(2).all(|w| w[0]["weights_digest"] == w[1]["weights_digest"] && w[0]["examples_learned"] == w[1]["examples_learned"]);
+            same.then_some(infos)
+        });
+        self.report.add("chaos", "failed requests at the survivors", out.error_count() as f64, Goal::AtMost(0.0));
+        self.report.add("chaos", "SIGKILL to ready again (s)", to_ready, Goal::None);
+        self.report.add("chaos", "replicas agree on the digest afterwards (1 = yes)", f64::from(u8::from(agree.is_ok())), Goal::AtLeast(1.0));
+        self.report.detail("chaos", json!({"load": out.summary(), "errors_by_target": out.errors_by_target, "to_ready_s": to_ready}));
+        Ok(())
+    }
+
+    /// Restart to ready against the number of log records since the newest
+    /// checkpoint: a checkpoint near the start, then K one-event records,
+    /// then SIGKILL (so no later checkpoint) and a restart.
+    fn recovery(&mut self) -> anyhow::Result<()> {
+        let sizes: &[u64] = if self.smoke { &[1_000] } else { &[1_000, 10_000, 100_000] };
+        let mut rows = Vec::new();
+        for &k in sizes {
+            let dir = self.dir(&format!("recovery-{k}"))?;
+            let broker = Broker::start(&dir)?;
+            let mut r = self.replica(&dir, "r0", &broker, &[
+                ("TRAIN__BATCH_SIZE", "1".into()),
+                ("TRAIN__MAX_IN_FLIGHT", "32".into()),
+                ("CHECKPOINT__INTERVAL_SECS", "86400".into()),
+            ]);
+            r.start()?;
+            r.wait_ready(READY_LIMIT)?;
+            self.stream(&dir, &broker, None, Some(16))?.finish(Duration::from_secs(60))?;
+            wait_examples(&r, 16, Duration::from_secs(60))?;
+            r.terminate()?; // the final checkpoint
+            r.start()?;
+            r.wait_ready(READY_LIMIT)?;
+            let checkpoint = version(&r)?;
+            self.stream(&dir, &broker, None, Some(k))?.finish(Duration::from_secs(900))?;
+            wait_examples(&r, 16 + k, Duration::from_secs(900))?;
+            let end = version(&r)?;
+            r.kill();
+            let restart = Instant::now();
+            r.start()?;
+            r.wait_ready(READY_LIMIT)?;
+            let secs = restart.elapsed().as_secs_f64();
+            anyhow::ensure!(version(&r)? == end, "the restarted replica is not at the position it was killed at");
+            let records = end - checkpoint;
+            let goal = if k == 10_000 { Goal::AtMost(2.0) } else { Goal::None };
+            self.report.add("recovery", &format!("restart to ready (s), {records} records since checkpoint"), secs, goal);
+            rows.push(json!({"records": records, "seconds": secs}));
+        }
+        self.report.detail("recovery", rows);
+        Ok(())
+    }
+}
+
+fn plan(targets: Vec<SocketAddr>, rate: Option<f64>, duration: Duration) -> Plan {
+    Plan { targets, path: PREDICT_PATH.into(), body: Bytes::from_static(PREDICT_BODY.as_bytes()), connections: CONNECTIONS, rate, duration, stop: None }
+}
+
+fn merge(acc: &mut Option<Outcome>, out: Outcome) {
+    match acc {
+        Some(a) => a.merge(&out),
+        None => *acc = Some(out),
+    }
+}
+
+fn examples(r: &Replica) -> Option<u64> {
+    r.info()?["examples_learned"].as_u64()
+}
+
+fn version(r: &Replica) -> anyhow::Result<i64> {
+    r.info().and_then(|i| i["model_version"].as_i64()).ok_or_else(|| anyhow::anyhow!("no model info from {}", r.id))
+}
+
+fn wait_learning(r: &Replica) -> anyhow::Result<()> {
+    try_wait_for(&format!("{} to learn (log: {})", r.id, r.log.display()), Duration::from_secs(120), || {
+        (examples(r)? > 0).then_some(())
+    })
+}
+
+fn wait_examples(r: &Replica, n: u64, limit: Duration) -> anyhow::Result<()> {
+    try_wait_for(&format!("{} to learn {n} examples (log: {})", r.id, r.log.display()), limit, || (examples(r)? >= n).then_some(()))
+}
+
+/// Examples learned per second from the first learned batch to the `n`th
+/// example: start-up and the group join are not counted.
+fn learned_rate(r: &Replica, n: u64, limit: Duration) -> anyhow::Result<f64> {
+    let mut first: Option<(Instant, u64)> = None;
+    try_wait_for(&format!("{} to learn {n} examples", r.id), limit, || {
+        let learned = examples(r)?;
+        if learned > 0 && first.is_none() {
+            first = Some((Instant::now(), learned));
+        }
+        (learned >= n).then_some(())
+    })?;
+    let (t0, l0) = first.expect("set before the end");
+    Ok((n - l0) as f64 / t0.elapsed().as_secs_f64().max(1e-3))
+}
