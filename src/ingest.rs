@@ -40,11 +40,22 @@ pub struct ProduceReport {
     pub invalid: u64,
 }
 
-/// Produces every valid line of `input` to `topic`.
-pub fn produce(brokers: &str, topic: &str, featurizer: &Featurizer, input: impl BufRead) -> anyhow::Result<ProduceReport> {
+/// Produces every valid line of `input` to `topic`, creating the topic with
+/// `partitions` partitions if it does not exist.
+pub fn produce(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    featurizer: &Featurizer,
+    input: impl BufRead,
+) -> anyhow::Result<ProduceReport> {
+    futures::executor::block_on(kafka::create_missing(brokers, &[(topic, partitions)]))?;
     let delivered = Arc::new(Delivered::default());
     let mut config = kafka::producer_config(brokers, "tributary-produce");
-    config.set("queue.buffering.max.messages", "500000");
+    // Events are small and many: batch them (the trainer copes with Tansu's
+    // mid-batch fetches, see `train::Resume`), up to 1000 per batch so that
+    // a resume inside one re-reads little.
+    config.set("queue.buffering.max.messages", "500000").set("linger.ms", "5").set("batch.num.messages", "1000");
     let producer: BaseProducer<Counting> = config.create_with_context(Counting(delivered.clone()))?;
     let terminal = std::io::stderr().is_terminal();
     let start = Instant::now();

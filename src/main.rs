@@ -90,7 +90,7 @@ fn main() -> anyhow::Result<()> {
                 )),
                 None => Box::new(std::io::stdin().lock()),
             };
-            let report = tributary::ingest::produce(&config.kafka.brokers, &topic, model.featurizer(), input)?;
+            let report = tributary::ingest::produce(&config.kafka.brokers, &topic, config.kafka.events_partitions, model.featurizer(), input)?;
             if report.failed > 0 {
                 anyhow::bail!("{} events were not delivered", report.failed);
             }

@@ -350,9 +350,11 @@ fn version(r: &Replica) -> anyhow::Result<i64> {
     r.info().and_then(|i| i["model_version"].as_i64()).ok_or_else(|| anyhow::anyhow!("no model info from {}", r.id))
 }
 
+/// Waits for the first applied record. Read from the metrics, not the model
+/// info, which describes the served snapshot (frozen when swaps are off).
 fn wait_learning(r: &Replica) -> anyhow::Result<()> {
     try_wait_for(&format!("{} to learn (log: {})", r.id, r.log.display()), Duration::from_secs(120), || {
-        (examples(r)? > 0).then_some(())
+        (r.metrics()?.value("tributary_examples_learned_total", "") > 0.0).then_some(())
     })
 }
 

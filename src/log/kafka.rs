@@ -38,16 +38,16 @@ pub fn base_config(brokers: &str, client_id: &str) -> ClientConfig {
     c
 }
 
-/// Producer of gradient records and events: every write acknowledged by all
-/// in-sync replicas, low latency over batching.
+/// Producer of gradient records (and, with batching, events): every write
+/// acknowledged by all in-sync replicas, low latency over batching.
 ///
 /// One record per batch: the Tansu broker's memory engine serves a fetch
 /// from the first batch whose *base* offset is at or after the requested
-/// one, so a consumer that starts (or seeks) in the middle of a batch skips
-/// the rest of it. Replicas start the update log at a checkpoint's position
-/// and trainers seek events partitions to watermarks, anywhere. Kafka has no
-/// such flaw; the cost of single-record batches for gradient records (large,
-/// a few hundred a second) is nil.
+/// one, so a consumer that starts in the middle of a batch skips the rest of
+/// it. Appliers start the update log at a checkpoint's position, anywhere.
+/// Kafka has no such flaw; the cost of single-record batches for gradient
+/// records (large, a few hundred a second) is nil. The trainer, which reads
+/// events batched by any producer, probes back instead (`train::Resume`).
 pub fn producer_config(brokers: &str, client_id: &str) -> ClientConfig {
     let mut c = base_config(brokers, client_id);
     c.set("acks", "all")
@@ -77,15 +77,12 @@ pub fn log_end(consumer: &BaseConsumer<impl rdkafka::consumer::ConsumerContext>,
     consumer.fetch_watermarks(topic, 0, Duration::from_secs(2)).ok().map(|(_, high)| high)
 }
 
-/// Creates the events and updates topics if missing, and refuses an updates
-/// topic with more than one partition.
-pub async fn ensure_topics(k: &KafkaConfig) -> Result<(), TopicError> {
-    let unreachable = |source| TopicError::Unreachable { brokers: k.brokers.clone(), source };
-    let admin: AdminClient<DefaultClientContext> = base_config(&k.brokers, "tributary-admin").create().map_err(unreachable)?;
-    let wanted = [
-        NewTopic::new(&k.events_topic, k.events_partitions, TopicReplication::Fixed(1)),
-        NewTopic::new(&k.updates_topic, 1, TopicReplication::Fixed(1)),
-    ];
+/// Creates each `(topic, partitions)` that does not exist yet; an existing
+/// topic is left as it is.
+pub async fn create_missing(brokers: &str, topics: &[(&str, i32)]) -> Result<AdminClient<DefaultClientContext>, TopicError> {
+    let unreachable = |source| TopicError::Unreachable { brokers: brokers.to_string(), source };
+    let admin: AdminClient<DefaultClientContext> = base_config(brokers, "tributary-admin").create().map_err(unreachable)?;
+    let wanted: Vec<NewTopic> = topics.iter().map(|&(t, p)| NewTopic::new(t, p, TopicReplication::Fixed(1))).collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin.create_topics(&wanted, &opts).await.map_err(unreachable)?;
     for result in results {
@@ -95,6 +92,14 @@ pub async fn ensure_topics(k: &KafkaConfig) -> Result<(), TopicError> {
             }
         }
     }
+    Ok(admin)
+}
+
+/// Creates the events and updates topics if missing, and refuses an updates
+/// topic with more than one partition.
+pub async fn ensure_topics(k: &KafkaConfig) -> Result<(), TopicError> {
+    let unreachable = |source| TopicError::Unreachable { brokers: k.brokers.clone(), source };
+    let admin = create_missing(&k.brokers, &[(&k.events_topic, k.events_partitions), (&k.updates_topic, 1)]).await?;
     let metadata = admin
         .inner()
         .fetch_metadata(Some(&k.updates_topic), Duration::from_secs(10))

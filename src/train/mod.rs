@@ -59,6 +59,51 @@ struct Partition {
     /// (Not `pause`: librdkafka drops what it had fetched for a paused
     /// partition, and the next event after `resume` may skip offsets.)
     blocked: bool,
+    /// Set by every seek: the first event at or after `end` must be `end`.
+    resume: Option<Resume>,
+}
+
+/// Checking the first event after a seek. A Tansu 0.6 fetch that starts
+/// inside a multi-record batch returns the next batch, skipping the rest of
+/// the one holding the offset asked for (or nothing, inside the last batch);
+/// Kafka returns that batch. So when the first event after a seek to `end`
+/// is beyond it, or none comes for `RESUME_PATIENCE`, the trainer seeks
+/// further back, `back` events before `end`, discarding what it already has,
+/// until the fetch starts at or before `end`. An event before `end` followed
+/// by one beyond it (or by none) proves a real gap, or the end of the log.
+#[derive(Debug, Clone, Copy)]
+struct Resume {
+    back: i64,
+    saw_earlier: bool,
+    since: Instant,
+}
+
+/// How long a resumed partition may stay silent before the trainer probes
+/// back (a seek into Tansu's last batch fetches nothing). On Kafka this
+/// costs one re-read of `Resume::STEP` events after a seek at the log end.
+const RESUME_PATIENCE: Duration = Duration::from_millis(200);
+
+impl Resume {
+    fn start() -> Resume {
+        Resume { back: 0, saw_earlier: false, since: Instant::now() }
+    }
+    /// The first step back, and the factor of each next one: a few fetches
+    /// span batches of thousands of events.
+    const STEP: i64 = 64;
+    fn further(self) -> Resume {
+        let back = if self.back == 0 { Resume::STEP } else { self.back * Resume::STEP };
+        Resume { back, saw_earlier: false, since: Instant::now() }
+    }
+}
+
+/// What the first event after a seek says.
+enum Arrival {
+    /// Before `end`: already taken, or part of a probe.
+    Early,
+    /// `end`, or beyond it through a proven gap: take it.
+    Take,
+    /// Beyond `end` with nothing before it: seek this far back and look again.
+    Probe(i64),
 }
 
 impl Partition {
@@ -72,10 +117,39 @@ impl Partition {
             first_at: None,
             in_flight: VecDeque::new(),
             blocked: false,
+            resume: Some(Resume::start()),
         }
     }
     fn pending(&self) -> usize {
         self.batch.len() + self.skipped as usize
+    }
+
+    fn arrival(&mut self, offset: i64) -> Arrival {
+        if offset < self.end {
+            if let Some(r) = self.resume.as_mut() {
+                r.saw_earlier = true;
+            }
+            return Arrival::Early;
+        }
+        match self.resume.take() {
+            Some(r) if offset > self.end && !r.saw_earlier && r.back < self.end => {
+                let next = r.further();
+                self.resume = Some(next);
+                Arrival::Probe((self.end - next.back).max(0))
+            }
+            _ => Arrival::Take,
+        }
+    }
+
+    /// Where to probe back to when nothing has arrived for `patience` since
+    /// the last seek.
+    fn stalled(&mut self, patience: Duration) -> Option<i64> {
+        let r = self.resume.as_mut()?;
+        if self.blocked || r.saw_earlier || r.back >= self.end || r.since.elapsed() < patience {
+            return None;
+        }
+        *r = r.further();
+        Some((self.end - r.back).max(0))
     }
 }
 
@@ -168,6 +242,12 @@ impl Trainer {
             }
             self.take_rebalances();
             self.follow_applier();
+            let stalled: Vec<(i32, i64)> =
+                (self.partitions.iter_mut()).filter_map(|(&id, p)| Some((id, p.stalled(RESUME_PATIENCE)?))).collect();
+            for (id, from) in stalled {
+                debug!(partition = id, from, "nothing arrived since the seek: probing back");
+                self.probe(id, from);
+            }
             let due: Vec<i32> = (self.partitions.iter())
                 .filter(|(_, p)| p.first_at.is_some_and(|t| t.elapsed() >= max_wait))
                 .map(|(&id, _)| id)
@@ -234,10 +314,19 @@ impl Trainer {
 
     fn take_event(&mut self, id: i32, offset: i64, payload: &[u8]) {
         let Some(p) = self.partitions.get_mut(&id) else { return };
-        // Fetched before a seek, or a redelivery: not ours to learn. While
-        // blocked, later events are refused and fetched again after the seek.
-        if offset < p.end || p.blocked {
+        // While blocked, events are refused and fetched again after the seek.
+        if p.blocked {
             return;
+        }
+        match p.arrival(offset) {
+            // Fetched before a seek, a redelivery, or a probe: not ours to learn.
+            Arrival::Early => return,
+            Arrival::Probe(from) => {
+                debug!(partition = id, end = p.end, offset, from, "first event after a seek is beyond it: probing back");
+                self.probe(id, from);
+                return;
+            }
+            Arrival::Take => {}
         }
         if offset > p.end {
             // Legitimate with transactions or compaction; worth seeing otherwise.
@@ -371,8 +460,20 @@ impl Trainer {
         for (id, end) in unblock {
             if self.seek(id, end) {
                 debug!(partition = id, end, "unblocked");
-                self.partitions.get_mut(&id).expect("owned").blocked = false;
+                let p = self.partitions.get_mut(&id).expect("owned");
+                p.blocked = false;
+                p.resume = Some(Resume::start());
                 self.flush(id);
+            }
+        }
+    }
+
+    /// Seeks partition `id` back to `from` to look for the batch holding its
+    /// `end` (see `Resume`); if the seek fails, the check starts over.
+    fn probe(&mut self, id: i32, from: i64) {
+        if !self.seek(id, from) {
+            if let Some(p) = self.partitions.get_mut(&id) {
+                p.resume = Some(Resume::start());
             }
         }
     }
@@ -418,5 +519,75 @@ impl Trainer {
                 debug!(error = %e, "offset commit failed; the next one catches up");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What librdkafka hands over after a seek to `from`, on a partition
+    /// whose log is `batches` (gaps allowed). Kafka's fetch starts at the
+    /// batch holding `from`; Tansu 0.6's at the first batch whose base is at
+    /// or after it. librdkafka drops offsets before `from`.
+    fn delivered(batches: &[Vec<i64>], from: i64, tansu: bool) -> Vec<i64> {
+        let first = batches.iter().position(|b| if tansu { b[0] >= from } else { *b.last().unwrap() >= from });
+        first.map_or(vec![], |i| batches[i..].concat()).into_iter().filter(|&o| o >= from).collect()
+    }
+
+    /// The first offset a partition resumed at `end` takes, and the probes it made.
+    fn first_taken(batches: &[Vec<i64>], end: i64, tansu: bool) -> (Option<i64>, usize) {
+        let mut p = Partition::at(end);
+        let (mut from, mut probes) = (end, 0);
+        'seek: loop {
+            for o in delivered(batches, from, tansu) {
+                match p.arrival(o) {
+                    Arrival::Early => {}
+                    Arrival::Take => return (Some(o), probes),
+                    Arrival::Probe(back) => {
+                        (from, probes) = (back, probes + 1);
+                        continue 'seek;
+                    }
+                }
+            }
+            // Nothing more arrives: the patience timer.
+            match p.stalled(Duration::ZERO) {
+                Some(back) => (from, probes) = (back, probes + 1),
+                None => return (None, probes),
+            }
+        }
+    }
+
+    #[test]
+    fn a_resume_inside_a_tansu_batch_probes_back_until_it_finds_its_offset() {
+        let batches: Vec<Vec<i64>> = (0..40).map(|b| (b * 100..b * 100 + 100).collect()).collect();
+        // Kafka: straight to it. Tansu: the fetch skips to 1300, so probe back.
+        assert_eq!(first_taken(&batches, 1250, false), (Some(1250), 0));
+        let (taken, seeks) = first_taken(&batches, 1250, true);
+        assert_eq!(taken, Some(1250));
+        assert!(seeks >= 1, "a skip must be noticed");
+        // At a batch base, nothing to probe.
+        assert_eq!(first_taken(&batches, 1200, true), (Some(1200), 0));
+        // Batches far larger than the first step back.
+        let big: Vec<Vec<i64>> = (0..4).map(|b| (b * 5000..b * 5000 + 5000).collect()).collect();
+        assert_eq!(first_taken(&big, 7777, true).0, Some(7777));
+        // Inside the last batch, where Tansu's fetch returns nothing at all.
+        assert_eq!(first_taken(&batches, 3950, true).0, Some(3950));
+        assert_eq!(first_taken(&big, 19_000, true).0, Some(19_000));
+    }
+
+    #[test]
+    fn a_real_gap_is_crossed_not_probed_forever() {
+        // Offsets 500..=599 do not exist (compacted away, or transaction markers).
+        let batches = vec![(0..500).collect::<Vec<i64>>(), (600..700).collect()];
+        assert_eq!(first_taken(&batches, 550, false).0, Some(600));
+        assert_eq!(first_taken(&batches, 550, true).0, Some(600));
+        // A log whose start was deleted: the resume point is before it.
+        let trimmed = vec![(300..400).collect::<Vec<i64>>()];
+        assert_eq!(first_taken(&trimmed, 120, true).0, Some(300));
+        assert_eq!(first_taken(&trimmed, 120, false).0, Some(300));
+        // At the end of the log nothing comes, with or without probing.
+        assert_eq!(first_taken(&batches, 700, true).0, None);
+        assert_eq!(first_taken(&batches, 700, false).0, None);
     }
 }

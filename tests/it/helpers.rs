@@ -53,6 +53,7 @@ impl Cluster {
         let report = tributary::ingest::produce(
             &self.config.kafka.brokers,
             &self.config.kafka.events_topic,
+            self.config.kafka.events_partitions,
             model.featurizer(),
             Cursor::new(lines.join("\n")),
         )
