@@ -1,6 +1,6 @@
 //! Criterion benchmarks of the model's hot paths, each next to its baseline:
-//! predict per kind, a training step per kind, and a serving-snapshot publish
-//! left-right against a full copy. `cargo bench --bench model` runs them.
+//! predict per kind, a training step per kind, a replica's whole work per
+//! batch, and a serving-snapshot publish left-right against a full copy. `cargo bench --bench model` runs them.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use tributary::apply::rule::State;
 use tributary::config::{Config, ModelKind};
 use tributary::event::Example;
 use tributary::log::record::{GradientRecord, Record, RecordMeta};
-use tributary::model::Model;
+use tributary::model::{Gradient, Model};
 use tributary::serving::Publisher;
 use tributary::synthetic::Synthetic;
 
@@ -49,6 +49,46 @@ fn train_step(c: &mut Criterion) {
     }
 }
 
+/// One batch's gradient record from partition 0 at `from`, encoded.
+fn record_bytes(m: &Model, from: i64, gradient: Gradient) -> Vec<u8> {
+    let meta = RecordMeta {
+        fingerprint: m.fingerprint(),
+        partition: 0,
+        from,
+        to: from + 256,
+        base: 0,
+        examples: 256,
+        skipped: 0,
+        oldest_ts: 0,
+        producer: "bench".into(),
+    };
+    Record::Gradient(GradientRecord::new(meta, gradient)).encode()
+}
+
+/// Everything a replica does per batch of 256 events, on one core and with
+/// no broker: parse and hash the JSON events, compute the gradient, encode
+/// the record, decode it and apply it. 256 over its time is the learning
+/// rate tributary's own work allows; the broker's round trips come on top.
+fn pipeline(c: &mut Criterion) {
+    tributary::startup::init_libtorch();
+    for kind in [ModelKind::Logistic, ModelKind::WideDeep] {
+        let m = model(kind);
+        let mut synthetic = Synthetic::new(m.config(), 5);
+        let lines: Vec<String> = (0..256).map(|_| synthetic.event(1)).collect();
+        let mut state = State::initial(&m);
+        let mut offset = 0;
+        c.bench_function(&format!("pipeline_256/{kind:?}"), |b| {
+            b.iter(|| {
+                let batch: Vec<Example> = lines.iter().map(|l| m.featurizer().event(l.as_bytes()).unwrap()).collect();
+                let gradient = m.gradient(&state.weights, &batch).unwrap();
+                let bytes = record_bytes(&m, state.watermarks.get(&0).copied().unwrap_or(0), gradient);
+                state.apply(&m, offset, &bytes, &mut NoTouch);
+                offset += 1;
+            })
+        });
+    }
+}
+
 /// Apply one batch's record, then publish: left-right copies the touched
 /// rows, the baseline clones the whole model (64 MB for wide_deep).
 fn publish(c: &mut Criterion) {
@@ -59,20 +99,7 @@ fn publish(c: &mut Criterion) {
     let gradient = m.gradient(&state.weights, &ex).unwrap();
     let mut publisher = Publisher::new(m.clone(), &state);
     let mut offset = 0;
-    let record = |from: i64| {
-        let meta = RecordMeta {
-            fingerprint: m.fingerprint(),
-            partition: 0,
-            from,
-            to: from + 256,
-            base: 0,
-            examples: 256,
-            skipped: 0,
-            oldest_ts: 0,
-            producer: "bench".into(),
-        };
-        Record::Gradient(GradientRecord::new(meta, gradient.clone())).encode()
-    };
+    let record = |from: i64| record_bytes(&m, from, gradient.clone());
     c.bench_function("publish_after_batch/left_right", |b| {
         b.iter(|| {
             let bytes = record(state.watermarks.get(&0).copied().unwrap_or(0));
@@ -98,6 +125,6 @@ fn publish(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).measurement_time(std::time::Duration::from_secs(3));
-    targets = predict, train_step, publish
+    targets = predict, train_step, pipeline, publish
 }
 criterion_main!(benches);

@@ -18,6 +18,7 @@ pub struct Metrics {
     pub events_invalid: IntCounter,
     pub examples_learned: IntCounter,
     pub records_produced: IntCounter,
+    pub record_round_trip: Histogram,
     pub records_applied: IntCounter,
     pub records_rejected: IntCounterVec,
     pub consumer_lag: IntGaugeVec,
@@ -66,6 +67,10 @@ impl Metrics {
             events_invalid: reg!(IntCounter::new("events_invalid_total", "Training events that failed parsing or validation")),
             examples_learned: reg!(IntCounter::new("examples_learned_total", "Examples in applied gradient records")),
             records_produced: reg!(IntCounter::new("records_produced_total", "Gradient records this replica appended")),
+            record_round_trip: reg!(Histogram::with_opts(hist(
+                "record_round_trip_seconds",
+                "A gradient record of this replica's, from sent to applied here"
+            ))),
             records_applied: reg!(IntCounter::new("records_applied_total", "Update-log records applied")),
             records_rejected: reg!(IntCounterVec::new(
                 Opts::new("records_rejected_total", "Update-log records rejected, by reason"),

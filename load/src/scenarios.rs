@@ -13,7 +13,7 @@ use bytes::Bytes;
 use serde_json::json;
 
 use crate::driver::{self, Outcome, Plan};
-use crate::procs::{free_port, histogram_quantile, try_wait_for, Broker, EventStream, Proc, Replica};
+use crate::procs::{free_port, histogram_quantile, try_wait_for, Broker, EventStream, Proc, Replica, Scrape};
 use crate::report::{Goal, Report};
 
 /// One prediction of the default model's schema, as every scenario sends it.
@@ -89,7 +89,9 @@ impl Bench {
     }
 
     fn replica(&self, dir: &Path, id: &str, broker: &Broker, env: &[(&str, String)]) -> Replica {
-        let mut vars: Vec<(String, String)> = vec![("RUST_LOG".into(), "info,librdkafka=warn".into())];
+        // LOAD_REPLICA_LOG overrides the replicas' log filter, for a post-mortem.
+        let filter = std::env::var("LOAD_REPLICA_LOG").unwrap_or_else(|_| "info,librdkafka=warn".into());
+        let mut vars: Vec<(String, String)> = vec![("RUST_LOG".into(), filter)];
         vars.extend(env.iter().map(|(k, v)| (format!("TRIBUTARY_{k}"), v.clone())));
         Replica::new(&self.tributary, dir, id, &broker.addr, vars)
     }
@@ -192,7 +194,7 @@ impl Bench {
         let fill = Instant::now();
         self.stream(&dir, &broker, None, Some(n))?.finish(Duration::from_secs(900))?;
         let fill_rate = n as f64 / fill.elapsed().as_secs_f64();
-        self.report.add("learn_rate", "pre-fill: events/s produced (1 per batch)", fill_rate, Goal::None);
+        self.report.add("learn_rate", "pre-fill: events/s produced by tributary produce", fill_rate, Goal::None);
 
         let half = self.predict_max_rps.unwrap_or(2000.0) / 2.0;
         let mut rates = Vec::new();
@@ -212,6 +214,12 @@ impl Bench {
             });
             let rate = learned_rate(&r, n, Duration::from_secs(900))?;
             stop.store(true, Ordering::Relaxed);
+            if let Some(m) = r.metrics() {
+                let empty = Scrape::parse("");
+                let q = |q| histogram_quantile(&empty, &m, "tributary_record_round_trip_seconds", q).map_or(f64::NAN, |s| s * 1000.0);
+                self.report.add("learn_rate", &format!("{id}: record sent to applied p50 (ms, bucket bound)"), q(0.5), Goal::None);
+                self.report.add("learn_rate", &format!("{id}: record sent to applied p99 (ms, bucket bound)"), q(0.99), Goal::None);
+            }
             if let Some(load) = load {
                 let out = self.rt.block_on(load)?;
                 self.report.add("learn_rate", "failed requests", out.error_count() as f64, Goal::AtMost(0.0));

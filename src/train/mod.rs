@@ -42,22 +42,46 @@ struct InFlight {
     sent: Instant,
 }
 
+/// Events taken from a partition and not yet sent as a record.
+#[derive(Debug, Default)]
+struct Batch {
+    examples: Vec<Example>,
+    /// Invalid events: counted, learned from by no one.
+    skipped: u32,
+    oldest_ts: i64,
+    /// Offset after its last event: the record's `to`, once closed.
+    to: i64,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.examples.len() + self.skipped as usize
+    }
+}
+
+/// Closed batches a partition may hold while K records are in flight. Reading
+/// on into them keeps the fetch streaming without a seek; past them the
+/// partition blocks.
+const WAITING_LIMIT: usize = 32;
+
 /// What the trainer knows of one partition it owns.
 #[derive(Debug)]
 struct Partition {
     /// `from` of the next record: the previous record's `to`.
     next_from: i64,
-    /// Offset after the last event taken into `batch`; the next record's `to`.
+    /// Offset after the last event taken.
     end: i64,
-    batch: Vec<Example>,
-    skipped: u32,
-    oldest_ts: i64,
+    /// The batch events go into; closed when full or `max_wait` old.
+    open: Batch,
     first_at: Option<Instant>,
+    /// Closed batches waiting for a slot among the K in flight, oldest first.
+    /// A gradient is computed when its batch is sent, against the newest
+    /// weights, so staleness stays bounded by K.
+    waiting: VecDeque<Batch>,
     in_flight: VecDeque<InFlight>,
-    /// The batch is full and K records are in flight: events are refused
-    /// until a record lands, then the partition is sought back to `end`.
-    /// (Not `pause`: librdkafka drops what it had fetched for a paused
-    /// partition, and the next event after `resume` may skip offsets.)
+    /// `WAITING_LIMIT` batches wait: events are refused until one is sent,
+    /// then the partition is sought back to `end`. (Not `pause`: librdkafka
+    /// drops what it had fetched for a paused partition.)
     blocked: bool,
     /// Set by every seek: the first event at or after `end` must be `end`.
     resume: Option<Resume>,
@@ -111,17 +135,22 @@ impl Partition {
         Partition {
             next_from: watermark,
             end: watermark,
-            batch: Vec::new(),
-            skipped: 0,
-            oldest_ts: 0,
+            open: Batch::default(),
             first_at: None,
+            waiting: VecDeque::new(),
             in_flight: VecDeque::new(),
             blocked: false,
             resume: Some(Resume::start()),
         }
     }
-    fn pending(&self) -> usize {
-        self.batch.len() + self.skipped as usize
+    /// Closes the open batch (if it holds anything) and queues it to be sent.
+    fn close(&mut self) {
+        self.first_at = None;
+        if self.open.len() > 0 {
+            let mut batch = std::mem::take(&mut self.open);
+            batch.to = self.end;
+            self.waiting.push_back(batch);
+        }
     }
 
     fn arrival(&mut self, offset: i64) -> Arrival {
@@ -253,7 +282,10 @@ impl Trainer {
                 .map(|(&id, _)| id)
                 .collect();
             for id in due {
-                self.flush(id);
+                if let Some(p) = self.partitions.get_mut(&id) {
+                    p.close();
+                }
+                self.send_waiting(id);
             }
             if last_commit.elapsed() >= commit_every {
                 self.commit(CommitMode::Async);
@@ -269,9 +301,9 @@ impl Trainer {
     fn shut_down(mut self) {
         let ids: Vec<i32> = self.partitions.keys().copied().collect();
         for id in ids {
-            if self.partitions[&id].in_flight.len() < self.config.max_in_flight {
-                self.flush(id);
-            }
+            self.partitions.get_mut(&id).expect("owned").close();
+            // What does not fit in flight is left to whoever takes the partition.
+            self.send_waiting(id);
         }
         let _ = self.producer.flush(Duration::from_secs(10));
         self.commit(CommitMode::Sync);
@@ -336,58 +368,64 @@ impl Trainer {
         match self.model.featurizer().event(payload) {
             Ok(example) => {
                 if let Some(ts) = example.ts.filter(|&ts| ts > 0) {
-                    p.oldest_ts = if p.oldest_ts == 0 { ts } else { p.oldest_ts.min(ts) };
+                    p.open.oldest_ts = if p.open.oldest_ts == 0 { ts } else { p.open.oldest_ts.min(ts) };
                 }
-                p.batch.push(example);
+                p.open.examples.push(example);
             }
             Err(e) => {
                 self.metrics.events_invalid.inc();
                 debug!(partition = id, offset, error = %e, "invalid event skipped");
-                p.skipped += 1;
+                p.open.skipped += 1;
             }
         }
         p.end = offset + 1;
         p.first_at.get_or_insert_with(Instant::now);
-        if p.pending() >= self.config.batch_size {
-            self.flush(id);
+        if p.open.len() >= self.config.batch_size {
+            p.close();
+            if p.waiting.len() >= WAITING_LIMIT {
+                debug!(partition = id, end = p.end, "max in flight and batches waiting: blocking");
+                p.blocked = true;
+            }
+            self.send_waiting(id);
         }
     }
 
-    /// Sends the batch of partition `id` as one gradient record, unless K are
-    /// already in flight (then, once the batch is full, the partition is
-    /// blocked until one lands).
-    fn flush(&mut self, id: i32) {
-        let Some(p) = self.partitions.get_mut(&id) else { return };
-        if p.pending() == 0 {
-            p.first_at = None;
-            return;
-        }
-        if p.in_flight.len() >= self.config.max_in_flight {
-            if p.pending() >= self.config.batch_size && !p.blocked {
-                debug!(partition = id, end = p.end, "max in flight: blocking");
-                p.blocked = true;
+    /// Sends waiting batches of partition `id` while fewer than K records
+    /// are in flight.
+    fn send_waiting(&mut self, id: i32) {
+        let k = self.config.max_in_flight;
+        while let Some(batch) = self.partitions.get_mut(&id).filter(|p| p.in_flight.len() < k).and_then(|p| p.waiting.pop_front()) {
+            if let Err(batch) = self.send(id, batch) {
+                // Nothing was sent: keep the batch, try again at the next tick.
+                self.partitions.get_mut(&id).expect("owned").waiting.push_front(batch);
+                return;
             }
-            return;
         }
+    }
+
+    /// Sends `batch` of partition `id` as one gradient record; gives it back
+    /// if the producer's queue refuses it.
+    fn send(&mut self, id: i32, batch: Batch) -> Result<(), Batch> {
+        let Some(p) = self.partitions.get_mut(&id) else { return Ok(()) };
         let snapshot = self.serving.load_full();
-        let mut gradient = match self.model.gradient(&snapshot.weights, &p.batch) {
+        let mut gradient = match self.model.gradient(&snapshot.weights, &batch.examples) {
             Ok(g) => g,
             Err(e) => {
-                if !p.batch.is_empty() {
+                if !batch.examples.is_empty() {
                     warn!(partition = id, error = %e, "gradient failed; batch skipped");
                 }
                 Gradient::default()
             }
         };
-        let mut examples = p.batch.len() as u32;
-        let mut skipped = p.skipped;
+        let mut examples = batch.examples.len() as u32;
+        let mut skipped = batch.skipped;
         // The applier would reject this record, and a retry would compute the
         // same gradient: skip the batch instead, so the partition moves on.
         let max_norm = self.model.config().max_grad_norm;
         if let Err(reason) = check_gradient(self.model.params(), max_norm, &gradient.tensors).and_then(|()| {
             gradient.loss_sum.is_finite().then_some(()).ok_or(crate::apply::rule::Reject::NonFinite)
         }) {
-            warn!(partition = id, from = p.next_from, to = p.end, reason = reason.as_str(), "gradient refused; batch skipped");
+            warn!(partition = id, from = p.next_from, to = batch.to, reason = reason.as_str(), "gradient refused; batch skipped");
             skipped += examples;
             examples = 0;
             gradient = Gradient::default();
@@ -396,48 +434,46 @@ impl Trainer {
             fingerprint: self.model.fingerprint(),
             partition: id,
             from: p.next_from,
-            to: p.end,
+            to: batch.to,
             base: snapshot.position,
             examples,
             skipped,
-            oldest_ts: p.oldest_ts,
+            oldest_ts: batch.oldest_ts,
             producer: self.replica_id.clone(),
         };
         let bytes = Record::Gradient(GradientRecord::new(meta, gradient)).encode();
         let key = id.to_be_bytes();
-        let opaque = Box::new((id, p.next_from, p.end));
+        let opaque = Box::new((id, p.next_from, batch.to));
         let record = BaseRecord::with_opaque_to(&self.updates_topic, opaque).payload(&bytes).key(&key);
         match self.producer.send(record) {
             Ok(()) => {
                 self.metrics.records_produced.inc();
-                p.in_flight.push_back(InFlight { from: p.next_from, to: p.end, sent: Instant::now() });
-                p.next_from = p.end;
+                p.in_flight.push_back(InFlight { from: p.next_from, to: batch.to, sent: Instant::now() });
+                p.next_from = batch.to;
+                Ok(())
             }
             Err((e, _)) => {
-                // Nothing was sent: keep the batch, try again at the next tick.
                 warn!(partition = id, error = %e, "cannot queue gradient record");
-                return;
+                Err(batch)
             }
         }
-        p.batch.clear();
-        p.skipped = 0;
-        p.oldest_ts = 0;
-        p.first_at = None;
     }
 
     /// Retires records the applier applied; seeks back after a rejection of
     /// one of ours, a delivery failure, or when another trainer moved the
-    /// watermark (a rebalance overlap); resumes paused partitions.
+    /// watermark (a rebalance overlap); sends waiting batches into the freed
+    /// slots and unblocks partitions.
     fn follow_applier(&mut self) {
         let (watermarks, rejected) = {
             let mut applied = self.progress.applied.lock().expect("progress lock");
             (applied.watermarks.clone(), std::mem::take(&mut applied.rejected_own))
         };
         let failed = std::mem::take(&mut *self.failures.lock().expect("failures lock"));
-        let (mut reseek, mut unblock) = (Vec::new(), Vec::new());
+        let (mut reseek, mut sendable) = (Vec::new(), Vec::new());
         for (&id, p) in self.partitions.iter_mut() {
             let wm = watermarks.get(&id).copied().unwrap_or(0);
-            while p.in_flight.front().is_some_and(|r| r.to <= wm) {
+            while let Some(r) = p.in_flight.front().filter(|r| r.to <= wm) {
+                self.metrics.record_round_trip.observe(r.sent.elapsed().as_secs_f64());
                 p.in_flight.pop_front();
             }
             let ours = |&(pid, from, to): &(i32, i64, i64)| {
@@ -450,20 +486,24 @@ impl Trainer {
             let expected_wm = p.in_flight.front().map_or(p.next_from, |r| r.from);
             if lost || stale || expected_wm != wm && p.in_flight.is_empty() {
                 reseek.push((id, wm));
-            } else if p.blocked && p.in_flight.len() < self.config.max_in_flight {
-                unblock.push((id, p.end));
+            } else {
+                sendable.push(id);
             }
         }
         for (id, wm) in reseek {
             self.seek_back(id, wm);
         }
-        for (id, end) in unblock {
-            if self.seek(id, end) {
-                debug!(partition = id, end, "unblocked");
-                let p = self.partitions.get_mut(&id).expect("owned");
-                p.blocked = false;
-                p.resume = Some(Resume::start());
-                self.flush(id);
+        for id in sendable {
+            self.send_waiting(id);
+            let p = self.partitions.get_mut(&id).expect("owned");
+            if p.blocked && p.waiting.len() < WAITING_LIMIT {
+                let end = p.end;
+                if self.seek(id, end) {
+                    debug!(partition = id, end, "unblocked");
+                    let p = self.partitions.get_mut(&id).expect("owned");
+                    p.blocked = false;
+                    p.resume = Some(Resume::start());
+                }
             }
         }
     }
