@@ -73,10 +73,35 @@ pub enum SchemaError {
     LabelRange(f64),
     #[error("label is not a finite number")]
     LabelNonFinite,
+    #[error("sparse field {0:?} has a value of {1} bytes, at most {MAX_VALUE_BYTES} are allowed")]
+    ValueTooLong(String, usize),
+    #[error("the event is {0} bytes, at most {MAX_EVENT_BYTES} are allowed")]
+    EventTooLarge(usize),
+}
+
+impl SchemaError {
+    /// A short, stable name of the reason: a label value, a DLQ header.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SchemaError::Json(_) => "json",
+            SchemaError::DenseLength { .. } => "dense_length",
+            SchemaError::NonFinite(_) => "non_finite",
+            SchemaError::UnknownField(..) => "unknown_field",
+            SchemaError::BagTooLarge(..) => "bag_too_large",
+            SchemaError::LabelRange(_) => "label_range",
+            SchemaError::LabelNonFinite => "label_non_finite",
+            SchemaError::ValueTooLong(..) => "value_too_long",
+            SchemaError::EventTooLarge(_) => "event_too_large",
+        }
+    }
 }
 
 /// Bags larger than this are rejected: they are almost surely a bug upstream.
 pub const MAX_BAG: usize = 256;
+/// Sparse values longer than this are rejected, not hashed: an id, not a document.
+pub const MAX_VALUE_BYTES: usize = 1024;
+/// Training events larger than this are rejected before they are parsed.
+pub const MAX_EVENT_BYTES: usize = 64 * 1024;
 
 /// Turns parsed instances into features for one model. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -119,6 +144,9 @@ impl Featurizer {
 
     /// Parses one training event from its JSON bytes.
     pub fn event(&self, bytes: &[u8]) -> Result<Example, SchemaError> {
+        if bytes.len() > MAX_EVENT_BYTES {
+            return Err(SchemaError::EventTooLarge(bytes.len()));
+        }
         let raw: RawEvent = serde_json::from_slice(bytes).map_err(json_error)?;
         let label = match (raw.label.is_finite(), self.loss) {
             (false, _) => return Err(SchemaError::LabelNonFinite),
@@ -143,6 +171,13 @@ impl Featurizer {
             let Some(field) = self.fields.iter().position(|f| *f == name) else {
                 return Err(SchemaError::UnknownField(name, self.fields.join(", ")));
             };
+            let too_long = match &value {
+                SparseValue::One(v) => (v.len() > MAX_VALUE_BYTES).then_some(v.len()),
+                SparseValue::Bag(vs) => vs.iter().map(String::len).find(|&n| n > MAX_VALUE_BYTES),
+            };
+            if let Some(len) = too_long {
+                return Err(SchemaError::ValueTooLong(name, len));
+            }
             ids[field] = match value {
                 SparseValue::One(v) => vec![self.bucket(field, &v)],
                 SparseValue::Bag(vs) if vs.len() > MAX_BAG => return Err(SchemaError::BagTooLarge(name, vs.len())),
@@ -225,5 +260,9 @@ mod tests {
             let err = f.event(input).unwrap_err().to_string();
             assert!(err.contains(want), "{:?}: {err}", String::from_utf8_lossy(input));
         }
+        let long = format!(r#"{{"dense":[1,2],"label":1,"sparse":{{"a":"{}"}}}}"#, "x".repeat(2000));
+        assert_eq!(f.event(long.as_bytes()).unwrap_err().kind(), "value_too_long");
+        let huge = format!(r#"{{"dense":[1,2],"label":1,"sparse":{{"a":"{}"}}}}"#, "x".repeat(1 << 20));
+        assert_eq!(f.event(huge.as_bytes()).unwrap_err(), SchemaError::EventTooLarge(huge.len()));
     }
 }
