@@ -71,6 +71,8 @@ pub struct KafkaConfig {
     pub brokers: String,
     pub events_topic: String,
     pub updates_topic: String,
+    /// Where events that fail parsing or validation go, with the reason.
+    pub dlq_topic: String,
     /// Partitions given to the events topic when `serve` creates it.
     pub events_partitions: i32,
     pub group_id: String,
@@ -160,6 +162,7 @@ impl Default for Config {
                 brokers: "127.0.0.1:9092".into(),
                 events_topic: "events".into(),
                 updates_topic: "updates".into(),
+                dlq_topic: "events.dlq".into(),
                 events_partitions: 8,
                 group_id: "tributary".into(),
                 group_instance_id: String::new(),

@@ -16,6 +16,7 @@ pub struct Metrics {
     pub model_version: IntGauge,
     pub events_consumed: IntCounter,
     pub events_invalid: IntCounter,
+    pub dead_letters: IntCounterVec,
     pub examples_learned: IntCounter,
     pub records_produced: IntCounter,
     pub record_round_trip: Histogram,
@@ -65,6 +66,10 @@ impl Metrics {
             model_version: reg!(IntGauge::new("model_version", "Served model version (the updates position)")),
             events_consumed: reg!(IntCounter::new("events_consumed_total", "Training events read from Kafka")),
             events_invalid: reg!(IntCounter::new("events_invalid_total", "Training events that failed parsing or validation")),
+            dead_letters: reg!(IntCounterVec::new(
+                Opts::new("dead_letters_total", "Invalid events written to the dead-letter topic, by delivery result"),
+                &["result"]
+            )),
             examples_learned: reg!(IntCounter::new("examples_learned_total", "Examples in applied gradient records")),
             records_produced: reg!(IntCounter::new("records_produced_total", "Gradient records this replica appended")),
             record_round_trip: reg!(Histogram::with_opts(hist(
@@ -99,6 +104,9 @@ impl Metrics {
             ready: reg!(IntGauge::new("ready", "1 when caught up with the update log and serving")),
             registry,
         };
+        for result in ["delivered", "failed"] {
+            m.dead_letters.with_label_values(&[result]);
+        }
         for r in Reject::ALL {
             m.records_rejected.with_label_values(&[r.as_str()]);
         }

@@ -95,11 +95,12 @@ pub async fn create_missing(brokers: &str, topics: &[(&str, i32)]) -> Result<Adm
     Ok(admin)
 }
 
-/// Creates the events and updates topics if missing, and refuses an updates
+/// Creates the events, updates and dead-letter topics if missing, and refuses an updates
 /// topic with more than one partition.
 pub async fn ensure_topics(k: &KafkaConfig) -> Result<(), TopicError> {
     let unreachable = |source| TopicError::Unreachable { brokers: k.brokers.clone(), source };
-    let admin = create_missing(&k.brokers, &[(&k.events_topic, k.events_partitions), (&k.updates_topic, 1)]).await?;
+    let topics = [(k.events_topic.as_str(), k.events_partitions), (&k.updates_topic, 1), (&k.dlq_topic, 1)];
+    let admin = create_missing(&k.brokers, &topics).await?;
     let metadata = admin
         .inner()
         .fetch_metadata(Some(&k.updates_topic), Duration::from_secs(10))

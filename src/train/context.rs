@@ -127,3 +127,25 @@ impl ProducerContext for DeliveryContext {
         }
     }
 }
+
+/// Counts the fate of dead letters (events that failed validation).
+pub struct DeadLetterContext {
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl ClientContext for DeadLetterContext {}
+
+impl ProducerContext for DeadLetterContext {
+    type DeliveryOpaque = Box<(i32, i64)>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, source: Self::DeliveryOpaque) {
+        let outcome = match result {
+            Ok(_) => "delivered",
+            Err((e, _)) => {
+                warn!(partition = source.0, offset = source.1, error = %e, "dead letter not delivered");
+                "failed"
+            }
+        };
+        self.metrics.dead_letters.with_label_values(&[outcome]).inc();
+    }
+}

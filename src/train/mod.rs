@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::message::Message;
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
@@ -191,6 +191,9 @@ pub struct Trainer {
     pub consumer: BaseConsumer<TrainerContext>,
     pub producer: ThreadedProducer<context::DeliveryContext>,
     pub failures: DeliveryFailures,
+    /// Writes invalid events to `dlq_topic`.
+    pub dead_letters: ThreadedProducer<context::DeadLetterContext>,
+    pub dlq_topic: String,
     pub config: TrainConfig,
     pub events_topic: String,
     pub updates_topic: String,
@@ -235,12 +238,16 @@ impl Trainer {
         let failures = DeliveryFailures::default();
         let producer = kafka::producer_config(&k.brokers, &config.replica_id)
             .create_with_context(context::DeliveryContext { failures: failures.clone() })?;
+        let dead_letters = kafka::producer_config(&k.brokers, &format!("{}-dlq", config.replica_id))
+            .create_with_context(context::DeadLetterContext { metrics: metrics.clone() })?;
         Ok(Trainer {
             model,
             serving,
             consumer,
             producer,
             failures,
+            dead_letters,
+            dlq_topic: k.dlq_topic.clone(),
             config: config.train.clone(),
             events_topic: k.events_topic.clone(),
             updates_topic: k.updates_topic.clone(),
@@ -306,6 +313,7 @@ impl Trainer {
             self.send_waiting(id);
         }
         let _ = self.producer.flush(Duration::from_secs(10));
+        let _ = self.dead_letters.flush(Duration::from_secs(10));
         self.commit(CommitMode::Sync);
         self.consumer.unsubscribe();
         drop(self.consumer);
@@ -374,10 +382,12 @@ impl Trainer {
             }
             Err(e) => {
                 self.metrics.events_invalid.inc();
-                debug!(partition = id, offset, error = %e, "invalid event skipped");
+                debug!(partition = id, offset, error = %e, "invalid event: to the dead-letter topic");
                 p.open.skipped += 1;
+                self.dead_letter(id, offset, payload, &e);
             }
         }
+        let Some(p) = self.partitions.get_mut(&id) else { return };
         p.end = offset + 1;
         p.first_at.get_or_insert_with(Instant::now);
         if p.open.len() >= self.config.batch_size {
@@ -387,6 +397,32 @@ impl Trainer {
                 p.blocked = true;
             }
             self.send_waiting(id);
+        }
+    }
+
+    /// Writes an invalid event to the dead-letter topic: the payload as it
+    /// came, the reason, source topic, partition and offset in headers, and
+    /// `partition:offset` as the key. At least once: after a seek back the
+    /// same event may be written again, under the same key (a compacted
+    /// topic keeps one). A failure is logged and counted, never retried: the
+    /// event's range is learned, and the partition moves on.
+    fn dead_letter(&self, partition: i32, offset: i64, payload: &[u8], error: &crate::event::SchemaError) {
+        let (reason, offset_text, partition_text) = (error.to_string(), offset.to_string(), partition.to_string());
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "tributary.reason", value: Some(reason.as_str()) })
+            .insert(Header { key: "tributary.reason_kind", value: Some(error.kind()) })
+            .insert(Header { key: "tributary.topic", value: Some(self.events_topic.as_str()) })
+            .insert(Header { key: "tributary.partition", value: Some(partition_text.as_str()) })
+            .insert(Header { key: "tributary.offset", value: Some(offset_text.as_str()) })
+            .insert(Header { key: "tributary.replica", value: Some(self.replica_id.as_str()) });
+        let key = format!("{partition}:{offset}");
+        let record = BaseRecord::with_opaque_to(&self.dlq_topic, Box::new((partition, offset)))
+            .payload(payload)
+            .key(&key)
+            .headers(headers);
+        if let Err((e, _)) = self.dead_letters.send(record) {
+            warn!(partition, offset, error = %e, "dead letter not queued");
+            self.metrics.dead_letters.with_label_values(&["failed"]).inc();
         }
     }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tributary::config::ModelKind;
@@ -205,4 +206,64 @@ fn slow_sigterm_hands_partitions_over_within_two_seconds() {
     assert!(took < Duration::from_secs(2), "partitions took {took:?} to move and be learned");
     let log = std::fs::read_to_string(&leaving.log).unwrap();
     assert!(log.contains("trainer left the consumer group") && log.contains("final checkpoint"), "{log}");
+}
+
+#[test]
+fn bad_events_go_to_the_dead_letter_topic_and_every_good_one_is_learned_once() {
+    let cluster = Cluster::new("dlq", ModelKind::Logistic);
+    let replica = cluster.spawn("r0");
+    replica.wait_ready();
+    let k = &cluster.config.kafka;
+    let dense = |v: &str| format!("[{v},0,0,0,0,0,0,0]");
+    let bad: Vec<(Vec<u8>, &str)> = vec![
+        (b"{\"dense\": [1, 2".to_vec(), "json"),
+        (vec![0xff, 0x00, 0xfe, 0x13, 0x80], "json"),
+        (br#"{"dense":[1,2,3],"label":1}"#.to_vec(), "dense_length"),
+        (format!(r#"{{"dense":{},"label":1}}"#, dense("1e39")).into_bytes(), "non_finite"),
+        (format!(r#"{{"dense":{},"label":7}}"#, dense("1")).into_bytes(), "label_range"),
+        (format!(r#"{{"dense":{},"label":1,"sparse":{{"f0":"{}"}}}}"#, dense("1"), "x".repeat(1 << 20)).into_bytes(), "event_too_large"),
+    ];
+    // Good events with a bad one every hundred, over all partitions.
+    let mut synthetic = tributary::synthetic::Synthetic::new(&cluster.config.model, 3);
+    let total = 100 * bad.len();
+    let producer: BaseProducer = kafka::producer_config(&k.brokers, "dlq-test").create().unwrap();
+    for i in 0..total {
+        let payload = if i % 100 == 50 { bad[i / 100].0.clone() } else { synthetic.event(1).into_bytes() };
+        let record = BaseRecord::<(), _>::to(&k.events_topic).partition((i % 8) as i32).payload(&payload);
+        producer.send(record).map_err(|(e, _)| e).unwrap();
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+
+    let info = replica.wait_learned((total - bad.len()) as u64, LEARN_LIMIT);
+    assert_eq!(watermark_sum(&info), total as u64, "every partition moved past its bad events: {info}");
+
+    // Every bad event is in the dead-letter topic, as it came, with its reason.
+    let consumer: BaseConsumer = kafka::log_reader_config(&k.brokers, "dlq-reader").create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&k.dlq_topic, 0, Offset::Beginning).unwrap();
+    consumer.assign(&tpl).unwrap();
+    let mut letters: Vec<(Vec<u8>, String, String)> = Vec::new();
+    wait_for("the dead letters", Duration::from_secs(30), || {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let headers = m.headers().expect("dead letters carry headers");
+            let header = |name: &str| {
+                let h = headers.iter().find(|h| h.key == name).unwrap_or_else(|| panic!("no header {name}"));
+                String::from_utf8(h.value.unwrap().to_vec()).unwrap()
+            };
+            assert_eq!(header("tributary.topic"), k.events_topic);
+            assert_eq!(m.key(), Some(format!("{}:{}", header("tributary.partition"), header("tributary.offset")).as_bytes()));
+            letters.push((m.payload().unwrap().to_vec(), header("tributary.reason_kind"), header("tributary.reason")));
+        }
+        (letters.len() >= bad.len()).then_some(())
+    });
+    let mut got: Vec<(Vec<u8>, String)> = letters.iter().map(|(p, kind, _)| (p.clone(), kind.clone())).collect();
+    let mut want: Vec<(Vec<u8>, String)> = bad.iter().map(|(p, kind)| (p.clone(), kind.to_string())).collect();
+    got.sort();
+    want.sort();
+    assert!(got == want, "dead letters {:?}", letters.iter().map(|l| (&l.1, &l.2)).collect::<Vec<_>>());
+    assert!(letters.iter().all(|(_, _, reason)| !reason.is_empty()));
+    let m = replica.metrics();
+    assert_eq!(metric(&m, "tributary_events_invalid_total", ""), bad.len() as f64);
+    assert_eq!(metric(&m, "tributary_dead_letters_total", "result=\"delivered\""), bad.len() as f64);
 }

@@ -33,6 +33,7 @@ impl Cluster {
         config.model.hidden = vec![16];
         config.kafka.brokers = broker.addr.clone();
         config.kafka.events_topic = format!("events-{test}");
+        config.kafka.dlq_topic = format!("dlq-{test}");
         config.kafka.updates_topic = format!("updates-{test}");
         config.kafka.group_id = format!("group-{test}");
         config.checkpoint.interval_secs = 2;
@@ -73,6 +74,7 @@ impl Cluster {
             ("TRIBUTARY_MODEL__HIDDEN".into(), format!("{:?}", c.model.hidden)),
             ("TRIBUTARY_KAFKA__EVENTS_TOPIC".into(), c.kafka.events_topic.clone()),
             ("TRIBUTARY_KAFKA__UPDATES_TOPIC".into(), c.kafka.updates_topic.clone()),
+            ("TRIBUTARY_KAFKA__DLQ_TOPIC".into(), c.kafka.dlq_topic.clone()),
             ("TRIBUTARY_KAFKA__GROUP_ID".into(), c.kafka.group_id.clone()),
             ("TRIBUTARY_CHECKPOINT__INTERVAL_SECS".into(), c.checkpoint.interval_secs.to_string()),
             ("TRIBUTARY_TRAIN__BATCH_SIZE".into(), c.train.batch_size.to_string()),
