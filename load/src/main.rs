@@ -64,8 +64,9 @@ fn main() -> anyhow::Result<()> {
                     eprintln!("scenario {name} failed: {e:#}");
                     failed.push(name.clone());
                 }
+                // After each scenario, so that a long run stopped early keeps what it measured.
+                bench.report.write(&out)?;
             }
-            bench.report.write(&out)?;
             println!("report: {}", out.join("report.md").display());
             anyhow::ensure!(failed.is_empty(), "scenarios failed: {}", failed.join(", "));
             let errors = bench.errors();

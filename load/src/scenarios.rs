@@ -38,6 +38,8 @@ pub struct Bench {
     rt: tokio::runtime::Runtime,
     baseline_rps: Option<f64>,
     predict_max_rps: Option<f64>,
+    /// The hello-world server, kept for later comparisons at equal rates.
+    hello_server: Option<(Proc, SocketAddr)>,
 }
 
 impl Bench {
@@ -52,6 +54,7 @@ impl Bench {
             rt: tokio::runtime::Runtime::new()?,
             baseline_rps: None,
             predict_max_rps: None,
+            hello_server: None,
         })
     }
 
@@ -104,9 +107,10 @@ impl Bench {
     fn baseline(&mut self) -> anyhow::Result<()> {
         let dir = self.dir("baseline")?;
         let port = free_port();
-        let _hello = Proc::spawn(Command::new(&self.hello).args(["hello", "--port", &port.to_string()]), &dir.join("hello.log"))?;
+        let hello = Proc::spawn(Command::new(&self.hello).args(["hello", "--port", &port.to_string()]), &dir.join("hello.log"))?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         try_wait_for("the hello-world server", Duration::from_secs(10), || TcpStream::connect(addr).ok())?;
+        self.hello_server = Some((hello, addr));
         let out = self.drive(vec![addr], None, self.secs(10.0, 1.0));
         let s = out.summary();
         self.report.add("baseline", "hello-world requests/s, as fast as answered", s.requests_per_sec, Goal::None);
@@ -161,6 +165,11 @@ impl Bench {
         }
         let after = a.metrics().ok_or_else(|| anyhow::anyhow!("no metrics from {}", a.id))?;
         let swapping = swapping.expect("at least one round");
+        // What the machine gives any axum server at that rate, for context.
+        let hello = self.hello_server.as_ref().map(|(_, addr)| self.drive(vec![*addr], Some(rps / 2.0), window));
+        if let Some(hello) = &hello {
+            self.report.add("predict", "hello-world p99 (ms) at the same rate", hello.quantile_ms(0.99), Goal::None);
+        }
         let swaps_per_sec = (after.value("tributary_swaps_total", "") - before.value("tributary_swaps_total", ""))
             / measuring.elapsed().as_secs_f64();
         self.report.add("predict", "swaps/s of the swapping replica while measuring", swaps_per_sec, Goal::None);
@@ -179,7 +188,12 @@ impl Bench {
         self.report.add("predict", "failed requests", errors as f64, Goal::AtMost(0.0));
         self.report.detail(
             "predict",
-            json!({"max": max.summary(), "half_rate_swapping": swapping.summary(), "half_rate_frozen": frozen.map(|f| f.summary())}),
+            json!({
+                "max": max.summary(),
+                "half_rate_swapping": swapping.summary(),
+                "half_rate_frozen": frozen.map(|f| f.summary()),
+                "half_rate_hello": hello.map(|h| h.summary()),
+            }),
         );
         stream.stop();
         Ok(())
