@@ -204,6 +204,11 @@ impl Replica {
         self.proc.terminate(Duration::from_secs(60))
     }
 
+    /// Waits for a replica that stops by itself (a refused start-up).
+    pub fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
+        self.proc.wait(limit)
+    }
+
     pub fn get(&self, path: &str) -> Option<(u16, String)> {
         http_get(self.http, path)
     }

@@ -81,7 +81,18 @@ impl Applier {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.updates_topic, 0, Offset::Offset(self.state.position))?;
         self.consumer.assign(&tpl)?;
-        let start_end = kafka::log_end(&self.consumer, &self.updates_topic).unwrap_or(0);
+        let log_end = kafka::log_end(&self.consumer, &self.updates_topic);
+        if let Some(end) = log_end.filter(|&end| end < self.state.position) {
+            // Reading on would wait for offsets that new records will reuse.
+            anyhow::bail!(
+                "the checkpoint is at position {} of {:?} but that log ends at {end}: the topic was deleted or \
+                 recreated, or the checkpoint belongs to another cluster. Remove the checkpoints to start from \
+                 the seed weights, or point the replica at the right brokers.",
+                self.state.position,
+                self.updates_topic
+            );
+        }
+        let start_end = log_end.unwrap_or(0);
         info!(position = self.state.position, log_end = start_end, "applier started");
         let mut last_swap = Instant::now();
         let interval = self.min_swap_interval;

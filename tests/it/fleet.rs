@@ -267,3 +267,24 @@ fn bad_events_go_to_the_dead_letter_topic_and_every_good_one_is_learned_once() {
     assert_eq!(metric(&m, "tributary_events_invalid_total", ""), bad.len() as f64);
     assert_eq!(metric(&m, "tributary_dead_letters_total", "result=\"delivered\""), bad.len() as f64);
 }
+
+#[test]
+fn a_checkpoint_ahead_of_the_update_log_is_refused_with_a_clear_error() {
+    let old = Cluster::new("ahead_old", ModelKind::Logistic);
+    let mut first = old.spawn("r0");
+    first.wait_ready();
+    old.produce(200, 1);
+    first.wait_learned(200, LEARN_LIMIT);
+    assert!(first.terminate().success(), "a graceful stop writes a final checkpoint");
+    // A new, empty update log (a recreated topic, another cluster): the
+    // checkpoint's position is beyond its end, and reading on would wait for
+    // offsets that new records will reuse.
+    let new = Cluster::new("ahead_new", ModelKind::Logistic);
+    let mut second = new.replica("r0");
+    second.state_dir = first.state_dir.clone();
+    second.start();
+    let status = second.wait_exit(Duration::from_secs(60)).unwrap();
+    assert!(!status.success());
+    let log = std::fs::read_to_string(&second.log).unwrap();
+    assert!(log.contains("but that log ends at 0"), "{log}");
+}

@@ -83,10 +83,15 @@ impl Cluster {
         ]
     }
 
+    /// Replica `id` with its own state directory and HTTP port, not started.
+    pub fn replica(&self, id: &str) -> Replica {
+        let bin = Path::new(env!("CARGO_BIN_EXE_tributary"));
+        Replica(procs::Replica::new(bin, self.dir.path(), id, &self.broker.addr, self.env()))
+    }
+
     /// Starts replica `id` with its own state directory and HTTP port.
     pub fn spawn(&self, id: &str) -> Replica {
-        let bin = Path::new(env!("CARGO_BIN_EXE_tributary"));
-        let mut r = Replica(procs::Replica::new(bin, self.dir.path(), id, &self.broker.addr, self.env()));
+        let mut r = self.replica(id);
         r.start();
         r
     }
