@@ -81,19 +81,17 @@ impl Applier {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.updates_topic, 0, Offset::Offset(self.state.position))?;
         self.consumer.assign(&tpl)?;
-        let log_end = kafka::log_end(&self.consumer, &self.updates_topic);
-        if let Some(end) = log_end.filter(|&end| end < self.state.position) {
-            // Reading on would wait for offsets that new records will reuse.
-            anyhow::bail!(
-                "the checkpoint is at position {} of {:?} but that log ends at {end}: the topic was deleted or \
-                 recreated, or the checkpoint belongs to another cluster. Remove the checkpoints to start from \
-                 the seed weights, or point the replica at the right brokers.",
-                self.state.position,
-                self.updates_topic
-            );
+        let listed_end = kafka::log_end(&self.consumer, &self.updates_topic).unwrap_or(0);
+        info!(position = self.state.position, log_end = listed_end, "applier started");
+        if listed_end == 0 && self.state.position > 0 {
+            // An empty log is certain even on Tansu; a short one is checked
+            // on the first fetch response below.
+            anyhow::bail!(ahead_of_log(self.state.position, &self.updates_topic, 0));
         }
-        let start_end = log_end.unwrap_or(0);
-        info!(position = self.state.position, log_end = start_end, "applier started");
+        // Ready once the position reaches the log end as of start-up: the
+        // larger of the listed end and the first fetch response's (see
+        // `kafka::fetched_end`), fixed when that response comes.
+        let mut start_end: Option<i64> = None;
         let mut last_swap = Instant::now();
         let interval = self.min_swap_interval;
         let swap_due = move |last_swap: Instant| interval.is_some_and(|i| last_swap.elapsed() >= i);
@@ -169,7 +167,16 @@ impl Applier {
                     self.metrics.freshness.observe((now_ms - ts).max(0) as f64 / 1000.0);
                 }
             }
-            if !self.ready.load(Ordering::Relaxed) && self.state.position >= start_end && !self.publisher.is_behind(&self.state) {
+            if start_end.is_none() {
+                if let Some(fetched) = kafka::fetched_end(&self.consumer, &self.updates_topic) {
+                    if fetched < self.state.position {
+                        anyhow::bail!(ahead_of_log(self.state.position, &self.updates_topic, fetched));
+                    }
+                    start_end = Some(fetched.max(listed_end));
+                }
+            }
+            let caught_up = start_end.is_some_and(|end| self.state.position >= end);
+            if !self.ready.load(Ordering::Relaxed) && caught_up && !self.publisher.is_behind(&self.state) {
                 info!(position = self.state.position, "caught up with the update log: ready");
                 self.ready.store(true, Ordering::Release);
                 self.metrics.ready.set(1);
@@ -195,6 +202,16 @@ impl Applier {
         info!(position = self.state.position, "applier stopped after a final checkpoint");
         Ok(())
     }
+}
+
+/// Why a replica refuses a checkpoint beyond the end of its update log:
+/// reading on would wait for offsets that new records will reuse.
+fn ahead_of_log(position: i64, topic: &str, end: i64) -> String {
+    format!(
+        "the checkpoint is at position {position} of {topic:?} but that log ends at {end}: the topic was deleted \
+         or recreated, or the checkpoint belongs to another cluster. Remove the checkpoints to start from the seed \
+         weights, or point the replica at the right brokers."
+    )
 }
 
 fn save(store: &LocalStore, model: &Model, state: &State, metrics: &Metrics) {

@@ -72,6 +72,22 @@ pub fn log_reader_config(brokers: &str, client_id: &str) -> ClientConfig {
     c
 }
 
+/// The high watermark of partition 0 of `topic` as the last fetch response
+/// reported it: no request is made, and there is none before the first
+/// fetch. Tansu 0.6 answers ListOffsets ([`log_end`]) with the batch written
+/// last by modification time, which ties when many land in one instant, so
+/// that answer can fall short; its fetch responses carry the true end.
+pub fn fetched_end(consumer: &BaseConsumer<impl rdkafka::consumer::ConsumerContext>, topic: &str) -> Option<i64> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: a live client handle, a NUL-terminated topic name and two
+    // out-parameters that outlive the call.
+    let err = unsafe {
+        rdkafka_sys::rd_kafka_get_watermark_offsets(consumer.client().native_ptr(), topic.as_ptr(), 0, &mut low, &mut high)
+    };
+    (err == rdkafka_sys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
+}
+
 /// The high watermark (end) of partition 0 of `topic`.
 pub fn log_end(consumer: &BaseConsumer<impl rdkafka::consumer::ConsumerContext>, topic: &str) -> Option<i64> {
     consumer.fetch_watermarks(topic, 0, Duration::from_secs(2)).ok().map(|(_, high)| high)
