@@ -22,14 +22,16 @@ use crate::log::kafka;
 
 /// How long an assignment waits for the applier to catch up with the log.
 /// The callback blocks `poll`, so this stays well under
-/// `max.poll.interval.ms`; past it the trainer starts anyway, and the apply
-/// rule rejects what a stale start would get wrong.
+/// `max.poll.interval.ms`; past it the partitions are assigned but the
+/// trainer holds them (takes no event) until the applier gets there.
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(4);
 
 #[derive(Debug)]
 pub enum Rebalanced {
-    /// Partitions and the watermark each starts at.
-    Assigned(Vec<(i32, i64)>),
+    /// Partitions and the watermark each starts at; and, if the applier
+    /// had not caught up in time, the log position to wait for before
+    /// learning (the watermarks are then re-read).
+    Assigned(Vec<(i32, i64)>, Option<i64>),
     Revoked(Vec<i32>),
 }
 
@@ -55,11 +57,19 @@ impl TrainerContext {
             Some(end) => self.progress.wait_for(end, Instant::now() + CATCH_UP_LIMIT, &self.stop),
             None => false,
         };
-        if !caught_up {
-            // Still safe: the apply rule rejects records that do not continue
-            // the watermark, and the trainer then seeks back.
-            warn!(log_end = ?end, "assigned before the applier caught up with the update log");
-        }
+        let hold = match (caught_up, end) {
+            (false, Some(end)) => {
+                info!(log_end = end, "assigned before the applier caught up: holding the partitions until it does");
+                Some(end)
+            }
+            (false, None) => {
+                // Still safe: the apply rule rejects records that do not
+                // continue the watermark, and the trainer then seeks back.
+                warn!("assigned without knowing the update log's end");
+                None
+            }
+            (true, _) => None,
+        };
         let watermarks = self.progress.applied.lock().expect("progress lock").watermarks.clone();
         let mut assigned = Vec::new();
         for elem in tpl.elements() {
@@ -76,7 +86,7 @@ impl TrainerContext {
         }
         info!(partitions = ?assigned.iter().map(|a| (a.1, a.2)).collect::<Vec<_>>(), "assigned at applied watermarks");
         let list = assigned.into_iter().map(|(_, p, wm)| (p, wm.unwrap_or(0))).collect();
-        self.events.lock().expect("events lock").push(Rebalanced::Assigned(list));
+        self.events.lock().expect("events lock").push(Rebalanced::Assigned(list, hold));
         Ok(())
     }
 

@@ -85,6 +85,11 @@ struct Partition {
     blocked: bool,
     /// Set by every seek: the first event at or after `end` must be `end`.
     resume: Option<Resume>,
+    /// Assigned before the applier had read the log to this position: no
+    /// event is taken until it has, then the partition restarts at the
+    /// watermark it has by then. (Learning from a stale watermark would only
+    /// append records that every replica rejects.)
+    hold_until: Option<i64>,
 }
 
 /// Checking the first event after a seek. A Tansu 0.6 fetch that starts
@@ -141,6 +146,7 @@ impl Partition {
             in_flight: VecDeque::new(),
             blocked: false,
             resume: Some(Resume::start()),
+            hold_until: None,
         }
     }
     /// Closes the open batch (if it holds anything) and queues it to be sent.
@@ -174,7 +180,7 @@ impl Partition {
     /// the last seek.
     fn stalled(&mut self, patience: Duration) -> Option<i64> {
         let r = self.resume.as_mut()?;
-        if self.blocked || r.saw_earlier || r.back >= self.end || r.since.elapsed() < patience {
+        if self.blocked || self.hold_until.is_some() || r.saw_earlier || r.back >= self.end || r.since.elapsed() < patience {
             return None;
         }
         *r = r.further();
@@ -335,10 +341,12 @@ impl Trainer {
     fn take_rebalances(&mut self) {
         for event in self.consumer.context().take_events() {
             match event {
-                Rebalanced::Assigned(list) => {
+                Rebalanced::Assigned(list, hold) => {
                     for (id, watermark) in list {
                         info!(partition = id, watermark, "partition assigned");
-                        self.partitions.insert(id, Partition::at(watermark));
+                        let mut p = Partition::at(watermark);
+                        p.hold_until = hold;
+                        self.partitions.insert(id, p);
                     }
                 }
                 Rebalanced::Revoked(list) => {
@@ -354,8 +362,8 @@ impl Trainer {
 
     fn take_event(&mut self, id: i32, offset: i64, payload: &[u8]) {
         let Some(p) = self.partitions.get_mut(&id) else { return };
-        // While blocked, events are refused and fetched again after the seek.
-        if p.blocked {
+        // While blocked or held, events are refused and fetched again after the seek.
+        if p.blocked || p.hold_until.is_some() {
             return;
         }
         match p.arrival(offset) {
@@ -500,14 +508,21 @@ impl Trainer {
     /// watermark (a rebalance overlap); sends waiting batches into the freed
     /// slots and unblocks partitions.
     fn follow_applier(&mut self) {
-        let (watermarks, rejected) = {
+        let (position, watermarks, rejected) = {
             let mut applied = self.progress.applied.lock().expect("progress lock");
-            (applied.watermarks.clone(), std::mem::take(&mut applied.rejected_own))
+            (applied.position, applied.watermarks.clone(), std::mem::take(&mut applied.rejected_own))
         };
         let failed = std::mem::take(&mut *self.failures.lock().expect("failures lock"));
         let (mut reseek, mut sendable) = (Vec::new(), Vec::new());
         for (&id, p) in self.partitions.iter_mut() {
             let wm = watermarks.get(&id).copied().unwrap_or(0);
+            if let Some(until) = p.hold_until {
+                if position >= until {
+                    info!(partition = id, watermark = wm, "the applier caught up: starting the held partition");
+                    reseek.push((id, wm));
+                }
+                continue;
+            }
             while let Some(r) = p.in_flight.front().filter(|r| r.to <= wm) {
                 self.metrics.record_round_trip.observe(r.sent.elapsed().as_secs_f64());
                 p.in_flight.pop_front();
