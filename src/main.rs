@@ -58,6 +58,11 @@ enum Command {
         topic: String,
         file: Option<PathBuf>,
     },
+    /// The checkpoint store's snapshots.
+    Snapshots {
+        #[command(subcommand)]
+        action: SnapshotsAction,
+    },
     /// Print synthetic training events as JSONL.
     Generate {
         #[command(flatten)]
@@ -70,6 +75,21 @@ enum Command {
         rate: Option<f64>,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotsAction {
+    /// List snapshots, newest first: position, time, size, examples learned, loss.
+    List {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Directory of the checkpoint store
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// One JSON object per line instead of a table
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -93,6 +113,33 @@ fn main() -> anyhow::Result<()> {
             let report = tributary::ingest::produce(&config.kafka.brokers, &topic, config.kafka.events_partitions, model.featurizer(), input)?;
             if report.failed > 0 {
                 anyhow::bail!("{} events were not delivered", report.failed);
+            }
+            Ok(())
+        }
+        Command::Snapshots { action: SnapshotsAction::List { config, state_dir, json } } => {
+            let config = config.load(Overrides { state_dir, ..Default::default() })?;
+            let store = tributary::checkpoint::LocalStore::open(&config.checkpoint.state_dir, config.checkpoint.keep)?;
+            let listed = store.list()?;
+            if json {
+                for c in &listed {
+                    println!("{}", tributary::serve::snapshot_json(c));
+                }
+                return Ok(());
+            }
+            println!("{:>12}  {:>24}  {:>12}  {:>16}  {:>10}", "position", "written (UTC)", "bytes", "examples", "loss");
+            for c in &listed {
+                let opt = |v: Option<String>| v.unwrap_or_else(|| "?".into());
+                println!(
+                    "{:>12}  {:>24}  {:>12}  {:>16}  {:>10}",
+                    c.position,
+                    tributary::telemetry::utc(c.written),
+                    c.bytes,
+                    opt(c.examples_learned.map(|e| e.to_string())),
+                    opt(c.progressive_loss.map(|l| format!("{l:.5}"))),
+                );
+            }
+            if listed.is_empty() {
+                eprintln!("no snapshots in {}", config.checkpoint.state_dir.display());
             }
             Ok(())
         }

@@ -86,6 +86,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         model_name: config.model.name.as_str().into(),
         max_batch: config.http.max_batch,
         max_body_bytes: config.http.max_body_bytes,
+        checkpoints: Some(store.clone()),
     });
     let listener = tokio::net::TcpListener::bind(config.http.addr)
         .await

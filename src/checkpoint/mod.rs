@@ -31,13 +31,38 @@ pub enum CheckpointError {
     OtherModel(PathBuf),
 }
 
-/// A checkpoint as listed, without its content.
+/// A checkpoint as listed, without its weights: the counters come from its
+/// header (the checksum over the whole file is checked when it is loaded).
 #[derive(Clone, Debug, PartialEq)]
 pub struct CheckpointInfo {
     pub position: i64,
     pub path: PathBuf,
     pub bytes: u64,
     pub written: SystemTime,
+    /// `None` when the header cannot be read (a torn or foreign file).
+    pub examples_learned: Option<u64>,
+    /// Mean progressive loss over the examples learned up to it.
+    pub progressive_loss: Option<f64>,
+}
+
+/// Where the header's fields sit: magic, version, fingerprint, position,
+/// five counters (examples learned first), then the loss sum.
+const HEADER_BYTES: usize = 4 + 1 + 8 + 8 + 5 * 8 + 8;
+const EXAMPLES_AT: usize = 4 + 1 + 8 + 8;
+const LOSS_SUM_AT: usize = EXAMPLES_AT + 5 * 8;
+
+/// Examples learned and mean progressive loss from a checkpoint's header.
+fn read_header(path: &Path) -> Option<(u64, Option<f64>)> {
+    use std::io::Read;
+    let mut head = [0u8; HEADER_BYTES];
+    fs::File::open(path).ok()?.read_exact(&mut head).ok()?;
+    if !head.starts_with(MAGIC) || head[4] != VERSION {
+        return None;
+    }
+    let u64_at = |at: usize| u64::from_le_bytes(head[at..at + 8].try_into().expect("8 bytes"));
+    let examples = u64_at(EXAMPLES_AT);
+    let loss_sum = f64::from_bits(u64_at(LOSS_SUM_AT));
+    Some((examples, (examples > 0).then(|| loss_sum / examples as f64)))
 }
 
 /// The embedded checkpoint store: one directory.
@@ -70,11 +95,14 @@ impl LocalStore {
                 continue;
             };
             let meta = entry.metadata().map_err(io)?;
+            let header = read_header(&entry.path());
             out.push(CheckpointInfo {
                 position,
                 path: entry.path(),
                 bytes: meta.len(),
                 written: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                examples_learned: header.map(|h| h.0),
+                progressive_loss: header.and_then(|h| h.1),
             });
         }
         out.sort_by(|a, b| b.position.cmp(&a.position));
@@ -95,7 +123,14 @@ impl LocalStore {
         for old in self.list()?.into_iter().skip(self.keep) {
             let _ = fs::remove_file(&old.path);
         }
-        Ok(CheckpointInfo { position: state.position, path, bytes: bytes.len() as u64, written: SystemTime::now() })
+        Ok(CheckpointInfo {
+            position: state.position,
+            path,
+            bytes: bytes.len() as u64,
+            written: SystemTime::now(),
+            examples_learned: Some(state.examples_learned),
+            progressive_loss: state.progressive_loss(),
+        })
     }
 
     /// The newest checkpoint that loads; corrupt ones are skipped with a warning.
@@ -235,11 +270,21 @@ mod tests {
         }
         let listed: Vec<i64> = store.list().unwrap().iter().map(|i| i.position).collect();
         assert_eq!(listed, vec![9, 5], "keeps the newest two");
+
         let (loaded, info) = store.load_newest(&model).unwrap().unwrap();
         assert_eq!((loaded.clone(), info.position), (state.clone(), 9));
         // A torn newest file is skipped, the previous one loads.
         let bytes = fs::read(&info.path).unwrap();
         fs::write(&info.path, &bytes[..bytes.len() / 2]).unwrap();
         assert_eq!(store.load_newest(&model).unwrap().unwrap().0.position, 5);
+        // The listing reads counters from headers; a torn file has none.
+        state.examples_learned = 40;
+        state.loss_sum = 10.0;
+        state.position = 11;
+        store.save(&model, &state).unwrap();
+        let listed = store.list().unwrap();
+        assert_eq!((listed[0].examples_learned, listed[0].progressive_loss), (Some(40), Some(0.25)));
+        fs::write(&listed[0].path, b"TRCK").unwrap();
+        assert_eq!(store.list().unwrap()[0].examples_learned, None);
     }
 }

@@ -3,6 +3,7 @@
 //!
 //! - `POST /v1/models/{name}:predict` (KServe V1)
 //! - `GET /v1/models/{name}`
+//! - `GET /v1/models/{name}/snapshots`
 //! - `GET /healthz`, `GET /readyz`, `GET /metrics`
 
 mod error;
@@ -24,6 +25,7 @@ use serde_json::{json, Value};
 
 pub use error::ApiError;
 
+use crate::checkpoint::{CheckpointInfo, LocalStore};
 use crate::metrics::Metrics;
 use crate::serving::Serving;
 
@@ -37,6 +39,8 @@ pub struct AppState {
     pub model_name: Arc<str>,
     pub max_batch: usize,
     pub max_body_bytes: usize,
+    /// The checkpoint store, for listing snapshots (`None`: nothing to list).
+    pub checkpoints: Option<LocalStore>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -46,6 +50,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/models/{model}", get(model_info).post(model_verb))
+        .route("/v1/models/{model}/snapshots", get(snapshots))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(limit))
@@ -110,6 +115,30 @@ async fn model_info(State(state): State<AppState>, Path(model): Path<String>) ->
         "dense_dim": c.dense_dim,
         "sparse_fields": c.sparse_fields,
     })))
+}
+
+/// `GET /v1/models/{name}/snapshots`: this replica's checkpoints, newest first.
+async fn snapshots(State(state): State<AppState>, Path(model): Path<String>) -> Result<Json<Value>, ApiError> {
+    check_model(&state, &model)?;
+    let Some(store) = state.checkpoints.clone() else {
+        return Ok(Json(json!({ "snapshots": [] })));
+    };
+    let listed = tokio::task::spawn_blocking(move || store.list())
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(json!({ "snapshots": listed.iter().map(snapshot_json).collect::<Vec<_>>() })))
+}
+
+pub fn snapshot_json(c: &CheckpointInfo) -> Value {
+    let written_ms = c.written.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    json!({
+        "position": c.position,
+        "written_unix_ms": written_ms,
+        "bytes": c.bytes,
+        "examples_learned": c.examples_learned,
+        "progressive_logloss": c.progressive_loss,
+    })
 }
 
 #[derive(Deserialize)]

@@ -32,6 +32,7 @@ fn app(kind: ModelKind) -> axum::Router {
         model_name: "default".into(),
         max_batch: config.http.max_batch,
         max_body_bytes: config.http.max_body_bytes,
+        checkpoints: None,
     })
 }
 
@@ -113,4 +114,42 @@ async fn bad_input_gets_a_4xx_json_error_that_says_what_is_wrong() {
         let error = v["error"].as_str().unwrap_or_else(|| panic!("no JSON error for {method} {uri} {shown}: {text}"));
         assert!(error.contains(want_text), "{method} {uri} {shown}: {error}");
     }
+}
+
+#[tokio::test]
+async fn snapshots_are_listed_newest_first_with_their_counters() {
+    let mut config = Config::default();
+    config.model.kind = ModelKind::Logistic;
+    config.model.buckets = 64;
+    let model = Arc::new(Model::new(&config.model));
+    let dir = tempfile::tempdir().unwrap();
+    let store = tributary::checkpoint::LocalStore::open(dir.path(), 3).unwrap();
+    let mut state = State::initial(&model);
+    for (position, examples) in [(4, 100), (9, 300)] {
+        state.position = position;
+        state.examples_learned = examples;
+        state.loss_sum = examples as f64 * 0.5;
+        store.save(&model, &state).unwrap();
+    }
+    let publisher = Publisher::new(model.clone(), &state);
+    let app = router(AppState {
+        serving: publisher.serving(),
+        metrics: Arc::new(Metrics::new("test")),
+        ready: Arc::new(AtomicBool::new(true)),
+        model_name: "default".into(),
+        max_batch: 4,
+        max_body_bytes: 4096,
+        checkpoints: Some(store),
+    });
+    let (status, body, _) = call(&app, "GET", "/v1/models/default/snapshots", Body::empty()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let listed = body["snapshots"].as_array().unwrap();
+    let positions: Vec<i64> = listed.iter().map(|s| s["position"].as_i64().unwrap()).collect();
+    assert_eq!(positions, vec![9, 4]);
+    assert_eq!(listed[0]["examples_learned"], 300);
+    assert_eq!(listed[0]["progressive_logloss"], 0.5);
+    assert!(listed[0]["bytes"].as_u64().unwrap() > 64 * 4 * 4, "{body}");
+    assert!(listed[0]["written_unix_ms"].as_u64().unwrap() > 1_700_000_000_000);
+    let (status, _, _) = call(&app, "GET", "/v1/models/other/snapshots", Body::empty()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }
