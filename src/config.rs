@@ -115,6 +115,9 @@ pub struct CheckpointConfig {
     pub interval_secs: u64,
     /// Checkpoints kept; older ones are deleted.
     pub keep: usize,
+    /// Beyond `keep`, also keep the newest checkpoint of every interval of
+    /// this many seconds (points to roll back to). 0: off.
+    pub keep_one_every_secs: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -180,6 +183,7 @@ impl Default for Config {
                 state_dir: PathBuf::from("./state"),
                 interval_secs: 30,
                 keep: 3,
+                keep_one_every_secs: 0,
             },
             http: HttpConfig {
                 addr: "127.0.0.1:8080".parse().expect("valid literal"),

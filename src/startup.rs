@@ -65,7 +65,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let config = Arc::new(config);
     let model = Arc::new(Model::new(&config.model));
     let metrics = Arc::new(Metrics::new(&config.replica_id));
-    let store = LocalStore::open(&config.checkpoint.state_dir, config.checkpoint.keep)?;
+    let store = LocalStore::open(&config.checkpoint.state_dir, config.checkpoint.keep)?
+        .keep_one_every(Duration::from_secs(config.checkpoint.keep_one_every_secs));
     let state = match store.load_newest(&model)? {
         Some((state, info)) => {
             info!(position = info.position, path = %info.path.display(), "restored checkpoint");

@@ -70,12 +70,21 @@ fn read_header(path: &Path) -> Option<(u64, Option<f64>)> {
 pub struct LocalStore {
     dir: PathBuf,
     keep: usize,
+    /// Beyond the newest `keep`, also keep the newest of each such interval.
+    keep_every: Option<std::time::Duration>,
 }
 
 impl LocalStore {
     pub fn open(dir: &Path, keep: usize) -> Result<LocalStore, CheckpointError> {
         fs::create_dir_all(dir).map_err(|source| CheckpointError::Io { path: dir.into(), source })?;
-        Ok(LocalStore { dir: dir.into(), keep: keep.max(1) })
+        Ok(LocalStore { dir: dir.into(), keep: keep.max(1), keep_every: None })
+    }
+
+    /// Also keeps, beyond the newest `keep`, the newest checkpoint of every
+    /// `every` of wall-clock time (by file time): points to go back to.
+    pub fn keep_one_every(mut self, every: std::time::Duration) -> LocalStore {
+        self.keep_every = (!every.is_zero()).then_some(every);
+        self
     }
 
     fn path_of(&self, position: i64) -> PathBuf {
@@ -120,8 +129,11 @@ impl LocalStore {
         file.sync_all().map_err(io)?;
         fs::rename(&tmp, &path).map_err(io)?;
         fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io)?;
-        for old in self.list()?.into_iter().skip(self.keep) {
-            let _ = fs::remove_file(&old.path);
+        let listed = self.list()?;
+        for (old, keep) in listed.iter().zip(retained(&listed, self.keep, self.keep_every)) {
+            if !keep {
+                let _ = fs::remove_file(&old.path);
+            }
         }
         Ok(CheckpointInfo {
             position: state.position,
@@ -149,6 +161,24 @@ impl LocalStore {
         let bytes = fs::read(path).map_err(|source| CheckpointError::Io { path: path.into(), source })?;
         decode(model, &bytes, path)
     }
+}
+
+/// Which of `listed` (newest first) the retention policy keeps: the newest
+/// `keep`, and with `every`, the newest of each interval of that length.
+fn retained(listed: &[CheckpointInfo], keep: usize, every: Option<std::time::Duration>) -> Vec<bool> {
+    let mut seen = std::collections::HashSet::new();
+    let slot = |c: &CheckpointInfo| {
+        let secs = c.written.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        every.map(|e| secs / e.as_secs().max(1))
+    };
+    listed
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let first_of_slot = slot(c).is_some_and(|s| seen.insert(s));
+            i < keep || first_of_slot
+        })
+        .collect()
 }
 
 fn encode(model: &Model, s: &State) -> Vec<u8> {
@@ -286,5 +316,23 @@ mod tests {
         assert_eq!((listed[0].examples_learned, listed[0].progressive_loss), (Some(40), Some(0.25)));
         fs::write(&listed[0].path, b"TRCK").unwrap();
         assert_eq!(store.list().unwrap()[0].examples_learned, None);
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_and_one_per_interval() {
+        let at = |position: i64, secs: u64| CheckpointInfo {
+            position,
+            path: PathBuf::new(),
+            bytes: 0,
+            written: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs),
+            examples_learned: None,
+            progressive_loss: None,
+        };
+        // Newest first; hours 3, 3, 2, 2, 1, 0 (by written time).
+        let listed = [at(60, 3 * 3600 + 50), at(50, 3 * 3600 + 10), at(40, 2 * 3600 + 30), at(30, 2 * 3600), at(20, 3700), at(10, 60)];
+        assert_eq!(retained(&listed, 2, None), [true, true, false, false, false, false]);
+        let hourly = retained(&listed, 2, Some(std::time::Duration::from_secs(3600)));
+        // The newest two, then the newest of hours 2, 1 and 0.
+        assert_eq!(hourly, [true, true, true, false, true, true]);
     }
 }
