@@ -75,10 +75,6 @@ impl Proc {
         self.0.is_some()
     }
 
-    pub fn id(&self) -> Option<u32> {
-        self.0.as_ref().map(Child::id)
-    }
-
     /// SIGKILL, then reap.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.0.take() {
@@ -186,12 +182,14 @@ impl Replica {
         Ok(())
     }
 
-    pub fn is_running(&self) -> bool {
-        self.proc.is_running()
+    /// Starts it and waits until `/readyz` says ready.
+    pub fn start_ready(&mut self, limit: Duration) -> anyhow::Result<()> {
+        self.start()?;
+        self.wait_ready(limit)
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.proc.id()
+    pub fn is_running(&self) -> bool {
+        self.proc.is_running()
     }
 
     /// SIGKILL.

@@ -91,6 +91,13 @@ impl Bench {
         self.rt.block_on(driver::run(plan(targets, rate, duration)))
     }
 
+    /// A replica started and ready.
+    fn ready_replica(&self, dir: &Path, id: &str, broker: &Broker, env: &[(&str, String)]) -> anyhow::Result<Replica> {
+        let mut r = self.replica(dir, id, broker, env);
+        r.start_ready(READY_LIMIT)?;
+        Ok(r)
+    }
+
     fn replica(&self, dir: &Path, id: &str, broker: &Broker, env: &[(&str, String)]) -> Replica {
         // LOAD_REPLICA_LOG overrides the replicas' log filter, for a post-mortem.
         let filter = std::env::var("LOAD_REPLICA_LOG").unwrap_or_else(|_| "info,librdkafka=warn".into());
@@ -126,9 +133,7 @@ impl Bench {
     fn predict(&mut self) -> anyhow::Result<()> {
         let dir = self.dir("predict")?;
         let broker = Broker::start(&dir)?;
-        let mut a = self.replica(&dir, "swapping", &broker, &[]);
-        a.start()?;
-        a.wait_ready(READY_LIMIT)?;
+        let a = self.ready_replica(&dir, "swapping", &broker, &[])?;
         let stream = self.stream(&dir, &broker, Some(if self.smoke { 300.0 } else { 2000.0 }), None)?;
         wait_learning(&a)?;
 
@@ -149,8 +154,7 @@ impl Bench {
         ]);
         let rounds = if self.smoke { 1 } else { 5 };
         if !self.smoke {
-            b.start()?;
-            b.wait_ready(READY_LIMIT)?;
+            b.start_ready(READY_LIMIT)?;
             wait_learning(&b)?;
         }
         let window = self.secs(3.0, 1.0);
@@ -213,13 +217,11 @@ impl Bench {
         let half = self.predict_max_rps.unwrap_or(2000.0) / 2.0;
         let mut rates = Vec::new();
         for (id, predict) in [("alone", false), ("with-predictions", true)] {
-            let mut r = self.replica(&dir, id, &broker, &[
+            let mut r = self.ready_replica(&dir, id, &broker, &[
                 ("MODEL__KIND", "logistic".into()),
                 ("KAFKA__UPDATES_TOPIC", format!("updates-{id}")),
                 ("KAFKA__GROUP_ID", id.into()),
-            ]);
-            r.start()?;
-            r.wait_ready(READY_LIMIT)?;
+            ])?;
             let stop = Arc::new(AtomicBool::new(false));
             let load = predict.then(|| {
                 let mut plan = plan(vec![r.http], Some(half), Duration::from_secs(900));
@@ -251,9 +253,7 @@ impl Bench {
     fn freshness(&mut self) -> anyhow::Result<()> {
         let dir = self.dir("freshness")?;
         let broker = Broker::start(&dir)?;
-        let mut r = self.replica(&dir, "r0", &broker, &[]);
-        r.start()?;
-        r.wait_ready(READY_LIMIT)?;
+        let r = self.ready_replica(&dir, "r0", &broker, &[])?;
         let stream = self.stream(&dir, &broker, Some(10_000.0), None)?;
         wait_learning(&r)?;
         // Let the stream settle, then measure a window between two scrapes.
@@ -295,8 +295,7 @@ impl Bench {
         let killed = Instant::now();
         // Restarted at once: Tansu 0.6 keeps a dead group leader in the group
         // until it returns (README, "Tansu limits").
-        fleet[2].start()?;
-        fleet[2].wait_ready(READY_LIMIT)?;
+        fleet[2].start_ready(READY_LIMIT)?;
         let to_ready = killed.elapsed().as_secs_f64();
         let out = self.rt.block_on(load)?;
         stream.stop();
@@ -321,26 +320,22 @@ impl Bench {
         for &k in sizes {
             let dir = self.dir(&format!("recovery-{k}"))?;
             let broker = Broker::start(&dir)?;
-            let mut r = self.replica(&dir, "r0", &broker, &[
+            let mut r = self.ready_replica(&dir, "r0", &broker, &[
                 ("TRAIN__BATCH_SIZE", "1".into()),
                 ("TRAIN__MAX_IN_FLIGHT", "32".into()),
                 ("CHECKPOINT__INTERVAL_SECS", "86400".into()),
-            ]);
-            r.start()?;
-            r.wait_ready(READY_LIMIT)?;
+            ])?;
             self.stream(&dir, &broker, None, Some(16))?.finish(Duration::from_secs(60))?;
             wait_examples(&r, 16, Duration::from_secs(60))?;
             r.terminate()?; // the final checkpoint
-            r.start()?;
-            r.wait_ready(READY_LIMIT)?;
+            r.start_ready(READY_LIMIT)?;
             let checkpoint = version(&r)?;
             self.stream(&dir, &broker, None, Some(k))?.finish(Duration::from_secs(900))?;
             wait_examples(&r, 16 + k, Duration::from_secs(900))?;
             let end = version(&r)?;
             r.kill();
             let restart = Instant::now();
-            r.start()?;
-            r.wait_ready(READY_LIMIT)?;
+            r.start_ready(READY_LIMIT)?;
             let secs = restart.elapsed().as_secs_f64();
             // Its trainer may append (rejected) records while it replays, so the
             // position can pass `end`; what it learned must be exactly the same.

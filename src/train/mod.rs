@@ -167,24 +167,31 @@ impl Partition {
             return Arrival::Early;
         }
         match self.resume.take() {
-            Some(r) if offset > self.end && !r.saw_earlier && r.back < self.end => {
-                let next = r.further();
-                self.resume = Some(next);
-                Arrival::Probe((self.end - next.back).max(0))
-            }
+            Some(r) if offset > self.end && !r.saw_earlier && r.back < self.end => Arrival::Probe(self.step_back(r)),
             _ => Arrival::Take,
         }
+    }
+
+    /// Takes the next step back from `r`: where to seek.
+    fn step_back(&mut self, r: Resume) -> i64 {
+        let next = r.further();
+        self.resume = Some(next);
+        (self.end - next.back).max(0)
+    }
+
+    /// Blocked or held: events are refused, fetched again after a seek.
+    fn refusing(&self) -> bool {
+        self.blocked || self.hold_until.is_some()
     }
 
     /// Where to probe back to when nothing has arrived for `patience` since
     /// the last seek.
     fn stalled(&mut self, patience: Duration) -> Option<i64> {
-        let r = self.resume.as_mut()?;
-        if self.blocked || self.hold_until.is_some() || r.saw_earlier || r.back >= self.end || r.since.elapsed() < patience {
+        let r = self.resume?;
+        if self.refusing() || r.saw_earlier || r.back >= self.end || r.since.elapsed() < patience {
             return None;
         }
-        *r = r.further();
-        Some((self.end - r.back).max(0))
+        Some(self.step_back(r))
     }
 }
 
@@ -362,8 +369,7 @@ impl Trainer {
 
     fn take_event(&mut self, id: i32, offset: i64, payload: &[u8]) {
         let Some(p) = self.partitions.get_mut(&id) else { return };
-        // While blocked or held, events are refused and fetched again after the seek.
-        if p.blocked || p.hold_until.is_some() {
+        if p.refusing() {
             return;
         }
         match p.arrival(offset) {
@@ -410,10 +416,10 @@ impl Trainer {
 
     /// Writes an invalid event to the dead-letter topic: the payload as it
     /// came, the reason, source topic, partition and offset in headers, and
-    /// `partition:offset` as the key. At least once: after a seek back the
-    /// same event may be written again, under the same key (a compacted
-    /// topic keeps one). A failure is logged and counted, never retried: the
-    /// event's range is learned, and the partition moves on.
+    /// `partition:offset` as the key. After a seek back the same event may be
+    /// written again, under the same key (a compacted topic keeps one). A
+    /// delivery failure is logged and counted, not retried: the event's range
+    /// is learned, and the partition moves on.
     fn dead_letter(&self, partition: i32, offset: i64, payload: &[u8], error: &crate::event::SchemaError) {
         let (reason, offset_text, partition_text) = (error.to_string(), offset.to_string(), partition.to_string());
         let headers = OwnedHeaders::new()
