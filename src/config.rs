@@ -108,7 +108,20 @@ pub struct ApplyConfig {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct GuardConfig {
+    /// Watch the progressive loss and roll back when it spikes.
+    pub enabled: bool,
+    /// A spike: the recent loss over this many times its moving baseline.
+    pub loss_factor: f64,
+    /// Examples learned (after start or a rollback) before the guard may fire.
+    pub warmup_examples: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CheckpointConfig {
+    /// The store: empty for `state_dir`, `file:PATH`, or `postgres://...`.
+    pub store: String,
     /// Directory of the embedded checkpoint store.
     pub state_dir: PathBuf,
     /// A checkpoint is written this often while the position moves.
@@ -128,6 +141,8 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
     /// Instances per predict request.
     pub max_batch: usize,
+    /// Bearer token of the admin endpoints; empty turns them off.
+    pub admin_token: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -139,6 +154,7 @@ pub struct Config {
     pub kafka: KafkaConfig,
     pub train: TrainConfig,
     pub apply: ApplyConfig,
+    pub guard: GuardConfig,
     pub checkpoint: CheckpointConfig,
     pub http: HttpConfig,
 }
@@ -179,7 +195,9 @@ impl Default for Config {
                 commit_interval_ms: 1000,
             },
             apply: ApplyConfig { max_swaps_per_sec: 20.0 },
+            guard: GuardConfig { enabled: true, loss_factor: 3.0, warmup_examples: 10_000 },
             checkpoint: CheckpointConfig {
+                store: String::new(),
                 state_dir: PathBuf::from("./state"),
                 interval_secs: 30,
                 keep: 3,
@@ -189,6 +207,7 @@ impl Default for Config {
                 addr: "127.0.0.1:8080".parse().expect("valid literal"),
                 max_body_bytes: 1 << 20,
                 max_batch: 1024,
+                admin_token: String::new(),
             },
         }
     }
@@ -213,6 +232,8 @@ pub struct Overrides {
     pub brokers: Option<String>,
     pub replica_id: Option<String>,
     pub state_dir: Option<PathBuf>,
+    pub checkpoint_store: Option<String>,
+    pub admin_token: Option<String>,
 }
 
 type Table = toml::map::Map<String, toml::Value>;
@@ -251,6 +272,12 @@ impl Config {
         }
         if let Some(v) = &flags.state_dir {
             config.checkpoint.state_dir = v.clone();
+        }
+        if let Some(v) = &flags.checkpoint_store {
+            config.checkpoint.store = v.clone();
+        }
+        if let Some(v) = &flags.admin_token {
+            config.http.admin_token = v.clone();
         }
         config.validate()?;
         Ok(config)
@@ -292,8 +319,14 @@ impl Config {
         if !(self.apply.max_swaps_per_sec >= 0.0 && self.apply.max_swaps_per_sec.is_finite()) {
             return bad("apply.max_swaps_per_sec must be a finite number, 0 or more");
         }
+        if !(self.guard.loss_factor.is_finite() && self.guard.loss_factor > 1.0) {
+            return bad("guard.loss_factor must be a number above 1");
+        }
         if self.http.max_batch == 0 || self.checkpoint.keep == 0 {
             return bad("http.max_batch and checkpoint.keep must be positive");
+        }
+        if !self.http.admin_token.is_empty() && self.http.admin_token.len() < 16 {
+            return bad("http.admin_token must be at least 16 characters (or empty: admin endpoints off)");
         }
         if self.replica_id.is_empty() || self.replica_id.len() > 255 {
             return bad("replica_id must be 1 to 255 bytes");
@@ -302,14 +335,23 @@ impl Config {
     }
 }
 
+/// Short names for keys that deployments set by environment most often.
+const ENV_ALIASES: [(&str, &str); 2] =
+    [("TRIBUTARY_CHECKPOINT_STORE", "TRIBUTARY_CHECKPOINT__STORE"), ("TRIBUTARY_ADMIN_TOKEN", "TRIBUTARY_HTTP__ADMIN_TOKEN")];
+
 /// `TRIBUTARY_KAFKA__BROKERS=x` becomes `kafka.brokers = "x"`; top-level keys
-/// have no section (`TRIBUTARY_REPLICA_ID`). A value that parses as TOML
-/// (a number, a bool, an array) is taken as such, anything else as a string.
+/// have no section (`TRIBUTARY_REPLICA_ID`); see also `ENV_ALIASES`. A value
+/// that parses as TOML (a number, a bool, an array) is taken as such,
+/// anything else as a string; the admin token is always a string.
 fn env_layer(env: impl IntoIterator<Item = (String, String)>) -> Result<Table, ConfigError> {
     let mut layer = Table::new();
     let vars: BTreeMap<String, String> = env
         .into_iter()
         .filter(|(k, _)| k.starts_with("TRIBUTARY_"))
+        .map(|(k, v)| match ENV_ALIASES.iter().find(|(short, _)| *short == k) {
+            Some((_, long)) => (long.to_string(), v),
+            None => (k, v),
+        })
         .collect();
     for (var, raw) in vars {
         let path: Vec<String> = var["TRIBUTARY_".len()..]
@@ -319,8 +361,10 @@ fn env_layer(env: impl IntoIterator<Item = (String, String)>) -> Result<Table, C
         if path.iter().any(String::is_empty) || path.len() > 2 {
             return Err(ConfigError::Env { var, reason: "expected TRIBUTARY_KEY or TRIBUTARY_SECTION__KEY".into() });
         }
-        let value = toml::from_str::<Table>(&format!("v = {raw}"))
-            .ok()
+        let as_string = var.ends_with("ADMIN_TOKEN") || var.ends_with("CHECKPOINT__STORE");
+        let value = (!as_string)
+            .then(|| toml::from_str::<Table>(&format!("v = {raw}")).ok())
+            .flatten()
             .and_then(|mut t| t.remove("v"))
             .unwrap_or(toml::Value::String(raw));
         let mut node = &mut layer;
@@ -371,6 +415,19 @@ mod tests {
         assert_eq!(c.model.buckets, 9);
         assert_eq!(c.replica_id, "flag");
         assert_eq!(c.model.embedding_dim, Config::default().model.embedding_dim);
+    }
+
+    #[test]
+    fn short_environment_names_and_string_secrets() {
+        let c = Config::load(
+            None,
+            env(&[("TRIBUTARY_CHECKPOINT_STORE", "postgres://db/x"), ("TRIBUTARY_ADMIN_TOKEN", "1234567890123456")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!((c.checkpoint.store.as_str(), c.http.admin_token.as_str()), ("postgres://db/x", "1234567890123456"));
+        let err = Config::load(None, env(&[("TRIBUTARY_ADMIN_TOKEN", "short")]), &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("16 characters"), "{err}");
     }
 
     #[test]

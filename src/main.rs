@@ -46,9 +46,15 @@ enum Command {
         /// Names this replica in gradient records, logs and metrics
         #[arg(long)]
         replica_id: Option<String>,
-        /// Directory of the checkpoint store
+        /// Directory of the embedded checkpoint store
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// Checkpoint store: file:PATH or postgres://user@host/db (default: --state-dir)
+        #[arg(long)]
+        checkpoint_store: Option<String>,
+        /// Bearer token of the admin endpoints (also TRIBUTARY_ADMIN_TOKEN; none: they are off)
+        #[arg(long)]
+        admin_token: Option<String>,
     },
     /// Produce JSONL training events from FILE (or stdin) to a topic.
     Produce {
@@ -84,9 +90,12 @@ enum SnapshotsAction {
     List {
         #[command(flatten)]
         config: ConfigArgs,
-        /// Directory of the checkpoint store
+        /// Directory of the embedded checkpoint store
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// Checkpoint store: file:PATH or postgres://user@host/db (default: --state-dir)
+        #[arg(long)]
+        checkpoint_store: Option<String>,
         /// One JSON object per line instead of a table
         #[arg(long)]
         json: bool,
@@ -96,8 +105,8 @@ enum SnapshotsAction {
 fn main() -> anyhow::Result<()> {
     tributary::telemetry::init();
     match Cli::parse().command {
-        Command::Serve { config, http_addr, replica_id, state_dir } => {
-            let config = config.load(Overrides { http_addr, replica_id, state_dir, ..Default::default() })?;
+        Command::Serve { config, http_addr, replica_id, state_dir, checkpoint_store, admin_token } => {
+            let config = config.load(Overrides { http_addr, replica_id, state_dir, checkpoint_store, admin_token, ..Default::default() })?;
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(tributary::startup::run(config, shutdown_signal()))
         }
@@ -116,9 +125,9 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Snapshots { action: SnapshotsAction::List { config, state_dir, json } } => {
-            let config = config.load(Overrides { state_dir, ..Default::default() })?;
-            let store = tributary::checkpoint::LocalStore::open(&config.checkpoint.state_dir, config.checkpoint.keep)?;
+        Command::Snapshots { action: SnapshotsAction::List { config, state_dir, checkpoint_store, json } } => {
+            let config = config.load(Overrides { state_dir, checkpoint_store, ..Default::default() })?;
+            let store = tributary::checkpoint::open(&config)?;
             let listed = store.list()?;
             if json {
                 for c in &listed {
@@ -139,7 +148,7 @@ fn main() -> anyhow::Result<()> {
                 );
             }
             if listed.is_empty() {
-                eprintln!("no snapshots in {}", config.checkpoint.state_dir.display());
+                eprintln!("no snapshots in {}", store.describe());
             }
             Ok(())
         }

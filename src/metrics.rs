@@ -31,6 +31,9 @@ pub struct Metrics {
     pub checkpoint_age: Gauge,
     pub progressive_logloss: Gauge,
     pub ready: IntGauge,
+    pub rollbacks: IntCounterVec,
+    pub divergences: IntCounter,
+    pub admin_denied: IntCounter,
 }
 
 fn buckets_seconds() -> Vec<f64> {
@@ -102,10 +105,22 @@ impl Metrics {
             checkpoint_age: reg!(Gauge::new("checkpoint_age_seconds", "Age of the newest checkpoint written or loaded")),
             progressive_logloss: reg!(Gauge::new("progressive_logloss", "Mean progressive loss over every learned example")),
             ready: reg!(IntGauge::new("ready", "1 when caught up with the update log and serving")),
+            rollbacks: reg!(IntCounterVec::new(
+                Opts::new("rollbacks_total", "Rollback records taken, by what became of the events since (relearn, skip)"),
+                &["events"]
+            )),
+            divergences: reg!(IntCounter::new(
+                "divergences_detected_total",
+                "Loss spikes the divergence guard saw and answered with a rollback record"
+            )),
+            admin_denied: reg!(IntCounter::new("admin_denied_total", "Admin requests refused for a missing or wrong token")),
             registry,
         };
         for result in ["delivered", "failed"] {
             m.dead_letters.with_label_values(&[result]);
+        }
+        for events in ["relearn", "skip"] {
+            m.rollbacks.with_label_values(&[events]);
         }
         for r in Reject::ALL {
             m.records_rejected.with_label_values(&[r.as_str()]);

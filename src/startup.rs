@@ -20,8 +20,11 @@ use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
 use crate::apply::applier::{Applier, Progress};
+use crate::apply::rollback::Guard;
+use crate::log::control::ControlLog;
+use crate::serve::admin::Admin;
 use crate::apply::rule::State;
-use crate::checkpoint::LocalStore;
+use crate::checkpoint::{self, CheckpointError, SharedStore};
 use crate::config::Config;
 use crate::log::kafka;
 use crate::metrics::Metrics;
@@ -65,20 +68,31 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let config = Arc::new(config);
     let model = Arc::new(Model::new(&config.model));
     let metrics = Arc::new(Metrics::new(&config.replica_id));
-    let store = LocalStore::open(&config.checkpoint.state_dir, config.checkpoint.keep)?
-        .keep_one_every(Duration::from_secs(config.checkpoint.keep_one_every_secs));
-    let state = match store.load_newest(&model)? {
-        Some((state, info)) => {
-            info!(position = info.position, path = %info.path.display(), "restored checkpoint");
-            state
-        }
-        None => {
-            info!(seed = config.model.seed, "no checkpoint: starting from seeded weights");
-            State::initial(&model)
-        }
+    let store = checkpoint::open(&config)?;
+    tokio::pin!(shutdown);
+    let Some(state) = restore(&store, &model, &mut shutdown).await? else {
+        return Ok(());
     };
     let publisher = Publisher::new(model.clone(), &state);
     let ready = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(Progress::default());
+    {
+        let mut applied = progress.applied.lock().expect("progress lock");
+        applied.position = state.position;
+        applied.last_healthy = state.position;
+        applied.watermarks = state.watermarks.clone();
+    }
+    let control = ControlLog::new(&config.kafka.brokers, &config.kafka.updates_topic, &config.replica_id)?;
+    let admin = (!config.http.admin_token.is_empty()).then(|| {
+        Arc::new(Admin {
+            token: config.http.admin_token.clone(),
+            control: control.clone(),
+            progress: progress.clone(),
+            store: store.clone(),
+            fingerprint: model.fingerprint(),
+            replica_id: config.replica_id.clone(),
+        })
+    });
 
     let app = serve::router(AppState {
         serving: publisher.serving(),
@@ -88,6 +102,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         max_batch: config.http.max_batch,
         max_body_bytes: config.http.max_body_bytes,
         checkpoints: Some(store.clone()),
+        admin,
     });
     let listener = tokio::net::TcpListener::bind(config.http.addr)
         .await
@@ -100,7 +115,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     });
 
     // Topics: retried while the broker is away; serving goes on meanwhile.
-    tokio::pin!(shutdown);
     let mut delay = Duration::from_millis(200);
     loop {
         match kafka::ensure_topics(&config.kafka).await {
@@ -115,12 +129,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         delay = (delay * 2).min(Duration::from_secs(5));
     }
 
-    let progress = Arc::new(Progress::default());
-    progress.applied.lock().expect("progress lock").position = state.position;
-    progress.applied.lock().expect("progress lock").watermarks = state.watermarks.clone();
     let stop_applier = Arc::new(AtomicBool::new(false));
     let drain_to = Arc::new(Mutex::new(None));
     let consumer: BaseConsumer = kafka::log_reader_config(&config.kafka.brokers, &config.replica_id).create()?;
+    let state_position = state.position;
     let applier = Applier {
         model: model.clone(),
         state,
@@ -131,6 +143,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         metrics: metrics.clone(),
         progress: progress.clone(),
         store,
+        brokers: config.kafka.brokers.clone(),
+        guard: config.guard.enabled.then(|| {
+            let g = &config.guard;
+            (Guard::new(g.loss_factor, g.warmup_examples, state_position), control, tokio::runtime::Handle::current())
+        }),
         checkpoint_every: Duration::from_secs(config.checkpoint.interval_secs),
         min_swap_interval: (config.apply.max_swaps_per_sec > 0.0)
             .then(|| Duration::from_secs_f64(1.0 / config.apply.max_swaps_per_sec)),
@@ -200,4 +217,36 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     info!("replica stopped");
     failure.map_or(Ok(()), Err)
+}
+
+/// The newest checkpoint that loads, or the seeded initial state. A store
+/// that cannot be reached is retried until `shutdown` (`None`): starting
+/// from an older point would only replay more of the log, but starting from
+/// the seed while the fleet's checkpoints exist would replay all of it.
+async fn restore(
+    store: &SharedStore,
+    model: &Arc<Model>,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> anyhow::Result<Option<State>> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let (s, m) = (store.clone(), model.clone());
+        match tokio::task::spawn_blocking(move || s.load_newest(&m, None)).await? {
+            Ok(Some((state, info))) => {
+                info!(position = info.position, location = %info.location, "restored checkpoint");
+                return Ok(Some(state));
+            }
+            Ok(None) => {
+                info!(store = %store.describe(), seed = model.config().seed, "no checkpoint: starting from seeded weights");
+                return Ok(Some(State::initial(model)));
+            }
+            Err(e @ CheckpointError::Unavailable { .. }) => warn!(error = %e, "checkpoint store unavailable; retrying"),
+            Err(e) => return Err(e.into()),
+        }
+        tokio::select! {
+            _ = shutdown.as_mut() => return Ok(None),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
 }

@@ -115,27 +115,48 @@ impl Drop for Proc {
     }
 }
 
-/// A Tansu broker on a free port with its topics in memory; killed on drop.
+/// A Tansu broker on a free port; killed on drop.
 pub struct Broker {
-    _proc: Proc,
+    proc: Proc,
     pub addr: String,
+    storage: String,
+    log: PathBuf,
 }
 
 impl Broker {
+    /// With its topics in memory.
     pub fn start(dir: &Path) -> anyhow::Result<Broker> {
+        Broker::start_on(dir, "memory://tansu/")
+    }
+
+    /// With its topics in `storage` (`memory://tansu/`, or `postgres://...`
+    /// for a broker that keeps its data when it restarts).
+    pub fn start_on(dir: &Path, storage: &str) -> anyhow::Result<Broker> {
         let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let proc = Proc::spawn(
+        let mut broker =
+            Broker { proc: Proc(None), addr: format!("127.0.0.1:{port}"), storage: storage.into(), log: dir.join("tansu.log") };
+        broker.restart()?;
+        Ok(broker)
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts it again on the same address and storage.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        let url = format!("tcp://{}", self.addr);
+        self.proc = Proc::spawn(
             Command::new(tansu_bin())
                 .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-                .args(["--storage-engine", "memory://tansu/"])
+                .args(["--storage-engine", &self.storage])
                 .env("RUST_LOG", "warn"),
-            &dir.join("tansu.log"),
+            &self.log,
         )
         .map_err(|e| anyhow::anyhow!("cannot start tansu ({e}); scripts/setup installs it"))?;
-        let addr = format!("127.0.0.1:{port}");
-        try_wait_for("the broker to listen", Duration::from_secs(30), || TcpStream::connect(&addr).ok())?;
-        Ok(Broker { _proc: proc, addr })
+        try_wait_for("the broker to listen", Duration::from_secs(30), || TcpStream::connect(&self.addr).ok())?;
+        Ok(())
     }
 }
 

@@ -13,9 +13,12 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
 
+use super::rollback::{self, Guard, LogSource, Spike};
 use super::rule::{Outcome, State};
-use crate::checkpoint::LocalStore;
+use crate::checkpoint::{SharedStore, Store};
+use crate::log::control::ControlLog;
 use crate::log::kafka;
+use crate::log::record::{EventsSince, RollbackRecord};
 use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::serving::Publisher;
@@ -28,6 +31,23 @@ pub struct Applied {
     pub watermarks: BTreeMap<i32, i64>,
     /// This replica's records that were rejected: (partition, from, to).
     pub rejected_own: Vec<(i32, i64, i64)>,
+    /// Position after the last record the divergence guard found healthy.
+    pub last_healthy: i64,
+    /// What became of recent rollback records, by offset (the newest 64).
+    pub rollbacks: BTreeMap<i64, RollbackOutcome>,
+}
+
+/// A rollback record as this replica took it (or not).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct RollbackOutcome {
+    pub taken: bool,
+    /// Why it was not taken (`superseded`, `bad_target`, `other_model`).
+    pub rejected: Option<&'static str>,
+    pub to: i64,
+    pub events: EventsSince,
+    /// Examples learned between `to` and the record that are no longer in
+    /// the weights (to be learned again if `events` is relearn).
+    pub examples_undone: u64,
 }
 
 /// `Applied` behind a lock, with a condition variable to wait on.
@@ -63,7 +83,11 @@ pub struct Applier {
     pub replica_id: String,
     pub metrics: Arc<Metrics>,
     pub progress: Arc<Progress>,
-    pub store: LocalStore,
+    pub store: SharedStore,
+    /// For the reader that replays the log to rebuild a state.
+    pub brokers: String,
+    /// The divergence guard and where it appends its rollback records.
+    pub guard: Option<(Guard, ControlLog, tokio::runtime::Handle)>,
     pub checkpoint_every: Duration,
     /// Least time between swaps. `None`: swaps are off once ready, so the
     /// served weights stay those of start-up (a benchmark baseline only).
@@ -95,9 +119,11 @@ impl Applier {
         let mut last_swap = Instant::now();
         let interval = self.min_swap_interval;
         let swap_due = move |last_swap: Instant| interval.is_some_and(|i| last_swap.elapsed() >= i);
-        let mut last_checkpoint = (Instant::now(), self.state.position);
+        // When and at which position the last checkpoint was written (or loaded).
+        let mut last_saved = (Instant::now(), self.state.position);
+        let mut last_try = Instant::now();
         let mut pending_ts: Vec<i64> = Vec::new();
-        let mut saver: Option<std::thread::JoinHandle<()>> = None;
+        let mut saver: Option<std::thread::JoinHandle<(i64, bool)>> = None;
         loop {
             let stopping = self.stop.load(Ordering::Relaxed);
             let drain_to = *self.drain_to.lock().expect("drain lock");
@@ -111,7 +137,8 @@ impl Applier {
             while let Some(message) = next {
                 let message = message?;
                 read += 1;
-                let outcome = self.state.apply(&self.model, message.offset(), message.payload().unwrap_or(&[]), &mut self.publisher);
+                let offset = message.offset();
+                let outcome = self.state.apply(&self.model, offset, message.payload().unwrap_or(&[]), &mut self.publisher);
                 match outcome {
                     Outcome::Applied(r) => {
                         self.metrics.records_applied.inc();
@@ -120,6 +147,19 @@ impl Applier {
                             pending_ts.push(r.oldest_ts);
                         }
                         debug!(partition = r.partition, from = r.from, to = r.to, producer = %r.producer, "applied");
+                        self.watch_loss(r.examples, r.loss_sum);
+                    }
+                    Outcome::RollBack(r) => {
+                        self.metrics.records_applied.inc();
+                        self.take_rollback(offset, &r)?;
+                        // Publish the returned weights before reading on.
+                        break;
+                    }
+                    Outcome::RollbackRejected(r, reason) => {
+                        self.metrics.records_rejected.with_label_values(&[reason.as_str()]).inc();
+                        warn!(offset, to = r.to, seen = r.seen, reason = reason.as_str(), producer = %r.producer, "rollback not taken");
+                        let outcome = RollbackOutcome { taken: false, rejected: Some(reason.as_str()), to: r.to, events: r.events, examples_undone: 0 };
+                        self.note_rollback(offset, outcome);
                     }
                     Outcome::Rejected(r, reason) => {
                         self.metrics.records_rejected.with_label_values(&[reason.as_str()]).inc();
@@ -144,6 +184,9 @@ impl Applier {
                 applied.position = self.state.position;
                 applied.watermarks.clone_from(&self.state.watermarks);
                 applied.rejected_own.extend(own_rejections);
+                if let Some((guard, ..)) = &self.guard {
+                    applied.last_healthy = guard.last_healthy();
+                }
                 drop(applied);
                 self.progress.changed.notify_all();
             }
@@ -181,15 +224,24 @@ impl Applier {
                 self.ready.store(true, Ordering::Release);
                 self.metrics.ready.set(1);
             }
-            self.metrics.checkpoint_age.set(last_checkpoint.0.elapsed().as_secs_f64());
-            let due = last_checkpoint.0.elapsed() >= self.checkpoint_every && self.state.position != last_checkpoint.1;
-            if due && saver.as_ref().is_none_or(|h| h.is_finished()) {
+            // A checkpoint is due every interval while the position moves; a
+            // failed one is retried at the next interval (the log keeps
+            // everything meanwhile).
+            if saver.as_ref().is_some_and(|h| h.is_finished()) {
+                let (position, ok) = (saver.take().expect("checked").join()).unwrap_or((0, false));
+                if ok {
+                    last_saved = (Instant::now(), position);
+                }
+            }
+            self.metrics.checkpoint_age.set(last_saved.0.elapsed().as_secs_f64());
+            let due = last_try.elapsed() >= self.checkpoint_every && self.state.position != last_saved.1;
+            if due && saver.is_none() {
                 // Serializing happens on another thread, off the apply path;
                 // the clone is the price of not pausing the log.
                 let (store, model, state, metrics) =
                     (self.store.clone(), self.model.clone(), self.state.clone(), self.metrics.clone());
-                saver = Some(std::thread::spawn(move || save(&store, &model, &state, &metrics)));
-                last_checkpoint = (Instant::now(), self.state.position);
+                saver = Some(std::thread::spawn(move || (state.position, save(&*store, &model, &state, &metrics))));
+                last_try = Instant::now();
             }
         }
         if let Some(h) = saver {
@@ -198,9 +250,101 @@ impl Applier {
         if self.publisher.is_behind(&self.state) {
             self.publisher.publish(&self.state);
         }
-        save(&self.store, &self.model, &self.state, &self.metrics);
+        save(&*self.store, &self.model, &self.state, &self.metrics);
         info!(position = self.state.position, "applier stopped after a final checkpoint");
         Ok(())
+    }
+}
+
+impl Applier {
+    /// Returns to the state at `r.to` (see `rollback`). Rebuilding reads the
+    /// log and maybe the store; while either fails it is retried, since
+    /// reading on without it would leave this replica unlike the others.
+    fn take_rollback(&mut self, offset: i64, r: &RollbackRecord) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let source = LogSource { brokers: &self.brokers, topic: &self.updates_topic, client_id: &format!("{}-replay", self.replica_id) };
+        let mut delay = Duration::from_millis(200);
+        let then = loop {
+            match rollback::state_at(&self.model, &*self.store, &source, r.to) {
+                Ok(then) => break then,
+                Err(e) if !self.stop.load(Ordering::Relaxed) => {
+                    warn!(error = format!("{e:#}"), to = r.to, "cannot rebuild the state to roll back to; retrying");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e.context("stopping while rebuilding a rollback's state")),
+            }
+        };
+        let examples_undone = self.state.examples_learned.saturating_sub(then.examples_learned);
+        self.state.roll_back(offset, r, then);
+        self.publisher.mark_everything();
+        if let Some((guard, ..)) = &mut self.guard {
+            guard.rolled_back(self.state.position);
+        }
+        let events = match r.events {
+            EventsSince::Relearn => "relearn",
+            EventsSince::Skip => "skip",
+        };
+        self.metrics.rollbacks.with_label_values(&[events]).inc();
+        warn!(
+            at = offset, to = r.to, events, examples_undone, reason = %r.reason, producer = %r.producer,
+            ms = started.elapsed().as_millis() as u64, "rolled back"
+        );
+        self.note_rollback(offset, RollbackOutcome { taken: true, rejected: None, to: r.to, events: r.events, examples_undone });
+        Ok(())
+    }
+
+    fn note_rollback(&self, offset: i64, outcome: RollbackOutcome) {
+        let mut applied = self.progress.applied.lock().expect("progress lock");
+        applied.rollbacks.insert(offset, outcome);
+        while applied.rollbacks.len() > 64 {
+            applied.rollbacks.pop_first();
+        }
+    }
+
+    /// Feeds the divergence guard; on a spike, once ready (a replica that
+    /// replays history never asks), appends a rollback to the last good
+    /// snapshot with the events since skipped: learning them again would
+    /// diverge again.
+    fn watch_loss(&mut self, examples: u32, loss_sum: f64) {
+        let ready = self.ready.load(Ordering::Relaxed);
+        let Some((guard, control, runtime)) = &mut self.guard else { return };
+        let Some(spike) = guard.observe(self.state.position, examples, loss_sum) else { return };
+        if !ready {
+            return;
+        }
+        self.metrics.divergences.inc();
+        let to = last_good(&*self.store, spike.last_healthy);
+        let Spike { fast, baseline, last_healthy } = spike;
+        warn!(fast, baseline, last_healthy, to, position = self.state.position, "progressive loss spiked: asking for a rollback");
+        let record = RollbackRecord {
+            fingerprint: self.model.fingerprint(),
+            to,
+            seen: self.state.position,
+            events: EventsSince::Skip,
+            reason: format!("divergence: loss {fast:.4} over {baseline:.4} baseline"),
+            producer: self.replica_id.clone(),
+        };
+        let control = control.clone();
+        runtime.spawn(async move {
+            match control.append(record).await {
+                Ok(offset) => info!(offset, "rollback record appended"),
+                Err(e) => warn!(error = format!("{e:#}"), "cannot append the divergence rollback"),
+            }
+        });
+    }
+}
+
+/// The last good snapshot: the newest checkpoint at or before
+/// `last_healthy`; that position itself if the store has none (or is down):
+/// any position can be rebuilt from the log.
+pub fn last_good(store: &dyn Store, last_healthy: i64) -> i64 {
+    match store.list() {
+        Ok(listed) => listed.iter().map(|c| c.position).find(|&p| p <= last_healthy).unwrap_or(last_healthy),
+        Err(e) => {
+            warn!(error = %e, "cannot list checkpoints; the last good state is the last healthy position");
+            last_healthy
+        }
     }
 }
 
@@ -214,16 +358,20 @@ fn ahead_of_log(position: i64, topic: &str, end: i64) -> String {
     )
 }
 
-fn save(store: &LocalStore, model: &Model, state: &State, metrics: &Metrics) {
+/// Writes one checkpoint; whether it was written.
+fn save(store: &dyn Store, model: &Model, state: &State, metrics: &Metrics) -> bool {
     let start = Instant::now();
+    info!(position = state.position, store = %store.describe(), "writing checkpoint");
     match store.save(model, state) {
         Ok(info) => {
             metrics.checkpoints.with_label_values(&["ok"]).inc();
             info!(position = info.position, bytes = info.bytes, ms = start.elapsed().as_millis() as u64, "checkpoint written");
+            true
         }
         Err(e) => {
             metrics.checkpoints.with_label_values(&["error"]).inc();
             warn!(error = %e, "checkpoint failed; the log still holds everything, will retry");
+            false
         }
     }
 }

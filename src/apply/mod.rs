@@ -3,4 +3,5 @@
 
 pub mod applier;
 pub mod optim;
+pub mod rollback;
 pub mod rule;

@@ -5,11 +5,17 @@
 //! every value is finite with a global L2 norm within the bound. Then the
 //! optimizer steps and the watermark moves to `to`. Otherwise the state does
 //! not change. Every record read advances `position`, applied or not.
+//!
+//! A rollback record is taken iff it belongs to this model, `0 <= to <=
+//! seen <= its offset`, and no rollback was taken at or after `seen`. Then
+//! the state becomes the state at `to` (which the applier rebuilds from a
+//! checkpoint and the log: [`State::roll_back`]), keeping the current
+//! watermarks if the record says the events since are skipped.
 
 use std::collections::BTreeMap;
 
 use super::optim::{Optimizer, Touch};
-use crate::log::record::{GradientRecord, Record};
+use crate::log::record::{EventsSince, GradientRecord, Record, RollbackRecord};
 use crate::model::{Buffers, GradTensor, GradValues, Model, ParamSpec};
 
 /// Everything a replica learned: identical on every replica at the same position.
@@ -23,6 +29,8 @@ pub struct State {
     pub examples_skipped: u64,
     pub records_applied: u64,
     pub records_rejected: u64,
+    /// Offset of the last rollback record taken.
+    pub last_rollback: Option<i64>,
     /// Progressive loss summed over every learned example (before its update).
     pub loss_sum: f64,
     pub weights: Buffers,
@@ -42,11 +50,23 @@ pub enum Reject {
     Shape,
     NonFinite,
     NormBound,
+    /// A rollback decided on a state that another rollback has replaced.
+    Superseded,
+    /// A rollback to a position it cannot return to (ahead of what it saw).
+    BadTarget,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 6] =
-        [Reject::Malformed, Reject::OtherModel, Reject::NotContiguous, Reject::Shape, Reject::NonFinite, Reject::NormBound];
+    pub const ALL: [Reject; 8] = [
+        Reject::Malformed,
+        Reject::OtherModel,
+        Reject::NotContiguous,
+        Reject::Shape,
+        Reject::NonFinite,
+        Reject::NormBound,
+        Reject::Superseded,
+        Reject::BadTarget,
+    ];
 
     /// The label value in metrics and logs.
     pub fn as_str(self) -> &'static str {
@@ -57,6 +77,8 @@ impl Reject {
             Reject::Shape => "shape",
             Reject::NonFinite => "non_finite",
             Reject::NormBound => "norm_bound",
+            Reject::Superseded => "superseded",
+            Reject::BadTarget => "bad_target",
         }
     }
 }
@@ -67,6 +89,11 @@ pub enum Outcome {
     Applied(GradientRecord),
     /// The record, where it decoded, and why it was rejected.
     Rejected(Option<GradientRecord>, Reject),
+    /// A rollback to take: the caller rebuilds the state at `to` and calls
+    /// [`State::roll_back`] before it reads the next record.
+    RollBack(RollbackRecord),
+    /// A rollback not taken, and why.
+    RollbackRejected(RollbackRecord, Reject),
 }
 
 impl State {
@@ -79,6 +106,7 @@ impl State {
             examples_skipped: 0,
             records_applied: 0,
             records_rejected: 0,
+            last_rollback: None,
             loss_sum: 0.0,
             weights: model.init_weights(),
             optimizer: Optimizer::new(c.optimizer, c.learning_rate, model.params()),
@@ -95,6 +123,10 @@ impl State {
         self.position = offset + 1;
         let outcome = match Record::decode(bytes) {
             Err(_) => Outcome::Rejected(None, Reject::Malformed),
+            Ok(Record::Rollback(r)) => match self.check_rollback(model, offset, &r) {
+                Ok(()) => Outcome::RollBack(r),
+                Err(reason) => Outcome::RollbackRejected(r, reason),
+            },
             Ok(Record::Gradient(r)) => match check(model, self.watermarks.get(&r.partition).copied().unwrap_or(0), &r) {
                 Err(reason) => Outcome::Rejected(Some(r), reason),
                 Ok(()) => {
@@ -110,10 +142,43 @@ impl State {
             },
         };
         match outcome {
-            Outcome::Applied(_) => self.records_applied += 1,
-            Outcome::Rejected(..) => self.records_rejected += 1,
+            Outcome::Applied(_) | Outcome::RollBack(_) => self.records_applied += 1,
+            Outcome::Rejected(..) | Outcome::RollbackRejected(..) => self.records_rejected += 1,
         }
         outcome
+    }
+
+    fn check_rollback(&self, model: &Model, offset: i64, r: &RollbackRecord) -> Result<(), Reject> {
+        if r.fingerprint != model.fingerprint() {
+            return Err(Reject::OtherModel);
+        }
+        if !(0 <= r.to && r.to <= r.seen && r.seen <= offset) {
+            return Err(Reject::BadTarget);
+        }
+        if self.last_rollback.is_some_and(|at| at >= r.seen) {
+            return Err(Reject::Superseded);
+        }
+        Ok(())
+    }
+
+    /// Takes the rollback record `r` read at `offset`, given `then`, the
+    /// state at `r.to`. Learning (weights, optimizer, example counters)
+    /// returns to `then`; the watermarks too, unless the events since are
+    /// skipped; the log's own counters and position go on.
+    pub fn roll_back(&mut self, offset: i64, r: &RollbackRecord, then: State) {
+        debug_assert_eq!(then.position, r.to);
+        let watermarks = match r.events {
+            EventsSince::Relearn => then.watermarks,
+            EventsSince::Skip => std::mem::take(&mut self.watermarks),
+        };
+        *self = State {
+            position: self.position,
+            watermarks,
+            records_applied: self.records_applied,
+            records_rejected: self.records_rejected,
+            last_rollback: Some(offset),
+            ..then
+        };
     }
 }
 
@@ -163,7 +228,7 @@ mod tests {
     use super::*;
     use crate::apply::optim::NoTouch;
     use crate::config::Config;
-    use crate::log::record::{GradientRecord, Record};
+    use crate::log::record::{EventsSince, GradientRecord, Record, RollbackRecord};
 
     fn setup() -> (Model, State) {
         let mut c = Config::default().model;
@@ -196,8 +261,8 @@ mod tests {
     fn applies_contiguous_records_and_rejects_the_rest() {
         let (model, mut s) = setup();
         let outcome = |s: &mut State, offset, bytes: Vec<u8>| match s.apply(&model, offset, &bytes, &mut NoTouch) {
-            Outcome::Applied(_) => None,
-            Outcome::Rejected(_, why) => Some(why),
+            Outcome::Applied(_) | Outcome::RollBack(_) => None,
+            Outcome::Rejected(_, why) | Outcome::RollbackRejected(_, why) => Some(why),
         };
         assert_eq!(outcome(&mut s, 0, record(&model, 0, 0, 10, 0.1)), None);
         // A duplicate of the same range (zombie, retry) changes nothing.
@@ -213,5 +278,40 @@ mod tests {
         assert_eq!(s.examples_learned, 15);
         assert_eq!((s.records_applied, s.records_rejected), (2, 4));
         assert_ne!(s.weights, before);
+    }
+
+    #[test]
+    fn a_rollback_returns_learning_to_an_earlier_state_once() {
+        let (model, mut s) = setup();
+        let step = |s: &mut State, offset, bytes: Vec<u8>| s.apply(&model, offset, &bytes, &mut NoTouch);
+        step(&mut s, 0, record(&model, 0, 0, 10, 0.1));
+        let at_1 = s.clone();
+        step(&mut s, 1, record(&model, 0, 10, 20, 0.2));
+        step(&mut s, 2, record(&model, 1, 0, 5, 0.3));
+        let rollback = |to, seen, events| {
+            Record::Rollback(RollbackRecord { fingerprint: model.fingerprint(), to, seen, events, reason: "t".into(), producer: "t".into() })
+                .encode()
+        };
+        // Skip: learning returns to position 1, the watermarks stay.
+        let Outcome::RollBack(r) = step(&mut s, 3, rollback(1, 3, EventsSince::Skip)) else { panic!("not taken") };
+        s.roll_back(3, &r, at_1.clone());
+        assert_eq!((s.weights.clone(), s.examples_learned, s.loss_sum), (at_1.weights.clone(), 10, at_1.loss_sum));
+        assert_eq!((s.watermarks[&0], s.watermarks[&1]), (20, 5));
+        assert_eq!((s.position, s.records_applied, s.last_rollback), (4, 4, Some(3)));
+        // Decided before that rollback was taken: superseded, nothing changes.
+        let before = s.clone();
+        let outcome = step(&mut s, 4, rollback(0, 3, EventsSince::Relearn));
+        assert!(matches!(outcome, Outcome::RollbackRejected(_, Reject::Superseded)), "{outcome:?}");
+        assert_eq!(s.weights, before.weights);
+        // Ahead of what it saw, or of its own offset: refused.
+        let outcome = step(&mut s, 5, rollback(5, 4, EventsSince::Skip));
+        assert!(matches!(outcome, Outcome::RollbackRejected(_, Reject::BadTarget)), "{outcome:?}");
+        let outcome = step(&mut s, 6, rollback(1, 9, EventsSince::Skip));
+        assert!(matches!(outcome, Outcome::RollbackRejected(_, Reject::BadTarget)), "{outcome:?}");
+        // Relearn: the watermarks return too.
+        let Outcome::RollBack(r) = step(&mut s, 7, rollback(1, 7, EventsSince::Relearn)) else { panic!("not taken") };
+        s.roll_back(7, &r, at_1.clone());
+        assert_eq!(s.watermarks, at_1.watermarks);
+        assert_eq!(s.records_rejected, 3);
     }
 }

@@ -1,171 +1,122 @@
 //! Checkpoints: the replica's whole state at one `updates` position, the
 //! recovery point together with the log that follows it.
 //!
-//! The embedded store is a local directory. A checkpoint is written to a
-//! temporary file, fsynced, renamed into place and the directory fsynced, so
-//! a crash leaves either the whole file or none; a checksum over the content
-//! catches anything else, and loading skips a file that fails it. Equal
-//! positions mean equal contents, so writing one twice is harmless.
+//! Two stores sit behind [`Store`], chosen by `checkpoint.store`: a local
+//! directory (the embedded default, [`local`]) and PostgreSQL ([`postgres`]),
+//! shared by a fleet. Both hold the same encoding, checksummed, and both
+//! write a checkpoint whole or not at all; loading skips one that fails its
+//! checksum. Equal positions mean equal contents, so writing one twice, from
+//! one replica or two, is harmless.
+
+pub mod local;
+pub mod postgres;
 
 use std::collections::BTreeMap;
-use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use crate::apply::optim::Optimizer;
 use crate::apply::rule::State;
-use crate::config::OptimizerKind;
+use crate::config::{Config, OptimizerKind};
 use crate::model::{f32_bytes, Model};
 
+pub use local::LocalStore;
+pub use postgres::PgStore;
+
 const MAGIC: &[u8; 4] = b"TRCK";
-const VERSION: u8 = 1;
+/// 2: adds the offset of the last rollback taken after the loss sum.
+const VERSION: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("checkpoint I/O on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io { path: std::path::PathBuf, source: std::io::Error },
+    /// The store cannot be reached now; a retry may succeed.
+    #[error("checkpoint store {store} unavailable: {reason}")]
+    Unavailable { store: String, reason: String },
     #[error("checkpoint {0} is corrupt or torn")]
-    Corrupt(PathBuf),
+    Corrupt(String),
+    #[error("checkpoint {location} has format {version}; this build reads format {VERSION}")]
+    Version { location: String, version: u8 },
     #[error("checkpoint {0} belongs to a model of another structure")]
-    OtherModel(PathBuf),
+    OtherModel(String),
+    #[error("checkpoint store URL {0:?}: expected a directory (file:PATH, or empty for checkpoint.state_dir) or postgres://...")]
+    Url(String),
 }
 
-/// A checkpoint as listed, without its weights: the counters come from its
-/// header (the checksum over the whole file is checked when it is loaded).
+/// A checkpoint as listed, without its weights.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CheckpointInfo {
     pub position: i64,
-    pub path: PathBuf,
+    /// Where it is: a file path, or the row in PostgreSQL.
+    pub location: String,
     pub bytes: u64,
     pub written: SystemTime,
-    /// `None` when the header cannot be read (a torn or foreign file).
+    /// `None` when unknown (a torn or foreign file).
     pub examples_learned: Option<u64>,
     /// Mean progressive loss over the examples learned up to it.
     pub progressive_loss: Option<f64>,
 }
 
-/// Where the header's fields sit: magic, version, fingerprint, position,
-/// five counters (examples learned first), then the loss sum.
-const HEADER_BYTES: usize = 4 + 1 + 8 + 8 + 5 * 8 + 8;
-const EXAMPLES_AT: usize = 4 + 1 + 8 + 8;
-const LOSS_SUM_AT: usize = EXAMPLES_AT + 5 * 8;
-
-/// Examples learned and mean progressive loss from a checkpoint's header.
-fn read_header(path: &Path) -> Option<(u64, Option<f64>)> {
-    use std::io::Read;
-    let mut head = [0u8; HEADER_BYTES];
-    fs::File::open(path).ok()?.read_exact(&mut head).ok()?;
-    if !head.starts_with(MAGIC) || head[4] != VERSION {
-        return None;
-    }
-    let u64_at = |at: usize| u64::from_le_bytes(head[at..at + 8].try_into().expect("8 bytes"));
-    let examples = u64_at(EXAMPLES_AT);
-    let loss_sum = f64::from_bits(u64_at(LOSS_SUM_AT));
-    Some((examples, (examples > 0).then(|| loss_sum / examples as f64)))
-}
-
-/// The embedded checkpoint store: one directory.
-#[derive(Clone, Debug)]
-pub struct LocalStore {
-    dir: PathBuf,
-    keep: usize,
-    /// Beyond the newest `keep`, also keep the newest of each such interval.
-    keep_every: Option<std::time::Duration>,
-}
-
-impl LocalStore {
-    pub fn open(dir: &Path, keep: usize) -> Result<LocalStore, CheckpointError> {
-        fs::create_dir_all(dir).map_err(|source| CheckpointError::Io { path: dir.into(), source })?;
-        Ok(LocalStore { dir: dir.into(), keep: keep.max(1), keep_every: None })
-    }
-
-    /// Also keeps, beyond the newest `keep`, the newest checkpoint of every
-    /// `every` of wall-clock time (by file time): points to go back to.
-    pub fn keep_one_every(mut self, every: std::time::Duration) -> LocalStore {
-        self.keep_every = (!every.is_zero()).then_some(every);
-        self
-    }
-
-    fn path_of(&self, position: i64) -> PathBuf {
-        self.dir.join(format!("checkpoint-{position:020}.bin"))
-    }
-
+/// A checkpoint store. Methods block; call them off async workers.
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// What and where, for logs: never a password.
+    fn describe(&self) -> String;
     /// Checkpoints, newest first.
-    pub fn list(&self) -> Result<Vec<CheckpointInfo>, CheckpointError> {
-        let io = |source| CheckpointError::Io { path: self.dir.clone(), source };
-        let mut out = Vec::new();
-        for entry in fs::read_dir(&self.dir).map_err(io)? {
-            let entry = entry.map_err(io)?;
-            let name = entry.file_name();
-            let Some(position) = (name.to_str())
-                .and_then(|n| n.strip_prefix("checkpoint-")?.strip_suffix(".bin")?.parse::<i64>().ok())
-            else {
-                continue;
-            };
-            let meta = entry.metadata().map_err(io)?;
-            let header = read_header(&entry.path());
-            out.push(CheckpointInfo {
-                position,
-                path: entry.path(),
-                bytes: meta.len(),
-                written: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                examples_learned: header.map(|h| h.0),
-                progressive_loss: header.and_then(|h| h.1),
-            });
-        }
-        out.sort_by(|a, b| b.position.cmp(&a.position));
-        Ok(out)
+    fn list(&self) -> Result<Vec<CheckpointInfo>, CheckpointError>;
+    /// Writes `state` whole or not at all, then applies the retention policy.
+    fn save(&self, model: &Model, state: &State) -> Result<CheckpointInfo, CheckpointError>;
+    /// The encoded checkpoint `info` lists.
+    fn read(&self, info: &CheckpointInfo) -> Result<Vec<u8>, CheckpointError>;
+
+    fn load(&self, model: &Model, info: &CheckpointInfo) -> Result<State, CheckpointError> {
+        decode(model, &self.read(info)?, &info.location)
     }
 
-    /// Writes `state` atomically, then deletes all but the newest `keep`.
-    pub fn save(&self, model: &Model, state: &State) -> Result<CheckpointInfo, CheckpointError> {
-        let bytes = encode(model, state);
-        let path = self.path_of(state.position);
-        let tmp = path.with_extension("tmp");
-        let io = |source| CheckpointError::Io { path: tmp.clone(), source };
-        let mut file = fs::File::create(&tmp).map_err(io)?;
-        file.write_all(&bytes).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        fs::rename(&tmp, &path).map_err(io)?;
-        fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io)?;
-        let listed = self.list()?;
-        for (old, keep) in listed.iter().zip(retained(&listed, self.keep, self.keep_every)) {
-            if !keep {
-                let _ = fs::remove_file(&old.path);
-            }
-        }
-        Ok(CheckpointInfo {
-            position: state.position,
-            path,
-            bytes: bytes.len() as u64,
-            written: SystemTime::now(),
-            examples_learned: Some(state.examples_learned),
-            progressive_loss: state.progressive_loss(),
-        })
-    }
-
-    /// The newest checkpoint that loads; corrupt ones are skipped with a warning.
-    pub fn load_newest(&self, model: &Model) -> Result<Option<(State, CheckpointInfo)>, CheckpointError> {
-        for info in self.list()? {
-            match self.load(model, &info.path) {
+    /// The newest checkpoint at or before `at_most` (any, if `None`) that
+    /// loads; corrupt ones are skipped with a warning.
+    fn load_newest(&self, model: &Model, at_most: Option<i64>) -> Result<Option<(State, CheckpointInfo)>, CheckpointError> {
+        for info in self.list()?.into_iter().filter(|c| at_most.is_none_or(|q| c.position <= q)) {
+            match self.load(model, &info) {
                 Ok(state) => return Ok(Some((state, info))),
-                Err(e @ CheckpointError::OtherModel(_)) => return Err(e),
-                Err(e) => tracing::warn!(error = %e, "skipping unreadable checkpoint"),
+                Err(e @ (CheckpointError::Corrupt(_) | CheckpointError::Io { .. } | CheckpointError::Version { .. })) => {
+                    tracing::warn!(error = %e, "skipping unreadable checkpoint")
+                }
+                Err(e) => return Err(e),
             }
         }
         Ok(None)
     }
+}
 
-    pub fn load(&self, model: &Model, path: &Path) -> Result<State, CheckpointError> {
-        let bytes = fs::read(path).map_err(|source| CheckpointError::Io { path: path.into(), source })?;
-        decode(model, &bytes, path)
+pub type SharedStore = Arc<dyn Store>;
+
+/// Opens the store `checkpoint.store` names: empty or `file:PATH` a local
+/// directory (empty: `checkpoint.state_dir`), `postgres://...` PostgreSQL,
+/// whose migrations run first. Checkpoints in PostgreSQL are scoped by model
+/// name and update log, so fleets may share a database.
+pub fn open(config: &Config) -> Result<SharedStore, CheckpointError> {
+    let c = &config.checkpoint;
+    let every = Duration::from_secs(c.keep_one_every_secs);
+    let url = c.store.trim();
+    if url.is_empty() || url.starts_with("file:") {
+        let dir = url.strip_prefix("file:").map_or(c.state_dir.clone(), |p| p.trim_start_matches("//").into());
+        return Ok(Arc::new(LocalStore::open(&dir, c.keep)?.keep_one_every(every)));
     }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let scope = postgres::Scope {
+            model: config.model.name.clone(),
+            log: config.kafka.updates_topic.clone(),
+            writer: config.replica_id.clone(),
+        };
+        return Ok(Arc::new(PgStore::open(url, scope, c.keep, every)?));
+    }
+    Err(CheckpointError::Url(url.to_string()))
 }
 
 /// Which of `listed` (newest first) the retention policy keeps: the newest
 /// `keep`, and with `every`, the newest of each interval of that length.
-fn retained(listed: &[CheckpointInfo], keep: usize, every: Option<std::time::Duration>) -> Vec<bool> {
+fn retained(listed: &[CheckpointInfo], keep: usize, every: Option<Duration>) -> Vec<bool> {
     let mut seen = std::collections::HashSet::new();
     let slot = |c: &CheckpointInfo| {
         let secs = c.written.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -181,6 +132,23 @@ fn retained(listed: &[CheckpointInfo], keep: usize, every: Option<std::time::Dur
         .collect()
 }
 
+/// Where the header's fields sit: magic, version, fingerprint, position,
+/// five counters (examples learned first), then the loss sum.
+const HEADER_BYTES: usize = 4 + 1 + 8 + 8 + 5 * 8 + 8;
+const EXAMPLES_AT: usize = 4 + 1 + 8 + 8;
+const LOSS_SUM_AT: usize = EXAMPLES_AT + 5 * 8;
+
+/// Examples learned and mean progressive loss from a checkpoint's header.
+fn read_header(head: &[u8; HEADER_BYTES]) -> Option<(u64, Option<f64>)> {
+    if !head.starts_with(MAGIC) || head[4] != VERSION {
+        return None;
+    }
+    let u64_at = |at: usize| u64::from_le_bytes(head[at..at + 8].try_into().expect("8 bytes"));
+    let examples = u64_at(EXAMPLES_AT);
+    let loss_sum = f64::from_bits(u64_at(LOSS_SUM_AT));
+    Some((examples, (examples > 0).then(|| loss_sum / examples as f64)))
+}
+
 fn encode(model: &Model, s: &State) -> Vec<u8> {
     let floats: usize = s.weights.iter().map(Vec::len).sum::<usize>() * (1 + s.optimizer.slots.len());
     let mut out = Vec::with_capacity(floats * 4 + 256);
@@ -192,6 +160,7 @@ fn encode(model: &Model, s: &State) -> Vec<u8> {
         out.extend_from_slice(&v.to_le_bytes());
     }
     out.extend_from_slice(&s.loss_sum.to_le_bytes());
+    out.extend_from_slice(&s.last_rollback.unwrap_or(-1).to_le_bytes());
     out.extend_from_slice(&(s.watermarks.len() as u32).to_le_bytes());
     for (p, o) in &s.watermarks {
         out.extend_from_slice(&p.to_le_bytes());
@@ -208,12 +177,15 @@ fn encode(model: &Model, s: &State) -> Vec<u8> {
     out
 }
 
-fn decode(model: &Model, bytes: &[u8], path: &Path) -> Result<State, CheckpointError> {
-    let corrupt = || CheckpointError::Corrupt(path.into());
+fn decode(model: &Model, bytes: &[u8], location: &str) -> Result<State, CheckpointError> {
+    let corrupt = || CheckpointError::Corrupt(location.into());
     let body_len = bytes.len().checked_sub(32).ok_or_else(corrupt)?;
     let (body, sum) = bytes.split_at(body_len);
-    if blake3::hash(body).as_bytes() != sum || !body.starts_with(MAGIC) || body.get(4) != Some(&VERSION) {
+    if blake3::hash(body).as_bytes() != sum || !body.starts_with(MAGIC) {
         return Err(corrupt());
+    }
+    if body[4] != VERSION {
+        return Err(CheckpointError::Version { location: location.into(), version: body[4] });
     }
     let mut at = 5;
     let mut take = |n: usize| -> Result<&[u8], CheckpointError> {
@@ -223,7 +195,7 @@ fn decode(model: &Model, bytes: &[u8], path: &Path) -> Result<State, CheckpointE
     };
     let u64_at = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
     if u64_at(take(8)?) != model.fingerprint() {
-        return Err(CheckpointError::OtherModel(path.into()));
+        return Err(CheckpointError::OtherModel(location.into()));
     }
     let position = u64_at(take(8)?) as i64;
     let mut counters = [0u64; 5];
@@ -231,6 +203,7 @@ fn decode(model: &Model, bytes: &[u8], path: &Path) -> Result<State, CheckpointE
         *c = u64_at(take(8)?);
     }
     let loss_sum = f64::from_bits(u64_at(take(8)?));
+    let last_rollback = Some(u64_at(take(8)?) as i64).filter(|&at| at >= 0);
     let n = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes"));
     let mut watermarks = BTreeMap::new();
     for _ in 0..n {
@@ -246,7 +219,7 @@ fn decode(model: &Model, bytes: &[u8], path: &Path) -> Result<State, CheckpointE
         OptimizerKind::Adam => 2,
     };
     if slots != want_slots {
-        return Err(CheckpointError::OtherModel(path.into()));
+        return Err(CheckpointError::OtherModel(location.into()));
     }
     let mut read_buffers = || {
         (model.params().iter())
@@ -271,6 +244,7 @@ fn decode(model: &Model, bytes: &[u8], path: &Path) -> Result<State, CheckpointE
         examples_skipped: counters[1],
         records_applied: counters[2],
         records_rejected: counters[3],
+        last_rollback,
         loss_sum,
         weights,
         optimizer,
@@ -278,51 +252,59 @@ fn decode(model: &Model, bytes: &[u8], path: &Path) -> Result<State, CheckpointE
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::config::{Config, ModelKind};
+    use crate::config::ModelKind;
 
-    #[test]
-    fn saves_loads_retains_and_skips_torn_files() {
-        let dir = tempfile::tempdir().unwrap();
+    pub(crate) fn small_model() -> Model {
         let mut c = Config::default().model;
         c.kind = ModelKind::WideDeep;
         c.buckets = 64;
         c.optimizer = OptimizerKind::Adam;
-        let model = Model::new(&c);
-        let store = LocalStore::open(dir.path(), 2).unwrap();
+        Model::new(&c)
+    }
+
+    /// What every store must do: save, list newest first with counters,
+    /// load back bit for bit, keep the newest `keep` (the store under test
+    /// keeps 2), load the newest at or before a position.
+    pub(crate) fn exercise(store: &dyn Store) {
+        let model = small_model();
+        assert!(store.list().unwrap().is_empty());
+        assert!(store.load_newest(&model, None).unwrap().is_none());
         let mut state = State::initial(&model);
         for position in [3, 5, 9] {
             state.position = position;
             state.watermarks.insert(1, position * 10);
             state.optimizer.slots[1][3][0] = position as f32;
-            store.save(&model, &state).unwrap();
+            state.examples_learned = position as u64 * 4;
+            state.loss_sum = position as f64;
+            state.last_rollback = Some(position - 1);
+            let info = store.save(&model, &state).unwrap();
+            assert_eq!((info.position, info.examples_learned), (position, Some(position as u64 * 4)));
         }
-        let listed: Vec<i64> = store.list().unwrap().iter().map(|i| i.position).collect();
-        assert_eq!(listed, vec![9, 5], "keeps the newest two");
-
-        let (loaded, info) = store.load_newest(&model).unwrap().unwrap();
-        assert_eq!((loaded.clone(), info.position), (state.clone(), 9));
-        // A torn newest file is skipped, the previous one loads.
-        let bytes = fs::read(&info.path).unwrap();
-        fs::write(&info.path, &bytes[..bytes.len() / 2]).unwrap();
-        assert_eq!(store.load_newest(&model).unwrap().unwrap().0.position, 5);
-        // The listing reads counters from headers; a torn file has none.
-        state.examples_learned = 40;
-        state.loss_sum = 10.0;
-        state.position = 11;
+        // Equal positions, equal contents: a second write is harmless.
         store.save(&model, &state).unwrap();
         let listed = store.list().unwrap();
-        assert_eq!((listed[0].examples_learned, listed[0].progressive_loss), (Some(40), Some(0.25)));
-        fs::write(&listed[0].path, b"TRCK").unwrap();
-        assert_eq!(store.list().unwrap()[0].examples_learned, None);
+        let positions: Vec<i64> = listed.iter().map(|i| i.position).collect();
+        assert_eq!(positions, vec![9, 5], "keeps the newest two, newest first");
+        assert_eq!((listed[0].examples_learned, listed[0].progressive_loss), (Some(36), Some(0.25)));
+        assert!(listed[0].bytes > 0);
+        let (loaded, info) = store.load_newest(&model, None).unwrap().unwrap();
+        assert_eq!((loaded, info.position), (state, 9));
+        assert_eq!(store.load_newest(&model, Some(8)).unwrap().unwrap().1.position, 5);
+        assert!(store.load_newest(&model, Some(4)).unwrap().is_none());
+        // A model of another structure refuses the checkpoint.
+        let mut other = model.config().clone();
+        other.buckets = 32;
+        let err = store.load(&Model::new(&other), &info).unwrap_err();
+        assert!(matches!(err, CheckpointError::OtherModel(_)), "{err}");
     }
 
     #[test]
     fn retention_keeps_the_newest_and_one_per_interval() {
         let at = |position: i64, secs: u64| CheckpointInfo {
             position,
-            path: PathBuf::new(),
+            location: String::new(),
             bytes: 0,
             written: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs),
             examples_learned: None,

@@ -10,6 +10,9 @@
 //!     param u32 | kind u8 (0 dense, 1 rows)
 //!     dense: len u32, f32 x len
 //!     rows:  n u32, width u32, ids u32 x n, f32 x n*width
+//! rollback body (a control record, DESIGN.md section 4):
+//!   fingerprint u64 | to i64 | seen i64 | events u8 (0 relearn, 1 skip)
+//!   reason: len u16, utf-8 | producer: len u16, utf-8
 //! ```
 //! Binary rather than JSON: a `wide_deep` record carries thousands of rows,
 //! and encoding is on the trainer's hot path. Decoding checks every length
@@ -20,6 +23,7 @@ use crate::model::{GradTensor, GradValues, Gradient};
 const MAGIC: &[u8; 4] = b"TRBU";
 const VERSION: u8 = 1;
 const KIND_GRADIENT: u8 = 1;
+const KIND_ROLLBACK: u8 = 2;
 
 /// A gradient for the events `[from, to)` of one partition.
 #[derive(Clone, Debug, PartialEq)]
@@ -45,9 +49,38 @@ pub struct GradientRecord {
     pub gradient: Vec<GradTensor>,
 }
 
+/// What becomes of the events learned between a rollback's target and the
+/// rollback record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventsSince {
+    /// The watermarks return with the weights: trainers learn those events again.
+    Relearn,
+    /// The watermarks stay: those events are not learned again.
+    Skip,
+}
+
+/// "Return to the state at position `to`", appended by the admin API or the
+/// divergence guard. Every replica applies it at the same point of the log.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RollbackRecord {
+    pub fingerprint: u64,
+    /// The position to return to: the state after the records before `to`.
+    pub to: i64,
+    /// The position of the state the rollback was decided on. A rollback
+    /// applied at or after `seen` supersedes this one (so a divergence seen
+    /// by every replica rolls back once, and two operators do not stack).
+    pub seen: i64,
+    pub events: EventsSince,
+    /// Why, for logs: "admin" or what the divergence guard saw.
+    pub reason: String,
+    pub producer: String,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Record {
     Gradient(GradientRecord),
+    Rollback(RollbackRecord),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -62,6 +95,8 @@ pub enum DecodeError {
     Truncated(usize),
     #[error("producer id is not UTF-8")]
     Utf8,
+    #[error("unknown rollback events mode {0}")]
+    EventsKind(u8),
     #[error("unknown tensor kind {0}")]
     TensorKind(u8),
     #[error("{0} trailing bytes")]
@@ -100,9 +135,36 @@ pub struct RecordMeta {
     pub producer: String,
 }
 
+/// Appends `s`, cut to what a u16 length can say.
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let mut n = s.len().min(u16::MAX as usize);
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
+    out.extend_from_slice(&(n as u16).to_le_bytes());
+    out.extend_from_slice(&s.as_bytes()[..n]);
+}
+
 impl Record {
     pub fn encode(&self) -> Vec<u8> {
-        let Record::Gradient(r) = self;
+        let r = match self {
+            Record::Gradient(r) => r,
+            Record::Rollback(r) => {
+                let mut out = Vec::with_capacity(40 + r.reason.len() + r.producer.len());
+                out.extend_from_slice(MAGIC);
+                out.extend_from_slice(&[VERSION, KIND_ROLLBACK]);
+                out.extend_from_slice(&r.fingerprint.to_le_bytes());
+                out.extend_from_slice(&r.to.to_le_bytes());
+                out.extend_from_slice(&r.seen.to_le_bytes());
+                out.push(match r.events {
+                    EventsSince::Relearn => 0,
+                    EventsSince::Skip => 1,
+                });
+                put_str(&mut out, &r.reason);
+                put_str(&mut out, &r.producer);
+                return out;
+            }
+        };
         let floats: usize = r.gradient.iter().map(|t| match &t.values {
             GradValues::Dense(v) => v.len(),
             GradValues::Rows { ids, values } => ids.len() + values.len(),
@@ -119,9 +181,7 @@ impl Record {
         out.extend_from_slice(&r.skipped.to_le_bytes());
         out.extend_from_slice(&r.loss_sum.to_le_bytes());
         out.extend_from_slice(&r.oldest_ts.to_le_bytes());
-        let producer = &r.producer.as_bytes()[..r.producer.len().min(u16::MAX as usize)];
-        out.extend_from_slice(&(producer.len() as u16).to_le_bytes());
-        out.extend_from_slice(producer);
+        put_str(&mut out, &r.producer);
         out.extend_from_slice(&(r.gradient.len() as u32).to_le_bytes());
         for t in &r.gradient {
             out.extend_from_slice(&t.param.to_le_bytes());
@@ -153,55 +213,59 @@ impl Record {
             VERSION => {}
             v => return Err(DecodeError::Version(v)),
         }
-        match r.u8()? {
-            KIND_GRADIENT => {}
+        let record = match r.u8()? {
+            KIND_GRADIENT => Record::Gradient(decode_gradient(&mut r)?),
+            KIND_ROLLBACK => Record::Rollback(decode_rollback(&mut r)?),
             k => return Err(DecodeError::Kind(k)),
-        }
-        let fingerprint = r.u64()?;
-        let partition = r.u32()? as i32;
-        let (from, to, base) = (r.u64()? as i64, r.u64()? as i64, r.u64()? as i64);
-        let (examples, skipped) = (r.u32()?, r.u32()?);
-        let loss_sum = f64::from_bits(r.u64()?);
-        let oldest_ts = r.u64()? as i64;
-        let n = r.u16()? as usize;
-        let producer = std::str::from_utf8(r.take(n)?).map_err(|_| DecodeError::Utf8)?.to_string();
-        let count = r.u32()?;
-        let mut gradient = Vec::new();
-        for _ in 0..count {
-            let param = r.u32()?;
-            let values = match r.u8()? {
-                0 => {
-                    let len = r.u32()? as usize;
-                    GradValues::Dense(r.f32s(len)?)
-                }
-                1 => {
-                    let (n, width) = (r.u32()? as usize, r.u32()? as usize);
-                    let ids = r.take(n.checked_mul(4).ok_or(DecodeError::Truncated(r.at))?)?;
-                    let ids = ids.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4"))).collect();
-                    let values = r.f32s(n.checked_mul(width).ok_or(DecodeError::Truncated(r.at))?)?;
-                    GradValues::Rows { ids, values }
-                }
-                k => return Err(DecodeError::TensorKind(k)),
-            };
-            gradient.push(GradTensor { param, values });
-        }
+        };
         if r.at != bytes.len() {
             return Err(DecodeError::Trailing(bytes.len() - r.at));
         }
-        Ok(Record::Gradient(GradientRecord {
-            fingerprint,
-            partition,
-            from,
-            to,
-            base,
-            examples,
-            skipped,
-            loss_sum,
-            oldest_ts,
-            producer,
-            gradient,
-        }))
+        Ok(record)
     }
+}
+
+fn decode_rollback(r: &mut Reader) -> Result<RollbackRecord, DecodeError> {
+    let fingerprint = r.u64()?;
+    let (to, seen) = (r.u64()? as i64, r.u64()? as i64);
+    let events = match r.u8()? {
+        0 => EventsSince::Relearn,
+        1 => EventsSince::Skip,
+        k => return Err(DecodeError::EventsKind(k)),
+    };
+    let (reason, producer) = (r.string()?, r.string()?);
+    Ok(RollbackRecord { fingerprint, to, seen, events, reason, producer })
+}
+
+fn decode_gradient(r: &mut Reader) -> Result<GradientRecord, DecodeError> {
+    let fingerprint = r.u64()?;
+    let partition = r.u32()? as i32;
+    let (from, to, base) = (r.u64()? as i64, r.u64()? as i64, r.u64()? as i64);
+    let (examples, skipped) = (r.u32()?, r.u32()?);
+    let loss_sum = f64::from_bits(r.u64()?);
+    let oldest_ts = r.u64()? as i64;
+    let producer = r.string()?;
+    let count = r.u32()?;
+    let mut gradient = Vec::new();
+    for _ in 0..count {
+        let param = r.u32()?;
+        let values = match r.u8()? {
+            0 => {
+                let len = r.u32()? as usize;
+                GradValues::Dense(r.f32s(len)?)
+            }
+            1 => {
+                let (n, width) = (r.u32()? as usize, r.u32()? as usize);
+                let ids = r.take(n.checked_mul(4).ok_or(DecodeError::Truncated(r.at))?)?;
+                let ids = ids.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4"))).collect();
+                let values = r.f32s(n.checked_mul(width).ok_or(DecodeError::Truncated(r.at))?)?;
+                GradValues::Rows { ids, values }
+            }
+            k => return Err(DecodeError::TensorKind(k)),
+        };
+        gradient.push(GradTensor { param, values });
+    }
+    Ok(GradientRecord { fingerprint, partition, from, to, base, examples, skipped, loss_sum, oldest_ts, producer, gradient })
 }
 
 struct Reader<'a> {
@@ -218,6 +282,10 @@ impl<'a> Reader<'a> {
     }
     fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.take(1)?[0])
+    }
+    fn string(&mut self) -> Result<String, DecodeError> {
+        let n = self.u16()? as usize;
+        Ok(std::str::from_utf8(self.take(n)?).map_err(|_| DecodeError::Utf8)?.to_string())
     }
     fn u16(&mut self) -> Result<u16, DecodeError> {
         Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2")))
@@ -257,16 +325,32 @@ mod tests {
         })
     }
 
+    fn rollback() -> Record {
+        Record::Rollback(RollbackRecord {
+            fingerprint: 7,
+            to: 40,
+            seen: 90,
+            events: EventsSince::Skip,
+            reason: "loss 2.1 over 3 x 0.6".into(),
+            producer: "replica-1".into(),
+        })
+    }
+
     #[test]
     fn round_trips() {
         let r = sample();
         let back = Record::decode(&r.encode()).unwrap();
         // NaN != NaN: compare the bytes of the re-encoding instead.
         assert_eq!(back.encode(), r.encode());
+        assert_eq!(Record::decode(&rollback().encode()).unwrap(), rollback());
     }
 
     #[test]
     fn every_truncation_and_corruption_is_an_error_not_a_panic() {
+        let bytes = rollback().encode();
+        for cut in 0..bytes.len() {
+            assert!(Record::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
         let bytes = sample().encode();
         for cut in 0..bytes.len() {
             assert!(Record::decode(&bytes[..cut]).is_err(), "cut at {cut}");

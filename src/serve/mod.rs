@@ -4,8 +4,10 @@
 //! - `POST /v1/models/{name}:predict` (KServe V1)
 //! - `GET /v1/models/{name}`
 //! - `GET /v1/models/{name}/snapshots`
+//! - `POST /v1/models/{name}/rollback` (admin, bearer token: [`admin`])
 //! - `GET /healthz`, `GET /readyz`, `GET /metrics`
 
+pub mod admin;
 mod error;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,7 +27,7 @@ use serde_json::{json, Value};
 
 pub use error::ApiError;
 
-use crate::checkpoint::{CheckpointInfo, LocalStore};
+use crate::checkpoint::{CheckpointInfo, SharedStore};
 use crate::metrics::Metrics;
 use crate::serving::Serving;
 
@@ -40,7 +42,9 @@ pub struct AppState {
     pub max_batch: usize,
     pub max_body_bytes: usize,
     /// The checkpoint store, for listing snapshots (`None`: nothing to list).
-    pub checkpoints: Option<LocalStore>,
+    pub checkpoints: Option<SharedStore>,
+    /// The admin endpoints; `None`: off.
+    pub admin: Option<Arc<admin::Admin>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -51,6 +55,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/models/{model}", get(model_info).post(model_verb))
         .route("/v1/models/{model}/snapshots", get(snapshots))
+        .route("/v1/models/{model}/rollback", axum::routing::post(admin::rollback))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(limit))
@@ -126,7 +131,7 @@ async fn snapshots(State(state): State<AppState>, Path(model): Path<String>) -> 
     let listed = tokio::task::spawn_blocking(move || store.list())
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     Ok(Json(json!({ "snapshots": listed.iter().map(snapshot_json).collect::<Vec<_>>() })))
 }
 

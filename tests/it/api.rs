@@ -33,6 +33,7 @@ fn app(kind: ModelKind) -> axum::Router {
         max_batch: config.http.max_batch,
         max_body_bytes: config.http.max_body_bytes,
         checkpoints: None,
+        admin: None,
     })
 }
 
@@ -124,6 +125,7 @@ async fn snapshots_are_listed_newest_first_with_their_counters() {
     let model = Arc::new(Model::new(&config.model));
     let dir = tempfile::tempdir().unwrap();
     let store = tributary::checkpoint::LocalStore::open(dir.path(), 3).unwrap();
+    use tributary::checkpoint::Store;
     let mut state = State::initial(&model);
     for (position, examples) in [(4, 100), (9, 300)] {
         state.position = position;
@@ -139,7 +141,8 @@ async fn snapshots_are_listed_newest_first_with_their_counters() {
         model_name: "default".into(),
         max_batch: 4,
         max_body_bytes: 4096,
-        checkpoints: Some(store),
+        checkpoints: Some(std::sync::Arc::new(store)),
+        admin: None,
     });
     let (status, body, _) = call(&app, "GET", "/v1/models/default/snapshots", Body::empty()).await;
     assert_eq!(status, StatusCode::OK, "{body}");

@@ -24,8 +24,13 @@ pub struct Cluster {
 impl Cluster {
     /// A broker and a small model of `kind`; topics and group named after the test.
     pub fn new(test: &str, kind: ModelKind) -> Cluster {
+        Cluster::on_storage(test, kind, "memory://tansu/")
+    }
+
+    /// The same, with the broker's data in `storage` (see [`Broker::start_on`]).
+    pub fn on_storage(test: &str, kind: ModelKind, storage: &str) -> Cluster {
         let dir = tempfile::Builder::new().prefix(&format!("tributary-{test}-")).tempdir().unwrap();
-        let broker = Broker::start(dir.path()).expect("a Tansu broker (scripts/setup installs it)");
+        let broker = Broker::start_on(dir.path(), storage).expect("a Tansu broker (scripts/setup installs it)");
         let mut config = Config::default();
         config.model.kind = kind;
         config.model.buckets = 4096;
@@ -63,6 +68,19 @@ impl Cluster {
         labels
     }
 
+    /// Produces the JSON lines `events` as they are, round-robin over the partitions.
+    pub fn produce_lines(&self, events: &[String]) {
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        let k = &self.config.kafka;
+        let producer: BaseProducer = tributary::log::kafka::producer_config(&k.brokers, "test-lines").create().unwrap();
+        for (i, line) in events.iter().enumerate() {
+            let record = BaseRecord::<(), _>::to(&k.events_topic).partition(i as i32 % k.events_partitions).payload(line);
+            producer.send(record).map_err(|(e, _)| e).unwrap();
+            producer.poll(Duration::ZERO);
+        }
+        producer.flush(Duration::from_secs(30)).unwrap();
+    }
+
     /// Environment that hands this cluster's configuration to a replica.
     fn env(&self) -> Vec<(String, String)> {
         let c = &self.config;
@@ -79,6 +97,11 @@ impl Cluster {
             ("TRIBUTARY_CHECKPOINT__INTERVAL_SECS".into(), c.checkpoint.interval_secs.to_string()),
             ("TRIBUTARY_TRAIN__BATCH_SIZE".into(), c.train.batch_size.to_string()),
             ("TRIBUTARY_TRAIN__ENABLED".into(), c.train.enabled.to_string()),
+            ("TRIBUTARY_CHECKPOINT_STORE".into(), c.checkpoint.store.clone()),
+            ("TRIBUTARY_ADMIN_TOKEN".into(), c.http.admin_token.clone()),
+            ("TRIBUTARY_GUARD__ENABLED".into(), c.guard.enabled.to_string()),
+            ("TRIBUTARY_GUARD__LOSS_FACTOR".into(), format!("{:?}", c.guard.loss_factor)),
+            ("TRIBUTARY_GUARD__WARMUP_EXAMPLES".into(), c.guard.warmup_examples.to_string()),
             ("RUST_LOG".into(), std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info,librdkafka=warn".into())),
         ]
     }
@@ -158,6 +181,30 @@ impl Replica {
     }
 }
 
+/// A database of its own on the machine's PostgreSQL (`TRIBUTARY_TEST_PG`,
+/// default postgres://postgres@127.0.0.1:5432), created afresh; its URL.
+pub fn fresh_database(name: &str) -> String {
+    let server = std::env::var("TRIBUTARY_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+    let db = format!("tributary_it_{name}_{}", std::process::id());
+    for sql in [format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"), format!("CREATE DATABASE {db}")] {
+        let out = std::process::Command::new("psql").args([&format!("{server}/postgres"), "-qc", &sql]).output().expect("psql");
+        assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    format!("{server}/{db}")
+}
+
+/// POSTs `body` to the replica with the bearer `token` (if any): status and JSON.
+pub fn post(r: &Replica, path: &str, token: Option<&str>, body: &str) -> (u16, Value) {
+    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let mut request = client.post(format!("http://{}{path}", r.http)).body(body.to_string());
+    if let Some(t) = token {
+        request = request.bearer_auth(t);
+    }
+    let response = request.send().unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().unwrap_or(Value::Null))
+}
+
 /// A metric's value from Prometheus text, summed over label sets matching `labels`.
 pub fn metric(text: &str, name: &str, labels: &str) -> f64 {
     text.lines()
@@ -178,4 +225,53 @@ pub fn watermark_sum(info: &Value) -> u64 {
 
 pub fn watermarks(info: &Value) -> BTreeMap<String, u64> {
     info["watermarks"].as_object().map_or_else(BTreeMap::new, |m| m.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0))).collect())
+}
+
+/// A TCP proxy on 127.0.0.1 in front of `target`: a way to make a real
+/// server unreachable for one test without stopping it for the others.
+/// While cut, live connections are shut and new ones closed at once.
+pub struct Proxy {
+    pub port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    live: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    pub fn start(target: &str) -> Proxy {
+        use std::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let proxy = Proxy { port, cut: Default::default(), live: Default::default() };
+        let (cut, live, target) = (proxy.cut.clone(), proxy.live.clone(), target.to_string());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if cut.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: closed at once
+                }
+                let Ok(server) = TcpStream::connect(&target) else { continue };
+                let mut streams = live.lock().unwrap();
+                streams.push(client.try_clone().unwrap());
+                streams.push(server.try_clone().unwrap());
+                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        proxy
+    }
+
+    /// Unreachable from now on, until [`Proxy::restore`].
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in self.live.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }

@@ -5,5 +5,7 @@
 //! `scripts/test --quick` skips them, CI runs them.
 
 mod api;
+mod faults;
 mod fleet;
 mod helpers;
+mod rollback;

@@ -1,0 +1,195 @@
+//! Rollback: rebuilding the state at an earlier position, and the divergence
+//! guard that asks for one.
+//!
+//! The state at position q is a pure function of the log before q, so any
+//! replica can rebuild it: from the newest checkpoint at or before q (any
+//! store, any replica's), or from the seed weights, then the log up to q.
+//! Every replica therefore takes a rollback record identically, whatever
+//! checkpoints it happens to have; a checkpoint only saves replay time.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::{info, warn};
+
+use super::optim::NoTouch;
+use super::rule::{Outcome, State};
+use crate::checkpoint::Store;
+use crate::log::kafka;
+use crate::model::Model;
+
+/// Where the log is, for the replay reader.
+pub struct LogSource<'a> {
+    pub brokers: &'a str,
+    pub topic: &'a str,
+    pub client_id: &'a str,
+}
+
+/// The state at position `q`: the newest usable checkpoint at or before it,
+/// then the log up to `q`. A store that is down costs a longer replay (from
+/// the seed), not a different state.
+pub fn state_at(model: &Model, store: &dyn Store, log: &LogSource, q: i64) -> anyhow::Result<State> {
+    let start = match store.load_newest(model, Some(q)) {
+        Ok(Some((state, info))) => {
+            info!(to = q, checkpoint = info.position, "rebuilding from a checkpoint");
+            state
+        }
+        Ok(None) => State::initial(model),
+        Err(e) => {
+            warn!(error = %e, to = q, "checkpoint store unusable; rebuilding from the seed weights");
+            State::initial(model)
+        }
+    };
+    replay(model, store, log, start, q)
+}
+
+/// Applies the log from `state.position` up to `until`, rollbacks included.
+pub fn replay(model: &Model, store: &dyn Store, log: &LogSource, mut state: State, until: i64) -> anyhow::Result<State> {
+    if state.position >= until {
+        return Ok(state);
+    }
+    let started = (Instant::now(), state.position);
+    let consumer: BaseConsumer = kafka::log_reader_config(log.brokers, log.client_id).create()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(log.topic, 0, Offset::Offset(state.position))?;
+    consumer.assign(&tpl)?;
+    let mut last_progress = Instant::now();
+    while state.position < until {
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            if last_progress.elapsed() > Duration::from_secs(60) {
+                bail!("replay of {:?} stalled at {} (wanted {until}) for 60 s", log.topic, state.position);
+            }
+            continue;
+        };
+        let message = message.context("reading the update log to replay it")?;
+        let offset = message.offset();
+        if offset < state.position {
+            continue;
+        }
+        if offset > state.position {
+            bail!("replay of {:?} skipped from {} to {offset}", log.topic, state.position);
+        }
+        last_progress = Instant::now();
+        if let Outcome::RollBack(r) = state.apply(model, offset, message.payload().unwrap_or(&[]), &mut NoTouch) {
+            let then = state_at(model, store, log, r.to)?;
+            state.roll_back(offset, &r, then);
+        }
+    }
+    info!(from = started.1, to = until, ms = started.0.elapsed().as_millis() as u64, "replayed the update log");
+    Ok(state)
+}
+
+/// Watches the progressive loss of applied gradient records. Per record,
+/// the mean loss feeds a fast moving average; the baseline is a slow one,
+/// fed only by records within `factor` of it. When the fast average exceeds
+/// `factor` times the baseline, it reports a spike, once: then it waits
+/// `warmup` examples after the next rollback before it may report again.
+#[derive(Debug)]
+pub struct Guard {
+    factor: f64,
+    warmup: u64,
+    fast: f64,
+    baseline: f64,
+    /// Examples seen since start or since the last rollback.
+    seen: u64,
+    /// Position after the last record within bounds.
+    last_healthy: i64,
+    fired: bool,
+}
+
+/// What the guard saw when it fired.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Spike {
+    pub fast: f64,
+    pub baseline: f64,
+    /// Position after the last record whose loss was within bounds.
+    pub last_healthy: i64,
+}
+
+impl Guard {
+    const FAST: f64 = 0.3;
+    const SLOW: f64 = 0.02;
+
+    pub fn new(factor: f64, warmup: u64, position: i64) -> Guard {
+        Guard { factor, warmup, fast: 0.0, baseline: 0.0, seen: 0, last_healthy: position, fired: false }
+    }
+
+    pub fn last_healthy(&self) -> i64 {
+        self.last_healthy
+    }
+
+    /// Takes an applied record's loss; `position` is the state's after it.
+    pub fn observe(&mut self, position: i64, examples: u32, loss_sum: f64) -> Option<Spike> {
+        if examples == 0 || !loss_sum.is_finite() {
+            return None;
+        }
+        let mean = loss_sum / f64::from(examples);
+        self.seen += u64::from(examples);
+        if self.seen == u64::from(examples) {
+            (self.fast, self.baseline) = (mean, mean);
+        }
+        self.fast += Self::FAST * (mean - self.fast);
+        let warm = self.seen >= self.warmup;
+        if mean <= self.factor * self.baseline || !warm {
+            // While warming up the baseline follows every record, faster.
+            let rate = if warm { Self::SLOW } else { Self::FAST };
+            self.baseline += rate * (mean - self.baseline);
+            self.last_healthy = position;
+        }
+        if warm && !self.fired && self.fast > self.factor * self.baseline {
+            self.fired = true;
+            return Some(Spike { fast: self.fast, baseline: self.baseline, last_healthy: self.last_healthy });
+        }
+        None
+    }
+
+    /// After any rollback: the baseline stays, the rest warms up again.
+    pub fn rolled_back(&mut self, position: i64) {
+        self.fast = self.baseline;
+        self.seen = 0;
+        self.fired = false;
+        self.last_healthy = position;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spike_fires_once_and_names_the_last_healthy_position() {
+        let mut g = Guard::new(3.0, 1000, 0);
+        let mut position = 0;
+        let mut feed = |g: &mut Guard, loss: f64| {
+            position += 1;
+            g.observe(position, 100, loss * 100.0)
+        };
+        // Warm-up: noisy but flat, nothing fires.
+        for i in 0..50 {
+            assert_eq!(feed(&mut g, 0.6 + 0.05 * (i % 3) as f64), None);
+        }
+        assert_eq!(g.last_healthy(), 50);
+        // The loss quadruples: a spike within a few records, naming position 50.
+        let spikes: Vec<Spike> = (0..20).filter_map(|_| feed(&mut g, 2.6)).collect();
+        assert_eq!(spikes.len(), 1, "{spikes:?}");
+        assert_eq!(spikes[0].last_healthy, 50);
+        assert!((0.6..0.7).contains(&spikes[0].baseline), "{spikes:?}");
+        // After the rollback, it warms up again before it may fire.
+        g.rolled_back(80);
+        for _ in 0..5 {
+            assert_eq!(feed(&mut g, 2.6), None);
+        }
+    }
+
+    #[test]
+    fn a_slow_drift_is_not_a_spike() {
+        let mut g = Guard::new(3.0, 100, 0);
+        for i in 0..2000 {
+            let loss = 0.6 + i as f64 * 0.0005; // to 1.6 over 2000 records
+            assert_eq!(g.observe(i + 1, 10, loss * 10.0), None, "record {i}");
+        }
+    }
+}

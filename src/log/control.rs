@@ -1,0 +1,36 @@
+//! Appending control records (rollbacks) to the update log: from the admin
+//! API and from the divergence guard. Same producer settings as gradient
+//! records: acknowledged by all in-sync replicas, one record per batch.
+
+use std::time::Duration;
+
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use super::kafka;
+use super::record::{Record, RollbackRecord};
+
+#[derive(Clone)]
+pub struct ControlLog {
+    producer: FutureProducer,
+    topic: String,
+}
+
+impl ControlLog {
+    pub fn new(brokers: &str, topic: &str, replica_id: &str) -> anyhow::Result<ControlLog> {
+        let producer = kafka::producer_config(brokers, &format!("{replica_id}-control")).create()?;
+        Ok(ControlLog { producer, topic: topic.to_string() })
+    }
+
+    /// Appends `r`; the offset it landed at. Any executor can drive this.
+    pub async fn append(&self, r: RollbackRecord) -> anyhow::Result<i64> {
+        let bytes = Record::Rollback(r).encode();
+        let record: FutureRecord<'_, (), [u8]> = FutureRecord::to(&self.topic).payload(&bytes);
+        let delivery = self.producer.send_result(record).map_err(|(e, _)| anyhow::anyhow!("cannot queue the record: {e}"))?;
+        match tokio::time::timeout(Duration::from_secs(35), delivery).await {
+            Ok(Ok(Ok(delivered))) => Ok(delivered.offset),
+            Ok(Ok(Err((e, _)))) => Err(anyhow::anyhow!("the broker did not take the record: {e}")),
+            Ok(Err(_)) => Err(anyhow::anyhow!("the producer went away")),
+            Err(_) => Err(anyhow::anyhow!("no acknowledgement in 35 s")),
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! Admin endpoints, behind a bearer token (`http.admin_token`); with no
+//! token configured they are off and answer 404.
+//!
+//! `POST /v1/models/{name}/rollback` with `{"to_version": q | "last_good",
+//! "events": "relearn" | "skip"}` appends a rollback record to the update
+//! log and answers once this replica has taken it (or after 30 s, 202).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{check_model, ApiError, AppState};
+use crate::apply::applier::{last_good, Progress};
+use crate::checkpoint::SharedStore;
+use crate::log::control::ControlLog;
+use crate::log::record::{EventsSince, RollbackRecord};
+
+/// What the admin endpoints need.
+pub struct Admin {
+    pub token: String,
+    pub control: ControlLog,
+    pub progress: Arc<Progress>,
+    pub store: SharedStore,
+    pub fingerprint: u64,
+    pub replica_id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Target {
+    Version(i64),
+    Named(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackRequest {
+    to_version: Target,
+    events: EventsSince,
+}
+
+/// Compares in time independent of where the strings differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Arc<Admin>, Response> {
+    let Some(admin) = state.admin.clone() else {
+        return Err(ApiError::NotFound("admin endpoints are off: no admin token is configured".into()).into_response());
+    };
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_some_and(|t| same_secret(t.trim().as_bytes(), admin.token.as_bytes())) {
+        return Ok(admin);
+    }
+    let why = if given.is_some() { "wrong admin token" } else { "an admin token is required: Authorization: Bearer <token>" };
+    state.metrics.admin_denied.inc();
+    Err((StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], Json(json!({ "error": why }))).into_response())
+}
+
+pub async fn rollback(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let admin = match authorize(&state, &headers) {
+        Ok(admin) => admin,
+        Err(denied) => return denied,
+    };
+    match roll_back(state, admin, model, body).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn roll_back(state: AppState, admin: Arc<Admin>, model: String, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    check_model(&state, &model)?;
+    let body = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let request: RollbackRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "invalid request body: {e}; expected {{\"to_version\": <version> or \"last_good\", \"events\": \"relearn\" or \"skip\"}}"
+        ))
+    })?;
+    let (seen, last_healthy) = {
+        let applied = admin.progress.applied.lock().expect("progress lock");
+        (applied.position, applied.last_healthy)
+    };
+    let to = match request.to_version {
+        Target::Version(q) if (0..=seen).contains(&q) => q,
+        Target::Version(q) => {
+            return Err(ApiError::BadRequest(format!("to_version {q} is not between 0 and the current version {seen}")))
+        }
+        Target::Named(name) if name == "last_good" => {
+            let store = admin.store.clone();
+            tokio::task::spawn_blocking(move || last_good(&*store, last_healthy)).await.map_err(|e| ApiError::Internal(e.to_string()))?
+        }
+        Target::Named(name) => return Err(ApiError::BadRequest(format!("to_version {name:?}: a version number or \"last_good\""))),
+    };
+    let record = RollbackRecord {
+        fingerprint: admin.fingerprint,
+        to,
+        seen,
+        events: request.events,
+        reason: "admin".into(),
+        producer: admin.replica_id.clone(),
+    };
+    tracing::warn!(to, seen, events = ?request.events, "rollback asked over the admin API");
+    let offset = (admin.control.append(record).await)
+        .map_err(|e| ApiError::Unavailable(format!("cannot append the rollback to the update log: {e:#}")))?;
+    // Answer with what this replica made of it, once it has read it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let outcome = admin.progress.applied.lock().expect("progress lock").rollbacks.get(&offset).cloned();
+        if let Some(o) = outcome {
+            let version = admin.progress.applied.lock().expect("progress lock").position;
+            let body = json!({
+                "rollback_offset": offset, "to_version": to, "events": o.events, "taken": o.taken,
+                "rejected": o.rejected, "examples_undone": o.examples_undone, "model_version": version,
+            });
+            return Ok((StatusCode::OK, Json(body)).into_response());
+        }
+        if Instant::now() >= deadline {
+            let body = json!({ "rollback_offset": offset, "to_version": to, "events": request.events, "taken": null });
+            return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_secret;
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret(b"abcdefghijklmnop", b"abcdefghijklmnop"));
+        assert!(!same_secret(b"abcdefghijklmnop", b"abcdefghijklmnoq"));
+        assert!(!same_secret(b"abcdefghijklmnop", b"abcdefghijklmno"));
+    }
+}

@@ -1,0 +1,174 @@
+//! The faults of DESIGN.md section 5 that involve the checkpoint store and
+//! the broker, each ending with the exactly-once accounting: every event
+//! learned once (examples learned = events = sum of watermarks), and
+//! replicas that agree.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tributary::checkpoint::{postgres::Scope, LocalStore, PgStore, Store};
+use tributary::config::ModelKind;
+use tributary::model::Model;
+
+use crate::helpers::*;
+
+const LEARN_LIMIT: Duration = Duration::from_secs(120);
+
+fn pg_store(cluster: &Cluster, url: &str) -> PgStore {
+    let scope = Scope { model: cluster.config.model.name.clone(), log: cluster.config.kafka.updates_topic.clone(), writer: "test".into() };
+    PgStore::open(url, scope, 3, Duration::ZERO).unwrap()
+}
+
+/// Every checkpoint the store lists loads whole; how many there are.
+fn all_load(store: &dyn Store, model: &Model) -> usize {
+    let listed = store.list().unwrap();
+    for info in &listed {
+        if let Err(e) = store.load(model, info) {
+            panic!("{} lists a checkpoint that does not load: {e}", store.describe());
+        }
+    }
+    listed.len()
+}
+
+/// Kills `r` right after its log says a checkpoint write began.
+fn kill_while_writing(cluster: &Cluster, r: &mut Replica, seed: u64) {
+    let mark = std::fs::metadata(&r.log).unwrap().len() as usize;
+    cluster.produce(500, seed); // the position moves, so a checkpoint comes due
+    wait_for(&format!("{} to begin a checkpoint", r.id), Duration::from_secs(60), || {
+        let log = std::fs::read(&r.log).ok()?;
+        String::from_utf8_lossy(&log[mark.min(log.len())..]).contains("writing checkpoint").then_some(())
+    });
+    r.kill();
+}
+
+#[test]
+fn slow_replicas_killed_while_writing_a_snapshot_leave_no_torn_one() {
+    let mut cluster = Cluster::new("torn", ModelKind::WideDeep);
+    // Big enough that a write takes a while: 32 MiB of weights and slots.
+    cluster.config.model.buckets = 1 << 17;
+    cluster.config.checkpoint.interval_secs = 1;
+    let url = fresh_database("torn");
+    let mut local = cluster.replica("local");
+    let mut shared = cluster.replica("pg");
+    shared.env.push(("TRIBUTARY_CHECKPOINT_STORE".into(), url.clone()));
+    for r in [&mut local, &mut shared] {
+        r.start();
+        r.wait_ready();
+    }
+    cluster.produce(2000, 1);
+    for r in [&local, &shared] {
+        r.wait_learned(2000, LEARN_LIMIT);
+    }
+    kill_while_writing(&cluster, &mut local, 2);
+    kill_while_writing(&cluster, &mut shared, 3);
+
+    let model = Model::new(&cluster.config.model);
+    let half_written: Vec<PathBuf> = (std::fs::read_dir(&local.state_dir).unwrap().flatten())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "tmp"))
+        .collect();
+    eprintln!("half-written files left by the kill: {half_written:?}");
+    assert!(all_load(&LocalStore::open(&local.state_dir, 3).unwrap(), &model) > 0);
+    assert!(all_load(&pg_store(&cluster, &url), &model) > 0);
+
+    for r in [&mut local, &mut shared] {
+        r.start();
+    }
+    let infos: Vec<Value> = [&local, &shared].iter().map(|r| r.wait_learned(3000, LEARN_LIMIT)).collect();
+    for info in &infos {
+        assert_eq!(watermark_sum(info), 3000, "{info}");
+        assert_eq!(info["weights_digest"], infos[0]["weights_digest"], "{infos:?}");
+    }
+    for r in [&local, &shared] {
+        let log = std::fs::read_to_string(&r.log).unwrap();
+        assert!(log.contains("restored checkpoint"), "{} restarts from a whole checkpoint", r.id);
+    }
+}
+
+#[test]
+fn slow_postgres_unreachable_during_training_loses_nothing() {
+    let mut cluster = Cluster::new("pgdown", ModelKind::Logistic);
+    cluster.config.checkpoint.interval_secs = 1;
+    let url = fresh_database("pgdown");
+    let proxy = Proxy::start("127.0.0.1:5432");
+    let via_proxy = url.replacen("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port), 1);
+    cluster.config.checkpoint.store = via_proxy;
+    let mut r = cluster.spawn("r0");
+    r.wait_ready();
+    cluster.produce(2000, 1);
+    r.wait_learned(2000, LEARN_LIMIT);
+    let saved = |r: &Replica, result: &str| metric(&r.metrics(), "tributary_checkpoints_total", &format!("result=\"{result}\""));
+    wait_for("a checkpoint in PostgreSQL", Duration::from_secs(30), || (saved(&r, "ok") >= 1.0).then_some(()));
+
+    proxy.cut();
+    // Training goes on from the log; snapshots fail and are retried.
+    cluster.produce(2000, 2);
+    let during = r.wait_learned(4000, LEARN_LIMIT);
+    wait_for("a failed checkpoint", Duration::from_secs(60), || (saved(&r, "error") >= 1.0).then_some(()));
+    let ok_before = saved(&r, "ok");
+
+    proxy.restore();
+    let version = during["model_version"].as_i64().unwrap();
+    let store = pg_store(&cluster, &url);
+    wait_for("snapshots to resume", Duration::from_secs(60), || {
+        let newest = store.list().ok()?.first()?.position;
+        (saved(&r, "ok") > ok_before && newest >= version).then_some(())
+    });
+
+    // The resumed snapshot is a recovery point: a SIGKILL and restart load it.
+    r.kill();
+    r.start();
+    let after = r.wait_learned(4000, LEARN_LIMIT);
+    assert_eq!(after["weights_digest"], during["weights_digest"]);
+    assert_eq!(watermark_sum(&after), 4000);
+    let log = std::fs::read_to_string(&r.log).unwrap();
+    assert!(log.contains("checkpoint failed") && log.contains("restored checkpoint"), "{}", r.log_tail(30));
+}
+
+/// A database holding Tansu's schema (from `scripts/setup`'s copy of its DDL).
+fn tansu_database(name: &str) -> String {
+    let url = fresh_database(name);
+    let cache = std::env::var("TRIBUTARY_CACHE").map(PathBuf::from).unwrap_or_else(|_| {
+        PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/tributary")
+    });
+    let ddl = cache.join("tansu-ddl-0.6.0");
+    let mut files: Vec<PathBuf> = (std::fs::read_dir(&ddl).unwrap_or_else(|e| panic!("{}: {e}; run scripts/setup", ddl.display())))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    files.sort();
+    for f in files {
+        let out = std::process::Command::new("psql").args([&url, "-q", "-v", "ON_ERROR_STOP=1", "-f"]).arg(&f).output().unwrap();
+        assert!(out.status.success(), "{}: {}", f.display(), String::from_utf8_lossy(&out.stderr));
+    }
+    url
+}
+
+#[test]
+fn slow_broker_restart_on_durable_storage_resumes_where_it_stopped() {
+    let storage = tansu_database("broker");
+    let mut cluster = Cluster::on_storage("broker_restart", ModelKind::Logistic, &storage);
+    cluster.config.train.batch_size = 64;
+    let r = cluster.spawn("r0");
+    r.wait_ready();
+    cluster.produce(2000, 1);
+    let before = r.wait_learned(2000, LEARN_LIMIT);
+
+    cluster.broker.kill();
+    // Serving goes on with the last weights while the broker is away.
+    let down = Instant::now();
+    while down.elapsed() < Duration::from_secs(2) {
+        let info = r.info().expect("the replica answers while the broker is down");
+        assert_eq!(info["weights_digest"], before["weights_digest"]);
+    }
+    cluster.broker.restart().unwrap();
+    cluster.produce(2000, 2);
+    let after = r.wait_learned(4000, LEARN_LIMIT);
+    assert_eq!(watermark_sum(&after), 4000, "{after}");
+    // A replica started now replays the restored log to the same state.
+    let fresh = cluster.spawn("r1");
+    let replayed = fresh.wait_learned(4000, LEARN_LIMIT);
+    assert_eq!(replayed["weights_digest"], after["weights_digest"]);
+}

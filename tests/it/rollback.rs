@@ -1,0 +1,121 @@
+//! Rollback through the update log, asked over the admin API or by the
+//! divergence guard, on real replicas against a real broker.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tributary::config::ModelKind;
+
+use crate::helpers::*;
+
+const LEARN_LIMIT: Duration = Duration::from_secs(120);
+const TOKEN: &str = "test-admin-token-0123456789";
+
+fn rollback_body(to: Value, events: &str) -> String {
+    serde_json::json!({ "to_version": to, "events": events }).to_string()
+}
+
+#[test]
+fn rollback_asked_on_one_replica_returns_all_three_to_the_same_state() {
+    let mut cluster = Cluster::new("rollback", ModelKind::Logistic);
+    cluster.config.http.admin_token = TOKEN.into();
+    cluster.config.guard.enabled = false;
+    let replicas = [cluster.spawn("r0"), cluster.spawn("r1"), cluster.spawn("r2")];
+    replicas.iter().for_each(Replica::wait_ready);
+    cluster.produce(3000, 1);
+    let at_q: Vec<Value> = replicas.iter().map(|r| r.wait_learned(3000, LEARN_LIMIT)).collect();
+    let q = at_q[0]["model_version"].as_i64().unwrap();
+    assert!(at_q.iter().all(|i| i["weights_digest"] == at_q[0]["weights_digest"]), "{at_q:?}");
+    cluster.produce(3000, 2);
+    let before: Vec<Value> = replicas.iter().map(|r| r.wait_learned(6000, LEARN_LIMIT)).collect();
+    let path = "/v1/models/default/rollback";
+
+    // Without the token, or with a wrong one: 401, and nothing changes.
+    let (status, body) = post(&replicas[1], path, None, &rollback_body(q.into(), "skip"));
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = post(&replicas[1], path, Some("not-the-admin-token-at-all"), &rollback_body(q.into(), "skip"));
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = post(&replicas[1], path, Some(TOKEN), &rollback_body("yesterday".into(), "skip"));
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = post(&replicas[1], path, Some(TOKEN), r#"{"to_version": 1}"#);
+    assert_eq!(status, 400, "events is required: {body}");
+    let unchanged = replicas[1].info().unwrap();
+    assert_eq!(unchanged["model_version"], before[1]["model_version"], "refused requests append nothing");
+    assert_eq!(metric(&replicas[1].metrics(), "tributary_admin_denied_total", ""), 2.0);
+
+    // Skip: back to the weights at q on all three; the events since stay consumed.
+    let (status, body) = post(&replicas[1], path, Some(TOKEN), &rollback_body(q.into(), "skip"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!((body["taken"].as_bool(), body["examples_undone"].as_u64()), (Some(true), Some(3000)), "{body}");
+    let after_skip = body["model_version"].as_i64().unwrap();
+    for r in &replicas {
+        let info = wait_for(&format!("{} to take the rollback", r.id), LEARN_LIMIT, || {
+            let info = r.info()?;
+            (info["model_version"].as_i64()? >= after_skip).then_some(info)
+        });
+        assert_eq!(info["weights_digest"], at_q[0]["weights_digest"], "{}: {info}", r.id);
+        assert_eq!(info["examples_learned"], 3000, "{}: {info}", r.id);
+        assert_eq!(watermark_sum(&info), 6000, "{}: skipped events are not learned again", r.id);
+        assert_eq!(metric(&r.metrics(), "tributary_rollbacks_total", "events=\"skip\""), 1.0, "{}", r.id);
+    }
+
+    // Relearn, asked on another replica: the watermarks return to q's too,
+    // and every event since q is learned again, exactly once.
+    cluster.produce(1000, 3);
+    replicas.iter().for_each(|r| drop(r.wait_learned(4000, LEARN_LIMIT)));
+    let (status, body) = post(&replicas[2], path, Some(TOKEN), &rollback_body(q.into(), "relearn"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["taken"], true, "{body}");
+    let infos: Vec<Value> = replicas.iter().map(|r| r.wait_learned(7000, LEARN_LIMIT)).collect();
+    for (r, info) in replicas.iter().zip(&infos) {
+        assert_eq!(watermark_sum(info), 7000, "{}: {info}", r.id);
+        assert_eq!(info["model_version"], infos[0]["model_version"], "{infos:?}");
+        assert_eq!(info["weights_digest"], infos[0]["weights_digest"], "{infos:?}");
+        assert_eq!(metric(&r.metrics(), "tributary_rollbacks_total", ""), 2.0, "{}", r.id);
+    }
+}
+
+#[test]
+fn a_poisoned_stream_triggers_one_automatic_rollback() {
+    let mut cluster = Cluster::new("guard", ModelKind::Logistic);
+    cluster.config.guard.warmup_examples = 2000;
+    let replicas = [cluster.spawn("r0"), cluster.spawn("r1")];
+    replicas.iter().for_each(Replica::wait_ready);
+    cluster.produce(4000, 1);
+    replicas.iter().for_each(|r| drop(r.wait_learned(4000, LEARN_LIMIT)));
+    // Poison: the same kind of events with inputs scaled up and labels
+    // flipped, so the model's confident answers are wrong.
+    let mut synthetic = tributary::synthetic::Synthetic::new(&cluster.config.model, 2);
+    let poison: Vec<String> = (0..1500)
+        .map(|_| {
+            let mut e: Value = serde_json::from_str(&synthetic.event(1)).unwrap();
+            let dense: Vec<f64> = e["dense"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() * 20.0).collect();
+            e["dense"] = dense.into();
+            e["label"] = (1 - e["label"].as_u64().unwrap()).into();
+            e.to_string()
+        })
+        .collect();
+    cluster.produce_lines(&poison);
+    let infos: Vec<Value> = replicas
+        .iter()
+        .map(|r| {
+            wait_for(&format!("{} to consume the poison", r.id), LEARN_LIMIT, || {
+                let info = r.info()?;
+                (watermark_sum(&info) == 5500 && metric(&r.metrics(), "tributary_rollbacks_total", "") >= 1.0).then_some(info)
+            })
+        })
+        .collect();
+    assert_eq!(infos[0]["weights_digest"], infos[1]["weights_digest"], "{infos:?}");
+    let detected: f64 = replicas.iter().map(|r| metric(&r.metrics(), "tributary_divergences_detected_total", "")).sum();
+    assert!(detected >= 1.0, "the guard fired");
+    for r in &replicas {
+        let m = r.metrics();
+        assert_eq!(metric(&m, "tributary_rollbacks_total", "events=\"skip\""), 1.0, "{}: one rollback, however many asked", r.id);
+        // Every request beyond the first was superseded by it.
+        assert_eq!(metric(&m, "tributary_records_rejected_total", "reason=\"superseded\""), detected - 1.0, "{}", r.id);
+        let log = std::fs::read_to_string(&r.log).unwrap();
+        assert!(log.contains("rolled back"), "{}", r.id);
+    }
+    let learned = infos[0]["examples_learned"].as_u64().unwrap();
+    assert!(learned < 5500, "the poison learned before the rollback is undone: {learned}");
+}
