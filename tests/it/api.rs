@@ -156,3 +156,12 @@ async fn snapshots_are_listed_newest_first_with_their_counters() {
     let (status, _, _) = call(&app, "GET", "/v1/models/other/snapshots", Body::empty()).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn admin_endpoints_are_off_without_a_configured_token() {
+    let app = app(ModelKind::Logistic);
+    let body = json!({"to_version": 0, "events": "skip"}).to_string();
+    let (status, v, _) = call(&app, "POST", "/v1/models/default/rollback", body).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(v["error"].as_str().unwrap().contains("no admin token"), "{v}");
+}

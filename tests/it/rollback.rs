@@ -114,6 +114,8 @@ fn a_poisoned_stream_triggers_one_automatic_rollback() {
         // Every request beyond the first was superseded by it.
         assert_eq!(metric(&m, "tributary_records_rejected_total", "reason=\"superseded\""), detected - 1.0, "{}", r.id);
         let log = std::fs::read_to_string(&r.log).unwrap();
+        let said: Vec<&str> = log.lines().filter(|l| l.contains("spiked") || l.contains("rolled back")).collect();
+        eprintln!("{}: {said:#?}", r.id);
         assert!(log.contains("rolled back"), "{}", r.id);
     }
     let learned = infos[0]["examples_learned"].as_u64().unwrap();
