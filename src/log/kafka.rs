@@ -78,12 +78,21 @@ pub fn log_reader_config(brokers: &str, client_id: &str) -> ClientConfig {
 /// last by modification time, which ties when many land in one instant, so
 /// that answer can fall short; its fetch responses carry the true end.
 pub fn fetched_end(consumer: &BaseConsumer<impl rdkafka::consumer::ConsumerContext>, topic: &str) -> Option<i64> {
+    fetched_partition_end(consumer, topic, 0)
+}
+
+/// [`fetched_end`] of any partition.
+pub fn fetched_partition_end(
+    consumer: &BaseConsumer<impl rdkafka::consumer::ConsumerContext>,
+    topic: &str,
+    partition: i32,
+) -> Option<i64> {
     let topic = std::ffi::CString::new(topic).ok()?;
     let (mut low, mut high) = (-1i64, -1i64);
     // SAFETY: a live client handle, a NUL-terminated topic name and two
     // out-parameters that outlive the call.
     let err = unsafe {
-        rdkafka_sys::rd_kafka_get_watermark_offsets(consumer.client().native_ptr(), topic.as_ptr(), 0, &mut low, &mut high)
+        rdkafka_sys::rd_kafka_get_watermark_offsets(consumer.client().native_ptr(), topic.as_ptr(), partition, &mut low, &mut high)
     };
     (err == rdkafka_sys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
 }

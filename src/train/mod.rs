@@ -74,6 +74,8 @@ struct Partition {
     /// The batch events go into; closed when full or `max_wait` old.
     open: Batch,
     first_at: Option<Instant>,
+    /// When the last event (of any offset) arrived, or the partition was sought.
+    last_arrival: Instant,
     /// Closed batches waiting for a slot among the K in flight, oldest first.
     /// A gradient is computed when its batch is sent, against the newest
     /// weights, so staleness stays bounded by K.
@@ -92,7 +94,7 @@ struct Partition {
     hold_until: Option<i64>,
 }
 
-/// Checking the first event after a seek. A Tansu 0.6 fetch that starts
+/// Checking the first event after a seek (or any fetch restart). A Tansu 0.6 fetch that starts
 /// inside a multi-record batch returns the next batch, skipping the rest of
 /// the one holding the offset asked for (or nothing, inside the last batch);
 /// Kafka returns that batch. So when the first event after a seek to `end`
@@ -142,6 +144,7 @@ impl Partition {
             end: watermark,
             open: Batch::default(),
             first_at: None,
+            last_arrival: Instant::now(),
             waiting: VecDeque::new(),
             in_flight: VecDeque::new(),
             blocked: false,
@@ -160,6 +163,7 @@ impl Partition {
     }
 
     fn arrival(&mut self, offset: i64) -> Arrival {
+        self.last_arrival = Instant::now();
         if offset < self.end {
             if let Some(r) = self.resume.as_mut() {
                 r.saw_earlier = true;
@@ -168,6 +172,10 @@ impl Partition {
         }
         match self.resume.take() {
             Some(r) if offset > self.end && !r.saw_earlier && r.back < self.end => Arrival::Probe(self.step_back(r)),
+            // A skip in mid-stream: librdkafka restarts a fetch at its own
+            // position after a rebalance or an error, and Tansu skips the
+            // rest of a batch there just as after a seek. Probe the same way.
+            None if offset > self.end && self.end > 0 => Arrival::Probe(self.step_back(Resume::start())),
             _ => Arrival::Take,
         }
     }
@@ -182,6 +190,21 @@ impl Partition {
     /// Blocked or held: events are refused, fetched again after a seek.
     fn refusing(&self) -> bool {
         self.blocked || self.hold_until.is_some()
+    }
+
+    /// Where to probe back to when nothing has arrived for `patience` in
+    /// mid-stream although the partition's last fetch response reported
+    /// events beyond `end`: a fetch librdkafka restarted by itself inside
+    /// Tansu's last batch, which returns nothing.
+    fn silent_below(&mut self, patience: Duration, fetched_end: Option<i64>) -> Option<i64> {
+        if self.resume.is_some() || self.refusing() || self.end == 0 || self.last_arrival.elapsed() < patience {
+            return None;
+        }
+        if fetched_end.is_none_or(|hw| hw <= self.end) {
+            return None;
+        }
+        self.last_arrival = Instant::now();
+        Some(self.step_back(Resume::start()))
     }
 
     /// Where to probe back to when nothing has arrived for `patience` since
@@ -297,6 +320,15 @@ impl Trainer {
                 debug!(partition = id, from, "nothing arrived since the seek: probing back");
                 self.probe(id, from);
             }
+            let (consumer, topic) = (&self.consumer, &self.events_topic);
+            let silent: Vec<(i32, i64)> = (self.partitions.iter_mut())
+                .filter(|(_, p)| p.last_arrival.elapsed() >= RESUME_PATIENCE)
+                .filter_map(|(&id, p)| Some((id, p.silent_below(RESUME_PATIENCE, kafka::fetched_partition_end(consumer, topic, id))?)))
+                .collect();
+            for (id, from) in silent {
+                debug!(partition = id, from, "silent below the fetched end: probing back");
+                self.probe(id, from);
+            }
             let due: Vec<i32> = (self.partitions.iter())
                 .filter(|(_, p)| p.first_at.is_some_and(|t| t.elapsed() >= max_wait))
                 .map(|(&id, _)| id)
@@ -376,7 +408,7 @@ impl Trainer {
             // Fetched before a seek, a redelivery, or a probe: not ours to learn.
             Arrival::Early => return,
             Arrival::Probe(from) => {
-                debug!(partition = id, end = p.end, offset, from, "first event after a seek is beyond it: probing back");
+                debug!(partition = id, end = p.end, offset, from, "event beyond the expected offset: probing back");
                 self.probe(id, from);
                 return;
             }
@@ -686,5 +718,21 @@ mod tests {
         // At the end of the log nothing comes, with or without probing.
         assert_eq!(first_taken(&batches, 700, true).0, None);
         assert_eq!(first_taken(&batches, 700, false).0, None);
+    }
+
+    #[test]
+    fn a_skip_in_mid_stream_is_probed_like_one_after_a_seek() {
+        let mut p = Partition::at(0);
+        assert!(matches!(p.arrival(0), Arrival::Take));
+        // Streaming at 100, the fetch restarts and Tansu skips to 174.
+        p.end = 100;
+        assert!(matches!(p.arrival(174), Arrival::Probe(36)));
+        assert!(matches!(p.arrival(36), Arrival::Early));
+        assert!(matches!(p.arrival(100), Arrival::Take));
+        // A real gap: events before the end come back, then one beyond it: crossed.
+        p.end = 200;
+        assert!(matches!(p.arrival(250), Arrival::Probe(136)));
+        assert!(matches!(p.arrival(199), Arrival::Early));
+        assert!(matches!(p.arrival(250), Arrival::Take));
     }
 }

@@ -172,7 +172,29 @@ impl Replica {
             last = info.clone();
             (info["examples_learned"].as_u64()? == n).then_some(info)
         });
-        found.unwrap_or_else(|e| panic!("{e}: last info {last}\n--- log tail ---\n{}", self.log_tail(40)))
+        found.unwrap_or_else(|e| {
+            panic!("{e}: last info {last}\nevents per partition: {:?}\n--- log tail ---\n{}", self.event_ends(), self.log_tail(40))
+        })
+    }
+
+    /// The last offset + 1 of every partition of the events topic, read
+    /// from the beginning (Tansu's ListOffsets can fall short): where the
+    /// watermarks should get to.
+    pub fn event_ends(&self) -> Vec<(i32, i64)> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::Message;
+        let topic = self.env.iter().find(|(k, _)| k == "TRIBUTARY_KAFKA__EVENTS_TOPIC").map(|(_, v)| v.clone()).unwrap_or_default();
+        let consumer: BaseConsumer = tributary::log::kafka::log_reader_config(&self.brokers, "test-ends").create().unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..8 {
+            tpl.add_partition_offset(&topic, p, rdkafka::Offset::Beginning).unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        let mut ends = std::collections::BTreeMap::new();
+        while let Some(Ok(m)) = consumer.poll(Duration::from_secs(2)) {
+            ends.insert(m.partition(), m.offset() + 1);
+        }
+        ends.into_iter().collect()
     }
 
     /// The Prometheus text (empty if the replica does not answer).
