@@ -120,7 +120,7 @@ pub struct Broker {
     proc: Proc,
     pub addr: String,
     storage: String,
-    log: PathBuf,
+    dir: PathBuf,
 }
 
 impl Broker {
@@ -129,12 +129,12 @@ impl Broker {
         Broker::start_on(dir, "memory://tansu/")
     }
 
-    /// With its topics in `storage` (`memory://tansu/`, or `postgres://...`
-    /// for a broker that keeps its data when it restarts).
+    /// With its topics in `storage`: `memory://tansu/`, or `sqlite://NAME`
+    /// (a file in `dir`) for a broker that keeps its data when it restarts.
     pub fn start_on(dir: &Path, storage: &str) -> anyhow::Result<Broker> {
         let port = free_port();
         let mut broker =
-            Broker { proc: Proc(None), addr: format!("127.0.0.1:{port}"), storage: storage.into(), log: dir.join("tansu.log") };
+            Broker { proc: Proc(None), addr: format!("127.0.0.1:{port}"), storage: storage.into(), dir: dir.into() };
         broker.restart()?;
         Ok(broker)
     }
@@ -151,8 +151,9 @@ impl Broker {
             Command::new(tansu_bin())
                 .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
                 .args(["--storage-engine", &self.storage])
+                .current_dir(&self.dir)
                 .env("RUST_LOG", "warn"),
-            &self.log,
+            &self.dir.join("tansu.log"),
         )
         .map_err(|e| anyhow::anyhow!("cannot start tansu ({e}); scripts/setup installs it"))?;
         try_wait_for("the broker to listen", Duration::from_secs(30), || TcpStream::connect(&self.addr).ok())?;

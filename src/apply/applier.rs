@@ -123,6 +123,7 @@ impl Applier {
         let mut last_saved = (Instant::now(), self.state.position);
         let mut last_try = Instant::now();
         let mut pending_ts: Vec<i64> = Vec::new();
+        let mut last_error: Option<Instant> = None;
         let mut saver: Option<std::thread::JoinHandle<(i64, bool)>> = None;
         loop {
             let stopping = self.stop.load(Ordering::Relaxed);
@@ -135,7 +136,18 @@ impl Applier {
             let mut own_rejections = Vec::new();
             let mut next = self.consumer.poll(Duration::from_millis(20));
             while let Some(message) = next {
-                let message = message?;
+                let message = match message {
+                    Ok(m) => m,
+                    // The broker away: librdkafka reconnects by itself, and
+                    // serving goes on with the last weights meanwhile.
+                    Err(e) => {
+                        if last_error.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(5)) {
+                            warn!(error = %e, "cannot read the update log; serving the last weights, retrying");
+                            last_error = Some(Instant::now());
+                        }
+                        break;
+                    }
+                };
                 read += 1;
                 let offset = message.offset();
                 let outcome = self.state.apply(&self.model, offset, message.payload().unwrap_or(&[]), &mut self.publisher);
