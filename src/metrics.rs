@@ -119,8 +119,8 @@ impl Metrics {
         for result in ["delivered", "failed"] {
             m.dead_letters.with_label_values(&[result]);
         }
-        for events in ["relearn", "skip"] {
-            m.rollbacks.with_label_values(&[events]);
+        for events in crate::log::record::EventsSince::ALL {
+            m.rollbacks.with_label_values(&[events.as_str()]);
         }
         for r in Reject::ALL {
             m.records_rejected.with_label_values(&[r.as_str()]);

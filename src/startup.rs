@@ -21,14 +21,14 @@ use tracing::{error, info, warn};
 
 use crate::apply::applier::{Applier, Progress};
 use crate::apply::rollback::Guard;
-use crate::log::control::ControlLog;
-use crate::serve::admin::Admin;
 use crate::apply::rule::State;
 use crate::checkpoint::{self, CheckpointError, SharedStore};
 use crate::config::Config;
+use crate::log::control::ControlLog;
 use crate::log::kafka;
 use crate::metrics::Metrics;
 use crate::model::Model;
+use crate::serve::admin::Admin;
 use crate::serve::{self, AppState};
 use crate::serving::Publisher;
 use crate::train::Trainer;

@@ -38,7 +38,7 @@ pub struct Applied {
 }
 
 /// A rollback record as this replica took it (or not).
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RollbackOutcome {
     pub taken: bool,
     /// Why it was not taken (`superseded`, `bad_target`, `other_model`).
@@ -293,10 +293,7 @@ impl Applier {
         if let Some((guard, ..)) = &mut self.guard {
             guard.rolled_back(self.state.position);
         }
-        let events = match r.events {
-            EventsSince::Relearn => "relearn",
-            EventsSince::Skip => "skip",
-        };
+        let events = r.events.as_str();
         self.metrics.rollbacks.with_label_values(&[events]).inc();
         warn!(
             at = offset, to = r.to, events, examples_undone, reason = %r.reason, producer = %r.producer,
@@ -326,19 +323,21 @@ impl Applier {
             return;
         }
         self.metrics.divergences.inc();
-        let to = last_good(&*self.store, spike.last_healthy);
         let Spike { fast, baseline, last_healthy } = spike;
-        warn!(fast, baseline, last_healthy, to, position = self.state.position, "progressive loss spiked: asking for a rollback");
-        let record = RollbackRecord {
-            fingerprint: self.model.fingerprint(),
-            to,
-            seen: self.state.position,
-            events: EventsSince::Skip,
-            reason: format!("divergence: loss {fast:.4} over {baseline:.4} baseline"),
-            producer: self.replica_id.clone(),
-        };
-        let control = control.clone();
+        let (seen, fingerprint, producer) = (self.state.position, self.model.fingerprint(), self.replica_id.clone());
+        let (control, store) = (control.clone(), self.store.clone());
+        // Choosing the snapshot lists the store: off the apply path.
         runtime.spawn(async move {
+            let to = tokio::task::spawn_blocking(move || last_good(&*store, last_healthy)).await.unwrap_or(last_healthy);
+            warn!(fast, baseline, last_healthy, to, position = seen, "progressive loss spiked: asking for a rollback");
+            let record = RollbackRecord {
+                fingerprint,
+                to,
+                seen,
+                events: EventsSince::Skip,
+                reason: format!("divergence: loss {fast:.4} over {baseline:.4} baseline"),
+                producer,
+            };
             match control.append(record).await {
                 Ok(offset) => info!(offset, "rollback record appended"),
                 Err(e) => warn!(error = format!("{e:#}"), "cannot append the divergence rollback"),

@@ -60,6 +60,18 @@ pub enum EventsSince {
     Skip,
 }
 
+impl EventsSince {
+    pub const ALL: [EventsSince; 2] = [EventsSince::Relearn, EventsSince::Skip];
+
+    /// The name in requests, metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventsSince::Relearn => "relearn",
+            EventsSince::Skip => "skip",
+        }
+    }
+}
+
 /// "Return to the state at position `to`", appended by the admin API or the
 /// divergence guard. Every replica applies it at the same point of the log.
 #[derive(Clone, Debug, PartialEq)]

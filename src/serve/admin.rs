@@ -118,9 +118,11 @@ async fn roll_back(state: AppState, admin: Arc<Admin>, model: String, body: Resu
     // Answer with what this replica made of it, once it has read it.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let outcome = admin.progress.applied.lock().expect("progress lock").rollbacks.get(&offset).cloned();
+        let (outcome, version) = {
+            let applied = admin.progress.applied.lock().expect("progress lock");
+            (applied.rollbacks.get(&offset).cloned(), applied.position)
+        };
         if let Some(o) = outcome {
-            let version = admin.progress.applied.lock().expect("progress lock").position;
             let body = json!({
                 "rollback_offset": offset, "to_version": to, "events": o.events, "taken": o.taken,
                 "rejected": o.rejected, "examples_undone": o.examples_undone, "model_version": version,

@@ -74,7 +74,8 @@ struct Partition {
     /// The batch events go into; closed when full or `max_wait` old.
     open: Batch,
     first_at: Option<Instant>,
-    /// When the last event (of any offset) arrived, or the partition was sought.
+    /// When the last event (of any offset) arrived, the partition was
+    /// assigned or sought back, or a silence probe began.
     last_arrival: Instant,
     /// Closed batches waiting for a slot among the K in flight, oldest first.
     /// A gradient is computed when its batch is sent, against the newest
@@ -196,11 +197,12 @@ impl Partition {
     /// mid-stream although the partition's last fetch response reported
     /// events beyond `end`: a fetch librdkafka restarted by itself inside
     /// Tansu's last batch, which returns nothing.
-    fn silent_below(&mut self, patience: Duration, fetched_end: Option<i64>) -> Option<i64> {
+    /// `fetched_end` is asked only when the rest says a probe may be due.
+    fn silent_below(&mut self, patience: Duration, fetched_end: impl FnOnce() -> Option<i64>) -> Option<i64> {
         if self.resume.is_some() || self.refusing() || self.end == 0 || self.last_arrival.elapsed() < patience {
             return None;
         }
-        if fetched_end.is_none_or(|hw| hw <= self.end) {
+        if fetched_end().is_none_or(|hw| hw <= self.end) {
             return None;
         }
         self.last_arrival = Instant::now();
@@ -322,8 +324,9 @@ impl Trainer {
             }
             let (consumer, topic) = (&self.consumer, &self.events_topic);
             let silent: Vec<(i32, i64)> = (self.partitions.iter_mut())
-                .filter(|(_, p)| p.last_arrival.elapsed() >= RESUME_PATIENCE)
-                .filter_map(|(&id, p)| Some((id, p.silent_below(RESUME_PATIENCE, kafka::fetched_partition_end(consumer, topic, id))?)))
+                .filter_map(|(&id, p)| {
+                    Some((id, p.silent_below(RESUME_PATIENCE, || kafka::fetched_partition_end(consumer, topic, id))?))
+                })
                 .collect();
             for (id, from) in silent {
                 debug!(partition = id, from, "silent below the fetched end: probing back");
