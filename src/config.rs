@@ -20,6 +20,10 @@ pub enum ModelKind {
     /// Bags of hashed embeddings per sparse field, concatenated with the dense
     /// features into an MLP, plus the linear part of `logistic`.
     WideDeep,
+    /// A TorchScript module exported from PyTorch (`model.torchscript_path`),
+    /// `forward(dense, ids)`: see `examples/torchscript/export.py`.
+    #[serde(rename = "torchscript")]
+    TorchScript,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +59,8 @@ pub struct ModelConfig {
     pub embedding_dim: usize,
     /// Hidden layer widths (`mlp`, `wide_deep`).
     pub hidden: Vec<usize>,
+    /// The module file of `kind = "torchscript"`.
+    pub torchscript_path: PathBuf,
     pub loss: Loss,
     pub optimizer: OptimizerKind,
     pub learning_rate: f32,
@@ -143,6 +149,8 @@ pub struct HttpConfig {
     pub max_batch: usize,
     /// Bearer token of the admin endpoints; empty turns them off.
     pub admin_token: String,
+    /// `POST /v1/events` produces training events to the events topic.
+    pub ingest: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -171,6 +179,7 @@ impl Default for Config {
                 buckets: 1 << 18,
                 embedding_dim: 16,
                 hidden: vec![64, 32],
+                torchscript_path: PathBuf::new(),
                 loss: Loss::Logloss,
                 optimizer: OptimizerKind::Adagrad,
                 learning_rate: 0.05,
@@ -208,6 +217,7 @@ impl Default for Config {
                 max_body_bytes: 1 << 20,
                 max_batch: 1024,
                 admin_token: String::new(),
+                ingest: true,
             },
         }
     }
@@ -294,6 +304,9 @@ impl Config {
         }
         if m.kind == ModelKind::Mlp && m.dense_dim == 0 {
             return bad("model.kind = \"mlp\" needs model.dense_dim > 0");
+        }
+        if m.kind == ModelKind::TorchScript && m.torchscript_path.as_os_str().is_empty() {
+            return bad("model.kind = \"torchscript\" needs model.torchscript_path (a module saved by torch.jit.script)");
         }
         if m.hidden.contains(&0) {
             return bad("model.hidden widths must be positive");

@@ -2,7 +2,7 @@
 //! runs one of the commands. The work lives in the library.
 
 use std::io::{BufRead, Write};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -69,6 +69,14 @@ enum Command {
         #[command(subcommand)]
         action: SnapshotsAction,
     },
+    /// Exit 0 if this replica's HTTP API answers GET PATH with 200 (the
+    /// container health check; the address is http.addr).
+    Healthcheck {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[arg(long, default_value = "/healthz")]
+        path: String,
+    },
     /// Print synthetic training events as JSONL.
     Generate {
         #[command(flatten)]
@@ -112,7 +120,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Produce { config, topic, file } => {
             let config = config.load(Overrides::default())?;
-            let model = tributary::model::Model::new(&config.model);
+            let model = tributary::model::Model::load(&config.model)?;
             let input: Box<dyn BufRead> = match file {
                 Some(path) => Box::new(std::io::BufReader::new(
                     std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?,
@@ -131,7 +139,7 @@ fn main() -> anyhow::Result<()> {
             let listed = store.list()?;
             if json {
                 for c in &listed {
-                    println!("{}", tributary::serve::snapshot_json(c));
+                    println!("{}", serde_json::to_string(&tributary::serve::SnapshotInfo::from(c))?);
                 }
                 return Ok(());
             }
@@ -152,6 +160,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Healthcheck { config, path } => healthcheck(config.load(Overrides::default())?.http.addr, &path),
         Command::Generate { config, count, rate, seed } => {
             let config = config.load(Overrides::default())?;
             let mut synthetic = tributary::synthetic::Synthetic::new(&config.model, seed);
@@ -173,6 +182,23 @@ fn main() -> anyhow::Result<()> {
             let _ = out.flush();
             Ok(())
         }
+    }
+}
+
+/// One HTTP/1.0 GET, without a client library: the runtime image has no curl.
+fn healthcheck(mut addr: SocketAddr, path: &str) -> anyhow::Result<()> {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() { Ipv4Addr::LOCALHOST.into() } else { Ipv6Addr::LOCALHOST.into() });
+    }
+    let timeout = Duration::from_secs(2);
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("cannot connect to {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut status = String::new();
+    std::io::BufReader::new(stream).read_line(&mut status)?;
+    match status.split_whitespace().nth(1) {
+        Some("200") => Ok(()),
+        _ => anyhow::bail!("GET http://{addr}{path}: {}", status.trim()),
     }
 }
 

@@ -2,6 +2,8 @@
 //! values (routes, statuses, reject reasons, partitions); counters move by
 //! batch, never per event in a hot loop.
 
+use prometheus::core::Collector;
+use prometheus::proto::MetricType;
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -9,8 +11,13 @@ use prometheus::{
 
 use crate::apply::rule::Reject;
 
+/// Every series name starts with this and an underscore.
+pub const NAMESPACE: &str = "tributary";
+
 pub struct Metrics {
     registry: Registry,
+    /// Each metric's name (without the namespace) and type, empty or not.
+    families: Vec<(String, MetricType)>,
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
     pub model_version: IntGauge,
@@ -34,6 +41,7 @@ pub struct Metrics {
     pub rollbacks: IntCounterVec,
     pub divergences: IntCounter,
     pub admin_denied: IntCounter,
+    pub events_ingested: IntCounterVec,
 }
 
 fn buckets_seconds() -> Vec<f64> {
@@ -47,24 +55,26 @@ fn buckets_freshness() -> Vec<f64> {
 
 impl Metrics {
     pub fn new(replica_id: &str) -> Metrics {
-        let registry = Registry::new_custom(Some("tributary".into()), Some([("replica".to_string(), replica_id.to_string())].into()))
+        let registry = Registry::new_custom(Some(NAMESPACE.into()), Some([("replica".to_string(), replica_id.to_string())].into()))
             .expect("valid registry");
+        let mut families = Vec::new();
         macro_rules! reg {
             ($m:expr) => {{
                 let m = $m.expect("valid metric");
                 registry.register(Box::new(m.clone())).expect("unique metric");
+                families.extend(m.collect().iter().map(|f| (f.name().to_string(), f.get_field_type())));
                 m
             }};
         }
         let hist = |name: &str, help: &str| HistogramOpts::new(name, help).buckets(buckets_seconds());
         let m = Metrics {
             http_requests: reg!(IntCounterVec::new(
-                Opts::new("http_requests_total", "HTTP requests by route and status"),
-                &["route", "status"]
+                Opts::new("http_requests_total", "HTTP requests by method, route and status"),
+                &["method", "route", "status"]
             )),
             http_duration: reg!(HistogramVec::new(
-                hist("http_request_duration_seconds", "HTTP request latency by route"),
-                &["route"]
+                hist("http_request_duration_seconds", "HTTP request latency by method and route"),
+                &["method", "route"]
             )),
             model_version: reg!(IntGauge::new("model_version", "Served model version (the updates position)")),
             events_consumed: reg!(IntCounter::new("events_consumed_total", "Training events read from Kafka")),
@@ -114,10 +124,21 @@ impl Metrics {
                 "Loss spikes the divergence guard saw and answered with a rollback record"
             )),
             admin_denied: reg!(IntCounter::new("admin_denied_total", "Admin requests refused for a missing or wrong token")),
+            events_ingested: reg!(IntCounterVec::new(
+                Opts::new("events_ingested_total", "Events posted to /v1/events, by result (produced, invalid, failed)"),
+                &["result"]
+            )),
             registry,
+            families,
         };
         for result in ["delivered", "failed"] {
             m.dead_letters.with_label_values(&[result]);
+        }
+        for result in ["ok", "error"] {
+            m.checkpoints.with_label_values(&[result]);
+        }
+        for result in ["produced", "invalid", "failed"] {
+            m.events_ingested.with_label_values(&[result]);
         }
         for events in crate::log::record::EventsSince::ALL {
             m.rollbacks.with_label_values(&[events.as_str()]);
@@ -126,6 +147,21 @@ impl Metrics {
             m.records_rejected.with_label_values(&[r.as_str()]);
         }
         m
+    }
+
+    /// Every series name this replica can export, whether or not it has a
+    /// value yet: a histogram's `_bucket`, `_sum` and `_count`, the others'
+    /// own names. Dashboards and alert rules are checked against these.
+    pub fn series_names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for (name, kind) in &self.families {
+            let full = format!("{NAMESPACE}_{name}");
+            match kind {
+                MetricType::HISTOGRAM => names.extend(["_bucket", "_sum", "_count"].map(|s| format!("{full}{s}"))),
+                _ => names.push(full),
+            }
+        }
+        names
     }
 
     /// The Prometheus text exposition of every metric.

@@ -29,6 +29,8 @@ use crate::log::kafka;
 use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::serve::admin::Admin;
+use crate::serve::events::EventSink;
+use crate::serve::status::History;
 use crate::serve::{self, AppState};
 use crate::serving::Publisher;
 use crate::train::Trainer;
@@ -66,7 +68,7 @@ async fn role_result(rx: &mut oneshot::Receiver<anyhow::Result<()>>) -> anyhow::
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     init_libtorch();
     let config = Arc::new(config);
-    let model = Arc::new(Model::new(&config.model));
+    let model = Arc::new(Model::load(&config.model)?);
     let metrics = Arc::new(Metrics::new(&config.replica_id));
     let store = checkpoint::open(&config)?;
     tokio::pin!(shutdown);
@@ -94,15 +96,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         })
     });
 
+    let events = match config.http.ingest {
+        true => Some(Arc::new(EventSink::new(&config.kafka.brokers, &config.kafka.events_topic, &config.replica_id)?)),
+        false => None,
+    };
+    let history = Arc::new(History::default());
+    tokio::spawn(history.clone().run(publisher.serving(), metrics.clone()));
     let app = serve::router(AppState {
         serving: publisher.serving(),
         metrics: metrics.clone(),
         ready: ready.clone(),
         model_name: config.model.name.as_str().into(),
+        replica_id: config.replica_id.as_str().into(),
         max_batch: config.http.max_batch,
         max_body_bytes: config.http.max_body_bytes,
         checkpoints: Some(store.clone()),
         admin,
+        events,
+        history,
     });
     let listener = tokio::net::TcpListener::bind(config.http.addr)
         .await

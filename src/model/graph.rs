@@ -151,12 +151,13 @@ fn forward(model: &Model, g: &BatchGraph) -> Tensor {
         Arch::Logistic(l) => super::logistic::graph(l, g),
         Arch::Mlp(m) => super::mlp::graph(m, g, g.dense()),
         Arch::WideDeep { linear, emb, mlp } => super::wide_deep::graph(linear, emb, mlp, g),
+        Arch::Script(_) => unreachable!("TorchScript models run their own graph (script.rs)"),
     }
 }
 
 /// Runs `f`, turning a libtorch exception (which tch raises as a panic) into
 /// an error: bad data must never take the process down.
-fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, GradientError> {
+pub(super) fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, GradientError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|e| {
         let msg = (e.downcast_ref::<String>().cloned())
             .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
@@ -179,6 +180,9 @@ pub(super) fn logits<B: AsRef<[f32]>>(model: &Model, w: &[B], batch: &[Example])
 }
 
 pub(super) fn gradient<B: AsRef<[f32]>>(model: &Model, w: &[B], batch: &[Example]) -> Result<Gradient, GradientError> {
+    if let Arch::Script(script) = &model.arch {
+        return script.gradient(w, batch);
+    }
     if batch.is_empty() {
         return Err(GradientError::Empty);
     }

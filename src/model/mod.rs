@@ -13,12 +13,16 @@
 mod graph;
 mod logistic;
 mod mlp;
+mod script;
 mod wide_deep;
+
+use std::sync::Arc;
 
 use crate::config::{Loss, ModelConfig, ModelKind};
 use crate::event::{Example, Features, Featurizer};
 
 pub use graph::GradientError;
+pub use script::ScriptError;
 
 /// One parameter tensor, stored row-major as `rows x cols` f32 values.
 #[derive(Clone, Debug, PartialEq)]
@@ -86,6 +90,8 @@ enum Arch {
     Logistic(LinearIdx),
     Mlp(MlpIdx),
     WideDeep { linear: LinearIdx, emb: Vec<usize>, mlp: MlpIdx },
+    /// A TorchScript module: its parameters, in `named_parameters` order.
+    Script(Arc<script::Script>),
 }
 
 /// A model's structure, fixed by its configuration.
@@ -99,7 +105,27 @@ pub struct Model {
 }
 
 impl Model {
+    /// The model of `config`. Only `torchscript` can fail (the module file);
+    /// the built-in kinds cannot.
+    pub fn load(config: &ModelConfig) -> Result<Model, ScriptError> {
+        if config.kind != ModelKind::TorchScript {
+            return Ok(Model::new(config));
+        }
+        let (script, params) = script::Script::load(config)?;
+        let mut h = blake3::Hasher::new();
+        h.update(format!("{:?}|{:?}|{:?}|{}|", config.kind, config.loss, config.sparse_fields, config.buckets).as_bytes());
+        h.update(&script.bytes);
+        let fingerprint = u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"));
+        let arch = Arch::Script(Arc::new(script));
+        Ok(Model { featurizer: Featurizer::new(config), config: config.clone(), params, arch, fingerprint })
+    }
+
+    /// The model of a built-in kind (`torchscript`: [`Model::load`]; here
+    /// it panics on a module that does not load).
     pub fn new(config: &ModelConfig) -> Model {
+        if config.kind == ModelKind::TorchScript {
+            return Model::load(config).unwrap_or_else(|e| panic!("{e}"));
+        }
         let mut params = Vec::new();
         let mut add = |p: ParamSpec| {
             params.push(p);
@@ -117,6 +143,7 @@ impl Model {
                 let mlp = mlp_params(config, "deep", input, &mut add);
                 Arch::WideDeep { linear, emb, mlp }
             }
+            ModelKind::TorchScript => unreachable!("loaded above"),
         };
         // Everything that changes the meaning of a weight or of a gradient
         // record goes into the fingerprint; records of another model are
@@ -147,6 +174,9 @@ impl Model {
     /// Initial weights from the configured seed, independent of libtorch's
     /// generator so that they stay identical across libtorch versions.
     pub fn init_weights(&self) -> Buffers {
+        if let Arch::Script(script) = &self.arch {
+            return script.initial.clone(); // the module's saved values
+        }
         (self.params.iter())
             .map(|p| {
                 let mut rng = SplitMix64(self.config.seed ^ fnv(&p.name));
@@ -164,12 +194,30 @@ impl Model {
 
     /// The model's output for one instance: a probability under log-loss, the
     /// raw value under squared error.
+    /// (TorchScript: NaN if libtorch fails; serving uses [`Model::predict_batch`].)
     pub fn predict<B: AsRef<[f32]>>(&self, w: &[B], f: &Features) -> f32 {
         let out = match &self.arch {
             Arch::Logistic(l) => logistic::forward(l, w, f),
             Arch::Mlp(m) => mlp::forward(m, w, &f.dense),
             Arch::WideDeep { linear, emb, mlp } => wide_deep::forward(linear, emb, mlp, self.config.embedding_dim, w, f),
+            Arch::Script(s) => s.outputs(None, w, &[f]).map_or(f32::NAN, |v| v[0]),
         };
+        self.link(out)
+    }
+
+    /// Predictions for a batch, under the weights of served `version`
+    /// (`None`: weights that no version names). TorchScript models run the
+    /// batch as one `forward`, in an instance that already holds `version`'s
+    /// weights where there is one; the others answer per instance.
+    pub fn predict_batch<B: AsRef<[f32]>>(&self, version: Option<i64>, w: &[B], batch: &[&Features]) -> Result<Vec<f32>, GradientError> {
+        match &self.arch {
+            Arch::Script(s) => Ok(s.outputs(version, w, batch)?.into_iter().map(|o| self.link(o)).collect()),
+            _ => Ok(batch.iter().map(|f| self.predict(w, f)).collect()),
+        }
+    }
+
+    /// The output as served: a probability under log-loss, else as it is.
+    fn link(&self, out: f32) -> f32 {
         match self.config.loss {
             Loss::Logloss => 1.0 / (1.0 + (-out).exp()),
             Loss::Squared => out,

@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
+use utoipa::ToSchema;
 
 use super::{check_model, ApiError, AppState};
 use crate::apply::applier::{last_good, Progress};
@@ -33,17 +34,20 @@ pub struct Admin {
     pub replica_id: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(untagged)]
 enum Target {
     Version(i64),
     Named(String),
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RollbackRequest {
+    /// A version (an update-log position, e.g. a snapshot's) or "last_good".
     to_version: Target,
+    /// What becomes of the events learned since: relearn | skip.
+    #[schema(value_type = String)]
     events: EventsSince,
 }
 
@@ -65,6 +69,20 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Arc<Admin>, Respon
     Err((StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], Json(json!({ "error": why }))).into_response())
 }
 
+/// Roll the fleet back to a version: appends a rollback record to the
+/// update log; answers once this replica has taken it.
+#[utoipa::path(post, path = "/v1/models/{model}/rollback", tag = "admin",
+    params(("model" = String, Path, description = "The model name")),
+    request_body = RollbackRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Taken (or rejected, with the reason) by this replica", body = Object),
+        (status = 202, description = "Appended; this replica had not read it after 30 s", body = Object),
+        (status = 400, body = super::ErrorBody),
+        (status = 401, description = "No or a wrong bearer token", body = super::ErrorBody),
+        (status = 404, description = "Admin endpoints are off (no token configured)", body = super::ErrorBody),
+        (status = 503, description = "The update log is unreachable", body = super::ErrorBody),
+    ))]
 pub async fn rollback(
     State(state): State<AppState>,
     Path(model): Path<String>,

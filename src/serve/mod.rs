@@ -1,17 +1,22 @@
 //! The HTTP API. Reads only the serving snapshot, never training state:
 //! a request never waits for training.
 //!
-//! - `POST /v1/models/{name}:predict` (KServe V1)
-//! - `GET /v1/models/{name}`
-//! - `GET /v1/models/{name}/snapshots`
-//! - `POST /v1/models/{name}/rollback` (admin, bearer token: [`admin`])
-//! - `GET /healthz`, `GET /readyz`, `GET /metrics`
+//! Every route is a handler with a `#[utoipa::path]` annotation, listed
+//! once in [`endpoints`]: the router and the OpenAPI document
+//! (`GET /openapi.json`) are both built from that list, so they cannot
+//! disagree. Groups: KServe V1 (`/v1/models/...`), the Open Inference
+//! Protocol (KServe V2, [`v2`]), training events over HTTP ([`events`]),
+//! the admin endpoints ([`admin`]), the status page ([`status`]), and
+//! health and metrics.
 
 pub mod admin;
 mod error;
+pub mod events;
+pub mod status;
+pub mod v2;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use axum::body::Bytes;
@@ -20,10 +25,14 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::OpenApi as OpenApiDoc;
+use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa_axum::router::UtoipaMethodRouter;
+use utoipa_axum::routes;
 
 pub use error::ApiError;
 
@@ -39,53 +48,173 @@ pub struct AppState {
     /// Caught up with the update log as of start-up.
     pub ready: Arc<AtomicBool>,
     pub model_name: Arc<str>,
+    pub replica_id: Arc<str>,
     pub max_batch: usize,
     pub max_body_bytes: usize,
     /// The checkpoint store, for listing snapshots (`None`: nothing to list).
     pub checkpoints: Option<SharedStore>,
     /// The admin endpoints; `None`: off.
     pub admin: Option<Arc<admin::Admin>>,
+    /// `POST /v1/events`; `None`: off.
+    pub events: Option<Arc<events::EventSink>>,
+    /// The last minutes of the status page's series.
+    pub history: Arc<status::History>,
+}
+
+/// Every endpoint, once: the router and the OpenAPI document come from here.
+fn endpoints() -> Vec<UtoipaMethodRouter<AppState>> {
+    vec![
+        routes!(status::page),
+        routes!(status::status),
+        routes!(healthz),
+        routes!(readyz),
+        routes!(metrics),
+        routes!(openapi_json),
+        routes!(model_info),
+        routes!(predict),
+        routes!(snapshots),
+        routes!(admin::rollback),
+        routes!(events::ingest),
+        routes!(v2::server_metadata),
+        routes!(v2::live),
+        routes!(v2::ready),
+        routes!(v2::model_metadata),
+        routes!(v2::model_ready),
+        routes!(v2::infer),
+    ]
+}
+
+/// The axum route of a documented path: a custom verb after the last
+/// parameter (`/v1/models/{model}:predict`, Google's API style, which
+/// KServe V1 uses) is part of that parameter for the router, which parses
+/// it in the handler.
+fn route_of(path: &str) -> &str {
+    match path.rfind("}:") {
+        Some(i) => &path[..=i],
+        None => path,
+    }
 }
 
 pub fn router(state: AppState) -> Router {
     let limit = state.max_body_bytes;
-    Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/v1/models/{model}", get(model_info).post(model_verb))
-        .route("/v1/models/{model}/snapshots", get(snapshots))
-        .route("/v1/models/{model}/rollback", axum::routing::post(admin::rollback))
-        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+    let mut router = Router::new();
+    for (_, paths, method_router) in endpoints() {
+        for path in paths.paths.keys() {
+            router = router.route(route_of(path), method_router.clone());
+        }
+    }
+    router
+        .fallback(|| async { ApiError::NotFound("no such route; GET /openapi.json lists them".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), record_request))
         .with_state(state)
 }
 
-/// Counts and times every request by matched route and status.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "tributary",
+        description = "A replica of a fleet that learns online from Kafka and serves the newest weights. \
+            Every replica serves the same API; equal model_version means bit-identical weights.",
+        license(name = "Apache-2.0")
+    ),
+    tags(
+        (name = "kserve-v1", description = "KServe V1 prediction protocol"),
+        (name = "kserve-v2", description = "Open Inference Protocol (KServe V2), REST"),
+        (name = "training", description = "Training events and model state"),
+        (name = "admin", description = "Behind Authorization: Bearer <http.admin_token>"),
+        (name = "operations", description = "Health, metrics, status page, this document"),
+    ),
+    modifiers(&BearerAuth)
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, doc: &mut OpenApiDoc) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+    }
+}
+
+/// The OpenAPI 3 document of [`router`].
+pub fn openapi() -> OpenApiDoc {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    for (schemas, paths, _) in endpoints() {
+        doc.paths.merge(paths);
+        doc.components.get_or_insert_with(Default::default).schemas.extend(schemas);
+    }
+    doc
+}
+
+/// `{"error": "..."}`: every error answer.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    error: String,
+}
+
+/// The body, or the error that reading it gave (413 past `http.max_body_bytes`).
+fn body_bytes(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(state.max_body_bytes),
+        _ => ApiError::BadRequest(e.body_text()),
+    })
+}
+
+/// Counts and times every request by method, matched route and status.
 async fn record_request(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_string();
+    let method = req.method().clone();
     let start = Instant::now();
     let response = next.run(req).await;
     let m = &state.metrics;
-    m.http_duration.with_label_values(&[&route]).observe(start.elapsed().as_secs_f64());
-    m.http_requests.with_label_values(&[&route, response.status().as_str()]).inc();
+    m.http_duration.with_label_values(&[method.as_str(), &route]).observe(start.elapsed().as_secs_f64());
+    m.http_requests.with_label_values(&[method.as_str(), &route, response.status().as_str()]).inc();
     response
 }
 
+/// Alive: the HTTP server answers. Says nothing of the model.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, body = Object, example = json!({"status": "ok"}))))]
+async fn healthz() -> Json<Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Readiness {
+    /// Caught up with the update log as of start-up, and serving.
+    ready: bool,
+    model_version: i64,
+}
+
+/// Ready: caught up with the update log as of start-up.
+#[utoipa::path(get, path = "/readyz", tag = "operations", responses(
+    (status = 200, description = "Ready", body = Readiness),
+    (status = 503, description = "Still catching up", body = Readiness),
+))]
 async fn readyz(State(state): State<AppState>) -> Response {
     let snap = state.serving.load();
     let ready = state.ready.load(Ordering::Acquire);
-    let body = Json(json!({"ready": ready, "model_version": snap.position}));
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, body).into_response()
+    (status, Json(Readiness { ready, model_version: snap.position })).into_response()
 }
 
+/// Prometheus metrics, text exposition format.
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, content_type = "text/plain", body = String)))]
 async fn metrics(State(state): State<AppState>) -> Response {
     let snap = state.serving.load();
     state.metrics.model_version.set(snap.position);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations", responses((status = 200, description = "OpenAPI 3", body = Object)))]
+async fn openapi_json() -> Response {
+    static DOC: OnceLock<String> = OnceLock::new();
+    let doc = DOC.get_or_init(|| openapi().to_pretty_json().expect("the document serializes"));
+    ([(header::CONTENT_TYPE, "application/json")], doc.as_str()).into_response()
 }
 
 fn check_model(state: &AppState, name: &str) -> Result<(), ApiError> {
@@ -96,7 +225,34 @@ fn check_model(state: &AppState, name: &str) -> Result<(), ApiError> {
     }
 }
 
-async fn model_info(State(state): State<AppState>, Path(model): Path<String>) -> Result<Json<Value>, ApiError> {
+#[derive(Serialize, ToSchema)]
+pub struct ModelInfo {
+    name: String,
+    /// logistic | mlp | wide_deep
+    #[schema(value_type = String)]
+    kind: crate::config::ModelKind,
+    /// The update-log position of the served weights.
+    model_version: i64,
+    ready: bool,
+    examples_learned: u64,
+    /// Mean loss of every learned example, taken before it was learned.
+    progressive_logloss: Option<f64>,
+    /// Per events partition: the next offset to learn.
+    #[schema(value_type = Object)]
+    watermarks: std::collections::BTreeMap<i32, i64>,
+    /// BLAKE3 of the weights: equal digests, equal weights.
+    weights_digest: String,
+    /// The model structure's fingerprint (hex).
+    fingerprint: String,
+    dense_dim: usize,
+    sparse_fields: Vec<String>,
+}
+
+/// The served model: version, progress, weights digest.
+#[utoipa::path(get, path = "/v1/models/{model}", tag = "kserve-v1",
+    params(("model" = String, Path, description = "The model name (model.name)")),
+    responses((status = 200, body = ModelInfo), (status = 404, body = ErrorBody)))]
+async fn model_info(State(state): State<AppState>, Path(model): Path<String>) -> Result<Json<ModelInfo>, ApiError> {
     check_model(&state, &model)?;
     let snap = state.serving.load_full();
     // Hashing the weights takes milliseconds on a big model: off the async workers.
@@ -107,57 +263,97 @@ async fn model_info(State(state): State<AppState>, Path(model): Path<String>) ->
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?;
     let c = snap.model.config();
-    Ok(Json(json!({
-        "name": model,
-        "kind": c.kind,
-        "model_version": snap.position,
-        "ready": state.ready.load(Ordering::Acquire),
-        "examples_learned": snap.examples_learned,
-        "progressive_logloss": snap.progressive_loss,
-        "watermarks": snap.watermarks,
-        "weights_digest": digest,
-        "fingerprint": format!("{:016x}", snap.model.fingerprint()),
-        "dense_dim": c.dense_dim,
-        "sparse_fields": c.sparse_fields,
-    })))
+    Ok(Json(ModelInfo {
+        name: model,
+        kind: c.kind,
+        model_version: snap.position,
+        ready: state.ready.load(Ordering::Acquire),
+        examples_learned: snap.examples_learned,
+        progressive_logloss: snap.progressive_loss,
+        watermarks: snap.watermarks.clone(),
+        weights_digest: digest,
+        fingerprint: format!("{:016x}", snap.model.fingerprint()),
+        dense_dim: c.dense_dim,
+        sparse_fields: c.sparse_fields.clone(),
+    }))
 }
 
-/// `GET /v1/models/{name}/snapshots`: this replica's checkpoints, newest first.
-async fn snapshots(State(state): State<AppState>, Path(model): Path<String>) -> Result<Json<Value>, ApiError> {
+/// One checkpoint.
+#[derive(Serialize, ToSchema)]
+pub struct SnapshotInfo {
+    /// The update-log position it holds: a `to_version` for rollback.
+    position: i64,
+    written_unix_ms: u64,
+    bytes: u64,
+    examples_learned: Option<u64>,
+    progressive_logloss: Option<f64>,
+}
+
+impl From<&CheckpointInfo> for SnapshotInfo {
+    fn from(c: &CheckpointInfo) -> SnapshotInfo {
+        SnapshotInfo {
+            position: c.position,
+            written_unix_ms: c.written.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+            bytes: c.bytes,
+            examples_learned: c.examples_learned,
+            progressive_logloss: c.progressive_loss,
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Snapshots {
+    /// Newest first.
+    snapshots: Vec<SnapshotInfo>,
+}
+
+/// The checkpoint store's snapshots of this model, newest first.
+#[utoipa::path(get, path = "/v1/models/{model}/snapshots", tag = "training",
+    params(("model" = String, Path, description = "The model name")),
+    responses((status = 200, body = Snapshots), (status = 404, body = ErrorBody), (status = 503, description = "The store is unreachable", body = ErrorBody)))]
+async fn snapshots(State(state): State<AppState>, Path(model): Path<String>) -> Result<Json<Snapshots>, ApiError> {
     check_model(&state, &model)?;
     let Some(store) = state.checkpoints.clone() else {
-        return Ok(Json(json!({ "snapshots": [] })));
+        return Ok(Json(Snapshots { snapshots: Vec::new() }));
     };
     let listed = tokio::task::spawn_blocking(move || store.list())
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-    Ok(Json(json!({ "snapshots": listed.iter().map(snapshot_json).collect::<Vec<_>>() })))
+    Ok(Json(Snapshots { snapshots: listed.iter().map(SnapshotInfo::from).collect() }))
 }
 
-pub fn snapshot_json(c: &CheckpointInfo) -> Value {
-    let written_ms = c.written.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    json!({
-        "position": c.position,
-        "written_unix_ms": written_ms,
-        "bytes": c.bytes,
-        "examples_learned": c.examples_learned,
-        "progressive_logloss": c.progressive_loss,
-    })
-}
-
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PredictRequest {
+pub struct PredictRequest {
+    /// Each: `{"dense": [...], "sparse": {"field": "value" or ["v1", "v2"]}}`.
+    #[schema(value_type = Vec<Object>)]
     instances: Vec<Value>,
 }
 
-/// `POST /v1/models/{name}:{verb}`; the only verb is `predict`.
-async fn model_verb(
+#[derive(Serialize, ToSchema)]
+pub struct PredictResponse {
+    /// One per instance: a probability under log-loss, else the raw output.
+    predictions: Vec<f32>,
+    /// The update-log position of the weights that answered.
+    model_version: i64,
+}
+
+/// Predictions for a batch of instances (KServe V1).
+#[utoipa::path(post, path = "/v1/models/{model}:predict", tag = "kserve-v1",
+    params(("model" = String, Path, description = "The model name")),
+    request_body = PredictRequest,
+    responses(
+        (status = 200, body = PredictResponse),
+        (status = 400, description = "A bad body or instance, named by index", body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 413, body = ErrorBody),
+    ))]
+async fn predict(
     State(state): State<AppState>,
     Path(model): Path<String>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<PredictResponse>, ApiError> {
     let Some((name, verb)) = model.split_once(':') else {
         return Err(ApiError::MethodNotAllowed);
     };
@@ -165,25 +361,39 @@ async fn model_verb(
     if verb != "predict" {
         return Err(ApiError::NotFound(format!("unknown verb {verb:?}; use :predict")));
     }
-    let body = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(state.max_body_bytes),
-        _ => ApiError::BadRequest(e.body_text()),
-    })?;
+    let body = body_bytes(&state, body)?;
     let request: PredictRequest =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))?;
-    let n = request.instances.len();
+    let snap = state.serving.load();
+    let predictions = predict_instances(&state, &snap, request.instances)?;
+    Ok(Json(PredictResponse { predictions, model_version: snap.position }))
+}
+
+/// Predictions for `instances` (JSON instances, checked against the model).
+fn predict_instances(state: &AppState, snap: &crate::serving::Snapshot, instances: Vec<Value>) -> Result<Vec<f32>, ApiError> {
+    let n = instances.len();
     if n == 0 {
         return Err(ApiError::BadRequest("instances is empty".into()));
     }
     if n > state.max_batch {
         return Err(ApiError::BadRequest(format!("{n} instances; at most {} per request", state.max_batch)));
     }
-    let snap = state.serving.load();
     let featurizer = snap.model.featurizer();
-    let mut predictions = Vec::with_capacity(n);
-    for (i, instance) in request.instances.into_iter().enumerate() {
-        let features = featurizer.instance(instance).map_err(|e| ApiError::BadRequest(format!("instances[{i}]: {e}")))?;
-        predictions.push(snap.model.predict(&snap.weights, &features));
+    let features = (instances.into_iter().enumerate())
+        .map(|(i, instance)| featurizer.instance(instance).map_err(|e| ApiError::BadRequest(format!("instances[{i}]: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let batch: Vec<&crate::event::Features> = features.iter().collect();
+    (snap.model.predict_batch(Some(snap.position), &snap.weights, &batch)).map_err(|e| ApiError::Internal(format!("the model failed: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route_of;
+
+    #[test]
+    fn custom_verbs_belong_to_the_last_parameter() {
+        assert_eq!(route_of("/v1/models/{model}:predict"), "/v1/models/{model}");
+        assert_eq!(route_of("/v1/models/{model}/snapshots"), "/v1/models/{model}/snapshots");
+        assert_eq!(route_of("/healthz"), "/healthz");
     }
-    Ok(Json(json!({ "predictions": predictions, "model_version": snap.position })))
 }

@@ -15,7 +15,8 @@ use tributary::model::Model;
 use tributary::serve::{router, AppState};
 use tributary::serving::Publisher;
 
-fn app(kind: ModelKind) -> axum::Router {
+/// A replica's HTTP state without Kafka: a small model at its seed weights.
+pub fn state(kind: ModelKind) -> AppState {
     let mut config = Config::default();
     config.model.kind = kind;
     config.model.buckets = 1024;
@@ -25,7 +26,7 @@ fn app(kind: ModelKind) -> axum::Router {
     config.http.max_batch = 4;
     let model = Arc::new(Model::new(&config.model));
     let publisher = Publisher::new(model.clone(), &State::initial(&model));
-    router(AppState {
+    AppState {
         serving: publisher.serving(),
         metrics: Arc::new(Metrics::new("test")),
         ready: Arc::new(AtomicBool::new(true)),
@@ -34,10 +35,17 @@ fn app(kind: ModelKind) -> axum::Router {
         max_body_bytes: config.http.max_body_bytes,
         checkpoints: None,
         admin: None,
-    })
+        events: None,
+        history: Default::default(),
+        replica_id: "test".into(),
+    }
 }
 
-async fn call(app: &axum::Router, method: &str, uri: &str, body: impl Into<Body>) -> (StatusCode, Value, String) {
+pub fn app(kind: ModelKind) -> axum::Router {
+    router(state(kind))
+}
+
+pub async fn call(app: &axum::Router, method: &str, uri: &str, body: impl Into<Body>) -> (StatusCode, Value, String) {
     let request = Request::builder().method(method).uri(uri).header("content-type", "application/json").body(body.into()).unwrap();
     let response = app.clone().oneshot(request).await.unwrap();
     let status = response.status();
@@ -46,7 +54,7 @@ async fn call(app: &axum::Router, method: &str, uri: &str, body: impl Into<Body>
     (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null), text)
 }
 
-const PREDICT: &str = "/v1/models/default:predict";
+pub const PREDICT: &str = "/v1/models/default:predict";
 
 #[tokio::test]
 async fn predicts_for_every_model_kind() {
@@ -80,7 +88,7 @@ async fn model_info_health_ready_and_metrics() {
     let (status, _, text) = call(&app, "GET", "/metrics", Body::empty()).await;
     assert_eq!(status, StatusCode::OK);
     assert!(text.contains("tributary_model_version"), "{text}");
-    assert!(text.contains(r#"tributary_http_requests_total{route="/v1/models/{model}",status="400",replica="test"} 1"#), "{text}");
+    assert!(text.contains(r#"tributary_http_requests_total{method="POST",route="/v1/models/{model}",status="400",replica="test"} 1"#), "{text}");
     assert!(text.contains("tributary_http_request_duration_seconds_bucket"), "{text}");
 }
 
@@ -143,6 +151,9 @@ async fn snapshots_are_listed_newest_first_with_their_counters() {
         max_body_bytes: 4096,
         checkpoints: Some(std::sync::Arc::new(store)),
         admin: None,
+        events: None,
+        history: Default::default(),
+        replica_id: "test".into(),
     });
     let (status, body, _) = call(&app, "GET", "/v1/models/default/snapshots", Body::empty()).await;
     assert_eq!(status, StatusCode::OK, "{body}");

@@ -90,6 +90,7 @@ impl Cluster {
             ("TRIBUTARY_MODEL__BUCKETS".into(), c.model.buckets.to_string()),
             ("TRIBUTARY_MODEL__EMBEDDING_DIM".into(), c.model.embedding_dim.to_string()),
             ("TRIBUTARY_MODEL__HIDDEN".into(), format!("{:?}", c.model.hidden)),
+            ("TRIBUTARY_MODEL__TORCHSCRIPT_PATH".into(), c.model.torchscript_path.display().to_string()),
             ("TRIBUTARY_KAFKA__EVENTS_TOPIC".into(), c.kafka.events_topic.clone()),
             ("TRIBUTARY_KAFKA__UPDATES_TOPIC".into(), c.kafka.updates_topic.clone()),
             ("TRIBUTARY_KAFKA__DLQ_TOPIC".into(), c.kafka.dlq_topic.clone()),

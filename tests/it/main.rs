@@ -5,7 +5,11 @@
 //! `scripts/test --quick` skips them, CI runs them.
 
 mod api;
+mod browser;
+mod deploy;
+mod endpoints;
 mod faults;
 mod fleet;
 mod helpers;
 mod rollback;
+mod torchscript;

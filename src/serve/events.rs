@@ -1,0 +1,156 @@
+//! `POST /v1/events`: training events over HTTP, for clients without a Kafka
+//! library. The events go to the same topic, in the same form, as any
+//! producer's; the trainers cannot tell them apart.
+//!
+//! A batch is all or nothing at validation: every event is checked with the
+//! trainer's own parser, and if any is invalid none is produced (422, with
+//! the reason per bad event), so a client fixes the batch and sends it again
+//! without duplicating the good ones. Valid batches are produced with
+//! `acks=all` and answered once the broker has them (202, partition and
+//! offset per event). If the broker fails some, the answer is 503 with the
+//! result per event: resend only those with an `error`.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use super::{body_bytes, ApiError, AppState};
+use crate::log::kafka;
+
+/// Produces events to the events topic.
+pub struct EventSink {
+    producer: FutureProducer,
+    topic: String,
+}
+
+impl EventSink {
+    pub fn new(brokers: &str, topic: &str, replica_id: &str) -> anyhow::Result<EventSink> {
+        let mut config = kafka::producer_config(brokers, &format!("{replica_id}-ingest"));
+        // Events, unlike gradient records, may share a batch: the trainer
+        // probes back when a fetch starts past its offset (`train::Resume`).
+        config.set("linger.ms", "2").set("batch.num.messages", "1000");
+        Ok(EventSink { producer: config.create()?, topic: topic.to_string() })
+    }
+}
+
+/// A batch of training events (the event schema of the README).
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EventsRequest {
+    /// Each: `{"dense": [...], "sparse": {...}, "label": 1, "ts": 1764000000000}`.
+    #[schema(value_type = Vec<Object>)]
+    events: Vec<Value>,
+}
+
+/// Where one event landed, or why it did not.
+#[derive(Serialize, ToSchema)]
+pub struct EventResult {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partition: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct EventsAccepted {
+    /// One per event, in request order.
+    results: Vec<EventResult>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct InvalidEvent {
+    /// Position in `events`.
+    index: usize,
+    /// A stable name of the reason, as in the dead-letter header.
+    reason: &'static str,
+    error: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct EventsRejected {
+    error: String,
+    invalid: Vec<InvalidEvent>,
+}
+
+/// Produce a batch of training events to the events topic.
+#[utoipa::path(
+    post,
+    path = "/v1/events",
+    tag = "training",
+    request_body = EventsRequest,
+    responses(
+        (status = 202, description = "Every event is on the broker", body = EventsAccepted),
+        (status = 400, description = "The body is not a batch of events", body = super::ErrorBody),
+        (status = 404, description = "Ingestion is off (http.ingest = false)", body = super::ErrorBody),
+        (status = 422, description = "Some events are invalid; none was produced", body = EventsRejected),
+        (status = 503, description = "The broker did not take some events; resend those with an error", body = EventsAccepted),
+    )
+)]
+pub async fn ingest(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let Some(sink) = state.events.clone() else {
+        return Err(ApiError::NotFound("event ingestion is off (http.ingest = false)".into()));
+    };
+    let body = body_bytes(&state, body)?;
+    let request: EventsRequest =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))?;
+    let n = request.events.len();
+    if n == 0 {
+        return Err(ApiError::BadRequest("events is empty".into()));
+    }
+    if n > state.max_batch {
+        return Err(ApiError::BadRequest(format!("{n} events; at most {} per request", state.max_batch)));
+    }
+    let metrics = &state.metrics;
+    let snap = state.serving.load();
+    let featurizer = snap.model.featurizer();
+    let mut payloads = Vec::with_capacity(n);
+    let mut invalid = Vec::new();
+    for (index, event) in request.events.iter().enumerate() {
+        let bytes = serde_json::to_vec(event).expect("a JSON value serializes");
+        match featurizer.event(&bytes) {
+            Ok(_) => payloads.push(bytes),
+            Err(e) => invalid.push(InvalidEvent { index, reason: e.kind(), error: e.to_string() }),
+        }
+    }
+    if !invalid.is_empty() {
+        metrics.events_ingested.with_label_values(&["invalid"]).inc_by(invalid.len() as u64);
+        let error = format!("{} of {n} events are invalid; none was produced", invalid.len());
+        return Ok((StatusCode::UNPROCESSABLE_ENTITY, Json(EventsRejected { error, invalid })).into_response());
+    }
+
+    let deliveries = payloads.iter().map(|bytes| {
+        let record: FutureRecord<'_, (), [u8]> = FutureRecord::to(&sink.topic).payload(bytes);
+        // Waits for queue space rather than failing under a burst; the
+        // producer's message.timeout.ms bounds the whole delivery.
+        sink.producer.send(record, Duration::from_secs(5))
+    });
+    let results: Vec<EventResult> = futures::future::join_all(deliveries)
+        .await
+        .into_iter()
+        .map(|r| match r {
+            Ok(d) => EventResult { partition: Some(d.partition), offset: Some(d.offset), error: None },
+            Err((e, _)) => EventResult { partition: None, offset: None, error: Some(e.to_string()) },
+        })
+        .collect();
+    let failed = results.iter().filter(|r| r.error.is_some()).count();
+    metrics.events_ingested.with_label_values(&["produced"]).inc_by((n - failed) as u64);
+    metrics.events_ingested.with_label_values(&["failed"]).inc_by(failed as u64);
+    let status = if failed == 0 {
+        StatusCode::ACCEPTED
+    } else {
+        tracing::warn!(failed, of = n, "the broker did not take some events posted to /v1/events");
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    Ok((status, Json(EventsAccepted { results })).into_response())
+}

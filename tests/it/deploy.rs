@@ -1,0 +1,129 @@
+//! The Docker fleet's files, checked without a Docker engine:
+//! `docker-compose config` accepts the compose file, Prometheus scrapes
+//! exactly the compose file's replicas, the replicas' environment is a
+//! configuration tributary accepts, and every metric the alert rules and
+//! the Grafana dashboard name is one the service exports.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+use tributary::config::{Config, Overrides};
+use tributary::metrics::{Metrics, NAMESPACE};
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(repo().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// `docker-compose ARGS` on the repository's compose file; its stdout.
+fn compose(args: &[&str]) -> String {
+    let out = Command::new("docker-compose")
+        .arg("--project-directory")
+        .arg(repo())
+        .arg("-f")
+        .arg(repo().join("docker-compose.yml"))
+        .args(args)
+        .output()
+        .expect("docker-compose (Debian's package; scripts/setup installs it)");
+    assert!(out.status.success(), "docker-compose {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The files that name metrics.
+fn metric_files() -> Vec<PathBuf> {
+    let mut files = vec![repo().join("docker-compose.yml")];
+    for dir in ["deploy/prometheus", "deploy/grafana/dashboards"] {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(repo().join(dir)).unwrap().map(|e| e.unwrap().path()).collect();
+        found.sort();
+        files.extend(found);
+    }
+    files
+}
+
+/// Every `tributary_...` token: metric names, as PromQL writes them.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let prefix = format!("{NAMESPACE}_");
+    text.split(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+        .filter(|t| t.starts_with(&prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn compose_file_is_valid() {
+    compose(&["config", "--quiet"]);
+}
+
+#[test]
+fn prometheus_scrapes_every_replica_of_the_compose_file() {
+    let services = compose(&["config", "--services"]);
+    let replicas: Vec<&str> = services.lines().filter(|s| s.starts_with("tributary-")).collect();
+    assert_eq!(replicas.len(), 3, "three replicas: {services}");
+    let prometheus = read("deploy/prometheus/prometheus.yml");
+    for r in &replicas {
+        assert!(prometheus.contains(&format!("\"{r}:8080\"")), "prometheus.yml does not scrape {r}");
+    }
+    assert_eq!(prometheus.matches(":8080\"").count(), replicas.len(), "prometheus.yml scrapes a target that is not a replica");
+}
+
+#[test]
+fn compose_environment_is_a_valid_configuration() {
+    // The resolved file, one `KEY: value` per line under `environment:`.
+    let resolved = compose(&["config"]);
+    let env: BTreeSet<(String, String)> = resolved
+        .lines()
+        .filter_map(|l| l.trim().split_once(": "))
+        .filter(|(k, _)| k.starts_with("TRIBUTARY_"))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('\'').trim_matches('"').to_string()))
+        .collect();
+    assert!(env.iter().any(|(k, _)| k == "TRIBUTARY_CHECKPOINT_STORE"), "{resolved}");
+    let config = Config::load(None, env.clone(), &Overrides::default()).unwrap_or_else(|e| panic!("{e}\n{env:?}"));
+    assert_eq!(config.kafka.brokers, "kafka:9092");
+    assert!(config.checkpoint.store.starts_with("postgres://"));
+}
+
+#[test]
+fn rules_and_dashboard_name_only_exported_metrics() {
+    let exported: BTreeSet<String> = Metrics::new("check").series_names().into_iter().collect();
+    let mut named = BTreeSet::new();
+    for file in metric_files() {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for name in metric_names(&text) {
+            assert!(exported.contains(&name), "{} names {name}, which tributary does not export", file.display());
+            named.insert(name);
+        }
+    }
+    // What the dashboard must show (issue 6): predictions/s, latency
+    // percentiles, events/s, lag, freshness, model version, progressive loss.
+    let dashboard = read("deploy/grafana/dashboards/tributary.json");
+    for needed in [
+        "tributary_http_requests_total",
+        "tributary_http_request_duration_seconds_bucket",
+        "tributary_events_consumed_total",
+        "tributary_consumer_lag",
+        "tributary_freshness_seconds_bucket",
+        "tributary_model_version",
+        "tributary_progressive_logloss",
+    ] {
+        assert!(metric_names(&dashboard).contains(needed), "the dashboard does not show {needed}");
+    }
+    assert!(named.len() >= 10, "{named:?}");
+}
+
+#[test]
+fn dashboard_reads_the_provisioned_datasource() {
+    let datasources = read("deploy/grafana/provisioning/datasources/prometheus.yml");
+    assert!(datasources.contains("uid: prometheus"), "{datasources}");
+    let dashboard: Value = serde_json::from_str(&read("deploy/grafana/dashboards/tributary.json")).unwrap();
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(panels.len() >= 7);
+    for p in panels {
+        assert_eq!(p["datasource"]["uid"], "prometheus", "panel {}", p["title"]);
+        assert!(!p["targets"].as_array().unwrap().is_empty(), "panel {} has no query", p["title"]);
+    }
+}

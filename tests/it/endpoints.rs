@@ -1,0 +1,161 @@
+//! The OpenAPI document against the router and the README, the Open
+//! Inference Protocol (KServe V2), the validation of `POST /v1/events`, and
+//! the status page's data; in process, like `api`. (Events reaching Kafka
+//! and the page in a browser are in `browser` and `fleet`.)
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::StatusCode;
+use serde_json::{json, Value};
+use tributary::config::ModelKind;
+use tributary::serve::events::EventSink;
+use tributary::serve::router;
+
+use crate::api::{app, call, state, PREDICT};
+
+/// (METHOD, path) of every operation in the document.
+fn documented(doc: &Value) -> BTreeSet<(String, String)> {
+    let mut ops = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            ops.insert((method.to_uppercase(), path.clone()));
+        }
+    }
+    ops
+}
+
+#[tokio::test]
+async fn every_route_is_documented_and_every_documented_route_answers() {
+    let app = app(ModelKind::Logistic);
+    let (status, doc, text) = call(&app, "GET", "/openapi.json", Body::empty()).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{text}");
+    let ops = documented(&doc);
+    assert!(ops.len() >= 17, "{ops:?}");
+    // Routed: no operation falls through to the fallback (404 "no such
+    // route") or to 405; each has its responses documented.
+    for (method, path) in &ops {
+        let uri = path.replace("{model}", "default");
+        let (status, v, text) = call(&app, method, &uri, Body::empty()).await;
+        assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}: {text}");
+        let fell_through = v["error"].as_str().is_some_and(|e| e.contains("no such route"));
+        assert!(!fell_through, "{method} {path} is documented but not routed");
+        let op = &doc["paths"][path][method.to_lowercase()];
+        assert!(op["responses"].as_object().is_some_and(|r| !r.is_empty()), "{method} {path}: no responses");
+        assert!(op["summary"].is_string() || op["description"].is_string(), "{method} {path}: undescribed");
+    }
+    // Every schema a request or response names is defined.
+    let schemas = doc["components"]["schemas"].as_object().unwrap();
+    for reference in text.split("\"#/components/schemas/").skip(1).map(|r| &r[..r.find('"').unwrap()]) {
+        assert!(schemas.contains_key(reference), "{reference} is referenced, not defined");
+    }
+    // The README's API table lists exactly the documented operations.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let listed: BTreeSet<(String, String)> = readme
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split_once('`').map(|(route, _)| route))
+        .filter_map(|route| route.split_once(' '))
+        .filter(|(m, _)| ["GET", "POST", "PUT", "DELETE", "PATCH"].contains(m))
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    assert_eq!(listed, ops, "README's HTTP API table vs /openapi.json");
+}
+
+/// The same instances through V1 and V2 give the same numbers.
+#[tokio::test]
+async fn kserve_v2_infer_matches_v1_predict() {
+    let app = app(ModelKind::WideDeep);
+    let v1 = json!({"instances": [
+        {"dense": [0.5, -1.0], "sparse": {"country": "de", "tags": ["a", "b"]}},
+        {"dense": [0.0, 2.0], "sparse": {"tags": ["c"]}},
+    ]});
+    let (_, v1, _) = call(&app, "POST", PREDICT, v1.to_string()).await;
+    let v2 = json!({"id": "r1", "inputs": [
+        {"name": "dense", "shape": [2, 2], "datatype": "FP32", "data": [0.5, -1.0, 0.0, 2.0]},
+        {"name": "country", "shape": [2], "datatype": "BYTES", "data": ["de", ""]},
+        {"name": "tags", "shape": [2, 2], "datatype": "BYTES", "data": [["a", "b"], ["c", ""]]},
+    ]});
+    let (status, out, text) = call(&app, "POST", "/v2/models/default/infer", v2.to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert_eq!(out["id"], "r1");
+    assert_eq!(out["model_name"], "default");
+    assert_eq!(out["model_version"], "0");
+    let o = &out["outputs"][0];
+    assert_eq!((o["name"].as_str(), o["datatype"].as_str(), &o["shape"]), (Some("predictions"), Some("FP32"), &json!([2])));
+    assert_eq!(o["data"], v1["predictions"], "V2 {text} vs V1 {v1}");
+
+    let (status, meta, _) = call(&app, "GET", "/v2/models/default", Body::empty()).await;
+    assert_eq!(status, StatusCode::OK);
+    let inputs: Vec<&str> = meta["inputs"].as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap()).collect();
+    assert_eq!(inputs, ["dense", "country", "tags"]);
+    assert_eq!(meta["inputs"][0]["shape"], json!([-1, 2]));
+    for uri in ["/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/default/ready"] {
+        assert_eq!(call(&app, "GET", uri, Body::empty()).await.0, StatusCode::OK, "{uri}");
+    }
+    let (status, v, _) = call(&app, "GET", "/v2/models/other/ready", Body::empty()).await;
+    assert_eq!((status, v["error"].as_str().is_some()), (StatusCode::NOT_FOUND, true));
+    let bad = json!({"inputs": [{"name": "dense", "shape": [1, 2], "datatype": "FP32", "data": [1.0]}]});
+    let (status, v, _) = call(&app, "POST", "/v2/models/default/infer", bad.to_string()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(v["error"].as_str().unwrap().contains("holds 2 values, data has 1"), "{v}");
+}
+
+#[tokio::test]
+async fn posted_events_are_validated_whole_before_anything_is_produced() {
+    // No broker at this address: a batch that reached the producer would
+    // fail with 503, so every answer below is validation's own.
+    let mut with_sink = state(ModelKind::Logistic);
+    with_sink.events = Some(Arc::new(EventSink::new("127.0.0.1:9", "events-never", "test").unwrap()));
+    let app = router(with_sink.clone());
+    let good = json!({"dense": [1.0, 2.0], "sparse": {"country": "de"}, "label": 1});
+    let batch = json!({"events": [good, {"dense": [1.0], "label": 1}, {"dense": [1.0, 2.0], "label": 7}, {"label": 0, "extra": 1}]});
+    let (status, v, text) = call(&app, "POST", "/v1/events", batch.to_string()).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{text}");
+    assert_eq!(v["error"], "3 of 4 events are invalid; none was produced");
+    let invalid: Vec<(u64, &str)> =
+        v["invalid"].as_array().unwrap().iter().map(|e| (e["index"].as_u64().unwrap(), e["reason"].as_str().unwrap())).collect();
+    assert_eq!(invalid, [(1, "dense_length"), (2, "label_range"), (3, "json")], "{text}");
+    assert!(v["invalid"][0]["error"].as_str().unwrap().contains("dense has 1 values"), "{text}");
+
+    for (body, want) in [
+        (json!({"events": []}).to_string(), "events is empty"),
+        (json!({"events": vec![good.clone(); 5]}).to_string(), "at most 4"),
+        ("[1, 2]".to_string(), "invalid request body"),
+    ] {
+        let (status, v, text) = call(&app, "POST", "/v1/events", body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+        assert!(v["error"].as_str().unwrap().contains(want), "{text}");
+    }
+    let metrics = with_sink.metrics.render();
+    assert!(metrics.contains(r#"tributary_events_ingested_total{result="invalid",replica="test"} 3"#), "{metrics}");
+    assert!(metrics.contains(r#"tributary_events_ingested_total{result="produced",replica="test"} 0"#), "{metrics}");
+
+    // Off: 404 that says so.
+    let (status, v, _) = call(&app_without_ingest(), "POST", "/v1/events", batch.to_string()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(v["error"].as_str().unwrap().contains("http.ingest"), "{v}");
+}
+
+fn app_without_ingest() -> axum::Router {
+    router(state(ModelKind::Logistic))
+}
+
+#[tokio::test]
+async fn status_reports_the_sampled_history() {
+    let s = state(ModelKind::Logistic);
+    for _ in 0..3 {
+        s.history.sample(&s.serving, &s.metrics);
+    }
+    let (status, v, text) = call(&router(s), "GET", "/v1/status", Body::empty()).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert_eq!((v["replica"].as_str(), v["model"].as_str(), v["kind"].as_str()), (Some("test"), Some("default"), Some("logistic")));
+    let h = &v["history"];
+    for series in ["unix_ms", "model_version", "events_per_sec", "lag", "freshness_p99_seconds", "progressive_logloss"] {
+        assert_eq!(h[series].as_array().map(Vec::len), Some(3), "{series}: {text}");
+    }
+    let page = call(&app(ModelKind::Logistic), "GET", "/", Body::empty()).await.2;
+    assert!(page.contains("<svg class=\"chart\" id=\"chart-progressive_logloss\""), "{page}");
+}

@@ -1,0 +1,173 @@
+//! `model.kind = "torchscript"`: modules exported by the project
+//! virtualenv's PyTorch (`examples/torchscript/export.py`), loaded, trained
+//! through the model API, then learned from a stream by two replicas that
+//! must end bit-identical.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use tributary::config::{Config, ModelConfig, ModelKind};
+use tributary::model::{GradValues, Model};
+
+use crate::helpers::{constant_logloss, Cluster};
+
+/// The virtualenv's python: `.libtorch` (made by scripts/setup) is its
+/// `site-packages/torch`. `TRIBUTARY_PYTHON` overrides.
+fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("TRIBUTARY_PYTHON") {
+        return p.into();
+    }
+    let torch = std::fs::canonicalize(concat!(env!("CARGO_MANIFEST_DIR"), "/.libtorch")).expect(".libtorch (run scripts/setup)");
+    torch.ancestors().nth(4).expect("venv/lib/pythonX/site-packages/torch").join("bin/python")
+}
+
+/// Runs the example exporter with `args` into `dir`; the module's path.
+fn export(dir: &Path, name: &str, args: &[&str]) -> PathBuf {
+    let out = dir.join(name);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/torchscript/export.py");
+    let run = Command::new(python()).arg(script).arg("--out").arg(&out).args(args).output().expect("the virtualenv's python");
+    assert!(run.status.success(), "export.py: {}", String::from_utf8_lossy(&run.stderr));
+    out
+}
+
+/// Scripts and saves class `M` of `source` (torch.jit.script reads the
+/// source from a file, not from `python -c`).
+fn python_module(dir: &Path, name: &str, source: &str) -> PathBuf {
+    let out = dir.join(name);
+    let code = format!("import torch\n{source}\ntorch.jit.script(M()).save({:?})\n", out.to_str().unwrap());
+    let file = dir.join(format!("{name}.py"));
+    std::fs::write(&file, code).unwrap();
+    let run = Command::new(python()).arg(&file).output().unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    out
+}
+
+fn config(path: &Path) -> ModelConfig {
+    let mut m = Config::default().model;
+    m.kind = ModelKind::TorchScript;
+    m.torchscript_path = path.to_path_buf();
+    m.dense_dim = 3;
+    m.sparse_fields = vec!["a".into(), "b".into()];
+    m.buckets = 64;
+    m
+}
+
+const SMALL: [&str; 10] = ["--dense-dim", "3", "--fields", "2", "--buckets", "64", "--dim", "4", "--hidden", "8"];
+
+#[test]
+fn an_exported_module_loads_predicts_and_learns() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = export(dir.path(), "small.pt", &SMALL);
+    let model = Model::load(&config(&path)).unwrap();
+    let names: Vec<&str> = model.params().iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["script.tables.0.weight", "script.tables.1.weight", "script.mlp.0.weight", "script.mlp.0.bias", "script.mlp.2.weight", "script.mlp.2.bias"]);
+    assert_eq!((model.params()[0].rows, model.params()[0].cols), (64, 4));
+    // Same file, same fingerprint and weights; another module, another fingerprint.
+    let again = Model::load(&config(&path)).unwrap();
+    assert_eq!(model.fingerprint(), again.fingerprint());
+    assert_eq!(model.digest(&model.init_weights()), again.digest(&again.init_weights()));
+    let other = export(dir.path(), "other.pt", &[&SMALL[..], &["--seed", "7"]].concat());
+    assert_ne!(Model::load(&config(&other)).unwrap().fingerprint(), model.fingerprint());
+
+    let f = model.featurizer();
+    let batch: Vec<_> = (0..64)
+        .map(|i| {
+            let json = format!(r#"{{"dense":[{},0.5,1],"sparse":{{"a":"x{}","b":["y{}","z"]}},"label":{}}}"#, (i % 7) as f32 / 7.0, i % 5, i % 3, u8::from(i % 7 < 3));
+            f.event(json.as_bytes()).unwrap()
+        })
+        .collect();
+    let mut w = model.init_weights();
+    // One batch forward equals one forward per instance, at any version.
+    let features: Vec<_> = batch.iter().map(|e| &e.features).collect();
+    let together = model.predict_batch(Some(1), &w, &features).unwrap();
+    for (e, p) in batch.iter().zip(&together) {
+        let alone = model.predict(&w, &e.features);
+        assert!((alone - p).abs() < 1e-6 && (0.0..=1.0).contains(p), "{alone} vs {p}");
+    }
+    let first = model.gradient(&w, &batch).unwrap();
+    // Embedding tables travel as the batch's rows: 5 values of "a", 4 of "b" (3 + "z").
+    let rows: Vec<Option<usize>> = first.tensors.iter().map(|t| match &t.values {
+        GradValues::Rows { ids, .. } => Some(ids.len()),
+        GradValues::Dense(_) => None,
+    }).collect();
+    assert_eq!(rows, [Some(5), Some(4), None, None, None, None]);
+    let mut last = first.clone();
+    for _ in 0..100 {
+        last = model.gradient(&w, &batch).unwrap();
+        for t in &last.tensors {
+            let cols = model.params()[t.param as usize].cols;
+            let buf = &mut w[t.param as usize];
+            match &t.values {
+                GradValues::Dense(g) => buf.iter_mut().zip(g).for_each(|(x, g)| *x -= 0.5 * g),
+                GradValues::Rows { ids, values } => {
+                    for (r, &id) in ids.iter().enumerate() {
+                        let row = &mut buf[id as usize * cols..(id as usize + 1) * cols];
+                        row.iter_mut().zip(&values[r * cols..(r + 1) * cols]).for_each(|(x, g)| *x -= 0.5 * g);
+                    }
+                }
+            }
+        }
+    }
+    assert!(last.loss_sum < first.loss_sum * 0.7, "{} -> {}", first.loss_sum, last.loss_sum);
+    // The served version 1 still answers with its own weights, version 2 with the new ones.
+    assert_eq!(model.predict_batch(Some(1), &model.init_weights(), &features).unwrap(), together);
+    assert_ne!(model.predict_batch(Some(2), &w, &features).unwrap(), together);
+}
+
+#[test]
+fn modules_that_do_not_fit_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = Model::load(&config(&dir.path().join("nope.pt"))).unwrap_err().to_string();
+    assert!(missing.contains("cannot read the TorchScript module"), "{missing}");
+    let garbage = dir.path().join("garbage.pt");
+    std::fs::write(&garbage, b"not a zip").unwrap();
+    let err = Model::load(&config(&garbage)).unwrap_err().to_string();
+    assert!(err.contains("is not a TorchScript module tributary can train"), "{err}");
+    // Tables smaller than model.buckets: the probe with the last bucket fails.
+    let small = export(dir.path(), "few-buckets.pt", &["--dense-dim", "3", "--fields", "2", "--buckets", "16", "--dim", "4", "--hidden", "8"]);
+    let err = Model::load(&config(&small)).unwrap_err().to_string();
+    assert!(err.contains("bucket 63") && err.contains("failed"), "{err}");
+    let wrong_shape = python_module(
+        dir.path(),
+        "shape.pt",
+        "class M(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n        self.w = torch.nn.Parameter(torch.ones(3, 2))\n    def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:\n        return dense @ self.w\n",
+    );
+    let err = Model::load(&config(&wrong_shape)).unwrap_err().to_string();
+    assert!(err.contains("one value per row"), "{err}");
+    let no_params = python_module(
+        dir.path(),
+        "empty.pt",
+        "class M(torch.nn.Module):\n    def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:\n        return dense.sum(1)\n",
+    );
+    let err = Model::load(&config(&no_params)).unwrap_err().to_string();
+    assert!(err.contains("no parameters"), "{err}");
+}
+
+#[test]
+fn two_replicas_learn_a_stream_with_a_torchscript_module_and_agree() {
+    let mut cluster = Cluster::new("torchscript", ModelKind::TorchScript);
+    let path = export(cluster.dir.path(), "model.pt", &["--dense-dim", "8", "--fields", "4", "--buckets", "4096", "--dim", "8", "--hidden", "16"]);
+    cluster.config.model.torchscript_path = path;
+    let a = cluster.spawn("a");
+    let b = cluster.spawn("b");
+    a.wait_ready();
+    b.wait_ready();
+    let labels = cluster.produce(4000, 11);
+    let info_a = a.wait_learned(4000, Duration::from_secs(120));
+    let info_b = b.wait_learned(4000, Duration::from_secs(120));
+    assert_eq!(info_a["kind"], "torchscript");
+    let version = info_a["model_version"].as_i64().unwrap();
+    crate::helpers::wait_for("b to reach a's version", Duration::from_secs(30), || {
+        (b.info()?["model_version"].as_i64()? >= version).then_some(())
+    });
+    let (a_now, b_now) = (a.info().unwrap(), b.info().unwrap());
+    assert_eq!(a_now["model_version"], b_now["model_version"]);
+    assert_eq!(a_now["weights_digest"], b_now["weights_digest"], "replicas disagree: {a_now} {b_now}");
+    let loss = info_b["progressive_logloss"].as_f64().unwrap();
+    let baseline = constant_logloss(&labels);
+    assert!(loss < baseline, "progressive loss {loss} does not beat the constant predictor's {baseline}");
+    let (status, v) = crate::helpers::post(&a, "/v1/models/default:predict", None, r#"{"instances":[{"dense":[0,0,0,0,0,0,0,0]}]}"#);
+    assert_eq!(status, 200, "{v}");
+    assert!(v["predictions"][0].as_f64().is_some_and(|p| (0.0..=1.0).contains(&p)), "{v}");
+}
