@@ -1,6 +1,9 @@
 //! Criterion benchmarks of the model's hot paths, each next to its baseline:
 //! predict per kind, a training step per kind, a replica's whole work per
-//! batch, and a serving-snapshot publish left-right against a full copy. `cargo bench --bench model` runs them.
+//! batch, and a serving-snapshot publish left-right against a full copy.
+//! `cargo bench --bench model` runs them. The `torchscript` cases export
+//! `examples/torchscript/export.py`'s model (2.1 M parameters) with the
+//! project virtualenv's PyTorch, and are skipped where it cannot.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -47,6 +50,45 @@ fn train_step(c: &mut Criterion) {
         let ex = examples(&m, 256);
         c.bench_function(&format!("gradient_256/{kind:?}"), |b| b.iter(|| m.gradient(&w, black_box(&ex)).unwrap()));
     }
+}
+
+/// The example TorchScript model with its default sizes, exported into a
+/// temporary directory; `None` without the virtualenv's python.
+fn torchscript_model() -> Option<(tempfile::TempDir, Model)> {
+    let torch = std::fs::canonicalize(concat!(env!("CARGO_MANIFEST_DIR"), "/.libtorch")).ok()?;
+    let python = torch.ancestors().nth(4)?.join("bin/python");
+    let dir = tempfile::tempdir().ok()?;
+    let out = dir.path().join("model.pt");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/torchscript/export.py");
+    let ok = std::process::Command::new(python).arg(script).arg("--out").arg(&out).output().ok()?.status.success();
+    if !ok {
+        eprintln!("torchscript benches skipped: export.py failed");
+        return None;
+    }
+    let mut c = Config::default().model;
+    c.kind = ModelKind::TorchScript;
+    c.torchscript_path = out;
+    c.buckets = 65536; // export.py's default
+    Some((dir, Model::load(&c).ok()?))
+}
+
+/// The TorchScript model's training step and a 64-instance prediction, one
+/// forward each; `wide_deep`'s same cases above are the baseline.
+fn torchscript(c: &mut Criterion) {
+    tributary::startup::init_libtorch();
+    let Some((_dir, m)) = torchscript_model() else { return };
+    let w = m.init_weights();
+    let ex = examples(&m, 256);
+    c.bench_function("gradient_256/TorchScript", |b| b.iter(|| m.gradient(&w, black_box(&ex)).unwrap()));
+    let features: Vec<_> = ex[..64].iter().map(|e| &e.features).collect();
+    c.bench_function("predict_64/TorchScript (same version)", |b| b.iter(|| m.predict_batch(Some(1), &w, black_box(&features)).unwrap()));
+    let mut version = 0;
+    c.bench_function("predict_64/TorchScript (new version each call)", |b| {
+        b.iter(|| {
+            version += 1;
+            m.predict_batch(Some(version), &w, black_box(&features)).unwrap()
+        })
+    });
 }
 
 /// One batch's gradient record from partition 0 at `from`, encoded.
@@ -125,6 +167,6 @@ fn publish(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).measurement_time(std::time::Duration::from_secs(3));
-    targets = predict, train_step, pipeline, publish
+    targets = predict, train_step, torchscript, pipeline, publish
 }
 criterion_main!(benches);

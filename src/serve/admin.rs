@@ -72,7 +72,7 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Arc<Admin>, Respon
 /// Roll the fleet back to a version: appends a rollback record to the
 /// update log; answers once this replica has taken it.
 #[utoipa::path(post, path = "/v1/models/{model}/rollback", tag = "admin",
-    params(("model" = String, Path, description = "The model name")),
+    params(("model" = String, Path, description = "The model name", example = "default")),
     request_body = RollbackRequest,
     security(("bearer" = [])),
     responses(

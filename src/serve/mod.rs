@@ -250,7 +250,7 @@ pub struct ModelInfo {
 
 /// The served model: version, progress, weights digest.
 #[utoipa::path(get, path = "/v1/models/{model}", tag = "kserve-v1",
-    params(("model" = String, Path, description = "The model name (model.name)")),
+    params(("model" = String, Path, description = "The model name (model.name)", example = "default")),
     responses((status = 200, body = ModelInfo), (status = 404, body = ErrorBody)))]
 async fn model_info(State(state): State<AppState>, Path(model): Path<String>) -> Result<Json<ModelInfo>, ApiError> {
     check_model(&state, &model)?;
@@ -309,7 +309,7 @@ pub struct Snapshots {
 
 /// The checkpoint store's snapshots of this model, newest first.
 #[utoipa::path(get, path = "/v1/models/{model}/snapshots", tag = "training",
-    params(("model" = String, Path, description = "The model name")),
+    params(("model" = String, Path, description = "The model name", example = "default")),
     responses((status = 200, body = Snapshots), (status = 404, body = ErrorBody), (status = 503, description = "The store is unreachable", body = ErrorBody)))]
 async fn snapshots(State(state): State<AppState>, Path(model): Path<String>) -> Result<Json<Snapshots>, ApiError> {
     check_model(&state, &model)?;
@@ -341,7 +341,7 @@ pub struct PredictResponse {
 
 /// Predictions for a batch of instances (KServe V1).
 #[utoipa::path(post, path = "/v1/models/{model}:predict", tag = "kserve-v1",
-    params(("model" = String, Path, description = "The model name")),
+    params(("model" = String, Path, description = "The model name", example = "default")),
     request_body = PredictRequest,
     responses(
         (status = 200, body = PredictResponse),

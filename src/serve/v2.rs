@@ -59,7 +59,7 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 
 /// Model readiness.
 #[utoipa::path(get, path = "/v2/models/{model}/ready", tag = "kserve-v2",
-    params(("model" = String, Path, description = "The model name")),
+    params(("model" = String, Path, description = "The model name", example = "default")),
     responses((status = 200, body = Object), (status = 404, body = ErrorBody), (status = 503, body = Object)))]
 pub async fn model_ready(State(state): State<AppState>, Path(model): Path<String>) -> Result<Response, ApiError> {
     check_model(&state, &model)?;
@@ -86,7 +86,7 @@ pub struct ModelMetadata {
 
 /// Model metadata: the inputs `infer` takes.
 #[utoipa::path(get, path = "/v2/models/{model}", tag = "kserve-v2",
-    params(("model" = String, Path, description = "The model name")),
+    params(("model" = String, Path, description = "The model name", example = "default")),
     responses((status = 200, body = ModelMetadata), (status = 404, body = ErrorBody)))]
 pub async fn model_metadata(State(state): State<AppState>, Path(model): Path<String>) -> Result<Json<ModelMetadata>, ApiError> {
     check_model(&state, &model)?;
@@ -153,7 +153,7 @@ pub struct InferResponse {
 
 /// Inference (Open Inference Protocol).
 #[utoipa::path(post, path = "/v2/models/{model}/infer", tag = "kserve-v2",
-    params(("model" = String, Path, description = "The model name")),
+    params(("model" = String, Path, description = "The model name", example = "default")),
     request_body = InferRequest,
     responses(
         (status = 200, body = InferResponse),

@@ -1,16 +1,19 @@
 //! The Docker fleet's files, checked without a Docker engine:
 //! `docker-compose config` accepts the compose file, Prometheus scrapes
 //! exactly the compose file's replicas, the replicas' environment is a
-//! configuration tributary accepts, and every metric the alert rules and
-//! the Grafana dashboard name is one the service exports.
+//! configuration tributary accepts, every metric the alert rules and the
+//! Grafana dashboard name is one the service exports, and the image's
+//! health check tells a live replica from a dead one.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
-use tributary::config::{Config, Overrides};
+use tributary::config::{Config, ModelKind, Overrides};
 use tributary::metrics::{Metrics, NAMESPACE};
+
+use crate::helpers::Cluster;
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -126,4 +129,27 @@ fn dashboard_reads_the_provisioned_datasource() {
         assert_eq!(p["datasource"]["uid"], "prometheus", "panel {}", p["title"]);
         assert!(!p["targets"].as_array().unwrap().is_empty(), "panel {} has no query", p["title"]);
     }
+}
+
+/// The image's HEALTHCHECK: `tributary healthcheck` GETs /healthz at
+/// http.addr (an unspecified address, as the image sets, means loopback).
+#[test]
+fn the_container_health_check_passes_while_a_replica_runs_and_fails_after() {
+    let cluster = Cluster::new("healthcheck", ModelKind::Logistic);
+    let mut r = cluster.spawn("r0");
+    r.wait_ready();
+    let port = r.http.port();
+    let check = || {
+        Command::new(env!("CARGO_BIN_EXE_tributary"))
+            .arg("healthcheck")
+            .env("TRIBUTARY_HTTP__ADDR", format!("0.0.0.0:{port}"))
+            .output()
+            .unwrap()
+    };
+    let alive = check();
+    assert!(alive.status.success(), "{}", String::from_utf8_lossy(&alive.stderr));
+    r.kill();
+    let dead = check();
+    assert!(!dead.status.success());
+    assert!(String::from_utf8_lossy(&dead.stderr).contains("cannot connect"), "{}", String::from_utf8_lossy(&dead.stderr));
 }

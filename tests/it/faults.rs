@@ -60,10 +60,17 @@ fn slow_replicas_killed_while_writing_a_snapshot_leave_no_torn_one() {
     for r in [&local, &shared] {
         r.wait_learned(2000, LEARN_LIMIT);
     }
+    // A whole checkpoint in each store first: the kill then tears the next
+    // write, and the one before must still load.
+    let model = Model::new(&cluster.config.model);
+    wait_for("a checkpoint in each store", Duration::from_secs(30), || {
+        let local_has = LocalStore::open(&local.state_dir, 3).ok()?.list().ok()?.len();
+        let pg_has = pg_store(&cluster, &url).list().ok()?.len();
+        (local_has > 0 && pg_has > 0).then_some(())
+    });
     kill_while_writing(&cluster, &mut local, 2);
     kill_while_writing(&cluster, &mut shared, 3);
 
-    let model = Model::new(&cluster.config.model);
     let half_written: Vec<PathBuf> = (std::fs::read_dir(&local.state_dir).unwrap().flatten())
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "tmp"))
