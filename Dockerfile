@@ -14,14 +14,15 @@ ARG DEBIAN=bookworm
 # ---- build: the binary, linked against PyTorch's CPU-only wheel ----------
 FROM rust:${RUST_VERSION}-${DEBIAN} AS build
 # The CPU wheel carries libtorch without any CUDA library (the default PyPI
-# wheel would pull ~3.5 GB of them). Same version as scripts/setup.
+# wheel would pull ~3 GB of them). Same version as scripts/setup. Only its
+# libraries and headers are used: no Python dependency, no `import torch`.
 ARG TORCH_VERSION=2.13.0
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3-venv pkg-config zlib1g-dev \
  && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/torch \
- && /opt/torch/bin/pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}" \
- && ln -s "$(/opt/torch/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))')" /opt/libtorch
+ && /opt/torch/bin/pip install --no-cache-dir --no-deps --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}" \
+ && ln -s "$(/opt/torch/bin/python -c 'import os, importlib.util as u; print(os.path.dirname(u.find_spec("torch").origin))')" /opt/libtorch
 ENV LIBTORCH=/opt/libtorch
 
 WORKDIR /src
@@ -29,15 +30,13 @@ COPY . .
 # The registry and target directory are BuildKit caches: a rebuild after a
 # source change recompiles tributary, not its ~300 dependencies. Then copies
 # exactly the shared libraries the binary loads from the wheel (libtorch,
-# libc10, their OpenMP runtime), as the loader itself finds them, and fails
-# if any is missing.
+# libc10, their OpenMP runtime), as the loader itself finds them.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin tributary \
  && mkdir -p /out/lib \
  && cp target/release/tributary /out/ \
- && LD_LIBRARY_PATH=/opt/libtorch/lib ldd /out/tributary | awk '$3 ~ "^/opt/" {print $3}' | xargs -r cp -L -t /out/lib \
- && ! LD_LIBRARY_PATH=/out/lib ldd /out/tributary | grep 'not found'
+ && LD_LIBRARY_PATH=/opt/libtorch/lib ldd /out/tributary | awk '$3 ~ "^/opt/" {print $3}' | xargs -r cp -L -t /out/lib
 
 # ---- runtime ----------------------------------------------------------------
 FROM debian:${DEBIAN}-slim
@@ -52,6 +51,8 @@ ENV LD_LIBRARY_PATH=/opt/tributary/lib \
     TRIBUTARY_HTTP__ADDR=0.0.0.0:8080 \
     TRIBUTARY_CHECKPOINT__STATE_DIR=/var/lib/tributary/state \
     RUST_LOG=info
+# Fails the build if a library is missing here, where the wheel is not.
+RUN ! ldd /usr/local/bin/tributary | grep 'not found' && tributary --version
 USER tributary
 WORKDIR /var/lib/tributary
 VOLUME /var/lib/tributary

@@ -153,3 +153,38 @@ fn the_container_health_check_passes_while_a_replica_runs_and_fails_after() {
     assert!(!dead.status.success());
     assert!(String::from_utf8_lossy(&dead.stderr).contains("cannot connect"), "{}", String::from_utf8_lossy(&dead.stderr));
 }
+
+/// `promtool` (Debian's `prometheus` package; scripts/setup installs it).
+fn promtool(args: &[&str]) -> String {
+    let out = Command::new("promtool").args(args).output().expect("promtool (Debian's prometheus package; scripts/setup installs it)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "promtool {args:?}: {text}");
+    text
+}
+
+#[test]
+fn prometheus_configuration_and_alert_rules_pass_promtool() {
+    let config = repo().join("deploy/prometheus/prometheus.yml");
+    let text = promtool(&["check", "config", config.to_str().unwrap()]);
+    assert!(text.contains("8 rules found"), "{text}");
+}
+
+/// Each dashboard query as a recording rule, so that promtool parses its PromQL.
+#[test]
+fn dashboard_queries_are_valid_promql() {
+    let dashboard: Value = serde_json::from_str(&read("deploy/grafana/dashboards/tributary.json")).unwrap();
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    let mut n = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            rules += &format!("      - record: dashboard:query{n}\n        expr: {}\n", serde_json::to_string(expr).unwrap());
+            n += 1;
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dashboard-rules.yml");
+    std::fs::write(&file, rules).unwrap();
+    let text = promtool(&["check", "rules", file.to_str().unwrap()]);
+    assert!(text.contains(&format!("{n} rules found")), "{text}");
+}
