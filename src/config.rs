@@ -151,6 +151,8 @@ pub struct HttpConfig {
     pub admin_token: String,
     /// `POST /v1/events` produces training events to the events topic.
     pub ingest: bool,
+    /// Bearer token `POST /v1/events` requires; empty: none.
+    pub ingest_token: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -218,6 +220,7 @@ impl Default for Config {
                 max_batch: 1024,
                 admin_token: String::new(),
                 ingest: true,
+                ingest_token: String::new(),
             },
         }
     }
@@ -341,6 +344,9 @@ impl Config {
         if !self.http.admin_token.is_empty() && self.http.admin_token.len() < 16 {
             return bad("http.admin_token must be at least 16 characters (or empty: admin endpoints off)");
         }
+        if !self.http.ingest_token.is_empty() && self.http.ingest_token.len() < 16 {
+            return bad("http.ingest_token must be at least 16 characters (or empty: POST /v1/events needs no token)");
+        }
         if self.replica_id.is_empty() || self.replica_id.len() > 255 {
             return bad("replica_id must be 1 to 255 bytes");
         }
@@ -349,8 +355,11 @@ impl Config {
 }
 
 /// Short names for keys that deployments set by environment most often.
-const ENV_ALIASES: [(&str, &str); 2] =
-    [("TRIBUTARY_CHECKPOINT_STORE", "TRIBUTARY_CHECKPOINT__STORE"), ("TRIBUTARY_ADMIN_TOKEN", "TRIBUTARY_HTTP__ADMIN_TOKEN")];
+const ENV_ALIASES: [(&str, &str); 3] = [
+    ("TRIBUTARY_CHECKPOINT_STORE", "TRIBUTARY_CHECKPOINT__STORE"),
+    ("TRIBUTARY_ADMIN_TOKEN", "TRIBUTARY_HTTP__ADMIN_TOKEN"),
+    ("TRIBUTARY_INGEST_TOKEN", "TRIBUTARY_HTTP__INGEST_TOKEN"),
+];
 
 /// `TRIBUTARY_KAFKA__BROKERS=x` becomes `kafka.brokers = "x"`; top-level keys
 /// have no section (`TRIBUTARY_REPLICA_ID`); see also `ENV_ALIASES`. A value
@@ -374,7 +383,7 @@ fn env_layer(env: impl IntoIterator<Item = (String, String)>) -> Result<Table, C
         if path.iter().any(String::is_empty) || path.len() > 2 {
             return Err(ConfigError::Env { var, reason: "expected TRIBUTARY_KEY or TRIBUTARY_SECTION__KEY".into() });
         }
-        let as_string = var.ends_with("ADMIN_TOKEN") || var.ends_with("CHECKPOINT__STORE");
+        let as_string = var.ends_with("_TOKEN") || var.ends_with("CHECKPOINT__STORE");
         let value = (!as_string)
             .then(|| toml::from_str::<Table>(&format!("v = {raw}")).ok())
             .flatten()
@@ -434,11 +443,16 @@ mod tests {
     fn short_environment_names_and_string_secrets() {
         let c = Config::load(
             None,
-            env(&[("TRIBUTARY_CHECKPOINT_STORE", "postgres://db/x"), ("TRIBUTARY_ADMIN_TOKEN", "1234567890123456")]),
+            env(&[
+                ("TRIBUTARY_CHECKPOINT_STORE", "postgres://db/x"),
+                ("TRIBUTARY_ADMIN_TOKEN", "1234567890123456"),
+                ("TRIBUTARY_INGEST_TOKEN", "6543210987654321"),
+            ]),
             &Overrides::default(),
         )
         .unwrap();
         assert_eq!((c.checkpoint.store.as_str(), c.http.admin_token.as_str()), ("postgres://db/x", "1234567890123456"));
+        assert_eq!(c.http.ingest_token, "6543210987654321", "a number-like token stays a string");
         let err = Config::load(None, env(&[("TRIBUTARY_ADMIN_TOKEN", "short")]), &Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("16 characters"), "{err}");
     }

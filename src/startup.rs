@@ -97,7 +97,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     });
 
     let events = match config.http.ingest {
-        true => Some(Arc::new(EventSink::new(&config.kafka.brokers, &config.kafka.events_topic, &config.replica_id)?)),
+        true => Some(Arc::new(EventSink::new(&config.kafka.brokers, &config.kafka.events_topic, &config.replica_id, &config.http.ingest_token)?)),
         false => None,
     };
     let history = Arc::new(History::default());

@@ -56,17 +56,26 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Ok if `headers` carry `Authorization: Bearer <token>`; else the 401
+/// answer, which names the `kind` of token (admin, ingest) it wanted.
+pub(super) fn check_bearer(headers: &HeaderMap, token: &str, kind: &str) -> Result<(), Response> {
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_some_and(|t| same_secret(t.trim().as_bytes(), token.as_bytes())) {
+        return Ok(());
+    }
+    let why = match given {
+        Some(_) => format!("wrong {kind} token"),
+        None => format!("an {kind} token is required: Authorization: Bearer <token>"),
+    };
+    Err((StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], Json(json!({ "error": why }))).into_response())
+}
+
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Arc<Admin>, Response> {
     let Some(admin) = state.admin.clone() else {
         return Err(ApiError::NotFound("admin endpoints are off: no admin token is configured".into()).into_response());
     };
-    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    if given.is_some_and(|t| same_secret(t.trim().as_bytes(), admin.token.as_bytes())) {
-        return Ok(admin);
-    }
-    let why = if given.is_some() { "wrong admin token" } else { "an admin token is required: Authorization: Bearer <token>" };
-    state.metrics.admin_denied.inc();
-    Err((StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], Json(json!({ "error": why }))).into_response())
+    check_bearer(headers, &admin.token, "admin").inspect_err(|_| state.metrics.admin_denied.inc())?;
+    Ok(admin)
 }
 
 /// Roll the fleet back to a version: appends a rollback record to the

@@ -8,14 +8,15 @@
 //! without duplicating the good ones. Valid batches are produced with
 //! `acks=all` and answered once the broker has them (202, partition and
 //! offset per event). If the broker fails some, the answer is 503 with the
-//! result per event: resend only those with an `error`.
+//! result per event: resend only those with an `error`. With
+//! `http.ingest_token` set, requests must carry it as a bearer token.
 
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -23,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
+use super::admin::check_bearer;
 use super::{body_bytes, ApiError, AppState};
 use crate::log::kafka;
 
@@ -30,15 +32,18 @@ use crate::log::kafka;
 pub struct EventSink {
     producer: FutureProducer,
     topic: String,
+    /// The bearer token a request must carry (`http.ingest_token`), if any.
+    token: Option<String>,
 }
 
 impl EventSink {
-    pub fn new(brokers: &str, topic: &str, replica_id: &str) -> anyhow::Result<EventSink> {
+    pub fn new(brokers: &str, topic: &str, replica_id: &str, token: &str) -> anyhow::Result<EventSink> {
         let mut config = kafka::producer_config(brokers, &format!("{replica_id}-ingest"));
         // Events, unlike gradient records, may share a batch: the trainer
         // probes back when a fetch starts past its offset (`train::Resume`).
         config.set("linger.ms", "2").set("batch.num.messages", "1000");
-        Ok(EventSink { producer: config.create()?, topic: topic.to_string() })
+        let token = (!token.is_empty()).then(|| token.to_string());
+        Ok(EventSink { producer: config.create()?, topic: topic.to_string(), token })
     }
 }
 
@@ -89,19 +94,30 @@ pub struct EventsRejected {
     path = "/v1/events",
     tag = "training",
     request_body = EventsRequest,
+    security((), ("bearer" = [])),
     responses(
         (status = 202, description = "Every event is on the broker", body = EventsAccepted),
         (status = 400, description = "The body is not a batch of events", body = super::ErrorBody),
+        (status = 401, description = "http.ingest_token is set and the request does not carry it", body = super::ErrorBody),
         (status = 404, description = "Ingestion is off (http.ingest = false)", body = super::ErrorBody),
         (status = 422, description = "Some events are invalid; none was produced", body = EventsRejected),
         (status = 503, description = "The broker did not take some events; resend those with an error", body = EventsAccepted),
     )
 )]
-pub async fn ingest(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+pub async fn ingest(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
     let Some(sink) = state.events.clone() else {
-        return Err(ApiError::NotFound("event ingestion is off (http.ingest = false)".into()));
+        return ApiError::NotFound("event ingestion is off (http.ingest = false)".into()).into_response();
     };
-    let body = body_bytes(&state, body)?;
+    if let Some(token) = &sink.token {
+        if let Err(denied) = check_bearer(&headers, token, "ingest") {
+            return denied;
+        }
+    }
+    produce(&state, &sink, body).await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn produce(state: &AppState, sink: &EventSink, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let body = body_bytes(state, body)?;
     let request: EventsRequest =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))?;
     let n = request.events.len();

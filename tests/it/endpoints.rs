@@ -108,7 +108,7 @@ async fn posted_events_are_validated_whole_before_anything_is_produced() {
     // No broker at this address: a batch that reached the producer would
     // fail with 503, so every answer below is validation's own.
     let mut with_sink = state(ModelKind::Logistic);
-    with_sink.events = Some(Arc::new(EventSink::new("127.0.0.1:9", "events-never", "test").unwrap()));
+    with_sink.events = Some(Arc::new(EventSink::new("127.0.0.1:9", "events-never", "test", "").unwrap()));
     let app = router(with_sink.clone());
     let good = json!({"dense": [1.0, 2.0], "sparse": {"country": "de"}, "label": 1});
     let batch = json!({"events": [good, {"dense": [1.0], "label": 1}, {"dense": [1.0, 2.0], "label": 7}, {"label": 0, "extra": 1}]});
@@ -141,6 +141,31 @@ async fn posted_events_are_validated_whole_before_anything_is_produced() {
 
 fn app_without_ingest() -> axum::Router {
     router(state(ModelKind::Logistic))
+}
+
+#[tokio::test]
+async fn posted_events_need_the_ingest_token_when_one_is_set() {
+    let mut s = state(ModelKind::Logistic);
+    s.events = Some(Arc::new(EventSink::new("127.0.0.1:9", "events-never", "test", "ingest-secret-0123").unwrap()));
+    let app = router(s);
+    let invalid = json!({"events": [{"label": 0.5}]}).to_string();
+    let send = |token: Option<&'static str>| {
+        let app = app.clone();
+        let body = invalid.clone();
+        async move {
+            let mut request = axum::http::Request::builder().method("POST").uri("/v1/events");
+            if let Some(t) = token {
+                request = request.header("authorization", format!("Bearer {t}"));
+            }
+            let response = tower::ServiceExt::oneshot(app, request.body(Body::from(body)).unwrap()).await.unwrap();
+            (response.status(), response.headers().get("www-authenticate").is_some())
+        }
+    };
+    assert_eq!(send(None).await, (StatusCode::UNAUTHORIZED, true));
+    assert_eq!(send(Some("wrong-secret-0123")).await, (StatusCode::UNAUTHORIZED, true));
+    // With the token, the batch reaches validation (an empty "dense" of a
+    // model that takes 2: 422).
+    assert_eq!(send(Some("ingest-secret-0123")).await.0, StatusCode::UNPROCESSABLE_ENTITY);
 }
 
 #[tokio::test]
