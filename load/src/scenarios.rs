@@ -19,11 +19,16 @@ use crate::report::{Goal, Report};
 /// One prediction of the default model's schema, as every scenario sends it.
 pub const PREDICT_BODY: &str = r#"{"instances":[{"dense":[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8],"sparse":{"f0":"v1","f1":"v7","f2":"v3","f3":"v9"}}]}"#;
 pub const PREDICT_PATH: &str = "/v1/models/default:predict";
+/// The same instance as an Open Inference Protocol (KServe V2) request.
+const INFER_BODY: &str = r#"{"inputs":[{"name":"dense","shape":[1,8],"datatype":"FP32","data":[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8]},{"name":"f0","shape":[1],"datatype":"BYTES","data":["v1"]},{"name":"f1","shape":[1],"datatype":"BYTES","data":["v7"]},{"name":"f2","shape":[1],"datatype":"BYTES","data":["v3"]},{"name":"f3","shape":[1],"datatype":"BYTES","data":["v9"]}]}"#;
+const INFER_PATH: &str = "/v2/models/default/infer";
+/// Events per `POST /v1/events` request in the protocols scenario.
+const EVENTS_PER_POST: usize = 100;
 /// Keep-alive connections of the load driver.
 const CONNECTIONS: usize = 32;
 const READY_LIMIT: Duration = Duration::from_secs(120);
 
-pub const ALL: [&str; 6] = ["baseline", "predict", "learn_rate", "freshness", "chaos", "recovery"];
+pub const ALL: [&str; 7] = ["baseline", "predict", "protocols", "learn_rate", "freshness", "chaos", "recovery"];
 /// The CI smoke run: a few seconds each, asserting no errors.
 pub const SMOKE: [&str; 2] = ["baseline", "predict"];
 
@@ -62,6 +67,7 @@ impl Bench {
         match name {
             "baseline" => self.baseline(),
             "predict" => self.predict(),
+            "protocols" => self.protocols(),
             "learn_rate" => self.learn_rate(),
             "freshness" => self.freshness(),
             "chaos" => self.chaos(),
@@ -200,6 +206,41 @@ impl Bench {
             }),
         );
         stream.stop();
+        Ok(())
+    }
+
+    /// The other ways in, against KServe V1 predict on the same replica in
+    /// the same run: the same instance through KServe V2 infer, and
+    /// training events posted to `/v1/events` (then every accepted event
+    /// must be learned, once).
+    fn protocols(&mut self) -> anyhow::Result<()> {
+        let dir = self.dir("protocols")?;
+        let broker = Broker::start(&dir)?;
+        let r = self.ready_replica(&dir, "r0", &broker, &[("MODEL__KIND", "logistic".into())])?;
+        let window = self.secs(5.0, 1.0);
+        let run = |path: &str, body: String| {
+            let plan = Plan { path: path.into(), body: Bytes::from(body), ..plan(vec![r.http], None, window) };
+            self.rt.block_on(driver::run(plan))
+        };
+        let v1 = run(PREDICT_PATH, PREDICT_BODY.into());
+        let v2 = run(INFER_PATH, INFER_BODY.into());
+        let (v1s, v2s) = (v1.summary(), v2.summary());
+        self.report.add("protocols", "V1 predict requests/s, as fast as answered", v1s.requests_per_sec, Goal::None);
+        self.report.add("protocols", "V2 infer requests/s over V1 predict's", v2s.requests_per_sec / v1s.requests_per_sec, Goal::AtLeast(0.8));
+        let event = r#"{"dense":[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8],"sparse":{"f0":"v1","f1":["v7","v8"]},"label":1}"#;
+        let batch = format!(r#"{{"events":[{}]}}"#, vec![event; EVENTS_PER_POST].join(","));
+        let before = examples(&r).unwrap_or(0);
+        let posted = run("/v1/events", batch);
+        let ps = posted.summary();
+        let accepted = posted.ok * EVENTS_PER_POST as u64;
+        self.report.add("protocols", "events/s accepted by POST /v1/events (100 a request, acks=all)", accepted as f64 / posted.elapsed.as_secs_f64(), Goal::None);
+        self.report.add("protocols", "POST /v1/events p99 (ms)", ps.p99_ms, Goal::None);
+        wait_examples(&r, before + accepted, Duration::from_secs(300))?;
+        let learned = examples(&r).unwrap_or(0) - before;
+        self.report.add("protocols", "events learned over events accepted", learned as f64 / accepted.max(1) as f64, Goal::AtMost(1.0));
+        let errors = v1.error_count() + v2.error_count() + posted.error_count();
+        self.report.add("protocols", "failed requests", errors as f64, Goal::AtMost(0.0));
+        self.report.detail("protocols", json!({"v1_predict": v1s, "v2_infer": v2s, "post_events": ps}));
         Ok(())
     }
 
