@@ -207,7 +207,7 @@ fn instances(inputs: &[InferInput], dense_dim: usize, fields: &[String]) -> Resu
         if dims.iter().product::<usize>() != data.len() {
             return Err(bad(format!("input {name:?}: shape {:?} holds {} values, data has {}", input.shape, dims.iter().product::<usize>(), data.len())));
         }
-        let width = if rows == 0 { 0 } else { data.len() / rows };
+        let width = data.len().checked_div(rows).unwrap_or(0);
         let per_row = |row: usize| &data[row * width..(row + 1) * width];
         if name == "dense" {
             if !matches!(input.datatype.as_str(), "FP32" | "FP64") {
