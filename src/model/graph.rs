@@ -180,9 +180,6 @@ pub(super) fn logits<B: AsRef<[f32]>>(model: &Model, w: &[B], batch: &[Example])
 }
 
 pub(super) fn gradient<B: AsRef<[f32]>>(model: &Model, w: &[B], batch: &[Example]) -> Result<Gradient, GradientError> {
-    if let Arch::Script(script) = &model.arch {
-        return script.gradient(w, batch);
-    }
     if batch.is_empty() {
         return Err(GradientError::Empty);
     }

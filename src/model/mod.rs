@@ -226,7 +226,17 @@ impl Model {
 
     /// Progressive loss and gradient of a batch against weights `w`.
     pub fn gradient<B: AsRef<[f32]>>(&self, w: &[B], batch: &[Example]) -> Result<Gradient, GradientError> {
-        graph::gradient(self, w, batch)
+        self.gradient_at(None, w, batch)
+    }
+
+    /// The same, where `version` names `w` (a served version: equal versions,
+    /// equal weights); a TorchScript model then copies `w` into its module
+    /// only when the version changes. `None`: `w` is copied in each time.
+    pub fn gradient_at<B: AsRef<[f32]>>(&self, version: Option<i64>, w: &[B], batch: &[Example]) -> Result<Gradient, GradientError> {
+        match &self.arch {
+            Arch::Script(script) => script.gradient(version, w, batch),
+            _ => graph::gradient(self, w, batch),
+        }
     }
 
     /// A stable digest of all weights, hex: equal digests, equal weights.

@@ -11,9 +11,10 @@
 //! checkpointed and rolled back like the built-in kinds'. A parameter's
 //! gradient travels as the rows it touches when that is at most half of
 //! them (an embedding table's rows of the batch's buckets), else whole.
-//! Each training step copies the weights into the module, and each new
-//! served version into a serving instance: a few million parameters cost a
-//! few milliseconds; for 10^7 and more, prefer a built-in kind.
+//! The weights of each new served version are copied into the trainer's
+//! instance (once for all the batches trained at that version) and into a
+//! serving instance: a few million parameters cost a few milliseconds per
+//! swap; for 10^7 and more, prefer a built-in kind.
 //! Initial weights are the module's own saved values, so every replica
 //! starts from the same ones.
 //!
@@ -130,7 +131,8 @@ pub(super) struct Script {
     dense_dim: usize,
     fields: usize,
     loss: Loss,
-    train: Mutex<Instance>,
+    /// The trainer's instance and the version of the weights it holds.
+    train: Mutex<(Option<i64>, Instance)>,
     /// (the served version it holds, the instance), most recently used last.
     serve: Mutex<Vec<(Option<i64>, Instance)>>,
 }
@@ -189,19 +191,28 @@ impl Script {
             dense_dim: config.dense_dim,
             fields,
             loss: config.loss,
-            train: Mutex::new(instance),
+            train: Mutex::new((None, instance)),
             serve: Mutex::new(Vec::new()),
         };
         Ok((script, specs))
     }
 
-    pub(super) fn gradient<B: AsRef<[f32]>>(&self, w: &[B], batch: &[Example]) -> Result<Gradient, GradientError> {
+    /// The gradient of `batch` at weights `w`, which `version` names (see
+    /// [`Script::outputs`]): the trainer's batches between two swaps share
+    /// a version, and the weights are copied in once for all of them.
+    pub(super) fn gradient<B: AsRef<[f32]>>(&self, version: Option<i64>, w: &[B], batch: &[Example]) -> Result<Gradient, GradientError> {
         if batch.is_empty() {
             return Err(GradientError::Empty);
         }
-        let mut instance = self.train.lock().unwrap_or_else(|e| e.into_inner());
+        let mut train = self.train.lock().unwrap_or_else(|e| e.into_inner());
+        let (held, instance) = &mut *train;
         guarded(|| {
-            instance.set_weights(w);
+            // Untagged until the copy is whole (a failure leaves it untagged).
+            let had = held.take();
+            if version.is_none() || had != version {
+                instance.set_weights(w);
+            }
+            *held = version;
             for t in instance.params.iter_mut() {
                 t.zero_grad();
             }
@@ -238,7 +249,8 @@ impl Script {
                     pool.push(oldest);
                 }
                 let i = pool.len() - 1;
-                pool[i].1.set_weights(w);
+                pool[i].0 = None; // untagged until the copy is whole
+                guarded(|| pool[i].1.set_weights(w))?;
                 pool[i].0 = version;
                 i
             }

@@ -493,7 +493,7 @@ impl Trainer {
     fn send(&mut self, id: i32, batch: Batch) -> Result<(), Batch> {
         let Some(p) = self.partitions.get_mut(&id) else { return Ok(()) };
         let snapshot = self.serving.load_full();
-        let mut gradient = match self.model.gradient(&snapshot.weights, &batch.examples) {
+        let mut gradient = match self.model.gradient_at(Some(snapshot.position), &snapshot.weights, &batch.examples) {
             Ok(g) => g,
             Err(e) => {
                 if !batch.examples.is_empty() {

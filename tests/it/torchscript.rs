@@ -110,6 +110,10 @@ fn an_exported_module_loads_predicts_and_learns() {
         }
     }
     assert!(last.loss_sum < first.loss_sum * 0.7, "{} -> {}", first.loss_sum, last.loss_sum);
+    // A gradient at a named version uses the weights first copied in for it.
+    let trained = model.gradient_at(Some(5), &w, &batch).unwrap();
+    assert_eq!(model.gradient_at(Some(5), &model.init_weights(), &batch).unwrap(), trained, "version 5 is w");
+    assert_eq!(model.gradient_at(Some(6), &model.init_weights(), &batch).unwrap(), model.gradient(&model.init_weights(), &batch).unwrap());
     // The served version 1 still answers with its own weights, version 2 with the new ones.
     assert_eq!(model.predict_batch(Some(1), &model.init_weights(), &features).unwrap(), together);
     assert_ne!(model.predict_batch(Some(2), &w, &features).unwrap(), together);
