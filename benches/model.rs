@@ -2,7 +2,8 @@
 //! predict per kind, a training step per kind, a replica's whole work per
 //! batch, and a serving-snapshot publish left-right against a full copy.
 //! `cargo bench --bench model` runs them. The `torchscript` cases export
-//! `examples/torchscript/export.py`'s model (2.1 M parameters) with the
+//! `examples/torchscript/export.py`'s model (2.1 M parameters; sparse
+//! embedding gradients, and dense ones for comparison) with the
 //! project virtualenv's PyTorch, and are skipped where it cannot.
 
 use std::hint::black_box;
@@ -52,15 +53,15 @@ fn train_step(c: &mut Criterion) {
     }
 }
 
-/// The example TorchScript model with its default sizes, exported into a
-/// temporary directory; `None` without the virtualenv's python.
-fn torchscript_model() -> Option<(tempfile::TempDir, Model)> {
+/// The example TorchScript model with its default sizes and `args`,
+/// exported into a temporary directory; `None` without the virtualenv's python.
+fn torchscript_model(args: &[&str]) -> Option<(tempfile::TempDir, Model)> {
     let torch = std::fs::canonicalize(concat!(env!("CARGO_MANIFEST_DIR"), "/.libtorch")).ok()?;
     let python = torch.ancestors().nth(4)?.join("bin/python");
     let dir = tempfile::tempdir().ok()?;
     let out = dir.path().join("model.pt");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/torchscript/export.py");
-    let ok = std::process::Command::new(python).arg(script).arg("--out").arg(&out).output().ok()?.status.success();
+    let ok = std::process::Command::new(python).arg(script).arg("--out").arg(&out).args(args).output().ok()?.status.success();
     if !ok {
         eprintln!("torchscript benches skipped: export.py failed");
         return None;
@@ -76,7 +77,14 @@ fn torchscript_model() -> Option<(tempfile::TempDir, Model)> {
 /// forward each; `wide_deep`'s same cases above are the baseline.
 fn torchscript(c: &mut Criterion) {
     tributary::startup::init_libtorch();
-    let Some((_dir, m)) = torchscript_model() else { return };
+    if let Some((_dir, m)) = torchscript_model(&["--dense-tables"]) {
+        let w = m.init_weights();
+        let ex = examples(&m, 256);
+        c.bench_function("gradient_256/TorchScript dense tables (same version)", |b| {
+            b.iter(|| m.gradient_at(Some(1), &w, black_box(&ex)).unwrap())
+        });
+    }
+    let Some((_dir, m)) = torchscript_model(&[]) else { return };
     let w = m.init_weights();
     let ex = examples(&m, 256);
     c.bench_function("gradient_256/TorchScript (same version)", |b| b.iter(|| m.gradient_at(Some(1), &w, black_box(&ex)).unwrap()));

@@ -29,9 +29,11 @@ import torch
 class EmbeddingMlp(torch.nn.Module):
     """Dense features and the mean embedding of each field's bag, through an MLP."""
 
-    def __init__(self, dense_dim: int, fields: int, buckets: int, dim: int, hidden: int):
+    def __init__(self, dense_dim: int, fields: int, buckets: int, dim: int, hidden: int, sparse: bool):
         super().__init__()
-        self.tables = torch.nn.ModuleList([torch.nn.Embedding(buckets, dim) for _ in range(fields)])
+        # sparse=True: autograd yields only the looked-up rows, which is
+        # cheaper for big tables; tributary takes either.
+        self.tables = torch.nn.ModuleList([torch.nn.Embedding(buckets, dim, sparse=sparse) for _ in range(fields)])
         for table in self.tables:
             torch.nn.init.uniform_(table.weight, -0.05, 0.05)
         self.mlp = torch.nn.Sequential(
@@ -59,9 +61,11 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=8, help="embedding width")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--dense-tables", action="store_true",
+                   help="dense gradients for the embedding tables (slower: a full-size gradient per table and step)")
     a = p.parse_args()
     torch.manual_seed(a.seed)
-    module = torch.jit.script(EmbeddingMlp(a.dense_dim, a.fields, a.buckets, a.dim, a.hidden))
+    module = torch.jit.script(EmbeddingMlp(a.dense_dim, a.fields, a.buckets, a.dim, a.hidden, not a.dense_tables))
     # A quick check that forward has the shape tributary expects.
     out = module(torch.zeros(2, a.dense_dim), torch.full((2, a.fields, 1), -1, dtype=torch.long))
     assert out.shape == (2,), out.shape

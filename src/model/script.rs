@@ -10,7 +10,9 @@
 //! module is a tributary parameter: trained through the same gradient log,
 //! checkpointed and rolled back like the built-in kinds'. A parameter's
 //! gradient travels as the rows it touches when that is at most half of
-//! them (an embedding table's rows of the batch's buckets), else whole.
+//! them (an embedding table's rows of the batch's buckets), else whole;
+//! `Embedding(sparse=True)` gradients name their rows, dense ones are
+//! scanned for them (slower: a full-size gradient per table and step).
 //! The weights of each new served version are copied into the trainer's
 //! instance (once for all the batches trained at that version) and into a
 //! serving instance: a few million parameters cost a few milliseconds per
@@ -97,6 +99,8 @@ fn inputs(dense_dim: usize, fields: usize, batch: &[&Features]) -> (Tensor, Tens
 
 /// A parameter's gradient as it travels: the rows it touches when that is
 /// at most half of them (embedding tables: the batch's buckets), else all.
+/// Dense gradients are scanned for non-zero rows; sparse ones (an
+/// `Embedding(..., sparse=True)`) name their rows themselves.
 fn gradient_values(t: &Tensor) -> GradValues {
     let grad = t.grad();
     let n = t.numel();
@@ -104,23 +108,36 @@ fn gradient_values(t: &Tensor) -> GradValues {
         return GradValues::Dense(vec![0.0; n]);
     }
     let rows = t.size().first().copied().unwrap_or(1).max(1);
-    let grad = grad.contiguous().reshape([rows, -1]);
-    if rows > 1 {
-        let touched = grad.ne(0.0).any_dim(1, false).nonzero().reshape([-1]);
-        let k = touched.numel();
-        if 2 * k <= rows as usize {
-            let mut ids = vec![0i64; k];
-            touched.copy_data(&mut ids, k);
-            let picked = grad.index_select(0, &touched);
-            let mut values = vec![0f32; picked.numel()];
-            let m = values.len();
-            picked.copy_data(&mut values, m);
-            return GradValues::Rows { ids: ids.into_iter().map(|i| i as u32).collect(), values };
+    let (touched, picked) = if grad.is_sparse() {
+        // Rows looked up but given a zero gradient (a padded slot's row 0)
+        // are left out, as the dense path leaves them out.
+        let g = grad.coalesce();
+        let values = g.values().reshape([g.values().size()[0], -1]);
+        let nonzero = values.ne(0.0).any_dim(1, false).nonzero().reshape([-1]);
+        (g.indices().select(0, 0).index_select(0, &nonzero), values.index_select(0, &nonzero))
+    } else {
+        let g = grad.contiguous().reshape([rows, -1]);
+        if rows == 1 {
+            return GradValues::Dense(read(&g));
         }
+        let touched = g.ne(0.0).any_dim(1, false).nonzero().reshape([-1]);
+        (touched.shallow_clone(), g.index_select(0, &touched))
+    };
+    let k = touched.numel();
+    if 2 * k > rows as usize {
+        let dense = if grad.is_sparse() { grad.to_dense(None, false) } else { grad };
+        return GradValues::Dense(read(&dense.contiguous()));
     }
+    let mut ids = vec![0i64; k];
+    touched.copy_data(&mut ids, k);
+    GradValues::Rows { ids: ids.into_iter().map(|i| i as u32).collect(), values: read(&picked.contiguous()) }
+}
+
+fn read(t: &Tensor) -> Vec<f32> {
+    let n = t.numel();
     let mut values = vec![0f32; n];
-    grad.copy_data(&mut values, n);
-    GradValues::Dense(values)
+    t.copy_data(&mut values, n);
+    values
 }
 
 pub(super) struct Script {

@@ -92,6 +92,24 @@ fn an_exported_module_loads_predicts_and_learns() {
         GradValues::Dense(_) => None,
     }).collect();
     assert_eq!(rows, [Some(5), Some(4), None, None, None, None]);
+    // Dense embedding gradients (Embedding(sparse=False)) travel the same:
+    // the touched rows, found by scanning.
+    let dense = export(dir.path(), "dense.pt", &[&SMALL[..], &["--dense-tables"]].concat());
+    let dense = Model::load(&config(&dense)).unwrap();
+    assert_eq!(dense.init_weights(), w, "same seed, same weights");
+    let from_dense = dense.gradient(&w, &batch).unwrap();
+    assert_eq!(from_dense.tensors.len(), first.tensors.len());
+    for (a, b) in from_dense.tensors.iter().zip(&first.tensors) {
+        match (&a.values, &b.values) {
+            (GradValues::Rows { ids: ia, values: va }, GradValues::Rows { ids: ib, values: vb }) => {
+                assert_eq!(ia, ib);
+                va.iter().zip(vb).for_each(|(x, y)| assert!((x - y).abs() < 1e-6, "{x} vs {y}"));
+            }
+            (GradValues::Dense(va), GradValues::Dense(vb)) => va.iter().zip(vb).for_each(|(x, y)| assert!((x - y).abs() < 1e-6)),
+            _ => panic!("param {}: sparse and dense modules travel differently", a.param),
+        }
+    }
+    assert!((from_dense.loss_sum - first.loss_sum).abs() < 1e-6);
     let mut last = first.clone();
     for _ in 0..100 {
         last = model.gradient(&w, &batch).unwrap();
