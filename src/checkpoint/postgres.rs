@@ -207,17 +207,38 @@ pub(crate) mod tests {
 
     /// A fresh database on the machine's PostgreSQL (`TRIBUTARY_TEST_PG`,
     /// default postgres://postgres@127.0.0.1:5432), for one test.
-    pub(crate) fn fresh_database(name: &str) -> String {
-        let admin = std::env::var("TRIBUTARY_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-        let db = format!("tributary_{name}_{}", std::process::id());
+    /// A fresh database on the machine's PostgreSQL, dropped when the test
+    /// passes (kept for a post-mortem when it fails).
+    pub(crate) struct TestDatabase {
+        pub(crate) url: String,
+        admin: String,
+        name: String,
+    }
+
+    fn run_sql(admin: &str, statements: &[String]) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             use sqlx::Executor;
             let pool = PgPool::connect(&format!("{admin}/postgres")).await.expect("PostgreSQL on 127.0.0.1:5432");
-            pool.execute(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)").as_str()).await.unwrap();
-            pool.execute(format!("CREATE DATABASE {db}").as_str()).await.unwrap();
+            for sql in statements {
+                pool.execute(sql.as_str()).await.unwrap();
+            }
         });
-        format!("{admin}/{db}")
+    }
+
+    impl Drop for TestDatabase {
+        fn drop(&mut self) {
+            if !std::thread::panicking() {
+                run_sql(&self.admin, &[format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)]);
+            }
+        }
+    }
+
+    pub(crate) fn fresh_database(name: &str) -> TestDatabase {
+        let admin = std::env::var("TRIBUTARY_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        let name = format!("tributary_{name}_{}", std::process::id());
+        run_sql(&admin, &[format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"), format!("CREATE DATABASE {name}")]);
+        TestDatabase { url: format!("{admin}/{name}"), admin, name }
     }
 
     fn scope(log: &str) -> Scope {
@@ -226,10 +247,10 @@ pub(crate) mod tests {
 
     #[test]
     fn saves_lists_loads_and_retains() {
-        let url = fresh_database("store");
-        exercise(&PgStore::open(&url, scope("updates"), 2, Duration::ZERO).unwrap());
+        let db = fresh_database("store");
+        exercise(&PgStore::open(&db.url, scope("updates"), 2, Duration::ZERO).unwrap());
         // Another update log's checkpoints are not this one's.
-        let other = PgStore::open(&url, scope("updates-b"), 2, Duration::ZERO).unwrap();
+        let other = PgStore::open(&db.url, scope("updates-b"), 2, Duration::ZERO).unwrap();
         assert!(other.list().unwrap().is_empty());
     }
 

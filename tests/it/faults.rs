@@ -48,7 +48,8 @@ fn slow_replicas_killed_while_writing_a_snapshot_leave_no_torn_one() {
     // Big enough that a write takes a while: 32 MiB of weights and slots.
     cluster.config.model.buckets = 1 << 17;
     cluster.config.checkpoint.interval_secs = 1;
-    let url = fresh_database("torn");
+    let db = fresh_database("torn");
+    let url = &db.url;
     let mut local = cluster.replica("local");
     let mut shared = cluster.replica("pg");
     shared.env.push(("TRIBUTARY_CHECKPOINT_STORE".into(), url.clone()));
@@ -97,7 +98,8 @@ fn slow_replicas_killed_while_writing_a_snapshot_leave_no_torn_one() {
 fn slow_postgres_unreachable_during_training_loses_nothing() {
     let mut cluster = Cluster::new("pgdown", ModelKind::Logistic);
     cluster.config.checkpoint.interval_secs = 1;
-    let url = fresh_database("pgdown");
+    let db = fresh_database("pgdown");
+    let url = &db.url;
     let proxy = Proxy::start("127.0.0.1:5432");
     let via_proxy = url.replacen("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port), 1);
     cluster.config.checkpoint.store = via_proxy;

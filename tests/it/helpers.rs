@@ -205,15 +205,38 @@ impl Replica {
 }
 
 /// A database of its own on the machine's PostgreSQL (`TRIBUTARY_TEST_PG`,
-/// default postgres://postgres@127.0.0.1:5432), created afresh; its URL.
-pub fn fresh_database(name: &str) -> String {
+/// default postgres://postgres@127.0.0.1:5432), created afresh, dropped
+/// when the test passes (kept for a post-mortem when it fails).
+pub struct TestDatabase {
+    pub url: String,
+    server: String,
+    name: String,
+}
+
+impl TestDatabase {
+    fn sql(server: &str, sql: &str) -> Result<(), String> {
+        let out = std::process::Command::new("psql").args([&format!("{server}/postgres"), "-qc", sql]).output().expect("psql");
+        out.status.success().then_some(()).ok_or_else(|| format!("{sql}: {}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test database kept: {}", self.url);
+        } else if let Err(e) = TestDatabase::sql(&self.server, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)) {
+            eprintln!("could not drop the test database: {e}");
+        }
+    }
+}
+
+pub fn fresh_database(name: &str) -> TestDatabase {
     let server = std::env::var("TRIBUTARY_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
     let db = format!("tributary_it_{name}_{}", std::process::id());
     for sql in [format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"), format!("CREATE DATABASE {db}")] {
-        let out = std::process::Command::new("psql").args([&format!("{server}/postgres"), "-qc", &sql]).output().expect("psql");
-        assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+        TestDatabase::sql(&server, &sql).unwrap_or_else(|e| panic!("{e}"));
     }
-    format!("{server}/{db}")
+    TestDatabase { url: format!("{server}/{db}"), server, name: db }
 }
 
 /// POSTs `body` to the replica with the bearer `token` (if any): status and JSON.
