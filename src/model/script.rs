@@ -98,14 +98,14 @@ fn inputs(dense_dim: usize, fields: usize, batch: &[&Features]) -> (Tensor, Tens
 }
 
 /// A parameter's gradient as it travels: the rows it touches when that is
-/// at most half of them (embedding tables: the batch's buckets), else all.
-/// Dense gradients are scanned for non-zero rows; sparse ones (an
-/// `Embedding(..., sparse=True)`) name their rows themselves.
-fn gradient_values(t: &Tensor) -> GradValues {
+/// at most half of them (embedding tables: the batch's buckets), else all;
+/// `None` when the batch did not reach it (as for the built-in kinds'
+/// untouched tables). Dense gradients are scanned for non-zero rows; sparse
+/// ones (an `Embedding(..., sparse=True)`) name their rows themselves.
+fn gradient_values(t: &Tensor) -> Option<GradValues> {
     let grad = t.grad();
-    let n = t.numel();
     if !grad.defined() {
-        return GradValues::Dense(vec![0.0; n]);
+        return None;
     }
     let rows = t.size().first().copied().unwrap_or(1).max(1);
     let (touched, picked) = if grad.is_sparse() {
@@ -118,19 +118,22 @@ fn gradient_values(t: &Tensor) -> GradValues {
     } else {
         let g = grad.contiguous().reshape([rows, -1]);
         if rows == 1 {
-            return GradValues::Dense(read(&g));
+            return Some(GradValues::Dense(read(&g)));
         }
         let touched = g.ne(0.0).any_dim(1, false).nonzero().reshape([-1]);
         (touched.shallow_clone(), g.index_select(0, &touched))
     };
     let k = touched.numel();
+    if k == 0 {
+        return None;
+    }
     if 2 * k > rows as usize {
         let dense = if grad.is_sparse() { grad.to_dense(None, false) } else { grad };
-        return GradValues::Dense(read(&dense.contiguous()));
+        return Some(GradValues::Dense(read(&dense.contiguous())));
     }
     let mut ids = vec![0i64; k];
     touched.copy_data(&mut ids, k);
-    GradValues::Rows { ids: ids.into_iter().map(|i| i as u32).collect(), values: read(&picked.contiguous()) }
+    Some(GradValues::Rows { ids: ids.into_iter().map(|i| i as u32).collect(), values: read(&picked.contiguous()) })
 }
 
 fn read(t: &Tensor) -> Vec<f32> {
@@ -243,7 +246,7 @@ impl Script {
             };
             (&loss_sum / batch.len() as f64).backward();
             let tensors = (instance.params.iter().enumerate())
-                .map(|(param, t)| GradTensor { param: param as u32, values: gradient_values(t) })
+                .filter_map(|(param, t)| Some(GradTensor { param: param as u32, values: gradient_values(t)? }))
                 .collect();
             Ok(Gradient { loss_sum: loss_sum.double_value(&[]), tensors })
         })?

@@ -193,3 +193,19 @@ fn two_replicas_learn_a_stream_with_a_torchscript_module_and_agree() {
     assert_eq!(status, 200, "{v}");
     assert!(v["predictions"][0].as_f64().is_some_and(|p| (0.0..=1.0).contains(&p)), "{v}");
 }
+
+#[test]
+fn parameters_a_batch_does_not_reach_travel_no_gradient() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = python_module(
+        dir.path(),
+        "unused.pt",
+        "class M(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n        self.w = torch.nn.Parameter(torch.ones(3))\n        self.spare = torch.nn.Parameter(torch.zeros(64, 4))\n    def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:\n        return dense @ self.w\n",
+    );
+    let model = Model::load(&config(&path)).unwrap();
+    assert_eq!(model.params().len(), 2);
+    let example = model.featurizer().event(br#"{"dense":[1,2,3],"label":1}"#).unwrap();
+    let g = model.gradient(&model.init_weights(), &[example]).unwrap();
+    let params: Vec<u32> = g.tensors.iter().map(|t| t.param).collect();
+    assert_eq!(params, [0], "only w was reached");
+}
