@@ -108,24 +108,6 @@ impl Model {
     /// The model of `config`. Only `torchscript` can fail (the module file);
     /// the built-in kinds cannot.
     pub fn load(config: &ModelConfig) -> Result<Model, ScriptError> {
-        if config.kind != ModelKind::TorchScript {
-            return Ok(Model::new(config));
-        }
-        let (script, params) = script::Script::load(config)?;
-        let mut h = blake3::Hasher::new();
-        h.update(format!("{:?}|{:?}|{:?}|{}|", config.kind, config.loss, config.sparse_fields, config.buckets).as_bytes());
-        h.update(&script.bytes);
-        let fingerprint = u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"));
-        let arch = Arch::Script(Arc::new(script));
-        Ok(Model { featurizer: Featurizer::new(config), config: config.clone(), params, arch, fingerprint })
-    }
-
-    /// The model of a built-in kind (`torchscript`: [`Model::load`]; here
-    /// it panics on a module that does not load).
-    pub fn new(config: &ModelConfig) -> Model {
-        if config.kind == ModelKind::TorchScript {
-            return Model::load(config).unwrap_or_else(|e| panic!("{e}"));
-        }
         let mut params = Vec::new();
         let mut add = |p: ParamSpec| {
             params.push(p);
@@ -143,18 +125,34 @@ impl Model {
                 let mlp = mlp_params(config, "deep", input, &mut add);
                 Arch::WideDeep { linear, emb, mlp }
             }
-            ModelKind::TorchScript => unreachable!("loaded above"),
+            ModelKind::TorchScript => {
+                let (script, specs) = script::Script::load(config)?;
+                for p in specs {
+                    add(p);
+                }
+                Arch::Script(Arc::new(script))
+            }
         };
         // Everything that changes the meaning of a weight or of a gradient
         // record goes into the fingerprint; records of another model are
-        // rejected rather than misapplied.
+        // rejected rather than misapplied. A TorchScript module's own code
+        // counts too: its file.
         let mut h = blake3::Hasher::new();
         h.update(format!("{:?}|{:?}|{:?}|{}", config.kind, config.loss, config.sparse_fields, config.buckets).as_bytes());
         for p in &params {
             h.update(format!("{}:{}x{};", p.name, p.rows, p.cols).as_bytes());
         }
+        if let Arch::Script(script) = &arch {
+            h.update(&script.bytes);
+        }
         let fingerprint = u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"));
-        Model { featurizer: Featurizer::new(config), config: config.clone(), params, arch, fingerprint }
+        Ok(Model { featurizer: Featurizer::new(config), config: config.clone(), params, arch, fingerprint })
+    }
+
+    /// [`Model::load`] for what cannot fail: the built-in kinds (and tests).
+    /// A TorchScript module that does not load panics here.
+    pub fn new(config: &ModelConfig) -> Model {
+        Model::load(config).unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub fn config(&self) -> &ModelConfig {
