@@ -260,15 +260,16 @@ impl Script {
         let at = match pool.iter().position(|(v, _)| version.is_some() && *v == version) {
             Some(i) => i,
             None => {
-                if pool.len() < SERVING_INSTANCES {
+                // A new instance while there are fewer than two, else the
+                // least recently used one (the first).
+                let i = if pool.len() < SERVING_INSTANCES {
                     let mut fresh = Instance::new(&self.bytes).map_err(GradientError::Torch)?;
                     fresh.module.f_set_eval().map_err(|e| GradientError::Torch(e.to_string()))?;
                     pool.push((None, fresh));
+                    pool.len() - 1
                 } else {
-                    let oldest = pool.remove(0);
-                    pool.push(oldest);
-                }
-                let i = pool.len() - 1;
+                    0
+                };
                 pool[i].0 = None; // untagged until the copy is whole
                 guarded(|| pool[i].1.set_weights(w))?;
                 pool[i].0 = version;
