@@ -56,14 +56,10 @@ fn train_step(c: &mut Criterion) {
 /// The example TorchScript model with its default sizes and `args`,
 /// exported into a temporary directory; `None` without the virtualenv's python.
 fn torchscript_model(args: &[&str]) -> Option<(tempfile::TempDir, Model)> {
-    let torch = std::fs::canonicalize(concat!(env!("CARGO_MANIFEST_DIR"), "/.libtorch")).ok()?;
-    let python = torch.ancestors().nth(4)?.join("bin/python");
     let dir = tempfile::tempdir().ok()?;
     let out = dir.path().join("model.pt");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/torchscript/export.py");
-    let ok = std::process::Command::new(python).arg(script).arg("--out").arg(&out).args(args).output().ok()?.status.success();
-    if !ok {
-        eprintln!("torchscript benches skipped: export.py failed");
+    if let Err(e) = tributary_load::procs::export_torchscript(&out, args) {
+        eprintln!("torchscript benches skipped: {e:#}");
         return None;
     }
     let mut c = Config::default().model;

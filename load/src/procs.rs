@@ -46,6 +46,28 @@ pub fn tansu_bin() -> PathBuf {
     }
 }
 
+/// `$TRIBUTARY_PYTHON`, else the python of the virtualenv `scripts/setup`
+/// makes (`.libtorch` at the repository's root is its `site-packages/torch`).
+pub fn venv_python() -> anyhow::Result<PathBuf> {
+    if let Ok(p) = std::env::var("TRIBUTARY_PYTHON") {
+        return Ok(p.into());
+    }
+    let link = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.libtorch");
+    let torch = std::fs::canonicalize(&link).map_err(|e| anyhow::anyhow!("{}: {e} (run scripts/setup)", link.display()))?;
+    let venv = torch.ancestors().nth(4).ok_or_else(|| anyhow::anyhow!("{} is not venv/lib/pythonX/site-packages/torch", torch.display()))?;
+    Ok(venv.join("bin/python"))
+}
+
+/// Runs `examples/torchscript/export.py` with `args`, saving the module at `out`.
+pub fn export_torchscript(out: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/torchscript/export.py");
+    let run = Command::new(venv_python()?).arg(script).arg("--out").arg(out).args(args).output()?;
+    if !run.status.success() {
+        anyhow::bail!("export.py: {}", String::from_utf8_lossy(&run.stderr));
+    }
+    Ok(())
+}
+
 /// One HTTP/1.1 GET on a fresh connection: (status, body), or `None` when the
 /// server cannot be reached or answers garbage. For polling, not for load.
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {

@@ -10,24 +10,12 @@ use std::time::Duration;
 use tributary::config::{Config, ModelConfig, ModelKind};
 use tributary::model::{GradValues, Model};
 
-use crate::helpers::{constant_logloss, Cluster};
-
-/// The virtualenv's python: `.libtorch` (made by scripts/setup) is its
-/// `site-packages/torch`. `TRIBUTARY_PYTHON` overrides.
-fn python() -> PathBuf {
-    if let Ok(p) = std::env::var("TRIBUTARY_PYTHON") {
-        return p.into();
-    }
-    let torch = std::fs::canonicalize(concat!(env!("CARGO_MANIFEST_DIR"), "/.libtorch")).expect(".libtorch (run scripts/setup)");
-    torch.ancestors().nth(4).expect("venv/lib/pythonX/site-packages/torch").join("bin/python")
-}
+use crate::helpers::{constant_logloss, procs, Cluster};
 
 /// Runs the example exporter with `args` into `dir`; the module's path.
 fn export(dir: &Path, name: &str, args: &[&str]) -> PathBuf {
     let out = dir.join(name);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/torchscript/export.py");
-    let run = Command::new(python()).arg(script).arg("--out").arg(&out).args(args).output().expect("the virtualenv's python");
-    assert!(run.status.success(), "export.py: {}", String::from_utf8_lossy(&run.stderr));
+    procs::export_torchscript(&out, args).unwrap_or_else(|e| panic!("{e:#}"));
     out
 }
 
@@ -38,7 +26,7 @@ fn python_module(dir: &Path, name: &str, source: &str) -> PathBuf {
     let code = format!("import torch\n{source}\ntorch.jit.script(M()).save({:?})\n", out.to_str().unwrap());
     let file = dir.join(format!("{name}.py"));
     std::fs::write(&file, code).unwrap();
-    let run = Command::new(python()).arg(&file).output().unwrap();
+    let run = Command::new(procs::venv_python().unwrap()).arg(&file).output().unwrap();
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     out
 }
