@@ -146,9 +146,10 @@ impl Guard {
         None
     }
 
-    /// After any rollback: the baseline stays, the rest warms up again.
+    /// After any rollback: the guard starts over. (The next record, the
+    /// first it sees again, sets both averages: the baseline is relearned
+    /// during the warm-up, not kept.)
     pub fn rolled_back(&mut self, position: i64) {
-        self.fast = self.baseline;
         self.seen = 0;
         self.fired = false;
         self.last_healthy = position;
