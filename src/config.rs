@@ -81,6 +81,10 @@ pub struct KafkaConfig {
     pub dlq_topic: String,
     /// Partitions given to the events topic when `serve` creates it.
     pub events_partitions: i32,
+    /// Replicas of each topic `serve` creates (events, updates, dead
+    /// letters); `min.insync.replicas` is set to 2 when this is 3 or more,
+    /// so an acknowledged record survives the death of any one broker.
+    pub replication_factor: i32,
     pub group_id: String,
     /// Static membership (`group.instance.id`): a restart within the session
     /// timeout keeps its partitions without a rebalance. Empty: off.
@@ -194,6 +198,7 @@ impl Default for Config {
                 updates_topic: "updates".into(),
                 dlq_topic: "events.dlq".into(),
                 events_partitions: 8,
+                replication_factor: 1,
                 group_id: "tributary".into(),
                 group_instance_id: String::new(),
                 session_timeout_ms: 6000,
@@ -331,6 +336,9 @@ impl Config {
         }
         if self.kafka.events_partitions < 1 {
             return bad("kafka.events_partitions must be at least 1");
+        }
+        if self.kafka.replication_factor < 1 {
+            return bad("kafka.replication_factor must be at least 1");
         }
         if !(self.apply.max_swaps_per_sec >= 0.0 && self.apply.max_swaps_per_sec.is_finite()) {
             return bad("apply.max_swaps_per_sec must be a finite number, 0 or more");

@@ -13,6 +13,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::ClientContext;
 
+use crate::config::KafkaConfig;
 use crate::event::Featurizer;
 use crate::log::kafka;
 
@@ -40,21 +41,16 @@ pub struct ProduceReport {
     pub invalid: u64,
 }
 
-/// Produces every valid line of `input` to `topic`, creating the topic with
-/// `partitions` partitions if it does not exist.
-pub fn produce(
-    brokers: &str,
-    topic: &str,
-    partitions: i32,
-    featurizer: &Featurizer,
-    input: impl BufRead,
-) -> anyhow::Result<ProduceReport> {
-    futures::executor::block_on(kafka::create_missing(brokers, &[(topic, partitions)]))?;
+/// Produces every valid line of `input` to `topic`, creating the topic as
+/// `serve` creates the events topic (`kafka.events_partitions`,
+/// `kafka.replication_factor`) if it does not exist.
+pub fn produce(k: &KafkaConfig, topic: &str, featurizer: &Featurizer, input: impl BufRead) -> anyhow::Result<ProduceReport> {
+    let brokers = k.brokers.as_str();
+    let events = [(topic, k.events_partitions, kafka::TopicRole::Events)];
+    futures::executor::block_on(kafka::create_missing(brokers, k.replication_factor, &events))?;
     let delivered = Arc::new(Delivered::default());
     let mut config = kafka::producer_config(brokers, "tributary-produce");
-    // Events are small and many: batch them (the trainer copes with Tansu's
-    // mid-batch fetches, see `train::Resume`), up to 1000 per batch so that
-    // a resume inside one re-reads little.
+    // Events are small and many: batch them.
     config.set("queue.buffering.max.messages", "500000").set("linger.ms", "5").set("batch.num.messages", "1000");
     let producer: BaseProducer<Counting> = config.create_with_context(Counting(delivered.clone()))?;
     let terminal = std::io::stderr().is_terminal();

@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Args)]
 struct ConfigArgs {
     /// TOML configuration file (see config/tributary.toml)
-    #[arg(long)]
+    #[arg(long, env = "TRIBUTARY_CONFIG")]
     config: Option<PathBuf>,
     /// Kafka bootstrap servers
     #[arg(long)]
@@ -127,7 +127,7 @@ fn main() -> anyhow::Result<()> {
                 )),
                 None => Box::new(std::io::stdin().lock()),
             };
-            let report = tributary::ingest::produce(&config.kafka.brokers, &topic, config.kafka.events_partitions, model.featurizer(), input)?;
+            let report = tributary::ingest::produce(&config.kafka, &topic, model.featurizer(), input)?;
             if report.failed > 0 {
                 anyhow::bail!("{} events were not delivered", report.failed);
             }

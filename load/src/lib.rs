@@ -1,5 +1,5 @@
 //! tributary's load tool as a library: the HTTP load driver, the processes
-//! it runs (Tansu, replicas, event streams; also used by tributary's fleet
+//! it runs (Kafka brokers, replicas, event streams; also used by tributary's fleet
 //! tests), the scenarios and the report.
 
 pub mod driver;

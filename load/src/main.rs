@@ -1,5 +1,5 @@
 //! `load`: tributary's load tool. `load run` runs the scenarios against real
-//! Tansu brokers and replica processes and writes `report.json` and
+//! Apache Kafka brokers and replica processes and writes `report.json` and
 //! `report.md`; `load run --smoke` is the few-second version CI runs, which
 //! fails on any failed request. `scripts/load` builds and runs it.
 

@@ -1,4 +1,4 @@
-//! Real processes on 127.0.0.1: a Tansu broker, tributary replicas and event
+//! Real processes on 127.0.0.1: Apache Kafka brokers, tributary replicas and event
 //! streams, started and killed by the load tool and by tributary's fleet
 //! tests alike. Everything here is blocking; waiting is polling with a
 //! deadline, never a bare sleep.
@@ -31,19 +31,6 @@ pub fn wait_for<T>(what: &str, limit: Duration, f: impl FnMut() -> Option<T>) ->
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port on 127.0.0.1")
-}
-
-/// `$TANSU`, else `~/.cargo/bin/tansu` (where `scripts/setup` installs it), else `tansu` on the PATH.
-pub fn tansu_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("TANSU") {
-        return p.into();
-    }
-    let home = PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo/bin/tansu");
-    if home.exists() {
-        home
-    } else {
-        "tansu".into()
-    }
 }
 
 /// `$TRIBUTARY_PYTHON`, else the python of the virtualenv `scripts/setup`
@@ -137,49 +124,158 @@ impl Drop for Proc {
     }
 }
 
-/// A Tansu broker on a free port; killed on drop.
+/// The environment variable through which `scripts/test` hands the tests
+/// one Apache Kafka broker for the whole run.
+pub const SHARED_BROKER_ENV: &str = "TRIBUTARY_TEST_KAFKA";
+
+/// An Apache Kafka node in KRaft mode (broker and controller in one JVM),
+/// run by `scripts/kafka-broker` from the jars `scripts/setup` fetched;
+/// killed on drop. Or the run's shared broker, which is neither killed nor
+/// restarted here.
 pub struct Broker {
     proc: Proc,
+    /// Client listener, `127.0.0.1:port`.
     pub addr: String,
-    storage: String,
-    dir: PathBuf,
+    /// `scripts/kafka-broker`'s arguments, to start it again on the same data.
+    args: Vec<String>,
+    /// Its data directory; the broker's output goes to `broker.log` there.
+    pub dir: PathBuf,
+    /// The run's shared broker: started by `scripts/test`, not ours to stop.
+    shared: bool,
+    /// "Kafka Server started" lines in the log before the last spawn.
+    starts_logged: usize,
+}
+
+const STARTED: &str = "Kafka Server started";
+
+/// One node's place in a KRaft quorum.
+struct Node {
+    id: u32,
+    port: u16,
+    controller_port: u16,
 }
 
 impl Broker {
-    /// With its topics in memory.
+    /// A single-node broker of its own, with its data under `dir/kafka`.
     pub fn start(dir: &Path) -> anyhow::Result<Broker> {
-        Broker::start_on(dir, "memory://tansu/")
-    }
-
-    /// With its topics in `storage`: `memory://tansu/`, or `sqlite://NAME`
-    /// (a file in `dir`) for a broker that keeps its data when it restarts.
-    pub fn start_on(dir: &Path, storage: &str) -> anyhow::Result<Broker> {
-        let port = free_port();
-        let mut broker =
-            Broker { proc: Proc(None), addr: format!("127.0.0.1:{port}"), storage: storage.into(), dir: dir.into() };
+        let node = Node { id: 1, port: free_port(), controller_port: free_port() };
+        let mut broker = Broker::describe(&dir.join("kafka"), &node, &format!("1@127.0.0.1:{}", node.controller_port), 1);
         broker.restart()?;
         Ok(broker)
     }
 
+    /// The broker `scripts/test` started for the whole run (its address in
+    /// `$TRIBUTARY_TEST_KAFKA`), else one of its own under `dir`: a test that
+    /// never kills its broker shares it with the others, each with its own
+    /// topics and group.
+    pub fn shared_or_start(dir: &Path) -> anyhow::Result<Broker> {
+        match std::env::var(SHARED_BROKER_ENV) {
+            Ok(addr) if !addr.is_empty() => {
+                Ok(Broker { proc: Proc(None), addr, args: Vec::new(), dir: dir.to_path_buf(), shared: true, starts_logged: 0 })
+            }
+            _ => Broker::start(dir),
+        }
+    }
+
+    fn describe(dir: &Path, node: &Node, voters: &str, replication: usize) -> Broker {
+        let args = [
+            ("--dir", dir.display().to_string()),
+            ("--port", node.port.to_string()),
+            ("--controller-port", node.controller_port.to_string()),
+            ("--node-id", node.id.to_string()),
+            ("--voters", voters.to_string()),
+            ("--replication", replication.to_string()),
+        ];
+        Broker {
+            proc: Proc(None),
+            addr: format!("127.0.0.1:{}", node.port),
+            args: args.into_iter().flat_map(|(k, v)| [k.to_string(), v]).collect(),
+            dir: dir.to_path_buf(),
+            shared: false,
+            starts_logged: 0,
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.shared || self.proc.is_running()
+    }
+
     /// SIGKILL.
     pub fn kill(&mut self) {
+        assert!(!self.shared, "the run's shared broker is not a test's to kill; use Broker::start");
         self.proc.kill();
     }
 
-    /// Starts it again on the same address and storage.
+    /// Starts it again on the same address and data, and waits until it
+    /// has joined its quorum and serves clients.
     pub fn restart(&mut self) -> anyhow::Result<()> {
-        let url = format!("tcp://{}", self.addr);
-        self.proc = Proc::spawn(
-            Command::new(tansu_bin())
-                .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-                .args(["--storage-engine", &self.storage])
-                .current_dir(&self.dir)
-                .env("RUST_LOG", "warn"),
-            &self.dir.join("tansu.log"),
-        )
-        .map_err(|e| anyhow::anyhow!("cannot start tansu ({e}); scripts/setup installs it"))?;
-        try_wait_for("the broker to listen", Duration::from_secs(30), || TcpStream::connect(&self.addr).ok())?;
+        self.spawn()?;
+        self.wait_started(Duration::from_secs(60))
+    }
+
+    /// Starts the JVM, without waiting.
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.shared, "the run's shared broker is not a test's to restart");
+        anyhow::ensure!(!self.proc.is_running(), "broker {} already runs", self.addr);
+        std::fs::create_dir_all(&self.dir)?;
+        self.starts_logged = std::fs::read_to_string(self.log()).unwrap_or_default().matches(STARTED).count();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/kafka-broker");
+        self.proc = Proc::spawn(Command::new(script).args(&self.args), &self.log())
+            .map_err(|e| anyhow::anyhow!("cannot run scripts/kafka-broker ({e})"))?;
         Ok(())
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.join("broker.log")
+    }
+
+    /// Waits for this start's "Kafka Server started" (the log is appended
+    /// to across restarts, so the lines are counted) and for the listener.
+    fn wait_started(&mut self, limit: Duration) -> anyhow::Result<()> {
+        let what = format!("the Kafka broker at {} to start (log: {})", self.addr, self.log().display());
+        let deadline = Instant::now() + limit;
+        loop {
+            let log = std::fs::read_to_string(self.log()).unwrap_or_default();
+            if log.matches(STARTED).count() > self.starts_logged && TcpStream::connect(&self.addr).is_ok() {
+                return Ok(());
+            }
+            if let Some(Some(status)) = self.proc.0.as_mut().map(|c| c.try_wait().ok().flatten()) {
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                anyhow::bail!("{what}: it exited ({status}):\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            }
+            anyhow::ensure!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Several Kafka nodes on 127.0.0.1, each broker and controller, forming
+/// one KRaft quorum; internal topics replicated to all of them.
+pub struct KafkaCluster {
+    pub brokers: Vec<Broker>,
+}
+
+impl KafkaCluster {
+    /// `n` nodes with their data under `dir/kafka-<id>`, started together
+    /// (each waits for a quorum of the others).
+    pub fn start(dir: &Path, n: u32) -> anyhow::Result<KafkaCluster> {
+        let nodes: Vec<Node> = (1..=n).map(|id| Node { id, port: free_port(), controller_port: free_port() }).collect();
+        let voters: Vec<String> = nodes.iter().map(|n| format!("{}@127.0.0.1:{}", n.id, n.controller_port)).collect();
+        let mut brokers: Vec<Broker> = (nodes.iter())
+            .map(|node| Broker::describe(&dir.join(format!("kafka-{}", node.id)), node, &voters.join(","), n as usize))
+            .collect();
+        for b in &mut brokers {
+            b.spawn()?;
+        }
+        for b in &mut brokers {
+            b.wait_started(Duration::from_secs(90))?;
+        }
+        Ok(KafkaCluster { brokers })
+    }
+
+    /// Every node's address: what clients bootstrap from.
+    pub fn bootstrap(&self) -> String {
+        self.brokers.iter().map(|b| b.addr.as_str()).collect::<Vec<_>>().join(",")
     }
 }
 

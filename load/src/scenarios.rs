@@ -1,4 +1,4 @@
-//! The scenarios of the load report, each on its own Tansu broker with real
+//! The scenarios of the load report, each on its own Apache Kafka broker with real
 //! replica processes. Figures that depend on the machine are reported as
 //! ratios against a baseline measured in the same run where one exists.
 
@@ -28,7 +28,7 @@ const EVENTS_PER_POST: usize = 100;
 const CONNECTIONS: usize = 32;
 const READY_LIMIT: Duration = Duration::from_secs(120);
 
-pub const ALL: [&str; 7] = ["baseline", "predict", "protocols", "learn_rate", "freshness", "chaos", "recovery"];
+pub const ALL: [&str; 8] = ["baseline", "predict", "protocols", "learn_rate", "freshness", "chaos", "failover", "recovery"];
 /// The CI smoke run: a few seconds each, asserting no errors.
 pub const SMOKE: [&str; 2] = ["baseline", "predict"];
 
@@ -71,6 +71,7 @@ impl Bench {
             "learn_rate" => self.learn_rate(),
             "freshness" => self.freshness(),
             "chaos" => self.chaos(),
+            "failover" => self.failover(),
             "recovery" => self.recovery(),
             other => anyhow::bail!("no scenario {other:?}; there are {}", ALL.join(", ")),
         }
@@ -245,7 +246,7 @@ impl Bench {
     }
 
     /// `logistic` learning a pre-filled topic, alone and then with
-    /// predictions at half the measured max rate.
+    /// predictions at half the measured max rate; then `wide_deep` alone.
     fn learn_rate(&mut self) -> anyhow::Result<()> {
         let dir = self.dir("learn_rate")?;
         let broker = Broker::start(&dir)?;
@@ -257,9 +258,10 @@ impl Bench {
 
         let half = self.predict_max_rps.unwrap_or(2000.0) / 2.0;
         let mut rates = Vec::new();
-        for (id, predict) in [("alone", false), ("with-predictions", true)] {
+        let runs = [("logistic-alone", "logistic", false), ("logistic-with-predictions", "logistic", true), ("wide_deep-alone", "wide_deep", false)];
+        for (id, kind, predict) in runs {
             let mut r = self.ready_replica(&dir, id, &broker, &[
-                ("MODEL__KIND", "logistic".into()),
+                ("MODEL__KIND", kind.into()),
                 ("KAFKA__UPDATES_TOPIC", format!("updates-{id}")),
                 ("KAFKA__GROUP_ID", id.into()),
             ])?;
@@ -286,7 +288,11 @@ impl Bench {
         }
         self.report.add("learn_rate", "events learned/s, logistic, pre-filled topic", rates[0], Goal::AtLeast(300_000.0));
         self.report.add("learn_rate", "with predictions at half load / without", rates[1] / rates[0], Goal::AtLeast(0.7));
-        self.report.detail("learn_rate", json!({"events": n, "fill_rate": fill_rate, "alone": rates[0], "with_predictions": rates[1], "predict_rate": half}));
+        self.report.add("learn_rate", "events learned/s, wide_deep, pre-filled topic", rates[2], Goal::None);
+        self.report.detail(
+            "learn_rate",
+            json!({"events": n, "fill_rate": fill_rate, "logistic": rates[0], "logistic_with_predictions": rates[1], "wide_deep": rates[2], "predict_rate": half}),
+        );
         Ok(())
     }
 
@@ -334,8 +340,7 @@ impl Bench {
         std::thread::sleep(total / 4);
         fleet[2].kill();
         let killed = Instant::now();
-        // Restarted at once: Tansu 0.6 keeps a dead group leader in the group
-        // until it returns (README, "Tansu limits").
+        // Restarted at once, as an orchestrator would.
         fleet[2].start_ready(READY_LIMIT)?;
         let to_ready = killed.elapsed().as_secs_f64();
         let out = self.rt.block_on(load)?;
@@ -352,16 +357,56 @@ impl Bench {
         Ok(())
     }
 
+    /// SIGKILL of one replica of two, restarted at once as an orchestrator
+    /// would, with and without static membership (`group.instance.id`):
+    /// how long the partitions stop learning. Measured as the longest time
+    /// any partition's applied watermark stands still after the kill, from
+    /// the survivor's watermarks sampled every 50 ms under 4 000 events/s.
+    fn failover(&mut self) -> anyhow::Result<()> {
+        let mut rows = Vec::new();
+        for static_membership in [false, true] {
+            let label = if static_membership { "static" } else { "dynamic" };
+            let dir = self.dir(&format!("failover-{label}"))?;
+            let broker = Broker::start(&dir)?;
+            let env = |id: &str| -> Vec<(&str, String)> {
+                let instance = if static_membership { id.to_string() } else { String::new() };
+                vec![("MODEL__KIND", "logistic".into()), ("KAFKA__GROUP_INSTANCE_ID", instance)]
+            };
+            let survivor = self.ready_replica(&dir, "r0", &broker, &env("r0"))?;
+            let mut killed = self.ready_replica(&dir, "r1", &broker, &env("r1"))?;
+            let stream = self.stream(&dir, &broker, Some(4000.0), None)?;
+            wait_learning(&survivor)?;
+            std::thread::sleep(self.secs(3.0, 1.0));
+            let samples = sample_watermarks(&survivor, self.secs(25.0, 12.0), || {
+                killed.kill();
+                killed.start()
+            })?;
+            stream.stop();
+            let stall = longest_stand_still(&samples);
+            self.report.add("failover", &format!("SIGKILL to every partition learning again (s), {label} membership"), stall, Goal::None);
+            rows.push(json!({"membership": label, "longest_stand_still_s": stall, "samples": samples.len()}));
+        }
+        self.report.detail("failover", rows);
+        Ok(())
+    }
+
     /// Restart to ready against the number of log records since the newest
     /// checkpoint: a checkpoint near the start, then K one-event records,
-    /// then SIGKILL (so no later checkpoint) and a restart.
+    /// then SIGKILL (so no later checkpoint) and a restart. `wide_deep` up
+    /// to 100k records; 1M records of `wide_deep` would be 28 GB of dense
+    /// gradients, so that size is `logistic`'s.
     fn recovery(&mut self) -> anyhow::Result<()> {
-        let sizes: &[u64] = if self.smoke { &[1_000] } else { &[1_000, 10_000, 100_000] };
+        let sizes: &[(u64, &str)] = if self.smoke {
+            &[(1_000, "wide_deep")]
+        } else {
+            &[(1_000, "wide_deep"), (10_000, "wide_deep"), (100_000, "wide_deep"), (1_000_000, "logistic")]
+        };
         let mut rows = Vec::new();
-        for &k in sizes {
+        for &(k, kind) in sizes {
             let dir = self.dir(&format!("recovery-{k}"))?;
             let broker = Broker::start(&dir)?;
             let mut r = self.ready_replica(&dir, "r0", &broker, &[
+                ("MODEL__KIND", kind.into()),
                 ("TRAIN__BATCH_SIZE", "1".into()),
                 ("TRAIN__MAX_IN_FLIGHT", "32".into()),
                 ("CHECKPOINT__INTERVAL_SECS", "86400".into()),
@@ -371,8 +416,8 @@ impl Bench {
             r.terminate()?; // the final checkpoint
             r.start_ready(READY_LIMIT)?;
             let checkpoint = version(&r)?;
-            self.stream(&dir, &broker, None, Some(k))?.finish(Duration::from_secs(900))?;
-            wait_examples(&r, 16 + k, Duration::from_secs(900))?;
+            self.stream(&dir, &broker, None, Some(k))?.finish(Duration::from_secs(1800))?;
+            wait_examples(&r, 16 + k, Duration::from_secs(1800))?;
             let end = version(&r)?;
             r.kill();
             let restart = Instant::now();
@@ -384,12 +429,13 @@ impl Bench {
             anyhow::ensure!(examples(&r) == Some(16 + k), "the restarted replica did not learn every event exactly once");
             let records = end - checkpoint;
             let goal = if k == 10_000 { Goal::AtMost(2.0) } else { Goal::None };
-            self.report.add("recovery", &format!("restart to ready (s), {records} records since checkpoint"), secs, goal);
+            self.report.add("recovery", &format!("restart to ready (s), {records} {kind} records since checkpoint"), secs, goal);
+            self.report.add("recovery", &format!("replay rate (records/s, start-up included), {records} {kind} records"), records as f64 / secs, Goal::None);
             // A trainer that learned before its applier caught up would append
             // records that every replica rejects; there is nothing new to learn.
             let produced = r.metrics().map_or(f64::NAN, |m| m.value("tributary_records_produced_total", ""));
             self.report.add("recovery", &format!("records appended while replaying {records}"), produced, Goal::AtMost(0.0));
-            rows.push(json!({"records": records, "seconds": secs, "appended_while_replaying": produced}));
+            rows.push(json!({"model": kind, "records": records, "seconds": secs, "appended_while_replaying": produced}));
         }
         self.report.detail("recovery", rows);
         Ok(())
@@ -405,6 +451,51 @@ fn merge(acc: &mut Option<Outcome>, out: Outcome) {
         Some(a) => a.merge(&out),
         None => *acc = Some(out),
     }
+}
+
+/// Samples `r`'s watermarks every 50 ms for `window`, calling `act` once the
+/// first sample is in: (seconds since `act`, watermark per partition).
+fn sample_watermarks(
+    r: &Replica,
+    window: Duration,
+    act: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<(f64, Vec<u64>)>> {
+    let watermarks = || -> Option<Vec<u64>> {
+        let info = r.info()?;
+        Some(info["watermarks"].as_object()?.values().filter_map(serde_json::Value::as_u64).collect())
+    };
+    let first = watermarks().ok_or_else(|| anyhow::anyhow!("no watermarks from {}", r.id))?;
+    act()?;
+    let acted = Instant::now();
+    let mut samples = vec![(0.0, first)];
+    while acted.elapsed() < window {
+        std::thread::sleep(Duration::from_millis(50));
+        if let Some(w) = watermarks() {
+            samples.push((acted.elapsed().as_secs_f64(), w));
+        }
+    }
+    Ok(samples)
+}
+
+/// The longest time, over every partition, between two samples at which
+/// its watermark moved (from the first sample on).
+fn longest_stand_still(samples: &[(f64, Vec<u64>)]) -> f64 {
+    let partitions = samples.iter().map(|(_, w)| w.len()).max().unwrap_or(0);
+    (0..partitions)
+        .map(|p| {
+            let (mut last_move, mut last, mut longest) = (0.0, None, 0.0f64);
+            for (t, w) in samples {
+                let v = w.get(p).copied();
+                if v != last {
+                    longest = longest.max(t - last_move);
+                    (last_move, last) = (*t, v);
+                }
+            }
+            // Still standing at the end of the window counts too.
+            let end = samples.last().map_or(0.0, |s| s.0);
+            longest.max(end - last_move)
+        })
+        .fold(0.0, f64::max)
 }
 
 fn examples(r: &Replica) -> Option<u64> {

@@ -105,17 +105,16 @@ impl Applier {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.updates_topic, 0, Offset::Offset(self.state.position))?;
         self.consumer.assign(&tpl)?;
-        let listed_end = kafka::log_end(&self.consumer, &self.updates_topic).unwrap_or(0);
-        info!(position = self.state.position, log_end = listed_end, "applier started");
-        if listed_end == 0 && self.state.position > 0 {
-            // An empty log is certain even on Tansu; a short one is checked
-            // on the first fetch response below.
-            anyhow::bail!(ahead_of_log(self.state.position, &self.updates_topic, 0));
+        let listed_end = kafka::log_end(&self.consumer, &self.updates_topic);
+        info!(position = self.state.position, log_end = ?listed_end, "applier started");
+        if let Some(end) = listed_end.filter(|&end| end < self.state.position) {
+            anyhow::bail!(ahead_of_log(self.state.position, &self.updates_topic, end));
         }
         // Ready once the position reaches the log end as of start-up: the
-        // larger of the listed end and the first fetch response's (see
-        // `kafka::fetched_end`), fixed when that response comes.
-        let mut start_end: Option<i64> = None;
+        // listed end, or the first fetch response's when the broker could
+        // not list it (see `kafka::fetched_end`), fixed when that response
+        // comes.
+        let mut start_end: Option<i64> = listed_end;
         let mut last_swap = Instant::now();
         let interval = self.min_swap_interval;
         let swap_due = move |last_swap: Instant| interval.is_some_and(|i| last_swap.elapsed() >= i);
@@ -227,7 +226,7 @@ impl Applier {
                     if fetched < self.state.position {
                         anyhow::bail!(ahead_of_log(self.state.position, &self.updates_topic, fetched));
                     }
-                    start_end = Some(fetched.max(listed_end));
+                    start_end = Some(fetched);
                 }
             }
             let caught_up = start_end.is_some_and(|end| self.state.position >= end);

@@ -28,7 +28,7 @@ pub fn base_config(brokers: &str, client_id: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", brokers)
         .set("client.id", client_id)
-        // Tansu listens on IPv4 only; "localhost" may resolve to ::1 first.
+        // Test brokers listen on 127.0.0.1 only; "localhost" may resolve to ::1 first.
         .set("broker.address.family", "v4")
         .set("log_level", "4");
     // librdkafka's own debug contexts (e.g. "cgrp,fetch"), for diagnosis.
@@ -38,31 +38,39 @@ pub fn base_config(brokers: &str, client_id: &str) -> ClientConfig {
     c
 }
 
-/// Producer of gradient records (and, with batching, events): every write
-/// acknowledged by all in-sync replicas, low latency over batching.
+/// Producer of gradient records (and, with batching, events).
 ///
-/// One record per batch: the Tansu broker's memory engine serves a fetch
-/// from the first batch whose *base* offset is at or after the requested
-/// one, so a consumer that starts in the middle of a batch skips the rest of
-/// it. Appliers start the update log at a checkpoint's position, anywhere.
-/// Kafka has no such flaw; the cost of single-record batches for gradient
-/// records (large, a few hundred a second) is nil. The trainer, which reads
-/// events batched by any producer, probes back instead (`train::Resume`).
+/// - Idempotence (which implies `acks=all`): a write is acknowledged once
+///   every in-sync replica has it, and librdkafka's retries after a broker's
+///   death neither duplicate nor reorder records. A trainer's records of one
+///   partition must reach the log in the order sent, or the later ones are
+///   rejected (their `from` is not the watermark yet) and relearned.
+/// - `message.timeout.ms` well above a leader election (the controller
+///   fences a dead broker after `broker.session.timeout.ms`, 9 s by
+///   default): a record is retried through it, not failed.
+/// - `linger.ms` 1: a gradient waits for no batch-mates; freshness matters
+///   more than batching for records of a few kB to MB.
 pub fn producer_config(brokers: &str, client_id: &str) -> ClientConfig {
     let mut c = base_config(brokers, client_id);
-    c.set("acks", "all")
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
         .set("linger.ms", "1")
-        .set("batch.num.messages", "1")
         .set("message.max.bytes", MAX_MESSAGE_BYTES.to_string())
-        .set("message.timeout.ms", "30000");
+        .set("message.timeout.ms", "60000")
+        .set("request.timeout.ms", "10000");
     c
 }
 
 /// Reader of the update log: no group semantics (it assigns partition 0 by
 /// hand), fetches as soon as a record lands.
+///
+/// `auto.offset.reset` is `error`: a position the broker does not hold is
+/// reported, never silently replaced by the log's start or end, which would
+/// skip or repeat records and fork this replica's state from the fleet's.
 pub fn log_reader_config(brokers: &str, client_id: &str) -> ClientConfig {
     let mut c = base_config(brokers, client_id);
     c.set("group.id", format!("{client_id}-log-reader"))
+        .set("auto.offset.reset", "error")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .set("fetch.wait.max.ms", "10")
@@ -74,25 +82,16 @@ pub fn log_reader_config(brokers: &str, client_id: &str) -> ClientConfig {
 
 /// The high watermark of partition 0 of `topic` as the last fetch response
 /// reported it: no request is made, and there is none before the first
-/// fetch. Tansu 0.6 answers ListOffsets ([`log_end`]) with the batch written
-/// last by modification time, which ties when many land in one instant, so
-/// that answer can fall short; its fetch responses carry the true end.
+/// fetch. The applier's start-up asks the broker for the log end
+/// ([`log_end`]); when the broker cannot be reached then, the first fetch
+/// response tells it instead.
 pub fn fetched_end(consumer: &BaseConsumer<impl rdkafka::consumer::ConsumerContext>, topic: &str) -> Option<i64> {
-    fetched_partition_end(consumer, topic, 0)
-}
-
-/// [`fetched_end`] of any partition.
-pub fn fetched_partition_end(
-    consumer: &BaseConsumer<impl rdkafka::consumer::ConsumerContext>,
-    topic: &str,
-    partition: i32,
-) -> Option<i64> {
     let topic = std::ffi::CString::new(topic).ok()?;
     let (mut low, mut high) = (-1i64, -1i64);
     // SAFETY: a live client handle, a NUL-terminated topic name and two
     // out-parameters that outlive the call.
     let err = unsafe {
-        rdkafka_sys::rd_kafka_get_watermark_offsets(consumer.client().native_ptr(), topic.as_ptr(), partition, &mut low, &mut high)
+        rdkafka_sys::rd_kafka_get_watermark_offsets(consumer.client().native_ptr(), topic.as_ptr(), 0, &mut low, &mut high)
     };
     (err == rdkafka_sys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
 }
@@ -102,12 +101,59 @@ pub fn log_end(consumer: &BaseConsumer<impl rdkafka::consumer::ConsumerContext>,
     consumer.fetch_watermarks(topic, 0, Duration::from_secs(2)).ok().map(|(_, high)| high)
 }
 
-/// Creates each `(topic, partitions)` that does not exist yet; an existing
-/// topic is left as it is.
-pub async fn create_missing(brokers: &str, topics: &[(&str, i32)]) -> Result<AdminClient<DefaultClientContext>, TopicError> {
+/// What a topic holds, which decides the settings it is created with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicRole {
+    /// Training events (or their dead letters): the user's data, kept as
+    /// long as the broker's retention says.
+    Events,
+    /// The update log: one partition, every record kept, records up to
+    /// [`MAX_MESSAGE_BYTES`].
+    Updates,
+}
+
+/// The settings tributary relies on for a topic of `role` replicated
+/// `replication` times (README, "Kafka settings").
+pub fn topic_settings(role: TopicRole, replication: i32) -> Vec<(&'static str, String)> {
+    // With 3 or more copies, an acknowledged write (acks=all) is on at least
+    // two brokers, so one broker's death loses nothing and stops no write.
+    let min_isr = if replication >= 3 { 2 } else { 1 };
+    let mut settings = vec![
+        ("min.insync.replicas", min_isr.to_string()),
+        // A replica that missed writes must never become leader: it would
+        // silently drop acknowledged records (and, for updates, fork the log).
+        ("unclean.leader.election.enable", "false".to_string()),
+    ];
+    if role == TopicRole::Updates {
+        settings.extend([
+            // The update log is the model's history: a replica rebuilds its
+            // state from a checkpoint plus every record after it.
+            ("retention.ms", "-1".to_string()),
+            ("retention.bytes", "-1".to_string()),
+            ("cleanup.policy", "delete".to_string()),
+            // A gradient record of a large model is far above the 1 MB default.
+            ("max.message.bytes", MAX_MESSAGE_BYTES.to_string()),
+        ]);
+    }
+    settings
+}
+
+/// Creates each `(topic, partitions, role)` that does not exist yet, with
+/// `replication` copies and [`topic_settings`]; an existing topic is left
+/// as it is.
+pub async fn create_missing(
+    brokers: &str,
+    replication: i32,
+    topics: &[(&str, i32, TopicRole)],
+) -> Result<AdminClient<DefaultClientContext>, TopicError> {
     let unreachable = |source| TopicError::Unreachable { brokers: brokers.to_string(), source };
     let admin: AdminClient<DefaultClientContext> = base_config(brokers, "tributary-admin").create().map_err(unreachable)?;
-    let wanted: Vec<NewTopic> = topics.iter().map(|&(t, p)| NewTopic::new(t, p, TopicReplication::Fixed(1))).collect();
+    let settings: Vec<Vec<(&str, String)>> = topics.iter().map(|&(_, _, role)| topic_settings(role, replication)).collect();
+    let wanted: Vec<NewTopic> = (topics.iter().zip(&settings))
+        .map(|(&(t, p, _), settings)| {
+            settings.iter().fold(NewTopic::new(t, p, TopicReplication::Fixed(replication)), |topic, (k, v)| topic.set(k, v))
+        })
+        .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin.create_topics(&wanted, &opts).await.map_err(unreachable)?;
     for result in results {
@@ -124,8 +170,12 @@ pub async fn create_missing(brokers: &str, topics: &[(&str, i32)]) -> Result<Adm
 /// topic with more than one partition.
 pub async fn ensure_topics(k: &KafkaConfig) -> Result<(), TopicError> {
     let unreachable = |source| TopicError::Unreachable { brokers: k.brokers.clone(), source };
-    let topics = [(k.events_topic.as_str(), k.events_partitions), (&k.updates_topic, 1), (&k.dlq_topic, 1)];
-    let admin = create_missing(&k.brokers, &topics).await?;
+    let topics = [
+        (k.events_topic.as_str(), k.events_partitions, TopicRole::Events),
+        (&k.updates_topic, 1, TopicRole::Updates),
+        (&k.dlq_topic, 1, TopicRole::Events),
+    ];
+    let admin = create_missing(&k.brokers, k.replication_factor, &topics).await?;
     let metadata = admin
         .inner()
         .fetch_metadata(Some(&k.updates_topic), Duration::from_secs(10))

@@ -73,10 +73,8 @@ struct Partition {
     end: i64,
     /// The batch events go into; closed when full or `max_wait` old.
     open: Batch,
+    /// When the open batch took its first event: it closes `max_wait` later.
     first_at: Option<Instant>,
-    /// When the last event (of any offset) arrived, the partition was
-    /// assigned or sought back, or a silence probe began.
-    last_arrival: Instant,
     /// Closed batches waiting for a slot among the K in flight, oldest first.
     /// A gradient is computed when its batch is sent, against the newest
     /// weights, so staleness stays bounded by K.
@@ -86,56 +84,11 @@ struct Partition {
     /// then the partition is sought back to `end`. (Not `pause`: librdkafka
     /// drops what it had fetched for a paused partition.)
     blocked: bool,
-    /// Set by every seek: the first event at or after `end` must be `end`.
-    resume: Option<Resume>,
     /// Assigned before the applier had read the log to this position: no
     /// event is taken until it has, then the partition restarts at the
     /// watermark it has by then. (Learning from a stale watermark would only
     /// append records that every replica rejects.)
     hold_until: Option<i64>,
-}
-
-/// Checking the first event after a seek (or any fetch restart). A Tansu 0.6 fetch that starts
-/// inside a multi-record batch returns the next batch, skipping the rest of
-/// the one holding the offset asked for (or nothing, inside the last batch);
-/// Kafka returns that batch. So when the first event after a seek to `end`
-/// is beyond it, or none comes for `RESUME_PATIENCE`, the trainer seeks
-/// further back, `back` events before `end`, discarding what it already has,
-/// until the fetch starts at or before `end`. An event before `end` followed
-/// by one beyond it (or by none) proves a real gap, or the end of the log.
-#[derive(Debug, Clone, Copy)]
-struct Resume {
-    back: i64,
-    saw_earlier: bool,
-    since: Instant,
-}
-
-/// How long a resumed partition may stay silent before the trainer probes
-/// back (a seek into Tansu's last batch fetches nothing). On Kafka this
-/// costs one re-read of `Resume::STEP` events after a seek at the log end.
-const RESUME_PATIENCE: Duration = Duration::from_millis(200);
-
-impl Resume {
-    fn start() -> Resume {
-        Resume { back: 0, saw_earlier: false, since: Instant::now() }
-    }
-    /// The first step back, and the factor of each next one: a few fetches
-    /// span batches of thousands of events.
-    const STEP: i64 = 64;
-    fn further(self) -> Resume {
-        let back = if self.back == 0 { Resume::STEP } else { self.back * Resume::STEP };
-        Resume { back, saw_earlier: false, since: Instant::now() }
-    }
-}
-
-/// What the first event after a seek says.
-enum Arrival {
-    /// Before `end`: already taken, or part of a probe.
-    Early,
-    /// `end`, or beyond it through a proven gap: take it.
-    Take,
-    /// Beyond `end` with nothing before it: seek this far back and look again.
-    Probe(i64),
 }
 
 impl Partition {
@@ -145,11 +98,9 @@ impl Partition {
             end: watermark,
             open: Batch::default(),
             first_at: None,
-            last_arrival: Instant::now(),
             waiting: VecDeque::new(),
             in_flight: VecDeque::new(),
             blocked: false,
-            resume: Some(Resume::start()),
             hold_until: None,
         }
     }
@@ -163,60 +114,18 @@ impl Partition {
         }
     }
 
-    fn arrival(&mut self, offset: i64) -> Arrival {
-        self.last_arrival = Instant::now();
-        if offset < self.end {
-            if let Some(r) = self.resume.as_mut() {
-                r.saw_earlier = true;
-            }
-            return Arrival::Early;
-        }
-        match self.resume.take() {
-            Some(r) if offset > self.end && !r.saw_earlier && r.back < self.end => Arrival::Probe(self.step_back(r)),
-            // A skip in mid-stream: librdkafka restarts a fetch at its own
-            // position after a rebalance or an error, and Tansu skips the
-            // rest of a batch there just as after a seek. Probe the same way.
-            None if offset > self.end && self.end > 0 => Arrival::Probe(self.step_back(Resume::start())),
-            _ => Arrival::Take,
-        }
-    }
-
-    /// Takes the next step back from `r`: where to seek.
-    fn step_back(&mut self, r: Resume) -> i64 {
-        let next = r.further();
-        self.resume = Some(next);
-        (self.end - next.back).max(0)
+    /// Whether the event at `offset` is one to take: at or after `end`.
+    /// One before it was fetched before a seek back, or is redelivered when
+    /// librdkafka restarts a fetch at an earlier position; it is not ours to
+    /// learn again. One beyond `end` follows a gap (transaction markers,
+    /// compaction, retention), which the next record's range covers.
+    fn takes(&self, offset: i64) -> bool {
+        offset >= self.end
     }
 
     /// Blocked or held: events are refused, fetched again after a seek.
     fn refusing(&self) -> bool {
         self.blocked || self.hold_until.is_some()
-    }
-
-    /// Where to probe back to when nothing has arrived for `patience` in
-    /// mid-stream although the partition's last fetch response reported
-    /// events beyond `end`: a fetch librdkafka restarted by itself inside
-    /// Tansu's last batch, which returns nothing.
-    /// `fetched_end` is asked only when the rest says a probe may be due.
-    fn silent_below(&mut self, patience: Duration, fetched_end: impl FnOnce() -> Option<i64>) -> Option<i64> {
-        if self.resume.is_some() || self.refusing() || self.end == 0 || self.last_arrival.elapsed() < patience {
-            return None;
-        }
-        if fetched_end().is_none_or(|hw| hw <= self.end) {
-            return None;
-        }
-        self.last_arrival = Instant::now();
-        Some(self.step_back(Resume::start()))
-    }
-
-    /// Where to probe back to when nothing has arrived for `patience` since
-    /// the last seek.
-    fn stalled(&mut self, patience: Duration) -> Option<i64> {
-        let r = self.resume?;
-        if self.refusing() || r.saw_earlier || r.back >= self.end || r.since.elapsed() < patience {
-            return None;
-        }
-        Some(self.step_back(r))
     }
 }
 
@@ -316,22 +225,6 @@ impl Trainer {
             }
             self.take_rebalances();
             self.follow_applier();
-            let stalled: Vec<(i32, i64)> =
-                (self.partitions.iter_mut()).filter_map(|(&id, p)| Some((id, p.stalled(RESUME_PATIENCE)?))).collect();
-            for (id, from) in stalled {
-                debug!(partition = id, from, "nothing arrived since the seek: probing back");
-                self.probe(id, from);
-            }
-            let (consumer, topic) = (&self.consumer, &self.events_topic);
-            let silent: Vec<(i32, i64)> = (self.partitions.iter_mut())
-                .filter_map(|(&id, p)| {
-                    Some((id, p.silent_below(RESUME_PATIENCE, || kafka::fetched_partition_end(consumer, topic, id))?))
-                })
-                .collect();
-            for (id, from) in silent {
-                debug!(partition = id, from, "silent below the fetched end: probing back");
-                self.probe(id, from);
-            }
             let due: Vec<i32> = (self.partitions.iter())
                 .filter(|(_, p)| p.first_at.is_some_and(|t| t.elapsed() >= max_wait))
                 .map(|(&id, _)| id)
@@ -407,15 +300,8 @@ impl Trainer {
         if p.refusing() {
             return;
         }
-        match p.arrival(offset) {
-            // Fetched before a seek, a redelivery, or a probe: not ours to learn.
-            Arrival::Early => return,
-            Arrival::Probe(from) => {
-                debug!(partition = id, end = p.end, offset, from, "event beyond the expected offset: probing back");
-                self.probe(id, from);
-                return;
-            }
-            Arrival::Take => {}
+        if !p.takes(offset) {
+            return;
         }
         if offset > p.end {
             // Legitimate with transactions or compaction; worth seeing otherwise.
@@ -592,20 +478,8 @@ impl Trainer {
                 let end = p.end;
                 if self.seek(id, end) {
                     debug!(partition = id, end, "unblocked");
-                    let p = self.partitions.get_mut(&id).expect("owned");
-                    p.blocked = false;
-                    p.resume = Some(Resume::start());
+                    self.partitions.get_mut(&id).expect("owned").blocked = false;
                 }
-            }
-        }
-    }
-
-    /// Seeks partition `id` back to `from` to look for the batch holding its
-    /// `end` (see `Resume`); if the seek fails, the check starts over.
-    fn probe(&mut self, id: i32, from: i64) {
-        if !self.seek(id, from) {
-            if let Some(p) = self.partitions.get_mut(&id) {
-                p.resume = Some(Resume::start());
             }
         }
     }
@@ -658,84 +532,15 @@ impl Trainer {
 mod tests {
     use super::*;
 
-    /// What librdkafka hands over after a seek to `from`, on a partition
-    /// whose log is `batches` (gaps allowed). Kafka's fetch starts at the
-    /// batch holding `from`; Tansu 0.6's at the first batch whose base is at
-    /// or after it. librdkafka drops offsets before `from`.
-    fn delivered(batches: &[Vec<i64>], from: i64, tansu: bool) -> Vec<i64> {
-        let first = batches.iter().position(|b| if tansu { b[0] >= from } else { *b.last().unwrap() >= from });
-        first.map_or(vec![], |i| batches[i..].concat()).into_iter().filter(|&o| o >= from).collect()
-    }
-
-    /// The first offset a partition resumed at `end` takes, and the probes it made.
-    fn first_taken(batches: &[Vec<i64>], end: i64, tansu: bool) -> (Option<i64>, usize) {
-        let mut p = Partition::at(end);
-        let (mut from, mut probes) = (end, 0);
-        'seek: loop {
-            for o in delivered(batches, from, tansu) {
-                match p.arrival(o) {
-                    Arrival::Early => {}
-                    Arrival::Take => return (Some(o), probes),
-                    Arrival::Probe(back) => {
-                        (from, probes) = (back, probes + 1);
-                        continue 'seek;
-                    }
-                }
-            }
-            // Nothing more arrives: the patience timer.
-            match p.stalled(Duration::ZERO) {
-                Some(back) => (from, probes) = (back, probes + 1),
-                None => return (None, probes),
-            }
-        }
-    }
-
     #[test]
-    fn a_resume_inside_a_tansu_batch_probes_back_until_it_finds_its_offset() {
-        let batches: Vec<Vec<i64>> = (0..40).map(|b| (b * 100..b * 100 + 100).collect()).collect();
-        // Kafka: straight to it. Tansu: the fetch skips to 1300, so probe back.
-        assert_eq!(first_taken(&batches, 1250, false), (Some(1250), 0));
-        let (taken, seeks) = first_taken(&batches, 1250, true);
-        assert_eq!(taken, Some(1250));
-        assert!(seeks >= 1, "a skip must be noticed");
-        // At a batch base, nothing to probe.
-        assert_eq!(first_taken(&batches, 1200, true), (Some(1200), 0));
-        // Batches far larger than the first step back.
-        let big: Vec<Vec<i64>> = (0..4).map(|b| (b * 5000..b * 5000 + 5000).collect()).collect();
-        assert_eq!(first_taken(&big, 7777, true).0, Some(7777));
-        // Inside the last batch, where Tansu's fetch returns nothing at all.
-        assert_eq!(first_taken(&batches, 3950, true).0, Some(3950));
-        assert_eq!(first_taken(&big, 19_000, true).0, Some(19_000));
-    }
-
-    #[test]
-    fn a_real_gap_is_crossed_not_probed_forever() {
-        // Offsets 500..=599 do not exist (compacted away, or transaction markers).
-        let batches = vec![(0..500).collect::<Vec<i64>>(), (600..700).collect()];
-        assert_eq!(first_taken(&batches, 550, false).0, Some(600));
-        assert_eq!(first_taken(&batches, 550, true).0, Some(600));
-        // A log whose start was deleted: the resume point is before it.
-        let trimmed = vec![(300..400).collect::<Vec<i64>>()];
-        assert_eq!(first_taken(&trimmed, 120, true).0, Some(300));
-        assert_eq!(first_taken(&trimmed, 120, false).0, Some(300));
-        // At the end of the log nothing comes, with or without probing.
-        assert_eq!(first_taken(&batches, 700, true).0, None);
-        assert_eq!(first_taken(&batches, 700, false).0, None);
-    }
-
-    #[test]
-    fn a_skip_in_mid_stream_is_probed_like_one_after_a_seek() {
-        let mut p = Partition::at(0);
-        assert!(matches!(p.arrival(0), Arrival::Take));
-        // Streaming at 100, the fetch restarts and Tansu skips to 174.
-        p.end = 100;
-        assert!(matches!(p.arrival(174), Arrival::Probe(36)));
-        assert!(matches!(p.arrival(36), Arrival::Early));
-        assert!(matches!(p.arrival(100), Arrival::Take));
-        // A real gap: events before the end come back, then one beyond it: crossed.
-        p.end = 200;
-        assert!(matches!(p.arrival(250), Arrival::Probe(136)));
-        assert!(matches!(p.arrival(199), Arrival::Early));
-        assert!(matches!(p.arrival(250), Arrival::Take));
+    fn a_partition_takes_its_next_offset_and_crosses_gaps_but_never_goes_back() {
+        let mut p = Partition::at(100);
+        assert!(!p.takes(99), "fetched before the seek, or redelivered");
+        assert!(p.takes(100));
+        p.end = 101;
+        // Offsets 101..=149 are transaction markers or compacted away.
+        assert!(p.takes(150));
+        p.end = 151;
+        assert!(!p.takes(150), "a redelivery after a fetch restart is not learned twice");
     }
 }

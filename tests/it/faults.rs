@@ -100,8 +100,8 @@ fn slow_postgres_unreachable_during_training_loses_nothing() {
     cluster.config.checkpoint.interval_secs = 1;
     let db = fresh_database("pgdown");
     let url = &db.url;
-    let proxy = Proxy::start("127.0.0.1:5432");
-    let via_proxy = url.replacen("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port), 1);
+    let proxy = Proxy::start(&db.addr);
+    let via_proxy = url.replacen(&db.addr, &format!("127.0.0.1:{}", proxy.port), 1);
     cluster.config.checkpoint.store = via_proxy;
     let mut r = cluster.spawn("r0");
     r.wait_ready();
@@ -137,23 +137,22 @@ fn slow_postgres_unreachable_during_training_loses_nothing() {
 
 #[test]
 fn slow_broker_restart_on_durable_storage_resumes_where_it_stopped() {
-    // Tansu on SQLite, which keeps its data through a restart. (Its
-    // PostgreSQL engine needs a schema that its published crates do not carry.)
-    let mut cluster = Cluster::on_storage("broker_restart", ModelKind::Logistic, "sqlite://tansu.db");
+    // A broker of its own: SIGKILLed, then started again on the same data.
+    let mut cluster = Cluster::with_own_brokers("broker_restart", ModelKind::Logistic, 1);
     cluster.config.train.batch_size = 64;
     let r = cluster.spawn("r0");
     r.wait_ready();
     cluster.produce(2000, 1);
     let before = r.wait_learned(2000, LEARN_LIMIT);
 
-    cluster.broker.kill();
+    cluster.brokers[0].kill();
     // Serving goes on with the last weights while the broker is away.
     let down = Instant::now();
     while down.elapsed() < Duration::from_secs(2) {
         let info = r.info().expect("the replica answers while the broker is down");
         assert_eq!(info["weights_digest"], before["weights_digest"]);
     }
-    cluster.broker.restart().unwrap();
+    cluster.brokers[0].restart().unwrap();
     cluster.produce(2000, 2);
     let after = r.wait_learned(4000, LEARN_LIMIT);
     assert_eq!(watermark_sum(&after), 4000, "{after}");

@@ -1,7 +1,8 @@
-//! Real parts for the fleet tests: a Tansu broker and tributary replicas as
-//! child processes (started by the load tool's `procs`, shared with it), each
-//! test with its own broker, topics, group and state directories. Waiting is
-//! polling with a deadline, never a bare sleep.
+//! Real parts for the fleet tests: Apache Kafka brokers and tributary
+//! replicas as child processes (started by the load tool's `procs`, shared
+//! with it). Tests share the run's broker (`scripts/test` starts one) unless
+//! they kill or restart it; each has its own topics, group and state
+//! directories. Waiting is polling with a deadline, never a bare sleep.
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
@@ -12,38 +13,57 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tributary::config::{Config, ModelKind};
-pub use tributary_load::procs::{self, try_wait_for, wait_for, Broker};
+pub use tributary_load::procs::{self, try_wait_for, wait_for, Broker, KafkaCluster};
 
-/// One test's world: a broker, a configuration, and a scratch directory.
+/// One test's world: Kafka brokers, a configuration, and a scratch directory.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
-    pub broker: Broker,
+    /// The run's shared broker, or the test's own (one, or a KRaft cluster).
+    pub brokers: Vec<Broker>,
     pub config: Config,
 }
 
 impl Cluster {
-    /// A broker and a small model of `kind`; topics and group named after the test.
+    /// The run's shared broker and a small model of `kind`; topics and group
+    /// named after the test.
     pub fn new(test: &str, kind: ModelKind) -> Cluster {
-        Cluster::on_storage(test, kind, "memory://tansu/")
+        let dir = Cluster::scratch(test);
+        let broker = Broker::shared_or_start(dir.path()).expect("a Kafka broker (scripts/setup fetches it)");
+        Cluster::on(test, kind, dir, vec![broker])
     }
 
-    /// The same, with the broker's data in `storage` (see [`Broker::start_on`]).
-    pub fn on_storage(test: &str, kind: ModelKind, storage: &str) -> Cluster {
-        let dir = tempfile::Builder::new().prefix(&format!("tributary-{test}-")).tempdir().unwrap();
-        let broker = Broker::start_on(dir.path(), storage).expect("a Tansu broker (scripts/setup installs it)");
+    /// The same on `n` Kafka brokers of its own (one KRaft quorum), for a
+    /// test that kills or restarts them. Topics get `min(n, 3)` replicas.
+    pub fn with_own_brokers(test: &str, kind: ModelKind, n: u32) -> Cluster {
+        let dir = Cluster::scratch(test);
+        let brokers = match n {
+            1 => vec![Broker::start(dir.path()).expect("a Kafka broker (scripts/setup fetches it)")],
+            n => KafkaCluster::start(dir.path(), n).expect("a Kafka cluster (scripts/setup fetches it)").brokers,
+        };
+        Cluster::on(test, kind, dir, brokers)
+    }
+
+    fn scratch(test: &str) -> tempfile::TempDir {
+        tempfile::Builder::new().prefix(&format!("tributary-{test}-")).tempdir().unwrap()
+    }
+
+    fn on(test: &str, kind: ModelKind, dir: tempfile::TempDir, brokers: Vec<Broker>) -> Cluster {
+        // Unique per run too: a shared broker may outlive one run of the suite.
+        let test = format!("{test}-{}", std::process::id());
         let mut config = Config::default();
         config.model.kind = kind;
         config.model.buckets = 4096;
         config.model.embedding_dim = 8;
         config.model.hidden = vec![16];
-        config.kafka.brokers = broker.addr.clone();
+        config.kafka.brokers = brokers.iter().map(|b| b.addr.as_str()).collect::<Vec<_>>().join(",");
+        config.kafka.replication_factor = brokers.len().min(3) as i32;
         config.kafka.events_topic = format!("events-{test}");
         config.kafka.dlq_topic = format!("dlq-{test}");
         config.kafka.updates_topic = format!("updates-{test}");
         config.kafka.group_id = format!("group-{test}");
         config.checkpoint.interval_secs = 2;
         config.train.batch_size = 64;
-        let cluster = Cluster { dir, broker, config };
+        let cluster = Cluster { dir, brokers, config };
         tokio::runtime::Runtime::new().unwrap().block_on(tributary::log::kafka::ensure_topics(&cluster.config.kafka)).unwrap();
         cluster
     }
@@ -56,14 +76,8 @@ impl Cluster {
         let lines: Vec<String> = (0..n).map(|_| synthetic.event(now)).collect();
         let model = tributary::model::Model::new(&self.config.model);
         let labels = lines.iter().map(|l| model.featurizer().event(l.as_bytes()).unwrap().label).collect();
-        let report = tributary::ingest::produce(
-            &self.config.kafka.brokers,
-            &self.config.kafka.events_topic,
-            self.config.kafka.events_partitions,
-            model.featurizer(),
-            Cursor::new(lines.join("\n")),
-        )
-        .unwrap();
+        let k = &self.config.kafka;
+        let report = tributary::ingest::produce(k, &k.events_topic, model.featurizer(), Cursor::new(lines.join("\n"))).unwrap();
         assert_eq!((report.produced, report.failed, report.invalid), (n as u64, 0, 0));
         labels
     }
@@ -81,28 +95,15 @@ impl Cluster {
         producer.flush(Duration::from_secs(30)).unwrap();
     }
 
-    /// Environment that hands this cluster's configuration to a replica.
-    fn env(&self) -> Vec<(String, String)> {
-        let c = &self.config;
-        let kind = serde_json::to_value(c.model.kind).unwrap().as_str().unwrap().to_string();
+    /// Environment that hands this cluster's configuration to a replica or
+    /// an event stream: the whole `Config`, written out as a file, so every
+    /// field a test sets reaches the process. (Per-replica values, such as
+    /// its id, HTTP address and state directory, are flags, which win.)
+    fn env(&self, id: &str) -> Vec<(String, String)> {
+        let path = self.dir.path().join(format!("config-{id}.toml"));
+        std::fs::write(&path, toml::to_string(&self.config).expect("a Config serializes")).unwrap();
         vec![
-            ("TRIBUTARY_MODEL__KIND".into(), kind),
-            ("TRIBUTARY_MODEL__BUCKETS".into(), c.model.buckets.to_string()),
-            ("TRIBUTARY_MODEL__EMBEDDING_DIM".into(), c.model.embedding_dim.to_string()),
-            ("TRIBUTARY_MODEL__HIDDEN".into(), format!("{:?}", c.model.hidden)),
-            ("TRIBUTARY_MODEL__TORCHSCRIPT_PATH".into(), c.model.torchscript_path.display().to_string()),
-            ("TRIBUTARY_KAFKA__EVENTS_TOPIC".into(), c.kafka.events_topic.clone()),
-            ("TRIBUTARY_KAFKA__UPDATES_TOPIC".into(), c.kafka.updates_topic.clone()),
-            ("TRIBUTARY_KAFKA__DLQ_TOPIC".into(), c.kafka.dlq_topic.clone()),
-            ("TRIBUTARY_KAFKA__GROUP_ID".into(), c.kafka.group_id.clone()),
-            ("TRIBUTARY_CHECKPOINT__INTERVAL_SECS".into(), c.checkpoint.interval_secs.to_string()),
-            ("TRIBUTARY_TRAIN__BATCH_SIZE".into(), c.train.batch_size.to_string()),
-            ("TRIBUTARY_TRAIN__ENABLED".into(), c.train.enabled.to_string()),
-            ("TRIBUTARY_CHECKPOINT_STORE".into(), c.checkpoint.store.clone()),
-            ("TRIBUTARY_ADMIN_TOKEN".into(), c.http.admin_token.clone()),
-            ("TRIBUTARY_GUARD__ENABLED".into(), c.guard.enabled.to_string()),
-            ("TRIBUTARY_GUARD__LOSS_FACTOR".into(), format!("{:?}", c.guard.loss_factor)),
-            ("TRIBUTARY_GUARD__WARMUP_EXAMPLES".into(), c.guard.warmup_examples.to_string()),
+            ("TRIBUTARY_CONFIG".into(), path.display().to_string()),
             ("RUST_LOG".into(), std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info,librdkafka=warn".into())),
         ]
     }
@@ -110,7 +111,7 @@ impl Cluster {
     /// Replica `id` with its own state directory and HTTP port, not started.
     pub fn replica(&self, id: &str) -> Replica {
         let bin = Path::new(env!("CARGO_BIN_EXE_tributary"));
-        Replica(procs::Replica::new(bin, self.dir.path(), id, &self.broker.addr, self.env()))
+        Replica(procs::Replica::new(bin, self.dir.path(), id, &self.config.kafka.brokers, self.env(id)))
     }
 
     /// Starts replica `id` with its own state directory and HTTP port.
@@ -178,24 +179,24 @@ impl Replica {
         })
     }
 
-    /// The last offset + 1 of every partition of the events topic, read
-    /// from the beginning (Tansu's ListOffsets can fall short): where the
-    /// watermarks should get to.
+    /// The end (high watermark) of every partition of the events topic:
+    /// where the watermarks should get to.
     pub fn event_ends(&self) -> Vec<(i32, i64)> {
         use rdkafka::consumer::{BaseConsumer, Consumer};
-        use rdkafka::Message;
-        let topic = self.env.iter().find(|(k, _)| k == "TRIBUTARY_KAFKA__EVENTS_TOPIC").map(|(_, v)| v.clone()).unwrap_or_default();
+        let Some(config) = self.config() else { return Vec::new() };
+        let topic = config.kafka.events_topic;
         let consumer: BaseConsumer = tributary::log::kafka::log_reader_config(&self.brokers, "test-ends").create().unwrap();
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        for p in 0..8 {
-            tpl.add_partition_offset(&topic, p, rdkafka::Offset::Beginning).unwrap();
-        }
-        consumer.assign(&tpl).unwrap();
-        let mut ends = std::collections::BTreeMap::new();
-        while let Some(Ok(m)) = consumer.poll(Duration::from_secs(2)) {
-            ends.insert(m.partition(), m.offset() + 1);
-        }
-        ends.into_iter().collect()
+        let Ok(metadata) = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5)) else { return Vec::new() };
+        let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len() as i32);
+        (0..partitions)
+            .filter_map(|p| Some((p, consumer.fetch_watermarks(&topic, p, Duration::from_secs(5)).ok()?.1)))
+            .collect()
+    }
+
+    /// The configuration the replica was started with.
+    pub fn config(&self) -> Option<Config> {
+        let (_, path) = self.env.iter().find(|(k, _)| k == "TRIBUTARY_CONFIG")?;
+        toml::from_str(&std::fs::read_to_string(path).ok()?).ok()
     }
 
     /// The Prometheus text (empty if the replica does not answer).
@@ -209,6 +210,8 @@ impl Replica {
 /// when the test passes (kept for a post-mortem when it fails).
 pub struct TestDatabase {
     pub url: String,
+    /// The server's `host:port`.
+    pub addr: String,
     server: String,
     name: String,
 }
@@ -236,7 +239,8 @@ pub fn fresh_database(name: &str) -> TestDatabase {
     for sql in [format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"), format!("CREATE DATABASE {db}")] {
         TestDatabase::sql(&server, &sql).unwrap_or_else(|e| panic!("{e}"));
     }
-    TestDatabase { url: format!("{server}/{db}"), server, name: db }
+    let addr = server.rsplit('@').next().unwrap_or(&server).trim_end_matches('/').to_string();
+    TestDatabase { url: format!("{server}/{db}"), addr, server, name: db }
 }
 
 /// POSTs `body` to the replica with the bearer `token` (if any): status and JSON.

@@ -1,6 +1,6 @@
 //! All integration tests build into this one binary (one link, not one per
 //! file). `api` drives the HTTP router in process; `fleet` runs real
-//! processes: a Tansu broker and tributary replicas, killed with SIGKILL.
+//! processes: Apache Kafka brokers and tributary replicas, killed with SIGKILL.
 //! Tests whose name starts with `slow_` inject faults and take longer:
 //! `scripts/test --quick` skips them, CI runs them.
 
@@ -11,5 +11,6 @@ mod endpoints;
 mod faults;
 mod fleet;
 mod helpers;
+mod kafka_cluster;
 mod rollback;
 mod torchscript;
