@@ -369,6 +369,15 @@ const ENV_ALIASES: [(&str, &str); 3] = [
     ("TRIBUTARY_INGEST_TOKEN", "TRIBUTARY_HTTP__INGEST_TOKEN"),
 ];
 
+/// `TRIBUTARY_*` variables that name no configuration key: the file to read
+/// (`TRIBUTARY_CONFIG`, taken by the command line), the log format (read
+/// before the configuration), and those of the project's scripts and tests,
+/// which a replica they start inherits.
+fn names_no_key(var: &str) -> bool {
+    matches!(var, "TRIBUTARY_CONFIG" | "TRIBUTARY_LOG_FORMAT" | "TRIBUTARY_CACHE" | "TRIBUTARY_PYTHON")
+        || var.starts_with("TRIBUTARY_TEST_")
+}
+
 /// `TRIBUTARY_KAFKA__BROKERS=x` becomes `kafka.brokers = "x"`; top-level keys
 /// have no section (`TRIBUTARY_REPLICA_ID`); see also `ENV_ALIASES`. A value
 /// that parses as TOML (a number, a bool, an array) is taken as such,
@@ -377,7 +386,7 @@ fn env_layer(env: impl IntoIterator<Item = (String, String)>) -> Result<Table, C
     let mut layer = Table::new();
     let vars: BTreeMap<String, String> = env
         .into_iter()
-        .filter(|(k, _)| k.starts_with("TRIBUTARY_"))
+        .filter(|(k, _)| k.starts_with("TRIBUTARY_") && !names_no_key(k))
         .map(|(k, v)| match ENV_ALIASES.iter().find(|(short, _)| *short == k) {
             Some((_, long)) => (long.to_string(), v),
             None => (k, v),
@@ -445,6 +454,19 @@ mod tests {
         assert_eq!(c.model.buckets, 9);
         assert_eq!(c.replica_id, "flag");
         assert_eq!(c.model.embedding_dim, Config::default().model.embedding_dim);
+    }
+
+    #[test]
+    fn variables_of_the_process_and_the_scripts_are_not_keys() {
+        let vars = [
+            ("TRIBUTARY_CONFIG", "/etc/tributary.toml"),
+            ("TRIBUTARY_LOG_FORMAT", "json"),
+            ("TRIBUTARY_TEST_PG", "postgres://x"),
+            ("TRIBUTARY_TEST_KAFKA", "127.0.0.1:1"),
+        ];
+        assert_eq!(Config::load(None, env(&vars), &Overrides::default()).unwrap(), Config::default());
+        let err = Config::load(None, env(&[("TRIBUTARY_CONFIGG", "x")]), &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("configg"), "a misspelt key is still refused: {err}");
     }
 
     #[test]

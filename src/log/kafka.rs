@@ -20,6 +20,8 @@ pub enum TopicError {
     Unreachable { brokers: String, source: rdkafka::error::KafkaError },
     #[error("cannot create topic {topic}: {reason}")]
     Create { topic: String, reason: String },
+    #[error("topic {topic} does not show in the brokers' metadata 10 s after it was created")]
+    NotVisible { topic: String },
     #[error("topic {topic} has {partitions} partitions; the update log needs exactly one (total order). Recreate it with one partition.")]
     UpdatesPartitions { topic: String, partitions: usize },
 }
@@ -176,14 +178,21 @@ pub async fn ensure_topics(k: &KafkaConfig) -> Result<(), TopicError> {
         (&k.dlq_topic, 1, TopicRole::Events),
     ];
     let admin = create_missing(&k.brokers, k.replication_factor, &topics).await?;
-    let metadata = admin
-        .inner()
-        .fetch_metadata(Some(&k.updates_topic), Duration::from_secs(10))
-        .map_err(unreachable)?;
-    if let Some(t) = metadata.topics().first() {
-        if t.partitions().len() != 1 {
-            return Err(TopicError::UpdatesPartitions { topic: k.updates_topic.clone(), partitions: t.partitions().len() });
+    // A topic just created reaches the brokers' metadata a moment later
+    // (Kafka propagates it from the controller): until then it shows no
+    // partitions, which is not an answer yet.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let metadata = admin
+            .inner()
+            .fetch_metadata(Some(&k.updates_topic), Duration::from_secs(10))
+            .map_err(unreachable)?;
+        let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len());
+        match partitions {
+            1 => return Ok(()),
+            0 if std::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            0 => return Err(TopicError::NotVisible { topic: k.updates_topic.clone() }),
+            n => return Err(TopicError::UpdatesPartitions { topic: k.updates_topic.clone(), partitions: n }),
         }
     }
-    Ok(())
 }

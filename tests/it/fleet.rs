@@ -223,7 +223,7 @@ fn bad_events_go_to_the_dead_letter_topic_and_every_good_one_is_learned_once() {
         (br#"{"dense":[1,2,3],"label":1}"#.to_vec(), "dense_length"),
         (format!(r#"{{"dense":{},"label":1}}"#, dense("1e39")).into_bytes(), "non_finite"),
         (format!(r#"{{"dense":{},"label":7}}"#, dense("1")).into_bytes(), "label_range"),
-        (format!(r#"{{"dense":{},"label":1,"sparse":{{"f0":"{}"}}}}"#, dense("1"), "x".repeat(1 << 20)).into_bytes(), "event_too_large"),
+        (format!(r#"{{"dense":{},"label":1,"sparse":{{"f0":"{}"}}}}"#, dense("1"), "x".repeat(256 << 10)).into_bytes(), "event_too_large"),
     ];
     // Good events with a bad one every hundred, over all partitions.
     let mut synthetic = tributary::synthetic::Synthetic::new(&cluster.config.model, 3);
