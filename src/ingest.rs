@@ -17,13 +17,15 @@ use crate::config::KafkaConfig;
 use crate::event::Featurizer;
 use crate::log::kafka;
 
-#[derive(Default)]
-struct Delivered {
-    ok: AtomicU64,
-    failed: AtomicU64,
+/// Records the brokers acknowledged, and those that failed for good.
+#[derive(Debug, Default)]
+pub struct Delivered {
+    pub ok: AtomicU64,
+    pub failed: AtomicU64,
 }
 
-struct Counting(Arc<Delivered>);
+/// A producer context that counts each delivery into [`Delivered`].
+pub struct Counting(pub Arc<Delivered>);
 
 impl ClientContext for Counting {}
 impl ProducerContext for Counting {

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub records_rejected: IntCounterVec,
     pub consumer_lag: IntGaugeVec,
     pub freshness: Histogram,
+    pub staleness_records: Histogram,
+    pub staleness_examples: Histogram,
     pub swaps: IntCounter,
     pub swap_duration: Histogram,
     pub swap_full_copies: IntCounter,
@@ -51,6 +53,17 @@ fn buckets_seconds() -> Vec<f64> {
 /// Fine where the goal is (p99 under 100 ms), coarse beyond.
 fn buckets_freshness() -> Vec<f64> {
     vec![0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+}
+
+/// Records between a gradient's version and its offset: the trainer's
+/// records in flight times the trainers, and what the backlog adds.
+fn buckets_staleness_records() -> Vec<f64> {
+    vec![0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0]
+}
+
+/// Examples those records taught: batches of 64 to 1024 events.
+fn buckets_staleness_examples() -> Vec<f64> {
+    vec![0.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0]
 }
 
 impl Metrics {
@@ -101,6 +114,20 @@ impl Metrics {
             freshness: reg!(Histogram::with_opts(
                 HistogramOpts::new("freshness_seconds", "Event time to the first serving snapshot that includes it")
                     .buckets(buckets_freshness())
+            )),
+            staleness_records: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "staleness_records",
+                    "Update-log records between the version an applied gradient was computed at and its own offset"
+                )
+                .buckets(buckets_staleness_records())
+            )),
+            staleness_examples: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "staleness_examples",
+                    "Examples learned between the version an applied gradient was computed at and its own offset"
+                )
+                .buckets(buckets_staleness_examples())
             )),
             swaps: reg!(IntCounter::new("swaps_total", "Serving-snapshot swaps")),
             swap_duration: reg!(Histogram::with_opts(hist("swap_duration_seconds", "Time to build and swap a serving snapshot"))),

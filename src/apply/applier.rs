@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 
 use super::rollback::{self, Guard, LogSource, Spike};
 use super::rule::{Outcome, State};
+use super::staleness::StalenessMeter;
 use crate::checkpoint::{SharedStore, Store};
 use crate::log::control::ControlLog;
 use crate::log::kafka;
@@ -124,6 +125,7 @@ impl Applier {
         let mut pending_ts: Vec<i64> = Vec::new();
         let mut last_error: Option<Instant> = None;
         let mut saver: Option<std::thread::JoinHandle<(i64, bool)>> = None;
+        let mut staleness = StalenessMeter::starting_at(self.state.position, self.state.examples_learned);
         loop {
             let stopping = self.stop.load(Ordering::Relaxed);
             let drain_to = *self.drain_to.lock().expect("drain lock");
@@ -152,6 +154,10 @@ impl Applier {
                 let outcome = self.state.apply(&self.model, offset, message.payload().unwrap_or(&[]), &mut self.publisher);
                 match outcome {
                     Outcome::Applied(r) => {
+                        let before = self.state.examples_learned - u64::from(r.examples);
+                        let stale = staleness.measure(r.base, offset, before);
+                        self.metrics.staleness_records.observe(stale.records as f64);
+                        self.metrics.staleness_examples.observe(stale.examples as f64);
                         self.metrics.records_applied.inc();
                         self.metrics.examples_learned.inc_by(u64::from(r.examples));
                         if r.oldest_ts > 0 {
@@ -163,6 +169,7 @@ impl Applier {
                     Outcome::RollBack(r) => {
                         self.metrics.records_applied.inc();
                         self.take_rollback(offset, &r)?;
+                        staleness.advanced(self.state.position, self.state.examples_learned);
                         // Publish the returned weights before reading on.
                         break;
                     }
@@ -185,6 +192,7 @@ impl Applier {
                         }
                     }
                 }
+                staleness.advanced(self.state.position, self.state.examples_learned);
                 if swap_due(last_swap) && self.publisher.is_behind(&self.state) {
                     break;
                 }

@@ -5,3 +5,4 @@ pub mod applier;
 pub mod optim;
 pub mod rollback;
 pub mod rule;
+pub mod staleness;

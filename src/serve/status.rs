@@ -1,5 +1,6 @@
-//! The status page at `/`: model version, events/s, lag, freshness and the
-//! progressive loss over the last minutes, as small charts that refresh
+//! The status page at `/`: model version, events/s, lag, freshness, the
+//! staleness of applied gradients and the progressive loss over the last
+//! minutes, as small charts that refresh
 //! live. The page is one self-contained HTML file (no external scripts or
 //! fonts: it works air-gapped); it polls `GET /v1/status`, whose history the
 //! replica samples once a second and keeps for ten minutes, so the charts
@@ -33,6 +34,9 @@ struct Sample {
     lag: i64,
     /// Over the observations since the sample before; `None` without any.
     freshness_p99: Option<f64>,
+    /// Records between an applied gradient's version and its offset, p99
+    /// since the sample before; `None` without any.
+    staleness_p99: Option<f64>,
     progressive_logloss: Option<f64>,
 }
 
@@ -47,6 +51,20 @@ struct Recent {
     samples: VecDeque<Sample>,
     /// The freshness histogram's cumulative bucket counts at the last sample.
     freshness_buckets: Vec<(f64, u64)>,
+    /// The same of the staleness histogram (records).
+    staleness_buckets: Vec<(f64, u64)>,
+}
+
+/// A histogram's cumulative bucket counts, +Inf last (the exposition leaves
+/// it implicit: it is the count).
+fn cumulative_buckets(histogram: &prometheus::Histogram) -> Vec<(f64, u64)> {
+    let mut buckets: Vec<(f64, u64)> = (histogram.collect().iter())
+        .flat_map(|f| f.get_metric())
+        .flat_map(|m| m.get_histogram().get_bucket())
+        .map(|b| (b.upper_bound(), b.cumulative_count()))
+        .collect();
+    buckets.push((f64::INFINITY, histogram.get_sample_count()));
+    buckets
 }
 
 impl History {
@@ -64,18 +82,12 @@ impl History {
     pub fn sample(&self, serving: &Serving, metrics: &Metrics) {
         let snap = serving.load();
         let lag = metrics.consumer_lag.collect().iter().flat_map(|f| f.get_metric()).map(|m| m.get_gauge().get_value() as i64).sum();
-        let freshness = &metrics.freshness;
-        let mut buckets: Vec<(f64, u64)> = (freshness.collect().iter())
-            .flat_map(|f| f.get_metric())
-            .flat_map(|m| m.get_histogram().get_bucket())
-            .map(|b| (b.upper_bound(), b.cumulative_count()))
-            .collect();
-        // The exposition leaves the +Inf bucket implicit: it is the count.
-        buckets.push((f64::INFINITY, freshness.get_sample_count()));
+        let (freshness, staleness) = (cumulative_buckets(&metrics.freshness), cumulative_buckets(&metrics.staleness_records));
         let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let mut recent = self.inner.lock().expect("history lock");
-        let freshness_p99 = quantile_of_increase(0.99, &recent.freshness_buckets, &buckets);
-        recent.freshness_buckets = buckets;
+        let freshness_p99 = quantile_of_increase(0.99, &recent.freshness_buckets, &freshness);
+        let staleness_p99 = quantile_of_increase(0.99, &recent.staleness_buckets, &staleness);
+        (recent.freshness_buckets, recent.staleness_buckets) = (freshness, staleness);
         if recent.samples.len() == KEEP {
             recent.samples.pop_front();
         }
@@ -85,6 +97,7 @@ impl History {
             examples_learned: snap.examples_learned,
             lag,
             freshness_p99,
+            staleness_p99,
             progressive_logloss: snap.progressive_loss,
         });
     }
@@ -103,6 +116,7 @@ impl History {
             events_per_sec: std::iter::once(None).chain(per_sec).take(s.len()).collect(),
             lag: s.iter().map(|x| x.lag).collect(),
             freshness_p99_seconds: s.iter().map(|x| x.freshness_p99).collect(),
+            staleness_p99_records: s.iter().map(|x| x.staleness_p99).collect(),
             progressive_logloss: s.iter().map(|x| x.progressive_logloss).collect(),
         }
     }
@@ -147,6 +161,9 @@ pub struct Series {
     lag: Vec<i64>,
     /// Event time to serving, p99 over each interval; null without events.
     freshness_p99_seconds: Vec<Option<f64>>,
+    /// Update-log records between an applied gradient's version and its
+    /// offset, p99 over each interval; null without records applied.
+    staleness_p99_records: Vec<Option<f64>>,
     progressive_logloss: Vec<Option<f64>>,
 }
 

@@ -7,15 +7,14 @@
 //! once, equal digests, no failed prediction; the stall of training at each
 //! kill is printed (run with `--no-capture` to read it).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
-use rdkafka::producer::{DeliveryResult, ProducerContext};
-use rdkafka::ClientContext;
 use tributary::config::{Config, ModelKind};
+use tributary::ingest::{Counting, Delivered};
 use tributary::log::kafka;
 
 use crate::helpers::*;
@@ -77,31 +76,13 @@ struct EventSource {
     thread: std::thread::JoinHandle<(u64, u64)>,
 }
 
-#[derive(Default)]
-struct Acks {
-    ok: AtomicU64,
-    failed: AtomicU64,
-}
-
-struct Counting(Arc<Acks>);
-
-impl ClientContext for Counting {}
-
-impl ProducerContext for Counting {
-    type DeliveryOpaque = ();
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        let counter = if result.is_ok() { &self.0.ok } else { &self.0.failed };
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
 impl EventSource {
     fn start(config: &Config, per_sec: f64) -> EventSource {
         let stop = Arc::new(AtomicBool::new(false));
         let (k, model) = (config.kafka.clone(), config.model.clone());
         let stopping = stop.clone();
         let thread = std::thread::spawn(move || {
-            let acks = Arc::new(Acks::default());
+            let acks = Arc::new(Delivered::default());
             let producer: ThreadedProducer<Counting> =
                 kafka::producer_config(&k.brokers, "test-events").create_with_context(Counting(acks.clone())).unwrap();
             let mut synthetic = tributary::synthetic::Synthetic::new(&model, 7);
