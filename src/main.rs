@@ -89,7 +89,23 @@ enum Command {
         rate: Option<f64>,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// `demo`: a simple hidden model; `ctr`: the held-out click-through
+        /// stream learning quality is measured on (hot values, drift)
+        #[arg(long, value_enum, default_value_t = Stream::Demo)]
+        stream: Stream,
+        /// `ctr`: the hidden model changes after this many events (default: half of --count)
+        #[arg(long)]
+        drift_at: Option<u64>,
+        /// `ctr`: also write every event to FILE in Vowpal Wabbit's text format
+        #[arg(long)]
+        vw: Option<PathBuf>,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Stream {
+    Demo,
+    Ctr,
 }
 
 #[derive(Subcommand)]
@@ -161,9 +177,9 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Healthcheck { config, path } => healthcheck(config.load(Overrides::default())?.http.addr, &path),
-        Command::Generate { config, count, rate, seed } => {
+        Command::Generate { config, count, rate, seed, stream, drift_at, vw } => {
             let config = config.load(Overrides::default())?;
-            let mut synthetic = tributary::synthetic::Synthetic::new(&config.model, seed);
+            let mut next = event_source(&config, stream, seed, count, drift_at, vw.as_deref())?;
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             let start = Instant::now();
             for i in 0..count.unwrap_or(u64::MAX) {
@@ -175,12 +191,49 @@ fn main() -> anyhow::Result<()> {
                     }
                 }
                 let ts = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
-                if writeln!(out, "{}", synthetic.event(ts)).is_err() {
+                if writeln!(out, "{}", next(ts)?).is_err() {
                     break; // the reader went away
                 }
             }
             let _ = out.flush();
             Ok(())
+        }
+    }
+}
+
+/// The events `tributary generate` prints, one JSON line per call (given
+/// the event time); the `ctr` stream also writes each to `vw`.
+fn event_source(
+    config: &Config,
+    stream: Stream,
+    seed: u64,
+    count: Option<u64>,
+    drift_at: Option<u64>,
+    vw: Option<&std::path::Path>,
+) -> anyhow::Result<Box<dyn FnMut(i64) -> anyhow::Result<String>>> {
+    match stream {
+        Stream::Demo => {
+            anyhow::ensure!(vw.is_none() && drift_at.is_none(), "--vw and --drift-at are for --stream ctr");
+            let mut synthetic = tributary::synthetic::Synthetic::new(&config.model, seed);
+            Ok(Box::new(move |ts| Ok(synthetic.event(ts))))
+        }
+        Stream::Ctr => {
+            let drift_at = drift_at.or(count.map(|n| n / 2)).unwrap_or(u64::MAX);
+            let mut ctr = tributary::synthetic::CtrStream::new(&config.model, seed, drift_at);
+            let mut vw_out = match vw {
+                Some(path) => Some(std::io::BufWriter::new(
+                    std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
+                )),
+                None => None,
+            };
+            Ok(Box::new(move |ts| {
+                let event = ctr.next_event(ts);
+                // Flushed when the source is dropped, after the last event.
+                if let Some(out) = vw_out.as_mut() {
+                    writeln!(out, "{}", event.vw)?;
+                }
+                Ok(event.json)
+            }))
         }
     }
 }

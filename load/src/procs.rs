@@ -389,7 +389,9 @@ pub struct EventStream {
 impl EventStream {
     /// `count` events (or without end) at `rate` per second (or as fast as
     /// possible) to `topic`; `env` carries the model configuration that
-    /// `produce` validates against.
+    /// `produce` validates against, `generate` more arguments of
+    /// `tributary generate` (the stream, its seed).
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         bin: &Path,
         brokers: &str,
@@ -397,10 +399,12 @@ impl EventStream {
         rate: Option<f64>,
         count: Option<u64>,
         env: &[(String, String)],
+        generate: &[String],
         log: &Path,
     ) -> anyhow::Result<EventStream> {
+        let extra = generate;
         let mut generate = Command::new(bin);
-        generate.arg("generate").envs(env.iter().cloned());
+        generate.arg("generate").args(extra).envs(env.iter().cloned());
         if let Some(rate) = rate {
             generate.args(["--rate", &rate.to_string()]);
         }

@@ -28,7 +28,7 @@ const EVENTS_PER_POST: usize = 100;
 const CONNECTIONS: usize = 32;
 const READY_LIMIT: Duration = Duration::from_secs(120);
 
-pub const ALL: [&str; 8] = ["baseline", "predict", "protocols", "learn_rate", "freshness", "chaos", "failover", "recovery"];
+pub const ALL: [&str; 9] = ["baseline", "predict", "protocols", "learn_rate", "quality", "freshness", "chaos", "failover", "recovery"];
 /// The CI smoke run: a few seconds each, asserting no errors.
 pub const SMOKE: [&str; 2] = ["baseline", "predict"];
 
@@ -69,6 +69,7 @@ impl Bench {
             "predict" => self.predict(),
             "protocols" => self.protocols(),
             "learn_rate" => self.learn_rate(),
+            "quality" => self.quality(),
             "freshness" => self.freshness(),
             "chaos" => self.chaos(),
             "failover" => self.failover(),
@@ -114,7 +115,7 @@ impl Bench {
     }
 
     fn stream(&self, dir: &Path, broker: &Broker, rate: Option<f64>, count: Option<u64>) -> anyhow::Result<EventStream> {
-        EventStream::start(&self.tributary, &broker.addr, "events", rate, count, &[], &dir.join("produce.log"))
+        EventStream::start(&self.tributary, &broker.addr, "events", rate, count, &[], &[], &dir.join("produce.log"))
     }
 
     /// An axum hello-world that reads the same body: what HTTP on this machine can do.
@@ -299,6 +300,78 @@ impl Bench {
             "learn_rate",
             json!({"events": n, "fill_rate": fill_rate, "logistic": rates[0], "logistic_with_predictions": rates[1], "wide_deep": rates[2], "predict_rate": half}),
         );
+        Ok(())
+    }
+
+    /// Learning quality at speed (issue 13), on the held-out click-through
+    /// stream (`tributary generate --stream ctr`: hot values, a hidden model
+    /// that drifts half-way), pre-filled twice: into 8 partitions, and into
+    /// one. Each model kind learns it with the defaults (8 partitions, 4
+    /// records in flight each) and without staleness (1 partition, 1 record
+    /// in flight, a swap after every record); Vowpal Wabbit (`--loss_function logistic -b 20`, from the
+    /// project's virtualenv) learns the same events from their VW text.
+    /// Progressive log-loss beside events/s for each, and the constant
+    /// predictor's loss.
+    fn quality(&mut self) -> anyhow::Result<()> {
+        let dir = self.dir("quality")?;
+        let broker = Broker::start(&dir)?;
+        let n: u64 = if self.smoke { 20_000 } else { 1_000_000 };
+        let vw_file = dir.join("events.vw");
+        let ctr = |vw: bool| {
+            let mut args: Vec<String> = ["--stream", "ctr", "--seed", "13"].map(String::from).to_vec();
+            if vw {
+                args.extend(["--vw".to_string(), vw_file.display().to_string()]);
+            }
+            args
+        };
+        for (topic, partitions, vw) in [("events", 8, true), ("events-1p", 1, false)] {
+            let env = [("TRIBUTARY_KAFKA__EVENTS_PARTITIONS".to_string(), partitions.to_string())];
+            let log = dir.join(format!("produce-{topic}.log"));
+            EventStream::start(&self.tributary, &broker.addr, topic, None, Some(n), &env, &ctr(vw), &log)?
+                .finish(Duration::from_secs(900))?;
+        }
+        let mut rows = serde_json::Map::new();
+        for kind in ["logistic", "wide_deep"] {
+            let mut losses = Vec::new();
+            for (setting, topic, in_flight) in [("defaults", "events", "4"), ("no staleness", "events-1p", "1")] {
+                let id = format!("{kind}-{}", if in_flight == "1" { "sequential" } else { "defaults" });
+                let mut r = self.ready_replica(&dir, &id, &broker, &[
+                    ("MODEL__KIND", kind.into()),
+                    ("KAFKA__EVENTS_TOPIC", topic.into()),
+                    ("KAFKA__UPDATES_TOPIC", format!("updates-{id}")),
+                    ("KAFKA__GROUP_ID", id.clone()),
+                    ("TRAIN__MAX_IN_FLIGHT", in_flight.into()),
+                    // Without staleness a gradient must see the weights of
+                    // the record before it: a swap after every record, not
+                    // every 50 ms.
+                    ("APPLY__MAX_SWAPS_PER_SEC", if in_flight == "1" { "1000000" } else { "20" }.into()),
+                    // A rollback that skips events would leave the count short.
+                    ("GUARD__ENABLED", "false".into()),
+                ])?;
+                let rate = learned_rate(&r, n, Duration::from_secs(1800))?;
+                let loss = r.info().and_then(|i| i["progressive_logloss"].as_f64()).unwrap_or(f64::NAN);
+                let staleness = r.metrics().map(|m| {
+                    let empty = Scrape::parse("");
+                    histogram_quantile(&empty, &m, "tributary_staleness_records", 0.99).unwrap_or(f64::NAN)
+                });
+                r.kill();
+                self.report.add("quality", &format!("{kind}, {setting}: events learned/s"), rate, Goal::None);
+                self.report.add("quality", &format!("{kind}, {setting}: progressive log-loss"), loss, Goal::None);
+                if let Some(s) = staleness {
+                    self.report.add("quality", &format!("{kind}, {setting}: staleness p99 (records, bucket bound)"), s, Goal::None);
+                }
+                rows.insert(id, json!({"events_per_sec": rate, "progressive_logloss": loss, "staleness_p99_records": staleness}));
+                losses.push(loss);
+            }
+            self.report.add("quality", &format!("{kind}: log-loss with the defaults over without staleness"), losses[0] / losses[1], Goal::AtMost(1.01));
+        }
+        let vw = vowpal_wabbit(&vw_file)?;
+        let get = |k: &str| vw[k].as_f64().unwrap_or(f64::NAN);
+        self.report.add("quality", "Vowpal Wabbit: events learned/s (one core, from a file)", get("events_per_sec"), Goal::None);
+        self.report.add("quality", "Vowpal Wabbit: progressive log-loss", get("progressive_logloss"), Goal::None);
+        self.report.add("quality", "best constant prediction: log-loss", get("constant_logloss"), Goal::None);
+        rows.insert("vowpal_wabbit".into(), vw);
+        self.report.detail("quality", json!({"events": n, "runs": rows}));
         Ok(())
     }
 
@@ -505,6 +578,34 @@ fn longest_stand_still(samples: &[(f64, Vec<u64>)]) -> f64 {
             longest.max(end - last_move)
         })
         .fold(0.0, f64::max)
+}
+
+/// Vowpal Wabbit (`--loss_function logistic -b 20`, PyPI `vowpalwabbit` in
+/// the project's virtualenv) over the VW text file `events`: its rate, its
+/// progressive log-loss (VW's average loss, in nats), and the best constant
+/// prediction's log-loss on the same labels, as JSON.
+fn vowpal_wabbit(events: &Path) -> anyhow::Result<serde_json::Value> {
+    const SCRIPT: &str = r#"
+import json, math, sys, time
+import vowpalwabbit
+path = sys.argv[1]
+labels = [line[0] == "1" for line in open(path)]
+p = sum(labels) / len(labels)
+started = time.perf_counter()
+vw = vowpalwabbit.Workspace(f"--loss_function logistic -b 20 --quiet -d {path}")
+vw.run_parser()
+took = time.perf_counter() - started
+print(json.dumps({
+    "events": len(labels),
+    "events_per_sec": len(labels) / took,
+    "progressive_logloss": vw.get_sum_loss() / vw.get_weighted_examples(),
+    "constant_logloss": -(p * math.log(p) + (1 - p) * math.log(1 - p)),
+}))
+vw.finish()
+"#;
+    let out = Command::new(crate::procs::venv_python()?).args(["-c", SCRIPT]).arg(events).output()?;
+    anyhow::ensure!(out.status.success(), "vowpal wabbit: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(serde_json::from_slice(&out.stdout)?)
 }
 
 fn examples(r: &Replica) -> Option<u64> {
