@@ -38,7 +38,7 @@ impl Synthetic {
         for (i, field) in self.fields.clone().iter().enumerate() {
             let value = self.next() % 50;
             if i == 0 {
-                logit += if value % 2 == 0 { 1.5 } else { -1.5 };
+                logit += if value.is_multiple_of(2) { 1.5 } else { -1.5 };
             }
             sparse.insert(field.clone(), format!("v{value}").into());
         }

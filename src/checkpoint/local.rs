@@ -78,7 +78,7 @@ impl Store for LocalStore {
                 progressive_loss: header.and_then(|h| h.1),
             });
         }
-        out.sort_by(|a, b| b.position.cmp(&a.position));
+        out.sort_by_key(|c| std::cmp::Reverse(c.position));
         Ok(out)
     }
 

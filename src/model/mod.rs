@@ -41,6 +41,9 @@ impl ParamSpec {
     pub fn len(&self) -> usize {
         self.rows * self.cols
     }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Weights (or optimizer state): one buffer per parameter, in layout order.

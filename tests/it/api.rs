@@ -107,7 +107,7 @@ async fn bad_input_gets_a_4xx_json_error_that_says_what_is_wrong() {
         ("POST", PREDICT, one(r#"{"dense": [1, 2], "sparse": {"tags": 7}}"#).into_bytes(), StatusCode::BAD_REQUEST, "string or an array"),
         ("POST", PREDICT, b"{}".to_vec(), StatusCode::BAD_REQUEST, "missing field `instances`"),
         ("POST", PREDICT, br#"{"instances": []}"#.to_vec(), StatusCode::BAD_REQUEST, "instances is empty"),
-        ("POST", PREDICT, format!(r#"{{"instances": [{}]}}"#, vec![r#"{"dense":[1,2]}"#; 5].join(",")).into_bytes(), StatusCode::BAD_REQUEST, "at most 4"),
+        ("POST", PREDICT, format!(r#"{{"instances": [{}]}}"#, [r#"{"dense":[1,2]}"#; 5].join(",")).into_bytes(), StatusCode::BAD_REQUEST, "at most 4"),
         ("POST", PREDICT, vec![b' '; 5000], StatusCode::PAYLOAD_TOO_LARGE, "larger than 4096 bytes"),
         ("POST", "/v1/models/other:predict", one(r#"{"dense": [1, 2]}"#).into_bytes(), StatusCode::NOT_FOUND, "model \"other\" not found"),
         ("POST", "/v1/models/default:explain", one(r#"{"dense": [1, 2]}"#).into_bytes(), StatusCode::NOT_FOUND, "unknown verb"),

@@ -66,7 +66,7 @@ fn slow_replicas_killed_while_writing_a_snapshot_leave_no_torn_one() {
     let model = Model::new(&cluster.config.model);
     wait_for("a checkpoint in each store", Duration::from_secs(30), || {
         let local_has = LocalStore::open(&local.state_dir, 3).ok()?.list().ok()?.len();
-        let pg_has = pg_store(&cluster, &url).list().ok()?.len();
+        let pg_has = pg_store(&cluster, url).list().ok()?.len();
         (local_has > 0 && pg_has > 0).then_some(())
     });
     kill_while_writing(&cluster, &mut local, 2);
@@ -78,7 +78,7 @@ fn slow_replicas_killed_while_writing_a_snapshot_leave_no_torn_one() {
         .collect();
     eprintln!("half-written files left by the kill: {half_written:?}");
     assert!(all_load(&LocalStore::open(&local.state_dir, 3).unwrap(), &model) > 0);
-    assert!(all_load(&pg_store(&cluster, &url), &model) > 0);
+    assert!(all_load(&pg_store(&cluster, url), &model) > 0);
 
     for r in [&mut local, &mut shared] {
         r.start();
@@ -119,7 +119,7 @@ fn slow_postgres_unreachable_during_training_loses_nothing() {
 
     proxy.restore();
     let version = during["model_version"].as_i64().unwrap();
-    let store = pg_store(&cluster, &url);
+    let store = pg_store(&cluster, url);
     wait_for("snapshots to resume", Duration::from_secs(60), || {
         let newest = store.list().ok()?.first()?.position;
         (saved(&r, "ok") > ok_before && newest >= version).then_some(())

@@ -24,7 +24,7 @@ const LEARN_LIMIT: Duration = Duration::from_secs(180);
 #[test]
 fn slow_kafka_cluster_survives_the_death_of_the_update_log_leader_and_of_an_events_leader() {
     let mut cluster = Cluster::with_own_brokers("kafka3", ModelKind::Logistic, 3);
-    let replicas = vec![cluster.spawn("r0"), cluster.spawn("r1"), cluster.spawn("r2")];
+    let replicas = [cluster.spawn("r0"), cluster.spawn("r1"), cluster.spawn("r2")];
     replicas.iter().for_each(Replica::wait_ready);
     let predictions = Predictions::start(replicas.iter().map(|r| r.http).collect());
     let progress = Progress::watch(&replicas[0]);

@@ -159,6 +159,11 @@ fn two_replicas_learn_a_stream_with_a_torchscript_module_and_agree() {
     let mut cluster = Cluster::new("torchscript", ModelKind::TorchScript);
     let path = export(cluster.dir.path(), "model.pt", &["--dense-dim", "8", "--fields", "4", "--buckets", "4096", "--dim", "8", "--hidden", "16"]);
     cluster.config.model.torchscript_path = path;
+    // 4 000 events are 63 records: with the default 4 in flight per partition
+    // nearly every gradient would be computed at the initial weights, and the
+    // sum of those stale steps can overshoot (issue 13 measures and bounds
+    // staleness). One in flight keeps this a test of the TorchScript path.
+    cluster.config.train.max_in_flight = 1;
     let a = cluster.spawn("a");
     let b = cluster.spawn("b");
     a.wait_ready();
@@ -176,6 +181,7 @@ fn two_replicas_learn_a_stream_with_a_torchscript_module_and_agree() {
     assert_eq!(a_now["weights_digest"], b_now["weights_digest"], "replicas disagree: {a_now} {b_now}");
     let loss = info_b["progressive_logloss"].as_f64().unwrap();
     let baseline = constant_logloss(&labels);
+    eprintln!("progressive loss {loss}, the constant predictor's {baseline}");
     assert!(loss < baseline, "progressive loss {loss} does not beat the constant predictor's {baseline}");
     let (status, v) = crate::helpers::post(&a, "/v1/models/default:predict", None, r#"{"instances":[{"dense":[0,0,0,0,0,0,0,0]}]}"#);
     assert_eq!(status, 200, "{v}");
