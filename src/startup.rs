@@ -199,8 +199,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     // Graceful stop, in order.
     stop_trainer.store(true, Ordering::Relaxed);
     if config.train.enabled && ended != Ended::Trainer {
-        if let Err(e) = role_result(&mut trainer_done).await {
-            warn!(error = format!("{e:#}"), "trainer stopped with an error");
+        // Bounded: with the broker gone, the trainer's flush, commit and
+        // group leave each wait on it. Whatever it did not send is relearned
+        // from the watermarks by whoever owns the partitions next.
+        match tokio::time::timeout(Duration::from_secs(30), role_result(&mut trainer_done)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = format!("{e:#}"), "trainer stopped with an error"),
+            Err(_) => warn!("trainer did not stop in 30 s (broker unreachable?); stopping without it"),
         }
     }
     let end = tokio::task::spawn_blocking({
