@@ -464,6 +464,12 @@ impl Scrape {
         self.0.iter().filter(|(n, l, _)| n == name && l.contains(labels)).map(|(_, _, v)| v).sum()
     }
 
+    /// The upper bound of the bucket that holds quantile `q` of every
+    /// observation of histogram `name` so far (None: no observations).
+    pub fn quantile(&self, name: &str, q: f64) -> Option<f64> {
+        histogram_quantile(&Scrape(Vec::new()), self, name, q)
+    }
+
     /// Cumulative bucket counts of histogram `name`: (upper bound, count).
     pub fn buckets(&self, name: &str) -> Vec<(f64, f64)> {
         let bucket = format!("{name}_bucket");
@@ -512,6 +518,9 @@ mod tests {
         assert_eq!(s.value("x_total", ""), 5.0);
         assert_eq!(s.value("x_total", "reason=\"norm\""), 3.0);
         assert_eq!(s.buckets("x_seconds"), vec![(0.01, 5.0), (0.1, 9.0), (f64::INFINITY, 10.0)]);
+        // Over every observation: 5 of 10 <= 0.01, 9 <= 0.1.
+        assert_eq!(s.quantile("x_seconds", 0.5), Some(0.01));
+        assert_eq!(s.quantile("x_seconds", 0.9), Some(0.1));
     }
 
     #[test]

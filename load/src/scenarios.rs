@@ -13,7 +13,7 @@ use bytes::Bytes;
 use serde_json::json;
 
 use crate::driver::{self, Outcome, Plan};
-use crate::procs::{free_port, histogram_quantile, try_wait_for, Broker, EventStream, Proc, Replica, Scrape};
+use crate::procs::{free_port, histogram_quantile, try_wait_for, Broker, EventStream, Proc, Replica};
 use crate::report::{Goal, Report};
 
 /// One prediction of the default model's schema, as every scenario sends it.
@@ -281,8 +281,7 @@ impl Bench {
             let loss = r.info().and_then(|i| i["progressive_logloss"].as_f64()).unwrap_or(f64::NAN);
             self.report.add("learn_rate", &format!("{id}: progressive log-loss over the {n} events"), loss, Goal::None);
             if let Some(m) = r.metrics() {
-                let empty = Scrape::parse("");
-                let q = |q| histogram_quantile(&empty, &m, "tributary_record_round_trip_seconds", q).map_or(f64::NAN, |s| s * 1000.0);
+                let q = |q| m.quantile("tributary_record_round_trip_seconds", q).map_or(f64::NAN, |s| s * 1000.0);
                 self.report.add("learn_rate", &format!("{id}: record sent to applied p50 (ms, bucket bound)"), q(0.5), Goal::None);
                 self.report.add("learn_rate", &format!("{id}: record sent to applied p99 (ms, bucket bound)"), q(0.99), Goal::None);
             }
@@ -350,10 +349,7 @@ impl Bench {
                 ])?;
                 let rate = learned_rate(&r, n, Duration::from_secs(1800))?;
                 let loss = r.info().and_then(|i| i["progressive_logloss"].as_f64()).unwrap_or(f64::NAN);
-                let staleness = r.metrics().map(|m| {
-                    let empty = Scrape::parse("");
-                    histogram_quantile(&empty, &m, "tributary_staleness_records", 0.99).unwrap_or(f64::NAN)
-                });
+                let staleness = r.metrics().map(|m| m.quantile("tributary_staleness_records", 0.99).unwrap_or(f64::NAN));
                 r.kill();
                 self.report.add("quality", &format!("{kind}, {setting}: events learned/s"), rate, Goal::None);
                 self.report.add("quality", &format!("{kind}, {setting}: progressive log-loss"), loss, Goal::None);
