@@ -83,10 +83,16 @@ fn torchscript(c: &mut Criterion) {
     let Some((_dir, m)) = torchscript_model(&[]) else { return };
     let w = m.init_weights();
     let ex = examples(&m, 256);
-    c.bench_function("gradient_256/TorchScript (same version)", |b| b.iter(|| m.gradient_at(Some(1), &w, black_box(&ex)).unwrap()));
-    c.bench_function("gradient_256/TorchScript (weights copied in)", |b| b.iter(|| m.gradient(&w, black_box(&ex)).unwrap()));
+    c.bench_function("gradient_256/TorchScript (same version)", |b| {
+        b.iter(|| m.gradient_at(Some(1), &w, black_box(&ex)).unwrap())
+    });
+    c.bench_function("gradient_256/TorchScript (weights copied in)", |b| {
+        b.iter(|| m.gradient(&w, black_box(&ex)).unwrap())
+    });
     let features: Vec<_> = ex[..64].iter().map(|e| &e.features).collect();
-    c.bench_function("predict_64/TorchScript (same version)", |b| b.iter(|| m.predict_batch(Some(1), &w, black_box(&features)).unwrap()));
+    c.bench_function("predict_64/TorchScript (same version)", |b| {
+        b.iter(|| m.predict_batch(Some(1), &w, black_box(&features)).unwrap())
+    });
     let mut version = 0;
     c.bench_function("predict_64/TorchScript (new version each call)", |b| {
         b.iter(|| {

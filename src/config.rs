@@ -269,10 +269,10 @@ impl Config {
             _ => unreachable!("Config serializes to a table"),
         };
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|source| ConfigError::Read { path: path.into(), source })?;
-            let layer: Table = toml::from_str(&text)
-                .map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+            let text =
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+            let layer: Table =
+                toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
             merge(&mut table, layer);
         }
         merge(&mut table, env_layer(env)?);
@@ -314,7 +314,9 @@ impl Config {
             return bad("model.kind = \"mlp\" needs model.dense_dim > 0");
         }
         if m.kind == ModelKind::TorchScript && m.torchscript_path.as_os_str().is_empty() {
-            return bad("model.kind = \"torchscript\" needs model.torchscript_path (a module saved by torch.jit.script)");
+            return bad(
+                "model.kind = \"torchscript\" needs model.torchscript_path (a module saved by torch.jit.script)",
+            );
         }
         if m.hidden.contains(&0) {
             return bad("model.hidden widths must be positive");
@@ -393,10 +395,7 @@ fn env_layer(env: impl IntoIterator<Item = (String, String)>) -> Result<Table, C
         })
         .collect();
     for (var, raw) in vars {
-        let path: Vec<String> = var["TRIBUTARY_".len()..]
-            .split("__")
-            .map(str::to_ascii_lowercase)
-            .collect();
+        let path: Vec<String> = var["TRIBUTARY_".len()..].split("__").map(str::to_ascii_lowercase).collect();
         if path.iter().any(String::is_empty) || path.len() > 2 {
             return Err(ConfigError::Env { var, reason: "expected TRIBUTARY_KEY or TRIBUTARY_SECTION__KEY".into() });
         }

@@ -46,7 +46,12 @@ pub struct ProduceReport {
 /// Produces every valid line of `input` to `topic`, creating the topic as
 /// `serve` creates the events topic (`kafka.events_partitions`,
 /// `kafka.replication_factor`) if it does not exist.
-pub fn produce(k: &KafkaConfig, topic: &str, featurizer: &Featurizer, input: impl BufRead) -> anyhow::Result<ProduceReport> {
+pub fn produce(
+    k: &KafkaConfig,
+    topic: &str,
+    featurizer: &Featurizer,
+    input: impl BufRead,
+) -> anyhow::Result<ProduceReport> {
     let brokers = k.brokers.as_str();
     let events = [(topic, k.events_partitions, kafka::TopicRole::Events)];
     futures::executor::block_on(kafka::create_missing(brokers, k.replication_factor, &events))?;
@@ -93,7 +98,8 @@ pub fn produce(k: &KafkaConfig, topic: &str, featurizer: &Featurizer, input: imp
     let secs = start.elapsed().as_secs_f64();
     let report = ProduceReport {
         produced: delivered.ok.load(Ordering::Relaxed),
-        failed: delivered.failed.load(Ordering::Relaxed) + sent.saturating_sub(delivered.ok.load(Ordering::Relaxed) + delivered.failed.load(Ordering::Relaxed)),
+        failed: delivered.failed.load(Ordering::Relaxed)
+            + sent.saturating_sub(delivered.ok.load(Ordering::Relaxed) + delivered.failed.load(Ordering::Relaxed)),
         invalid,
     };
     if terminal {

@@ -130,7 +130,14 @@ fn main() -> anyhow::Result<()> {
     tributary::telemetry::init();
     match Cli::parse().command {
         Command::Serve { config, http_addr, replica_id, state_dir, checkpoint_store, admin_token } => {
-            let config = config.load(Overrides { http_addr, replica_id, state_dir, checkpoint_store, admin_token, ..Default::default() })?;
+            let config = config.load(Overrides {
+                http_addr,
+                replica_id,
+                state_dir,
+                checkpoint_store,
+                admin_token,
+                ..Default::default()
+            })?;
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(tributary::startup::run(config, shutdown_signal()))
         }
@@ -159,7 +166,10 @@ fn main() -> anyhow::Result<()> {
                 }
                 return Ok(());
             }
-            println!("{:>12}  {:>24}  {:>12}  {:>16}  {:>10}", "position", "written (UTC)", "bytes", "examples", "loss");
+            println!(
+                "{:>12}  {:>24}  {:>12}  {:>16}  {:>10}",
+                "position", "written (UTC)", "bytes", "examples", "loss"
+            );
             for c in &listed {
                 let opt = |v: Option<String>| v.unwrap_or_else(|| "?".into());
                 println!(

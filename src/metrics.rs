@@ -68,8 +68,11 @@ fn buckets_staleness_examples() -> Vec<f64> {
 
 impl Metrics {
     pub fn new(replica_id: &str) -> Metrics {
-        let registry = Registry::new_custom(Some(NAMESPACE.into()), Some([("replica".to_string(), replica_id.to_string())].into()))
-            .expect("valid registry");
+        let registry = Registry::new_custom(
+            Some(NAMESPACE.into()),
+            Some([("replica".to_string(), replica_id.to_string())].into()),
+        )
+        .expect("valid registry");
         let mut families = Vec::new();
         macro_rules! reg {
             ($m:expr) => {{
@@ -91,7 +94,10 @@ impl Metrics {
             )),
             model_version: reg!(IntGauge::new("model_version", "Served model version (the updates position)")),
             events_consumed: reg!(IntCounter::new("events_consumed_total", "Training events read from Kafka")),
-            events_invalid: reg!(IntCounter::new("events_invalid_total", "Training events that failed parsing or validation")),
+            events_invalid: reg!(IntCounter::new(
+                "events_invalid_total",
+                "Training events that failed parsing or validation"
+            )),
             dead_letters: reg!(IntCounterVec::new(
                 Opts::new("dead_letters_total", "Invalid events written to the dead-letter topic, by delivery result"),
                 &["result"]
@@ -130,7 +136,10 @@ impl Metrics {
                 .buckets(buckets_staleness_examples())
             )),
             swaps: reg!(IntCounter::new("swaps_total", "Serving-snapshot swaps")),
-            swap_duration: reg!(Histogram::with_opts(hist("swap_duration_seconds", "Time to build and swap a serving snapshot"))),
+            swap_duration: reg!(Histogram::with_opts(hist(
+                "swap_duration_seconds",
+                "Time to build and swap a serving snapshot"
+            ))),
             swap_full_copies: reg!(IntCounter::new(
                 "swap_full_copies_total",
                 "Swaps that copied the whole model because the retired snapshot was still read"
@@ -139,20 +148,35 @@ impl Metrics {
                 Opts::new("checkpoints_total", "Checkpoint writes by result"),
                 &["result"]
             )),
-            checkpoint_age: reg!(Gauge::new("checkpoint_age_seconds", "Age of the newest checkpoint written or loaded")),
-            progressive_logloss: reg!(Gauge::new("progressive_logloss", "Mean progressive loss over every learned example")),
+            checkpoint_age: reg!(Gauge::new(
+                "checkpoint_age_seconds",
+                "Age of the newest checkpoint written or loaded"
+            )),
+            progressive_logloss: reg!(Gauge::new(
+                "progressive_logloss",
+                "Mean progressive loss over every learned example"
+            )),
             ready: reg!(IntGauge::new("ready", "1 when caught up with the update log and serving")),
             rollbacks: reg!(IntCounterVec::new(
-                Opts::new("rollbacks_total", "Rollback records taken, by what became of the events since (relearn, skip)"),
+                Opts::new(
+                    "rollbacks_total",
+                    "Rollback records taken, by what became of the events since (relearn, skip)"
+                ),
                 &["events"]
             )),
             divergences: reg!(IntCounter::new(
                 "divergences_detected_total",
                 "Loss spikes the divergence guard saw and answered with a rollback record"
             )),
-            admin_denied: reg!(IntCounter::new("admin_denied_total", "Admin requests refused for a missing or wrong token")),
+            admin_denied: reg!(IntCounter::new(
+                "admin_denied_total",
+                "Admin requests refused for a missing or wrong token"
+            )),
             events_ingested: reg!(IntCounterVec::new(
-                Opts::new("events_ingested_total", "Events posted to /v1/events, by result (produced, invalid, failed)"),
+                Opts::new(
+                    "events_ingested_total",
+                    "Events posted to /v1/events, by result (produced, invalid, failed)"
+                ),
                 &["result"]
             )),
             registry,

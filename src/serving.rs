@@ -248,13 +248,19 @@ mod tests {
                 oldest_ts: 0,
                 producer: "t".into(),
                 gradient: vec![
-                    GradTensor { param: emb as u32, values: GradValues::Rows { ids: vec![step * 7 % 128], values: vec![0.1; 16] } },
+                    GradTensor {
+                        param: emb as u32,
+                        values: GradValues::Rows { ids: vec![step * 7 % 128], values: vec![0.1; 16] },
+                    },
                     GradTensor { param: dense as u32, values: GradValues::Dense(vec![0.01; 8]) },
                 ],
             })
             .encode();
             let held = serving.load_full(); // a reader that outlives one swap
-            assert!(matches!(state.apply(&model, i64::from(step), &bytes, &mut publisher), crate::apply::rule::Outcome::Applied(_)));
+            assert!(matches!(
+                state.apply(&model, i64::from(step), &bytes, &mut publisher),
+                crate::apply::rule::Outcome::Applied(_)
+            ));
             let stats = publisher.publish(&state);
             drop(held);
             let snap = serving.load();

@@ -46,7 +46,10 @@ pub fn init_libtorch() {
 }
 
 /// Runs `f` on a named OS thread; the receiver yields its result.
-fn spawn_role(name: &str, f: impl FnOnce() -> anyhow::Result<()> + Send + 'static) -> oneshot::Receiver<anyhow::Result<()>> {
+fn spawn_role(
+    name: &str,
+    f: impl FnOnce() -> anyhow::Result<()> + Send + 'static,
+) -> oneshot::Receiver<anyhow::Result<()>> {
     let (tx, rx) = oneshot::channel();
     let thread_name = name.to_string();
     std::thread::Builder::new()
@@ -97,7 +100,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     });
 
     let events = match config.http.ingest {
-        true => Some(Arc::new(EventSink::new(&config.kafka.brokers, &config.kafka.events_topic, &config.replica_id, &config.http.ingest_token)?)),
+        true => Some(Arc::new(EventSink::new(
+            &config.kafka.brokers,
+            &config.kafka.events_topic,
+            &config.replica_id,
+            &config.http.ingest_token,
+        )?)),
         false => None,
     };
     let history = Arc::new(History::default());
@@ -122,7 +130,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     info!(%addr, replica = %config.replica_id, model = ?config.model.kind, "serving HTTP");
     let (http_stop, http_stopped) = oneshot::channel::<()>();
     let mut http = tokio::spawn(async move {
-        axum::serve(listener, app).with_graceful_shutdown(async { let _ = http_stopped.await; }).await
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = http_stopped.await;
+            })
+            .await
     });
 
     // Topics: retried while the broker is away; serving goes on meanwhile.
@@ -171,7 +183,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     let stop_trainer = Arc::new(AtomicBool::new(false));
     let mut trainer_done = if config.train.enabled {
-        let trainer = Trainer::new(&config, model.clone(), serving, metrics.clone(), progress.clone(), stop_trainer.clone())?;
+        let trainer =
+            Trainer::new(&config, model.clone(), serving, metrics.clone(), progress.clone(), stop_trainer.clone())?;
         spawn_role("trainer", move || trainer.run())
     } else {
         let (tx, rx) = oneshot::channel();
@@ -181,7 +194,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     // Wait for a stop request or for a role to end on its own.
     #[derive(PartialEq)]
-    enum Ended { Nothing, Applier, Trainer, Http }
+    enum Ended {
+        Nothing,
+        Applier,
+        Trainer,
+        Http,
+    }
     let (ended, failure): (Ended, Option<anyhow::Error>) = tokio::select! {
         _ = &mut shutdown => { info!("stop requested"); (Ended::Nothing, None) }
         r = role_result(&mut applier_done) => (Ended::Applier, Some(r.err().unwrap_or_else(|| anyhow::anyhow!("ended")).context("applier stopped"))),
@@ -211,7 +229,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let end = tokio::task::spawn_blocking({
         let config = config.clone();
         move || {
-            let c: Option<BaseConsumer> = kafka::log_reader_config(&config.kafka.brokers, "tributary-drain").create().ok();
+            let c: Option<BaseConsumer> =
+                kafka::log_reader_config(&config.kafka.brokers, "tributary-drain").create().ok();
             c.and_then(|c| kafka::log_end(&c, &config.kafka.updates_topic))
         }
     })

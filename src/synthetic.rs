@@ -29,7 +29,8 @@ impl Synthetic {
 
     /// One event as a JSON line (no newline), with event time `ts`.
     pub fn event(&mut self, ts: i64) -> String {
-        let dense: Vec<f32> = (0..self.dense_dim).map(|_| ((self.unit() * 2.0 - 1.0) * 100.0).round() / 100.0).collect();
+        let dense: Vec<f32> =
+            (0..self.dense_dim).map(|_| ((self.unit() * 2.0 - 1.0) * 100.0).round() / 100.0).collect();
         let mut logit = 0.0;
         for (i, v) in dense.iter().enumerate() {
             logit += v * if i % 2 == 0 { 2.0 } else { -1.5 };
@@ -76,7 +77,14 @@ pub struct CtrEvent {
 
 impl CtrStream {
     pub fn new(model: &ModelConfig, seed: u64, drift_at: u64) -> CtrStream {
-        CtrStream { dense_dim: model.dense_dim, fields: model.sparse_fields.clone(), seed, state: seed ^ 0xc7c7, drift_at, emitted: 0 }
+        CtrStream {
+            dense_dim: model.dense_dim,
+            fields: model.sparse_fields.clone(),
+            seed,
+            state: seed ^ 0xc7c7,
+            drift_at,
+            emitted: 0,
+        }
     }
 
     /// splitmix64: a well-mixed hash of `x`.

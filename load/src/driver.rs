@@ -123,7 +123,8 @@ pub async fn run(plan: Plan) -> Outcome {
         .map(|i| {
             let target = i % plan.targets.len();
             // Open-loop connections start staggered so their schedules interleave.
-            let offset = per_connection.map_or(Duration::ZERO, |r| Duration::from_secs_f64(i as f64 / plan.connections as f64 / r));
+            let offset = per_connection
+                .map_or(Duration::ZERO, |r| Duration::from_secs_f64(i as f64 / plan.connections as f64 / r));
             tokio::spawn(connection(plan.clone(), target, per_connection, start + offset, end))
         })
         .collect();

@@ -40,8 +40,12 @@ pub fn venv_python() -> anyhow::Result<PathBuf> {
         return Ok(p.into());
     }
     let link = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.libtorch");
-    let torch = std::fs::canonicalize(&link).map_err(|e| anyhow::anyhow!("{}: {e} (run scripts/setup)", link.display()))?;
-    let venv = torch.ancestors().nth(4).ok_or_else(|| anyhow::anyhow!("{} is not venv/lib/pythonX/site-packages/torch", torch.display()))?;
+    let torch =
+        std::fs::canonicalize(&link).map_err(|e| anyhow::anyhow!("{}: {e} (run scripts/setup)", link.display()))?;
+    let venv = torch
+        .ancestors()
+        .nth(4)
+        .ok_or_else(|| anyhow::anyhow!("{} is not venv/lib/pythonX/site-packages/torch", torch.display()))?;
     Ok(venv.join("bin/python"))
 }
 
@@ -159,7 +163,8 @@ impl Broker {
     /// A single-node broker of its own, with its data under `dir/kafka`.
     pub fn start(dir: &Path) -> anyhow::Result<Broker> {
         let node = Node { id: 1, port: free_port(), controller_port: free_port() };
-        let mut broker = Broker::describe(&dir.join("kafka"), &node, &format!("1@127.0.0.1:{}", node.controller_port), 1);
+        let mut broker =
+            Broker::describe(&dir.join("kafka"), &node, &format!("1@127.0.0.1:{}", node.controller_port), 1);
         broker.restart()?;
         Ok(broker)
     }
@@ -170,9 +175,14 @@ impl Broker {
     /// topics and group.
     pub fn shared_or_start(dir: &Path) -> anyhow::Result<Broker> {
         match std::env::var(SHARED_BROKER_ENV) {
-            Ok(addr) if !addr.is_empty() => {
-                Ok(Broker { proc: Proc(None), addr, args: Vec::new(), dir: dir.to_path_buf(), shared: true, starts_logged: 0 })
-            }
+            Ok(addr) if !addr.is_empty() => Ok(Broker {
+                proc: Proc(None),
+                addr,
+                args: Vec::new(),
+                dir: dir.to_path_buf(),
+                shared: true,
+                starts_logged: 0,
+            }),
             _ => Broker::start(dir),
         }
     }
@@ -241,7 +251,10 @@ impl Broker {
             }
             if let Some(Some(status)) = self.proc.0.as_mut().map(|c| c.try_wait().ok().flatten()) {
                 let tail: Vec<&str> = log.lines().rev().take(20).collect();
-                anyhow::bail!("{what}: it exited ({status}):\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+                anyhow::bail!(
+                    "{what}: it exited ({status}):\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
             }
             anyhow::ensure!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
             std::thread::sleep(Duration::from_millis(50));
@@ -412,7 +425,8 @@ impl EventStream {
             generate.args(["--count", &count.to_string()]);
         }
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
-        let mut generate = generate.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log_file.try_clone()?).spawn()?;
+        let mut generate =
+            generate.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log_file.try_clone()?).spawn()?;
         let pipe = generate.stdout.take().expect("piped stdout");
         let produce = Command::new(bin)
             .args(["produce", "--brokers", brokers, "--topic", topic])
@@ -525,7 +539,9 @@ mod tests {
 
     #[test]
     fn quantiles_come_from_the_difference_of_two_scrapes() {
-        let before = Scrape::parse("x_seconds_bucket{le=\"0.01\"} 5\nx_seconds_bucket{le=\"0.1\"} 5\nx_seconds_bucket{le=\"+Inf\"} 5\n");
+        let before = Scrape::parse(
+            "x_seconds_bucket{le=\"0.01\"} 5\nx_seconds_bucket{le=\"0.1\"} 5\nx_seconds_bucket{le=\"+Inf\"} 5\n",
+        );
         let after = Scrape::parse(TEXT);
         // Between the scrapes: 4 observations <= 0.1, 1 above.
         assert_eq!(histogram_quantile(&before, &after, "x_seconds", 0.5), Some(0.1));

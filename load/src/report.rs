@@ -48,7 +48,9 @@ impl Report {
         };
         println!(
             "{scenario:>14}  {measure:<52} {value:>12.3}  {}",
-            goal.as_deref().map(|g| format!("goal {g}: {}", if met == Some(true) { "met" } else { "MISSED" })).unwrap_or_default()
+            goal.as_deref()
+                .map(|g| format!("goal {g}: {}", if met == Some(true) { "met" } else { "MISSED" }))
+                .unwrap_or_default()
         );
         self.findings.push(Finding { scenario: scenario.into(), measure: measure.into(), value, goal, met });
     }
@@ -68,7 +70,15 @@ impl Report {
                 Some(false) => "**no**",
                 None => "",
             };
-            let _ = writeln!(md, "| {} | {} | {} | {} | {} |", f.scenario, f.measure, fmt(f.value), f.goal.as_deref().unwrap_or(""), met);
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} |",
+                f.scenario,
+                f.measure,
+                fmt(f.value),
+                f.goal.as_deref().unwrap_or(""),
+                met
+            );
         }
         md
     }
@@ -93,7 +103,11 @@ fn fmt(v: f64) -> String {
 /// CPU model and count, and memory: what a reader needs to compare figures.
 fn machine() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|m| m.trim_start_matches([' ', '\t', ':'])).unwrap_or("unknown CPU");
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']))
+        .unwrap_or("unknown CPU");
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mem_kb: u64 = std::fs::read_to_string("/proc/meminfo")
         .unwrap_or_default()

@@ -17,7 +17,8 @@ use crate::procs::{free_port, histogram_quantile, try_wait_for, Broker, EventStr
 use crate::report::{Goal, Report};
 
 /// One prediction of the default model's schema, as every scenario sends it.
-pub const PREDICT_BODY: &str = r#"{"instances":[{"dense":[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8],"sparse":{"f0":"v1","f1":"v7","f2":"v3","f3":"v9"}}]}"#;
+pub const PREDICT_BODY: &str =
+    r#"{"instances":[{"dense":[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8],"sparse":{"f0":"v1","f1":"v7","f2":"v3","f3":"v9"}}]}"#;
 pub const PREDICT_PATH: &str = "/v1/models/default:predict";
 /// The same instance as an Open Inference Protocol (KServe V2) request.
 const INFER_BODY: &str = r#"{"inputs":[{"name":"dense","shape":[1,8],"datatype":"FP32","data":[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8]},{"name":"f0","shape":[1],"datatype":"BYTES","data":["v1"]},{"name":"f1","shape":[1],"datatype":"BYTES","data":["v7"]},{"name":"f2","shape":[1],"datatype":"BYTES","data":["v3"]},{"name":"f3","shape":[1],"datatype":"BYTES","data":["v9"]}]}"#;
@@ -28,7 +29,8 @@ const EVENTS_PER_POST: usize = 100;
 const CONNECTIONS: usize = 32;
 const READY_LIMIT: Duration = Duration::from_secs(120);
 
-pub const ALL: [&str; 9] = ["baseline", "predict", "protocols", "learn_rate", "quality", "freshness", "chaos", "failover", "recovery"];
+pub const ALL: [&str; 9] =
+    ["baseline", "predict", "protocols", "learn_rate", "quality", "freshness", "chaos", "failover", "recovery"];
 /// The CI smoke run: a few seconds each, asserting no errors.
 pub const SMOKE: [&str; 2] = ["baseline", "predict"];
 
@@ -48,7 +50,13 @@ pub struct Bench {
 }
 
 impl Bench {
-    pub fn new(tributary: PathBuf, hello: PathBuf, work: PathBuf, smoke: bool, report: Report) -> anyhow::Result<Bench> {
+    pub fn new(
+        tributary: PathBuf,
+        hello: PathBuf,
+        work: PathBuf,
+        smoke: bool,
+        report: Report,
+    ) -> anyhow::Result<Bench> {
         anyhow::ensure!(tributary.exists(), "no tributary binary at {} (cargo build --release)", tributary.display());
         Ok(Bench {
             tributary,
@@ -80,7 +88,12 @@ impl Bench {
 
     /// Every request that failed, over all scenarios run so far.
     pub fn errors(&self) -> Vec<String> {
-        self.report.findings.iter().filter(|f| f.measure.starts_with("failed requests") && f.value > 0.0).map(|f| format!("{}: {}", f.scenario, f.value)).collect()
+        self.report
+            .findings
+            .iter()
+            .filter(|f| f.measure.starts_with("failed requests") && f.value > 0.0)
+            .map(|f| format!("{}: {}", f.scenario, f.value))
+            .collect()
     }
 
     /// Full run or smoke run: the seconds a measurement lasts.
@@ -114,7 +127,13 @@ impl Bench {
         Replica::new(&self.tributary, dir, id, &broker.addr, vars)
     }
 
-    fn stream(&self, dir: &Path, broker: &Broker, rate: Option<f64>, count: Option<u64>) -> anyhow::Result<EventStream> {
+    fn stream(
+        &self,
+        dir: &Path,
+        broker: &Broker,
+        rate: Option<f64>,
+        count: Option<u64>,
+    ) -> anyhow::Result<EventStream> {
         EventStream::start(&self.tributary, &broker.addr, "events", rate, count, &[], &[], &dir.join("produce.log"))
     }
 
@@ -122,7 +141,10 @@ impl Bench {
     fn baseline(&mut self) -> anyhow::Result<()> {
         let dir = self.dir("baseline")?;
         let port = free_port();
-        let hello = Proc::spawn(Command::new(&self.hello).args(["hello", "--port", &port.to_string()]), &dir.join("hello.log"))?;
+        let hello = Proc::spawn(
+            Command::new(&self.hello).args(["hello", "--port", &port.to_string()]),
+            &dir.join("hello.log"),
+        )?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         try_wait_for("the hello-world server", Duration::from_secs(10), || TcpStream::connect(addr).ok())?;
         self.hello_server = Some((hello, addr));
@@ -155,11 +177,16 @@ impl Bench {
         let mut errors = max.error_count();
 
         // The twin: same stream, its own update log and group, swaps off.
-        let mut b = self.replica(&dir, "frozen", &broker, &[
-            ("APPLY__MAX_SWAPS_PER_SEC", "0".into()),
-            ("KAFKA__UPDATES_TOPIC", "updates-frozen".into()),
-            ("KAFKA__GROUP_ID", "frozen".into()),
-        ]);
+        let mut b = self.replica(
+            &dir,
+            "frozen",
+            &broker,
+            &[
+                ("APPLY__MAX_SWAPS_PER_SEC", "0".into()),
+                ("KAFKA__UPDATES_TOPIC", "updates-frozen".into()),
+                ("KAFKA__GROUP_ID", "frozen".into()),
+            ],
+        );
         let rounds = if self.smoke { 1 } else { 5 };
         if !self.smoke {
             b.start_ready(READY_LIMIT)?;
@@ -185,10 +212,20 @@ impl Bench {
         let swaps_per_sec = (after.value("tributary_swaps_total", "") - before.value("tributary_swaps_total", ""))
             / measuring.elapsed().as_secs_f64();
         self.report.add("predict", "swaps/s of the swapping replica while measuring", swaps_per_sec, Goal::None);
-        self.report.add("predict", "p99 (ms) at half the max rate, 20 swaps/s", swapping.quantile_ms(0.99), Goal::AtMost(2.0));
+        self.report.add(
+            "predict",
+            "p99 (ms) at half the max rate, 20 swaps/s",
+            swapping.quantile_ms(0.99),
+            Goal::AtMost(2.0),
+        );
         errors += swapping.error_count();
         if let Some(frozen) = &frozen {
-            self.report.add("predict", "p99 (ms) at half the max rate, swaps off", frozen.quantile_ms(0.99), Goal::None);
+            self.report.add(
+                "predict",
+                "p99 (ms) at half the max rate, swaps off",
+                frozen.quantile_ms(0.99),
+                Goal::None,
+            );
             self.report.add(
                 "predict",
                 "p99 with 20 swaps/s over p99 with swaps off",
@@ -228,18 +265,33 @@ impl Bench {
         let v2 = run(INFER_PATH, INFER_BODY.into());
         let (v1s, v2s) = (v1.summary(), v2.summary());
         self.report.add("protocols", "V1 predict requests/s, as fast as answered", v1s.requests_per_sec, Goal::None);
-        self.report.add("protocols", "V2 infer requests/s over V1 predict's", v2s.requests_per_sec / v1s.requests_per_sec, Goal::AtLeast(0.8));
+        self.report.add(
+            "protocols",
+            "V2 infer requests/s over V1 predict's",
+            v2s.requests_per_sec / v1s.requests_per_sec,
+            Goal::AtLeast(0.8),
+        );
         let event = r#"{"dense":[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8],"sparse":{"f0":"v1","f1":["v7","v8"]},"label":1}"#;
         let batch = format!(r#"{{"events":[{}]}}"#, vec![event; EVENTS_PER_POST].join(","));
         let before = examples(&r).unwrap_or(0);
         let posted = run("/v1/events", batch);
         let ps = posted.summary();
         let accepted = posted.ok * EVENTS_PER_POST as u64;
-        self.report.add("protocols", "events/s accepted by POST /v1/events (100 a request, acks=all)", accepted as f64 / posted.elapsed.as_secs_f64(), Goal::None);
+        self.report.add(
+            "protocols",
+            "events/s accepted by POST /v1/events (100 a request, acks=all)",
+            accepted as f64 / posted.elapsed.as_secs_f64(),
+            Goal::None,
+        );
         self.report.add("protocols", "POST /v1/events p99 (ms)", ps.p99_ms, Goal::None);
         wait_examples(&r, before + accepted, Duration::from_secs(300))?;
         let learned = examples(&r).unwrap_or(0) - before;
-        self.report.add("protocols", "events learned over events accepted", learned as f64 / accepted.max(1) as f64, Goal::AtMost(1.0));
+        self.report.add(
+            "protocols",
+            "events learned over events accepted",
+            learned as f64 / accepted.max(1) as f64,
+            Goal::AtMost(1.0),
+        );
         let errors = v1.error_count() + v2.error_count() + posted.error_count();
         self.report.add("protocols", "failed requests", errors as f64, Goal::AtMost(0.0));
         self.report.detail("protocols", json!({"v1_predict": v1s, "v2_infer": v2s, "post_events": ps}));
@@ -259,17 +311,26 @@ impl Bench {
 
         let half = self.predict_max_rps.unwrap_or(2000.0) / 2.0;
         let mut rates = Vec::new();
-        let runs = [("logistic-alone", "logistic", false), ("logistic-with-predictions", "logistic", true), ("wide_deep-alone", "wide_deep", false)];
+        let runs = [
+            ("logistic-alone", "logistic", false),
+            ("logistic-with-predictions", "logistic", true),
+            ("wide_deep-alone", "wide_deep", false),
+        ];
         for (id, kind, predict) in runs {
             // The guard off: a rollback that skips events would leave the
             // count short of `n`. What the speed costs in quality is the
             // progressive log-loss reported beside the rate.
-            let mut r = self.ready_replica(&dir, id, &broker, &[
-                ("MODEL__KIND", kind.into()),
-                ("KAFKA__UPDATES_TOPIC", format!("updates-{id}")),
-                ("KAFKA__GROUP_ID", id.into()),
-                ("GUARD__ENABLED", "false".into()),
-            ])?;
+            let mut r = self.ready_replica(
+                &dir,
+                id,
+                &broker,
+                &[
+                    ("MODEL__KIND", kind.into()),
+                    ("KAFKA__UPDATES_TOPIC", format!("updates-{id}")),
+                    ("KAFKA__GROUP_ID", id.into()),
+                    ("GUARD__ENABLED", "false".into()),
+                ],
+            )?;
             let stop = Arc::new(AtomicBool::new(false));
             let load = predict.then(|| {
                 let mut plan = plan(vec![r.http], Some(half), Duration::from_secs(900));
@@ -282,8 +343,18 @@ impl Bench {
             self.report.add("learn_rate", &format!("{id}: progressive log-loss over the {n} events"), loss, Goal::None);
             if let Some(m) = r.metrics() {
                 let q = |q| m.quantile("tributary_record_round_trip_seconds", q).map_or(f64::NAN, |s| s * 1000.0);
-                self.report.add("learn_rate", &format!("{id}: record sent to applied p50 (ms, bucket bound)"), q(0.5), Goal::None);
-                self.report.add("learn_rate", &format!("{id}: record sent to applied p99 (ms, bucket bound)"), q(0.99), Goal::None);
+                self.report.add(
+                    "learn_rate",
+                    &format!("{id}: record sent to applied p50 (ms, bucket bound)"),
+                    q(0.5),
+                    Goal::None,
+                );
+                self.report.add(
+                    "learn_rate",
+                    &format!("{id}: record sent to applied p99 (ms, bucket bound)"),
+                    q(0.99),
+                    Goal::None,
+                );
             }
             if let Some(load) = load {
                 let out = self.rt.block_on(load)?;
@@ -292,8 +363,18 @@ impl Bench {
             r.kill();
             rates.push(rate);
         }
-        self.report.add("learn_rate", "events learned/s, logistic, pre-filled topic", rates[0], Goal::AtLeast(300_000.0));
-        self.report.add("learn_rate", "with predictions at half load / without", rates[1] / rates[0], Goal::AtLeast(0.7));
+        self.report.add(
+            "learn_rate",
+            "events learned/s, logistic, pre-filled topic",
+            rates[0],
+            Goal::AtLeast(300_000.0),
+        );
+        self.report.add(
+            "learn_rate",
+            "with predictions at half load / without",
+            rates[1] / rates[0],
+            Goal::AtLeast(0.7),
+        );
         self.report.add("learn_rate", "events learned/s, wide_deep, pre-filled topic", rates[2], Goal::None);
         self.report.detail(
             "learn_rate",
@@ -334,36 +415,60 @@ impl Bench {
             let mut losses = Vec::new();
             for (setting, topic, in_flight) in [("defaults", "events", "4"), ("no staleness", "events-1p", "1")] {
                 let id = format!("{kind}-{}", if in_flight == "1" { "sequential" } else { "defaults" });
-                let mut r = self.ready_replica(&dir, &id, &broker, &[
-                    ("MODEL__KIND", kind.into()),
-                    ("KAFKA__EVENTS_TOPIC", topic.into()),
-                    ("KAFKA__UPDATES_TOPIC", format!("updates-{id}")),
-                    ("KAFKA__GROUP_ID", id.clone()),
-                    ("TRAIN__MAX_IN_FLIGHT", in_flight.into()),
-                    // Without staleness a gradient must see the weights of
-                    // the record before it: a swap after every record, not
-                    // every 50 ms.
-                    ("APPLY__MAX_SWAPS_PER_SEC", if in_flight == "1" { "1000000" } else { "20" }.into()),
-                    // A rollback that skips events would leave the count short.
-                    ("GUARD__ENABLED", "false".into()),
-                ])?;
+                let mut r = self.ready_replica(
+                    &dir,
+                    &id,
+                    &broker,
+                    &[
+                        ("MODEL__KIND", kind.into()),
+                        ("KAFKA__EVENTS_TOPIC", topic.into()),
+                        ("KAFKA__UPDATES_TOPIC", format!("updates-{id}")),
+                        ("KAFKA__GROUP_ID", id.clone()),
+                        ("TRAIN__MAX_IN_FLIGHT", in_flight.into()),
+                        // Without staleness a gradient must see the weights of
+                        // the record before it: a swap after every record, not
+                        // every 50 ms.
+                        ("APPLY__MAX_SWAPS_PER_SEC", if in_flight == "1" { "1000000" } else { "20" }.into()),
+                        // A rollback that skips events would leave the count short.
+                        ("GUARD__ENABLED", "false".into()),
+                    ],
+                )?;
                 let rate = learned_rate(&r, n, Duration::from_secs(1800))?;
                 let loss = r.info().and_then(|i| i["progressive_logloss"].as_f64()).unwrap_or(f64::NAN);
-                let staleness = r.metrics().map(|m| m.quantile("tributary_staleness_records", 0.99).unwrap_or(f64::NAN));
+                let staleness =
+                    r.metrics().map(|m| m.quantile("tributary_staleness_records", 0.99).unwrap_or(f64::NAN));
                 r.kill();
                 self.report.add("quality", &format!("{kind}, {setting}: events learned/s"), rate, Goal::None);
                 self.report.add("quality", &format!("{kind}, {setting}: progressive log-loss"), loss, Goal::None);
                 if let Some(s) = staleness {
-                    self.report.add("quality", &format!("{kind}, {setting}: staleness p99 (records, bucket bound)"), s, Goal::None);
+                    self.report.add(
+                        "quality",
+                        &format!("{kind}, {setting}: staleness p99 (records, bucket bound)"),
+                        s,
+                        Goal::None,
+                    );
                 }
-                rows.insert(id, json!({"events_per_sec": rate, "progressive_logloss": loss, "staleness_p99_records": staleness}));
+                rows.insert(
+                    id,
+                    json!({"events_per_sec": rate, "progressive_logloss": loss, "staleness_p99_records": staleness}),
+                );
                 losses.push(loss);
             }
-            self.report.add("quality", &format!("{kind}: log-loss with the defaults over without staleness"), losses[0] / losses[1], Goal::AtMost(1.01));
+            self.report.add(
+                "quality",
+                &format!("{kind}: log-loss with the defaults over without staleness"),
+                losses[0] / losses[1],
+                Goal::AtMost(1.01),
+            );
         }
         let vw = vowpal_wabbit(&vw_file)?;
         let get = |k: &str| vw[k].as_f64().unwrap_or(f64::NAN);
-        self.report.add("quality", "Vowpal Wabbit: events learned/s (one core, from a file)", get("events_per_sec"), Goal::None);
+        self.report.add(
+            "quality",
+            "Vowpal Wabbit: events learned/s (one core, from a file)",
+            get("events_per_sec"),
+            Goal::None,
+        );
         self.report.add("quality", "Vowpal Wabbit: progressive log-loss", get("progressive_logloss"), Goal::None);
         self.report.add("quality", "best constant prediction: log-loss", get("constant_logloss"), Goal::None);
         rows.insert("vowpal_wabbit".into(), vw);
@@ -385,13 +490,18 @@ impl Bench {
         std::thread::sleep(window);
         let after = r.metrics().ok_or_else(|| anyhow::anyhow!("no metrics"))?;
         stream.stop();
-        let consumed = (after.value("tributary_events_consumed_total", "") - before.value("tributary_events_consumed_total", ""))
+        let consumed = (after.value("tributary_events_consumed_total", "")
+            - before.value("tributary_events_consumed_total", ""))
             / window.as_secs_f64();
-        let q = |q| histogram_quantile(&before, &after, "tributary_freshness_seconds", q).map_or(f64::NAN, |s| s * 1000.0);
+        let q =
+            |q| histogram_quantile(&before, &after, "tributary_freshness_seconds", q).map_or(f64::NAN, |s| s * 1000.0);
         self.report.add("freshness", "events/s consumed in the window", consumed, Goal::AtLeast(9_500.0));
         self.report.add("freshness", "freshness p50 (ms, bucket bound)", q(0.5), Goal::None);
         self.report.add("freshness", "freshness p99 (ms, bucket bound)", q(0.99), Goal::AtMost(100.0));
-        self.report.detail("freshness", json!({"consumed_per_sec": consumed, "p50_ms": q(0.5), "p90_ms": q(0.9), "p99_ms": q(0.99)}));
+        self.report.detail(
+            "freshness",
+            json!({"consumed_per_sec": consumed, "p50_ms": q(0.5), "p90_ms": q(0.9), "p99_ms": q(0.99)}),
+        );
         Ok(())
     }
 
@@ -422,13 +532,23 @@ impl Bench {
         stream.stop();
         let agree = try_wait_for("the three replicas to agree", Duration::from_secs(120), || {
             let infos: Vec<serde_json::Value> = fleet.iter().map(Replica::info).collect::<Option<_>>()?;
-            let same = infos.windows(2).all(|w| w[0]["weights_digest"] == w[1]["weights_digest"] && w[0]["examples_learned"] == w[1]["examples_learned"]);
+            let same = infos.windows(2).all(|w| {
+                w[0]["weights_digest"] == w[1]["weights_digest"] && w[0]["examples_learned"] == w[1]["examples_learned"]
+            });
             same.then_some(infos)
         });
         self.report.add("chaos", "failed requests at the survivors", out.error_count() as f64, Goal::AtMost(0.0));
         self.report.add("chaos", "SIGKILL to ready again (s)", to_ready, Goal::None);
-        self.report.add("chaos", "replicas agree on the digest afterwards (1 = yes)", f64::from(u8::from(agree.is_ok())), Goal::AtLeast(1.0));
-        self.report.detail("chaos", json!({"load": out.summary(), "errors_by_target": out.errors_by_target, "to_ready_s": to_ready}));
+        self.report.add(
+            "chaos",
+            "replicas agree on the digest afterwards (1 = yes)",
+            f64::from(u8::from(agree.is_ok())),
+            Goal::AtLeast(1.0),
+        );
+        self.report.detail(
+            "chaos",
+            json!({"load": out.summary(), "errors_by_target": out.errors_by_target, "to_ready_s": to_ready}),
+        );
         Ok(())
     }
 
@@ -458,7 +578,12 @@ impl Bench {
             })?;
             stream.stop();
             let stall = longest_stand_still(&samples);
-            self.report.add("failover", &format!("SIGKILL to every partition learning again (s), {label} membership"), stall, Goal::None);
+            self.report.add(
+                "failover",
+                &format!("SIGKILL to every partition learning again (s), {label} membership"),
+                stall,
+                Goal::None,
+            );
             rows.push(json!({"membership": label, "longest_stand_still_s": stall, "samples": samples.len()}));
         }
         self.report.detail("failover", rows);
@@ -480,15 +605,20 @@ impl Bench {
         for &(k, kind) in sizes {
             let dir = self.dir(&format!("recovery-{k}"))?;
             let broker = Broker::start(&dir)?;
-            let mut r = self.ready_replica(&dir, "r0", &broker, &[
-                ("MODEL__KIND", kind.into()),
-                // One-event records 32 in flight are noisy steps the guard
-                // may take for a divergence; its rollback would skip events.
-                ("GUARD__ENABLED", "false".into()),
-                ("TRAIN__BATCH_SIZE", "1".into()),
-                ("TRAIN__MAX_IN_FLIGHT", "32".into()),
-                ("CHECKPOINT__INTERVAL_SECS", "86400".into()),
-            ])?;
+            let mut r = self.ready_replica(
+                &dir,
+                "r0",
+                &broker,
+                &[
+                    ("MODEL__KIND", kind.into()),
+                    // One-event records 32 in flight are noisy steps the guard
+                    // may take for a divergence; its rollback would skip events.
+                    ("GUARD__ENABLED", "false".into()),
+                    ("TRAIN__BATCH_SIZE", "1".into()),
+                    ("TRAIN__MAX_IN_FLIGHT", "32".into()),
+                    ("CHECKPOINT__INTERVAL_SECS", "86400".into()),
+                ],
+            )?;
             self.stream(&dir, &broker, None, Some(16))?.finish(Duration::from_secs(60))?;
             wait_examples(&r, 16, Duration::from_secs(60))?;
             r.terminate()?; // the final checkpoint
@@ -504,16 +634,36 @@ impl Bench {
             // Its trainer may append (rejected) records while it replays, so the
             // position can pass `end`; what it learned must be exactly the same.
             anyhow::ensure!(version(&r)? >= end, "the restarted replica is behind the position it was killed at");
-            anyhow::ensure!(examples(&r) == Some(16 + k), "the restarted replica did not learn every event exactly once");
+            anyhow::ensure!(
+                examples(&r) == Some(16 + k),
+                "the restarted replica did not learn every event exactly once"
+            );
             let records = end - checkpoint;
             let goal = if k == 10_000 { Goal::AtMost(2.0) } else { Goal::None };
-            self.report.add("recovery", &format!("restart to ready (s), {records} {kind} records since checkpoint"), secs, goal);
-            self.report.add("recovery", &format!("replay rate (records/s, start-up included), {records} {kind} records"), records as f64 / secs, Goal::None);
+            self.report.add(
+                "recovery",
+                &format!("restart to ready (s), {records} {kind} records since checkpoint"),
+                secs,
+                goal,
+            );
+            self.report.add(
+                "recovery",
+                &format!("replay rate (records/s, start-up included), {records} {kind} records"),
+                records as f64 / secs,
+                Goal::None,
+            );
             // A trainer that learned before its applier caught up would append
             // records that every replica rejects; there is nothing new to learn.
             let produced = r.metrics().map_or(f64::NAN, |m| m.value("tributary_records_produced_total", ""));
-            self.report.add("recovery", &format!("records appended while replaying {records}"), produced, Goal::AtMost(0.0));
-            rows.push(json!({"model": kind, "records": records, "seconds": secs, "appended_while_replaying": produced}));
+            self.report.add(
+                "recovery",
+                &format!("records appended while replaying {records}"),
+                produced,
+                Goal::AtMost(0.0),
+            );
+            rows.push(
+                json!({"model": kind, "records": records, "seconds": secs, "appended_while_replaying": produced}),
+            );
         }
         self.report.detail("recovery", rows);
         Ok(())
@@ -521,7 +671,15 @@ impl Bench {
 }
 
 fn plan(targets: Vec<SocketAddr>, rate: Option<f64>, duration: Duration) -> Plan {
-    Plan { targets, path: PREDICT_PATH.into(), body: Bytes::from_static(PREDICT_BODY.as_bytes()), connections: CONNECTIONS, rate, duration, stop: None }
+    Plan {
+        targets,
+        path: PREDICT_PATH.into(),
+        body: Bytes::from_static(PREDICT_BODY.as_bytes()),
+        connections: CONNECTIONS,
+        rate,
+        duration,
+        stop: None,
+    }
 }
 
 fn merge(acc: &mut Option<Outcome>, out: Outcome) {
@@ -621,7 +779,9 @@ fn wait_learning(r: &Replica) -> anyhow::Result<()> {
 }
 
 fn wait_examples(r: &Replica, n: u64, limit: Duration) -> anyhow::Result<()> {
-    try_wait_for(&format!("{} to learn {n} examples (log: {})", r.id, r.log.display()), limit, || (examples(r)? >= n).then_some(()))
+    try_wait_for(&format!("{} to learn {n} examples (log: {})", r.id, r.log.display()), limit, || {
+        (examples(r)? >= n).then_some(())
+    })
 }
 
 /// Examples learned per second from the first learned batch to the `n`th

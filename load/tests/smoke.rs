@@ -21,10 +21,14 @@ fn slow_smoke_run_has_no_failed_requests() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(run.status.success(), "load run --smoke failed\n{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.path().join("report.json")).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("report.json")).unwrap()).unwrap();
     let findings = report["findings"].as_array().unwrap();
     let measured = |scenario: &str, measure: &str| {
-        findings.iter().find(|f| f["scenario"] == scenario && f["measure"].as_str().unwrap().starts_with(measure)).map(|f| f["value"].as_f64().unwrap())
+        findings
+            .iter()
+            .find(|f| f["scenario"] == scenario && f["measure"].as_str().unwrap().starts_with(measure))
+            .map(|f| f["value"].as_f64().unwrap())
     };
     assert!(measured("baseline", "hello-world requests/s").unwrap() > 0.0, "{stdout}");
     assert!(measured("predict", "requests/s, as fast").unwrap() > 0.0, "{stdout}");

@@ -151,7 +151,8 @@ impl Applier {
                 };
                 read += 1;
                 let offset = message.offset();
-                let outcome = self.state.apply(&self.model, offset, message.payload().unwrap_or(&[]), &mut self.publisher);
+                let outcome =
+                    self.state.apply(&self.model, offset, message.payload().unwrap_or(&[]), &mut self.publisher);
                 match outcome {
                     Outcome::Applied(r) => {
                         let before = self.state.examples_learned - u64::from(r.examples);
@@ -176,7 +177,13 @@ impl Applier {
                     Outcome::RollbackRejected(r, reason) => {
                         self.metrics.records_rejected.with_label_values(&[reason.as_str()]).inc();
                         warn!(offset, to = r.to, seen = r.seen, reason = reason.as_str(), producer = %r.producer, "rollback not taken");
-                        let outcome = RollbackOutcome { taken: false, rejected: Some(reason.as_str()), to: r.to, events: r.events, examples_undone: 0 };
+                        let outcome = RollbackOutcome {
+                            taken: false,
+                            rejected: Some(reason.as_str()),
+                            to: r.to,
+                            events: r.events,
+                            examples_undone: 0,
+                        };
                         self.note_rollback(offset, outcome);
                     }
                     Outcome::Rejected(r, reason) => {
@@ -188,7 +195,9 @@ impl Applier {
                                     own_rejections.push((r.partition, r.from, r.to));
                                 }
                             }
-                            None => warn!(offset = message.offset(), reason = reason.as_str(), "rejected unreadable record"),
+                            None => {
+                                warn!(offset = message.offset(), reason = reason.as_str(), "rejected unreadable record")
+                            }
                         }
                     }
                 }
@@ -281,7 +290,11 @@ impl Applier {
     /// reading on without it would leave this replica unlike the others.
     fn take_rollback(&mut self, offset: i64, r: &RollbackRecord) -> anyhow::Result<()> {
         let started = Instant::now();
-        let source = LogSource { brokers: &self.brokers, topic: &self.updates_topic, client_id: &format!("{}-replay", self.replica_id) };
+        let source = LogSource {
+            brokers: &self.brokers,
+            topic: &self.updates_topic,
+            client_id: &format!("{}-replay", self.replica_id),
+        };
         let mut delay = Duration::from_millis(200);
         let then = loop {
             match rollback::state_at(&self.model, &*self.store, &source, r.to) {
@@ -306,7 +319,10 @@ impl Applier {
             at = offset, to = r.to, events, examples_undone, reason = %r.reason, producer = %r.producer,
             ms = started.elapsed().as_millis() as u64, "rolled back"
         );
-        self.note_rollback(offset, RollbackOutcome { taken: true, rejected: None, to: r.to, events: r.events, examples_undone });
+        self.note_rollback(
+            offset,
+            RollbackOutcome { taken: true, rejected: None, to: r.to, events: r.events, examples_undone },
+        );
         Ok(())
     }
 
@@ -335,7 +351,8 @@ impl Applier {
         let (control, store) = (control.clone(), self.store.clone());
         // Choosing the snapshot lists the store: off the apply path.
         runtime.spawn(async move {
-            let to = tokio::task::spawn_blocking(move || last_good(&*store, last_healthy)).await.unwrap_or(last_healthy);
+            let to =
+                tokio::task::spawn_blocking(move || last_good(&*store, last_healthy)).await.unwrap_or(last_healthy);
             warn!(fast, baseline, last_healthy, to, position = seen, "progressive loss spiked: asking for a rollback");
             let record = RollbackRecord {
                 fingerprint,
@@ -383,7 +400,12 @@ fn save(store: &dyn Store, model: &Model, state: &State, metrics: &Metrics) -> b
     match store.save(model, state) {
         Ok(info) => {
             metrics.checkpoints.with_label_values(&["ok"]).inc();
-            info!(position = info.position, bytes = info.bytes, ms = start.elapsed().as_millis() as u64, "checkpoint written");
+            info!(
+                position = info.position,
+                bytes = info.bytes,
+                ms = start.elapsed().as_millis() as u64,
+                "checkpoint written"
+            );
             true
         }
         Err(e) => {

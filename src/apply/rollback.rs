@@ -47,7 +47,13 @@ pub fn state_at(model: &Model, store: &dyn Store, log: &LogSource, q: i64) -> an
 }
 
 /// Applies the log from `state.position` up to `until`, rollbacks included.
-pub fn replay(model: &Model, store: &dyn Store, log: &LogSource, mut state: State, until: i64) -> anyhow::Result<State> {
+pub fn replay(
+    model: &Model,
+    store: &dyn Store,
+    log: &LogSource,
+    mut state: State,
+    until: i64,
+) -> anyhow::Result<State> {
     if state.position >= until {
         return Ok(state);
     }

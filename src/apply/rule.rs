@@ -127,19 +127,21 @@ impl State {
                 Ok(()) => Outcome::RollBack(r),
                 Err(reason) => Outcome::RollbackRejected(r, reason),
             },
-            Ok(Record::Gradient(r)) => match check(model, self.watermarks.get(&r.partition).copied().unwrap_or(0), &r) {
-                Err(reason) => Outcome::Rejected(Some(r), reason),
-                Ok(()) => {
-                    if !r.gradient.is_empty() {
-                        self.optimizer.step(model.params(), &mut self.weights, &r.gradient, touch);
+            Ok(Record::Gradient(r)) => {
+                match check(model, self.watermarks.get(&r.partition).copied().unwrap_or(0), &r) {
+                    Err(reason) => Outcome::Rejected(Some(r), reason),
+                    Ok(()) => {
+                        if !r.gradient.is_empty() {
+                            self.optimizer.step(model.params(), &mut self.weights, &r.gradient, touch);
+                        }
+                        self.watermarks.insert(r.partition, r.to);
+                        self.examples_learned += u64::from(r.examples);
+                        self.examples_skipped += u64::from(r.skipped);
+                        self.loss_sum += r.loss_sum;
+                        Outcome::Applied(r)
                     }
-                    self.watermarks.insert(r.partition, r.to);
-                    self.examples_learned += u64::from(r.examples);
-                    self.examples_skipped += u64::from(r.skipped);
-                    self.loss_sum += r.loss_sum;
-                    Outcome::Applied(r)
                 }
-            },
+            }
         };
         match outcome {
             Outcome::Applied(_) | Outcome::RollBack(_) => self.records_applied += 1,
@@ -289,8 +291,15 @@ mod tests {
         step(&mut s, 1, record(&model, 0, 10, 20, 0.2));
         step(&mut s, 2, record(&model, 1, 0, 5, 0.3));
         let rollback = |to, seen, events| {
-            Record::Rollback(RollbackRecord { fingerprint: model.fingerprint(), to, seen, events, reason: "t".into(), producer: "t".into() })
-                .encode()
+            Record::Rollback(RollbackRecord {
+                fingerprint: model.fingerprint(),
+                to,
+                seen,
+                events,
+                reason: "t".into(),
+                producer: "t".into(),
+            })
+            .encode()
         };
         // Skip: learning returns to position 1, the watermarks stay.
         let Outcome::RollBack(r) = step(&mut s, 3, rollback(1, 3, EventsSince::Skip)) else { panic!("not taken") };

@@ -33,33 +33,21 @@ pub struct StalenessMeter {
 impl StalenessMeter {
     /// Starts at the state's `position`, with `examples` learned by then.
     pub fn starting_at(position: i64, examples: u64) -> StalenessMeter {
-        StalenessMeter {
-            history: VecDeque::from([(position, examples)]),
-        }
+        StalenessMeter { history: VecDeque::from([(position, examples)]) }
     }
 
     /// The staleness of a gradient computed at `base` and applied at
     /// `offset`, when `examples_before` examples were learned before it.
     pub fn measure(&self, base: i64, offset: i64, examples_before: u64) -> Staleness {
         let idx = self.history.partition_point(|&(p, _)| p <= base);
-        let at_base = self
-            .history
-            .get(idx.saturating_sub(1))
-            .map_or(examples_before, |&(_, e)| e);
-        Staleness {
-            records: (offset - base).max(0) as u64,
-            examples: examples_before.saturating_sub(at_base),
-        }
+        let at_base = self.history.get(idx.saturating_sub(1)).map_or(examples_before, |&(_, e)| e);
+        Staleness { records: (offset - base).max(0) as u64, examples: examples_before.saturating_sub(at_base) }
     }
 
     /// Notes that `examples` were learned by the records before `position`.
     /// A rollback moves the count back: the history starts over there.
     pub fn advanced(&mut self, position: i64, examples: u64) {
-        if self
-            .history
-            .back()
-            .is_some_and(|&(p, e)| p >= position || e > examples)
-        {
+        if self.history.back().is_some_and(|&(p, e)| p >= position || e > examples) {
             self.history.clear();
         }
         if self.history.len() == HISTORY {
@@ -81,29 +69,11 @@ mod tests {
             meter.advanced(position, examples);
         }
         // Computed at 11 (the weights after record 10), applied at offset 13.
-        assert_eq!(
-            meter.measure(11, 13, 1192),
-            Staleness {
-                records: 2,
-                examples: 128
-            }
-        );
+        assert_eq!(meter.measure(11, 13, 1192), Staleness { records: 2, examples: 128 });
         // Computed against the newest weights: no staleness.
-        assert_eq!(
-            meter.measure(13, 13, 1192),
-            Staleness {
-                records: 0,
-                examples: 0
-            }
-        );
+        assert_eq!(meter.measure(13, 13, 1192), Staleness { records: 0, examples: 0 });
         // Older than the history: counted from its oldest entry.
-        assert_eq!(
-            meter.measure(3, 13, 1192),
-            Staleness {
-                records: 10,
-                examples: 192
-            }
-        );
+        assert_eq!(meter.measure(3, 13, 1192), Staleness { records: 10, examples: 192 });
     }
 
     #[test]
@@ -113,12 +83,6 @@ mod tests {
         meter.advanced(2, 100);
         // Record 2 rolled back to the state at 1: 50 examples undone.
         meter.advanced(3, 50);
-        assert_eq!(
-            meter.measure(1, 3, 50),
-            Staleness {
-                records: 2,
-                examples: 0
-            }
-        );
+        assert_eq!(meter.measure(1, 3, 50), Staleness { records: 2, examples: 0 });
     }
 }

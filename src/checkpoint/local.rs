@@ -60,8 +60,8 @@ impl Store for LocalStore {
         for entry in fs::read_dir(&self.dir).map_err(io)? {
             let entry = entry.map_err(io)?;
             let name = entry.file_name();
-            let Some(position) = (name.to_str())
-                .and_then(|n| n.strip_prefix("checkpoint-")?.strip_suffix(".bin")?.parse::<i64>().ok())
+            let Some(position) =
+                (name.to_str()).and_then(|n| n.strip_prefix("checkpoint-")?.strip_suffix(".bin")?.parse::<i64>().ok())
             else {
                 continue;
             };

@@ -75,11 +75,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// The newest checkpoint at or before `at_most` (any, if `None`) that
     /// loads; corrupt ones are skipped with a warning.
-    fn load_newest(&self, model: &Model, at_most: Option<i64>) -> Result<Option<(State, CheckpointInfo)>, CheckpointError> {
+    fn load_newest(
+        &self,
+        model: &Model,
+        at_most: Option<i64>,
+    ) -> Result<Option<(State, CheckpointInfo)>, CheckpointError> {
         for info in self.list()?.into_iter().filter(|c| at_most.is_none_or(|q| c.position <= q)) {
             match self.load(model, &info) {
                 Ok(state) => return Ok(Some((state, info))),
-                Err(e @ (CheckpointError::Corrupt(_) | CheckpointError::Io { .. } | CheckpointError::Version { .. })) => {
+                Err(
+                    e @ (CheckpointError::Corrupt(_) | CheckpointError::Io { .. } | CheckpointError::Version { .. }),
+                ) => {
                     tracing::warn!(error = %e, "skipping unreadable checkpoint")
                 }
                 Err(e) => return Err(e),
@@ -311,7 +317,14 @@ pub(crate) mod tests {
             progressive_loss: None,
         };
         // Newest first; hours 3, 3, 2, 2, 1, 0 (by written time).
-        let listed = [at(60, 3 * 3600 + 50), at(50, 3 * 3600 + 10), at(40, 2 * 3600 + 30), at(30, 2 * 3600), at(20, 3700), at(10, 60)];
+        let listed = [
+            at(60, 3 * 3600 + 50),
+            at(50, 3 * 3600 + 10),
+            at(40, 2 * 3600 + 30),
+            at(30, 2 * 3600),
+            at(20, 3700),
+            at(10, 60),
+        ];
         assert_eq!(retained(&listed, 2, None), [true, true, false, false, false, false]);
         let hourly = retained(&listed, 2, Some(std::time::Duration::from_secs(3600)));
         // The newest two, then the newest of hours 2, 1 and 0.

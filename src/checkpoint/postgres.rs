@@ -62,7 +62,15 @@ impl PgStore {
                 .acquire_timeout(Duration::from_secs(5))
                 .connect_lazy_with(options.application_name("tributary"))
         };
-        Ok(PgStore { runtime, pool, name, scope, keep: keep.max(1), keep_every: (!every.is_zero()).then_some(every), migrated: Default::default() })
+        Ok(PgStore {
+            runtime,
+            pool,
+            name,
+            scope,
+            keep: keep.max(1),
+            keep_every: (!every.is_zero()).then_some(every),
+            migrated: Default::default(),
+        })
     }
 
     fn unavailable(&self, e: impl std::fmt::Display) -> CheckpointError {

@@ -25,7 +25,8 @@ impl ControlLog {
     pub async fn append(&self, r: RollbackRecord) -> anyhow::Result<i64> {
         let bytes = Record::Rollback(r).encode();
         let record: FutureRecord<'_, (), [u8]> = FutureRecord::to(&self.topic).payload(&bytes);
-        let delivery = self.producer.send_result(record).map_err(|(e, _)| anyhow::anyhow!("cannot queue the record: {e}"))?;
+        let delivery =
+            self.producer.send_result(record).map_err(|(e, _)| anyhow::anyhow!("cannot queue the record: {e}"))?;
         match tokio::time::timeout(Duration::from_secs(35), delivery).await {
             Ok(Ok(Ok(delivered))) => Ok(delivered.offset),
             Ok(Ok(Err((e, _)))) => Err(anyhow::anyhow!("the broker did not take the record: {e}")),

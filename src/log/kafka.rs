@@ -93,7 +93,13 @@ pub fn fetched_end(consumer: &BaseConsumer<impl rdkafka::consumer::ConsumerConte
     // SAFETY: a live client handle, a NUL-terminated topic name and two
     // out-parameters that outlive the call.
     let err = unsafe {
-        rdkafka_sys::rd_kafka_get_watermark_offsets(consumer.client().native_ptr(), topic.as_ptr(), 0, &mut low, &mut high)
+        rdkafka_sys::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            0,
+            &mut low,
+            &mut high,
+        )
     };
     (err == rdkafka_sys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
 }
@@ -149,11 +155,15 @@ pub async fn create_missing(
     topics: &[(&str, i32, TopicRole)],
 ) -> Result<AdminClient<DefaultClientContext>, TopicError> {
     let unreachable = |source| TopicError::Unreachable { brokers: brokers.to_string(), source };
-    let admin: AdminClient<DefaultClientContext> = base_config(brokers, "tributary-admin").create().map_err(unreachable)?;
-    let settings: Vec<Vec<(&str, String)>> = topics.iter().map(|&(_, _, role)| topic_settings(role, replication)).collect();
+    let admin: AdminClient<DefaultClientContext> =
+        base_config(brokers, "tributary-admin").create().map_err(unreachable)?;
+    let settings: Vec<Vec<(&str, String)>> =
+        topics.iter().map(|&(_, _, role)| topic_settings(role, replication)).collect();
     let wanted: Vec<NewTopic> = (topics.iter().zip(&settings))
         .map(|(&(t, p, _), settings)| {
-            settings.iter().fold(NewTopic::new(t, p, TopicReplication::Fixed(replication)), |topic, (k, v)| topic.set(k, v))
+            settings
+                .iter()
+                .fold(NewTopic::new(t, p, TopicReplication::Fixed(replication)), |topic, (k, v)| topic.set(k, v))
         })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
@@ -183,10 +193,8 @@ pub async fn ensure_topics(k: &KafkaConfig) -> Result<(), TopicError> {
     // partitions, which is not an answer yet.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let metadata = admin
-            .inner()
-            .fetch_metadata(Some(&k.updates_topic), Duration::from_secs(10))
-            .map_err(unreachable)?;
+        let metadata =
+            admin.inner().fetch_metadata(Some(&k.updates_topic), Duration::from_secs(10)).map_err(unreachable)?;
         let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len());
         match partitions {
             1 => return Ok(()),

@@ -177,10 +177,14 @@ impl Record {
                 return out;
             }
         };
-        let floats: usize = r.gradient.iter().map(|t| match &t.values {
-            GradValues::Dense(v) => v.len(),
-            GradValues::Rows { ids, values } => ids.len() + values.len(),
-        }).sum();
+        let floats: usize = r
+            .gradient
+            .iter()
+            .map(|t| match &t.values {
+                GradValues::Dense(v) => v.len(),
+                GradValues::Rows { ids, values } => ids.len() + values.len(),
+            })
+            .sum();
         let mut out = Vec::with_capacity(80 + r.producer.len() + 4 * floats + 16 * r.gradient.len());
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&[VERSION, KIND_GRADIENT]);
@@ -277,7 +281,19 @@ fn decode_gradient(r: &mut Reader) -> Result<GradientRecord, DecodeError> {
         };
         gradient.push(GradTensor { param, values });
     }
-    Ok(GradientRecord { fingerprint, partition, from, to, base, examples, skipped, loss_sum, oldest_ts, producer, gradient })
+    Ok(GradientRecord {
+        fingerprint,
+        partition,
+        from,
+        to,
+        base,
+        examples,
+        skipped,
+        loss_sum,
+        oldest_ts,
+        producer,
+        gradient,
+    })
 }
 
 struct Reader<'a> {
@@ -332,7 +348,10 @@ mod tests {
             producer: "replica-1".into(),
             gradient: vec![
                 GradTensor { param: 0, values: GradValues::Dense(vec![1.0, -2.0]) },
-                GradTensor { param: 2, values: GradValues::Rows { ids: vec![4, 9], values: vec![0.5, 0.25, 1.0, f32::NAN] } },
+                GradTensor {
+                    param: 2,
+                    values: GradValues::Rows { ids: vec![4, 9], values: vec![0.5, 0.25, 1.0, f32::NAN] },
+                },
             ],
         })
     }

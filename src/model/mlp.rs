@@ -14,7 +14,11 @@ pub(super) fn forward<B: AsRef<[f32]>>(m: &MlpIdx, w: &[B], input: &[f32]) -> f3
         x = (bias.iter().enumerate())
             .map(|(o, b)| {
                 let v = b + super::dot(&weights[o * fan_in..(o + 1) * fan_in], &x);
-                if i == last { v } else { v.max(0.0) }
+                if i == last {
+                    v
+                } else {
+                    v.max(0.0)
+                }
             })
             .collect();
     }

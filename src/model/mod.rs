@@ -54,7 +54,10 @@ pub type Buffers = Vec<Vec<f32>>;
 pub enum GradValues {
     Dense(Vec<f32>),
     /// `ids` are distinct row indices; `values` holds `ids.len() x cols`.
-    Rows { ids: Vec<u32>, values: Vec<f32> },
+    Rows {
+        ids: Vec<u32>,
+        values: Vec<f32>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -92,7 +95,11 @@ struct MlpIdx {
 enum Arch {
     Logistic(LinearIdx),
     Mlp(MlpIdx),
-    WideDeep { linear: LinearIdx, emb: Vec<usize>, mlp: MlpIdx },
+    WideDeep {
+        linear: LinearIdx,
+        emb: Vec<usize>,
+        mlp: MlpIdx,
+    },
     /// A TorchScript module: its parameters, in `named_parameters` order.
     Script(Arc<script::Script>),
 }
@@ -122,7 +129,9 @@ impl Model {
             ModelKind::WideDeep => {
                 let linear = linear_params(config, &mut add);
                 let emb = (config.sparse_fields.iter())
-                    .map(|f| add(ParamSpec::new(format!("emb.{f}"), config.buckets as usize, config.embedding_dim, true)))
+                    .map(|f| {
+                        add(ParamSpec::new(format!("emb.{f}"), config.buckets as usize, config.embedding_dim, true))
+                    })
                     .collect();
                 let input = config.dense_dim + config.sparse_fields.len() * config.embedding_dim;
                 let mlp = mlp_params(config, "deep", input, &mut add);
@@ -141,7 +150,9 @@ impl Model {
         // rejected rather than misapplied. A TorchScript module's own code
         // counts too: its file.
         let mut h = blake3::Hasher::new();
-        h.update(format!("{:?}|{:?}|{:?}|{}", config.kind, config.loss, config.sparse_fields, config.buckets).as_bytes());
+        h.update(
+            format!("{:?}|{:?}|{:?}|{}", config.kind, config.loss, config.sparse_fields, config.buckets).as_bytes(),
+        );
         for p in &params {
             h.update(format!("{}:{}x{};", p.name, p.rows, p.cols).as_bytes());
         }
@@ -200,7 +211,9 @@ impl Model {
         let out = match &self.arch {
             Arch::Logistic(l) => logistic::forward(l, w, f),
             Arch::Mlp(m) => mlp::forward(m, w, &f.dense),
-            Arch::WideDeep { linear, emb, mlp } => wide_deep::forward(linear, emb, mlp, self.config.embedding_dim, w, f),
+            Arch::WideDeep { linear, emb, mlp } => {
+                wide_deep::forward(linear, emb, mlp, self.config.embedding_dim, w, f)
+            }
             Arch::Script(s) => s.outputs(None, w, &[f]).map_or(f32::NAN, |v| v[0]),
         };
         self.link(out)
@@ -210,7 +223,12 @@ impl Model {
     /// (`None`: weights that no version names). TorchScript models run the
     /// batch as one `forward`, in an instance that already holds `version`'s
     /// weights where there is one; the others answer per instance.
-    pub fn predict_batch<B: AsRef<[f32]>>(&self, version: Option<i64>, w: &[B], batch: &[&Features]) -> Result<Vec<f32>, GradientError> {
+    pub fn predict_batch<B: AsRef<[f32]>>(
+        &self,
+        version: Option<i64>,
+        w: &[B],
+        batch: &[&Features],
+    ) -> Result<Vec<f32>, GradientError> {
         match &self.arch {
             Arch::Script(s) => Ok(s.outputs(version, w, batch)?.into_iter().map(|o| self.link(o)).collect()),
             _ => Ok(batch.iter().map(|f| self.predict(w, f)).collect()),
@@ -233,7 +251,12 @@ impl Model {
     /// The same, where `version` names `w` (a served version: equal versions,
     /// equal weights); a TorchScript model then copies `w` into its module
     /// only when the version changes. `None`: `w` is copied in each time.
-    pub fn gradient_at<B: AsRef<[f32]>>(&self, version: Option<i64>, w: &[B], batch: &[Example]) -> Result<Gradient, GradientError> {
+    pub fn gradient_at<B: AsRef<[f32]>>(
+        &self,
+        version: Option<i64>,
+        w: &[B],
+        batch: &[Example],
+    ) -> Result<Gradient, GradientError> {
         match &self.arch {
             Arch::Script(script) => script.gradient(version, w, batch),
             _ => graph::gradient(self, w, batch),

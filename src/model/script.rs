@@ -73,7 +73,11 @@ impl Instance {
         let (dense, ids) = inputs(dense_dim, fields, batch);
         let out = self.module.forward_ts(&[dense, ids]).map_err(|e| e.to_string())?;
         if out.numel() != batch.len() {
-            return Err(format!("forward returned shape {:?} for a batch of {}; it must return one value per row", out.size(), batch.len()));
+            return Err(format!(
+                "forward returned shape {:?} for a batch of {}; it must return one value per row",
+                out.size(),
+                batch.len()
+            ));
         }
         Ok(out.to_kind(Kind::Float).reshape([-1]))
     }
@@ -188,7 +192,10 @@ impl Script {
         let mut initial = Vec::new();
         for (name, t) in &named {
             if t.kind() != Kind::Float {
-                return Err(invalid(format!("parameter {name} is {:?}; tributary trains float32 parameters", t.kind())));
+                return Err(invalid(format!(
+                    "parameter {name} is {:?}; tributary trains float32 parameters",
+                    t.kind()
+                )));
             }
             let size = t.size();
             let rows = size.first().copied().unwrap_or(1).max(1) as usize;
@@ -203,7 +210,12 @@ impl Script {
         let probe = Features { dense: vec![1.0; config.dense_dim], ids: vec![vec![last]; fields] };
         let _ = guarded(|| instance.forward(config.dense_dim, fields, &[&probe, &probe]))
             .map_err(|e| invalid(e.to_string()))?
-            .map_err(|e| invalid(format!("forward(dense [2, {}], ids [2, {fields}, 1] = bucket {last}) failed: {e}", config.dense_dim)))?;
+            .map_err(|e| {
+                invalid(format!(
+                    "forward(dense [2, {}], ids [2, {fields}, 1] = bucket {last}) failed: {e}",
+                    config.dense_dim
+                ))
+            })?;
         let script = Script {
             path,
             bytes,
@@ -220,7 +232,12 @@ impl Script {
     /// The gradient of `batch` at weights `w`, which `version` names (see
     /// [`Script::outputs`]): the trainer's batches between two swaps share
     /// a version, and the weights are copied in once for all of them.
-    pub(super) fn gradient<B: AsRef<[f32]>>(&self, version: Option<i64>, w: &[B], batch: &[Example]) -> Result<Gradient, GradientError> {
+    pub(super) fn gradient<B: AsRef<[f32]>>(
+        &self,
+        version: Option<i64>,
+        w: &[B],
+        batch: &[Example],
+    ) -> Result<Gradient, GradientError> {
         if batch.is_empty() {
             return Err(GradientError::Empty);
         }
@@ -255,7 +272,12 @@ impl Script {
     /// Raw outputs for `batch` under weights `w`. `version` names the
     /// weights (a served version): an instance that holds them already is
     /// used as it is. `None`: the weights are copied in for this call.
-    pub(super) fn outputs<B: AsRef<[f32]>>(&self, version: Option<i64>, w: &[B], batch: &[&Features]) -> Result<Vec<f32>, GradientError> {
+    pub(super) fn outputs<B: AsRef<[f32]>>(
+        &self,
+        version: Option<i64>,
+        w: &[B],
+        batch: &[&Features],
+    ) -> Result<Vec<f32>, GradientError> {
         let mut pool = self.serve.lock().unwrap_or_else(|e| e.into_inner());
         let at = match pool.iter().position(|(v, _)| version.is_some() && *v == version) {
             Some(i) => i,
@@ -281,7 +303,8 @@ impl Script {
         pool.push(entry);
         let (_, instance) = pool.last().expect("just pushed");
         guarded(|| {
-            let out = tch::no_grad(|| instance.forward(self.dense_dim, self.fields, batch)).map_err(GradientError::Torch)?;
+            let out =
+                tch::no_grad(|| instance.forward(self.dense_dim, self.fields, batch)).map_err(GradientError::Torch)?;
             let mut values = vec![0f32; batch.len()];
             out.copy_data(&mut values, batch.len());
             Ok(values)

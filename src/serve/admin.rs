@@ -59,7 +59,8 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 /// Ok if `headers` carry `Authorization: Bearer <token>`; else the 401
 /// answer, which names the `kind` of token (admin, ingest) it wanted.
 pub(super) fn check_bearer(headers: &HeaderMap, token: &str, kind: &str) -> Result<(), Response> {
-    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let given =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     if given.is_some_and(|t| same_secret(t.trim().as_bytes(), token.as_bytes())) {
         return Ok(());
     }
@@ -67,7 +68,8 @@ pub(super) fn check_bearer(headers: &HeaderMap, token: &str, kind: &str) -> Resu
         Some(_) => format!("wrong {kind} token"),
         None => format!("an {kind} token is required: Authorization: Bearer <token>"),
     };
-    Err((StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], Json(json!({ "error": why }))).into_response())
+    Err((StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], Json(json!({ "error": why })))
+        .into_response())
 }
 
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Arc<Admin>, Response> {
@@ -108,7 +110,12 @@ pub async fn rollback(
     }
 }
 
-async fn roll_back(state: AppState, admin: Arc<Admin>, model: String, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn roll_back(
+    state: AppState,
+    admin: Arc<Admin>,
+    model: String,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     check_model(&state, &model)?;
     let body = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let request: RollbackRequest = serde_json::from_slice(&body).map_err(|e| {
@@ -127,9 +134,13 @@ async fn roll_back(state: AppState, admin: Arc<Admin>, model: String, body: Resu
         }
         Target::Named(name) if name == "last_good" => {
             let store = admin.store.clone();
-            tokio::task::spawn_blocking(move || last_good(&*store, last_healthy)).await.map_err(|e| ApiError::Internal(e.to_string()))?
+            tokio::task::spawn_blocking(move || last_good(&*store, last_healthy))
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?
         }
-        Target::Named(name) => return Err(ApiError::BadRequest(format!("to_version {name:?}: a version number or \"last_good\""))),
+        Target::Named(name) => {
+            return Err(ApiError::BadRequest(format!("to_version {name:?}: a version number or \"last_good\"")))
+        }
     };
     let record = RollbackRecord {
         fingerprint: admin.fingerprint,

@@ -104,7 +104,11 @@ pub struct EventsRejected {
         (status = 503, description = "The broker did not take some events; resend those with an error", body = EventsAccepted),
     )
 )]
-pub async fn ingest(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn ingest(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let Some(sink) = state.events.clone() else {
         return ApiError::NotFound("event ingestion is off (http.ingest = false)".into()).into_response();
     };
@@ -116,7 +120,11 @@ pub async fn ingest(State(state): State<AppState>, headers: HeaderMap, body: Res
     produce(&state, &sink, body).await.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn produce(state: &AppState, sink: &EventSink, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn produce(
+    state: &AppState,
+    sink: &EventSink,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let body = body_bytes(state, body)?;
     let request: EventsRequest =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))?;

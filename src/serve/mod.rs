@@ -135,7 +135,10 @@ struct BearerAuth;
 impl Modify for BearerAuth {
     fn modify(&self, doc: &mut OpenApiDoc) {
         let components = doc.components.get_or_insert_with(Default::default);
-        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
     }
 }
 
@@ -370,7 +373,11 @@ async fn predict(
 }
 
 /// Predictions for `instances` (JSON instances, checked against the model).
-fn predict_instances(state: &AppState, snap: &crate::serving::Snapshot, instances: Vec<Value>) -> Result<Vec<f32>, ApiError> {
+fn predict_instances(
+    state: &AppState,
+    snap: &crate::serving::Snapshot,
+    instances: Vec<Value>,
+) -> Result<Vec<f32>, ApiError> {
     let n = instances.len();
     if n == 0 {
         return Err(ApiError::BadRequest("instances is empty".into()));
@@ -380,10 +387,13 @@ fn predict_instances(state: &AppState, snap: &crate::serving::Snapshot, instance
     }
     let featurizer = snap.model.featurizer();
     let features = (instances.into_iter().enumerate())
-        .map(|(i, instance)| featurizer.instance(instance).map_err(|e| ApiError::BadRequest(format!("instances[{i}]: {e}"))))
+        .map(|(i, instance)| {
+            featurizer.instance(instance).map_err(|e| ApiError::BadRequest(format!("instances[{i}]: {e}")))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let batch: Vec<&crate::event::Features> = features.iter().collect();
-    (snap.model.predict_batch(Some(snap.position), &snap.weights, &batch)).map_err(|e| ApiError::Internal(format!("the model failed: {e}")))
+    (snap.model.predict_batch(Some(snap.position), &snap.weights, &batch))
+        .map_err(|e| ApiError::Internal(format!("the model failed: {e}")))
 }
 
 #[cfg(test)]

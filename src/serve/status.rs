@@ -81,8 +81,15 @@ impl History {
     /// Records the state now.
     pub fn sample(&self, serving: &Serving, metrics: &Metrics) {
         let snap = serving.load();
-        let lag = metrics.consumer_lag.collect().iter().flat_map(|f| f.get_metric()).map(|m| m.get_gauge().get_value() as i64).sum();
-        let (freshness, staleness) = (cumulative_buckets(&metrics.freshness), cumulative_buckets(&metrics.staleness_records));
+        let lag = metrics
+            .consumer_lag
+            .collect()
+            .iter()
+            .flat_map(|f| f.get_metric())
+            .map(|m| m.get_gauge().get_value() as i64)
+            .sum();
+        let (freshness, staleness) =
+            (cumulative_buckets(&metrics.freshness), cumulative_buckets(&metrics.staleness_records));
         let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let mut recent = self.inner.lock().expect("history lock");
         let freshness_p99 = quantile_of_increase(0.99, &recent.freshness_buckets, &freshness);
@@ -127,7 +134,8 @@ impl History {
 /// `histogram_quantile` does; `None` without observations.
 fn quantile_of_increase(q: f64, before: &[(f64, u64)], now: &[(f64, u64)]) -> Option<f64> {
     let count_before = |i: usize| before.get(i).map_or(0, |b| b.1);
-    let increase: Vec<(f64, u64)> = now.iter().enumerate().map(|(i, &(le, c))| (le, c.saturating_sub(count_before(i)))).collect();
+    let increase: Vec<(f64, u64)> =
+        now.iter().enumerate().map(|(i, &(le, c))| (le, c.saturating_sub(count_before(i)))).collect();
     // The last bucket is +Inf: its count is the total.
     let total = increase.last()?.1;
     if total == 0 {

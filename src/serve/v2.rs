@@ -88,16 +88,27 @@ pub struct ModelMetadata {
 #[utoipa::path(get, path = "/v2/models/{model}", tag = "kserve-v2",
     params(("model" = String, Path, description = "The model name", example = "default")),
     responses((status = 200, body = ModelMetadata), (status = 404, body = ErrorBody)))]
-pub async fn model_metadata(State(state): State<AppState>, Path(model): Path<String>) -> Result<Json<ModelMetadata>, ApiError> {
+pub async fn model_metadata(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<ModelMetadata>, ApiError> {
     check_model(&state, &model)?;
     let snap = state.serving.load();
     let c = snap.model.config();
-    let mut inputs = vec![TensorMetadata { name: "dense".into(), datatype: "FP32", shape: vec![-1, c.dense_dim as i64] }];
-    inputs.extend(c.sparse_fields.iter().map(|f| TensorMetadata { name: f.clone(), datatype: "BYTES", shape: vec![-1, -1] }));
+    let mut inputs =
+        vec![TensorMetadata { name: "dense".into(), datatype: "FP32", shape: vec![-1, c.dense_dim as i64] }];
+    inputs.extend(c.sparse_fields.iter().map(|f| TensorMetadata {
+        name: f.clone(),
+        datatype: "BYTES",
+        shape: vec![-1, -1],
+    }));
     Ok(Json(ModelMetadata {
         name: model,
         versions: vec![snap.position.to_string()],
-        platform: format!("tributary_{}", serde_json::to_value(c.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()),
+        platform: format!(
+            "tributary_{}",
+            serde_json::to_value(c.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+        ),
         inputs,
         outputs: vec![TensorMetadata { name: "predictions".into(), datatype: "FP32", shape: vec![-1] }],
     }))
@@ -199,13 +210,25 @@ fn instances(inputs: &[InferInput], dense_dim: usize, fields: &[String]) -> Resu
     for input in inputs {
         let data = flatten(&input.data);
         let name = &input.name;
-        let dims: Vec<usize> = input.shape.iter().map(|&d| usize::try_from(d)).collect::<Result<_, _>>()
+        let dims: Vec<usize> = input
+            .shape
+            .iter()
+            .map(|&d| usize::try_from(d))
+            .collect::<Result<_, _>>()
             .map_err(|_| bad(format!("input {name:?}: shape {:?} has a negative dimension", input.shape)))?;
         if dims.first() != Some(&rows) {
-            return Err(bad(format!("input {name:?}: shape {:?}; every input's first dimension is the batch size {rows}", input.shape)));
+            return Err(bad(format!(
+                "input {name:?}: shape {:?}; every input's first dimension is the batch size {rows}",
+                input.shape
+            )));
         }
         if dims.iter().product::<usize>() != data.len() {
-            return Err(bad(format!("input {name:?}: shape {:?} holds {} values, data has {}", input.shape, dims.iter().product::<usize>(), data.len())));
+            return Err(bad(format!(
+                "input {name:?}: shape {:?} holds {} values, data has {}",
+                input.shape,
+                dims.iter().product::<usize>(),
+                data.len()
+            )));
         }
         let width = data.len().checked_div(rows).unwrap_or(0);
         let per_row = |row: usize| &data[row * width..(row + 1) * width];
@@ -225,7 +248,8 @@ fn instances(inputs: &[InferInput], dense_dim: usize, fields: &[String]) -> Resu
                 return Err(bad(format!("input {name:?}: shape {:?}; use [N] or [N, K]", input.shape)));
             }
             let bags = (0..rows).map(|r| {
-                let bag: Vec<Value> = per_row(r).iter().filter(|v| v.as_str() != Some("")).map(|v| (*v).clone()).collect();
+                let bag: Vec<Value> =
+                    per_row(r).iter().filter(|v| v.as_str() != Some("")).map(|v| (*v).clone()).collect();
                 Value::Array(bag)
             });
             sparse.insert(name, bags.collect());
@@ -239,7 +263,8 @@ fn instances(inputs: &[InferInput], dense_dim: usize, fields: &[String]) -> Resu
             if let Some(d) = &dense {
                 instance.insert("dense".into(), d[r].clone());
             }
-            let bags: serde_json::Map<String, Value> = sparse.iter().map(|(f, bags)| (f.to_string(), bags[r].clone())).collect();
+            let bags: serde_json::Map<String, Value> =
+                sparse.iter().map(|(f, bags)| (f.to_string(), bags[r].clone())).collect();
             instance.insert("sparse".into(), Value::Object(bags));
             Value::Object(instance)
         })
@@ -269,7 +294,13 @@ mod tests {
             input(json!({"name": "tags", "shape": [2, 2], "datatype": "BYTES", "data": [["a", "b"], ["c", ""]]})),
         ];
         let got = instances(&inputs, 2, &["tags".into()]).unwrap();
-        assert_eq!(got, vec![json!({"dense": [1, 2], "sparse": {"tags": ["a", "b"]}}), json!({"dense": [3, 4], "sparse": {"tags": ["c"]}})]);
+        assert_eq!(
+            got,
+            vec![
+                json!({"dense": [1, 2], "sparse": {"tags": ["a", "b"]}}),
+                json!({"dense": [3, 4], "sparse": {"tags": ["c"]}})
+            ]
+        );
     }
 
     #[test]

@@ -365,7 +365,9 @@ impl Trainer {
     /// are in flight.
     fn send_waiting(&mut self, id: i32) {
         let k = self.config.max_in_flight;
-        while let Some(batch) = self.partitions.get_mut(&id).filter(|p| p.in_flight.len() < k).and_then(|p| p.waiting.pop_front()) {
+        while let Some(batch) =
+            self.partitions.get_mut(&id).filter(|p| p.in_flight.len() < k).and_then(|p| p.waiting.pop_front())
+        {
             if let Err(batch) = self.send(id, batch) {
                 // Nothing was sent: keep the batch, try again at the next tick.
                 self.partitions.get_mut(&id).expect("owned").waiting.push_front(batch);
@@ -393,10 +395,16 @@ impl Trainer {
         // The applier would reject this record, and a retry would compute the
         // same gradient: skip the batch instead, so the partition moves on.
         let max_norm = self.model.config().max_grad_norm;
-        if let Err(reason) = check_gradient(self.model.params(), max_norm, &gradient.tensors).and_then(|()| {
-            gradient.loss_sum.is_finite().then_some(()).ok_or(crate::apply::rule::Reject::NonFinite)
-        }) {
-            warn!(partition = id, from = p.next_from, to = batch.to, reason = reason.as_str(), "gradient refused; batch skipped");
+        if let Err(reason) = check_gradient(self.model.params(), max_norm, &gradient.tensors)
+            .and_then(|()| gradient.loss_sum.is_finite().then_some(()).ok_or(crate::apply::rule::Reject::NonFinite))
+        {
+            warn!(
+                partition = id,
+                from = p.next_from,
+                to = batch.to,
+                reason = reason.as_str(),
+                "gradient refused; batch skipped"
+            );
             skipped += examples;
             examples = 0;
             gradient = Gradient::default();

@@ -46,7 +46,12 @@ pub fn app(kind: ModelKind) -> axum::Router {
 }
 
 pub async fn call(app: &axum::Router, method: &str, uri: &str, body: impl Into<Body>) -> (StatusCode, Value, String) {
-    let request = Request::builder().method(method).uri(uri).header("content-type", "application/json").body(body.into()).unwrap();
+    let request = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json")
+        .body(body.into())
+        .unwrap();
     let response = app.clone().oneshot(request).await.unwrap();
     let status = response.status();
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
@@ -88,7 +93,12 @@ async fn model_info_health_ready_and_metrics() {
     let (status, _, text) = call(&app, "GET", "/metrics", Body::empty()).await;
     assert_eq!(status, StatusCode::OK);
     assert!(text.contains("tributary_model_version"), "{text}");
-    assert!(text.contains(r#"tributary_http_requests_total{method="POST",route="/v1/models/{model}",status="400",replica="test"} 1"#), "{text}");
+    assert!(
+        text.contains(
+            r#"tributary_http_requests_total{method="POST",route="/v1/models/{model}",status="400",replica="test"} 1"#
+        ),
+        "{text}"
+    );
     assert!(text.contains("tributary_http_request_duration_seconds_bucket"), "{text}");
 }
 
@@ -100,17 +110,59 @@ async fn bad_input_gets_a_4xx_json_error_that_says_what_is_wrong() {
         ("POST", PREDICT, b"{\"instances\": [".to_vec(), StatusCode::BAD_REQUEST, "EOF"),
         ("POST", PREDICT, vec![0xff, 0xfe, 0x00, 0x13], StatusCode::BAD_REQUEST, "invalid request body"),
         ("POST", PREDICT, one(r#"{"dense": [NaN, 1]}"#).into_bytes(), StatusCode::BAD_REQUEST, "invalid request body"),
-        ("POST", PREDICT, one(r#"{"dense": [1]}"#).into_bytes(), StatusCode::BAD_REQUEST, "instances[0]: dense has 1 values, the model expects 2"),
-        ("POST", PREDICT, one(r#"{"dense": [1, 1e39]}"#).into_bytes(), StatusCode::BAD_REQUEST, "instances[0]: dense[1] is not a finite number"),
+        (
+            "POST",
+            PREDICT,
+            one(r#"{"dense": [1]}"#).into_bytes(),
+            StatusCode::BAD_REQUEST,
+            "instances[0]: dense has 1 values, the model expects 2",
+        ),
+        (
+            "POST",
+            PREDICT,
+            one(r#"{"dense": [1, 1e39]}"#).into_bytes(),
+            StatusCode::BAD_REQUEST,
+            "instances[0]: dense[1] is not a finite number",
+        ),
         ("POST", PREDICT, one(r#"{"dense": ["a", 1]}"#).into_bytes(), StatusCode::BAD_REQUEST, "instances[0]"),
-        ("POST", PREDICT, one(r#"{"dense": [1, 2], "sparse": {"city": "x"}}"#).into_bytes(), StatusCode::BAD_REQUEST, "unknown sparse field \"city\""),
-        ("POST", PREDICT, one(r#"{"dense": [1, 2], "sparse": {"tags": 7}}"#).into_bytes(), StatusCode::BAD_REQUEST, "string or an array"),
+        (
+            "POST",
+            PREDICT,
+            one(r#"{"dense": [1, 2], "sparse": {"city": "x"}}"#).into_bytes(),
+            StatusCode::BAD_REQUEST,
+            "unknown sparse field \"city\"",
+        ),
+        (
+            "POST",
+            PREDICT,
+            one(r#"{"dense": [1, 2], "sparse": {"tags": 7}}"#).into_bytes(),
+            StatusCode::BAD_REQUEST,
+            "string or an array",
+        ),
         ("POST", PREDICT, b"{}".to_vec(), StatusCode::BAD_REQUEST, "missing field `instances`"),
         ("POST", PREDICT, br#"{"instances": []}"#.to_vec(), StatusCode::BAD_REQUEST, "instances is empty"),
-        ("POST", PREDICT, format!(r#"{{"instances": [{}]}}"#, [r#"{"dense":[1,2]}"#; 5].join(",")).into_bytes(), StatusCode::BAD_REQUEST, "at most 4"),
+        (
+            "POST",
+            PREDICT,
+            format!(r#"{{"instances": [{}]}}"#, [r#"{"dense":[1,2]}"#; 5].join(",")).into_bytes(),
+            StatusCode::BAD_REQUEST,
+            "at most 4",
+        ),
         ("POST", PREDICT, vec![b' '; 5000], StatusCode::PAYLOAD_TOO_LARGE, "larger than 4096 bytes"),
-        ("POST", "/v1/models/other:predict", one(r#"{"dense": [1, 2]}"#).into_bytes(), StatusCode::NOT_FOUND, "model \"other\" not found"),
-        ("POST", "/v1/models/default:explain", one(r#"{"dense": [1, 2]}"#).into_bytes(), StatusCode::NOT_FOUND, "unknown verb"),
+        (
+            "POST",
+            "/v1/models/other:predict",
+            one(r#"{"dense": [1, 2]}"#).into_bytes(),
+            StatusCode::NOT_FOUND,
+            "model \"other\" not found",
+        ),
+        (
+            "POST",
+            "/v1/models/default:explain",
+            one(r#"{"dense": [1, 2]}"#).into_bytes(),
+            StatusCode::NOT_FOUND,
+            "unknown verb",
+        ),
         ("GET", "/v1/models/other", Vec::new(), StatusCode::NOT_FOUND, "not found"),
         ("GET", "/nope", Vec::new(), StatusCode::NOT_FOUND, "no such route"),
         ("DELETE", "/healthz", Vec::new(), StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),

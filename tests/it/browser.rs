@@ -41,7 +41,11 @@ fn posted_events_are_produced_and_learned_once_each() {
     let learned: BTreeMap<String, u64> = watermarks(&info).into_iter().filter(|(_, v)| *v > 0).collect();
     assert_eq!(learned, ends);
     let text = r.metrics();
-    assert_eq!(crate::helpers::metric(&text, "tributary_events_ingested_total", r#"result="produced""#), 600.0, "{text}");
+    assert_eq!(
+        crate::helpers::metric(&text, "tributary_events_ingested_total", r#"result="produced""#),
+        600.0,
+        "{text}"
+    );
 }
 
 #[test]
@@ -72,7 +76,14 @@ fn status_page_draws_every_chart_with_data_in_chromium() {
 
 fn check_status_page(browser: &Browser, r: &crate::helpers::Replica) {
     browser.open(&format!("http://{}/", r.http));
-    let charts = ["model_version", "events_per_sec", "lag", "freshness_p99_seconds", "staleness_p99_records", "progressive_logloss"];
+    let charts = [
+        "model_version",
+        "events_per_sec",
+        "lag",
+        "freshness_p99_seconds",
+        "staleness_p99_records",
+        "progressive_logloss",
+    ];
     // The page polls every 2 s and the replica samples every second: wait
     // until every chart has drawn at least three points.
     let read = || {
@@ -93,14 +104,18 @@ fn check_status_page(browser: &Browser, r: &crate::helpers::Replica) {
         assert_eq!(polyline.split(' ').count() as u64, drawn[c][0].as_u64().unwrap(), "{c}: {polyline}");
         assert!(polyline.split([' ', ',']).all(|n| n.parse::<f64>().is_ok_and(f64::is_finite)), "{c}: {polyline}");
     }
-    let header = || browser.eval("return ['replica', 'ready', 'now-model_version', 'now-progressive_logloss'].map(id => document.getElementById(id).textContent)");
+    let header = || {
+        browser.eval("return ['replica', 'ready', 'now-model_version', 'now-progressive_logloss'].map(id => document.getElementById(id).textContent)")
+    };
     let first = header();
     assert_eq!((first[0].as_str(), first[1].as_str()), (Some("r0"), Some("ready")), "{first}");
     let loss: f64 = first[3].as_str().unwrap().parse().unwrap();
     assert!(loss > 0.0 && loss < 1.0, "{first}");
     // Live: the shown version moves on while events flow.
     let version = |v: &Value| v[2].as_str().unwrap().replace(',', "").parse::<i64>().unwrap();
-    wait_for("the page to show a newer model version", Duration::from_secs(20), || (version(&header()) > version(&first)).then_some(()));
+    wait_for("the page to show a newer model version", Duration::from_secs(20), || {
+        (version(&header()) > version(&first)).then_some(())
+    });
 }
 
 fn now_ms() -> i64 {
@@ -134,8 +149,15 @@ impl Browser {
         // home on (closed here) and out of the machine's profile.
         let profile = dir.join("chromium-profile");
         let args = [
-            "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-            "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
             &format!("--user-data-dir={}", profile.display()),
         ];
         let capabilities = json!({"capabilities": {"alwaysMatch": {
@@ -143,7 +165,8 @@ impl Browser {
             "goog:chromeOptions": {"binary": "/usr/bin/chromium", "args": args},
         }}});
         let created: Value = http.post(format!("{base}/session")).json(&capabilities).send().unwrap().json().unwrap();
-        let session = created["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no session: {created}")).to_string();
+        let session =
+            created["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no session: {created}")).to_string();
         Browser { driver, base, session, http }
     }
 

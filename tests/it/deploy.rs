@@ -71,7 +71,11 @@ fn prometheus_scrapes_every_replica_of_the_compose_file() {
     for r in &replicas {
         assert!(prometheus.contains(&format!("\"{r}:8080\"")), "prometheus.yml does not scrape {r}");
     }
-    assert_eq!(prometheus.matches(":8080\"").count(), replicas.len(), "prometheus.yml scrapes a target that is not a replica");
+    assert_eq!(
+        prometheus.matches(":8080\"").count(),
+        replicas.len(),
+        "prometheus.yml scrapes a target that is not a replica"
+    );
 }
 
 #[test]
@@ -151,12 +155,19 @@ fn the_container_health_check_passes_while_a_replica_runs_and_fails_after() {
     r.kill();
     let dead = check();
     assert!(!dead.status.success());
-    assert!(String::from_utf8_lossy(&dead.stderr).contains("cannot connect"), "{}", String::from_utf8_lossy(&dead.stderr));
+    assert!(
+        String::from_utf8_lossy(&dead.stderr).contains("cannot connect"),
+        "{}",
+        String::from_utf8_lossy(&dead.stderr)
+    );
 }
 
 /// `promtool` (Debian's `prometheus` package; scripts/setup installs it).
 fn promtool(args: &[&str]) -> String {
-    let out = Command::new("promtool").args(args).output().expect("promtool (Debian's prometheus package; scripts/setup installs it)");
+    let out = Command::new("promtool")
+        .args(args)
+        .output()
+        .expect("promtool (Debian's prometheus package; scripts/setup installs it)");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "promtool {args:?}: {text}");
     text
@@ -178,7 +189,10 @@ fn dashboard_queries_are_valid_promql() {
     for panel in dashboard["panels"].as_array().unwrap() {
         for target in panel["targets"].as_array().unwrap() {
             let expr = target["expr"].as_str().unwrap();
-            rules += &format!("      - record: dashboard:query{n}\n        expr: {}\n", serde_json::to_string(expr).unwrap());
+            rules += &format!(
+                "      - record: dashboard:query{n}\n        expr: {}\n",
+                serde_json::to_string(expr).unwrap()
+            );
             n += 1;
         }
     }

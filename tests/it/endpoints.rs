@@ -84,7 +84,10 @@ async fn kserve_v2_infer_matches_v1_predict() {
     assert_eq!(out["model_name"], "default");
     assert_eq!(out["model_version"], "0");
     let o = &out["outputs"][0];
-    assert_eq!((o["name"].as_str(), o["datatype"].as_str(), &o["shape"]), (Some("predictions"), Some("FP32"), &json!([2])));
+    assert_eq!(
+        (o["name"].as_str(), o["datatype"].as_str(), &o["shape"]),
+        (Some("predictions"), Some("FP32"), &json!([2]))
+    );
     assert_eq!(o["data"], v1["predictions"], "V2 {text} vs V1 {v1}");
 
     let (status, meta, _) = call(&app, "GET", "/v2/models/default", Body::empty()).await;
@@ -115,8 +118,12 @@ async fn posted_events_are_validated_whole_before_anything_is_produced() {
     let (status, v, text) = call(&app, "POST", "/v1/events", batch.to_string()).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{text}");
     assert_eq!(v["error"], "3 of 4 events are invalid; none was produced");
-    let invalid: Vec<(u64, &str)> =
-        v["invalid"].as_array().unwrap().iter().map(|e| (e["index"].as_u64().unwrap(), e["reason"].as_str().unwrap())).collect();
+    let invalid: Vec<(u64, &str)> = v["invalid"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["index"].as_u64().unwrap(), e["reason"].as_str().unwrap()))
+        .collect();
     assert_eq!(invalid, [(1, "dense_length"), (2, "label_range"), (3, "json")], "{text}");
     assert!(v["invalid"][0]["error"].as_str().unwrap().contains("dense has 1 values"), "{text}");
 
@@ -176,9 +183,20 @@ async fn status_reports_the_sampled_history() {
     }
     let (status, v, text) = call(&router(s), "GET", "/v1/status", Body::empty()).await;
     assert_eq!(status, StatusCode::OK, "{text}");
-    assert_eq!((v["replica"].as_str(), v["model"].as_str(), v["kind"].as_str()), (Some("test"), Some("default"), Some("logistic")));
+    assert_eq!(
+        (v["replica"].as_str(), v["model"].as_str(), v["kind"].as_str()),
+        (Some("test"), Some("default"), Some("logistic"))
+    );
     let h = &v["history"];
-    for series in ["unix_ms", "model_version", "events_per_sec", "lag", "freshness_p99_seconds", "staleness_p99_records", "progressive_logloss"] {
+    for series in [
+        "unix_ms",
+        "model_version",
+        "events_per_sec",
+        "lag",
+        "freshness_p99_seconds",
+        "staleness_p99_records",
+        "progressive_logloss",
+    ] {
         assert_eq!(h[series].as_array().map(Vec::len), Some(3), "{series}: {text}");
     }
     let page = call(&app(ModelKind::Logistic), "GET", "/", Body::empty()).await.2;

@@ -16,7 +16,11 @@ use crate::helpers::*;
 const LEARN_LIMIT: Duration = Duration::from_secs(120);
 
 fn pg_store(cluster: &Cluster, url: &str) -> PgStore {
-    let scope = Scope { model: cluster.config.model.name.clone(), log: cluster.config.kafka.updates_topic.clone(), writer: "test".into() };
+    let scope = Scope {
+        model: cluster.config.model.name.clone(),
+        log: cluster.config.kafka.updates_topic.clone(),
+        writer: "test".into(),
+    };
     PgStore::open(url, scope, 3, Duration::ZERO).unwrap()
 }
 
@@ -107,7 +111,9 @@ fn slow_postgres_unreachable_during_training_loses_nothing() {
     r.wait_ready();
     cluster.produce(2000, 1);
     r.wait_learned(2000, LEARN_LIMIT);
-    let saved = |r: &Replica, result: &str| metric(&r.metrics(), "tributary_checkpoints_total", &format!("result=\"{result}\""));
+    let saved = |r: &Replica, result: &str| {
+        metric(&r.metrics(), "tributary_checkpoints_total", &format!("result=\"{result}\""))
+    };
     wait_for("a checkpoint in PostgreSQL", Duration::from_secs(30), || (saved(&r, "ok") >= 1.0).then_some(()));
 
     proxy.cut();

@@ -82,7 +82,12 @@ fn zombie_records_for_the_same_range_are_applied_once_everywhere() {
     let producer: BaseProducer = kafka::producer_config(&cluster.config.kafka.brokers, "zombies").create().unwrap();
     // The live trainer and a zombie that lost the partition both send [0, 10);
     // then the zombie goes on with [0, 20) and the live one with [10, 20).
-    for bytes in [record("live", 0, 10, 0.1), record("zombie", 0, 10, 0.3), record("zombie", 0, 20, 0.3), record("live", 10, 20, 0.1)] {
+    for bytes in [
+        record("live", 0, 10, 0.1),
+        record("zombie", 0, 10, 0.3),
+        record("zombie", 0, 20, 0.3),
+        record("live", 10, 20, 0.1),
+    ] {
         producer.send(BaseRecord::<(), _>::to(&cluster.config.kafka.updates_topic).payload(&bytes)).unwrap();
         producer.flush(Duration::from_secs(10)).unwrap();
     }
@@ -159,7 +164,10 @@ fn slow_three_replicas_survive_a_sigkill_with_no_failed_prediction() {
     cluster.produce(4000, 1);
     wait_for("a checkpoint of r2", Duration::from_secs(60), || {
         let learned = replicas[2].info()?["examples_learned"].as_u64()? > 0;
-        let saved = std::fs::read_dir(&replicas[2].state_dir).ok()?.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".bin"));
+        let saved = std::fs::read_dir(&replicas[2].state_dir)
+            .ok()?
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".bin"));
         (learned && saved).then_some(())
     });
     replicas[2].kill();
@@ -223,7 +231,11 @@ fn bad_events_go_to_the_dead_letter_topic_and_every_good_one_is_learned_once() {
         (br#"{"dense":[1,2,3],"label":1}"#.to_vec(), "dense_length"),
         (format!(r#"{{"dense":{},"label":1}}"#, dense("1e39")).into_bytes(), "non_finite"),
         (format!(r#"{{"dense":{},"label":7}}"#, dense("1")).into_bytes(), "label_range"),
-        (format!(r#"{{"dense":{},"label":1,"sparse":{{"f0":"{}"}}}}"#, dense("1"), "x".repeat(256 << 10)).into_bytes(), "event_too_large"),
+        (
+            format!(r#"{{"dense":{},"label":1,"sparse":{{"f0":"{}"}}}}"#, dense("1"), "x".repeat(256 << 10))
+                .into_bytes(),
+            "event_too_large",
+        ),
     ];
     // Good events with a bad one every hundred, over all partitions.
     let mut synthetic = tributary::synthetic::Synthetic::new(&cluster.config.model, 3);
@@ -254,7 +266,10 @@ fn bad_events_go_to_the_dead_letter_topic_and_every_good_one_is_learned_once() {
                 String::from_utf8(h.value.unwrap().to_vec()).unwrap()
             };
             assert_eq!(header("tributary.topic"), k.events_topic);
-            assert_eq!(m.key(), Some(format!("{}:{}", header("tributary.partition"), header("tributary.offset")).as_bytes()));
+            assert_eq!(
+                m.key(),
+                Some(format!("{}:{}", header("tributary.partition"), header("tributary.offset")).as_bytes())
+            );
             letters.push((m.payload().unwrap().to_vec(), header("tributary.reason_kind"), header("tributary.reason")));
         }
         (letters.len() >= bad.len()).then_some(())

@@ -64,7 +64,10 @@ impl Cluster {
         config.checkpoint.interval_secs = 2;
         config.train.batch_size = 64;
         let cluster = Cluster { dir, brokers, config };
-        tokio::runtime::Runtime::new().unwrap().block_on(tributary::log::kafka::ensure_topics(&cluster.config.kafka)).unwrap();
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(tributary::log::kafka::ensure_topics(&cluster.config.kafka))
+            .unwrap();
         cluster
     }
 
@@ -77,7 +80,8 @@ impl Cluster {
         let model = tributary::model::Model::new(&self.config.model);
         let labels = lines.iter().map(|l| model.featurizer().event(l.as_bytes()).unwrap().label).collect();
         let k = &self.config.kafka;
-        let report = tributary::ingest::produce(k, &k.events_topic, model.featurizer(), Cursor::new(lines.join("\n"))).unwrap();
+        let report =
+            tributary::ingest::produce(k, &k.events_topic, model.featurizer(), Cursor::new(lines.join("\n"))).unwrap();
         assert_eq!((report.produced, report.failed, report.invalid), (n as u64, 0, 0));
         labels
     }
@@ -88,7 +92,8 @@ impl Cluster {
         let k = &self.config.kafka;
         let producer: BaseProducer = tributary::log::kafka::producer_config(&k.brokers, "test-lines").create().unwrap();
         for (i, line) in events.iter().enumerate() {
-            let record = BaseRecord::<(), _>::to(&k.events_topic).partition(i as i32 % k.events_partitions).payload(line);
+            let record =
+                BaseRecord::<(), _>::to(&k.events_topic).partition(i as i32 % k.events_partitions).payload(line);
             producer.send(record).map_err(|(e, _)| e).unwrap();
             producer.poll(Duration::ZERO);
         }
@@ -175,7 +180,11 @@ impl Replica {
             (info["examples_learned"].as_u64()? == n).then_some(info)
         });
         found.unwrap_or_else(|e| {
-            panic!("{e}: last info {last}\nevents per partition: {:?}\n--- log tail ---\n{}", self.event_ends(), self.log_tail(40))
+            panic!(
+                "{e}: last info {last}\nevents per partition: {:?}\n--- log tail ---\n{}",
+                self.event_ends(),
+                self.log_tail(40)
+            )
         })
     }
 
@@ -185,7 +194,8 @@ impl Replica {
         use rdkafka::consumer::{BaseConsumer, Consumer};
         let Some(config) = self.config() else { return Vec::new() };
         let topic = config.kafka.events_topic;
-        let consumer: BaseConsumer = tributary::log::kafka::log_reader_config(&self.brokers, "test-ends").create().unwrap();
+        let consumer: BaseConsumer =
+            tributary::log::kafka::log_reader_config(&self.brokers, "test-ends").create().unwrap();
         let Ok(metadata) = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5)) else { return Vec::new() };
         let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len() as i32);
         (0..partitions)
@@ -218,7 +228,10 @@ pub struct TestDatabase {
 
 impl TestDatabase {
     fn sql(server: &str, sql: &str) -> Result<(), String> {
-        let out = std::process::Command::new("psql").args([&format!("{server}/postgres"), "-qc", sql]).output().expect("psql");
+        let out = std::process::Command::new("psql")
+            .args([&format!("{server}/postgres"), "-qc", sql])
+            .output()
+            .expect("psql");
         out.status.success().then_some(()).ok_or_else(|| format!("{sql}: {}", String::from_utf8_lossy(&out.stderr)))
     }
 }
@@ -227,7 +240,9 @@ impl Drop for TestDatabase {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("test database kept: {}", self.url);
-        } else if let Err(e) = TestDatabase::sql(&self.server, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)) {
+        } else if let Err(e) =
+            TestDatabase::sql(&self.server, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+        {
             eprintln!("could not drop the test database: {e}");
         }
     }
@@ -274,7 +289,9 @@ pub fn watermark_sum(info: &Value) -> u64 {
 }
 
 pub fn watermarks(info: &Value) -> BTreeMap<String, u64> {
-    info["watermarks"].as_object().map_or_else(BTreeMap::new, |m| m.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0))).collect())
+    info["watermarks"]
+        .as_object()
+        .map_or_else(BTreeMap::new, |m| m.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0))).collect())
 }
 
 /// A TCP proxy on 127.0.0.1 in front of `target`: a way to make a real
@@ -302,7 +319,8 @@ impl Proxy {
                 let mut streams = live.lock().unwrap();
                 streams.push(client.try_clone().unwrap());
                 streams.push(server.try_clone().unwrap());
-                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                {
                     std::thread::spawn(move || {
                         let _ = std::io::copy(&mut from, &mut to);
                         let _ = to.shutdown(std::net::Shutdown::Both);

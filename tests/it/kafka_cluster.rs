@@ -24,11 +24,7 @@ const LEARN_LIMIT: Duration = Duration::from_secs(180);
 #[test]
 fn slow_kafka_cluster_survives_the_death_of_the_update_log_leader_and_of_an_events_leader() {
     let mut cluster = Cluster::with_own_brokers("kafka3", ModelKind::Logistic, 3);
-    let replicas = [
-        cluster.spawn("r0"),
-        cluster.spawn("r1"),
-        cluster.spawn("r2"),
-    ];
+    let replicas = [cluster.spawn("r0"), cluster.spawn("r1"), cluster.spawn("r2")];
     replicas.iter().for_each(Replica::wait_ready);
     let predictions = Predictions::start(replicas.iter().map(|r| r.http).collect());
     let progress = Progress::watch(&replicas[0]);
@@ -39,71 +35,39 @@ fn slow_kafka_cluster_survives_the_death_of_the_update_log_leader_and_of_an_even
     let first_kill = Instant::now();
     cluster.brokers[updates_leader].kill();
     let learned_at_kill = progress.latest();
-    progress.wait_beyond(
-        learned_at_kill + 3000,
-        "learning after the update log's leader died",
-    );
+    progress.wait_beyond(learned_at_kill + 3000, "learning after the update log's leader died");
     cluster.brokers[updates_leader].restart().unwrap();
-    progress.wait_beyond(
-        progress.latest() + 2000,
-        "learning after the broker came back",
-    );
+    progress.wait_beyond(progress.latest() + 2000, "learning after the broker came back");
 
     // The broker that leads the most events partitions now.
     let leaders = leader_of(&cluster.config, &cluster.config.kafka.events_topic);
-    let events_leader = (0..cluster.brokers.len())
-        .max_by_key(|b| leaders.iter().filter(|l| *l == b).count())
-        .unwrap();
+    let events_leader = (0..cluster.brokers.len()).max_by_key(|b| leaders.iter().filter(|l| *l == b).count()).unwrap();
     let second_kill = Instant::now();
     cluster.brokers[events_leader].kill();
     let learned_at_kill = progress.latest();
-    progress.wait_beyond(
-        learned_at_kill + 3000,
-        "learning after an events leader died",
-    );
+    progress.wait_beyond(learned_at_kill + 3000, "learning after an events leader died");
 
     let (produced, failed) = events.stop();
     assert_eq!(failed, 0, "events the producer saw fail");
-    let infos: Vec<_> = replicas
-        .iter()
-        .map(|r| r.wait_learned(produced, LEARN_LIMIT))
-        .collect();
+    let infos: Vec<_> = replicas.iter().map(|r| r.wait_learned(produced, LEARN_LIMIT)).collect();
     let (ok, errors) = predictions.stop();
     for info in &infos {
-        assert_eq!(
-            info["weights_digest"], infos[0]["weights_digest"],
-            "{infos:?}"
-        );
-        assert_eq!(
-            watermark_sum(info),
-            produced,
-            "examples learned = events produced = sum of watermarks: {info}"
-        );
+        assert_eq!(info["weights_digest"], infos[0]["weights_digest"], "{infos:?}");
+        assert_eq!(watermark_sum(info), produced, "examples learned = events produced = sum of watermarks: {info}");
     }
     assert!(ok > 100, "the prediction load ran ({ok} answered)");
     assert!(errors.is_empty(), "failed predictions: {errors:?}");
-    let stalls = [
-        ("update log leader", first_kill),
-        ("events leader", second_kill),
-    ]
-    .map(|(what, at)| (what, progress.stall_after(at)));
+    let stalls = [("update log leader", first_kill), ("events leader", second_kill)]
+        .map(|(what, at)| (what, progress.stall_after(at)));
     eprintln!("kafka cluster: {produced} events learned once by 3 replicas, {ok} predictions, 0 failed; training stalled {stalls:?}");
 }
 
 /// The broker (index into the cluster's brokers: node id - 1) that leads
 /// each partition of `topic`.
 fn leader_of(config: &Config, topic: &str) -> Vec<usize> {
-    let consumer: BaseConsumer = kafka::base_config(&config.kafka.brokers, "test-leaders")
-        .create()
-        .unwrap();
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    metadata.topics()[0]
-        .partitions()
-        .iter()
-        .map(|p| (p.leader() - 1) as usize)
-        .collect()
+    let consumer: BaseConsumer = kafka::base_config(&config.kafka.brokers, "test-leaders").create().unwrap();
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    metadata.topics()[0].partitions().iter().map(|p| (p.leader() - 1) as usize).collect()
 }
 
 /// Synthetic events produced at a steady rate by an idempotent producer,
@@ -121,24 +85,18 @@ impl EventSource {
         let thread = std::thread::spawn(move || {
             let acks = Arc::new(Delivered::default());
             let producer: ThreadedProducer<Counting> =
-                kafka::producer_config(&k.brokers, "test-events")
-                    .create_with_context(Counting(acks.clone()))
-                    .unwrap();
+                kafka::producer_config(&k.brokers, "test-events").create_with_context(Counting(acks.clone())).unwrap();
             let mut synthetic = tributary::synthetic::Synthetic::new(&model, 7);
             let started = Instant::now();
             let mut sent = 0u64;
             while !stopping.load(Ordering::Relaxed) {
                 let due = (started.elapsed().as_secs_f64() * per_sec) as u64;
                 while sent < due {
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .unwrap()
-                        .as_millis() as i64;
+                    let now =
+                        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
                     let line = synthetic.event(now);
                     let partition = (sent % k.events_partitions as u64) as i32;
-                    let record = BaseRecord::<(), _>::to(&k.events_topic)
-                        .partition(partition)
-                        .payload(&line);
+                    let record = BaseRecord::<(), _>::to(&k.events_topic).partition(partition).payload(&line);
                     match producer.send(record) {
                         Ok(()) => sent += 1,
                         Err((e, _)) => panic!("cannot queue an event: {e}"),
@@ -147,10 +105,7 @@ impl EventSource {
                 std::thread::sleep(Duration::from_millis(10));
             }
             producer.flush(Duration::from_secs(120)).unwrap();
-            (
-                acks.ok.load(Ordering::Relaxed),
-                acks.failed.load(Ordering::Relaxed),
-            )
+            (acks.ok.load(Ordering::Relaxed), acks.failed.load(Ordering::Relaxed))
         });
         EventSource { stop, thread }
     }
@@ -231,7 +186,8 @@ impl Predictions {
                 let stop = stop.clone();
                 std::thread::spawn(move || {
                     let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
-                    let body = r#"{"instances": [{"dense": [0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8], "sparse": {"f0": "v1"}}]}"#;
+                    let body =
+                        r#"{"instances": [{"dense": [0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8], "sparse": {"f0": "v1"}}]}"#;
                     let (mut ok, mut errors) = (0, Vec::new());
                     while !stop.load(Ordering::Relaxed) {
                         match client.post(format!("http://{addr}/v1/models/default:predict")).body(body).send() {
@@ -250,12 +206,9 @@ impl Predictions {
     /// (answered, failures)
     fn stop(self) -> (u64, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
-        self.clients.into_iter().map(|c| c.join().unwrap()).fold(
-            (0, Vec::new()),
-            |(n, mut e), (ok, errors)| {
-                e.extend(errors);
-                (n + ok, e)
-            },
-        )
+        self.clients.into_iter().map(|c| c.join().unwrap()).fold((0, Vec::new()), |(n, mut e), (ok, errors)| {
+            e.extend(errors);
+            (n + ok, e)
+        })
     }
 }

@@ -101,7 +101,8 @@ fn a_poisoned_stream_triggers_one_automatic_rollback() {
         .map(|r| {
             wait_for(&format!("{} to consume the poison", r.id), LEARN_LIMIT, || {
                 let info = r.info()?;
-                (watermark_sum(&info) == 5500 && metric(&r.metrics(), "tributary_rollbacks_total", "") >= 1.0).then_some(info)
+                (watermark_sum(&info) == 5500 && metric(&r.metrics(), "tributary_rollbacks_total", "") >= 1.0)
+                    .then_some(info)
             })
         })
         .collect();
@@ -110,7 +111,12 @@ fn a_poisoned_stream_triggers_one_automatic_rollback() {
     assert!(detected >= 1.0, "the guard fired");
     for r in &replicas {
         let m = r.metrics();
-        assert_eq!(metric(&m, "tributary_rollbacks_total", "events=\"skip\""), 1.0, "{}: one rollback, however many asked", r.id);
+        assert_eq!(
+            metric(&m, "tributary_rollbacks_total", "events=\"skip\""),
+            1.0,
+            "{}: one rollback, however many asked",
+            r.id
+        );
         // Every request beyond the first was superseded by it.
         assert_eq!(metric(&m, "tributary_records_rejected_total", "reason=\"superseded\""), detected - 1.0, "{}", r.id);
         let log = std::fs::read_to_string(&r.log).unwrap();

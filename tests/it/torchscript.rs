@@ -49,7 +49,17 @@ fn an_exported_module_loads_predicts_and_learns() {
     let path = export(dir.path(), "small.pt", &SMALL);
     let model = Model::load(&config(&path)).unwrap();
     let names: Vec<&str> = model.params().iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(names, ["script.tables.0.weight", "script.tables.1.weight", "script.mlp.0.weight", "script.mlp.0.bias", "script.mlp.2.weight", "script.mlp.2.bias"]);
+    assert_eq!(
+        names,
+        [
+            "script.tables.0.weight",
+            "script.tables.1.weight",
+            "script.mlp.0.weight",
+            "script.mlp.0.bias",
+            "script.mlp.2.weight",
+            "script.mlp.2.bias"
+        ]
+    );
     assert_eq!((model.params()[0].rows, model.params()[0].cols), (64, 4));
     // Same file, same fingerprint and weights; another module, another fingerprint.
     let again = Model::load(&config(&path)).unwrap();
@@ -61,7 +71,13 @@ fn an_exported_module_loads_predicts_and_learns() {
     let f = model.featurizer();
     let batch: Vec<_> = (0..64)
         .map(|i| {
-            let json = format!(r#"{{"dense":[{},0.5,1],"sparse":{{"a":"x{}","b":["y{}","z"]}},"label":{}}}"#, (i % 7) as f32 / 7.0, i % 5, i % 3, u8::from(i % 7 < 3));
+            let json = format!(
+                r#"{{"dense":[{},0.5,1],"sparse":{{"a":"x{}","b":["y{}","z"]}},"label":{}}}"#,
+                (i % 7) as f32 / 7.0,
+                i % 5,
+                i % 3,
+                u8::from(i % 7 < 3)
+            );
             f.event(json.as_bytes()).unwrap()
         })
         .collect();
@@ -75,10 +91,14 @@ fn an_exported_module_loads_predicts_and_learns() {
     }
     let first = model.gradient(&w, &batch).unwrap();
     // Embedding tables travel as the batch's rows: 5 values of "a", 4 of "b" (3 + "z").
-    let rows: Vec<Option<usize>> = first.tensors.iter().map(|t| match &t.values {
-        GradValues::Rows { ids, .. } => Some(ids.len()),
-        GradValues::Dense(_) => None,
-    }).collect();
+    let rows: Vec<Option<usize>> = first
+        .tensors
+        .iter()
+        .map(|t| match &t.values {
+            GradValues::Rows { ids, .. } => Some(ids.len()),
+            GradValues::Dense(_) => None,
+        })
+        .collect();
     assert_eq!(rows, [Some(5), Some(4), None, None, None, None]);
     // Dense embedding gradients (Embedding(sparse=False)) travel the same:
     // the touched rows, found by scanning.
@@ -93,7 +113,9 @@ fn an_exported_module_loads_predicts_and_learns() {
                 assert_eq!(ia, ib);
                 va.iter().zip(vb).for_each(|(x, y)| assert!((x - y).abs() < 1e-6, "{x} vs {y}"));
             }
-            (GradValues::Dense(va), GradValues::Dense(vb)) => va.iter().zip(vb).for_each(|(x, y)| assert!((x - y).abs() < 1e-6)),
+            (GradValues::Dense(va), GradValues::Dense(vb)) => {
+                va.iter().zip(vb).for_each(|(x, y)| assert!((x - y).abs() < 1e-6))
+            }
             _ => panic!("param {}: sparse and dense modules travel differently", a.param),
         }
     }
@@ -119,7 +141,10 @@ fn an_exported_module_loads_predicts_and_learns() {
     // A gradient at a named version uses the weights first copied in for it.
     let trained = model.gradient_at(Some(5), &w, &batch).unwrap();
     assert_eq!(model.gradient_at(Some(5), &model.init_weights(), &batch).unwrap(), trained, "version 5 is w");
-    assert_eq!(model.gradient_at(Some(6), &model.init_weights(), &batch).unwrap(), model.gradient(&model.init_weights(), &batch).unwrap());
+    assert_eq!(
+        model.gradient_at(Some(6), &model.init_weights(), &batch).unwrap(),
+        model.gradient(&model.init_weights(), &batch).unwrap()
+    );
     // The served version 1 still answers with its own weights, version 2 with the new ones.
     assert_eq!(model.predict_batch(Some(1), &model.init_weights(), &features).unwrap(), together);
     assert_ne!(model.predict_batch(Some(2), &w, &features).unwrap(), together);
@@ -135,7 +160,11 @@ fn modules_that_do_not_fit_are_refused_with_the_reason() {
     let err = Model::load(&config(&garbage)).unwrap_err().to_string();
     assert!(err.contains("is not a TorchScript module tributary can train"), "{err}");
     // Tables smaller than model.buckets: the probe with the last bucket fails.
-    let small = export(dir.path(), "few-buckets.pt", &["--dense-dim", "3", "--fields", "2", "--buckets", "16", "--dim", "4", "--hidden", "8"]);
+    let small = export(
+        dir.path(),
+        "few-buckets.pt",
+        &["--dense-dim", "3", "--fields", "2", "--buckets", "16", "--dim", "4", "--hidden", "8"],
+    );
     let err = Model::load(&config(&small)).unwrap_err().to_string();
     assert!(err.contains("bucket 63") && err.contains("failed"), "{err}");
     let wrong_shape = python_module(
@@ -157,7 +186,11 @@ fn modules_that_do_not_fit_are_refused_with_the_reason() {
 #[test]
 fn two_replicas_learn_a_stream_with_a_torchscript_module_and_agree() {
     let mut cluster = Cluster::new("torchscript", ModelKind::TorchScript);
-    let path = export(cluster.dir.path(), "model.pt", &["--dense-dim", "8", "--fields", "4", "--buckets", "4096", "--dim", "8", "--hidden", "16"]);
+    let path = export(
+        cluster.dir.path(),
+        "model.pt",
+        &["--dense-dim", "8", "--fields", "4", "--buckets", "4096", "--dim", "8", "--hidden", "16"],
+    );
     cluster.config.model.torchscript_path = path;
     // 4 000 events are 63 records: with the default 4 in flight per partition
     // nearly every gradient would be computed at the initial weights, and the
@@ -183,7 +216,8 @@ fn two_replicas_learn_a_stream_with_a_torchscript_module_and_agree() {
     let baseline = constant_logloss(&labels);
     eprintln!("progressive loss {loss}, the constant predictor's {baseline}");
     assert!(loss < baseline, "progressive loss {loss} does not beat the constant predictor's {baseline}");
-    let (status, v) = crate::helpers::post(&a, "/v1/models/default:predict", None, r#"{"instances":[{"dense":[0,0,0,0,0,0,0,0]}]}"#);
+    let (status, v) =
+        crate::helpers::post(&a, "/v1/models/default:predict", None, r#"{"instances":[{"dense":[0,0,0,0,0,0,0,0]}]}"#);
     assert_eq!(status, 200, "{v}");
     assert!(v["predictions"][0].as_f64().is_some_and(|p| (0.0..=1.0).contains(&p)), "{v}");
 }
