@@ -14,7 +14,7 @@ use tributary::apply::optim::NoTouch;
 use tributary::apply::rule::State;
 use tributary::config::{Config, ModelKind};
 use tributary::event::Example;
-use tributary::log::record::{GradientRecord, Record, RecordMeta};
+use tributary::log::record::{EventRange, GradientRecord, Record, RecordMeta};
 use tributary::model::{Gradient, Model};
 use tributary::serving::Publisher;
 use tributary::synthetic::Synthetic;
@@ -106,9 +106,7 @@ fn torchscript(c: &mut Criterion) {
 fn record_bytes(m: &Model, from: i64, gradient: Gradient) -> Vec<u8> {
     let meta = RecordMeta {
         fingerprint: m.fingerprint(),
-        partition: 0,
-        from,
-        to: from + 256,
+        ranges: vec![EventRange { partition: 0, from, to: from + 256 }],
         base: 0,
         examples: 256,
         skipped: 0,

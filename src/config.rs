@@ -41,6 +41,20 @@ pub enum OptimizerKind {
     Sgd,
     Adagrad,
     Adam,
+    /// FTRL-Proximal (McMahan et al. 2013): per-coordinate rates like
+    /// Adagrad, with L1 that makes weights exactly zero.
+    Ftrl,
+}
+
+impl OptimizerKind {
+    /// Buffers of state per parameter besides the weights.
+    pub fn slots(self) -> usize {
+        match self {
+            OptimizerKind::Sgd => 0,
+            OptimizerKind::Adagrad => 1,
+            OptimizerKind::Adam | OptimizerKind::Ftrl => 2,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -63,7 +77,13 @@ pub struct ModelConfig {
     pub torchscript_path: PathBuf,
     pub loss: Loss,
     pub optimizer: OptimizerKind,
+    /// The step size (FTRL's alpha).
     pub learning_rate: f32,
+    /// FTRL's beta: a coordinate's rate is `alpha / (beta + sqrt(n))`.
+    pub ftrl_beta: f32,
+    /// L1 and L2 strength (FTRL).
+    pub l1: f32,
+    pub l2: f32,
     /// Initial weights come from this seed: equal seeds, bit-identical weights.
     pub seed: u64,
     /// Gradients whose global L2 norm exceeds this are rejected.
@@ -97,11 +117,15 @@ pub struct KafkaConfig {
 pub struct TrainConfig {
     /// Off: the replica applies the log and serves but learns nothing itself.
     pub enabled: bool,
-    /// Events per gradient record.
+    /// Most events per gradient record: a batch spans the trainer's
+    /// partitions and grows only while records are in flight.
     pub batch_size: usize,
-    /// A partial batch is sent after waiting this long for more events.
+    /// A batch closes this long after its first event even if it cannot be
+    /// sent yet.
     pub max_wait_ms: u64,
-    /// Gradient records of one partition in flight (sent, not yet applied).
+    /// Gradient records of the trainer in flight (sent, not yet applied). 1:
+    /// each gradient sees the trainer's previous record; more pipelines
+    /// records at the price of that much staleness.
     pub max_in_flight: usize,
     /// How often committed consumer offsets catch up with applied watermarks.
     pub commit_interval_ms: u64,
@@ -189,6 +213,9 @@ impl Default for Config {
                 loss: Loss::Logloss,
                 optimizer: OptimizerKind::Adagrad,
                 learning_rate: 0.05,
+                ftrl_beta: 1.0,
+                l1: 0.0,
+                l2: 0.0,
                 seed: 42,
                 max_grad_norm: 1000.0,
             },
@@ -207,7 +234,7 @@ impl Default for Config {
                 enabled: true,
                 batch_size: 256,
                 max_wait_ms: 20,
-                max_in_flight: 4,
+                max_in_flight: 1,
                 commit_interval_ms: 1000,
             },
             apply: ApplyConfig { max_swaps_per_sec: 20.0 },
@@ -329,6 +356,12 @@ impl Config {
         }
         if !(m.learning_rate.is_finite() && m.learning_rate > 0.0) {
             return bad("model.learning_rate must be a positive number");
+        }
+        if !(m.ftrl_beta.is_finite() && m.ftrl_beta > 0.0) {
+            return bad("model.ftrl_beta must be a positive number");
+        }
+        if ![m.l1, m.l2].iter().all(|v| v.is_finite() && *v >= 0.0) {
+            return bad("model.l1 and model.l2 must be finite numbers, 0 or more");
         }
         if !(m.max_grad_norm.is_finite() && m.max_grad_norm > 0.0) {
             return bad("model.max_grad_norm must be a positive number");

@@ -221,7 +221,7 @@ mod tests {
     use super::*;
     use crate::apply::optim::NoTouch;
     use crate::config::{Config, ModelKind};
-    use crate::log::record::{GradientRecord, Record};
+    use crate::log::record::{EventRange, GradientRecord, Record};
     use crate::model::{GradTensor, GradValues};
 
     #[test]
@@ -238,9 +238,7 @@ mod tests {
         for step in 0..6u32 {
             let bytes = Record::Gradient(GradientRecord {
                 fingerprint: model.fingerprint(),
-                partition: 0,
-                from: i64::from(step),
-                to: i64::from(step) + 1,
+                ranges: vec![EventRange { partition: 0, from: i64::from(step), to: i64::from(step) + 1 }],
                 base: 0,
                 examples: 1,
                 skipped: 0,

@@ -19,7 +19,7 @@ use super::staleness::StalenessMeter;
 use crate::checkpoint::{SharedStore, Store};
 use crate::log::control::ControlLog;
 use crate::log::kafka;
-use crate::log::record::{EventsSince, RollbackRecord};
+use crate::log::record::{EventRange, EventsSince, RollbackRecord};
 use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::serving::Publisher;
@@ -30,8 +30,8 @@ use crate::serving::Publisher;
 pub struct Applied {
     pub position: i64,
     pub watermarks: BTreeMap<i32, i64>,
-    /// This replica's records that were rejected: (partition, from, to).
-    pub rejected_own: Vec<(i32, i64, i64)>,
+    /// The ranges of this replica's records that were rejected.
+    pub rejected_own: Vec<Vec<EventRange>>,
     /// Position after the last record the divergence guard found healthy.
     pub last_healthy: i64,
     /// What became of recent rollback records, by offset (the newest 64).
@@ -135,6 +135,9 @@ impl Applier {
             // Drain what is there, up to one swap interval's worth.
             let mut read = 0;
             let mut own_rejections = Vec::new();
+            // The local trainer computes its next gradient once it sees its
+            // last record in the served weights: publish at once for it.
+            let mut own_applied = false;
             let mut next = self.consumer.poll(Duration::from_millis(20));
             while let Some(message) = next {
                 let message = match message {
@@ -164,7 +167,8 @@ impl Applier {
                         if r.oldest_ts > 0 {
                             pending_ts.push(r.oldest_ts);
                         }
-                        debug!(partition = r.partition, from = r.from, to = r.to, producer = %r.producer, "applied");
+                        debug!(ranges = ?r.ranges, producer = %r.producer, "applied");
+                        own_applied |= r.producer == self.replica_id;
                         self.watch_loss(r.examples, r.loss_sum);
                     }
                     Outcome::RollBack(r) => {
@@ -190,9 +194,9 @@ impl Applier {
                         self.metrics.records_rejected.with_label_values(&[reason.as_str()]).inc();
                         match r {
                             Some(r) => {
-                                debug!(partition = r.partition, from = r.from, to = r.to, producer = %r.producer, reason = reason.as_str(), "rejected");
+                                debug!(ranges = ?r.ranges, producer = %r.producer, reason = reason.as_str(), "rejected");
                                 if r.producer == self.replica_id {
-                                    own_rejections.push((r.partition, r.from, r.to));
+                                    own_rejections.push(r.ranges);
                                 }
                             }
                             None => {
@@ -202,7 +206,7 @@ impl Applier {
                     }
                 }
                 staleness.advanced(self.state.position, self.state.examples_learned);
-                if swap_due(last_swap) && self.publisher.is_behind(&self.state) {
+                if (own_applied || swap_due(last_swap)) && self.publisher.is_behind(&self.state) {
                     break;
                 }
                 next = self.consumer.poll(Duration::ZERO);
@@ -218,10 +222,11 @@ impl Applier {
                 drop(applied);
                 self.progress.changed.notify_all();
             }
-            // Swap at most at the configured rate, and at once when idle.
+            // Swap at most at the configured rate; at once when idle or when
+            // the local trainer waits for its record.
             let idle = read == 0;
             let swaps_on = self.min_swap_interval.is_some() || !self.ready.load(Ordering::Relaxed);
-            if swaps_on && self.publisher.is_behind(&self.state) && (idle || swap_due(last_swap)) {
+            if swaps_on && self.publisher.is_behind(&self.state) && (idle || own_applied || swap_due(last_swap)) {
                 let stats = self.publisher.publish(&self.state);
                 last_swap = Instant::now();
                 self.metrics.swaps.inc();

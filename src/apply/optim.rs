@@ -3,9 +3,13 @@
 //! The step runs in plain Rust, element by element in a fixed order, rather
 //! than through libtorch's optimizers: every replica must reach bit-identical
 //! weights, and a sparse gradient must touch only its rows (lazy Adagrad and
-//! Adam), which libtorch's dense optimizers would not do.
+//! Adam, FTRL), which libtorch's dense optimizers would not do.
+//!
+//! Gradients are of the loss summed over a record's events, so the
+//! per-coordinate optimizers (Adagrad, Adam, FTRL) step a coordinate by how
+//! much evidence the record holds for it, whatever the record's size.
 
-use crate::config::OptimizerKind;
+use crate::config::{ModelConfig, OptimizerKind};
 use crate::model::{Buffers, GradTensor, GradValues, ParamSpec};
 
 const ADAM_BETA1: f32 = 0.9;
@@ -25,25 +29,64 @@ impl Touch for NoTouch {
     fn all(&mut self, _: usize) {}
 }
 
+/// FTRL-Proximal's settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Ftrl {
+    alpha: f32,
+    beta: f32,
+    l1: f32,
+    l2: f32,
+}
+
+impl Ftrl {
+    /// The weight that the accumulators `z` and `n` give.
+    fn weight(&self, z: f32, n: f32) -> f32 {
+        if z.abs() <= self.l1 {
+            0.0
+        } else {
+            -(z - self.l1.copysign(z)) / ((self.beta + n.sqrt()) / self.alpha + self.l2)
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Optimizer {
     pub kind: OptimizerKind,
     pub learning_rate: f32,
-    /// Adagrad: the sum of squared gradients. Adam: first and second moments.
+    ftrl: Ftrl,
+    /// Adagrad: the sum of squared gradients. Adam: first and second
+    /// moments. FTRL: `z` and `n` (the sum of squared gradients).
     pub slots: Vec<Buffers>,
     /// Steps taken (Adam's bias correction).
     pub steps: u64,
 }
 
 impl Optimizer {
-    pub fn new(kind: OptimizerKind, learning_rate: f32, params: &[ParamSpec]) -> Self {
-        let n_slots = match kind {
-            OptimizerKind::Sgd => 0,
-            OptimizerKind::Adagrad => 1,
-            OptimizerKind::Adam => 2,
-        };
+    /// The optimizer of `config` with zero state (a checkpoint's to be read in).
+    pub fn new(config: &ModelConfig, params: &[ParamSpec]) -> Self {
         let zeros = || params.iter().map(|p| vec![0f32; p.len()]).collect::<Buffers>();
-        Optimizer { kind, learning_rate, slots: (0..n_slots).map(|_| zeros()).collect(), steps: 0 }
+        Optimizer {
+            kind: config.optimizer,
+            learning_rate: config.learning_rate,
+            ftrl: Ftrl { alpha: config.learning_rate, beta: config.ftrl_beta, l1: config.l1, l2: config.l2 },
+            slots: (0..config.optimizer.slots()).map(|_| zeros()).collect(),
+            steps: 0,
+        }
+    }
+
+    /// The optimizer of `config` for initial `weights`. FTRL derives each
+    /// weight from its accumulators: `z` starts where the closed form gives
+    /// the initial weight (exactly, without L1 and L2), so the seeded
+    /// embeddings and layers of the deep models keep their values.
+    pub fn starting_at(config: &ModelConfig, params: &[ParamSpec], weights: &Buffers) -> Self {
+        let mut opt = Optimizer::new(config, params);
+        if opt.kind == OptimizerKind::Ftrl {
+            let scale = opt.ftrl.beta / opt.ftrl.alpha + opt.ftrl.l2;
+            for (z, w) in opt.slots[0].iter_mut().zip(weights) {
+                z.iter_mut().zip(w).for_each(|(z, &w)| *z = -w * scale);
+            }
+        }
+        opt
     }
 
     /// One step over every tensor of a gradient that the apply rule accepted
@@ -69,6 +112,15 @@ impl Optimizer {
                     *m = ADAM_BETA1 * *m + (1.0 - ADAM_BETA1) * grad;
                     *v = ADAM_BETA2 * *v + (1.0 - ADAM_BETA2) * grad * grad;
                     w[i] -= lr * (*m / c1) / ((*v / c2).sqrt() + EPS);
+                }
+                OptimizerKind::Ftrl => {
+                    let (z, n) = slots.split_at_mut(1);
+                    let (z, n) = (&mut z[0][p][i], &mut n[0][p][i]);
+                    let n_next = *n + grad * grad;
+                    let sigma = (n_next.sqrt() - n.sqrt()) / self.ftrl.alpha;
+                    *z += grad - sigma * w[i];
+                    *n = n_next;
+                    w[i] = self.ftrl.weight(*z, *n);
                 }
             };
             let w = &mut weights[p];
@@ -99,13 +151,33 @@ mod tests {
     #[test]
     fn sparse_steps_touch_only_their_rows() {
         let params = vec![ParamSpec { name: "t".into(), rows: 4, cols: 2, sparse: true }];
-        for kind in [OptimizerKind::Sgd, OptimizerKind::Adagrad, OptimizerKind::Adam] {
-            let mut opt = Optimizer::new(kind, 0.1, &params);
+        for kind in [OptimizerKind::Sgd, OptimizerKind::Adagrad, OptimizerKind::Adam, OptimizerKind::Ftrl] {
+            let mut config = crate::config::Config::default().model;
+            (config.optimizer, config.learning_rate) = (kind, 0.1);
             let mut w = vec![vec![1f32; 8]];
+            let mut opt = Optimizer::starting_at(&config, &params, &w);
             let g = GradTensor { param: 0, values: GradValues::Rows { ids: vec![2], values: vec![0.5, -0.5] } };
             opt.step(&params, &mut w, &[g], &mut NoTouch);
             assert_eq!(&w[0][..4], &[1.0; 4], "{kind:?}");
             assert!(w[0][4] < 1.0 && w[0][5] > 1.0, "{kind:?}: {:?}", w[0]);
         }
+    }
+
+    #[test]
+    fn ftrl_starts_at_the_initial_weights_and_l1_zeroes_what_little_evidence_moves() {
+        let params = vec![ParamSpec { name: "w".into(), rows: 1, cols: 3, sparse: false }];
+        let mut config = crate::config::Config::default().model;
+        (config.optimizer, config.learning_rate) = (OptimizerKind::Ftrl, 0.1);
+        let w = vec![vec![0.25f32, -0.5, 0.0]];
+        let opt = Optimizer::starting_at(&config, &params, &w);
+        let back: Vec<f32> = (0..3).map(|i| opt.ftrl.weight(opt.slots[0][0][i], opt.slots[1][0][i])).collect();
+        assert_eq!(back, w[0]);
+        config.l1 = 1.0;
+        let mut opt = Optimizer::starting_at(&config, &params, &vec![vec![0.0; 3]]);
+        let mut w = vec![vec![0.0f32; 3]];
+        let g = |v: Vec<f32>| [GradTensor { param: 0, values: GradValues::Dense(v) }];
+        opt.step(&params, &mut w, &g(vec![0.5, 3.0, -3.0]), &mut NoTouch);
+        assert_eq!(w[0][0], 0.0, "|z| = 0.5 is within l1");
+        assert!(w[0][1] < 0.0 && w[0][2] > 0.0, "{:?}", w[0]);
     }
 }

@@ -1,10 +1,12 @@
 //! The replica's state and the apply rule (DESIGN.md section 3), in one place.
 //!
-//! A gradient record is applied iff it belongs to this model, its `from`
-//! equals the partition's watermark, its tensors have the model's shapes, and
-//! every value is finite with a global L2 norm within the bound. Then the
-//! optimizer steps and the watermark moves to `to`. Otherwise the state does
-//! not change. Every record read advances `position`, applied or not.
+//! A gradient record is applied iff it belongs to this model, every one of
+//! its ranges starts at its partition's watermark (all or nothing), its
+//! tensors have the model's shapes, and every value is finite with a global
+//! L2 norm within the bound times its examples (the gradient is of the
+//! summed loss). Then the optimizer steps and each range's watermark moves
+//! to its `to`. Otherwise the state does not change. Every record read
+//! advances `position`, applied or not.
 //!
 //! A rollback record is taken iff it belongs to this model, `0 <= to <=
 //! seen <= its offset`, and no rollback was taken at or after `seen`. Then
@@ -15,7 +17,7 @@
 use std::collections::BTreeMap;
 
 use super::optim::{Optimizer, Touch};
-use crate::log::record::{EventsSince, GradientRecord, Record, RollbackRecord};
+use crate::log::record::{EventRange, EventsSince, GradientRecord, Record, RollbackRecord};
 use crate::model::{Buffers, GradTensor, GradValues, Model, ParamSpec};
 
 /// Everything a replica learned: identical on every replica at the same position.
@@ -43,8 +45,8 @@ pub enum Reject {
     Malformed,
     /// Written for a model of another structure.
     OtherModel,
-    /// `from` is not the partition's watermark: a duplicate, a zombie's
-    /// record, or one that follows a rejected record.
+    /// A range's `from` is not its partition's watermark: a duplicate, a
+    /// zombie's record, or one that follows a rejected record.
     NotContiguous,
     /// A tensor names an unknown parameter or has the wrong shape.
     Shape,
@@ -99,6 +101,7 @@ pub enum Outcome {
 impl State {
     pub fn initial(model: &Model) -> State {
         let c = model.config();
+        let weights = model.init_weights();
         State {
             position: 0,
             watermarks: BTreeMap::new(),
@@ -108,8 +111,8 @@ impl State {
             records_rejected: 0,
             last_rollback: None,
             loss_sum: 0.0,
-            weights: model.init_weights(),
-            optimizer: Optimizer::new(c.optimizer, c.learning_rate, model.params()),
+            optimizer: Optimizer::starting_at(c, model.params(), &weights),
+            weights,
         }
     }
 
@@ -127,21 +130,21 @@ impl State {
                 Ok(()) => Outcome::RollBack(r),
                 Err(reason) => Outcome::RollbackRejected(r, reason),
             },
-            Ok(Record::Gradient(r)) => {
-                match check(model, self.watermarks.get(&r.partition).copied().unwrap_or(0), &r) {
-                    Err(reason) => Outcome::Rejected(Some(r), reason),
-                    Ok(()) => {
-                        if !r.gradient.is_empty() {
-                            self.optimizer.step(model.params(), &mut self.weights, &r.gradient, touch);
-                        }
-                        self.watermarks.insert(r.partition, r.to);
-                        self.examples_learned += u64::from(r.examples);
-                        self.examples_skipped += u64::from(r.skipped);
-                        self.loss_sum += r.loss_sum;
-                        Outcome::Applied(r)
+            Ok(Record::Gradient(r)) => match check(model, &self.watermarks, &r) {
+                Err(reason) => Outcome::Rejected(Some(r), reason),
+                Ok(()) => {
+                    if !r.gradient.is_empty() {
+                        self.optimizer.step(model.params(), &mut self.weights, &r.gradient, touch);
                     }
+                    for range in &r.ranges {
+                        self.watermarks.insert(range.partition, range.to);
+                    }
+                    self.examples_learned += u64::from(r.examples);
+                    self.examples_skipped += u64::from(r.skipped);
+                    self.loss_sum += r.loss_sum;
+                    Outcome::Applied(r)
                 }
-            }
+            },
         };
         match outcome {
             Outcome::Applied(_) | Outcome::RollBack(_) => self.records_applied += 1,
@@ -184,22 +187,39 @@ impl State {
     }
 }
 
-fn check(model: &Model, watermark: i64, r: &GradientRecord) -> Result<(), Reject> {
+fn check(model: &Model, watermarks: &BTreeMap<i32, i64>, r: &GradientRecord) -> Result<(), Reject> {
     if r.fingerprint != model.fingerprint() {
         return Err(Reject::OtherModel);
     }
-    if r.from != watermark || r.to < r.from || r.partition < 0 {
+    if !continues(watermarks, &r.ranges) {
         return Err(Reject::NotContiguous);
     }
     if !r.loss_sum.is_finite() {
         return Err(Reject::NonFinite);
     }
-    check_gradient(model.params(), model.config().max_grad_norm, &r.gradient)
+    check_gradient(model.params(), model.config().max_grad_norm, r.examples, &r.gradient)
 }
 
-/// Shapes, finiteness and the norm bound. Trainers run the same check before
-/// they send, so an honest trainer never sends a record that this rejects.
-pub fn check_gradient(params: &[ParamSpec], max_norm: f32, tensors: &[GradTensor]) -> Result<(), Reject> {
+/// Whether `ranges` are in partition order, each of its own partition, and
+/// each starts at its partition's watermark (0 for a partition never seen).
+pub fn continues(watermarks: &BTreeMap<i32, i64>, ranges: &[EventRange]) -> bool {
+    let ordered = ranges.windows(2).all(|w| w[0].partition < w[1].partition);
+    let contiguous = |r: &EventRange| {
+        r.partition >= 0 && r.to >= r.from && r.from == watermarks.get(&r.partition).copied().unwrap_or(0)
+    };
+    !ranges.is_empty() && ordered && ranges.iter().all(contiguous)
+}
+
+/// Shapes, finiteness and the norm bound: `max_norm` per example, since a
+/// gradient is of the loss summed over its `examples`. Trainers run the same
+/// check before they send, so an honest trainer never sends a record that
+/// this rejects.
+pub fn check_gradient(
+    params: &[ParamSpec],
+    max_norm: f32,
+    examples: u32,
+    tensors: &[GradTensor],
+) -> Result<(), Reject> {
     let mut sum_sq = 0f64;
     for t in tensors {
         let p = params.get(t.param as usize).ok_or(Reject::Shape)?;
@@ -219,7 +239,7 @@ pub fn check_gradient(params: &[ParamSpec], max_norm: f32, tensors: &[GradTensor
             sum_sq += f64::from(v) * f64::from(v);
         }
     }
-    if sum_sq.sqrt() > f64::from(max_norm) {
+    if sum_sq.sqrt() > f64::from(max_norm) * f64::from(examples.max(1)) {
         return Err(Reject::NormBound);
     }
     Ok(())
@@ -245,9 +265,7 @@ mod tests {
     fn record(model: &Model, partition: i32, from: i64, to: i64, g: f32) -> Vec<u8> {
         Record::Gradient(GradientRecord {
             fingerprint: model.fingerprint(),
-            partition,
-            from,
-            to,
+            ranges: vec![EventRange { partition, from, to }],
             base: 0,
             examples: (to - from) as u32,
             skipped: 0,
@@ -273,13 +291,49 @@ mod tests {
         assert_eq!(s.weights, before);
         assert_eq!(outcome(&mut s, 2, record(&model, 0, 10, 15, f32::INFINITY)), Some(Reject::NonFinite));
         assert_eq!(outcome(&mut s, 3, record(&model, 0, 10, 15, 1e6)), Some(Reject::NormBound));
+        // Within the bound per example, over it for one: 5 examples may carry 5x.
+        assert_eq!(outcome(&mut s, 5, record(&model, 0, 10, 11, 900.0)), Some(Reject::NormBound));
+        assert_eq!(outcome(&mut s, 6, record(&model, 0, 10, 10, 0.0)), None, "an empty range continues too");
         assert_eq!(outcome(&mut s, 4, b"garbage".to_vec()), Some(Reject::Malformed));
         assert_eq!(outcome(&mut s, 7, record(&model, 0, 10, 15, 0.1)), None);
         assert_eq!(s.position, 8, "every record read advances the position");
         assert_eq!(s.watermarks[&0], 15);
         assert_eq!(s.examples_learned, 15);
-        assert_eq!((s.records_applied, s.records_rejected), (2, 4));
+        assert_eq!((s.records_applied, s.records_rejected), (3, 5));
         assert_ne!(s.weights, before);
+    }
+
+    #[test]
+    fn a_record_of_several_partitions_is_applied_whole_or_not_at_all() {
+        let (model, mut s) = setup();
+        let ranges = |list: &[(i32, i64, i64)]| {
+            list.iter().map(|&(partition, from, to)| EventRange { partition, from, to }).collect()
+        };
+        let record = |list: &[(i32, i64, i64)]| {
+            Record::Gradient(GradientRecord {
+                fingerprint: model.fingerprint(),
+                ranges: ranges(list),
+                base: 0,
+                examples: 3,
+                skipped: 0,
+                loss_sum: 2.0,
+                oldest_ts: 0,
+                producer: "t".into(),
+                gradient: vec![GradTensor { param: 1, values: GradValues::Dense(vec![0.1, 0.1]) }],
+            })
+            .encode()
+        };
+        let mut apply =
+            |offset, bytes: Vec<u8>| matches!(s.apply(&model, offset, &bytes, &mut NoTouch), Outcome::Applied(_));
+        assert!(apply(0, record(&[(0, 0, 4), (3, 0, 2)])));
+        // Partition 3 continues, partition 0 does not: nothing moves.
+        assert!(!apply(1, record(&[(0, 2, 6), (3, 2, 5)])));
+        // Out of partition order, or one partition twice: refused.
+        assert!(!apply(2, record(&[(3, 2, 5), (0, 4, 6)])));
+        assert!(!apply(3, record(&[(0, 4, 5), (0, 5, 6)])));
+        assert!(apply(4, record(&[(0, 4, 6), (3, 2, 5), (7, 0, 1)])));
+        assert_eq!(s.watermarks, BTreeMap::from([(0, 6), (3, 5), (7, 1)]));
+        assert_eq!((s.records_applied, s.records_rejected, s.examples_learned), (2, 3, 6));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::apply::optim::Optimizer;
 use crate::apply::rule::State;
-use crate::config::{Config, OptimizerKind};
+use crate::config::Config;
 use crate::model::{f32_bytes, Model};
 
 pub use local::LocalStore;
@@ -218,13 +218,8 @@ fn decode(model: &Model, bytes: &[u8], location: &str) -> Result<State, Checkpoi
     }
     let slots = take(1)?[0] as usize;
     let c = model.config();
-    let mut optimizer = Optimizer::new(c.optimizer, c.learning_rate, model.params());
-    let want_slots = match c.optimizer {
-        OptimizerKind::Sgd => 0,
-        OptimizerKind::Adagrad => 1,
-        OptimizerKind::Adam => 2,
-    };
-    if slots != want_slots {
+    let mut optimizer = Optimizer::new(c, model.params());
+    if slots != c.optimizer.slots() {
         return Err(CheckpointError::OtherModel(location.into()));
     }
     let mut read_buffers = || {
@@ -260,7 +255,7 @@ fn decode(model: &Model, bytes: &[u8], location: &str) -> Result<State, Checkpoi
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::config::ModelKind;
+    use crate::config::{ModelKind, OptimizerKind};
 
     pub(crate) fn small_model() -> Model {
         let mut c = Config::default().model;

@@ -3,9 +3,11 @@
 //! ```text
 //! magic "TRBU" | version u8 | kind u8 | body
 //! gradient body:
-//!   fingerprint u64 | partition i32 | from i64 | to i64 | base i64
+//!   fingerprint u64 | base i64
 //!   examples u32 | skipped u32 | loss_sum f64 | oldest_ts i64 (0: none)
 //!   producer: len u16, utf-8
+//!   ranges: count u16, then per range (partitions strictly increasing)
+//!     partition i32 | from i64 | to i64
 //!   tensors: count u32, then per tensor
 //!     param u32 | kind u8 (0 dense, 1 rows)
 //!     dense: len u32, f32 x len
@@ -14,6 +16,11 @@
 //!   fingerprint u64 | to i64 | seen i64 | events u8 (0 relearn, 1 skip)
 //!   reason: len u16, utf-8 | producer: len u16, utf-8
 //! ```
+//! One record carries the events a trainer took from all its partitions
+//! since its previous record (version 2; version 1 had one partition per
+//! record): fewer, larger steps, so a gradient is computed against weights
+//! that few other records have changed by the time it is applied.
+//!
 //! Binary rather than JSON: a `wide_deep` record carries thousands of rows,
 //! and encoding is on the trainer's hot path. Decoding checks every length
 //! against the bytes left and never panics, whatever it is fed.
@@ -21,25 +28,33 @@
 use crate::model::{GradTensor, GradValues, Gradient};
 
 const MAGIC: &[u8; 4] = b"TRBU";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 const KIND_GRADIENT: u8 = 1;
 const KIND_ROLLBACK: u8 = 2;
 
-/// A gradient for the events `[from, to)` of one partition.
+/// The events `[from, to)` of one `events` partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EventRange {
+    pub partition: i32,
+    /// Where the previous record of this partition ended, not the first
+    /// event's offset (offsets may have gaps).
+    pub from: i64,
+    pub to: i64,
+}
+
+/// A gradient for the events of one or more ranges, each of its own
+/// partition: applied whole or not at all.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GradientRecord {
     /// The model structure the gradient belongs to.
     pub fingerprint: u64,
-    pub partition: i32,
-    /// Where the trainer sought to: the previous record's `to`, not the first
-    /// event's offset (offsets may have gaps).
-    pub from: i64,
-    pub to: i64,
+    /// By partition, strictly increasing; never empty.
+    pub ranges: Vec<EventRange>,
     /// The `updates` position of the weights the gradient was computed on.
     pub base: i64,
     /// Events learned (valid ones).
     pub examples: u32,
-    /// Events in the range that were invalid and skipped.
+    /// Events in the ranges that were invalid and skipped.
     pub skipped: u32,
     pub loss_sum: f64,
     /// Oldest event time in the batch (epoch ms), for freshness; 0 if none.
@@ -109,6 +124,8 @@ pub enum DecodeError {
     Utf8,
     #[error("unknown rollback events mode {0}")]
     EventsKind(u8),
+    #[error("a gradient record has no ranges")]
+    NoRanges,
     #[error("unknown tensor kind {0}")]
     TensorKind(u8),
     #[error("{0} trailing bytes")]
@@ -119,9 +136,7 @@ impl GradientRecord {
     pub fn new(meta: RecordMeta, gradient: Gradient) -> Self {
         GradientRecord {
             fingerprint: meta.fingerprint,
-            partition: meta.partition,
-            from: meta.from,
-            to: meta.to,
+            ranges: meta.ranges,
             base: meta.base,
             examples: meta.examples,
             skipped: meta.skipped,
@@ -137,9 +152,7 @@ impl GradientRecord {
 #[derive(Clone, Debug)]
 pub struct RecordMeta {
     pub fingerprint: u64,
-    pub partition: i32,
-    pub from: i64,
-    pub to: i64,
+    pub ranges: Vec<EventRange>,
     pub base: i64,
     pub examples: u32,
     pub skipped: u32,
@@ -185,19 +198,25 @@ impl Record {
                 GradValues::Rows { ids, values } => ids.len() + values.len(),
             })
             .sum();
-        let mut out = Vec::with_capacity(80 + r.producer.len() + 4 * floats + 16 * r.gradient.len());
+        let capacity = 80 + r.producer.len() + 20 * r.ranges.len() + 4 * floats + 16 * r.gradient.len();
+        let mut out = Vec::with_capacity(capacity);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&[VERSION, KIND_GRADIENT]);
         out.extend_from_slice(&r.fingerprint.to_le_bytes());
-        out.extend_from_slice(&r.partition.to_le_bytes());
-        for v in [r.from, r.to, r.base] {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
+        out.extend_from_slice(&r.base.to_le_bytes());
         out.extend_from_slice(&r.examples.to_le_bytes());
         out.extend_from_slice(&r.skipped.to_le_bytes());
         out.extend_from_slice(&r.loss_sum.to_le_bytes());
         out.extend_from_slice(&r.oldest_ts.to_le_bytes());
         put_str(&mut out, &r.producer);
+        // A trainer owns at most a few thousand partitions; more is a bug.
+        let ranges = &r.ranges[..r.ranges.len().min(u16::MAX as usize)];
+        out.extend_from_slice(&(ranges.len() as u16).to_le_bytes());
+        for range in ranges {
+            out.extend_from_slice(&range.partition.to_le_bytes());
+            out.extend_from_slice(&range.from.to_le_bytes());
+            out.extend_from_slice(&range.to.to_le_bytes());
+        }
         out.extend_from_slice(&(r.gradient.len() as u32).to_le_bytes());
         for t in &r.gradient {
             out.extend_from_slice(&t.param.to_le_bytes());
@@ -255,12 +274,21 @@ fn decode_rollback(r: &mut Reader) -> Result<RollbackRecord, DecodeError> {
 
 fn decode_gradient(r: &mut Reader) -> Result<GradientRecord, DecodeError> {
     let fingerprint = r.u64()?;
-    let partition = r.u32()? as i32;
-    let (from, to, base) = (r.u64()? as i64, r.u64()? as i64, r.u64()? as i64);
+    let base = r.u64()? as i64;
     let (examples, skipped) = (r.u32()?, r.u32()?);
     let loss_sum = f64::from_bits(r.u64()?);
     let oldest_ts = r.u64()? as i64;
     let producer = r.string()?;
+    let n_ranges = r.u16()?;
+    if n_ranges == 0 {
+        return Err(DecodeError::NoRanges);
+    }
+    let mut ranges = Vec::with_capacity(n_ranges as usize);
+    for _ in 0..n_ranges {
+        let partition = r.u32()? as i32;
+        let (from, to) = (r.u64()? as i64, r.u64()? as i64);
+        ranges.push(EventRange { partition, from, to });
+    }
     let count = r.u32()?;
     let mut gradient = Vec::new();
     for _ in 0..count {
@@ -281,19 +309,7 @@ fn decode_gradient(r: &mut Reader) -> Result<GradientRecord, DecodeError> {
         };
         gradient.push(GradTensor { param, values });
     }
-    Ok(GradientRecord {
-        fingerprint,
-        partition,
-        from,
-        to,
-        base,
-        examples,
-        skipped,
-        loss_sum,
-        oldest_ts,
-        producer,
-        gradient,
-    })
+    Ok(GradientRecord { fingerprint, ranges, base, examples, skipped, loss_sum, oldest_ts, producer, gradient })
 }
 
 struct Reader<'a> {
@@ -337,9 +353,7 @@ mod tests {
     pub(crate) fn sample() -> Record {
         Record::Gradient(GradientRecord {
             fingerprint: 7,
-            partition: 3,
-            from: 10,
-            to: 20,
+            ranges: vec![EventRange { partition: 3, from: 10, to: 20 }, EventRange { partition: 5, from: 0, to: 2 }],
             base: 5,
             examples: 9,
             skipped: 1,

@@ -192,7 +192,7 @@ pub(super) fn gradient<B: AsRef<[f32]>>(model: &Model, w: &[B], batch: &[Example
             Loss::Logloss => out.binary_cross_entropy_with_logits::<Tensor>(&labels, None, None, Reduction::Sum),
             Loss::Squared => out.mse_loss(&labels, Reduction::Sum),
         };
-        (&loss_sum / g.batch as f64).backward();
+        loss_sum.backward();
         let tensors = (g.leaves.iter().enumerate())
             .filter_map(|(param, leaf)| {
                 let grad = leaf.as_ref()?.grad();

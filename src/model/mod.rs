@@ -71,7 +71,9 @@ pub struct GradTensor {
 pub struct Gradient {
     /// Loss summed over the batch, computed before the update (progressive).
     pub loss_sum: f64,
-    /// Gradient of the mean loss over the batch.
+    /// Gradient of the loss summed over the batch (not its mean): batches
+    /// vary in size, and a coordinate that k events touch should move about
+    /// k times as far as one that one event touches, whatever the batch.
     pub tensors: Vec<GradTensor>,
 }
 
@@ -146,13 +148,17 @@ impl Model {
             }
         };
         // Everything that changes the meaning of a weight or of a gradient
-        // record goes into the fingerprint; records of another model are
+        // record, or what applying one does, goes into the fingerprint; records of another model are
         // rejected rather than misapplied. A TorchScript module's own code
         // counts too: its file.
         let mut h = blake3::Hasher::new();
         h.update(
             format!("{:?}|{:?}|{:?}|{}", config.kind, config.loss, config.sparse_fields, config.buckets).as_bytes(),
         );
+        // What applying a record does: the optimizer and its settings.
+        let c = config;
+        let step = (c.optimizer, c.learning_rate, c.ftrl_beta, c.l1, c.l2, c.max_grad_norm);
+        h.update(format!("|{step:?}").as_bytes());
         for p in &params {
             h.update(format!("{}:{}x{};", p.name, p.rows, p.cols).as_bytes());
         }
@@ -412,6 +418,7 @@ mod tests {
             let model = Model::new(&small(kind));
             let mut w = model.init_weights();
             let examples = batch(&model, 32);
+            let step = 0.5 / examples.len() as f32; // the gradient is of the summed loss
             let first = model.gradient(&w, &examples).unwrap();
             let mut last = first.clone();
             for _ in 0..50 {
@@ -420,11 +427,11 @@ mod tests {
                     let buf = &mut w[t.param as usize];
                     let cols = model.params()[t.param as usize].cols;
                     match &t.values {
-                        GradValues::Dense(g) => buf.iter_mut().zip(g).for_each(|(x, g)| *x -= 0.5 * g),
+                        GradValues::Dense(g) => buf.iter_mut().zip(g).for_each(|(x, g)| *x -= step * g),
                         GradValues::Rows { ids, values } => {
                             for (r, id) in ids.iter().enumerate() {
                                 for c in 0..cols {
-                                    buf[*id as usize * cols + c] -= 0.5 * values[r * cols + c];
+                                    buf[*id as usize * cols + c] -= step * values[r * cols + c];
                                 }
                             }
                         }

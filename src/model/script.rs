@@ -261,7 +261,7 @@ impl Script {
                 Loss::Logloss => out.binary_cross_entropy_with_logits::<Tensor>(&labels, None, None, Reduction::Sum),
                 Loss::Squared => out.mse_loss(&labels, Reduction::Sum),
             };
-            (&loss_sum / batch.len() as f64).backward();
+            loss_sum.backward();
             let tensors = (instance.params.iter().enumerate())
                 .filter_map(|(param, t)| Some(GradTensor { param: param as u32, values: gradient_values(t)? }))
                 .collect();

@@ -128,12 +128,13 @@ pub struct DeliveryContext {
 impl ClientContext for DeliveryContext {}
 
 impl ProducerContext for DeliveryContext {
-    type DeliveryOpaque = Box<(i32, i64, i64)>;
+    /// The trainer's sequence number of the record.
+    type DeliveryOpaque = Box<u64>;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, range: Self::DeliveryOpaque) {
+    fn delivery(&self, result: &DeliveryResult<'_>, seq: Self::DeliveryOpaque) {
         if let Err((e, _)) = result {
-            warn!(partition = range.0, from = range.1, to = range.2, error = %e, "gradient record not delivered");
-            self.failures.lock().expect("failures lock").push(*range);
+            warn!(record = *seq, error = %e, "gradient record not delivered");
+            self.failures.lock().expect("failures lock").push(*seq);
         }
     }
 }

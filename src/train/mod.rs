@@ -1,13 +1,25 @@
 //! The trainer: a member of the consumer group over `events`, on its own OS
-//! thread (parsing and gradients are CPU work). For each owned partition it
-//! batches events, computes the progressive loss and the gradient against
-//! the current serving snapshot, and appends a gradient record to `updates`.
-//! It never changes weights itself.
+//! thread (parsing and gradients are CPU work). It batches the events of all
+//! the partitions it owns into one batch, computes the progressive loss and
+//! the gradient against the newest served weights, and appends one gradient
+//! record with a `[from, to)` range per partition to `updates`. It never
+//! changes weights itself.
 //!
 //! The trainer rule (DESIGN.md section 3): on assignment, wait until the
 //! applier has read the log up to its end as of then, and start each new
-//! partition at its applied watermark; keep at most K records in flight; when
-//! a record of its own is rejected, seek back to the watermark.
+//! partition at its applied watermark; keep at most K records in flight;
+//! when a record of its own is lost (rejected, undelivered), seek every
+//! partition back to its watermark.
+//!
+//! Staleness, and why the batch spans partitions: a gradient computed at
+//! version v and applied at offset o missed the `o - v` records in between.
+//! With one record per trainer rather than per partition, and the next
+//! gradient computed only once the served weights include the trainer's
+//! previous record (the applier publishes at once for it), a lone replica
+//! at `max_in_flight` 1 learns exactly as a sequential learner would; each
+//! further replica adds about one record of staleness. Batches adapt: while
+//! a record is in flight the next one fills, up to `batch_size`, so they are
+//! large from a backlog and small (fresh) when live.
 
 mod context;
 
@@ -25,32 +37,33 @@ use tracing::{debug, info, warn};
 pub use context::{Rebalanced, TrainerContext};
 
 use crate::apply::applier::Progress;
-use crate::apply::rule::check_gradient;
+use crate::apply::rule::{check_gradient, Reject};
 use crate::config::{Config, TrainConfig};
 use crate::event::Example;
 use crate::log::kafka;
-use crate::log::record::{GradientRecord, Record, RecordMeta};
+use crate::log::record::{EventRange, GradientRecord, Record, RecordMeta};
 use crate::metrics::Metrics;
 use crate::model::{Gradient, Model};
 use crate::serving::Serving;
 
-/// A record sent and not yet applied (or rejected).
-#[derive(Debug, Clone, Copy)]
+/// A record sent and not yet applied (or lost).
+#[derive(Debug, Clone)]
 struct InFlight {
-    from: i64,
-    to: i64,
+    /// Numbers the trainer's records, for delivery reports.
+    seq: u64,
+    ranges: Vec<EventRange>,
     sent: Instant,
 }
 
-/// Events taken from a partition and not yet sent as a record.
+/// Events taken and not yet sent as a record.
 #[derive(Debug, Default)]
 struct Batch {
     examples: Vec<Example>,
     /// Invalid events: counted, learned from by no one.
     skipped: u32,
     oldest_ts: i64,
-    /// Offset after its last event: the record's `to`, once closed.
-    to: i64,
+    /// Set when the batch closes: one range per partition it took events of.
+    ranges: Vec<EventRange>,
 }
 
 impl Batch {
@@ -59,31 +72,20 @@ impl Batch {
     }
 }
 
-/// Closed batches a partition may hold while K records are in flight. Reading
-/// on into them keeps the fetch streaming without a seek; past them the
-/// partition blocks.
-const WAITING_LIMIT: usize = 32;
+/// Closed batches that may wait for a slot among the K in flight. At the
+/// limit the partitions are paused (their prefetched events dropped, fetched
+/// again on resume), and resumed once half have been sent: a backlog keeps
+/// the pipeline full without pausing for every record.
+const WAITING_LIMIT: usize = 6;
 
 /// What the trainer knows of one partition it owns.
 #[derive(Debug)]
 struct Partition {
-    /// `from` of the next record: the previous record's `to`.
+    /// `from` of the partition's next range: where the open batch's events
+    /// of it start.
     next_from: i64,
     /// Offset after the last event taken.
     end: i64,
-    /// The batch events go into; closed when full or `max_wait` old.
-    open: Batch,
-    /// When the open batch took its first event: it closes `max_wait` later.
-    first_at: Option<Instant>,
-    /// Closed batches waiting for a slot among the K in flight, oldest first.
-    /// A gradient is computed when its batch is sent, against the newest
-    /// weights, so staleness stays bounded by K.
-    waiting: VecDeque<Batch>,
-    in_flight: VecDeque<InFlight>,
-    /// `WAITING_LIMIT` batches wait: events are refused until one is sent,
-    /// then the partition is sought back to `end`. (Not `pause`: librdkafka
-    /// drops what it had fetched for a paused partition.)
-    blocked: bool,
     /// Assigned before the applier had read the log to this position: no
     /// event is taken until it has, then the partition restarts at the
     /// watermark it has by then. (Learning from a stale watermark would only
@@ -93,25 +95,7 @@ struct Partition {
 
 impl Partition {
     fn at(watermark: i64) -> Partition {
-        Partition {
-            next_from: watermark,
-            end: watermark,
-            open: Batch::default(),
-            first_at: None,
-            waiting: VecDeque::new(),
-            in_flight: VecDeque::new(),
-            blocked: false,
-            hold_until: None,
-        }
-    }
-    /// Closes the open batch (if it holds anything) and queues it to be sent.
-    fn close(&mut self) {
-        self.first_at = None;
-        if self.open.len() > 0 {
-            let mut batch = std::mem::take(&mut self.open);
-            batch.to = self.end;
-            self.waiting.push_back(batch);
-        }
+        Partition { next_from: watermark, end: watermark, hold_until: None }
     }
 
     /// Whether the event at `offset` is one to take: at or after `end`.
@@ -122,15 +106,11 @@ impl Partition {
     fn takes(&self, offset: i64) -> bool {
         offset >= self.end
     }
-
-    /// Blocked or held: events are refused, fetched again after a seek.
-    fn refusing(&self) -> bool {
-        self.blocked || self.hold_until.is_some()
-    }
 }
 
-/// A record produce failure, reported by the producer's delivery callback.
-pub type DeliveryFailures = Arc<Mutex<Vec<(i32, i64, i64)>>>;
+/// A record produce failure, reported by the producer's delivery callback:
+/// the record's sequence number.
+pub type DeliveryFailures = Arc<Mutex<Vec<u64>>>;
 
 pub struct Trainer {
     pub model: Arc<Model>,
@@ -148,7 +128,25 @@ pub struct Trainer {
     pub metrics: Arc<Metrics>,
     pub progress: Arc<Progress>,
     pub stop: Arc<AtomicBool>,
+    /// Whether the served weights follow the log once ready (swaps on): a
+    /// gradient then waits for the trainer's previous record to be served.
+    follows_served: bool,
     partitions: HashMap<i32, Partition>,
+    /// The batch events go into; closed when full, `max_wait` old, or when
+    /// it can be sent at once.
+    open: Batch,
+    /// When the open batch took its first event.
+    first_at: Option<Instant>,
+    /// Closed batches, oldest first. A gradient is computed when its batch
+    /// is sent, against the newest weights.
+    waiting: VecDeque<Batch>,
+    in_flight: VecDeque<InFlight>,
+    next_seq: u64,
+    /// The served version that includes the trainer's last applied record;
+    /// the next gradient is computed at it or later.
+    see_from: i64,
+    /// The owned partitions are paused: `WAITING_LIMIT` batches wait.
+    paused: bool,
 }
 
 impl Trainer {
@@ -202,7 +200,15 @@ impl Trainer {
             metrics,
             progress,
             stop,
+            follows_served: config.apply.max_swaps_per_sec > 0.0,
             partitions: HashMap::new(),
+            open: Batch::default(),
+            first_at: None,
+            waiting: VecDeque::new(),
+            in_flight: VecDeque::new(),
+            next_seq: 0,
+            see_from: 0,
+            paused: false,
         })
     }
 
@@ -213,28 +219,26 @@ impl Trainer {
         let commit_every = Duration::from_millis(self.config.commit_interval_ms);
         let mut last_commit = Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
-            if let Some((partition, offset, payload)) = self.next_event(Duration::from_millis(5)) {
+            // Short while a record is in flight: its return frees the slot.
+            let timeout = Duration::from_millis(if self.in_flight.is_empty() { 5 } else { 1 });
+            if let Some((partition, offset, payload)) = self.next_event(timeout) {
                 self.take_rebalances();
                 self.take_event(partition, offset, &payload);
                 // Drain what is already fetched before looking at timers.
                 for _ in 0..self.config.batch_size {
-                    let Some((partition, offset, payload)) = self.next_event(Duration::ZERO) else { break };
+                    let Some((partition, offset, payload)) = self.next_event(Duration::ZERO) else {
+                        break;
+                    };
                     self.take_rebalances();
                     self.take_event(partition, offset, &payload);
                 }
             }
             self.take_rebalances();
             self.follow_applier();
-            let due: Vec<i32> = (self.partitions.iter())
-                .filter(|(_, p)| p.first_at.is_some_and(|t| t.elapsed() >= max_wait))
-                .map(|(&id, _)| id)
-                .collect();
-            for id in due {
-                if let Some(p) = self.partitions.get_mut(&id) {
-                    p.close();
-                }
-                self.send_waiting(id);
+            if self.first_at.is_some_and(|t| t.elapsed() >= max_wait) {
+                self.close();
             }
+            self.send_waiting();
             if last_commit.elapsed() >= commit_every {
                 self.commit(CommitMode::Async);
                 last_commit = Instant::now();
@@ -247,12 +251,10 @@ impl Trainer {
     /// Graceful stop: send what is batched, flush the producer, then leave
     /// the group so the partitions move at once.
     fn shut_down(mut self) {
-        let ids: Vec<i32> = self.partitions.keys().copied().collect();
-        for id in ids {
-            self.partitions.get_mut(&id).expect("owned").close();
-            // What does not fit in flight is left to whoever takes the partition.
-            self.send_waiting(id);
-        }
+        self.close();
+        // What does not fit in flight is left to whoever takes the partitions.
+        self.follows_served = false;
+        self.send_waiting();
         let _ = self.producer.flush(Duration::from_secs(10));
         let _ = self.dead_letters.flush(Duration::from_secs(10));
         self.commit(CommitMode::Sync);
@@ -277,64 +279,112 @@ impl Trainer {
         for event in self.consumer.context().take_events() {
             match event {
                 Rebalanced::Assigned(list, hold) => {
-                    for (id, watermark) in list {
+                    for &(id, watermark) in &list {
                         info!(partition = id, watermark, "partition assigned");
                         let mut p = Partition::at(watermark);
                         p.hold_until = hold;
                         self.partitions.insert(id, p);
                     }
+                    if self.paused {
+                        self.set_paused(list.iter().map(|&(id, _)| id), true);
+                    }
                 }
                 Rebalanced::Revoked(list) => {
-                    for id in list {
+                    for &id in &list {
                         info!(partition = id, "partition revoked");
                         self.partitions.remove(&id);
                         let _ = self.metrics.consumer_lag.remove_label_values(&[&id.to_string()]);
                     }
+                    self.unbatch(&list);
                 }
             }
         }
     }
 
-    fn take_event(&mut self, id: i32, offset: i64, payload: &[u8]) {
-        let Some(p) = self.partitions.get_mut(&id) else { return };
-        if p.refusing() {
+    /// Drops the events of `revoked` partitions from the batches not yet
+    /// sent: every batch is dropped, and every kept partition rewinds to
+    /// where its first unsent event is. (Revocations are rare; a batch that
+    /// kept a revoked partition's range would race its new owner.)
+    fn unbatch(&mut self, revoked: &[i32]) {
+        let touched =
+            self.waiting.iter().any(|b| b.ranges.iter().any(|r| revoked.contains(&r.partition))) || self.open.len() > 0;
+        if !touched {
             return;
         }
-        if !p.takes(offset) {
+        let mut first_unsent: BTreeMap<i32, i64> = BTreeMap::new();
+        for range in self.waiting.iter().flat_map(|b| &b.ranges) {
+            first_unsent.entry(range.partition).or_insert(range.from);
+        }
+        self.waiting.clear();
+        self.open = Batch::default();
+        self.first_at = None;
+        let ids: Vec<i32> = self.partitions.keys().copied().collect();
+        for id in ids {
+            let p = &self.partitions[&id];
+            let from = first_unsent.get(&id).copied().unwrap_or(p.next_from);
+            if p.end != from && self.seek(id, from) {
+                let p = self.partitions.get_mut(&id).expect("owned");
+                (p.next_from, p.end) = (from, from);
+            }
+        }
+    }
+
+    fn take_event(&mut self, id: i32, offset: i64, payload: &[u8]) {
+        let Some(p) = self.partitions.get_mut(&id) else {
+            return;
+        };
+        if p.hold_until.is_some() || !p.takes(offset) {
             return;
         }
         if offset > p.end {
             // Legitimate with transactions or compaction; worth seeing otherwise.
             debug!(partition = id, expected = p.end, offset, "gap in the events partition");
         }
+        p.end = offset + 1;
         self.metrics.events_consumed.inc();
         match self.model.featurizer().event(payload) {
             Ok(example) => {
                 if let Some(ts) = example.ts.filter(|&ts| ts > 0) {
-                    p.open.oldest_ts = if p.open.oldest_ts == 0 { ts } else { p.open.oldest_ts.min(ts) };
+                    self.open.oldest_ts = if self.open.oldest_ts == 0 { ts } else { self.open.oldest_ts.min(ts) };
                 }
-                p.open.examples.push(example);
+                self.open.examples.push(example);
             }
             Err(e) => {
                 self.metrics.events_invalid.inc();
                 debug!(partition = id, offset, error = %e, "invalid event: to the dead-letter topic");
-                p.open.skipped += 1;
+                self.open.skipped += 1;
                 self.dead_letter(id, offset, payload, &e);
             }
         }
-        let Some(p) = self.partitions.get_mut(&id) else { return };
-        p.end = offset + 1;
-        p.first_at.get_or_insert_with(Instant::now);
-        if p.open.len() >= self.config.batch_size {
-            p.close();
-            if p.waiting.len() >= WAITING_LIMIT {
-                debug!(partition = id, end = p.end, "max in flight and batches waiting: blocking");
-                p.blocked = true;
-            }
-            self.send_waiting(id);
+        self.first_at.get_or_insert_with(Instant::now);
+        if self.open.len() >= self.config.batch_size {
+            self.close();
+            self.send_waiting();
         }
     }
 
+    /// Closes the open batch (if it holds anything): each partition's events
+    /// since its previous range become a range; the batch queues to be sent.
+    fn close(&mut self) {
+        self.first_at = None;
+        if self.open.len() == 0 {
+            return;
+        }
+        let mut batch = std::mem::take(&mut self.open);
+        for (&partition, p) in &mut self.partitions {
+            if p.end > p.next_from {
+                batch.ranges.push(EventRange { partition, from: p.next_from, to: p.end });
+                p.next_from = p.end;
+            }
+        }
+        batch.ranges.sort_by_key(|r| r.partition);
+        self.waiting.push_back(batch);
+        if self.waiting.len() >= WAITING_LIMIT && !self.paused {
+            debug!(waiting = self.waiting.len(), "batches waiting for the records in flight: pausing");
+            self.paused = true;
+            self.set_paused(self.partitions.keys().copied().collect::<Vec<_>>(), true);
+        }
+    }
     /// Writes an invalid event to the dead-letter topic: the payload as it
     /// came, the reason, source topic, partition and offset in headers, and
     /// `partition:offset` as the key. After a seek back the same event may be
@@ -361,143 +411,166 @@ impl Trainer {
         }
     }
 
-    /// Sends waiting batches of partition `id` while fewer than K records
-    /// are in flight.
-    fn send_waiting(&mut self, id: i32) {
-        let k = self.config.max_in_flight;
-        while let Some(batch) =
-            self.partitions.get_mut(&id).filter(|p| p.in_flight.len() < k).and_then(|p| p.waiting.pop_front())
-        {
-            if let Err(batch) = self.send(id, batch) {
-                // Nothing was sent: keep the batch, try again at the next tick.
-                self.partitions.get_mut(&id).expect("owned").waiting.push_front(batch);
-                return;
-            }
+    /// Pauses or resumes fetching `ids`.
+    fn set_paused(&self, ids: impl IntoIterator<Item = i32>, paused: bool) {
+        let mut tpl = TopicPartitionList::new();
+        for id in ids {
+            tpl.add_partition(&self.events_topic, id);
+        }
+        let result = if paused { self.consumer.pause(&tpl) } else { self.consumer.resume(&tpl) };
+        if let Err(e) = result {
+            warn!(paused, error = %e, "cannot pause or resume the events partitions");
         }
     }
 
-    /// Sends `batch` of partition `id` as one gradient record; gives it back
-    /// if the producer's queue refuses it.
-    fn send(&mut self, id: i32, batch: Batch) -> Result<(), Batch> {
-        let Some(p) = self.partitions.get_mut(&id) else { return Ok(()) };
+    /// Whether a gradient computed now sees the trainer's own records: the
+    /// served weights include the last one applied.
+    fn sees_own_records(&self) -> bool {
+        !self.follows_served || self.serving.load().position >= self.see_from
+    }
+
+    /// Sends waiting batches while fewer than K records are in flight and
+    /// the served weights include the last one applied. When nothing waits
+    /// and a slot is free, the open batch goes at once: batches grow only
+    /// while records are in flight.
+    fn send_waiting(&mut self) {
+        let k = self.config.max_in_flight;
+        if self.waiting.is_empty() && self.in_flight.len() < k && self.sees_own_records() {
+            self.close();
+        }
+        while self.in_flight.len() < k && self.sees_own_records() {
+            let Some(batch) = self.waiting.pop_front() else {
+                break;
+            };
+            if let Err(batch) = self.send(batch) {
+                // Nothing was sent: keep the batch, try again at the next tick.
+                self.waiting.push_front(batch);
+                return;
+            }
+        }
+        if self.paused && self.waiting.len() <= WAITING_LIMIT / 2 {
+            debug!(waiting = self.waiting.len(), "resuming the events partitions");
+            self.paused = false;
+            self.set_paused(self.partitions.keys().copied().collect::<Vec<_>>(), false);
+        }
+    }
+
+    /// The progressive loss and gradient of `batch` against the served
+    /// weights, checked as the applier will check it. A batch whose gradient
+    /// the applier would reject (a retry would compute the same one) is sent
+    /// with no gradient and its events counted as skipped, so the
+    /// partitions move on.
+    fn gradient(&self, batch: &Batch) -> (i64, Gradient, u32, u32) {
         let snapshot = self.serving.load_full();
+        let (mut examples, mut skipped) = (batch.examples.len() as u32, batch.skipped);
         let mut gradient = match self.model.gradient_at(Some(snapshot.position), &snapshot.weights, &batch.examples) {
             Ok(g) => g,
             Err(e) => {
-                if !batch.examples.is_empty() {
-                    warn!(partition = id, error = %e, "gradient failed; batch skipped");
+                if examples > 0 {
+                    warn!(ranges = ?batch.ranges, error = %e, "gradient failed; batch skipped");
                 }
+                (skipped, examples) = (skipped + examples, 0);
                 Gradient::default()
             }
         };
-        let mut examples = batch.examples.len() as u32;
-        let mut skipped = batch.skipped;
-        // The applier would reject this record, and a retry would compute the
-        // same gradient: skip the batch instead, so the partition moves on.
         let max_norm = self.model.config().max_grad_norm;
-        if let Err(reason) = check_gradient(self.model.params(), max_norm, &gradient.tensors)
-            .and_then(|()| gradient.loss_sum.is_finite().then_some(()).ok_or(crate::apply::rule::Reject::NonFinite))
-        {
-            warn!(
-                partition = id,
-                from = p.next_from,
-                to = batch.to,
-                reason = reason.as_str(),
-                "gradient refused; batch skipped"
-            );
-            skipped += examples;
-            examples = 0;
+        let checked = check_gradient(self.model.params(), max_norm, examples, &gradient.tensors)
+            .and_then(|()| gradient.loss_sum.is_finite().then_some(()).ok_or(Reject::NonFinite));
+        if let Err(reason) = checked {
+            warn!(ranges = ?batch.ranges, reason = reason.as_str(), "gradient refused; batch skipped");
+            (skipped, examples) = (skipped + examples, 0);
             gradient = Gradient::default();
         }
+        (snapshot.position, gradient, examples, skipped)
+    }
+
+    /// Sends `batch` as one gradient record; gives it back if the
+    /// producer's queue refuses it.
+    fn send(&mut self, batch: Batch) -> Result<(), Batch> {
+        let (base, gradient, examples, skipped) = self.gradient(&batch);
         let meta = RecordMeta {
             fingerprint: self.model.fingerprint(),
-            partition: id,
-            from: p.next_from,
-            to: batch.to,
-            base: snapshot.position,
+            ranges: batch.ranges.clone(),
+            base,
             examples,
             skipped,
             oldest_ts: batch.oldest_ts,
             producer: self.replica_id.clone(),
         };
         let bytes = Record::Gradient(GradientRecord::new(meta, gradient)).encode();
-        let key = id.to_be_bytes();
-        let opaque = Box::new((id, p.next_from, batch.to));
-        let record = BaseRecord::with_opaque_to(&self.updates_topic, opaque).payload(&bytes).key(&key);
+        let seq = self.next_seq;
+        // Keyed by the trainer: `updates` has one partition, the key is for people.
+        let record = BaseRecord::with_opaque_to(&self.updates_topic, Box::new(seq))
+            .payload(&bytes)
+            .key(self.replica_id.as_bytes());
         match self.producer.send(record) {
             Ok(()) => {
+                self.next_seq += 1;
                 self.metrics.records_produced.inc();
-                p.in_flight.push_back(InFlight { from: p.next_from, to: batch.to, sent: Instant::now() });
-                p.next_from = batch.to;
+                self.in_flight.push_back(InFlight { seq, ranges: batch.ranges, sent: Instant::now() });
                 Ok(())
             }
             Err((e, _)) => {
-                warn!(partition = id, error = %e, "cannot queue gradient record");
+                warn!(error = %e, "cannot queue gradient record");
                 Err(batch)
             }
         }
     }
 
-    /// Retires records the applier applied; seeks back after a rejection of
-    /// one of ours, a delivery failure, or when another trainer moved the
-    /// watermark (a rebalance overlap); sends waiting batches into the freed
-    /// slots and unblocks partitions.
+    /// Retires records the applier applied; starts held partitions once the
+    /// applier has caught up; seeks every partition back after a rejection
+    /// of one of ours, a delivery failure, or when another trainer moved a
+    /// watermark (a rebalance overlap).
     fn follow_applier(&mut self) {
         let (position, watermarks, rejected) = {
             let mut applied = self.progress.applied.lock().expect("progress lock");
             (applied.position, applied.watermarks.clone(), std::mem::take(&mut applied.rejected_own))
         };
         let failed = std::mem::take(&mut *self.failures.lock().expect("failures lock"));
-        let (mut reseek, mut sendable) = (Vec::new(), Vec::new());
-        for (&id, p) in self.partitions.iter_mut() {
-            let wm = watermarks.get(&id).copied().unwrap_or(0);
-            if let Some(until) = p.hold_until {
-                if position >= until {
-                    info!(partition = id, watermark = wm, "the applier caught up: starting the held partition");
-                    reseek.push((id, wm));
-                }
-                continue;
-            }
-            while let Some(r) = p.in_flight.front().filter(|r| r.to <= wm) {
-                self.metrics.record_round_trip.observe(r.sent.elapsed().as_secs_f64());
-                p.in_flight.pop_front();
-            }
-            let ours = |&(pid, from, to): &(i32, i64, i64)| {
-                pid == id && p.in_flight.iter().any(|r| r.from == from && r.to == to)
-            };
-            let lost = rejected.iter().any(ours) || failed.iter().any(ours);
-            let stale = p.in_flight.front().is_some_and(|r| r.sent.elapsed() > Duration::from_secs(30));
-            // Our view is consistent iff our next record continues the
-            // watermark, directly or through records still in flight.
-            let expected_wm = p.in_flight.front().map_or(p.next_from, |r| r.from);
-            if lost || stale || expected_wm != wm && p.in_flight.is_empty() {
-                reseek.push((id, wm));
-            } else {
-                sendable.push(id);
+        let watermark = |id: i32| watermarks.get(&id).copied().unwrap_or(0);
+        let held: Vec<i32> = (self.partitions.iter())
+            .filter(|(_, p)| p.hold_until.is_some_and(|until| position >= until))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in held {
+            info!(partition = id, watermark = watermark(id), "the applier caught up: starting the held partition");
+            if self.seek(id, watermark(id)) {
+                self.partitions.insert(id, Partition::at(watermark(id)));
             }
         }
-        for (id, wm) in reseek {
-            self.seek_back(id, wm);
+        while let Some(r) = self.in_flight.front().filter(|r| r.ranges.iter().all(|g| watermark(g.partition) >= g.to)) {
+            self.metrics.record_round_trip.observe(r.sent.elapsed().as_secs_f64());
+            self.in_flight.pop_front();
+            self.see_from = position;
         }
-        for id in sendable {
-            self.send_waiting(id);
-            let p = self.partitions.get_mut(&id).expect("owned");
-            if p.blocked && p.waiting.len() < WAITING_LIMIT {
-                let end = p.end;
-                if self.seek(id, end) {
-                    debug!(partition = id, end, "unblocked");
-                    self.partitions.get_mut(&id).expect("owned").blocked = false;
-                }
-            }
+        let lost = self.in_flight.iter().any(|r| failed.contains(&r.seq) || rejected.contains(&r.ranges));
+        let stale = self.in_flight.front().is_some_and(|r| r.sent.elapsed() > Duration::from_secs(30));
+        // Our view is consistent iff each partition's next range continues
+        // its watermark, directly or through records still in flight.
+        let moved = self.in_flight.is_empty()
+            && (self.partitions.iter()).filter(|(_, p)| p.hold_until.is_none()).any(|(&id, p)| {
+                let first_unsent = self.waiting.iter().flat_map(|b| &b.ranges).find(|r| r.partition == id);
+                first_unsent.map_or(p.next_from, |r| r.from) != watermark(id)
+            });
+        if lost || stale || moved {
+            info!(lost, stale, moved, "seeking every partition back to its applied watermark");
+            self.seek_back(&watermarks);
         }
     }
 
-    /// Sends partition `id` back to the applied watermark, dropping what was
-    /// batched and in flight.
-    fn seek_back(&mut self, id: i32, watermark: i64) {
-        info!(partition = id, watermark, "seeking back to the applied watermark");
-        if self.seek(id, watermark) {
-            self.partitions.insert(id, Partition::at(watermark));
+    /// Sends every partition back to its applied watermark, dropping what
+    /// was batched and in flight.
+    fn seek_back(&mut self, watermarks: &BTreeMap<i32, i64>) {
+        self.open = Batch::default();
+        self.first_at = None;
+        self.waiting.clear();
+        self.in_flight.clear();
+        let ids: Vec<i32> = self.partitions.iter().filter(|(_, p)| p.hold_until.is_none()).map(|(&id, _)| id).collect();
+        for id in ids {
+            let wm = watermarks.get(&id).copied().unwrap_or(0);
+            if self.seek(id, wm) {
+                self.partitions.insert(id, Partition::at(wm));
+            }
         }
     }
 

@@ -11,7 +11,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tributary::config::ModelKind;
 use tributary::log::kafka;
-use tributary::log::record::{GradientRecord, Record};
+use tributary::log::record::{EventRange, GradientRecord, Record};
 use tributary::model::{GradTensor, GradValues, Model};
 
 use crate::helpers::*;
@@ -66,9 +66,7 @@ fn zombie_records_for_the_same_range_are_applied_once_everywhere() {
     let record = |producer: &str, from: i64, to: i64, g: f32| {
         Record::Gradient(GradientRecord {
             fingerprint: model.fingerprint(),
-            partition: 3,
-            from,
-            to,
+            ranges: vec![EventRange { partition: 3, from, to }],
             base: 0,
             examples: (to - from) as u32,
             skipped: 0,
