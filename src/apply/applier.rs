@@ -73,6 +73,12 @@ impl Progress {
         }
         true
     }
+
+    /// Waits until the applier reports progress, or `timeout`.
+    pub fn wait_changed(&self, timeout: Duration) {
+        let applied = self.applied.lock().expect("progress lock");
+        let _ = self.changed.wait_timeout(applied, timeout).expect("progress lock");
+    }
 }
 
 pub struct Applier {

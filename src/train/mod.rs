@@ -73,10 +73,17 @@ impl Batch {
 }
 
 /// Closed batches that may wait for a slot among the K in flight. At the
-/// limit the partitions are paused (their prefetched events dropped, fetched
-/// again on resume), and resumed once half have been sent: a backlog keeps
-/// the pipeline full without pausing for every record.
-const WAITING_LIMIT: usize = 6;
+/// limit the trainer stops taking events and librdkafka's fetch queue holds
+/// them. (Not `pause`: a paused partition drops what was fetched, and a
+/// resumed one waits for its next fetch, which cost a backlog most of its
+/// rate when tried.)
+const WAITING_LIMIT: usize = 4;
+
+/// How often a trainer whose batches all wait still polls the consumer:
+/// rebalances are served inside poll, and librdkafka evicts a member that
+/// does not poll within `max.poll.interval.ms`. What that poll returns is
+/// taken; the queue may run a little over its limit.
+const FULL_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// What the trainer knows of one partition it owns.
 #[derive(Debug)]
@@ -145,8 +152,6 @@ pub struct Trainer {
     /// The served version that includes the trainer's last applied record;
     /// the next gradient is computed at it or later.
     see_from: i64,
-    /// The owned partitions are paused: `WAITING_LIMIT` batches wait.
-    paused: bool,
 }
 
 impl Trainer {
@@ -208,7 +213,6 @@ impl Trainer {
             in_flight: VecDeque::new(),
             next_seq: 0,
             see_from: 0,
-            paused: false,
         })
     }
 
@@ -218,20 +222,14 @@ impl Trainer {
         let max_wait = Duration::from_millis(self.config.max_wait_ms);
         let commit_every = Duration::from_millis(self.config.commit_interval_ms);
         let mut last_commit = Instant::now();
+        let mut last_poll = Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
-            // Short while a record is in flight: its return frees the slot.
-            let timeout = Duration::from_millis(if self.in_flight.is_empty() { 5 } else { 1 });
-            if let Some((partition, offset, payload)) = self.next_event(timeout) {
-                self.take_rebalances();
-                self.take_event(partition, offset, &payload);
-                // Drain what is already fetched before looking at timers.
-                for _ in 0..self.config.batch_size {
-                    let Some((partition, offset, payload)) = self.next_event(Duration::ZERO) else {
-                        break;
-                    };
-                    self.take_rebalances();
-                    self.take_event(partition, offset, &payload);
-                }
+            if self.waiting.len() < WAITING_LIMIT || last_poll.elapsed() >= FULL_POLL_INTERVAL {
+                // Short while a record is in flight: its return frees the slot.
+                self.take_fetched(Duration::from_millis(if self.in_flight.is_empty() { 5 } else { 1 }));
+                last_poll = Instant::now();
+            } else {
+                self.progress.wait_changed(Duration::from_millis(1));
             }
             self.take_rebalances();
             self.follow_applier();
@@ -263,6 +261,21 @@ impl Trainer {
         info!("trainer left the consumer group");
     }
 
+    /// Takes the events fetched, waiting up to `timeout` for the first, until
+    /// a batch's worth or until `WAITING_LIMIT` batches wait.
+    fn take_fetched(&mut self, timeout: Duration) {
+        let mut wait = timeout;
+        for _ in 0..self.config.batch_size {
+            let Some((partition, offset, payload)) = self.next_event(wait) else { break };
+            self.take_rebalances();
+            self.take_event(partition, offset, &payload);
+            if self.waiting.len() >= WAITING_LIMIT {
+                break;
+            }
+            wait = Duration::ZERO;
+        }
+    }
+
     /// The next event fetched, as (partition, offset, payload). Rebalance
     /// callbacks run inside this poll.
     fn next_event(&self, timeout: Duration) -> Option<(i32, i64, Vec<u8>)> {
@@ -279,14 +292,11 @@ impl Trainer {
         for event in self.consumer.context().take_events() {
             match event {
                 Rebalanced::Assigned(list, hold) => {
-                    for &(id, watermark) in &list {
+                    for (id, watermark) in list {
                         info!(partition = id, watermark, "partition assigned");
                         let mut p = Partition::at(watermark);
                         p.hold_until = hold;
                         self.partitions.insert(id, p);
-                    }
-                    if self.paused {
-                        self.set_paused(list.iter().map(|&(id, _)| id), true);
                     }
                 }
                 Rebalanced::Revoked(list) => {
@@ -379,11 +389,6 @@ impl Trainer {
         }
         batch.ranges.sort_by_key(|r| r.partition);
         self.waiting.push_back(batch);
-        if self.waiting.len() >= WAITING_LIMIT && !self.paused {
-            debug!(waiting = self.waiting.len(), "batches waiting for the records in flight: pausing");
-            self.paused = true;
-            self.set_paused(self.partitions.keys().copied().collect::<Vec<_>>(), true);
-        }
     }
     /// Writes an invalid event to the dead-letter topic: the payload as it
     /// came, the reason, source topic, partition and offset in headers, and
@@ -411,18 +416,6 @@ impl Trainer {
         }
     }
 
-    /// Pauses or resumes fetching `ids`.
-    fn set_paused(&self, ids: impl IntoIterator<Item = i32>, paused: bool) {
-        let mut tpl = TopicPartitionList::new();
-        for id in ids {
-            tpl.add_partition(&self.events_topic, id);
-        }
-        let result = if paused { self.consumer.pause(&tpl) } else { self.consumer.resume(&tpl) };
-        if let Err(e) = result {
-            warn!(paused, error = %e, "cannot pause or resume the events partitions");
-        }
-    }
-
     /// Whether a gradient computed now sees the trainer's own records: the
     /// served weights include the last one applied.
     fn sees_own_records(&self) -> bool {
@@ -447,11 +440,6 @@ impl Trainer {
                 self.waiting.push_front(batch);
                 return;
             }
-        }
-        if self.paused && self.waiting.len() <= WAITING_LIMIT / 2 {
-            debug!(waiting = self.waiting.len(), "resuming the events partitions");
-            self.paused = false;
-            self.set_paused(self.partitions.keys().copied().collect::<Vec<_>>(), false);
         }
     }
 

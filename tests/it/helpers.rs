@@ -71,6 +71,14 @@ impl Cluster {
         cluster
     }
 
+    /// Moves the cluster to an events topic of its own with `n` partitions.
+    pub fn with_events_partitions(&mut self, n: i32) {
+        let k = &mut self.config.kafka;
+        k.events_partitions = n;
+        k.events_topic = format!("{}-{n}p", k.events_topic);
+        tokio::runtime::Runtime::new().unwrap().block_on(tributary::log::kafka::ensure_topics(k)).unwrap();
+    }
+
     /// Produces `n` synthetic events (seed `seed`) spread over the partitions;
     /// returns their labels.
     pub fn produce(&self, n: usize, seed: u64) -> Vec<f32> {

@@ -12,5 +12,6 @@ mod faults;
 mod fleet;
 mod helpers;
 mod kafka_cluster;
+mod quality;
 mod rollback;
 mod torchscript;
