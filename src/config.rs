@@ -88,6 +88,21 @@ pub struct ModelConfig {
     pub seed: u64,
     /// Gradients whose global L2 norm exceeds this are rejected.
     pub max_grad_norm: f32,
+    /// How a gradient counts when other records changed the weights between
+    /// the version it was computed at and its own offset.
+    pub staleness_scaling: StalenessScaling,
+}
+
+/// A deterministic step for stale gradients: every replica computes the
+/// same scale from the log (`offset - base`, the records the gradient did
+/// not see).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StalenessScaling {
+    /// Every gradient counts in full.
+    None,
+    /// The gradient is scaled by `1 / sqrt(1 + s)` for `s` records unseen.
+    InverseSqrt,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -218,6 +233,7 @@ impl Default for Config {
                 l2: 0.0,
                 seed: 42,
                 max_grad_norm: 1000.0,
+                staleness_scaling: StalenessScaling::None,
             },
             kafka: KafkaConfig {
                 brokers: "127.0.0.1:9092".into(),
@@ -232,7 +248,7 @@ impl Default for Config {
             },
             train: TrainConfig {
                 enabled: true,
-                batch_size: 256,
+                batch_size: 1024,
                 max_wait_ms: 20,
                 max_in_flight: 1,
                 commit_interval_ms: 1000,

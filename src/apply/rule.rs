@@ -17,6 +17,7 @@
 use std::collections::BTreeMap;
 
 use super::optim::{Optimizer, Touch};
+use crate::config::StalenessScaling;
 use crate::log::record::{EventRange, EventsSince, GradientRecord, Record, RollbackRecord};
 use crate::model::{Buffers, GradTensor, GradValues, Model, ParamSpec};
 
@@ -130,10 +131,11 @@ impl State {
                 Ok(()) => Outcome::RollBack(r),
                 Err(reason) => Outcome::RollbackRejected(r, reason),
             },
-            Ok(Record::Gradient(r)) => match check(model, &self.watermarks, &r) {
+            Ok(Record::Gradient(mut r)) => match check(model, &self.watermarks, &r) {
                 Err(reason) => Outcome::Rejected(Some(r), reason),
                 Ok(()) => {
                     if !r.gradient.is_empty() {
+                        scale_for_staleness(model.config().staleness_scaling, offset - r.base, &mut r.gradient);
                         self.optimizer.step(model.params(), &mut self.weights, &r.gradient, touch);
                     }
                     for range in &r.ranges {
@@ -198,6 +200,23 @@ fn check(model: &Model, watermarks: &BTreeMap<i32, i64>, r: &GradientRecord) -> 
         return Err(Reject::NonFinite);
     }
     check_gradient(model.params(), model.config().max_grad_norm, r.examples, &r.gradient)
+}
+
+/// Scales a gradient that missed `unseen` records, as `scaling` says.
+fn scale_for_staleness(scaling: StalenessScaling, unseen: i64, gradient: &mut [GradTensor]) {
+    let scale = match scaling {
+        StalenessScaling::None => return,
+        // sqrt is correctly rounded (IEEE 754): the same on every replica.
+        StalenessScaling::InverseSqrt => 1.0 / (1.0 + unseen.max(0) as f32).sqrt(),
+    };
+    if scale == 1.0 {
+        return;
+    }
+    for t in gradient {
+        match &mut t.values {
+            GradValues::Dense(v) | GradValues::Rows { values: v, .. } => v.iter_mut().for_each(|x| *x *= scale),
+        }
+    }
 }
 
 /// Whether `ranges` are in partition order, each of its own partition, and

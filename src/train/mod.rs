@@ -115,6 +115,10 @@ impl Partition {
     }
 }
 
+/// Bytes a fetch takes from one events partition (librdkafka's default is
+/// 1 MB: about 3 000 events of the load report's stream).
+const TRAINER_PARTITION_FETCH_BYTES: usize = 64 * 1024;
+
 /// A record produce failure, reported by the producer's delivery callback:
 /// the record's sequence number.
 pub type DeliveryFailures = Arc<Mutex<Vec<u64>>>;
@@ -175,6 +179,11 @@ impl Trainer {
             // on its next heartbeat, and a hand-over should take well under 2 s.
             .set("heartbeat.interval.ms", (k.session_timeout_ms / 10).clamp(100, 1000).to_string())
             .set("fetch.wait.max.ms", "10")
+            // Small fetches per partition, so that the partitions interleave
+            // finely in the one queue the trainer reads: with librdkafka's 1 MB
+            // a batch took thousands of events of one partition at a time, and
+            // the partitions drifted apart in event time.
+            .set("max.partition.fetch.bytes", TRAINER_PARTITION_FETCH_BYTES.to_string())
             // Also bounds how long librdkafka waits on a JoinGroup before it
             // retries (the default is five minutes). The rebalance callback
             // blocks poll for at most CATCH_UP_LIMIT plus a watermark query,
