@@ -356,6 +356,25 @@ mod tests {
     }
 
     #[test]
+    fn inverse_sqrt_scaling_steps_a_gradient_less_for_each_record_it_did_not_see() {
+        let moved = |scaling: StalenessScaling, offset: i64| {
+            let mut c = Config::default().model;
+            (c.kind, c.dense_dim, c.buckets) = (crate::config::ModelKind::Logistic, 2, 16);
+            (c.optimizer, c.learning_rate, c.staleness_scaling) = (crate::config::OptimizerKind::Sgd, 1.0, scaling);
+            let model = Model::new(&c);
+            let mut s = State::initial(&model);
+            let before = s.weights[1][0];
+            // Computed at version 0, applied at `offset`: `offset` records unseen.
+            let outcome = s.apply(&model, offset, &record(&model, 0, 0, 1, 0.5), &mut NoTouch);
+            assert!(matches!(outcome, Outcome::Applied(_)), "{outcome:?}");
+            before - s.weights[1][0]
+        };
+        assert_eq!(moved(StalenessScaling::None, 3), 0.5);
+        assert_eq!(moved(StalenessScaling::InverseSqrt, 0), 0.5, "a fresh gradient counts in full");
+        assert_eq!(moved(StalenessScaling::InverseSqrt, 3), 0.25, "3 unseen: 1 / sqrt(4)");
+    }
+
+    #[test]
     fn a_rollback_returns_learning_to_an_earlier_state_once() {
         let (model, mut s) = setup();
         let step = |s: &mut State, offset, bytes: Vec<u8>| s.apply(&model, offset, &bytes, &mut NoTouch);
