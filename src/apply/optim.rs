@@ -66,10 +66,10 @@ impl Optimizer {
     pub fn new(config: &ModelConfig, params: &[ParamSpec]) -> Self {
         let zeros = || params.iter().map(|p| vec![0f32; p.len()]).collect::<Buffers>();
         Optimizer {
-            kind: config.optimizer,
-            learning_rate: config.learning_rate,
-            ftrl: Ftrl { alpha: config.learning_rate, beta: config.ftrl_beta, l1: config.l1, l2: config.l2 },
-            slots: (0..config.optimizer.slots()).map(|_| zeros()).collect(),
+            kind: config.optimizer(),
+            learning_rate: config.step_size(),
+            ftrl: Ftrl { alpha: config.step_size(), beta: config.ftrl_beta, l1: config.l1, l2: config.l2 },
+            slots: (0..config.optimizer().slots()).map(|_| zeros()).collect(),
             steps: 0,
         }
     }
@@ -153,7 +153,7 @@ mod tests {
         let params = vec![ParamSpec { name: "t".into(), rows: 4, cols: 2, sparse: true }];
         for kind in [OptimizerKind::Sgd, OptimizerKind::Adagrad, OptimizerKind::Adam, OptimizerKind::Ftrl] {
             let mut config = crate::config::Config::default().model;
-            (config.optimizer, config.learning_rate) = (kind, 0.1);
+            (config.optimizer, config.learning_rate) = (Some(kind), Some(0.1));
             let mut w = vec![vec![1f32; 8]];
             let mut opt = Optimizer::starting_at(&config, &params, &w);
             let g = GradTensor { param: 0, values: GradValues::Rows { ids: vec![2], values: vec![0.5, -0.5] } };
@@ -167,7 +167,7 @@ mod tests {
     fn ftrl_starts_at_the_initial_weights_and_l1_zeroes_what_little_evidence_moves() {
         let params = vec![ParamSpec { name: "w".into(), rows: 1, cols: 3, sparse: false }];
         let mut config = crate::config::Config::default().model;
-        (config.optimizer, config.learning_rate) = (OptimizerKind::Ftrl, 0.1);
+        (config.optimizer, config.learning_rate) = (Some(OptimizerKind::Ftrl), Some(0.1));
         let w = vec![vec![0.25f32, -0.5, 0.0]];
         let opt = Optimizer::starting_at(&config, &params, &w);
         let back: Vec<f32> = (0..3).map(|i| opt.ftrl.weight(opt.slots[0][0][i], opt.slots[1][0][i])).collect();

@@ -360,7 +360,8 @@ mod tests {
         let moved = |scaling: StalenessScaling, offset: i64| {
             let mut c = Config::default().model;
             (c.kind, c.dense_dim, c.buckets) = (crate::config::ModelKind::Logistic, 2, 16);
-            (c.optimizer, c.learning_rate, c.staleness_scaling) = (crate::config::OptimizerKind::Sgd, 1.0, scaling);
+            (c.optimizer, c.learning_rate) = (Some(crate::config::OptimizerKind::Sgd), Some(1.0));
+            c.staleness_scaling = scaling;
             let model = Model::new(&c);
             let mut s = State::initial(&model);
             let before = s.weights[1][0];

@@ -219,7 +219,7 @@ fn decode(model: &Model, bytes: &[u8], location: &str) -> Result<State, Checkpoi
     let slots = take(1)?[0] as usize;
     let c = model.config();
     let mut optimizer = Optimizer::new(c, model.params());
-    if slots != c.optimizer.slots() {
+    if slots != c.optimizer().slots() {
         return Err(CheckpointError::OtherModel(location.into()));
     }
     let mut read_buffers = || {
@@ -261,7 +261,7 @@ pub(crate) mod tests {
         let mut c = Config::default().model;
         c.kind = ModelKind::WideDeep;
         c.buckets = 64;
-        c.optimizer = OptimizerKind::Adam;
+        c.optimizer = Some(OptimizerKind::Adam);
         Model::new(&c)
     }
 

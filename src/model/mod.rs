@@ -157,7 +157,7 @@ impl Model {
         );
         // What applying a record does: the optimizer and its settings.
         let c = config;
-        let step = (c.optimizer, c.learning_rate, c.ftrl_beta, c.l1, c.l2, c.max_grad_norm, c.staleness_scaling);
+        let step = (c.optimizer(), c.step_size(), c.ftrl_beta, c.l1, c.l2, c.max_grad_norm, c.staleness_scaling);
         h.update(format!("|{step:?}").as_bytes());
         for p in &params {
             h.update(format!("{}:{}x{};", p.name, p.rows, p.cols).as_bytes());
