@@ -155,12 +155,10 @@ pub struct KafkaConfig {
 pub struct TrainConfig {
     /// Off: the replica applies the log and serves but learns nothing itself.
     pub enabled: bool,
-    /// Most events per gradient record: a batch spans the trainer's
-    /// partitions and grows only while records are in flight.
+    /// Most events per gradient record. A batch spans the trainer's
+    /// partitions and is formed when a record can be sent, from what was
+    /// read since: this large from a backlog, smaller when live.
     pub batch_size: usize,
-    /// A batch closes this long after its first event even if it cannot be
-    /// sent yet.
-    pub max_wait_ms: u64,
     /// Gradient records of the trainer in flight (sent, not yet applied). 1:
     /// each gradient sees the trainer's previous record; more pipelines
     /// records at the price of that much staleness.
@@ -269,13 +267,7 @@ impl Default for Config {
                 group_instance_id: String::new(),
                 session_timeout_ms: 6000,
             },
-            train: TrainConfig {
-                enabled: true,
-                batch_size: 1024,
-                max_wait_ms: 20,
-                max_in_flight: 1,
-                commit_interval_ms: 1000,
-            },
+            train: TrainConfig { enabled: true, batch_size: 1024, max_in_flight: 1, commit_interval_ms: 1000 },
             apply: ApplyConfig { max_swaps_per_sec: 20.0 },
             guard: GuardConfig { enabled: true, loss_factor: 3.0, warmup_examples: 10_000 },
             checkpoint: CheckpointConfig {

@@ -404,48 +404,79 @@ impl Bench {
             }
             args
         };
-        for (topic, partitions, vw) in [("events", 8, true), ("events-1p", 1, false)] {
+        let n_live: u64 = if self.smoke { 5_000 } else { 200_000 };
+        for (topic, partitions, count, vw) in
+            [("events", 8, n, true), ("events-1p", 1, n, false), ("events-live-1p", 1, n_live, false)]
+        {
             let env = [("TRIBUTARY_KAFKA__EVENTS_PARTITIONS".to_string(), partitions.to_string())];
             let log = dir.join(format!("produce-{topic}.log"));
-            EventStream::start(&self.tributary, &broker.addr, topic, None, Some(n), &env, &ctr(vw), &log)?
+            EventStream::start(&self.tributary, &broker.addr, topic, None, Some(count), &env, &ctr(vw), &log)?
                 .finish(Duration::from_secs(900))?;
         }
         let mut rows = serde_json::Map::new();
         for run in quality_runs(self.smoke) {
             let id = format!("{}-{}", run.kind, run.label.replace([' ', ','], "-"));
-            let (rate, loss, staleness) = self.quality_run(&dir, &broker, n, &id, &run)?;
+            let count = if run.live.is_some() || run.topic == "events-live-1p" { n_live } else { n };
+            let stream = run.live.map(|rate| (rate, ctr(false)));
+            let outcome = self.quality_run(&dir, &broker, count, &id, &run, stream)?;
             let name = format!("{}, {}", run.kind, run.label);
-            self.report.add("quality", &format!("{name}: events learned/s"), rate, Goal::None);
-            self.report.add("quality", &format!("{name}: progressive log-loss"), loss, Goal::None);
-            self.report.add("quality", &format!("{name}: staleness p99 (records, bucket bound)"), staleness, Goal::None);
-            rows.insert(id, json!({"events_per_sec": rate, "progressive_logloss": loss, "staleness_p99_records": staleness}));
+            self.report.add("quality", &format!("{name}: events learned/s"), outcome.rate, Goal::None);
+            self.report.add("quality", &format!("{name}: progressive log-loss"), outcome.loss, Goal::None);
+            let staleness = format!("{name}: staleness p99 (records, bucket bound)");
+            self.report.add("quality", &staleness, outcome.staleness_p99, Goal::None);
+            if run.live.is_some() {
+                let freshness = format!("{name}: freshness p99 (ms, bucket bound)");
+                self.report.add("quality", &freshness, outcome.freshness_p99_ms, Goal::AtMost(100.0));
+            }
+            rows.insert(id, serde_json::to_value(&outcome)?);
         }
-        let loss = |id: &str| rows.get(id).and_then(|r| r["progressive_logloss"].as_f64()).unwrap_or(f64::NAN);
+        let loss = |id: &str| rows.get(id).and_then(|r| r["loss"].as_f64()).unwrap_or(f64::NAN);
         for kind in ["logistic", "wide_deep"] {
-            let sequential = loss(&format!("{kind}-no-staleness"));
-            for (label, id) in [("1 replica", "defaults"), ("3 replicas", "3-replicas")] {
-                let ratio = loss(&format!("{kind}-{id}")) / sequential;
-                let name = format!("{kind}: log-loss at speed ({label}) over without staleness");
+            let comparisons = [
+                ("from a backlog, 1 replica", "defaults", "no-staleness"),
+                ("from a backlog, 3 replicas", "3-replicas", "no-staleness"),
+                ("live, 1 replica", "live-1-replica", "live-no-staleness"),
+                ("live, 3 replicas", "live-3-replicas", "live-no-staleness"),
+            ];
+            for (label, at_speed, sequential) in comparisons {
+                let ratio = loss(&format!("{kind}-{at_speed}")) / loss(&format!("{kind}-{sequential}"));
+                let name = format!("{kind}: log-loss {label}, over without staleness");
                 self.report.add("quality", &name, ratio, Goal::AtMost(1.01));
             }
         }
         let vw = vowpal_wabbit(&vw_file)?;
         let get = |k: &str| vw[k].as_f64().unwrap_or(f64::NAN);
-        self.report.add("quality", "Vowpal Wabbit: events learned/s (one core, from a file)", get("events_per_sec"), Goal::None);
+        self.report.add(
+            "quality",
+            "Vowpal Wabbit: events learned/s (one core, from a file)",
+            get("events_per_sec"),
+            Goal::None,
+        );
         self.report.add("quality", "Vowpal Wabbit: progressive log-loss", get("progressive_logloss"), Goal::None);
         self.report.add("quality", "best constant prediction: log-loss", get("constant_logloss"), Goal::None);
         let vw_loss = get("progressive_logloss");
-        self.report.add("quality", "logistic at speed over VW: log-loss", loss("logistic-defaults") / vw_loss, Goal::AtMost(1.0));
-        self.report.add("quality", "wide_deep at speed over VW: log-loss", loss("wide_deep-defaults") / vw_loss, Goal::AtMost(1.0));
+        self.report.add(
+            "quality",
+            "logistic at speed over VW: log-loss",
+            loss("logistic-defaults") / vw_loss,
+            Goal::AtMost(1.0),
+        );
+        self.report.add(
+            "quality",
+            "wide_deep at speed over VW: log-loss",
+            loss("wide_deep-defaults") / vw_loss,
+            Goal::AtMost(1.0),
+        );
         rows.insert("vowpal_wabbit".into(), vw);
         self.report.detail("quality", json!({"events": n, "runs": rows}));
         Ok(())
     }
 
     /// One run of the quality scenario: `run.replicas` replicas learn the
-    /// pre-filled topic from the start; the first one's rate (from its first
-    /// learned batch to the `n`th example), progressive log-loss and
-    /// staleness p99.
+    /// pre-filled topic from the start, or, with `live` (a rate and the
+    /// generator's arguments), a stream of `n` events produced at that rate
+    /// once they are ready. What the first replica reports once it has
+    /// learned `n` events.
     fn quality_run(
         &self,
         dir: &Path,
@@ -453,10 +484,10 @@ impl Bench {
         n: u64,
         id: &str,
         run: &QualityRun,
-    ) -> anyhow::Result<(f64, f64, f64)> {
+        live: Option<(f64, Vec<String>)>,
+    ) -> anyhow::Result<QualityOutcome> {
         let mut env: Vec<(&str, String)> = vec![
             ("MODEL__KIND", run.kind.into()),
-            ("KAFKA__EVENTS_TOPIC", run.topic.into()),
             ("KAFKA__UPDATES_TOPIC", format!("updates-{id}")),
             ("KAFKA__GROUP_ID", id.to_string()),
             // A rollback that skips events would leave the count short.
@@ -467,16 +498,33 @@ impl Bench {
         // tries other settings on every run.
         let extra = std::env::var("LOAD_QUALITY_ENV").unwrap_or_default();
         env.extend(extra.split(',').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k, v.to_string())));
+        let topic = if live.is_some() { format!("live-{id}") } else { run.topic.to_string() };
+        env.push(("KAFKA__EVENTS_TOPIC", topic.clone()));
         let mut fleet = Vec::new();
         for i in 0..run.replicas {
             fleet.push(self.ready_replica(dir, &format!("{id}-{i}"), broker, &env)?);
         }
+        let stream = match &live {
+            Some((rate, args)) => {
+                let log = dir.join(format!("produce-{topic}.log"));
+                Some(EventStream::start(&self.tributary, &broker.addr, &topic, Some(*rate), Some(n), &[], args, &log)?)
+            }
+            None => None,
+        };
         let rate = learned_rate(&fleet[0], n, Duration::from_secs(1800))?;
-        let loss = fleet[0].info().and_then(|i| i["progressive_logloss"].as_f64()).unwrap_or(f64::NAN);
-        let staleness =
-            fleet[0].metrics().and_then(|m| m.quantile("tributary_staleness_records", 0.99)).unwrap_or(f64::NAN);
+        if let Some(stream) = stream {
+            stream.finish(Duration::from_secs(60))?;
+        }
+        let metrics = fleet[0].metrics();
+        let quantile = |name, q| metrics.as_ref().and_then(|m| m.quantile(name, q)).unwrap_or(f64::NAN);
+        let outcome = QualityOutcome {
+            rate,
+            loss: fleet[0].info().and_then(|i| i["progressive_logloss"].as_f64()).unwrap_or(f64::NAN),
+            staleness_p99: quantile("tributary_staleness_records", 0.99),
+            freshness_p99_ms: quantile("tributary_freshness_seconds", 0.99) * 1000.0,
+        };
         fleet.iter_mut().for_each(Replica::kill);
-        Ok((rate, loss, staleness))
+        Ok(outcome)
     }
 
     /// Event time to serving, at 10k events/s, from the replica's histogram.
@@ -737,17 +785,36 @@ fn longest_stand_still(samples: &[(f64, Vec<u64>)]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// What one run of the quality scenario measured, on its first replica.
+#[derive(serde::Serialize)]
+struct QualityOutcome {
+    /// Events learned per second, from the first learned batch.
+    rate: f64,
+    /// Progressive log-loss over all the events.
+    loss: f64,
+    staleness_p99: f64,
+    /// Event time to serving (live runs).
+    freshness_p99_ms: f64,
+}
+
 /// A configuration the quality scenario learns the stream with.
 struct QualityRun {
     kind: &'static str,
     /// Names the run in the report: `defaults`, `no staleness`, ...
     label: &'static str,
-    /// `events` (8 partitions) or `events-1p` (one).
+    /// `events` (8 partitions), `events-1p` (one), `events-live-1p` (the
+    /// live runs' events, in one partition); unused by live runs.
     topic: &'static str,
     replicas: usize,
+    /// Events per second produced while the replicas learn, into a topic of
+    /// the run's own; `None`: the pre-filled topic.
+    live: Option<f64>,
     /// Settings beyond the defaults, as `TRIBUTARY_` variables without the prefix.
     env: Vec<(&'static str, &'static str)>,
 }
+
+/// Events per second of the quality scenario's live runs.
+const LIVE_RATE: f64 = 10_000.0;
 
 /// The quality scenario's runs: per model kind, the defaults with one and
 /// three replicas and the same without staleness; a smoke run keeps one
@@ -758,11 +825,15 @@ fn quality_runs(smoke: bool) -> Vec<QualityRun> {
     let only = std::env::var("LOAD_QUALITY_KINDS").unwrap_or_default();
     let mut runs = Vec::new();
     for &kind in kinds.iter().filter(|k| only.is_empty() || only.split(',').any(|o| o == **k)) {
-        let run = |label, topic, replicas, env| QualityRun { kind, label, topic, replicas, env };
-        runs.push(run("no staleness", "events-1p", 1, vec![("TRAIN__MAX_IN_FLIGHT", "1")]));
-        runs.push(run("defaults", "events", 1, vec![]));
-        runs.push(run("3 replicas", "events", 3, vec![]));
-        runs.push(run("4 in flight", "events", 1, vec![("TRAIN__MAX_IN_FLIGHT", "4")]));
+        let run = |label, topic, replicas, live, env| QualityRun { kind, label, topic, replicas, live, env };
+        let sequential = || vec![("TRAIN__MAX_IN_FLIGHT", "1")];
+        runs.push(run("no staleness", "events-1p", 1, None, sequential()));
+        runs.push(run("defaults", "events", 1, None, vec![]));
+        runs.push(run("3 replicas", "events", 3, None, vec![]));
+        runs.push(run("4 in flight", "events", 1, None, vec![("TRAIN__MAX_IN_FLIGHT", "4")]));
+        runs.push(run("live no staleness", "events-live-1p", 1, None, sequential()));
+        runs.push(run("live 1 replica", "", 1, Some(LIVE_RATE), vec![]));
+        runs.push(run("live 3 replicas", "", 3, Some(LIVE_RATE), vec![]));
     }
     runs
 }

@@ -121,17 +121,18 @@ fn an_exported_module_loads_predicts_and_learns() {
     }
     assert!((from_dense.loss_sum - first.loss_sum).abs() < 1e-6);
     let mut last = first.clone();
+    let step = 0.5 / batch.len() as f32; // the gradient is of the summed loss
     for _ in 0..100 {
         last = model.gradient(&w, &batch).unwrap();
         for t in &last.tensors {
             let cols = model.params()[t.param as usize].cols;
             let buf = &mut w[t.param as usize];
             match &t.values {
-                GradValues::Dense(g) => buf.iter_mut().zip(g).for_each(|(x, g)| *x -= 0.5 * g),
+                GradValues::Dense(g) => buf.iter_mut().zip(g).for_each(|(x, g)| *x -= step * g),
                 GradValues::Rows { ids, values } => {
                     for (r, &id) in ids.iter().enumerate() {
                         let row = &mut buf[id as usize * cols..(id as usize + 1) * cols];
-                        row.iter_mut().zip(&values[r * cols..(r + 1) * cols]).for_each(|(x, g)| *x -= 0.5 * g);
+                        row.iter_mut().zip(&values[r * cols..(r + 1) * cols]).for_each(|(x, g)| *x -= step * g);
                     }
                 }
             }
