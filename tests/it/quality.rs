@@ -19,7 +19,8 @@ const EVENTS: usize = 30_000;
 /// that drifts half-way), as JSON lines, and its labels.
 fn ctr_events(cluster: &Cluster) -> (Vec<String>, Vec<f32>) {
     let mut stream = CtrStream::new(&cluster.config.model, 13, EVENTS as u64 / 2);
-    let lines: Vec<String> = (0..EVENTS).map(|_| stream.next_event(0).json).collect();
+    // Event times a millisecond apart: the trainer merges partitions by them.
+    let lines: Vec<String> = (0..EVENTS).map(|i| stream.next_event(1_764_000_000_000 + i as i64).json).collect();
     let labels = lines.iter().map(|l| if l.contains("\"label\":1") { 1.0 } else { 0.0 }).collect();
     (lines, labels)
 }
