@@ -163,6 +163,10 @@ pub struct TrainConfig {
     /// each gradient sees the trainer's previous record; more pipelines
     /// records at the price of that much staleness.
     pub max_in_flight: usize,
+    /// A gradient waits until the served weights miss at most this many
+    /// records of the log (stale-synchronous: bounds what other replicas'
+    /// records cost). 0: no bound.
+    pub max_unseen_records: u64,
     /// How often committed consumer offsets catch up with applied watermarks.
     pub commit_interval_ms: u64,
 }
@@ -267,7 +271,13 @@ impl Default for Config {
                 group_instance_id: String::new(),
                 session_timeout_ms: 6000,
             },
-            train: TrainConfig { enabled: true, batch_size: 1024, max_in_flight: 1, commit_interval_ms: 1000 },
+            train: TrainConfig {
+                enabled: true,
+                batch_size: 1024,
+                max_in_flight: 1,
+                max_unseen_records: 0,
+                commit_interval_ms: 1000,
+            },
             apply: ApplyConfig { max_swaps_per_sec: 20.0 },
             guard: GuardConfig { enabled: true, loss_factor: 3.0, warmup_examples: 10_000 },
             checkpoint: CheckpointConfig {

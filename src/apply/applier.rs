@@ -32,6 +32,9 @@ pub struct Applied {
     pub watermarks: BTreeMap<i32, i64>,
     /// The ranges of this replica's records that were rejected.
     pub rejected_own: Vec<Vec<EventRange>>,
+    /// The update log's end as the last fetch response said (0 before one):
+    /// the trainer's bound on records it has not seen.
+    pub log_end: i64,
     /// Position after the last record the divergence guard found healthy.
     pub last_healthy: i64,
     /// What became of recent rollback records, by offset (the newest 64).
@@ -222,6 +225,7 @@ impl Applier {
                 applied.position = self.state.position;
                 applied.watermarks.clone_from(&self.state.watermarks);
                 applied.rejected_own.extend(own_rejections);
+                applied.log_end = kafka::fetched_end(&self.consumer, &self.updates_topic).unwrap_or(0);
                 if let Some((guard, ..)) = &self.guard {
                     applied.last_healthy = guard.last_healthy();
                 }

@@ -418,10 +418,17 @@ impl Trainer {
         }
     }
 
-    /// Whether a gradient computed now sees the trainer's own records: the
-    /// served weights include the last one applied.
+    /// Whether a gradient computed now sees the trainer's own records (the
+    /// served weights include the last one applied) and all but
+    /// `max_unseen_records` of the log's.
     fn sees_own_records(&self) -> bool {
-        !self.follows_served || self.serving.load().position >= self.see_from
+        if !self.follows_served {
+            return true;
+        }
+        let served = self.serving.load().position;
+        let bound = self.config.max_unseen_records as i64;
+        let log_end = if bound > 0 { self.progress.applied.lock().expect("progress lock").log_end } else { 0 };
+        served >= self.see_from && (bound == 0 || served >= log_end - bound)
     }
 
     /// Sends batches from the read-ahead while fewer than K records are in
