@@ -139,7 +139,7 @@ impl BatchGraph {
         let mut out = self.dense.matmul(&self.leaf(l.dense).tr()) + self.leaf(l.bias);
         for (field, &table) in l.wide.iter().enumerate() {
             if self.leaves[table].is_some() {
-                out = out + self.bag_sum(field, table, 1);
+                out += self.bag_sum(field, table, 1);
             }
         }
         out

@@ -130,7 +130,7 @@ fn restart_from_checkpoint_and_replay_matches_a_replica_that_never_stopped() {
 #[test]
 fn slow_three_replicas_survive_a_sigkill_with_no_failed_prediction() {
     let cluster = Cluster::new("sigkill", ModelKind::WideDeep);
-    let mut replicas = vec![cluster.spawn("r0"), cluster.spawn("r1"), cluster.spawn("r2")];
+    let mut replicas = [cluster.spawn("r0"), cluster.spawn("r1"), cluster.spawn("r2")];
     replicas.iter().for_each(Replica::wait_ready);
 
     // Predictions go to the two survivors the whole time.
