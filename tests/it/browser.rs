@@ -76,14 +76,7 @@ fn status_page_draws_every_chart_with_data_in_chromium() {
 
 fn check_status_page(browser: &Browser, r: &crate::helpers::Replica) {
     browser.open(&format!("http://{}/", r.http));
-    let charts = [
-        "model_version",
-        "events_per_sec",
-        "lag",
-        "freshness_p99_seconds",
-        "staleness_p99_records",
-        "progressive_logloss",
-    ];
+    let charts = crate::helpers::STATUS_SERIES;
     // The page polls every 2 s and the replica samples every second: wait
     // until every chart has drawn at least three points.
     let read = || {

@@ -188,15 +188,7 @@ async fn status_reports_the_sampled_history() {
         (Some("test"), Some("default"), Some("logistic"))
     );
     let h = &v["history"];
-    for series in [
-        "unix_ms",
-        "model_version",
-        "events_per_sec",
-        "lag",
-        "freshness_p99_seconds",
-        "staleness_p99_records",
-        "progressive_logloss",
-    ] {
+    for series in std::iter::once("unix_ms").chain(crate::helpers::STATUS_SERIES) {
         assert_eq!(h[series].as_array().map(Vec::len), Some(3), "{series}: {text}");
     }
     let page = call(&app(ModelKind::Logistic), "GET", "/", Body::empty()).await.2;

@@ -15,6 +15,10 @@ use serde_json::Value;
 use tributary::config::{Config, ModelKind};
 pub use tributary_load::procs::{self, try_wait_for, wait_for, Broker, KafkaCluster};
 
+/// The status page's charts, each a series of `history` in `GET /v1/status`.
+pub const STATUS_SERIES: [&str; 6] =
+    ["model_version", "events_per_sec", "lag", "freshness_p99_seconds", "staleness_p99_records", "progressive_logloss"];
+
 /// One test's world: Kafka brokers, a configuration, and a scratch directory.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
