@@ -1,6 +1,7 @@
 //! Criterion benchmarks of the model's hot paths, each next to its baseline:
 //! predict per kind, a training step per kind, a replica's whole work per
-//! batch, and a serving-snapshot publish left-right against a full copy.
+//! batch, the applier alone per record, and a serving-snapshot publish
+//! left-right against a full copy.
 //! `cargo bench --bench model` runs them. The `torchscript` cases export
 //! `examples/torchscript/export.py`'s model (2.1 M parameters; sparse
 //! embedding gradients, and dense ones for comparison) with the
@@ -102,13 +103,14 @@ fn torchscript(c: &mut Criterion) {
     });
 }
 
-/// One batch's gradient record from partition 0 at `from`, encoded.
-fn record_bytes(m: &Model, from: i64, gradient: Gradient) -> Vec<u8> {
+/// One batch's gradient record of `events` events from partition 0 at
+/// `from`, encoded.
+fn record_bytes(m: &Model, from: i64, events: u32, gradient: Gradient) -> Vec<u8> {
     let meta = RecordMeta {
         fingerprint: m.fingerprint(),
-        ranges: vec![EventRange { partition: 0, from, to: from + 256 }],
+        ranges: vec![EventRange { partition: 0, from, to: from + i64::from(events) }],
         base: 0,
-        examples: 256,
+        examples: events,
         skipped: 0,
         oldest_ts: 0,
         producer: "bench".into(),
@@ -132,11 +134,46 @@ fn pipeline(c: &mut Criterion) {
             b.iter(|| {
                 let batch: Vec<Example> = lines.iter().map(|l| m.featurizer().event(l.as_bytes()).unwrap()).collect();
                 let gradient = m.gradient(&state.weights, &batch).unwrap();
-                let bytes = record_bytes(&m, state.watermarks.get(&0).copied().unwrap_or(0), gradient);
+                let bytes = record_bytes(&m, state.watermarks.get(&0).copied().unwrap_or(0), 256, gradient);
                 state.apply(&m, offset, &bytes, &mut NoTouch);
                 offset += 1;
             })
         });
+    }
+}
+
+/// The applier alone, per record of 1024 events (the default batch) with
+/// each kind's default optimizer: decode, the apply rule, the optimizer
+/// step and a left-right publish. Every replica applies every record, so
+/// 1024 over this time is the fleet's learning ceiling; over the trainer's
+/// own time per batch it is how many trainers one applier absorbs.
+fn applier(c: &mut Criterion) {
+    tributary::startup::init_libtorch();
+    for kind in [ModelKind::Logistic, ModelKind::WideDeep] {
+        let m = Arc::new(model(kind));
+        // The load report's click-through stream: most values rare, so a
+        // record touches about as many rows per table as it has events.
+        let mut ctr = tributary::synthetic::CtrStream::new(m.config(), 7, u64::MAX);
+        let ex: Vec<Example> =
+            (0..1024).map(|_| m.featurizer().event(ctr.next_event(1).json.as_bytes()).unwrap()).collect();
+        let mut state = State::initial(&m);
+        let gradient = m.gradient(&state.weights, &ex).unwrap();
+        let mut publisher = Publisher::new(m.clone(), &state);
+        // Each record continues the one before: record k covers [1024 k, 1024 (k + 1)).
+        let next_from = std::cell::Cell::new(0i64);
+        let mut offset = 0;
+        c.bench_function(&format!("applier_1024/{kind:?}"), |b| {
+            b.iter_batched(
+                || record_bytes(&m, next_from.replace(next_from.get() + 1024), 1024, gradient.clone()),
+                |bytes| {
+                    state.apply(&m, offset, &bytes, &mut publisher);
+                    offset += 1;
+                    publisher.publish(&state)
+                },
+                BatchSize::SmallInput,
+            )
+        });
+        assert_eq!(state.records_rejected, 0, "every record continued the one before");
     }
 }
 
@@ -150,7 +187,7 @@ fn publish(c: &mut Criterion) {
     let gradient = m.gradient(&state.weights, &ex).unwrap();
     let mut publisher = Publisher::new(m.clone(), &state);
     let mut offset = 0;
-    let record = |from: i64| record_bytes(&m, from, gradient.clone());
+    let record = |from: i64| record_bytes(&m, from, 256, gradient.clone());
     c.bench_function("publish_after_batch/left_right", |b| {
         b.iter(|| {
             let bytes = record(state.watermarks.get(&0).copied().unwrap_or(0));
@@ -176,6 +213,6 @@ fn publish(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).measurement_time(std::time::Duration::from_secs(3));
-    targets = predict, train_step, torchscript, pipeline, publish
+    targets = predict, train_step, torchscript, pipeline, applier, publish
 }
 criterion_main!(benches);
