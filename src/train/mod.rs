@@ -141,6 +141,42 @@ impl Partition {
 /// batch (librdkafka's default is 1 MB).
 const TRAINER_PARTITION_FETCH_BYTES: usize = 64 * 1024;
 
+/// Takes up to `max` events from the partitions' read-ahead, merging them
+/// by event time (the oldest head first; ties go to the partition this
+/// batch took fewest from, so events without a time go round the
+/// partitions), and makes each partition's events a range.
+fn merge_by_event_time(partitions: &mut HashMap<i32, Partition>, max: usize) -> Batch {
+    let mut batch = Batch::default();
+    let mut taken: HashMap<i32, usize> = HashMap::new();
+    for _ in 0..max {
+        let next = (partitions.iter())
+            .filter_map(|(&id, p)| Some((p.read_ahead.front()?.ts(), taken.get(&id).copied().unwrap_or(0), id)))
+            .min();
+        let Some((_, _, id)) = next else { break };
+        let event = partitions.get_mut(&id).and_then(|p| p.read_ahead.pop_front()).expect("a head");
+        *taken.entry(id).or_default() += 1;
+        match event.example {
+            Some(example) => {
+                if let Some(ts) = example.ts.filter(|&ts| ts > 0) {
+                    batch.oldest_ts = if batch.oldest_ts == 0 { ts } else { batch.oldest_ts.min(ts) };
+                }
+                batch.examples.push(example);
+            }
+            None => batch.skipped += 1,
+        }
+    }
+    for &partition in taken.keys() {
+        // The range ends where the partition's next event is, or at the
+        // read end when none is left (so a gap after it is covered).
+        let p = partitions.get_mut(&partition).expect("taken from");
+        let to = p.read_ahead.front().map_or(p.end, |next| next.offset);
+        batch.ranges.push(EventRange { partition, from: p.next_from, to });
+        p.next_from = to;
+    }
+    batch.ranges.sort_by_key(|r| r.partition);
+    batch
+}
+
 /// A record produce failure, reported by the producer's delivery callback:
 /// the record's sequence number.
 pub type DeliveryFailures = Arc<Mutex<Vec<u64>>>;
@@ -311,7 +347,10 @@ impl Trainer {
                         info!(partition = id, watermark, "partition assigned");
                         let mut p = Partition::at(watermark);
                         p.hold_until = hold;
-                        self.partitions.insert(id, p);
+                        if let Some(before) = self.partitions.insert(id, p) {
+                            // Assigned again without a revocation between: start over.
+                            self.read_ahead -= before.read_ahead.len();
+                        }
                     }
                 }
                 Rebalanced::Revoked(list) => {
@@ -355,40 +394,10 @@ impl Trainer {
         }
     }
 
-    /// Takes up to `batch_size` events from the read-ahead, merging the
-    /// partitions by event time (the oldest head first; ties go to the
-    /// partition this batch took fewest from), and makes each partition's
-    /// events a range.
+    /// Takes the next batch from the read-ahead ([`merge_by_event_time`]).
     fn next_batch(&mut self) -> Batch {
-        let mut batch = Batch::default();
-        let mut taken: HashMap<i32, usize> = HashMap::new();
-        for _ in 0..self.config.batch_size {
-            let next = (self.partitions.iter())
-                .filter_map(|(&id, p)| Some((p.read_ahead.front()?.ts(), taken.get(&id).copied().unwrap_or(0), id)))
-                .min();
-            let Some((_, _, id)) = next else { break };
-            let event = self.partitions.get_mut(&id).and_then(|p| p.read_ahead.pop_front()).expect("a head");
-            self.read_ahead -= 1;
-            *taken.entry(id).or_default() += 1;
-            match event.example {
-                Some(example) => {
-                    if let Some(ts) = example.ts.filter(|&ts| ts > 0) {
-                        batch.oldest_ts = if batch.oldest_ts == 0 { ts } else { batch.oldest_ts.min(ts) };
-                    }
-                    batch.examples.push(example);
-                }
-                None => batch.skipped += 1,
-            }
-        }
-        for &partition in taken.keys() {
-            // The range ends where the partition's next event is, or at the
-            // read end when none is left (so a gap after it is covered).
-            let p = self.partitions.get_mut(&partition).expect("owned");
-            let to = p.read_ahead.front().map_or(p.end, |next| next.offset);
-            batch.ranges.push(EventRange { partition, from: p.next_from, to });
-            p.next_from = to;
-        }
-        batch.ranges.sort_by_key(|r| r.partition);
+        let batch = merge_by_event_time(&mut self.partitions, self.config.batch_size);
+        self.read_ahead -= batch.examples.len() + batch.skipped as usize;
         batch
     }
 
@@ -598,6 +607,56 @@ impl Trainer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::Features;
+
+    /// A partition at `from` that read `events` as (offset, event time;
+    /// `None`: invalid), up to `end`.
+    fn read(from: i64, end: i64, events: &[(i64, Option<i64>)]) -> Partition {
+        let mut p = Partition::at(from);
+        p.end = end;
+        for &(offset, ts) in events {
+            let example =
+                ts.map(|ts| Example { features: Features { dense: vec![], ids: vec![] }, label: 0.0, ts: Some(ts) });
+            p.read_ahead.push_back(ReadAhead { offset, example });
+        }
+        p
+    }
+
+    #[test]
+    fn a_batch_merges_partitions_by_event_time_and_each_becomes_one_range() {
+        let mut partitions = HashMap::from([
+            // Offset 11 is a gap (a transaction marker): the range covers it.
+            (0, read(10, 14, &[(10, Some(100)), (12, Some(300)), (13, Some(500))])),
+            (3, read(0, 3, &[(0, Some(200)), (1, None), (2, Some(400))])),
+        ]);
+        let batch = merge_by_event_time(&mut partitions, 4);
+        let times: Vec<i64> = batch.examples.iter().filter_map(|e| e.ts).collect();
+        assert_eq!(times, [100, 200, 300], "oldest first across partitions");
+        assert_eq!(batch.skipped, 1, "the invalid event (time 0) came first of partition 3's rest");
+        assert_eq!(
+            batch.ranges,
+            [EventRange { partition: 0, from: 10, to: 13 }, EventRange { partition: 3, from: 0, to: 2 }]
+        );
+        let rest = merge_by_event_time(&mut partitions, 10);
+        assert_eq!(rest.examples.iter().filter_map(|e| e.ts).collect::<Vec<_>>(), [400, 500]);
+        assert_eq!(
+            rest.ranges,
+            [EventRange { partition: 0, from: 13, to: 14 }, EventRange { partition: 3, from: 2, to: 3 }],
+            "each range continues the last"
+        );
+        assert!(merge_by_event_time(&mut partitions, 10).ranges.is_empty());
+    }
+
+    #[test]
+    fn events_without_a_time_go_round_the_partitions() {
+        let untimed = |from: i64| read(from, from + 3, &[(from, Some(0)), (from + 1, Some(0)), (from + 2, Some(0))]);
+        let mut partitions = HashMap::from([(1, untimed(0)), (2, untimed(50))]);
+        let batch = merge_by_event_time(&mut partitions, 4);
+        assert_eq!(
+            batch.ranges,
+            [EventRange { partition: 1, from: 0, to: 2 }, EventRange { partition: 2, from: 50, to: 52 }]
+        );
+    }
 
     #[test]
     fn a_partition_takes_its_next_offset_and_crosses_gaps_but_never_goes_back() {
