@@ -27,6 +27,8 @@ pub struct Metrics {
     pub examples_learned: IntCounter,
     pub records_produced: IntCounter,
     pub record_round_trip: Histogram,
+    /// Where a trainer's record cycle goes, by stage (see `train::Stage`).
+    pub trainer_stage: HistogramVec,
     pub records_applied: IntCounter,
     pub records_rejected: IntCounterVec,
     pub consumer_lag: IntGaugeVec,
@@ -108,6 +110,13 @@ impl Metrics {
                 "record_round_trip_seconds",
                 "A gradient record of this replica's, from sent to applied here"
             ))),
+            trainer_stage: reg!(HistogramVec::new(
+                hist(
+                    "trainer_stage_seconds",
+                    "A trainer's record cycle by stage: merge, gradient, send, applied, served"
+                ),
+                &["stage"]
+            )),
             records_applied: reg!(IntCounter::new("records_applied_total", "Update-log records applied")),
             records_rejected: reg!(IntCounterVec::new(
                 Opts::new("records_rejected_total", "Update-log records rejected, by reason"),

@@ -177,6 +177,36 @@ fn merge_by_event_time(partitions: &mut HashMap<i32, Partition>, max: usize) -> 
     batch
 }
 
+/// The stages of a trainer's record cycle, timed in
+/// `tributary_trainer_stage_seconds`: where the learning rate goes.
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    /// Taking a batch from the read-ahead, merged by event time.
+    Merge,
+    /// Loading the served weights; the progressive loss and the gradient.
+    Gradient,
+    /// Encoding the record and queueing it in the producer.
+    Send,
+    /// Queued to seen applied: produce (`acks=all`), the broker, the
+    /// applier's fetch, decode and apply.
+    Applied,
+    /// Seen applied to the next batch's start: the swap that serves it and
+    /// the trainer's loop noticing.
+    Served,
+}
+
+impl Stage {
+    fn as_str(self) -> &'static str {
+        match self {
+            Stage::Merge => "merge",
+            Stage::Gradient => "gradient",
+            Stage::Send => "send",
+            Stage::Applied => "applied",
+            Stage::Served => "served",
+        }
+    }
+}
+
 /// A record produce failure, reported by the producer's delivery callback:
 /// the record's sequence number.
 pub type DeliveryFailures = Arc<Mutex<Vec<u64>>>;
@@ -205,6 +235,9 @@ pub struct Trainer {
     read_ahead: usize,
     in_flight: VecDeque<InFlight>,
     next_seq: u64,
+    /// When the last record was seen applied: the wait for it to be served
+    /// is the cycle's `served` stage.
+    retired_at: Option<Instant>,
     /// The served version that includes the trainer's last applied record;
     /// the next gradient is computed at it or later.
     see_from: i64,
@@ -270,6 +303,7 @@ impl Trainer {
             in_flight: VecDeque::new(),
             next_seq: 0,
             see_from: 0,
+            retired_at: None,
         })
     }
 
@@ -444,7 +478,12 @@ impl Trainer {
     /// flight and the served weights include the last one applied.
     fn send_batches(&mut self) {
         while self.read_ahead > 0 && self.in_flight.len() < self.config.max_in_flight && self.sees_own_records() {
+            if let Some(retired) = self.retired_at.take() {
+                self.observe(Stage::Served, retired);
+            }
+            let started = Instant::now();
             let batch = self.next_batch();
+            self.observe(Stage::Merge, started);
             if !self.send(batch) {
                 // Its events left the read-ahead: read them again.
                 let watermarks = self.progress.applied.lock().expect("progress lock").watermarks.clone();
@@ -452,6 +491,11 @@ impl Trainer {
                 return;
             }
         }
+    }
+
+    /// Notes how long `stage` of a record's cycle took, from `since` to now.
+    fn observe(&self, stage: Stage, since: Instant) {
+        self.metrics.trainer_stage.with_label_values(&[stage.as_str()]).observe(since.elapsed().as_secs_f64());
     }
 
     /// The progressive loss and gradient of `batch` against the served
@@ -486,7 +530,10 @@ impl Trainer {
     /// Sends `batch` as one gradient record; false if the producer's queue
     /// refuses it.
     fn send(&mut self, batch: Batch) -> bool {
+        let started = Instant::now();
         let (base, gradient, examples, skipped) = self.gradient(&batch);
+        self.observe(Stage::Gradient, started);
+        let started = Instant::now();
         let meta = RecordMeta {
             fingerprint: self.model.fingerprint(),
             ranges: batch.ranges.clone(),
@@ -504,6 +551,7 @@ impl Trainer {
             .key(self.replica_id.as_bytes());
         match self.producer.send(record) {
             Ok(()) => {
+                self.observe(Stage::Send, started);
                 self.next_seq += 1;
                 self.metrics.records_produced.inc();
                 self.in_flight.push_back(InFlight { seq, ranges: batch.ranges, sent: Instant::now() });
@@ -540,8 +588,10 @@ impl Trainer {
         }
         while let Some(r) = self.in_flight.front().filter(|r| r.ranges.iter().all(|g| watermark(g.partition) >= g.to)) {
             self.metrics.record_round_trip.observe(r.sent.elapsed().as_secs_f64());
+            self.observe(Stage::Applied, r.sent);
             self.in_flight.pop_front();
             self.see_from = position;
+            self.retired_at = Some(Instant::now());
         }
         let lost = self.in_flight.iter().any(|r| failed.contains(&r.seq) || rejected.contains(&r.ranges));
         let stale = self.in_flight.front().is_some_and(|r| r.sent.elapsed() > Duration::from_secs(30));
