@@ -113,7 +113,7 @@ impl Metrics {
             trainer_stage: reg!(HistogramVec::new(
                 hist(
                     "trainer_stage_seconds",
-                    "A trainer's record cycle by stage: merge, gradient, send, applied, served"
+                    "A trainer's record cycle by stage: merge, gradient, send, applied, served, starved"
                 ),
                 &["stage"]
             )),

@@ -355,6 +355,19 @@ impl Bench {
                     q(0.99),
                     Goal::None,
                 );
+                // Where a record's cycle goes: the mean of each stage.
+                for stage in ["merge", "gradient", "send", "applied", "served", "starved"] {
+                    let label = format!("stage=\"{stage}\"");
+                    let sum = m.value("tributary_trainer_stage_seconds_sum", &label);
+                    let count = m.value("tributary_trainer_stage_seconds_count", &label);
+                    let name = format!("{id}: trainer stage {stage}, mean per record (ms)");
+                    self.report.add("learn_rate", &name, 1000.0 * sum / count.max(1.0), Goal::None);
+                }
+                let swaps = m.value("tributary_swap_duration_seconds_count", "").max(1.0);
+                let swap_ms = 1000.0 * m.value("tributary_swap_duration_seconds_sum", "") / swaps;
+                self.report.add("learn_rate", &format!("{id}: swap, mean (ms)"), swap_ms, Goal::None);
+                let full = m.value("tributary_swap_full_copies_total", "");
+                self.report.add("learn_rate", &format!("{id}: swaps that copied the whole model"), full, Goal::None);
             }
             if let Some(load) = load {
                 let out = self.rt.block_on(load)?;

@@ -238,6 +238,8 @@ impl Applier {
             let swaps_on = self.min_swap_interval.is_some() || !self.ready.load(Ordering::Relaxed);
             if swaps_on && self.publisher.is_behind(&self.state) && (idle || own_applied || swap_due(last_swap)) {
                 let stats = self.publisher.publish(&self.state);
+                // A trainer waiting for its record to be served wakes now.
+                self.progress.changed.notify_all();
                 last_swap = Instant::now();
                 self.metrics.swaps.inc();
                 self.metrics.swap_duration.observe(stats.took.as_secs_f64());

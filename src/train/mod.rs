@@ -99,6 +99,13 @@ impl ReadAhead {
 /// a backlog most of its rate when tried.)
 const READ_AHEAD: usize = 32_768;
 
+/// Events parsed into the read-ahead per turn of the trainer's loop: few
+/// enough that the loop sees its record applied and served within a fraction
+/// of a millisecond, so parsing fills the round trip instead of delaying the
+/// next batch (filling the read-ahead in one go delayed it by up to 7 ms a
+/// record).
+const TAKE_PER_TICK: usize = 256;
+
 /// How often a trainer whose read-ahead is full still polls the consumer:
 /// rebalances are served inside poll, and librdkafka evicts a member that
 /// does not poll within `max.poll.interval.ms`. What that poll returns is
@@ -190,9 +197,11 @@ enum Stage {
     /// Queued to seen applied: produce (`acks=all`), the broker, the
     /// applier's fetch, decode and apply.
     Applied,
-    /// Seen applied to the next batch's start: the swap that serves it and
-    /// the trainer's loop noticing.
+    /// Seen applied to seen served: the swap, and the trainer's loop
+    /// noticing.
     Served,
+    /// Seen served to the next batch's start: waiting for events.
+    Starved,
 }
 
 impl Stage {
@@ -203,6 +212,7 @@ impl Stage {
             Stage::Send => "send",
             Stage::Applied => "applied",
             Stage::Served => "served",
+            Stage::Starved => "starved",
         }
     }
 }
@@ -238,6 +248,9 @@ pub struct Trainer {
     /// When the last record was seen applied: the wait for it to be served
     /// is the cycle's `served` stage.
     retired_at: Option<Instant>,
+    /// When the last record was seen served: the wait for events to batch
+    /// from there is the cycle's `starved` stage.
+    served_at: Option<Instant>,
     /// The served version that includes the trainer's last applied record;
     /// the next gradient is computed at it or later.
     see_from: i64,
@@ -304,6 +317,7 @@ impl Trainer {
             next_seq: 0,
             see_from: 0,
             retired_at: None,
+            served_at: None,
         })
     }
 
@@ -323,6 +337,7 @@ impl Trainer {
             }
             self.take_rebalances();
             self.follow_applier();
+            self.note_served();
             self.send_batches();
             if last_commit.elapsed() >= commit_every {
                 self.commit(CommitMode::Async);
@@ -348,10 +363,12 @@ impl Trainer {
     }
 
     /// Takes the events fetched, waiting up to `timeout` for the first,
-    /// until none is left or the read-ahead is full.
+    /// until none is left, `TAKE_PER_TICK` are taken or the read-ahead is
+    /// full.
     fn take_fetched(&mut self, timeout: Duration) {
         let mut wait = timeout;
-        while let Some((partition, offset, payload)) = self.next_event(wait) {
+        for _ in 0..TAKE_PER_TICK {
+            let Some((partition, offset, payload)) = self.next_event(wait) else { break };
             self.take_rebalances();
             self.take_event(partition, offset, &payload);
             if self.read_ahead >= READ_AHEAD {
@@ -478,8 +495,9 @@ impl Trainer {
     /// flight and the served weights include the last one applied.
     fn send_batches(&mut self) {
         while self.read_ahead > 0 && self.in_flight.len() < self.config.max_in_flight && self.sees_own_records() {
-            if let Some(retired) = self.retired_at.take() {
-                self.observe(Stage::Served, retired);
+            self.note_served();
+            if let Some(served) = self.served_at.take() {
+                self.observe(Stage::Starved, served);
             }
             let started = Instant::now();
             let batch = self.next_batch();
@@ -490,6 +508,15 @@ impl Trainer {
                 self.seek_back(&watermarks);
                 return;
             }
+        }
+    }
+
+    /// Once the trainer's last record is served: the `served` stage ends.
+    fn note_served(&mut self) {
+        if self.retired_at.is_some() && self.sees_own_records() {
+            let retired = self.retired_at.take().expect("checked");
+            self.observe(Stage::Served, retired);
+            self.served_at = Some(Instant::now());
         }
     }
 
