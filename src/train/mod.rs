@@ -144,10 +144,6 @@ impl Partition {
     }
 }
 
-/// Bytes a fetch takes from one events partition, at least one producer
-/// batch (librdkafka's default is 1 MB).
-const TRAINER_PARTITION_FETCH_BYTES: usize = 64 * 1024;
-
 /// Takes up to `max` events from the partitions' read-ahead, merging them
 /// by event time (the oldest head first; ties go to the partition this
 /// batch took fewest from, so events without a time go round the
@@ -277,9 +273,6 @@ impl Trainer {
             // on its next heartbeat, and a hand-over should take well under 2 s.
             .set("heartbeat.interval.ms", (k.session_timeout_ms / 10).clamp(100, 1000).to_string())
             .set("fetch.wait.max.ms", "10")
-            // Small fetches per partition, so that a fetch response brings
-            // every partition rather than a megabyte of one.
-            .set("max.partition.fetch.bytes", TRAINER_PARTITION_FETCH_BYTES.to_string())
             // Also bounds how long librdkafka waits on a JoinGroup before it
             // retries (the default is five minutes). The rebalance callback
             // blocks poll for at most CATCH_UP_LIMIT plus a watermark query,
@@ -291,7 +284,9 @@ impl Trainer {
         let context = TrainerContext::new(k.updates_topic.clone(), progress.clone(), stop.clone());
         let consumer: BaseConsumer<TrainerContext> = c.create_with_context(context)?;
         let failures = DeliveryFailures::default();
+        // One record in flight has nothing to wait for batch-mates for.
         let producer = kafka::producer_config(&k.brokers, &config.replica_id)
+            .set("linger.ms", "0")
             .create_with_context(context::DeliveryContext { failures: failures.clone() })?;
         let dead_letters = kafka::producer_config(&k.brokers, &format!("{}-dlq", config.replica_id))
             .create_with_context(context::DeadLetterContext { metrics: metrics.clone() })?;
