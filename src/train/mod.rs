@@ -180,6 +180,10 @@ fn merge_by_event_time(partitions: &mut HashMap<i32, Partition>, max: usize) -> 
     batch
 }
 
+/// Bytes a fetch takes from one events partition, at least one producer
+/// batch (librdkafka's default is 1 MB).
+const TRAINER_PARTITION_FETCH_BYTES: usize = 64 * 1024;
+
 /// The stages of a trainer's record cycle, timed in
 /// `tributary_trainer_stage_seconds`: where the learning rate goes.
 #[derive(Debug, Clone, Copy)]
@@ -273,6 +277,11 @@ impl Trainer {
             // on its next heartbeat, and a hand-over should take well under 2 s.
             .set("heartbeat.interval.ms", (k.session_timeout_ms / 10).clamp(100, 1000).to_string())
             .set("fetch.wait.max.ms", "10")
+            // Small fetches per partition, so that the read-ahead holds
+            // every partition to merge, not a megabyte of one: with 1 MB the
+            // read-ahead often held few partitions when a batch was taken, and
+            // `logistic` learned 1.7 % worse than in order (64 KB: 0.4 %).
+            .set("max.partition.fetch.bytes", TRAINER_PARTITION_FETCH_BYTES.to_string())
             // Also bounds how long librdkafka waits on a JoinGroup before it
             // retries (the default is five minutes). The rebalance callback
             // blocks poll for at most CATCH_UP_LIMIT plus a watermark query,
