@@ -99,13 +99,6 @@ impl ReadAhead {
 /// a backlog most of its rate when tried.)
 const READ_AHEAD: usize = 32_768;
 
-/// Events parsed into the read-ahead per turn of the trainer's loop: few
-/// enough that the loop sees its record applied and served within a fraction
-/// of a millisecond, so parsing fills the round trip instead of delaying the
-/// next batch (filling the read-ahead in one go delayed it by up to 7 ms a
-/// record).
-const TAKE_PER_TICK: usize = 256;
-
 /// How often a trainer whose read-ahead is full still polls the consumer:
 /// rebalances are served inside poll, and librdkafka evicts a member that
 /// does not poll within `max.poll.interval.ms`. What that poll returns is
@@ -367,11 +360,13 @@ impl Trainer {
     }
 
     /// Takes the events fetched, waiting up to `timeout` for the first,
-    /// until none is left, `TAKE_PER_TICK` are taken or the read-ahead is
-    /// full.
+    /// until none is left or the read-ahead is full. (Not a few at a time:
+    /// the merge needs every partition's events there, and a read-ahead
+    /// filled 256 a turn held few partitions when a batch was taken, so the
+    /// quality test's backlog was learned partition by partition again.)
     fn take_fetched(&mut self, timeout: Duration) {
         let mut wait = timeout;
-        for _ in 0..TAKE_PER_TICK {
+        loop {
             let Some((partition, offset, payload)) = self.next_event(wait) else { break };
             self.take_rebalances();
             self.take_event(partition, offset, &payload);
