@@ -366,8 +366,7 @@ impl Trainer {
     /// quality test's backlog was learned partition by partition again.)
     fn take_fetched(&mut self, timeout: Duration) {
         let mut wait = timeout;
-        loop {
-            let Some((partition, offset, payload)) = self.next_event(wait) else { break };
+        while let Some((partition, offset, payload)) = self.next_event(wait) {
             self.take_rebalances();
             self.take_event(partition, offset, &payload);
             if self.read_ahead >= READ_AHEAD {
