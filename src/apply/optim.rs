@@ -65,11 +65,12 @@ impl Optimizer {
     /// The optimizer of `config` with zero state (a checkpoint's to be read in).
     pub fn new(config: &ModelConfig, params: &[ParamSpec]) -> Self {
         let zeros = || params.iter().map(|p| vec![0f32; p.len()]).collect::<Buffers>();
+        let (kind, learning_rate) = (config.optimizer(), config.step_size());
         Optimizer {
-            kind: config.optimizer(),
-            learning_rate: config.step_size(),
-            ftrl: Ftrl { alpha: config.step_size(), beta: config.ftrl_beta, l1: config.l1, l2: config.l2 },
-            slots: (0..config.optimizer().slots()).map(|_| zeros()).collect(),
+            kind,
+            learning_rate,
+            ftrl: Ftrl { alpha: learning_rate, beta: config.ftrl_beta, l1: config.l1, l2: config.l2 },
+            slots: (0..kind.slots()).map(|_| zeros()).collect(),
             steps: 0,
         }
     }

@@ -234,8 +234,6 @@ pub struct Trainer {
     /// gradient then waits for the trainer's previous record to be served.
     follows_served: bool,
     partitions: HashMap<i32, Partition>,
-    /// Events read ahead over all partitions.
-    read_ahead: usize,
     in_flight: VecDeque<InFlight>,
     next_seq: u64,
     /// When the last record was seen applied: the wait for it to be served
@@ -309,7 +307,6 @@ impl Trainer {
             stop,
             follows_served: config.apply.max_swaps_per_sec > 0.0,
             partitions: HashMap::new(),
-            read_ahead: 0,
             in_flight: VecDeque::new(),
             next_seq: 0,
             see_from: 0,
@@ -325,7 +322,7 @@ impl Trainer {
         let mut last_commit = Instant::now();
         let mut last_poll = Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
-            if self.read_ahead < READ_AHEAD || last_poll.elapsed() >= FULL_POLL_INTERVAL {
+            if self.read_ahead() < READ_AHEAD || last_poll.elapsed() >= FULL_POLL_INTERVAL {
                 // Short while a record is in flight: its return frees the slot.
                 self.take_fetched(Duration::from_millis(if self.in_flight.is_empty() { 5 } else { 1 }));
                 last_poll = Instant::now();
@@ -369,7 +366,7 @@ impl Trainer {
         while let Some((partition, offset, payload)) = self.next_event(wait) {
             self.take_rebalances();
             self.take_event(partition, offset, &payload);
-            if self.read_ahead >= READ_AHEAD {
+            if self.read_ahead() >= READ_AHEAD {
                 break;
             }
             wait = Duration::ZERO;
@@ -396,18 +393,13 @@ impl Trainer {
                         info!(partition = id, watermark, "partition assigned");
                         let mut p = Partition::at(watermark);
                         p.hold_until = hold;
-                        if let Some(before) = self.partitions.insert(id, p) {
-                            // Assigned again without a revocation between: start over.
-                            self.read_ahead -= before.read_ahead.len();
-                        }
+                        self.partitions.insert(id, p);
                     }
                 }
                 Rebalanced::Revoked(list) => {
                     for id in list {
                         info!(partition = id, "partition revoked");
-                        if let Some(p) = self.partitions.remove(&id) {
-                            self.read_ahead -= p.read_ahead.len();
-                        }
+                        self.partitions.remove(&id);
                         let _ = self.metrics.consumer_lag.remove_label_values(&[&id.to_string()]);
                     }
                 }
@@ -439,15 +431,12 @@ impl Trainer {
         };
         if let Some(p) = self.partitions.get_mut(&id) {
             p.read_ahead.push_back(ReadAhead { offset, example });
-            self.read_ahead += 1;
         }
     }
 
-    /// Takes the next batch from the read-ahead ([`merge_by_event_time`]).
-    fn next_batch(&mut self) -> Batch {
-        let batch = merge_by_event_time(&mut self.partitions, self.config.batch_size);
-        self.read_ahead -= batch.examples.len() + batch.skipped as usize;
-        batch
+    /// Events read ahead, over all partitions.
+    fn read_ahead(&self) -> usize {
+        self.partitions.values().map(|p| p.read_ahead.len()).sum()
     }
 
     /// Writes an invalid event to the dead-letter topic: the payload as it
@@ -492,13 +481,14 @@ impl Trainer {
     /// Sends batches from the read-ahead while fewer than K records are in
     /// flight and the served weights include the last one applied.
     fn send_batches(&mut self) {
-        while self.read_ahead > 0 && self.in_flight.len() < self.config.max_in_flight && self.sees_own_records() {
-            self.note_served();
+        while self.read_ahead() > 0 && self.in_flight.len() < self.config.max_in_flight && self.sees_own_records() {
+            // Served by now, even if the loop had not yet seen it.
+            self.end_served_stage();
             if let Some(served) = self.served_at.take() {
                 self.observe(Stage::Starved, served);
             }
             let started = Instant::now();
-            let batch = self.next_batch();
+            let batch = merge_by_event_time(&mut self.partitions, self.config.batch_size);
             self.observe(Stage::Merge, started);
             if !self.send(batch) {
                 // Its events left the read-ahead: read them again.
@@ -512,7 +502,13 @@ impl Trainer {
     /// Once the trainer's last record is served: the `served` stage ends.
     fn note_served(&mut self) {
         if self.retired_at.is_some() && self.sees_own_records() {
-            let retired = self.retired_at.take().expect("checked");
+            self.end_served_stage();
+        }
+    }
+
+    /// Ends the `served` stage of the record last seen applied, if open.
+    fn end_served_stage(&mut self) {
+        if let Some(retired) = self.retired_at.take() {
             self.observe(Stage::Served, retired);
             self.served_at = Some(Instant::now());
         }
@@ -638,8 +634,7 @@ impl Trainer {
         for id in ids {
             let wm = watermarks.get(&id).copied().unwrap_or(0);
             if self.seek(id, wm) {
-                let dropped = self.partitions.insert(id, Partition::at(wm)).map_or(0, |p| p.read_ahead.len());
-                self.read_ahead -= dropped;
+                self.partitions.insert(id, Partition::at(wm));
             }
         }
     }
