@@ -317,20 +317,9 @@ impl Bench {
             ("wide_deep-alone", "wide_deep", false),
         ];
         for (id, kind, predict) in runs {
-            // The guard off: a rollback that skips events would leave the
-            // count short of `n`. What the speed costs in quality is the
-            // progressive log-loss reported beside the rate.
-            let mut r = self.ready_replica(
-                &dir,
-                id,
-                &broker,
-                &[
-                    ("MODEL__KIND", kind.into()),
-                    ("KAFKA__UPDATES_TOPIC", format!("updates-{id}")),
-                    ("KAFKA__GROUP_ID", id.into()),
-                    ("GUARD__ENABLED", "false".into()),
-                ],
-            )?;
+            // What the speed costs in quality is the progressive log-loss
+            // reported beside the rate.
+            let mut r = self.ready_replica(&dir, id, &broker, &counted_learner(kind, id))?;
             let stop = Arc::new(AtomicBool::new(false));
             let load = predict.then(|| {
                 let mut plan = plan(vec![r.http], Some(half), Duration::from_secs(900));
@@ -499,13 +488,7 @@ impl Bench {
         run: &QualityRun,
         live: Option<(f64, Vec<String>)>,
     ) -> anyhow::Result<QualityOutcome> {
-        let mut env: Vec<(&str, String)> = vec![
-            ("MODEL__KIND", run.kind.into()),
-            ("KAFKA__UPDATES_TOPIC", format!("updates-{id}")),
-            ("KAFKA__GROUP_ID", id.to_string()),
-            // A rollback that skips events would leave the count short.
-            ("GUARD__ENABLED", "false".into()),
-        ];
+        let mut env = counted_learner(run.kind, id);
         env.extend(run.env.iter().map(|(k, v)| (*k, v.to_string())));
         // LOAD_QUALITY_ENV="MODEL__OPTIMIZER=ftrl,TRAIN__BATCH_SIZE=1024"
         // tries other settings on every run.
@@ -808,6 +791,18 @@ struct QualityOutcome {
     staleness_p99: f64,
     /// Event time to serving (live runs).
     freshness_p99_ms: f64,
+}
+
+/// Settings of a replica of `kind` that learns a counted stream on an update
+/// log and consumer group of its own (named `id`), guard off: a rollback
+/// that skips events would leave the count short.
+fn counted_learner(kind: &str, id: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("MODEL__KIND", kind.into()),
+        ("KAFKA__UPDATES_TOPIC", format!("updates-{id}")),
+        ("KAFKA__GROUP_ID", id.into()),
+        ("GUARD__ENABLED", "false".into()),
+    ]
 }
 
 /// A configuration the quality scenario learns the stream with.

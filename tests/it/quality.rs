@@ -21,7 +21,9 @@ fn ctr_events(cluster: &Cluster) -> (Vec<String>, Vec<f32>) {
     let mut stream = CtrStream::new(&cluster.config.model, 13, EVENTS as u64 / 2);
     // Event times a millisecond apart: the trainer merges partitions by them.
     let lines: Vec<String> = (0..EVENTS).map(|i| stream.next_event(1_764_000_000_000 + i as i64).json).collect();
-    let labels = lines.iter().map(|l| if l.contains("\"label\":1") { 1.0 } else { 0.0 }).collect();
+    // The labels as the replica reads them.
+    let model = tributary::model::Model::new(&cluster.config.model);
+    let labels = lines.iter().map(|l| model.featurizer().event(l.as_bytes()).unwrap().label).collect();
     (lines, labels)
 }
 
