@@ -99,6 +99,10 @@ enum Command {
         /// `ctr`: also write every event to FILE in Vowpal Wabbit's text format
         #[arg(long)]
         vw: Option<PathBuf>,
+        /// Poison every event (dense values x20, label flipped): what the
+        /// divergence guard must catch
+        #[arg(long)]
+        poison: bool,
     },
 }
 
@@ -187,7 +191,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Healthcheck { config, path } => healthcheck(config.load(Overrides::default())?.http.addr, &path),
-        Command::Generate { config, count, rate, seed, stream, drift_at, vw } => {
+        Command::Generate { config, count, rate, seed, stream, drift_at, vw, poison } => {
             let config = config.load(Overrides::default())?;
             let mut next = event_source(&config, stream, seed, count, drift_at, vw.as_deref())?;
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -201,7 +205,9 @@ fn main() -> anyhow::Result<()> {
                     }
                 }
                 let ts = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
-                if writeln!(out, "{}", next(ts)?).is_err() {
+                let event = next(ts)?;
+                let event = if poison { tributary::synthetic::poisoned(&event)? } else { event };
+                if writeln!(out, "{event}").is_err() {
                     break; // the reader went away
                 }
             }

@@ -48,6 +48,22 @@ impl Synthetic {
     }
 }
 
+/// How much `poisoned` scales an event's dense values.
+pub const POISON_SCALE: f64 = 20.0;
+
+/// The event `line` (a JSON event) made poison for the divergence guard's
+/// tests and load runs: dense values scaled by `POISON_SCALE` and the label
+/// flipped, so a model's confident answers are wrong.
+pub fn poisoned(line: &str) -> anyhow::Result<String> {
+    let mut event: serde_json::Value = serde_json::from_str(line)?;
+    let dense = event["dense"].as_array().ok_or_else(|| anyhow::anyhow!("no dense values in {line}"))?;
+    let scaled: Vec<f64> = dense.iter().filter_map(serde_json::Value::as_f64).map(|v| v * POISON_SCALE).collect();
+    let label = event["label"].as_u64().ok_or_else(|| anyhow::anyhow!("no 0/1 label in {line}"))?;
+    event["dense"] = scaled.into();
+    event["label"] = (1 - label.min(1)).into();
+    Ok(event.to_string())
+}
+
 /// A held-out click-through stream, the one learning quality is measured on
 /// (issue 13): standard-normal dense values, one hashed value per sparse
 /// field drawn log-uniformly from `VOCABULARY` (so a few values are very

@@ -29,8 +29,18 @@ const EVENTS_PER_POST: usize = 100;
 const CONNECTIONS: usize = 32;
 const READY_LIMIT: Duration = Duration::from_secs(120);
 
-pub const ALL: [&str; 9] =
-    ["baseline", "predict", "protocols", "learn_rate", "quality", "freshness", "chaos", "failover", "recovery"];
+pub const ALL: [&str; 10] = [
+    "baseline",
+    "predict",
+    "protocols",
+    "learn_rate",
+    "quality",
+    "guard",
+    "freshness",
+    "chaos",
+    "failover",
+    "recovery",
+];
 /// The CI smoke run: a few seconds each, asserting no errors.
 pub const SMOKE: [&str; 2] = ["baseline", "predict"];
 
@@ -78,6 +88,7 @@ impl Bench {
             "protocols" => self.protocols(),
             "learn_rate" => self.learn_rate(),
             "quality" => self.quality(),
+            "guard" => self.guard(),
             "freshness" => self.freshness(),
             "chaos" => self.chaos(),
             "failover" => self.failover(),
@@ -523,6 +534,78 @@ impl Bench {
         Ok(outcome)
     }
 
+    /// The divergence guard at full speed (issue 13): three `wide_deep`
+    /// replicas with the guard at its defaults learn the click-through
+    /// stream (its drift included) from a backlog while two of them are
+    /// SIGKILLed and restarted in turn; no rollback may be taken. Then a
+    /// burst of poisoned events follows, and one must be.
+    fn guard(&mut self) -> anyhow::Result<()> {
+        let dir = self.dir("guard")?;
+        let broker = Broker::start(&dir)?;
+        let n: u64 = if self.smoke { 20_000 } else { 300_000 };
+        let poison: u64 = 1_500;
+        let generate = |seed: &str, poisoned: bool| -> Vec<String> {
+            let mut args: Vec<String> = ["--stream", "ctr", "--seed", seed].map(String::from).to_vec();
+            args.extend(poisoned.then(|| "--poison".to_string()));
+            args
+        };
+        let log = dir.join("produce.log");
+        EventStream::start(&self.tributary, &broker.addr, "events", None, Some(n), &[], &generate("13", false), &log)?
+            .finish(Duration::from_secs(900))?;
+        let env = [("MODEL__KIND", "wide_deep".to_string())];
+        let mut fleet = Vec::new();
+        for i in 0..3 {
+            fleet.push(self.ready_replica(&dir, &format!("r{i}"), &broker, &env)?);
+        }
+        let learned_limit = Duration::from_secs(600);
+        for (victim, share) in [(1, 3), (2, 3 * 2)] {
+            wait_watermarks(&fleet[0], n * share / 9, learned_limit)?;
+            fleet[victim].kill();
+            // Restarted at once, as an orchestrator would.
+            fleet[victim].start()?;
+        }
+        wait_watermarks(&fleet[0], n, learned_limit)?;
+        let rollbacks = |r: &Replica| r.metrics().map_or(f64::NAN, |m| m.value("tributary_rollbacks_total", ""));
+        let clean_rollbacks = rollbacks(&fleet[0]);
+        self.report.add(
+            "guard",
+            "rollbacks taken on the clean stream, 3 replicas, 2 SIGKILLed",
+            clean_rollbacks,
+            Goal::AtMost(0.0),
+        );
+        EventStream::start(
+            &self.tributary,
+            &broker.addr,
+            "events",
+            None,
+            Some(poison),
+            &[],
+            &generate("14", true),
+            &log,
+        )?
+        .finish(Duration::from_secs(120))?;
+        let poisoned_rollbacks = try_wait_for("a rollback after the poison", learned_limit, || {
+            let after = rollbacks(&fleet[0]);
+            (after > clean_rollbacks).then_some(after - clean_rollbacks)
+        })
+        .unwrap_or(0.0);
+        self.report.add("guard", "rollbacks taken after 1 500 poisoned events", poisoned_rollbacks, Goal::AtLeast(1.0));
+        let agree = try_wait_for("the three replicas to agree", Duration::from_secs(120), || {
+            let infos: Vec<serde_json::Value> = fleet.iter().map(Replica::info).collect::<Option<_>>()?;
+            infos.windows(2).all(|w| w[0]["weights_digest"] == w[1]["weights_digest"]).then_some(())
+        });
+        let agree = f64::from(u8::from(agree.is_ok()));
+        self.report.add("guard", "replicas agree on the digest afterwards (1 = yes)", agree, Goal::AtLeast(1.0));
+        let loss = fleet[0].info().and_then(|i| i["progressive_logloss"].as_f64()).unwrap_or(f64::NAN);
+        self.report.detail(
+            "guard",
+            json!({"events": n, "poison": poison, "clean_rollbacks": clean_rollbacks,
+                   "poisoned_rollbacks": poisoned_rollbacks, "progressive_logloss": loss}),
+        );
+        fleet.iter_mut().for_each(Replica::kill);
+        Ok(())
+    }
+
     /// Event time to serving, at 10k events/s, from the replica's histogram.
     fn freshness(&mut self) -> anyhow::Result<()> {
         let dir = self.dir("freshness")?;
@@ -887,6 +970,17 @@ fn version(r: &Replica) -> anyhow::Result<i64> {
 fn wait_learning(r: &Replica) -> anyhow::Result<()> {
     try_wait_for(&format!("{} to learn (log: {})", r.id, r.log.display()), Duration::from_secs(120), || {
         (r.metrics()?.value("tributary_examples_learned_total", "") > 0.0).then_some(())
+    })
+}
+
+/// Waits until `r` has applied `n` events over all partitions (its
+/// watermarks' sum): unlike the example count, a rollback that skips events
+/// does not take it back.
+fn wait_watermarks(r: &Replica, n: u64, limit: Duration) -> anyhow::Result<()> {
+    try_wait_for(&format!("{} to apply {n} events (log: {})", r.id, r.log.display()), limit, || {
+        let info = r.info()?;
+        let sum: u64 = info["watermarks"].as_object()?.values().filter_map(serde_json::Value::as_u64).sum();
+        (sum >= n).then_some(())
     })
 }
 

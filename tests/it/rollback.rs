@@ -86,15 +86,7 @@ fn a_poisoned_stream_triggers_one_automatic_rollback() {
     // Poison: the same kind of events with inputs scaled up and labels
     // flipped, so the model's confident answers are wrong.
     let mut synthetic = tributary::synthetic::Synthetic::new(&cluster.config.model, 2);
-    let poison: Vec<String> = (0..1500)
-        .map(|_| {
-            let mut e: Value = serde_json::from_str(&synthetic.event(1)).unwrap();
-            let dense: Vec<f64> = e["dense"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() * 20.0).collect();
-            e["dense"] = dense.into();
-            e["label"] = (1 - e["label"].as_u64().unwrap()).into();
-            e.to_string()
-        })
-        .collect();
+    let poison: Vec<String> = (0..1500).map(|_| tributary::synthetic::poisoned(&synthetic.event(1)).unwrap()).collect();
     cluster.produce_lines(&poison);
     let infos: Vec<Value> = replicas
         .iter()
