@@ -11,14 +11,14 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use tributary::apply::optim::NoTouch;
-use tributary::apply::rule::State;
 use tributary::config::{Config, ModelKind};
 use tributary::event::Example;
-use tributary::log::record::{EventRange, GradientRecord, Record, RecordMeta};
 use tributary::model::{Gradient, Model};
-use tributary::serving::Publisher;
+use tributary::snapshot::Publisher;
+use tributary::state::optim::NoTouch;
+use tributary::state::ReplicaState;
 use tributary::synthetic::Synthetic;
+use tributary::update_log::record::{EventRange, GradientRecord, Record, RecordMeta};
 
 fn model(kind: ModelKind) -> Model {
     let mut c = Config::default().model;
@@ -32,7 +32,7 @@ fn examples(model: &Model, n: usize) -> Vec<Example> {
 }
 
 fn predict(c: &mut Criterion) {
-    tributary::startup::init_libtorch();
+    tributary::replica::init_libtorch();
     for kind in [ModelKind::Logistic, ModelKind::Mlp, ModelKind::WideDeep] {
         let m = model(kind);
         let w = m.init_weights();
@@ -45,7 +45,7 @@ fn predict(c: &mut Criterion) {
 }
 
 fn train_step(c: &mut Criterion) {
-    tributary::startup::init_libtorch();
+    tributary::replica::init_libtorch();
     for kind in [ModelKind::Logistic, ModelKind::Mlp, ModelKind::WideDeep] {
         let m = model(kind);
         let w = m.init_weights();
@@ -73,7 +73,7 @@ fn torchscript_model(args: &[&str]) -> Option<(tempfile::TempDir, Model)> {
 /// The TorchScript model's training step and a 64-instance prediction, one
 /// forward each; `wide_deep`'s same cases above are the baseline.
 fn torchscript(c: &mut Criterion) {
-    tributary::startup::init_libtorch();
+    tributary::replica::init_libtorch();
     if let Some((_dir, m)) = torchscript_model(&["--dense-tables"]) {
         let w = m.init_weights();
         let ex = examples(&m, 256);
@@ -123,12 +123,12 @@ fn record_bytes(m: &Model, from: i64, events: u32, gradient: Gradient) -> Vec<u8
 /// the record, decode it and apply it. 256 over its time is the learning
 /// rate tributary's own work allows; the broker's round trips come on top.
 fn pipeline(c: &mut Criterion) {
-    tributary::startup::init_libtorch();
+    tributary::replica::init_libtorch();
     for kind in [ModelKind::Logistic, ModelKind::WideDeep] {
         let m = model(kind);
         let mut synthetic = Synthetic::new(m.config(), 5);
         let lines: Vec<String> = (0..256).map(|_| synthetic.event(1)).collect();
-        let mut state = State::initial(&m);
+        let mut state = ReplicaState::initial(&m);
         let mut offset = 0;
         c.bench_function(&format!("pipeline_256/{kind:?}"), |b| {
             b.iter(|| {
@@ -148,7 +148,7 @@ fn pipeline(c: &mut Criterion) {
 /// 1024 over this time is the fleet's learning ceiling; over the trainer's
 /// own time per batch it is how many trainers one applier absorbs.
 fn applier(c: &mut Criterion) {
-    tributary::startup::init_libtorch();
+    tributary::replica::init_libtorch();
     for kind in [ModelKind::Logistic, ModelKind::WideDeep] {
         let m = Arc::new(model(kind));
         // The load report's click-through stream: most values rare, so a
@@ -156,7 +156,7 @@ fn applier(c: &mut Criterion) {
         let mut ctr = tributary::synthetic::CtrStream::new(m.config(), 7, u64::MAX);
         let ex: Vec<Example> =
             (0..1024).map(|_| m.featurizer().event(ctr.next_event(1).json.as_bytes()).unwrap()).collect();
-        let mut state = State::initial(&m);
+        let mut state = ReplicaState::initial(&m);
         let gradient = m.gradient(&state.weights, &ex).unwrap();
         let mut publisher = Publisher::new(m.clone(), &state);
         // Each record continues the one before: record k covers [1024 k, 1024 (k + 1)).
@@ -180,10 +180,10 @@ fn applier(c: &mut Criterion) {
 /// Apply one batch's record, then publish: left-right copies the touched
 /// rows, the baseline clones the whole model (64 MB for wide_deep).
 fn publish(c: &mut Criterion) {
-    tributary::startup::init_libtorch();
+    tributary::replica::init_libtorch();
     let m = Arc::new(model(ModelKind::WideDeep));
     let ex = examples(&m, 256);
-    let mut state = State::initial(&m);
+    let mut state = ReplicaState::initial(&m);
     let gradient = m.gradient(&state.weights, &ex).unwrap();
     let mut publisher = Publisher::new(m.clone(), &state);
     let mut offset = 0;

@@ -15,7 +15,7 @@ use rdkafka::ClientContext;
 
 use crate::config::KafkaConfig;
 use crate::event::Featurizer;
-use crate::log::kafka;
+use crate::update_log::kafka;
 
 /// Records the brokers acknowledged, and those that failed for good.
 #[derive(Debug, Default)]

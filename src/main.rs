@@ -143,7 +143,7 @@ fn main() -> anyhow::Result<()> {
                 ..Default::default()
             })?;
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(tributary::startup::run(config, shutdown_signal()))
+            runtime.block_on(tributary::replica::run(config, shutdown_signal()))
         }
         Command::Produce { config, topic, file } => {
             let config = config.load(Overrides::default())?;
@@ -166,7 +166,7 @@ fn main() -> anyhow::Result<()> {
             let listed = store.list()?;
             if json {
                 for c in &listed {
-                    println!("{}", serde_json::to_string(&tributary::serve::SnapshotInfo::from(c))?);
+                    println!("{}", serde_json::to_string(&tributary::http::SnapshotInfo::from(c))?);
                 }
                 return Ok(());
             }

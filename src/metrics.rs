@@ -9,7 +9,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::apply::rule::Reject;
+use crate::state::Reject;
 
 /// Every series name starts with this and an underscore.
 pub const NAMESPACE: &str = "tributary";
@@ -200,7 +200,7 @@ impl Metrics {
         for result in ["produced", "invalid", "failed"] {
             m.events_ingested.with_label_values(&[result]);
         }
-        for events in crate::log::record::EventsSince::ALL {
+        for events in crate::update_log::record::EventsSince::ALL {
             m.rollbacks.with_label_values(&[events.as_str()]);
         }
         for r in Reject::ALL {

@@ -14,15 +14,15 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
 
 use super::rollback::{self, Guard, LogSource, Spike};
-use super::rule::{Outcome, State};
 use super::staleness::StalenessMeter;
 use crate::checkpoint::{SharedStore, Store};
-use crate::log::control::ControlLog;
-use crate::log::kafka;
-use crate::log::record::{EventRange, EventsSince, RollbackRecord};
 use crate::metrics::Metrics;
 use crate::model::Model;
-use crate::serving::Publisher;
+use crate::snapshot::Publisher;
+use crate::state::{Outcome, ReplicaState};
+use crate::update_log::control::ControlLog;
+use crate::update_log::kafka;
+use crate::update_log::record::{EventRange, EventsSince, RollbackRecord};
 
 /// What the applier has applied, for the trainer. Updated after each drained
 /// run of records, not per record.
@@ -86,7 +86,7 @@ impl Progress {
 
 pub struct Applier {
     pub model: Arc<Model>,
-    pub state: State,
+    pub state: ReplicaState,
     pub publisher: Publisher,
     pub consumer: BaseConsumer,
     pub updates_topic: String,
@@ -411,7 +411,7 @@ fn ahead_of_log(position: i64, topic: &str, end: i64) -> String {
 }
 
 /// Writes one checkpoint; whether it was written.
-fn save(store: &dyn Store, model: &Model, state: &State, metrics: &Metrics) -> bool {
+fn save(store: &dyn Store, model: &Model, state: &ReplicaState, metrics: &Metrics) -> bool {
     let start = Instant::now();
     info!(position = state.position, store = %store.describe(), "writing checkpoint");
     match store.save(model, state) {

@@ -1,8 +1,10 @@
 //! The applier: reads the whole `updates` log in order and is the one writer
-//! of the replica's state. The apply rule is in [`rule`].
+//! of the replica's state. What a record does to the state (the apply rule,
+//! the optimizer) is in [`crate::state`]; this module owns the loop around
+//! it: fetching, publishing snapshots, readiness, checkpoints, rollbacks and
+//! the divergence guard.
 
 pub mod applier;
-pub mod optim;
+pub mod handle;
 pub mod rollback;
-pub mod rule;
 pub mod staleness;

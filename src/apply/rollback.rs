@@ -15,11 +15,11 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{info, warn};
 
-use super::optim::NoTouch;
-use super::rule::{Outcome, State};
 use crate::checkpoint::Store;
-use crate::log::kafka;
 use crate::model::Model;
+use crate::state::optim::NoTouch;
+use crate::state::{Outcome, ReplicaState};
+use crate::update_log::kafka;
 
 /// Where the log is, for the replay reader.
 pub struct LogSource<'a> {
@@ -31,16 +31,16 @@ pub struct LogSource<'a> {
 /// The state at position `q`: the newest usable checkpoint at or before it,
 /// then the log up to `q`. A store that is down costs a longer replay (from
 /// the seed), not a different state.
-pub fn state_at(model: &Model, store: &dyn Store, log: &LogSource, q: i64) -> anyhow::Result<State> {
+pub fn state_at(model: &Model, store: &dyn Store, log: &LogSource, q: i64) -> anyhow::Result<ReplicaState> {
     let start = match store.load_newest(model, Some(q)) {
         Ok(Some((state, info))) => {
             info!(to = q, checkpoint = info.position, "rebuilding from a checkpoint");
             state
         }
-        Ok(None) => State::initial(model),
+        Ok(None) => ReplicaState::initial(model),
         Err(e) => {
             warn!(error = %e, to = q, "checkpoint store unusable; rebuilding from the seed weights");
-            State::initial(model)
+            ReplicaState::initial(model)
         }
     };
     replay(model, store, log, start, q)
@@ -51,9 +51,9 @@ pub fn replay(
     model: &Model,
     store: &dyn Store,
     log: &LogSource,
-    mut state: State,
+    mut state: ReplicaState,
     until: i64,
-) -> anyhow::Result<State> {
+) -> anyhow::Result<ReplicaState> {
     if state.position >= until {
         return Ok(state);
     }

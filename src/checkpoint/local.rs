@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use super::{encode, read_header, retained, CheckpointError, CheckpointInfo, Store, HEADER_BYTES};
-use crate::apply::rule::State;
 use crate::model::Model;
+use crate::state::ReplicaState;
 
 #[derive(Clone, Debug)]
 pub struct LocalStore {
@@ -82,7 +82,7 @@ impl Store for LocalStore {
         Ok(out)
     }
 
-    fn save(&self, model: &Model, state: &State) -> Result<CheckpointInfo, CheckpointError> {
+    fn save(&self, model: &Model, state: &ReplicaState) -> Result<CheckpointInfo, CheckpointError> {
         let bytes = encode(model, state);
         let path = self.path_of(state.position);
         let tmp = path.with_extension("tmp");
@@ -129,7 +129,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let model = small_model();
         let store = LocalStore::open(dir.path(), 3).unwrap();
-        let mut state = State::initial(&model);
+        let mut state = ReplicaState::initial(&model);
         for position in [5, 9] {
             state.position = position;
             store.save(&model, &state).unwrap();

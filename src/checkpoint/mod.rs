@@ -15,10 +15,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::apply::optim::Optimizer;
-use crate::apply::rule::State;
 use crate::config::Config;
 use crate::model::{f32_bytes, Model};
+use crate::state::optim::Optimizer;
+use crate::state::ReplicaState;
 
 pub use local::LocalStore;
 pub use postgres::PgStore;
@@ -65,11 +65,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Checkpoints, newest first.
     fn list(&self) -> Result<Vec<CheckpointInfo>, CheckpointError>;
     /// Writes `state` whole or not at all, then applies the retention policy.
-    fn save(&self, model: &Model, state: &State) -> Result<CheckpointInfo, CheckpointError>;
+    fn save(&self, model: &Model, state: &ReplicaState) -> Result<CheckpointInfo, CheckpointError>;
     /// The encoded checkpoint `info` lists.
     fn read(&self, info: &CheckpointInfo) -> Result<Vec<u8>, CheckpointError>;
 
-    fn load(&self, model: &Model, info: &CheckpointInfo) -> Result<State, CheckpointError> {
+    fn load(&self, model: &Model, info: &CheckpointInfo) -> Result<ReplicaState, CheckpointError> {
         decode(model, &self.read(info)?, &info.location)
     }
 
@@ -79,7 +79,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         &self,
         model: &Model,
         at_most: Option<i64>,
-    ) -> Result<Option<(State, CheckpointInfo)>, CheckpointError> {
+    ) -> Result<Option<(ReplicaState, CheckpointInfo)>, CheckpointError> {
         for info in self.list()?.into_iter().filter(|c| at_most.is_none_or(|q| c.position <= q)) {
             match self.load(model, &info) {
                 Ok(state) => return Ok(Some((state, info))),
@@ -155,7 +155,7 @@ fn read_header(head: &[u8; HEADER_BYTES]) -> Option<(u64, Option<f64>)> {
     Some((examples, (examples > 0).then(|| loss_sum / examples as f64)))
 }
 
-fn encode(model: &Model, s: &State) -> Vec<u8> {
+fn encode(model: &Model, s: &ReplicaState) -> Vec<u8> {
     let floats: usize = s.weights.iter().map(Vec::len).sum::<usize>() * (1 + s.optimizer.slots.len());
     let mut out = Vec::with_capacity(floats * 4 + 256);
     out.extend_from_slice(MAGIC);
@@ -183,7 +183,7 @@ fn encode(model: &Model, s: &State) -> Vec<u8> {
     out
 }
 
-fn decode(model: &Model, bytes: &[u8], location: &str) -> Result<State, CheckpointError> {
+fn decode(model: &Model, bytes: &[u8], location: &str) -> Result<ReplicaState, CheckpointError> {
     let corrupt = || CheckpointError::Corrupt(location.into());
     let body_len = bytes.len().checked_sub(32).ok_or_else(corrupt)?;
     let (body, sum) = bytes.split_at(body_len);
@@ -238,7 +238,7 @@ fn decode(model: &Model, bytes: &[u8], location: &str) -> Result<State, Checkpoi
     if at != body.len() {
         return Err(corrupt());
     }
-    Ok(State {
+    Ok(ReplicaState {
         position,
         watermarks,
         examples_learned: counters[0],
@@ -272,7 +272,7 @@ pub(crate) mod tests {
         let model = small_model();
         assert!(store.list().unwrap().is_empty());
         assert!(store.load_newest(&model, None).unwrap().is_none());
-        let mut state = State::initial(&model);
+        let mut state = ReplicaState::initial(&model);
         for position in [3, 5, 9] {
             state.position = position;
             state.watermarks.insert(1, position * 10);

@@ -13,8 +13,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::Row;
 
 use super::{encode, retained, CheckpointError, CheckpointInfo, Store};
-use crate::apply::rule::State;
 use crate::model::Model;
+use crate::state::ReplicaState;
 
 /// Which checkpoints are this replica's to read: those of its model name and
 /// update log (positions mean nothing in another log). `writer` is recorded.
@@ -141,7 +141,7 @@ impl Store for PgStore {
             .collect())
     }
 
-    fn save(&self, model: &Model, state: &State) -> Result<CheckpointInfo, CheckpointError> {
+    fn save(&self, model: &Model, state: &ReplicaState) -> Result<CheckpointInfo, CheckpointError> {
         self.migrate()?;
         let bytes = encode(model, state);
         self.runtime

@@ -18,7 +18,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{error, info, warn};
 
 use crate::apply::applier::Progress;
-use crate::log::kafka;
+use crate::update_log::kafka;
 
 /// How long an assignment waits for the applier to catch up with the log.
 /// The callback blocks `poll`, so this stays well under

@@ -45,14 +45,14 @@ use tracing::{debug, info, warn};
 pub use context::{Rebalanced, TrainerContext};
 
 use crate::apply::applier::Progress;
-use crate::apply::rule::{check_gradient, Reject};
 use crate::config::{Config, TrainConfig};
 use crate::event::Example;
-use crate::log::kafka;
-use crate::log::record::{EventRange, GradientRecord, Record, RecordMeta};
 use crate::metrics::Metrics;
 use crate::model::{Gradient, Model};
-use crate::serving::Serving;
+use crate::snapshot::Serving;
+use crate::state::{check_gradient, Reject};
+use crate::update_log::kafka;
+use crate::update_log::record::{EventRange, GradientRecord, Record, RecordMeta};
 
 /// A record sent and not yet applied (or lost).
 #[derive(Debug, Clone)]

@@ -8,12 +8,12 @@ use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
-use tributary::apply::rule::State;
 use tributary::config::{Config, ModelKind};
+use tributary::http::{router, AppState};
 use tributary::metrics::Metrics;
 use tributary::model::Model;
-use tributary::serve::{router, AppState};
-use tributary::serving::Publisher;
+use tributary::snapshot::Publisher;
+use tributary::state::ReplicaState;
 
 /// A replica's HTTP state without Kafka: a small model at its seed weights.
 pub fn state(kind: ModelKind) -> AppState {
@@ -25,7 +25,7 @@ pub fn state(kind: ModelKind) -> AppState {
     config.http.max_body_bytes = 4096;
     config.http.max_batch = 4;
     let model = Arc::new(Model::new(&config.model));
-    let publisher = Publisher::new(model.clone(), &State::initial(&model));
+    let publisher = Publisher::new(model.clone(), &ReplicaState::initial(&model));
     AppState {
         serving: publisher.serving(),
         metrics: Arc::new(Metrics::new("test")),
@@ -186,7 +186,7 @@ async fn snapshots_are_listed_newest_first_with_their_counters() {
     let dir = tempfile::tempdir().unwrap();
     let store = tributary::checkpoint::LocalStore::open(dir.path(), 3).unwrap();
     use tributary::checkpoint::Store;
-    let mut state = State::initial(&model);
+    let mut state = ReplicaState::initial(&model);
     for (position, examples) in [(4, 100), (9, 300)] {
         state.position = position;
         state.examples_learned = examples;

@@ -10,8 +10,8 @@ use axum::body::Body;
 use axum::http::StatusCode;
 use serde_json::{json, Value};
 use tributary::config::ModelKind;
-use tributary::serve::events::EventSink;
-use tributary::serve::router;
+use tributary::http::events::EventSink;
+use tributary::http::router;
 
 use crate::api::{app, call, state, PREDICT};
 

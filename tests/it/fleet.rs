@@ -10,9 +10,9 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tributary::config::ModelKind;
-use tributary::log::kafka;
-use tributary::log::record::{EventRange, GradientRecord, Record};
 use tributary::model::{GradTensor, GradValues, Model};
+use tributary::update_log::kafka;
+use tributary::update_log::record::{EventRange, GradientRecord, Record};
 
 use crate::helpers::*;
 
@@ -99,9 +99,9 @@ fn zombie_records_for_the_same_range_are_applied_once_everywhere() {
     }
     assert_eq!(infos[0]["weights_digest"], infos[1]["weights_digest"]);
     // The digest is that of the live trainer's two records alone.
-    let mut state = tributary::apply::rule::State::initial(&model);
-    state.apply(&model, 0, &record("live", 0, 10, 0.1), &mut tributary::apply::optim::NoTouch);
-    state.apply(&model, 1, &record("live", 10, 20, 0.1), &mut tributary::apply::optim::NoTouch);
+    let mut state = tributary::state::ReplicaState::initial(&model);
+    state.apply(&model, 0, &record("live", 0, 10, 0.1), &mut tributary::state::optim::NoTouch);
+    state.apply(&model, 1, &record("live", 10, 20, 0.1), &mut tributary::state::optim::NoTouch);
     assert_eq!(infos[0]["weights_digest"], model.digest(&state.weights));
 }
 

@@ -70,7 +70,7 @@ impl Cluster {
         let cluster = Cluster { dir, brokers, config };
         tokio::runtime::Runtime::new()
             .unwrap()
-            .block_on(tributary::log::kafka::ensure_topics(&cluster.config.kafka))
+            .block_on(tributary::update_log::kafka::ensure_topics(&cluster.config.kafka))
             .unwrap();
         cluster
     }
@@ -80,7 +80,7 @@ impl Cluster {
         let k = &mut self.config.kafka;
         k.events_partitions = n;
         k.events_topic = format!("{}-{n}p", k.events_topic);
-        tokio::runtime::Runtime::new().unwrap().block_on(tributary::log::kafka::ensure_topics(k)).unwrap();
+        tokio::runtime::Runtime::new().unwrap().block_on(tributary::update_log::kafka::ensure_topics(k)).unwrap();
     }
 
     /// Produces `n` synthetic events (seed `seed`) spread over the partitions;
@@ -102,7 +102,8 @@ impl Cluster {
     pub fn produce_lines(&self, events: &[String]) {
         use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
         let k = &self.config.kafka;
-        let producer: BaseProducer = tributary::log::kafka::producer_config(&k.brokers, "test-lines").create().unwrap();
+        let producer: BaseProducer =
+            tributary::update_log::kafka::producer_config(&k.brokers, "test-lines").create().unwrap();
         for (i, line) in events.iter().enumerate() {
             let record =
                 BaseRecord::<(), _>::to(&k.events_topic).partition(i as i32 % k.events_partitions).payload(line);
@@ -207,7 +208,7 @@ impl Replica {
         let Some(config) = self.config() else { return Vec::new() };
         let topic = config.kafka.events_topic;
         let consumer: BaseConsumer =
-            tributary::log::kafka::log_reader_config(&self.brokers, "test-ends").create().unwrap();
+            tributary::update_log::kafka::log_reader_config(&self.brokers, "test-ends").create().unwrap();
         let Ok(metadata) = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5)) else { return Vec::new() };
         let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len() as i32);
         (0..partitions)

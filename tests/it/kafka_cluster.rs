@@ -15,7 +15,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use tributary::config::{Config, ModelKind};
 use tributary::ingest::{Counting, Delivered};
-use tributary::log::kafka;
+use tributary::update_log::kafka;
 
 use crate::helpers::*;
 

@@ -6,7 +6,7 @@
 //! log and answers once this replica has taken it (or after 30 s, 202).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -19,19 +19,18 @@ use serde_json::json;
 use utoipa::ToSchema;
 
 use super::{check_model, ApiError, AppState};
-use crate::apply::applier::{last_good, Progress};
-use crate::checkpoint::SharedStore;
-use crate::log::control::ControlLog;
-use crate::log::record::{EventsSince, RollbackRecord};
+use crate::apply::handle::{ReplicaHandle, RollbackAnswer, RollbackError, RollbackTarget};
+use crate::update_log::record::EventsSince;
 
-/// What the admin endpoints need.
+/// How long a rollback request waits for this replica to take it before
+/// answering 202.
+const ROLLBACK_ANSWER_WAIT: Duration = Duration::from_secs(30);
+
+/// What the admin endpoints need: the token they check, and the replica's
+/// handle they act through.
 pub struct Admin {
     pub token: String,
-    pub control: ControlLog,
-    pub progress: Arc<Progress>,
-    pub store: SharedStore,
-    pub fingerprint: u64,
-    pub replica_id: String,
+    pub replica: ReplicaHandle,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -127,56 +126,31 @@ async fn roll_back(
             "invalid request body: {e}; expected {{\"to_version\": <version> or \"last_good\", \"events\": \"relearn\" or \"skip\"}}"
         ))
     })?;
-    let (seen, last_healthy) = {
-        let applied = admin.progress.applied.lock().expect("progress lock");
-        (applied.position, applied.last_healthy)
-    };
-    let to = match request.to_version {
-        Target::Version(q) if (0..=seen).contains(&q) => q,
-        Target::Version(q) => {
-            return Err(ApiError::BadRequest(format!("to_version {q} is not between 0 and the current version {seen}")))
-        }
-        Target::Named(name) if name == "last_good" => {
-            let store = admin.store.clone();
-            tokio::task::spawn_blocking(move || last_good(&*store, last_healthy))
-                .await
-                .map_err(|e| ApiError::Internal(e.to_string()))?
-        }
+    let target = match request.to_version {
+        Target::Version(q) => RollbackTarget::Version(q),
+        Target::Named(name) if name == "last_good" => RollbackTarget::LastGood,
         Target::Named(name) => {
             return Err(ApiError::BadRequest(format!("to_version {name:?}: a version number or \"last_good\"")))
         }
     };
-    let record = RollbackRecord {
-        fingerprint: admin.fingerprint,
-        to,
-        seen,
-        events: request.events,
-        reason: "admin".into(),
-        producer: admin.replica_id.clone(),
-    };
-    tracing::warn!(to, seen, events = ?request.events, "rollback asked over the admin API");
-    let offset = (admin.control.append(record).await)
-        .map_err(|e| ApiError::Unavailable(format!("cannot append the rollback to the update log: {e:#}")))?;
-    // Answer with what this replica made of it, once it has read it.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (outcome, version) = {
-            let applied = admin.progress.applied.lock().expect("progress lock");
-            (applied.rollbacks.get(&offset).cloned(), applied.position)
-        };
-        if let Some(o) = outcome {
+    let answer = admin.replica.roll_back(target, request.events, ROLLBACK_ANSWER_WAIT).await.map_err(|e| match e {
+        RollbackError::OutOfRange(..) => ApiError::BadRequest(e.to_string()),
+        RollbackError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
+        RollbackError::Internal(_) => ApiError::Internal(e.to_string()),
+    })?;
+    Ok(match answer {
+        RollbackAnswer::Read { offset, to, outcome: o, model_version } => {
             let body = json!({
                 "rollback_offset": offset, "to_version": to, "events": o.events, "taken": o.taken,
-                "rejected": o.rejected, "examples_undone": o.examples_undone, "model_version": version,
+                "rejected": o.rejected, "examples_undone": o.examples_undone, "model_version": model_version,
             });
-            return Ok((StatusCode::OK, Json(body)).into_response());
+            (StatusCode::OK, Json(body)).into_response()
         }
-        if Instant::now() >= deadline {
+        RollbackAnswer::Pending { offset, to } => {
             let body = json!({ "rollback_offset": offset, "to_version": to, "events": request.events, "taken": null });
-            return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
+            (StatusCode::ACCEPTED, Json(body)).into_response()
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
 }
 
 #[cfg(test)]

@@ -1,4 +1,8 @@
-//! The replica's state and the apply rule (DESIGN.md section 3), in one place.
+//! The replica's state and the apply rule (DESIGN.md section 3), in one
+//! place: everything a replica learned, identical on every replica at the
+//! same position, and the one function that changes it. Knows neither Kafka
+//! clients nor HTTP: the applier feeds it record bytes, checkpoints store it,
+//! the snapshot publisher copies from it.
 //!
 //! A gradient record is applied iff it belongs to this model, every one of
 //! its ranges starts at its partition's watermark (all or nothing), its
@@ -11,19 +15,21 @@
 //! A rollback record is taken iff it belongs to this model, `0 <= to <=
 //! seen <= its offset`, and no rollback was taken at or after `seen`. Then
 //! the state becomes the state at `to` (which the applier rebuilds from a
-//! checkpoint and the log: [`State::roll_back`]), keeping the current
+//! checkpoint and the log: [`ReplicaState::roll_back`]), keeping the current
 //! watermarks if the record says the events since are skipped.
+
+pub mod optim;
 
 use std::collections::BTreeMap;
 
-use super::optim::{Optimizer, Touch};
+use self::optim::{Optimizer, Touch};
 use crate::config::StalenessScaling;
-use crate::log::record::{EventRange, EventsSince, GradientRecord, Record, RollbackRecord};
 use crate::model::{Buffers, GradTensor, GradValues, Model, ParamSpec};
+use crate::update_log::record::{EventRange, EventsSince, GradientRecord, Record, RollbackRecord};
 
 /// Everything a replica learned: identical on every replica at the same position.
 #[derive(Clone, Debug, PartialEq)]
-pub struct State {
+pub struct ReplicaState {
     /// Next `updates` offset to read; the served `model_version`.
     pub position: i64,
     /// Events partition -> next event offset to learn.
@@ -93,17 +99,17 @@ pub enum Outcome {
     /// The record, where it decoded, and why it was rejected.
     Rejected(Option<GradientRecord>, Reject),
     /// A rollback to take: the caller rebuilds the state at `to` and calls
-    /// [`State::roll_back`] before it reads the next record.
+    /// [`ReplicaState::roll_back`] before it reads the next record.
     RollBack(RollbackRecord),
     /// A rollback not taken, and why.
     RollbackRejected(RollbackRecord, Reject),
 }
 
-impl State {
-    pub fn initial(model: &Model) -> State {
+impl ReplicaState {
+    pub fn initial(model: &Model) -> ReplicaState {
         let c = model.config();
         let weights = model.init_weights();
-        State {
+        ReplicaState {
             position: 0,
             watermarks: BTreeMap::new(),
             examples_learned: 0,
@@ -172,13 +178,13 @@ impl State {
     /// state at `r.to`. Learning (weights, optimizer, example counters)
     /// returns to `then`; the watermarks too, unless the events since are
     /// skipped; the log's own counters and position go on.
-    pub fn roll_back(&mut self, offset: i64, r: &RollbackRecord, then: State) {
+    pub fn roll_back(&mut self, offset: i64, r: &RollbackRecord, then: ReplicaState) {
         debug_assert_eq!(then.position, r.to);
         let watermarks = match r.events {
             EventsSince::Relearn => then.watermarks,
             EventsSince::Skip => std::mem::take(&mut self.watermarks),
         };
-        *self = State {
+        *self = ReplicaState {
             position: self.position,
             watermarks,
             records_applied: self.records_applied,
@@ -267,17 +273,17 @@ pub fn check_gradient(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::apply::optim::NoTouch;
     use crate::config::Config;
-    use crate::log::record::{EventsSince, GradientRecord, Record, RollbackRecord};
+    use crate::state::optim::NoTouch;
+    use crate::update_log::record::{EventsSince, GradientRecord, Record, RollbackRecord};
 
-    fn setup() -> (Model, State) {
+    fn setup() -> (Model, ReplicaState) {
         let mut c = Config::default().model;
         c.kind = crate::config::ModelKind::Logistic;
         c.dense_dim = 2;
         c.buckets = 16;
         let model = Model::new(&c);
-        let state = State::initial(&model);
+        let state = ReplicaState::initial(&model);
         (model, state)
     }
 
@@ -299,7 +305,8 @@ mod tests {
     #[test]
     fn applies_contiguous_records_and_rejects_the_rest() {
         let (model, mut s) = setup();
-        let outcome = |s: &mut State, offset, bytes: Vec<u8>| match s.apply(&model, offset, &bytes, &mut NoTouch) {
+        let outcome = |s: &mut ReplicaState, offset, bytes: Vec<u8>| match s.apply(&model, offset, &bytes, &mut NoTouch)
+        {
             Outcome::Applied(_) | Outcome::RollBack(_) => None,
             Outcome::Rejected(_, why) | Outcome::RollbackRejected(_, why) => Some(why),
         };
@@ -363,7 +370,7 @@ mod tests {
             (c.optimizer, c.learning_rate) = (Some(crate::config::OptimizerKind::Sgd), Some(1.0));
             c.staleness_scaling = scaling;
             let model = Model::new(&c);
-            let mut s = State::initial(&model);
+            let mut s = ReplicaState::initial(&model);
             let before = s.weights[1][0];
             // Computed at version 0, applied at `offset`: `offset` records unseen.
             let outcome = s.apply(&model, offset, &record(&model, 0, 0, 1, 0.5), &mut NoTouch);
@@ -378,7 +385,7 @@ mod tests {
     #[test]
     fn a_rollback_returns_learning_to_an_earlier_state_once() {
         let (model, mut s) = setup();
-        let step = |s: &mut State, offset, bytes: Vec<u8>| s.apply(&model, offset, &bytes, &mut NoTouch);
+        let step = |s: &mut ReplicaState, offset, bytes: Vec<u8>| s.apply(&model, offset, &bytes, &mut NoTouch);
         step(&mut s, 0, record(&model, 0, 0, 10, 0.1));
         let at_1 = s.clone();
         step(&mut s, 1, record(&model, 0, 10, 20, 0.2));

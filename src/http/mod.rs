@@ -1,5 +1,7 @@
-//! The HTTP API. Reads only the serving snapshot, never training state:
-//! a request never waits for training.
+//! The HTTP API. Predictions read only the serving snapshot, never training
+//! state, so a request never waits for training; the admin endpoints act
+//! through the applier's narrow handle ([`crate::apply::handle`]), and the
+//! snapshot list reads the checkpoint store.
 //!
 //! Every route is a handler with a `#[utoipa::path]` annotation, listed
 //! once in [`endpoints`]: the router and the OpenAPI document
@@ -38,7 +40,7 @@ pub use error::ApiError;
 
 use crate::checkpoint::{CheckpointInfo, SharedStore};
 use crate::metrics::Metrics;
-use crate::serving::Serving;
+use crate::snapshot::Serving;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -375,7 +377,7 @@ async fn predict(
 /// Predictions for `instances` (JSON instances, checked against the model).
 fn predict_instances(
     state: &AppState,
-    snap: &crate::serving::Snapshot,
+    snap: &crate::snapshot::Snapshot,
     instances: Vec<Value>,
 ) -> Result<Vec<f32>, ApiError> {
     let n = instances.len();

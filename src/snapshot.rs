@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
-use crate::apply::optim::Touch;
-use crate::apply::rule::State;
 use crate::model::{Buffers, Model};
+use crate::state::optim::Touch;
+use crate::state::ReplicaState;
 
 /// What predictions read: weights at one `updates` position, and the
 /// counters reported next to them.
@@ -43,7 +43,7 @@ impl Snapshot {
         self.digest.get_or_init(|| self.model.digest(&self.weights))
     }
 
-    fn from_state(model: &Arc<Model>, state: &State) -> Snapshot {
+    fn from_state(model: &Arc<Model>, state: &ReplicaState) -> Snapshot {
         Snapshot {
             model: model.clone(),
             position: state.position,
@@ -146,7 +146,7 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    pub fn new(model: Arc<Model>, state: &State) -> Publisher {
+    pub fn new(model: Arc<Model>, state: &ReplicaState) -> Publisher {
         let n = model.params().len();
         let serving = Arc::new(ArcSwap::from_pointee(Snapshot::from_state(&model, state)));
         Publisher { model, serving, retired: Vec::new(), since_front: Dirty::clean(n) }
@@ -157,7 +157,7 @@ impl Publisher {
     }
 
     /// Whether the state has moved past what is served.
-    pub fn is_behind(&self, state: &State) -> bool {
+    pub fn is_behind(&self, state: &ReplicaState) -> bool {
         self.serving.load().position != state.position
     }
 
@@ -171,7 +171,7 @@ impl Publisher {
     }
 
     /// Makes `state` the served snapshot.
-    pub fn publish(&mut self, state: &State) -> PublishStats {
+    pub fn publish(&mut self, state: &ReplicaState) -> PublishStats {
         let start = Instant::now();
         let mut full_copy = false;
         let (mut next, copied) = match self.reclaim_any() {
@@ -254,24 +254,24 @@ fn reclaim(mut snap: Arc<Snapshot>, wait: Duration) -> Result<Snapshot, Arc<Snap
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::apply::optim::NoTouch;
     use crate::config::{Config, ModelKind};
-    use crate::log::record::{EventRange, GradientRecord, Record};
     use crate::model::{GradTensor, GradValues};
+    use crate::state::optim::NoTouch;
+    use crate::update_log::record::{EventRange, GradientRecord, Record};
 
     /// A small `wide_deep` model, its initial state and a publisher.
-    fn setup() -> (Arc<Model>, State, Publisher) {
+    fn setup() -> (Arc<Model>, ReplicaState, Publisher) {
         let mut c = Config::default().model;
         c.kind = ModelKind::WideDeep;
         c.buckets = 128;
         let model = Arc::new(Model::new(&c));
-        let state = State::initial(&model);
+        let state = ReplicaState::initial(&model);
         let publisher = Publisher::new(model.clone(), &state);
         (model, state, publisher)
     }
 
     /// Applies record `step` (one embedding row, the dense weights) to `state`.
-    fn apply_step(model: &Model, state: &mut State, publisher: &mut Publisher, step: u32) {
+    fn apply_step(model: &Model, state: &mut ReplicaState, publisher: &mut Publisher, step: u32) {
         let emb = model.params().iter().position(|p| p.name == "emb.f1").unwrap();
         let dense = model.params().iter().position(|p| p.name == "linear.dense").unwrap();
         let bytes = Record::Gradient(GradientRecord {
@@ -293,7 +293,7 @@ mod tests {
         })
         .encode();
         let outcome = state.apply(model, i64::from(step), &bytes, publisher);
-        assert!(matches!(outcome, crate::apply::rule::Outcome::Applied(_)), "{outcome:?}");
+        assert!(matches!(outcome, crate::state::Outcome::Applied(_)), "{outcome:?}");
     }
 
     #[test]

@@ -20,20 +20,21 @@ use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
 use crate::apply::applier::{Applier, Progress};
+use crate::apply::handle::ReplicaHandle;
 use crate::apply::rollback::Guard;
-use crate::apply::rule::State;
 use crate::checkpoint::{self, CheckpointError, SharedStore};
 use crate::config::Config;
-use crate::log::control::ControlLog;
-use crate::log::kafka;
+use crate::http::admin::Admin;
+use crate::http::events::EventSink;
+use crate::http::status::History;
+use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::model::Model;
-use crate::serve::admin::Admin;
-use crate::serve::events::EventSink;
-use crate::serve::status::History;
-use crate::serve::{self, AppState};
-use crate::serving::Publisher;
+use crate::snapshot::Publisher;
+use crate::state::ReplicaState;
 use crate::train::Trainer;
+use crate::update_log::control::ControlLog;
+use crate::update_log::kafka;
 
 /// libtorch's own thread pools would fight the trainer and the HTTP server
 /// for two cores; one thread each is fastest for our small graphs.
@@ -91,11 +92,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let admin = (!config.http.admin_token.is_empty()).then(|| {
         Arc::new(Admin {
             token: config.http.admin_token.clone(),
-            control: control.clone(),
-            progress: progress.clone(),
-            store: store.clone(),
-            fingerprint: model.fingerprint(),
-            replica_id: config.replica_id.clone(),
+            replica: ReplicaHandle::new(
+                control.clone(),
+                progress.clone(),
+                store.clone(),
+                model.fingerprint(),
+                &config.replica_id,
+            ),
         })
     });
 
@@ -110,7 +113,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     };
     let history = Arc::new(History::default());
     tokio::spawn(history.clone().run(publisher.serving(), metrics.clone()));
-    let app = serve::router(AppState {
+    let app = http::router(AppState {
         serving: publisher.serving(),
         metrics: metrics.clone(),
         ready: ready.clone(),
@@ -262,7 +265,7 @@ async fn restore(
     store: &SharedStore,
     model: &Arc<Model>,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
-) -> anyhow::Result<Option<State>> {
+) -> anyhow::Result<Option<ReplicaState>> {
     let mut delay = Duration::from_millis(200);
     loop {
         let (s, m) = (store.clone(), model.clone());
@@ -273,7 +276,7 @@ async fn restore(
             }
             Ok(None) => {
                 info!(store = %store.describe(), seed = model.config().seed, "no checkpoint: starting from seeded weights");
-                return Ok(Some(State::initial(model)));
+                return Ok(Some(ReplicaState::initial(model)));
             }
             Err(e @ CheckpointError::Unavailable { .. }) => warn!(error = %e, "checkpoint store unavailable; retrying"),
             Err(e) => return Err(e.into()),

@@ -20,7 +20,7 @@ use utoipa::ToSchema;
 
 use super::AppState;
 use crate::metrics::Metrics;
-use crate::serving::Serving;
+use crate::snapshot::Serving;
 
 /// Samples kept: ten minutes at one a second.
 const KEEP: usize = 600;

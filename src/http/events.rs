@@ -26,7 +26,7 @@ use utoipa::ToSchema;
 
 use super::admin::check_bearer;
 use super::{body_bytes, ApiError, AppState};
-use crate::log::kafka;
+use crate::update_log::kafka;
 
 /// Produces events to the events topic.
 pub struct EventSink {
