@@ -23,7 +23,7 @@ use tributary::update_log::record::{EventRange, GradientRecord, Record, RecordMe
 fn model(kind: ModelKind) -> Model {
     let mut c = Config::default().model;
     c.kind = kind;
-    Model::new(&c)
+    Model::new(&c).expect("a built-in model")
 }
 
 fn examples(model: &Model, n: usize) -> Vec<Example> {
@@ -67,7 +67,7 @@ fn torchscript_model(args: &[&str]) -> Option<(tempfile::TempDir, Model)> {
     c.kind = ModelKind::TorchScript;
     c.torchscript_path = out;
     c.buckets = 65536; // export.py's default
-    Some((dir, Model::load(&c).ok()?))
+    Some((dir, Model::new(&c).ok()?))
 }
 
 /// The TorchScript model's training step and a 64-instance prediction, one

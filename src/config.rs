@@ -108,6 +108,21 @@ pub enum StalenessScaling {
 }
 
 impl ModelConfig {
+    /// A small model of `kind` (3 dense values, fields `a` and `b`, 64
+    /// buckets, embeddings of 4, hidden layers [8, 4]), the defaults
+    /// otherwise: the one fixture of unit tests that need a model quickly.
+    pub fn small(kind: ModelKind) -> ModelConfig {
+        ModelConfig {
+            kind,
+            dense_dim: 3,
+            sparse_fields: vec!["a".into(), "b".into()],
+            buckets: 64,
+            embedding_dim: 4,
+            hidden: vec![8, 4],
+            ..Config::default().model
+        }
+    }
+
     /// The optimizer: as set, else FTRL for `logistic` (measured on the
     /// load report's click-through stream: 0.521 against Adagrad's 0.553
     /// and Vowpal Wabbit's 0.528) and Adagrad for the deep kinds.

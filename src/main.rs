@@ -147,7 +147,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Produce { config, topic, file } => {
             let config = config.load(Overrides::default())?;
-            let model = tributary::model::Model::load(&config.model)?;
+            let model = tributary::model::Model::new(&config.model)?;
             let input: Box<dyn BufRead> = match file {
                 Some(path) => Box::new(std::io::BufReader::new(
                     std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?,

@@ -72,7 +72,7 @@ async fn role_result(rx: &mut oneshot::Receiver<anyhow::Result<()>>) -> anyhow::
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     init_libtorch();
     let config = Arc::new(config);
-    let model = Arc::new(Model::load(&config.model)?);
+    let model = Arc::new(Model::new(&config.model)?);
     let metrics = Arc::new(Metrics::new(&config.replica_id));
     let store = checkpoint::open(&config)?;
     tokio::pin!(shutdown);

@@ -254,17 +254,16 @@ fn reclaim(mut snap: Arc<Snapshot>, wait: Duration) -> Result<Snapshot, Arc<Snap
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, ModelKind};
+    use crate::config::{Config, ModelConfig, ModelKind};
     use crate::model::{GradTensor, GradValues};
     use crate::state::optim::NoTouch;
     use crate::update_log::record::{EventRange, GradientRecord, Record};
 
     /// A small `wide_deep` model, its initial state and a publisher.
     fn setup() -> (Arc<Model>, ReplicaState, Publisher) {
-        let mut c = Config::default().model;
-        c.kind = ModelKind::WideDeep;
-        c.buckets = 128;
-        let model = Arc::new(Model::new(&c));
+        // The default fields and shapes, which `apply_step`'s gradients use.
+        let c = ModelConfig { kind: ModelKind::WideDeep, buckets: 128, ..Config::default().model };
+        let model = Arc::new(Model::new(&c).expect("a built-in model"));
         let state = ReplicaState::initial(&model);
         let publisher = Publisher::new(model.clone(), &state);
         (model, state, publisher)

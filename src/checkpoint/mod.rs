@@ -255,14 +255,12 @@ fn decode(model: &Model, bytes: &[u8], location: &str) -> Result<ReplicaState, C
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::config::{ModelKind, OptimizerKind};
+    use crate::config::{ModelConfig, ModelKind, OptimizerKind};
 
+    /// Adam's two slots per weight make the format's every part count.
     pub(crate) fn small_model() -> Model {
-        let mut c = Config::default().model;
-        c.kind = ModelKind::WideDeep;
-        c.buckets = 64;
-        c.optimizer = Some(OptimizerKind::Adam);
-        Model::new(&c)
+        let c = ModelConfig { optimizer: Some(OptimizerKind::Adam), ..ModelConfig::small(ModelKind::WideDeep) };
+        Model::new(&c).expect("a built-in model")
     }
 
     /// What every store must do: save, list newest first with counters,
@@ -297,7 +295,7 @@ pub(crate) mod tests {
         // A model of another structure refuses the checkpoint.
         let mut other = model.config().clone();
         other.buckets = 32;
-        let err = store.load(&Model::new(&other), &info).unwrap_err();
+        let err = store.load(&Model::new(&other).expect("a built-in model"), &info).unwrap_err();
         assert!(matches!(err, CheckpointError::OtherModel(_)), "{err}");
     }
 

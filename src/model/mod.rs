@@ -119,7 +119,7 @@ pub struct Model {
 impl Model {
     /// The model of `config`. Only `torchscript` can fail (the module file);
     /// the built-in kinds cannot.
-    pub fn load(config: &ModelConfig) -> Result<Model, ScriptError> {
+    pub fn new(config: &ModelConfig) -> Result<Model, ScriptError> {
         let mut params = Vec::new();
         let mut add = |p: ParamSpec| {
             params.push(p);
@@ -167,12 +167,6 @@ impl Model {
         }
         let fingerprint = u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"));
         Ok(Model { featurizer: Featurizer::new(config), config: config.clone(), params, arch, fingerprint })
-    }
-
-    /// [`Model::load`] for what cannot fail: the built-in kinds (and tests).
-    /// A TorchScript module that does not load panics here.
-    pub fn new(config: &ModelConfig) -> Model {
-        Model::load(config).unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -349,18 +343,6 @@ fn fnv(s: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-
-    pub(crate) fn small(kind: ModelKind) -> ModelConfig {
-        let mut m = Config::default().model;
-        m.kind = kind;
-        m.dense_dim = 3;
-        m.sparse_fields = vec!["a".into(), "b".into()];
-        m.buckets = 64;
-        m.embedding_dim = 4;
-        m.hidden = vec![8, 4];
-        m
-    }
 
     fn batch(model: &Model, n: usize) -> Vec<Example> {
         let f = model.featurizer();
@@ -381,19 +363,19 @@ mod tests {
 
     #[test]
     fn same_seed_same_weights_other_seed_other_weights() {
-        let a = Model::new(&small(ModelKind::WideDeep));
-        let b = Model::new(&small(ModelKind::WideDeep));
+        let a = Model::new(&ModelConfig::small(ModelKind::WideDeep)).expect("a built-in model");
+        let b = Model::new(&ModelConfig::small(ModelKind::WideDeep)).expect("a built-in model");
         assert_eq!(a.digest(&a.init_weights()), b.digest(&b.init_weights()));
-        let mut c = small(ModelKind::WideDeep);
+        let mut c = ModelConfig::small(ModelKind::WideDeep);
         c.seed += 1;
-        let c = Model::new(&c);
+        let c = Model::new(&c).expect("a built-in model");
         assert_ne!(a.digest(&a.init_weights()), c.digest(&c.init_weights()));
     }
 
     #[test]
     fn forward_matches_libtorch() {
         for kind in [ModelKind::Logistic, ModelKind::Mlp, ModelKind::WideDeep] {
-            let model = Model::new(&small(kind));
+            let model = Model::new(&ModelConfig::small(kind)).expect("a built-in model");
             let mut w = model.init_weights();
             // Non-zero linear weights, so every term of the forward pass counts.
             for (p, buf) in model.params().iter().zip(w.iter_mut()) {
@@ -415,7 +397,7 @@ mod tests {
     #[test]
     fn gradient_descent_lowers_the_loss() {
         for kind in [ModelKind::Logistic, ModelKind::Mlp, ModelKind::WideDeep] {
-            let model = Model::new(&small(kind));
+            let model = Model::new(&ModelConfig::small(kind)).expect("a built-in model");
             let mut w = model.init_weights();
             let examples = batch(&model, 32);
             let step = 0.5 / examples.len() as f32; // the gradient is of the summed loss

@@ -273,16 +273,13 @@ pub fn check_gradient(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
+    use crate::config::{ModelConfig, ModelKind};
     use crate::state::optim::NoTouch;
     use crate::update_log::record::{EventsSince, GradientRecord, Record, RollbackRecord};
 
     fn setup() -> (Model, ReplicaState) {
-        let mut c = Config::default().model;
-        c.kind = crate::config::ModelKind::Logistic;
-        c.dense_dim = 2;
-        c.buckets = 16;
-        let model = Model::new(&c);
+        let c = ModelConfig { dense_dim: 2, buckets: 16, ..ModelConfig::small(ModelKind::Logistic) };
+        let model = Model::new(&c).expect("a built-in model");
         let state = ReplicaState::initial(&model);
         (model, state)
     }
@@ -365,11 +362,10 @@ mod tests {
     #[test]
     fn inverse_sqrt_scaling_steps_a_gradient_less_for_each_record_it_did_not_see() {
         let moved = |scaling: StalenessScaling, offset: i64| {
-            let mut c = Config::default().model;
-            (c.kind, c.dense_dim, c.buckets) = (crate::config::ModelKind::Logistic, 2, 16);
+            let mut c = ModelConfig { dense_dim: 2, buckets: 16, ..ModelConfig::small(ModelKind::Logistic) };
             (c.optimizer, c.learning_rate) = (Some(crate::config::OptimizerKind::Sgd), Some(1.0));
             c.staleness_scaling = scaling;
-            let model = Model::new(&c);
+            let model = Model::new(&c).expect("a built-in model");
             let mut s = ReplicaState::initial(&model);
             let before = s.weights[1][0];
             // Computed at version 0, applied at `offset`: `offset` records unseen.

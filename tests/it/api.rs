@@ -24,7 +24,7 @@ pub fn state(kind: ModelKind) -> AppState {
     config.model.sparse_fields = vec!["country".into(), "tags".into()];
     config.http.max_body_bytes = 4096;
     config.http.max_batch = 4;
-    let model = Arc::new(Model::new(&config.model));
+    let model = Arc::new(Model::new(&config.model).expect("a built-in model"));
     let publisher = Publisher::new(model.clone(), &ReplicaState::initial(&model));
     AppState {
         serving: publisher.serving(),
@@ -182,7 +182,7 @@ async fn snapshots_are_listed_newest_first_with_their_counters() {
     let mut config = Config::default();
     config.model.kind = ModelKind::Logistic;
     config.model.buckets = 64;
-    let model = Arc::new(Model::new(&config.model));
+    let model = Arc::new(Model::new(&config.model).expect("a built-in model"));
     let dir = tempfile::tempdir().unwrap();
     let store = tributary::checkpoint::LocalStore::open(dir.path(), 3).unwrap();
     use tributary::checkpoint::Store;

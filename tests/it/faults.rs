@@ -67,7 +67,7 @@ fn slow_replicas_killed_while_writing_a_snapshot_leave_no_torn_one() {
     }
     // A whole checkpoint in each store first: the kill then tears the next
     // write, and the one before must still load.
-    let model = Model::new(&cluster.config.model);
+    let model = Model::new(&cluster.config.model).expect("a built-in model");
     wait_for("a checkpoint in each store", Duration::from_secs(30), || {
         let local_has = LocalStore::open(&local.state_dir, 3).ok()?.list().ok()?.len();
         let pg_has = pg_store(&cluster, url).list().ok()?.len();

@@ -62,7 +62,7 @@ fn zombie_records_for_the_same_range_are_applied_once_everywhere() {
     cluster.config.train.enabled = false; // only our hand-made trainers write
     let replicas = [cluster.spawn("r0"), cluster.spawn("r1")];
     replicas.iter().for_each(Replica::wait_ready);
-    let model = Model::new(&cluster.config.model);
+    let model = Model::new(&cluster.config.model).expect("a built-in model");
     let record = |producer: &str, from: i64, to: i64, g: f32| {
         Record::Gradient(GradientRecord {
             fingerprint: model.fingerprint(),

@@ -89,7 +89,7 @@ impl Cluster {
         let mut synthetic = tributary::synthetic::Synthetic::new(&self.config.model, seed);
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
         let lines: Vec<String> = (0..n).map(|_| synthetic.event(now)).collect();
-        let model = tributary::model::Model::new(&self.config.model);
+        let model = tributary::model::Model::new(&self.config.model).expect("a built-in model");
         let labels = lines.iter().map(|l| model.featurizer().event(l.as_bytes()).unwrap().label).collect();
         let k = &self.config.kafka;
         let report =

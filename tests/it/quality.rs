@@ -22,7 +22,7 @@ fn ctr_events(cluster: &Cluster) -> (Vec<String>, Vec<f32>) {
     // Event times a millisecond apart: the trainer merges partitions by them.
     let lines: Vec<String> = (0..EVENTS).map(|i| stream.next_event(1_764_000_000_000 + i as i64).json).collect();
     // The labels as the replica reads them.
-    let model = tributary::model::Model::new(&cluster.config.model);
+    let model = tributary::model::Model::new(&cluster.config.model).expect("a built-in model");
     let labels = lines.iter().map(|l| model.featurizer().event(l.as_bytes()).unwrap().label).collect();
     (lines, labels)
 }

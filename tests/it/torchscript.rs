@@ -47,7 +47,7 @@ const SMALL: [&str; 10] = ["--dense-dim", "3", "--fields", "2", "--buckets", "64
 fn an_exported_module_loads_predicts_and_learns() {
     let dir = tempfile::tempdir().unwrap();
     let path = export(dir.path(), "small.pt", &SMALL);
-    let model = Model::load(&config(&path)).unwrap();
+    let model = Model::new(&config(&path)).unwrap();
     let names: Vec<&str> = model.params().iter().map(|p| p.name.as_str()).collect();
     assert_eq!(
         names,
@@ -62,11 +62,11 @@ fn an_exported_module_loads_predicts_and_learns() {
     );
     assert_eq!((model.params()[0].rows, model.params()[0].cols), (64, 4));
     // Same file, same fingerprint and weights; another module, another fingerprint.
-    let again = Model::load(&config(&path)).unwrap();
+    let again = Model::new(&config(&path)).unwrap();
     assert_eq!(model.fingerprint(), again.fingerprint());
     assert_eq!(model.digest(&model.init_weights()), again.digest(&again.init_weights()));
     let other = export(dir.path(), "other.pt", &[&SMALL[..], &["--seed", "7"]].concat());
-    assert_ne!(Model::load(&config(&other)).unwrap().fingerprint(), model.fingerprint());
+    assert_ne!(Model::new(&config(&other)).unwrap().fingerprint(), model.fingerprint());
 
     let f = model.featurizer();
     let batch: Vec<_> = (0..64)
@@ -103,7 +103,7 @@ fn an_exported_module_loads_predicts_and_learns() {
     // Dense embedding gradients (Embedding(sparse=False)) travel the same:
     // the touched rows, found by scanning.
     let dense = export(dir.path(), "dense.pt", &[&SMALL[..], &["--dense-tables"]].concat());
-    let dense = Model::load(&config(&dense)).unwrap();
+    let dense = Model::new(&config(&dense)).unwrap();
     assert_eq!(dense.init_weights(), w, "same seed, same weights");
     let from_dense = dense.gradient(&w, &batch).unwrap();
     assert_eq!(from_dense.tensors.len(), first.tensors.len());
@@ -154,11 +154,11 @@ fn an_exported_module_loads_predicts_and_learns() {
 #[test]
 fn modules_that_do_not_fit_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let missing = Model::load(&config(&dir.path().join("nope.pt"))).unwrap_err().to_string();
+    let missing = Model::new(&config(&dir.path().join("nope.pt"))).unwrap_err().to_string();
     assert!(missing.contains("cannot read the TorchScript module"), "{missing}");
     let garbage = dir.path().join("garbage.pt");
     std::fs::write(&garbage, b"not a zip").unwrap();
-    let err = Model::load(&config(&garbage)).unwrap_err().to_string();
+    let err = Model::new(&config(&garbage)).unwrap_err().to_string();
     assert!(err.contains("is not a TorchScript module tributary can train"), "{err}");
     // Tables smaller than model.buckets: the probe with the last bucket fails.
     let small = export(
@@ -166,21 +166,21 @@ fn modules_that_do_not_fit_are_refused_with_the_reason() {
         "few-buckets.pt",
         &["--dense-dim", "3", "--fields", "2", "--buckets", "16", "--dim", "4", "--hidden", "8"],
     );
-    let err = Model::load(&config(&small)).unwrap_err().to_string();
+    let err = Model::new(&config(&small)).unwrap_err().to_string();
     assert!(err.contains("bucket 63") && err.contains("failed"), "{err}");
     let wrong_shape = python_module(
         dir.path(),
         "shape.pt",
         "class M(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n        self.w = torch.nn.Parameter(torch.ones(3, 2))\n    def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:\n        return dense @ self.w\n",
     );
-    let err = Model::load(&config(&wrong_shape)).unwrap_err().to_string();
+    let err = Model::new(&config(&wrong_shape)).unwrap_err().to_string();
     assert!(err.contains("one value per row"), "{err}");
     let no_params = python_module(
         dir.path(),
         "empty.pt",
         "class M(torch.nn.Module):\n    def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:\n        return dense.sum(1)\n",
     );
-    let err = Model::load(&config(&no_params)).unwrap_err().to_string();
+    let err = Model::new(&config(&no_params)).unwrap_err().to_string();
     assert!(err.contains("no parameters"), "{err}");
 }
 
@@ -231,7 +231,7 @@ fn parameters_a_batch_does_not_reach_travel_no_gradient() {
         "unused.pt",
         "class M(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n        self.w = torch.nn.Parameter(torch.ones(3))\n        self.spare = torch.nn.Parameter(torch.zeros(64, 4))\n    def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:\n        return dense @ self.w\n",
     );
-    let model = Model::load(&config(&path)).unwrap();
+    let model = Model::new(&config(&path)).unwrap();
     assert_eq!(model.params().len(), 2);
     let example = model.featurizer().event(br#"{"dense":[1,2,3],"label":1}"#).unwrap();
     let g = model.gradient(&model.init_weights(), &[example]).unwrap();
