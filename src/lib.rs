@@ -4,7 +4,8 @@
 //! this crate is laid out by role, in layers: a module uses only modules of
 //! lower layers (the `layers` test below checks every `crate::` path).
 //!
-//! 0. [`config`], [`telemetry`]: settings and logging setup.
+//! 0. [`config`], [`telemetry`]: settings and logging setup; [`lifecycle`]:
+//!    the typed stop requests of the roles, and retry pacing.
 //! 1. [`event`]: the event and instance schema, hashing of sparse values;
 //!    [`synthetic`]: generated streams for demos, tests and load.
 //! 2. [`model`]: parameter layout, seeded weights, forward pass, libtorch
@@ -30,6 +31,7 @@ pub mod config;
 pub mod event;
 pub mod http;
 pub mod ingest;
+pub mod lifecycle;
 pub mod metrics;
 pub mod model;
 pub mod replica;
@@ -48,7 +50,7 @@ mod layers {
 
     /// Bottom first; a module may use the modules of earlier rows only.
     const LAYERS: &[&[&str]] = &[
-        &["config", "telemetry"],
+        &["config", "telemetry", "lifecycle"],
         &["event", "synthetic"],
         &["model"],
         &["update_log"],

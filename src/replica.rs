@@ -1,5 +1,7 @@
 //! Builds and runs a replica from its configuration: the same code for
-//! `main` and for tests.
+//! `main` and for tests. [`Replica::build`] loads the model and restores the
+//! newest checkpoint; [`Replica::run_until_stopped`] serves HTTP, waits for
+//! the topics, runs the roles and stops them in order.
 //!
 //! Three sibling roles run until shutdown: the HTTP server (tokio), the
 //! applier and the trainer (an OS thread each: they block on Kafka and burn
@@ -10,27 +12,26 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Once};
+use std::pin::Pin;
+use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use anyhow::Context;
 use rdkafka::consumer::BaseConsumer;
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use crate::apply::applier::{Applier, Progress};
+use crate::apply::applier::Applier;
 use crate::apply::handle::ReplicaHandle;
-use crate::apply::rollback::Guard;
 use crate::checkpoint::{self, CheckpointError, SharedStore};
 use crate::config::Config;
 use crate::http::admin::Admin;
 use crate::http::events::EventSink;
-use crate::http::status::History;
 use crate::http::{self, AppState};
+use crate::lifecycle::{Backoff, StopRequest};
 use crate::metrics::Metrics;
 use crate::model::Model;
-use crate::snapshot::Publisher;
 use crate::state::ReplicaState;
 use crate::train::Trainer;
 use crate::update_log::control::ControlLog;
@@ -64,209 +65,231 @@ fn spawn_role(
     rx
 }
 
-async fn role_result(rx: &mut oneshot::Receiver<anyhow::Result<()>>) -> anyhow::Result<()> {
-    rx.await.unwrap_or_else(|_| Err(anyhow::anyhow!("role thread vanished")))
+/// A role's result once it ends; a role that is not running never ends.
+async fn role_result(rx: &mut Option<oneshot::Receiver<anyhow::Result<()>>>) -> anyhow::Result<()> {
+    match rx {
+        Some(rx) => rx.await.unwrap_or_else(|_| Err(anyhow::anyhow!("role thread vanished"))),
+        None => std::future::pending().await,
+    }
 }
+
+/// A future the replica stops on, pinned where it is awaited.
+type Shutdown<'a, F> = Pin<&'a mut F>;
+
+/// How long each role may take to stop before the replica goes on without it.
+const ROLE_STOP_LIMIT: Duration = Duration::from_secs(30);
 
 /// Runs a replica until `shutdown` resolves or a role fails.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    init_libtorch();
-    let config = Arc::new(config);
-    let model = Arc::new(Model::new(&config.model)?);
-    let metrics = Arc::new(Metrics::new(&config.replica_id));
-    let store = checkpoint::open(&config)?;
     tokio::pin!(shutdown);
-    let Some(state) = restore(&store, &model, &mut shutdown).await? else {
-        return Ok(());
-    };
-    let publisher = Publisher::new(model.clone(), &state);
-    let ready = Arc::new(AtomicBool::new(false));
-    let progress = Arc::new(Progress::default());
-    {
-        let mut applied = progress.applied.lock().expect("progress lock");
-        applied.position = state.position;
-        applied.last_healthy = state.position;
-        applied.watermarks = state.watermarks.clone();
+    match Replica::build(config, shutdown.as_mut()).await? {
+        Some(replica) => replica.run_until_stopped(shutdown).await,
+        None => Ok(()),
     }
-    let control = ControlLog::new(&config.kafka.brokers, &config.kafka.updates_topic, &config.replica_id)?;
-    let admin = (!config.http.admin_token.is_empty()).then(|| {
-        Arc::new(Admin {
-            token: config.http.admin_token.clone(),
-            replica: ReplicaHandle::new(
-                control.clone(),
-                progress.clone(),
-                store.clone(),
-                model.fingerprint(),
-                &config.replica_id,
-            ),
-        })
-    });
+}
 
-    let events = match config.http.ingest {
-        true => Some(Arc::new(EventSink::new(
-            &config.kafka.brokers,
-            &config.kafka.events_topic,
-            &config.replica_id,
-            &config.http.ingest_token,
-        )?)),
-        false => None,
-    };
-    let history = Arc::new(History::default());
-    tokio::spawn(history.clone().run(publisher.serving(), metrics.clone()));
-    let app = http::router(AppState {
-        serving: publisher.serving(),
-        metrics: metrics.clone(),
-        ready: ready.clone(),
-        model_name: config.model.name.as_str().into(),
-        replica_id: config.replica_id.as_str().into(),
-        max_batch: config.http.max_batch,
-        max_body_bytes: config.http.max_body_bytes,
-        checkpoints: Some(store.clone()),
-        admin,
-        events,
-        history,
-    });
+/// A replica built from its configuration, its roles not yet running.
+pub struct Replica {
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    applier: Applier,
+    /// `None` when `train.enabled` is off.
+    trainer: Option<Trainer>,
+    trainer_stop: StopRequest,
+    app: AppState,
+}
+
+/// Which role ended first, and how.
+#[derive(PartialEq)]
+enum Ended {
+    /// A stop was asked for.
+    Asked,
+    Applier,
+    Trainer,
+    Http,
+}
+
+impl Replica {
+    /// Loads the model, opens the checkpoint store and restores the newest
+    /// checkpoint (or the seed weights), then builds the roles and the HTTP
+    /// state. `None`: `shutdown` came while the store was away.
+    pub async fn build<F: Future<Output = ()>>(
+        config: Config,
+        mut shutdown: Shutdown<'_, F>,
+    ) -> anyhow::Result<Option<Replica>> {
+        init_libtorch();
+        let config = Arc::new(config);
+        let model = Arc::new(Model::new(&config.model)?);
+        let metrics = Arc::new(Metrics::new(&config.replica_id));
+        let store = checkpoint::open(&config)?;
+        let Some(state) = restore(&store, &model, &mut shutdown).await? else {
+            return Ok(None);
+        };
+        let control = ControlLog::new(&config.kafka.brokers, &config.kafka.updates_topic, &config.replica_id)?;
+        let applier = Applier::new(&config, model.clone(), state, store.clone(), metrics.clone(), control.clone())?;
+        let trainer_stop = StopRequest::default();
+        let trainer = match config.train.enabled {
+            true => Some(Trainer::new(
+                &config,
+                model.clone(),
+                applier.serving(),
+                metrics.clone(),
+                applier.progress(),
+                trainer_stop.clone(),
+            )?),
+            false => None,
+        };
+        let mut app = AppState::new(applier.serving(), metrics.clone(), &config, applier.ready());
+        app.checkpoints = Some(store.clone());
+        if !config.http.admin_token.is_empty() {
+            let handle =
+                ReplicaHandle::new(control, applier.progress(), store, model.fingerprint(), &config.replica_id);
+            app.admin = Some(Arc::new(Admin { token: config.http.admin_token.clone(), replica: handle }));
+        }
+        if config.http.ingest {
+            let k = &config.kafka;
+            app.events = Some(Arc::new(EventSink::new(
+                &k.brokers,
+                &k.events_topic,
+                &config.replica_id,
+                &config.http.ingest_token,
+            )?));
+        }
+        Ok(Some(Replica { config, metrics, applier, trainer, trainer_stop, app }))
+    }
+
+    /// Serves HTTP at once (from the restored weights), waits for the
+    /// topics, runs the applier and the trainer until `shutdown` or until a
+    /// role ends on its own, then stops them in order.
+    pub async fn run_until_stopped<F: Future<Output = ()>>(self, mut shutdown: Shutdown<'_, F>) -> anyhow::Result<()> {
+        let Replica { config, metrics, applier, trainer, trainer_stop, app } = self;
+        tokio::spawn(app.history.clone().run(app.serving.clone(), metrics));
+        let (mut http, http_stop) = serve_http(&config, app).await?;
+        if !wait_for_topics(&config, &mut shutdown).await? {
+            let _ = http_stop.send(());
+            return Ok(());
+        }
+        let drain = applier.drain_request();
+        let mut applier_done = Some(spawn_role("applier", move || applier.run()));
+        let mut trainer_done = trainer.map(|t| spawn_role("trainer", move || t.run()));
+
+        let (ended, failure): (Ended, Option<anyhow::Error>) = tokio::select! {
+            _ = &mut shutdown => { info!("stop requested"); (Ended::Asked, None) }
+            r = role_result(&mut applier_done) => (Ended::Applier, Some(ended_with(r).context("applier stopped"))),
+            r = role_result(&mut trainer_done) => (Ended::Trainer, Some(ended_with(r).context("trainer stopped"))),
+            r = &mut http => (Ended::Http, Some(match r {
+                Ok(Ok(())) => anyhow::anyhow!("ended"),
+                Ok(Err(e)) => e.into(),
+                Err(e) => e.into(),
+            }.context("HTTP server stopped"))),
+        };
+        if let Some(e) = &failure {
+            error!(error = format!("{e:#}"), "a role ended; stopping the replica");
+        }
+
+        // Graceful stop, in order: the trainer sends what it batched and
+        // leaves the group; the applier drains to the log end and writes a
+        // final checkpoint; the HTTP server stops last.
+        trainer_stop.request();
+        if ended != Ended::Trainer {
+            // Bounded: with the broker gone, the trainer's flush, commit and
+            // group leave each wait on it. Whatever it did not send is relearned
+            // from the watermarks by whoever owns the partitions next.
+            stop_role("trainer", &mut trainer_done, "broker unreachable?").await;
+        }
+        drain.request(current_log_end(&config).await);
+        if ended != Ended::Applier {
+            stop_role("applier", &mut applier_done, "did not drain").await;
+        }
+        let _ = http_stop.send(());
+        if ended != Ended::Http {
+            let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
+        }
+        info!("replica stopped");
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+/// A role that ended on its own ended with an error, or for no reason.
+fn ended_with(result: anyhow::Result<()>) -> anyhow::Error {
+    result.err().unwrap_or_else(|| anyhow::anyhow!("ended"))
+}
+
+/// Waits up to `ROLE_STOP_LIMIT` for a role asked to stop; says why not.
+async fn stop_role(name: &str, done: &mut Option<oneshot::Receiver<anyhow::Result<()>>>, why_late: &str) {
+    if done.is_none() {
+        return;
+    }
+    match tokio::time::timeout(ROLE_STOP_LIMIT, role_result(done)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = format!("{e:#}"), "{name} stopped with an error"),
+        Err(_) => warn!("{name} did not stop in {} s ({why_late}); stopping without it", ROLE_STOP_LIMIT.as_secs()),
+    }
+}
+
+type HttpServer = JoinHandle<std::io::Result<()>>;
+
+/// Binds `http.addr` and serves `app` until the returned sender fires.
+async fn serve_http(config: &Config, app: AppState) -> anyhow::Result<(HttpServer, oneshot::Sender<()>)> {
     let listener = tokio::net::TcpListener::bind(config.http.addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.http.addr))?;
     let addr: SocketAddr = listener.local_addr()?;
     info!(%addr, replica = %config.replica_id, model = ?config.model.kind, "serving HTTP");
-    let (http_stop, http_stopped) = oneshot::channel::<()>();
-    let mut http = tokio::spawn(async move {
-        axum::serve(listener, app)
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, http::router(app))
             .with_graceful_shutdown(async {
-                let _ = http_stopped.await;
+                let _ = stopped.await;
             })
             .await
     });
+    Ok((server, stop))
+}
 
-    // Topics: retried while the broker is away; serving goes on meanwhile.
-    let mut delay = Duration::from_millis(200);
+/// Creates or checks the topics, retried while the broker is away (serving
+/// goes on meanwhile). `false`: `shutdown` came first.
+async fn wait_for_topics<F: Future<Output = ()>>(
+    config: &Config,
+    shutdown: &mut Shutdown<'_, F>,
+) -> anyhow::Result<bool> {
+    let mut backoff = Backoff::new();
     loop {
         match kafka::ensure_topics(&config.kafka).await {
-            Ok(()) => break,
+            Ok(()) => return Ok(true),
             Err(e @ kafka::TopicError::UpdatesPartitions { .. }) => return Err(e.into()),
             Err(e) => warn!(error = %e, "topics not ready; retrying"),
         }
         tokio::select! {
-            _ = &mut shutdown => { let _ = http_stop.send(()); return Ok(()); }
-            _ = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(Duration::from_secs(5));
-    }
-
-    let stop_applier = Arc::new(AtomicBool::new(false));
-    let drain_to = Arc::new(Mutex::new(None));
-    let consumer: BaseConsumer = kafka::log_reader_config(&config.kafka.brokers, &config.replica_id).create()?;
-    let state_position = state.position;
-    let applier = Applier {
-        model: model.clone(),
-        state,
-        publisher,
-        consumer,
-        updates_topic: config.kafka.updates_topic.clone(),
-        replica_id: config.replica_id.clone(),
-        metrics: metrics.clone(),
-        progress: progress.clone(),
-        store,
-        brokers: config.kafka.brokers.clone(),
-        guard: config.guard.enabled.then(|| {
-            let g = &config.guard;
-            (Guard::new(g.loss_factor, g.warmup_examples, state_position), control, tokio::runtime::Handle::current())
-        }),
-        checkpoint_every: Duration::from_secs(config.checkpoint.interval_secs),
-        min_swap_interval: (config.apply.max_swaps_per_sec > 0.0)
-            .then(|| Duration::from_secs_f64(1.0 / config.apply.max_swaps_per_sec)),
-        ready: ready.clone(),
-        stop: stop_applier.clone(),
-        drain_to: drain_to.clone(),
-    };
-    let serving = applier.publisher.serving();
-    let mut applier_done = spawn_role("applier", move || applier.run());
-
-    let stop_trainer = Arc::new(AtomicBool::new(false));
-    let mut trainer_done = if config.train.enabled {
-        let trainer =
-            Trainer::new(&config, model.clone(), serving, metrics.clone(), progress.clone(), stop_trainer.clone())?;
-        spawn_role("trainer", move || trainer.run())
-    } else {
-        let (tx, rx) = oneshot::channel();
-        std::mem::forget(tx); // never ends on its own
-        rx
-    };
-
-    // Wait for a stop request or for a role to end on its own.
-    #[derive(PartialEq)]
-    enum Ended {
-        Nothing,
-        Applier,
-        Trainer,
-        Http,
-    }
-    let (ended, failure): (Ended, Option<anyhow::Error>) = tokio::select! {
-        _ = &mut shutdown => { info!("stop requested"); (Ended::Nothing, None) }
-        r = role_result(&mut applier_done) => (Ended::Applier, Some(r.err().unwrap_or_else(|| anyhow::anyhow!("ended")).context("applier stopped"))),
-        r = role_result(&mut trainer_done) => (Ended::Trainer, Some(r.err().unwrap_or_else(|| anyhow::anyhow!("ended")).context("trainer stopped"))),
-        r = &mut http => (Ended::Http, Some(match r {
-            Ok(Ok(())) => anyhow::anyhow!("ended"),
-            Ok(Err(e)) => e.into(),
-            Err(e) => e.into(),
-        }.context("HTTP server stopped"))),
-    };
-    if let Some(e) = &failure {
-        error!(error = format!("{e:#}"), "a role ended; stopping the replica");
-    }
-
-    // Graceful stop, in order.
-    stop_trainer.store(true, Ordering::Relaxed);
-    if config.train.enabled && ended != Ended::Trainer {
-        // Bounded: with the broker gone, the trainer's flush, commit and
-        // group leave each wait on it. Whatever it did not send is relearned
-        // from the watermarks by whoever owns the partitions next.
-        match tokio::time::timeout(Duration::from_secs(30), role_result(&mut trainer_done)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(error = format!("{e:#}"), "trainer stopped with an error"),
-            Err(_) => warn!("trainer did not stop in 30 s (broker unreachable?); stopping without it"),
+            _ = shutdown.as_mut() => return Ok(false),
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
     }
-    let end = tokio::task::spawn_blocking({
-        let config = config.clone();
-        move || {
-            let c: Option<BaseConsumer> =
-                kafka::log_reader_config(&config.kafka.brokers, "tributary-drain").create().ok();
-            c.and_then(|c| kafka::log_end(&c, &config.kafka.updates_topic))
-        }
+}
+
+/// The update log's end now, for the stopping applier to drain to; `None`
+/// when the broker cannot say.
+async fn current_log_end(config: &Arc<Config>) -> Option<i64> {
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || {
+        let c: Option<BaseConsumer> = kafka::log_reader_config(&config.kafka.brokers, "tributary-drain").create().ok();
+        c.and_then(|c| kafka::log_end(&c, &config.kafka.updates_topic))
     })
     .await
     .ok()
-    .flatten();
-    *drain_to.lock().expect("drain lock") = end;
-    stop_applier.store(true, Ordering::Relaxed);
-    if ended != Ended::Applier {
-        match tokio::time::timeout(Duration::from_secs(30), role_result(&mut applier_done)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(error = format!("{e:#}"), "applier stopped with an error"),
-            Err(_) => warn!("applier did not drain in 30 s"),
-        }
-    }
-    let _ = http_stop.send(());
-    if ended != Ended::Http {
-        let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
-    }
-    info!("replica stopped");
-    failure.map_or(Ok(()), Err)
+    .flatten()
 }
 
 /// The newest checkpoint that loads, or the seeded initial state. A store
 /// that cannot be reached is retried until `shutdown` (`None`): starting
 /// from an older point would only replay more of the log, but starting from
 /// the seed while the fleet's checkpoints exist would replay all of it.
-async fn restore(
+async fn restore<F: Future<Output = ()>>(
     store: &SharedStore,
     model: &Arc<Model>,
-    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    shutdown: &mut Shutdown<'_, F>,
 ) -> anyhow::Result<Option<ReplicaState>> {
-    let mut delay = Duration::from_millis(200);
+    let mut backoff = Backoff::new();
     loop {
         let (s, m) = (store.clone(), model.clone());
         match tokio::task::spawn_blocking(move || s.load_newest(&m, None)).await? {
@@ -283,8 +306,7 @@ async fn restore(
         }
         tokio::select! {
             _ = shutdown.as_mut() => return Ok(None),
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }

@@ -16,9 +16,11 @@ use tracing::{debug, info, warn};
 use super::rollback::{self, Guard, LogSource, Spike};
 use super::staleness::StalenessMeter;
 use crate::checkpoint::{SharedStore, Store};
+use crate::config::Config;
+use crate::lifecycle::{Backoff, DrainRequest, StopRequest};
 use crate::metrics::Metrics;
 use crate::model::Model;
-use crate::snapshot::Publisher;
+use crate::snapshot::{Publisher, Serving};
 use crate::state::{Outcome, ReplicaState};
 use crate::update_log::control::ControlLog;
 use crate::update_log::kafka;
@@ -64,11 +66,11 @@ pub struct Progress {
 impl Progress {
     /// Waits until the applied position reaches `position`, or `deadline`,
     /// or `stop`. Returns whether it was reached.
-    pub fn wait_for(&self, position: i64, deadline: Instant, stop: &AtomicBool) -> bool {
+    pub fn wait_for(&self, position: i64, deadline: Instant, stop: &StopRequest) -> bool {
         let mut applied = self.applied.lock().expect("progress lock");
         while applied.position < position {
             let now = Instant::now();
-            if now >= deadline || stop.load(Ordering::Relaxed) {
+            if now >= deadline || stop.is_requested() {
                 return false;
             }
             let wait = (deadline - now).min(Duration::from_millis(50));
@@ -84,34 +86,155 @@ impl Progress {
     }
 }
 
+/// The divergence guard, where it appends its rollback records, and the
+/// runtime that appends them off the apply path.
+struct GuardLink {
+    guard: Guard,
+    control: ControlLog,
+    runtime: tokio::runtime::Handle,
+}
+
+/// What one drain of the log read.
+#[derive(Default)]
+struct Drained {
+    records: usize,
+    /// A record of this replica's trainer was applied: it waits to see it
+    /// served before its next gradient, so publish at once.
+    own_applied: bool,
+    /// The ranges of this replica's records that were rejected.
+    own_rejections: Vec<Vec<EventRange>>,
+}
+
 pub struct Applier {
-    pub model: Arc<Model>,
-    pub state: ReplicaState,
-    pub publisher: Publisher,
-    pub consumer: BaseConsumer,
-    pub updates_topic: String,
-    pub replica_id: String,
-    pub metrics: Arc<Metrics>,
-    pub progress: Arc<Progress>,
-    pub store: SharedStore,
+    model: Arc<Model>,
+    state: ReplicaState,
+    publisher: Publisher,
+    consumer: BaseConsumer,
+    updates_topic: String,
+    replica_id: String,
+    metrics: Arc<Metrics>,
+    progress: Arc<Progress>,
+    store: SharedStore,
     /// For the reader that replays the log to rebuild a state.
-    pub brokers: String,
-    /// The divergence guard and where it appends its rollback records.
-    pub guard: Option<(Guard, ControlLog, tokio::runtime::Handle)>,
-    pub checkpoint_every: Duration,
+    brokers: String,
+    guard: Option<GuardLink>,
+    checkpoint_every: Duration,
     /// Least time between swaps. `None`: swaps are off once ready, so the
     /// served weights stay those of start-up (a benchmark baseline only).
-    pub min_swap_interval: Option<Duration>,
+    min_swap_interval: Option<Duration>,
     /// Set once the state has caught up with the log end seen at start-up.
-    pub ready: Arc<AtomicBool>,
-    /// Set by the replica to stop; the applier then drains to `drain_to`.
-    pub stop: Arc<AtomicBool>,
-    /// Once stopping: the log end to reach before the final checkpoint.
-    pub drain_to: Arc<Mutex<Option<i64>>>,
+    ready: Arc<AtomicBool>,
+    drain: DrainRequest,
+    /// The log end as of start-up: listed, or the first fetch response's
+    /// when the broker could not list it (see `kafka::fetched_end`).
+    start_end: Option<i64>,
+    last_swap: Instant,
+    /// When and at which position the last checkpoint was written (or loaded).
+    last_saved: (Instant, i64),
+    last_checkpoint_try: Instant,
+    /// A checkpoint being written, off the apply path: its position, and
+    /// whether it was written.
+    saver: Option<std::thread::JoinHandle<(i64, bool)>>,
+    /// Event times of the records applied since the last swap, for freshness.
+    pending_ts: Vec<i64>,
+    last_read_error: Option<Instant>,
+    staleness: StalenessMeter,
 }
 
 impl Applier {
+    /// The applier of `state` (restored or seeded), with its serving
+    /// publisher and log reader; `control` is where the divergence guard
+    /// appends its rollbacks. Must be called inside the tokio runtime.
+    pub fn new(
+        config: &Config,
+        model: Arc<Model>,
+        state: ReplicaState,
+        store: SharedStore,
+        metrics: Arc<Metrics>,
+        control: ControlLog,
+    ) -> anyhow::Result<Applier> {
+        let consumer: BaseConsumer = kafka::log_reader_config(&config.kafka.brokers, &config.replica_id).create()?;
+        let progress = Arc::new(Progress::default());
+        {
+            let mut applied = progress.applied.lock().expect("progress lock");
+            applied.position = state.position;
+            applied.last_healthy = state.position;
+            applied.watermarks.clone_from(&state.watermarks);
+        }
+        let g = &config.guard;
+        let guard = g.enabled.then(|| GuardLink {
+            guard: Guard::new(g.loss_factor, g.warmup_examples, state.position),
+            control,
+            runtime: tokio::runtime::Handle::current(),
+        });
+        Ok(Applier {
+            publisher: Publisher::new(model.clone(), &state),
+            staleness: StalenessMeter::starting_at(state.position, state.examples_learned),
+            last_saved: (Instant::now(), state.position),
+            model,
+            state,
+            consumer,
+            updates_topic: config.kafka.updates_topic.clone(),
+            replica_id: config.replica_id.clone(),
+            metrics,
+            progress,
+            store,
+            brokers: config.kafka.brokers.clone(),
+            guard,
+            checkpoint_every: Duration::from_secs(config.checkpoint.interval_secs),
+            min_swap_interval: (config.apply.max_swaps_per_sec > 0.0)
+                .then(|| Duration::from_secs_f64(1.0 / config.apply.max_swaps_per_sec)),
+            ready: Arc::new(AtomicBool::new(false)),
+            drain: DrainRequest::default(),
+            start_end: None,
+            last_swap: Instant::now(),
+            last_checkpoint_try: Instant::now(),
+            saver: None,
+            pending_ts: Vec::new(),
+            last_read_error: None,
+        })
+    }
+
+    /// What predictions read.
+    pub fn serving(&self) -> Serving {
+        self.publisher.serving()
+    }
+
+    /// What the applier has applied, for the trainer and the admin handle.
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+
+    /// Set once caught up with the log as of start-up.
+    pub fn ready(&self) -> Arc<AtomicBool> {
+        self.ready.clone()
+    }
+
+    /// How the replica asks this applier to drain and stop.
+    pub fn drain_request(&self) -> DrainRequest {
+        self.drain.clone()
+    }
+
+    /// Applies the log until a drain is asked for and reached, then writes
+    /// a final checkpoint.
     pub fn run(mut self) -> anyhow::Result<()> {
+        self.start_reading()?;
+        while !self.drain.reached(self.state.position) {
+            let drained = self.drain_log()?;
+            if drained.records > 0 {
+                self.report_progress(drained.own_rejections);
+            }
+            self.publish_when_due(drained.records == 0, drained.own_applied);
+            self.update_readiness()?;
+            self.checkpoint_when_due();
+        }
+        self.finish();
+        Ok(())
+    }
+
+    /// Reads `updates` from the state's position; refuses a state ahead of
+    /// the log's end.
+    fn start_reading(&mut self) -> anyhow::Result<()> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.updates_topic, 0, Offset::Offset(self.state.position))?;
         self.consumer.assign(&tpl)?;
@@ -120,176 +243,184 @@ impl Applier {
         if let Some(end) = listed_end.filter(|&end| end < self.state.position) {
             anyhow::bail!(ahead_of_log(self.state.position, &self.updates_topic, end));
         }
-        // Ready once the position reaches the log end as of start-up: the
-        // listed end, or the first fetch response's when the broker could
-        // not list it (see `kafka::fetched_end`), fixed when that response
-        // comes.
-        let mut start_end: Option<i64> = listed_end;
-        let mut last_swap = Instant::now();
-        let interval = self.min_swap_interval;
-        let swap_due = move |last_swap: Instant| interval.is_some_and(|i| last_swap.elapsed() >= i);
-        // When and at which position the last checkpoint was written (or loaded).
-        let mut last_saved = (Instant::now(), self.state.position);
-        let mut last_try = Instant::now();
-        let mut pending_ts: Vec<i64> = Vec::new();
-        let mut last_error: Option<Instant> = None;
-        let mut saver: Option<std::thread::JoinHandle<(i64, bool)>> = None;
-        let mut staleness = StalenessMeter::starting_at(self.state.position, self.state.examples_learned);
-        loop {
-            let stopping = self.stop.load(Ordering::Relaxed);
-            let drain_to = *self.drain_to.lock().expect("drain lock");
-            if stopping && drain_to.is_none_or(|end| self.state.position >= end) {
-                break;
-            }
-            // Drain what is there, up to one swap interval's worth.
-            let mut read = 0;
-            let mut own_rejections = Vec::new();
-            // The local trainer computes its next gradient once it sees its
-            // last record in the served weights: publish at once for it.
-            let mut own_applied = false;
-            let mut next = self.consumer.poll(Duration::from_millis(20));
-            while let Some(message) = next {
-                let message = match message {
-                    Ok(m) => m,
-                    // The broker away: librdkafka reconnects by itself, and
-                    // serving goes on with the last weights meanwhile.
-                    Err(e) => {
-                        if last_error.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(5)) {
-                            warn!(error = %e, "cannot read the update log; serving the last weights, retrying");
-                            last_error = Some(Instant::now());
-                        }
-                        break;
+        self.start_end = listed_end;
+        Ok(())
+    }
+
+    /// Applies what the log has, up to one swap interval's worth, or until
+    /// a record of this replica's trainer is applied (it waits for it).
+    fn drain_log(&mut self) -> anyhow::Result<Drained> {
+        let mut drained = Drained::default();
+        let mut next = self.consumer.poll(Duration::from_millis(20));
+        while let Some(message) = next {
+            let message = match message {
+                Ok(m) => m,
+                // The broker away: librdkafka reconnects by itself, and
+                // serving goes on with the last weights meanwhile.
+                Err(e) => {
+                    if self.last_read_error.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                        warn!(error = %e, "cannot read the update log; serving the last weights, retrying");
+                        self.last_read_error = Some(Instant::now());
                     }
-                };
-                read += 1;
-                let offset = message.offset();
-                let outcome =
-                    self.state.apply(&self.model, offset, message.payload().unwrap_or(&[]), &mut self.publisher);
-                match outcome {
-                    Outcome::Applied(r) => {
-                        let before = self.state.examples_learned - u64::from(r.examples);
-                        let stale = staleness.measure(r.base, offset, before);
-                        self.metrics.staleness_records.observe(stale.records as f64);
-                        self.metrics.staleness_examples.observe(stale.examples as f64);
-                        self.metrics.records_applied.inc();
-                        self.metrics.examples_learned.inc_by(u64::from(r.examples));
-                        if r.oldest_ts > 0 {
-                            pending_ts.push(r.oldest_ts);
-                        }
-                        debug!(ranges = ?r.ranges, producer = %r.producer, "applied");
-                        own_applied |= r.producer == self.replica_id;
-                        self.watch_loss(r.examples, r.loss_sum);
-                    }
-                    Outcome::RollBack(r) => {
-                        self.metrics.records_applied.inc();
-                        self.take_rollback(offset, &r)?;
-                        staleness.advanced(self.state.position, self.state.examples_learned);
-                        // Publish the returned weights before reading on.
-                        break;
-                    }
-                    Outcome::RollbackRejected(r, reason) => {
-                        self.metrics.records_rejected.with_label_values(&[reason.as_str()]).inc();
-                        warn!(offset, to = r.to, seen = r.seen, reason = reason.as_str(), producer = %r.producer, "rollback not taken");
-                        let outcome = RollbackOutcome {
-                            taken: false,
-                            rejected: Some(reason.as_str()),
-                            to: r.to,
-                            events: r.events,
-                            examples_undone: 0,
-                        };
-                        self.note_rollback(offset, outcome);
-                    }
-                    Outcome::Rejected(r, reason) => {
-                        self.metrics.records_rejected.with_label_values(&[reason.as_str()]).inc();
-                        match r {
-                            Some(r) => {
-                                debug!(ranges = ?r.ranges, producer = %r.producer, reason = reason.as_str(), "rejected");
-                                if r.producer == self.replica_id {
-                                    own_rejections.push(r.ranges);
-                                }
-                            }
-                            None => {
-                                warn!(offset = message.offset(), reason = reason.as_str(), "rejected unreadable record")
-                            }
-                        }
-                    }
-                }
-                staleness.advanced(self.state.position, self.state.examples_learned);
-                if (own_applied || swap_due(last_swap)) && self.publisher.is_behind(&self.state) {
                     break;
                 }
-                next = self.consumer.poll(Duration::ZERO);
+            };
+            drained.records += 1;
+            let offset = message.offset();
+            let outcome = self.state.apply(&self.model, offset, message.payload().unwrap_or(&[]), &mut self.publisher);
+            let took_rollback = matches!(outcome, Outcome::RollBack(_));
+            self.record_outcome(offset, outcome, &mut drained)?;
+            self.staleness.advanced(self.state.position, self.state.examples_learned);
+            // A rollback's weights are published before reading on.
+            let publish_now = took_rollback || drained.own_applied || self.swap_due();
+            if publish_now && self.publisher.is_behind(&self.state) {
+                break;
             }
-            if read > 0 {
-                let mut applied = self.progress.applied.lock().expect("progress lock");
-                applied.position = self.state.position;
-                applied.watermarks.clone_from(&self.state.watermarks);
-                applied.rejected_own.extend(own_rejections);
-                applied.log_end = kafka::fetched_end(&self.consumer, &self.updates_topic).unwrap_or(0);
-                if let Some((guard, ..)) = &self.guard {
-                    applied.last_healthy = guard.last_healthy();
+            next = self.consumer.poll(Duration::ZERO);
+        }
+        Ok(drained)
+    }
+
+    /// Metrics, logs and the trainer's notes for one record's outcome; takes
+    /// a rollback.
+    fn record_outcome(&mut self, offset: i64, outcome: Outcome, drained: &mut Drained) -> anyhow::Result<()> {
+        match outcome {
+            Outcome::Applied(r) => {
+                let before = self.state.examples_learned - u64::from(r.examples);
+                let stale = self.staleness.measure(r.base, offset, before);
+                self.metrics.staleness_records.observe(stale.records as f64);
+                self.metrics.staleness_examples.observe(stale.examples as f64);
+                self.metrics.records_applied.inc();
+                self.metrics.examples_learned.inc_by(u64::from(r.examples));
+                if r.oldest_ts > 0 {
+                    self.pending_ts.push(r.oldest_ts);
                 }
-                drop(applied);
-                self.progress.changed.notify_all();
+                debug!(ranges = ?r.ranges, producer = %r.producer, "applied");
+                drained.own_applied |= r.producer == self.replica_id;
+                self.watch_loss(r.examples, r.loss_sum);
             }
-            // Swap at most at the configured rate; at once when idle or when
-            // the local trainer waits for its record.
-            let idle = read == 0;
-            let swaps_on = self.min_swap_interval.is_some() || !self.ready.load(Ordering::Relaxed);
-            if swaps_on && self.publisher.is_behind(&self.state) && (idle || own_applied || swap_due(last_swap)) {
-                let stats = self.publisher.publish(&self.state);
-                // A trainer waiting for its record to be served wakes now.
-                self.progress.changed.notify_all();
-                last_swap = Instant::now();
-                self.metrics.swaps.inc();
-                self.metrics.swap_duration.observe(stats.took.as_secs_f64());
-                if stats.full_copy {
-                    self.metrics.swap_full_copies.inc();
-                }
-                self.metrics.model_version.set(self.state.position);
-                if let Some(loss) = self.state.progressive_loss() {
-                    self.metrics.progressive_logloss.set(loss);
-                }
-                let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-                for ts in pending_ts.drain(..) {
-                    self.metrics.freshness.observe((now_ms - ts).max(0) as f64 / 1000.0);
-                }
+            Outcome::RollBack(r) => {
+                self.metrics.records_applied.inc();
+                self.take_rollback(offset, &r)?;
             }
-            if start_end.is_none() {
-                if let Some(fetched) = kafka::fetched_end(&self.consumer, &self.updates_topic) {
-                    if fetched < self.state.position {
-                        anyhow::bail!(ahead_of_log(self.state.position, &self.updates_topic, fetched));
-                    }
-                    start_end = Some(fetched);
-                }
+            Outcome::RollbackRejected(r, reason) => {
+                self.metrics.records_rejected.with_label_values(&[reason.as_str()]).inc();
+                warn!(offset, to = r.to, seen = r.seen, reason = reason.as_str(), producer = %r.producer, "rollback not taken");
+                let outcome = RollbackOutcome {
+                    taken: false,
+                    rejected: Some(reason.as_str()),
+                    to: r.to,
+                    events: r.events,
+                    examples_undone: 0,
+                };
+                self.note_rollback(offset, outcome);
             }
-            let caught_up = start_end.is_some_and(|end| self.state.position >= end);
-            if !self.ready.load(Ordering::Relaxed) && caught_up && !self.publisher.is_behind(&self.state) {
-                info!(position = self.state.position, "caught up with the update log: ready");
-                self.ready.store(true, Ordering::Release);
-                self.metrics.ready.set(1);
-            }
-            // A checkpoint is due every interval while the position moves; a
-            // failed one is retried at the next interval (the log keeps
-            // everything meanwhile).
-            if saver.as_ref().is_some_and(|h| h.is_finished()) {
-                let (position, ok) = (saver.take().expect("checked").join()).unwrap_or((0, false));
-                if ok {
-                    last_saved = (Instant::now(), position);
+            Outcome::Rejected(Some(r), reason) => {
+                self.metrics.records_rejected.with_label_values(&[reason.as_str()]).inc();
+                debug!(ranges = ?r.ranges, producer = %r.producer, reason = reason.as_str(), "rejected");
+                if r.producer == self.replica_id {
+                    drained.own_rejections.push(r.ranges);
                 }
             }
-            self.metrics.checkpoint_age.set(last_saved.0.elapsed().as_secs_f64());
-            let due = last_try.elapsed() >= self.checkpoint_every && self.state.position != last_saved.1;
-            if due && saver.is_none() {
-                // Serializing happens on another thread, off the apply path;
-                // the clone is the price of not pausing the log.
-                let (store, model, state, metrics) =
-                    (self.store.clone(), self.model.clone(), self.state.clone(), self.metrics.clone());
-                saver = Some(std::thread::spawn(move || (state.position, save(&*store, &model, &state, &metrics))));
-                last_try = Instant::now();
+            Outcome::Rejected(None, reason) => {
+                self.metrics.records_rejected.with_label_values(&[reason.as_str()]).inc();
+                warn!(offset, reason = reason.as_str(), "rejected unreadable record");
             }
         }
-        if let Some(h) = saver {
+        Ok(())
+    }
+
+    /// Tells the trainer (and the admin handle) what was applied.
+    fn report_progress(&self, own_rejections: Vec<Vec<EventRange>>) {
+        let mut applied = self.progress.applied.lock().expect("progress lock");
+        applied.position = self.state.position;
+        applied.watermarks.clone_from(&self.state.watermarks);
+        applied.rejected_own.extend(own_rejections);
+        applied.log_end = kafka::fetched_end(&self.consumer, &self.updates_topic).unwrap_or(0);
+        if let Some(link) = &self.guard {
+            applied.last_healthy = link.guard.last_healthy();
+        }
+        drop(applied);
+        self.progress.changed.notify_all();
+    }
+
+    fn swap_due(&self) -> bool {
+        self.min_swap_interval.is_some_and(|i| self.last_swap.elapsed() >= i)
+    }
+
+    /// Swaps the serving snapshot at most at the configured rate; at once
+    /// when `idle` or when the local trainer waits for its record
+    /// (`own_applied`).
+    fn publish_when_due(&mut self, idle: bool, own_applied: bool) {
+        let swaps_on = self.min_swap_interval.is_some() || !self.ready.load(Ordering::Relaxed);
+        if !(swaps_on && self.publisher.is_behind(&self.state) && (idle || own_applied || self.swap_due())) {
+            return;
+        }
+        let stats = self.publisher.publish(&self.state);
+        // A trainer waiting for its record to be served wakes now.
+        self.progress.changed.notify_all();
+        self.last_swap = Instant::now();
+        self.metrics.swaps.inc();
+        self.metrics.swap_duration.observe(stats.took.as_secs_f64());
+        if stats.full_copy {
+            self.metrics.swap_full_copies.inc();
+        }
+        self.metrics.model_version.set(self.state.position);
+        if let Some(loss) = self.state.progressive_loss() {
+            self.metrics.progressive_logloss.set(loss);
+        }
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        for ts in self.pending_ts.drain(..) {
+            self.metrics.freshness.observe((now_ms - ts).max(0) as f64 / 1000.0);
+        }
+    }
+
+    /// Ready once the position reaches the log end as of start-up and that
+    /// state is served. Without a listed end, the first fetch response's is
+    /// taken, and a state ahead of it refused.
+    fn update_readiness(&mut self) -> anyhow::Result<()> {
+        if self.start_end.is_none() {
+            if let Some(fetched) = kafka::fetched_end(&self.consumer, &self.updates_topic) {
+                if fetched < self.state.position {
+                    anyhow::bail!(ahead_of_log(self.state.position, &self.updates_topic, fetched));
+                }
+                self.start_end = Some(fetched);
+            }
+        }
+        let caught_up = self.start_end.is_some_and(|end| self.state.position >= end);
+        if !self.ready.load(Ordering::Relaxed) && caught_up && !self.publisher.is_behind(&self.state) {
+            info!(position = self.state.position, "caught up with the update log: ready");
+            self.ready.store(true, Ordering::Release);
+            self.metrics.ready.set(1);
+        }
+        Ok(())
+    }
+
+    /// A checkpoint is due every interval while the position moves, written
+    /// on another thread (the clone is the price of not pausing the log); a
+    /// failed one is retried at the next interval (the log keeps everything
+    /// meanwhile).
+    fn checkpoint_when_due(&mut self) {
+        if self.saver.as_ref().is_some_and(|h| h.is_finished()) {
+            let (position, ok) = (self.saver.take().expect("checked").join()).unwrap_or((0, false));
+            if ok {
+                self.last_saved = (Instant::now(), position);
+            }
+        }
+        self.metrics.checkpoint_age.set(self.last_saved.0.elapsed().as_secs_f64());
+        let due =
+            self.last_checkpoint_try.elapsed() >= self.checkpoint_every && self.state.position != self.last_saved.1;
+        if due && self.saver.is_none() {
+            let (store, model, state, metrics) =
+                (self.store.clone(), self.model.clone(), self.state.clone(), self.metrics.clone());
+            self.saver = Some(std::thread::spawn(move || (state.position, save(&*store, &model, &state, &metrics))));
+            self.last_checkpoint_try = Instant::now();
+        }
+    }
+
+    /// After the drain: the last weights served, a final checkpoint.
+    fn finish(mut self) {
+        if let Some(h) = self.saver.take() {
             let _ = h.join();
         }
         if self.publisher.is_behind(&self.state) {
@@ -297,7 +428,6 @@ impl Applier {
         }
         save(&*self.store, &self.model, &self.state, &self.metrics);
         info!(position = self.state.position, "applier stopped after a final checkpoint");
-        Ok(())
     }
 }
 
@@ -312,14 +442,13 @@ impl Applier {
             topic: &self.updates_topic,
             client_id: &format!("{}-replay", self.replica_id),
         };
-        let mut delay = Duration::from_millis(200);
+        let mut backoff = Backoff::new();
         let then = loop {
             match rollback::state_at(&self.model, &*self.store, &source, r.to) {
                 Ok(then) => break then,
-                Err(e) if !self.stop.load(Ordering::Relaxed) => {
+                Err(e) if !self.drain.is_requested() => {
                     warn!(error = format!("{e:#}"), to = r.to, "cannot rebuild the state to roll back to; retrying");
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    std::thread::sleep(backoff.next_delay());
                 }
                 Err(e) => return Err(e.context("stopping while rebuilding a rollback's state")),
             }
@@ -327,8 +456,8 @@ impl Applier {
         let examples_undone = self.state.examples_learned.saturating_sub(then.examples_learned);
         self.state.roll_back(offset, r, then);
         self.publisher.mark_everything();
-        if let Some((guard, ..)) = &mut self.guard {
-            guard.rolled_back(self.state.position);
+        if let Some(link) = &mut self.guard {
+            link.guard.rolled_back(self.state.position);
         }
         let events = r.events.as_str();
         self.metrics.rollbacks.with_label_values(&[events]).inc();
@@ -357,7 +486,7 @@ impl Applier {
     /// diverge again.
     fn watch_loss(&mut self, examples: u32, loss_sum: f64) {
         let ready = self.ready.load(Ordering::Relaxed);
-        let Some((guard, control, runtime)) = &mut self.guard else { return };
+        let Some(GuardLink { guard, control, runtime }) = &mut self.guard else { return };
         let Some(spike) = guard.observe(self.state.position, examples, loss_sum) else { return };
         if !ready {
             return;

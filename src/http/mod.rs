@@ -39,6 +39,7 @@ use utoipa_axum::routes;
 pub use error::ApiError;
 
 use crate::checkpoint::{CheckpointInfo, SharedStore};
+use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::snapshot::Serving;
 
@@ -61,6 +62,26 @@ pub struct AppState {
     pub events: Option<Arc<events::EventSink>>,
     /// The last minutes of the status page's series.
     pub history: Arc<status::History>,
+}
+
+impl AppState {
+    /// What every handler needs, from the replica's configuration; the
+    /// optional parts (snapshot list, admin, events) off until set.
+    pub fn new(serving: Serving, metrics: Arc<Metrics>, config: &Config, ready: Arc<AtomicBool>) -> AppState {
+        AppState {
+            serving,
+            metrics,
+            ready,
+            model_name: config.model.name.as_str().into(),
+            replica_id: config.replica_id.as_str().into(),
+            max_batch: config.http.max_batch,
+            max_body_bytes: config.http.max_body_bytes,
+            checkpoints: None,
+            admin: None,
+            events: None,
+            history: Arc::default(),
+        }
+    }
 }
 
 /// Every endpoint, once: the router and the OpenAPI document come from here.

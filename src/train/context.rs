@@ -6,7 +6,6 @@
 //! watermark. No event before the watermark is fetched, and none after it is
 //! skipped.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,6 +17,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{error, info, warn};
 
 use crate::apply::applier::Progress;
+use crate::lifecycle::StopRequest;
 use crate::update_log::kafka;
 
 /// How long an assignment waits for the applier to catch up with the log.
@@ -38,12 +38,12 @@ pub enum Rebalanced {
 pub struct TrainerContext {
     updates_topic: String,
     progress: Arc<Progress>,
-    stop: Arc<AtomicBool>,
+    stop: StopRequest,
     events: Mutex<Vec<Rebalanced>>,
 }
 
 impl TrainerContext {
-    pub fn new(updates_topic: String, progress: Arc<Progress>, stop: Arc<AtomicBool>) -> Self {
+    pub fn new(updates_topic: String, progress: Arc<Progress>, stop: StopRequest) -> Self {
         TrainerContext { updates_topic, progress, stop, events: Mutex::new(Vec::new()) }
     }
 

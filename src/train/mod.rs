@@ -32,7 +32,6 @@
 mod context;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,6 +46,7 @@ pub use context::{Rebalanced, TrainerContext};
 use crate::apply::applier::Progress;
 use crate::config::{Config, TrainConfig};
 use crate::event::Example;
+use crate::lifecycle::StopRequest;
 use crate::metrics::Metrics;
 use crate::model::{Gradient, Model};
 use crate::snapshot::Serving;
@@ -215,21 +215,21 @@ impl Stage {
 pub type DeliveryFailures = Arc<Mutex<Vec<u64>>>;
 
 pub struct Trainer {
-    pub model: Arc<Model>,
-    pub serving: Serving,
-    pub consumer: BaseConsumer<TrainerContext>,
-    pub producer: ThreadedProducer<context::DeliveryContext>,
-    pub failures: DeliveryFailures,
+    model: Arc<Model>,
+    serving: Serving,
+    consumer: BaseConsumer<TrainerContext>,
+    producer: ThreadedProducer<context::DeliveryContext>,
+    failures: DeliveryFailures,
     /// Writes invalid events to `dlq_topic`.
-    pub dead_letters: ThreadedProducer<context::DeadLetterContext>,
-    pub dlq_topic: String,
-    pub config: TrainConfig,
-    pub events_topic: String,
-    pub updates_topic: String,
-    pub replica_id: String,
-    pub metrics: Arc<Metrics>,
-    pub progress: Arc<Progress>,
-    pub stop: Arc<AtomicBool>,
+    dead_letters: ThreadedProducer<context::DeadLetterContext>,
+    dlq_topic: String,
+    config: TrainConfig,
+    events_topic: String,
+    updates_topic: String,
+    replica_id: String,
+    metrics: Arc<Metrics>,
+    progress: Arc<Progress>,
+    stop: StopRequest,
     /// Whether the served weights follow the log once ready (swaps on): a
     /// gradient then waits for the trainer's previous record to be served.
     follows_served: bool,
@@ -255,7 +255,7 @@ impl Trainer {
         serving: Serving,
         metrics: Arc<Metrics>,
         progress: Arc<Progress>,
-        stop: Arc<AtomicBool>,
+        stop: StopRequest,
     ) -> anyhow::Result<Trainer> {
         let k = &config.kafka;
         let mut c = kafka::base_config(&k.brokers, &config.replica_id);
@@ -321,7 +321,7 @@ impl Trainer {
         let commit_every = Duration::from_millis(self.config.commit_interval_ms);
         let mut last_commit = Instant::now();
         let mut last_poll = Instant::now();
-        while !self.stop.load(Ordering::Relaxed) {
+        while !self.stop.is_requested() {
             if self.read_ahead() < READ_AHEAD || last_poll.elapsed() >= FULL_POLL_INTERVAL {
                 // Short while a record is in flight: its return frees the slot.
                 self.take_fetched(Duration::from_millis(if self.in_flight.is_empty() { 5 } else { 1 }));

@@ -26,19 +26,8 @@ pub fn state(kind: ModelKind) -> AppState {
     config.http.max_batch = 4;
     let model = Arc::new(Model::new(&config.model).expect("a built-in model"));
     let publisher = Publisher::new(model.clone(), &ReplicaState::initial(&model));
-    AppState {
-        serving: publisher.serving(),
-        metrics: Arc::new(Metrics::new("test")),
-        ready: Arc::new(AtomicBool::new(true)),
-        model_name: "default".into(),
-        max_batch: config.http.max_batch,
-        max_body_bytes: config.http.max_body_bytes,
-        checkpoints: None,
-        admin: None,
-        events: None,
-        history: Default::default(),
-        replica_id: "test".into(),
-    }
+    config.replica_id = "test".into();
+    AppState::new(publisher.serving(), Arc::new(Metrics::new("test")), &config, Arc::new(AtomicBool::new(true)))
 }
 
 pub fn app(kind: ModelKind) -> axum::Router {
@@ -194,19 +183,10 @@ async fn snapshots_are_listed_newest_first_with_their_counters() {
         store.save(&model, &state).unwrap();
     }
     let publisher = Publisher::new(model.clone(), &state);
-    let app = router(AppState {
-        serving: publisher.serving(),
-        metrics: Arc::new(Metrics::new("test")),
-        ready: Arc::new(AtomicBool::new(true)),
-        model_name: "default".into(),
-        max_batch: 4,
-        max_body_bytes: 4096,
-        checkpoints: Some(std::sync::Arc::new(store)),
-        admin: None,
-        events: None,
-        history: Default::default(),
-        replica_id: "test".into(),
-    });
+    let ready = Arc::new(AtomicBool::new(true));
+    let mut state = AppState::new(publisher.serving(), Arc::new(Metrics::new("test")), &config, ready);
+    state.checkpoints = Some(Arc::new(store));
+    let app = router(state);
     let (status, body, _) = call(&app, "GET", "/v1/models/default/snapshots", Body::empty()).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let listed = body["snapshots"].as_array().unwrap();
