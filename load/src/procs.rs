@@ -3,10 +3,10 @@
 //! tests alike. Everything here is blocking; waiting is polling with a
 //! deadline, never a bare sleep.
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// Polls `f` every 20 ms until it returns `Some`, or fails after `limit`
@@ -59,19 +59,41 @@ pub fn export_torchscript(out: &Path, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One HTTP/1.1 GET on a fresh connection: (status, body), or `None` when the
-/// server cannot be reached or answers garbage. For polling, not for load.
+/// The HTTP client of the load tool's polling and of tributary's tests (the
+/// load itself is `driver`'s): one keep-alive pool, 2 s to connect, 60 s
+/// for an answer (a rollback request waits up to 30 s for its outcome).
+pub fn http() -> &'static reqwest::blocking::Client {
+    static CLIENT: OnceLock<reqwest::blocking::Client> = OnceLock::new();
+    CLIENT.get_or_init(|| {
+        reqwest::blocking::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("an HTTP client")
+    })
+}
+
+/// `GET path` of the server at `addr`: (status, body), or `None` when it
+/// cannot be reached. For polling, not for load.
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).ok()?;
-    let text = String::from_utf8(raw).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status = head.split(' ').nth(1)?.parse().ok()?;
-    // Axum answers with a length, not chunks, for these small bodies.
-    Some((status, body.to_string()))
+    answer(http().get(format!("http://{addr}{path}")).send())
+}
+
+/// `POST path` of the server at `addr` with a JSON `body` and, if given, a
+/// bearer `token`: (status, body), or `None` when it cannot be reached.
+pub fn http_post(addr: SocketAddr, path: &str, token: Option<&str>, body: &str) -> Option<(u16, String)> {
+    let mut request =
+        http().post(format!("http://{addr}{path}")).header("content-type", "application/json").body(body.to_string());
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    answer(request.send())
+}
+
+fn answer(response: reqwest::Result<reqwest::blocking::Response>) -> Option<(u16, String)> {
+    let response = response.ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.text().ok()?))
 }
 
 /// A child process killed (SIGKILL) on drop.
@@ -303,6 +325,8 @@ pub struct Replica {
     pub log: PathBuf,
     pub env: Vec<(String, String)>,
     pub brokers: String,
+    /// The model it serves (`model.name`), for `info`.
+    pub model_name: String,
 }
 
 impl Replica {
@@ -317,6 +341,7 @@ impl Replica {
             log: dir.join(format!("{id}.log")),
             env,
             brokers: brokers.into(),
+            model_name: "default".into(),
         }
     }
 
@@ -364,9 +389,9 @@ impl Replica {
         http_get(self.http, path)
     }
 
-    /// `GET /v1/models/default` as JSON.
+    /// `GET /v1/models/{model_name}` as JSON.
     pub fn info(&self) -> Option<serde_json::Value> {
-        let (status, body) = self.get("/v1/models/default")?;
+        let (status, body) = self.get(&format!("/v1/models/{}", self.model_name))?;
         (status == 200).then(|| serde_json::from_str(&body).ok())?
     }
 
@@ -453,7 +478,10 @@ impl EventStream {
     }
 }
 
-/// A Prometheus text exposition, for reading counters and histograms.
+/// A Prometheus text exposition, for reading counters and histograms: the
+/// one parser of the load tool and the tests. Empty (`default`) when a
+/// replica did not answer.
+#[derive(Debug, Default)]
 pub struct Scrape(Vec<(String, String, f64)>);
 
 impl Scrape {
@@ -476,6 +504,11 @@ impl Scrape {
     /// The sum over the series of `name` whose labels contain `labels`.
     pub fn value(&self, name: &str, labels: &str) -> f64 {
         self.0.iter().filter(|(n, l, _)| n == name && l.contains(labels)).map(|(_, _, v)| v).sum()
+    }
+
+    /// How many series of `name` there are (one per label set).
+    pub fn series(&self, name: &str) -> usize {
+        self.0.iter().filter(|(n, _, _)| n == name).count()
     }
 
     /// The upper bound of the bucket that holds quantile `q` of every

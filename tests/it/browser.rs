@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tributary::config::ModelKind;
 
-use crate::helpers::{post, procs, try_wait_for, wait_for, watermarks, Cluster};
+use crate::helpers::{procs, try_wait_for, wait_for, watermarks, Cluster};
 
 #[test]
 fn posted_events_are_produced_and_learned_once_each() {
@@ -22,7 +22,7 @@ fn posted_events_are_produced_and_learned_once_each() {
     let mut landed: BTreeSet<(i64, i64)> = BTreeSet::new();
     for batch in 0..3 {
         let events: Vec<Value> = (0..200).map(|_| serde_json::from_str(&synthetic.event(now_ms())).unwrap()).collect();
-        let (status, v) = post(&r, "/v1/events", None, &json!({ "events": events }).to_string());
+        let (status, v) = r.post("/v1/events", None, &json!({ "events": events }).to_string());
         assert_eq!(status, 202, "batch {batch}: {v}");
         let results = v["results"].as_array().unwrap();
         assert_eq!(results.len(), 200);
@@ -41,11 +41,7 @@ fn posted_events_are_produced_and_learned_once_each() {
     let learned: BTreeMap<String, u64> = watermarks(&info).into_iter().filter(|(_, v)| *v > 0).collect();
     assert_eq!(learned, ends);
     let text = r.metrics();
-    assert_eq!(
-        crate::helpers::metric(&text, "tributary_events_ingested_total", r#"result="produced""#),
-        600.0,
-        "{text}"
-    );
+    assert_eq!(text.value("tributary_events_ingested_total", r#"result="produced""#), 600.0, "{text:?}");
 }
 
 #[test]
@@ -120,7 +116,6 @@ struct Browser {
     driver: Child,
     base: String,
     session: String,
-    http: reqwest::blocking::Client,
 }
 
 impl Browser {
@@ -132,7 +127,7 @@ impl Browser {
             .stderr(Stdio::null())
             .spawn()
             .expect("chromedriver (Debian's chromium-driver; scripts/setup installs it)");
-        let http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+        let http = procs::http();
         let base = format!("http://127.0.0.1:{port}");
         wait_for("chromedriver to listen", Duration::from_secs(20), || {
             let status: Value = http.get(format!("{base}/status")).send().ok()?.json().ok()?;
@@ -160,12 +155,12 @@ impl Browser {
         let created: Value = http.post(format!("{base}/session")).json(&capabilities).send().unwrap().json().unwrap();
         let session =
             created["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no session: {created}")).to_string();
-        Browser { driver, base, session, http }
+        Browser { driver, base, session }
     }
 
     fn command(&self, path: &str, body: Value) -> Value {
         let url = format!("{}/session/{}/{path}", self.base, self.session);
-        let answer: Value = self.http.post(url).json(&body).send().unwrap().json().unwrap();
+        let answer: Value = procs::http().post(url).json(&body).send().unwrap().json().unwrap();
         assert!(answer["value"]["error"].is_null(), "webdriver {path}: {answer}");
         answer["value"].clone()
     }
@@ -182,7 +177,7 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self.http.delete(format!("{}/session/{}", self.base, self.session)).send();
+        let _ = procs::http().delete(format!("{}/session/{}", self.base, self.session)).send();
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }

@@ -111,9 +111,8 @@ fn slow_postgres_unreachable_during_training_loses_nothing() {
     r.wait_ready();
     cluster.produce(2000, 1);
     r.wait_learned(2000, LEARN_LIMIT);
-    let saved = |r: &Replica, result: &str| {
-        metric(&r.metrics(), "tributary_checkpoints_total", &format!("result=\"{result}\""))
-    };
+    let saved =
+        |r: &Replica, result: &str| r.metrics().value("tributary_checkpoints_total", &format!("result=\"{result}\""));
     wait_for("a checkpoint in PostgreSQL", Duration::from_secs(30), || (saved(&r, "ok") >= 1.0).then_some(()));
 
     proxy.cut();

@@ -52,8 +52,8 @@ fn one_replica_learns_every_event_exactly_once() {
         (got == want).then_some(())
     });
     let metrics = replica.metrics();
-    assert_eq!(metric(&metrics, "tributary_examples_learned_total", ""), 6000.0);
-    assert_eq!(metric(&metrics, "tributary_events_consumed_total", ""), 6000.0);
+    assert_eq!(metrics.value("tributary_examples_learned_total", ""), 6000.0);
+    assert_eq!(metrics.value("tributary_events_consumed_total", ""), 6000.0);
 }
 
 #[test]
@@ -94,8 +94,8 @@ fn zombie_records_for_the_same_range_are_applied_once_everywhere() {
         assert_eq!(info["model_version"], 4, "{info}");
         assert_eq!(watermarks(info)["3"], 20);
         let m = r.metrics();
-        assert_eq!(metric(&m, "tributary_records_applied_total", ""), 2.0, "{}", r.id);
-        assert_eq!(metric(&m, "tributary_records_rejected_total", "reason=\"not_contiguous\""), 2.0, "{}", r.id);
+        assert_eq!(m.value("tributary_records_applied_total", ""), 2.0, "{}", r.id);
+        assert_eq!(m.value("tributary_records_rejected_total", "reason=\"not_contiguous\""), 2.0, "{}", r.id);
     }
     assert_eq!(infos[0]["weights_digest"], infos[1]["weights_digest"]);
     // The digest is that of the live trainer's two records alone.
@@ -136,18 +136,17 @@ fn slow_three_replicas_survive_a_sigkill_with_no_failed_prediction() {
     // Predictions go to the two survivors the whole time.
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let predict_path = format!("/v1/models/{}:predict", cluster.config.model.name);
     let clients: Vec<_> = [replicas[0].http, replicas[1].http]
         .into_iter()
         .map(|addr| {
-            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            let (stop, ok, failed, predict_path) = (stop.clone(), ok.clone(), failed.clone(), predict_path.clone());
             std::thread::spawn(move || {
-                let client = reqwest::blocking::Client::new();
                 let body = r#"{"instances": [{"dense": [0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8], "sparse": {"f0": "v1"}}]}"#;
                 let mut errors = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    let r = client.post(format!("http://{addr}/v1/models/default:predict")).body(body).send();
-                    match r {
-                        Ok(r) if r.status().is_success() => ok.fetch_add(1, Ordering::Relaxed),
+                    match procs::http_post(addr, &predict_path, None, body) {
+                        Some((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
                         other => {
                             errors.push(format!("{other:?}"));
                             failed.fetch_add(1, Ordering::Relaxed)
@@ -202,7 +201,7 @@ fn slow_sigterm_hands_partitions_over_within_two_seconds() {
     survivor.wait_learned(2000, LEARN_LIMIT);
     // Both members must own partitions before the stop means anything.
     wait_for("both replicas to own partitions", Duration::from_secs(60), || {
-        let owned = |r: &Replica| r.metrics().lines().filter(|l| l.starts_with("tributary_consumer_lag{")).count();
+        let owned = |r: &Replica| r.metrics().series("tributary_consumer_lag");
         (owned(&survivor) > 0 && owned(&leaving) > 0).then_some(())
     });
     let status = leaving.terminate();
@@ -279,8 +278,8 @@ fn bad_events_go_to_the_dead_letter_topic_and_every_good_one_is_learned_once() {
     assert!(got == want, "dead letters {:?}", letters.iter().map(|l| (&l.1, &l.2)).collect::<Vec<_>>());
     assert!(letters.iter().all(|(_, _, reason)| !reason.is_empty()));
     let m = replica.metrics();
-    assert_eq!(metric(&m, "tributary_events_invalid_total", ""), bad.len() as f64);
-    assert_eq!(metric(&m, "tributary_dead_letters_total", "result=\"delivered\""), bad.len() as f64);
+    assert_eq!(m.value("tributary_events_invalid_total", ""), bad.len() as f64);
+    assert_eq!(m.value("tributary_dead_letters_total", "result=\"delivered\""), bad.len() as f64);
 }
 
 #[test]

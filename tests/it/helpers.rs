@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tributary::config::{Config, ModelKind};
-pub use tributary_load::procs::{self, try_wait_for, wait_for, Broker, KafkaCluster};
+pub use tributary_load::procs::{self, try_wait_for, wait_for, Broker, KafkaCluster, Scrape};
 
 /// The status page's charts, each a series of `history` in `GET /v1/status`.
 pub const STATUS_SERIES: [&str; 6] =
@@ -129,7 +129,9 @@ impl Cluster {
     /// Replica `id` with its own state directory and HTTP port, not started.
     pub fn replica(&self, id: &str) -> Replica {
         let bin = Path::new(env!("CARGO_BIN_EXE_tributary"));
-        Replica(procs::Replica::new(bin, self.dir.path(), id, &self.config.kafka.brokers, self.env(id)))
+        let mut replica = procs::Replica::new(bin, self.dir.path(), id, &self.config.kafka.brokers, self.env(id));
+        replica.model_name.clone_from(&self.config.model.name);
+        Replica(replica)
     }
 
     /// Starts replica `id` with its own state directory and HTTP port.
@@ -222,9 +224,17 @@ impl Replica {
         toml::from_str(&std::fs::read_to_string(path).ok()?).ok()
     }
 
-    /// The Prometheus text (empty if the replica does not answer).
-    pub fn metrics(&self) -> String {
-        self.get("/metrics").map(|(_, body)| body).unwrap_or_default()
+    /// The replica's metrics (none if it does not answer).
+    pub fn metrics(&self) -> Scrape {
+        self.0.metrics().unwrap_or_default()
+    }
+
+    /// `POST path` with a JSON `body` and the bearer `token` (if any):
+    /// status and JSON (`Null` if the body is not JSON).
+    pub fn post(&self, path: &str, token: Option<&str>, body: &str) -> (u16, Value) {
+        let (status, text) = procs::http_post(self.http, path, token, body)
+            .unwrap_or_else(|| panic!("{} does not answer POST {path}\n{}", self.id, self.log_tail(20)));
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 }
 
@@ -269,26 +279,6 @@ pub fn fresh_database(name: &str) -> TestDatabase {
     }
     let addr = server.rsplit('@').next().unwrap_or(&server).trim_end_matches('/').to_string();
     TestDatabase { url: format!("{server}/{db}"), addr, server, name: db }
-}
-
-/// POSTs `body` to the replica with the bearer `token` (if any): status and JSON.
-pub fn post(r: &Replica, path: &str, token: Option<&str>, body: &str) -> (u16, Value) {
-    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
-    let mut request = client.post(format!("http://{}{path}", r.http)).body(body.to_string());
-    if let Some(t) = token {
-        request = request.bearer_auth(t);
-    }
-    let response = request.send().unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().unwrap_or(Value::Null))
-}
-
-/// A metric's value from Prometheus text, summed over label sets matching `labels`.
-pub fn metric(text: &str, name: &str, labels: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// The log-loss of always predicting the mean label: what learning must beat.

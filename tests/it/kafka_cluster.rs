@@ -26,7 +26,7 @@ fn slow_kafka_cluster_survives_the_death_of_the_update_log_leader_and_of_an_even
     let mut cluster = Cluster::with_own_brokers("kafka3", ModelKind::Logistic, 3);
     let replicas = [cluster.spawn("r0"), cluster.spawn("r1"), cluster.spawn("r2")];
     replicas.iter().for_each(Replica::wait_ready);
-    let predictions = Predictions::start(replicas.iter().map(|r| r.http).collect());
+    let predictions = Predictions::start(replicas.iter().map(|r| r.http).collect(), &cluster.config.model.name);
     let progress = Progress::watch(&replicas[0]);
     let events = EventSource::start(&cluster.config, 1500.0);
 
@@ -128,9 +128,10 @@ impl Progress {
         let samples = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (into, stopping, addr) = (samples.clone(), stop.clone(), replica.http);
+        let info_path = format!("/v1/models/{}", replica.model_name);
         std::thread::spawn(move || {
             while !stopping.load(Ordering::Relaxed) {
-                let info = procs::http_get(addr, "/v1/models/default")
+                let info = procs::http_get(addr, &info_path)
                     .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok());
                 if let Some(learned) = info.and_then(|i| i["examples_learned"].as_u64()) {
                     into.lock().unwrap().push((Instant::now(), learned));
@@ -178,20 +179,20 @@ struct Predictions {
 }
 
 impl Predictions {
-    fn start(targets: Vec<std::net::SocketAddr>) -> Predictions {
+    fn start(targets: Vec<std::net::SocketAddr>, model_name: &str) -> Predictions {
         let stop = Arc::new(AtomicBool::new(false));
+        let predict_path = format!("/v1/models/{model_name}:predict");
         let clients = targets
             .into_iter()
             .map(|addr| {
-                let stop = stop.clone();
+                let (stop, predict_path) = (stop.clone(), predict_path.clone());
                 std::thread::spawn(move || {
-                    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
                     let body =
                         r#"{"instances": [{"dense": [0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8], "sparse": {"f0": "v1"}}]}"#;
                     let (mut ok, mut errors) = (0, Vec::new());
                     while !stop.load(Ordering::Relaxed) {
-                        match client.post(format!("http://{addr}/v1/models/default:predict")).body(body).send() {
-                            Ok(r) if r.status().is_success() => ok += 1,
+                        match procs::http_post(addr, &predict_path, None, body) {
+                            Some((200, _)) => ok += 1,
                             other => errors.push(format!("{addr}: {other:?}")),
                         }
                         std::thread::sleep(Duration::from_millis(5));

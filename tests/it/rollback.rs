@@ -31,20 +31,20 @@ fn rollback_asked_on_one_replica_returns_all_three_to_the_same_state() {
     let path = "/v1/models/default/rollback";
 
     // Without the token, or with a wrong one: 401, and nothing changes.
-    let (status, body) = post(&replicas[1], path, None, &rollback_body(q.into(), "skip"));
+    let (status, body) = replicas[1].post(path, None, &rollback_body(q.into(), "skip"));
     assert_eq!(status, 401, "{body}");
-    let (status, body) = post(&replicas[1], path, Some("not-the-admin-token-at-all"), &rollback_body(q.into(), "skip"));
+    let (status, body) = replicas[1].post(path, Some("not-the-admin-token-at-all"), &rollback_body(q.into(), "skip"));
     assert_eq!(status, 401, "{body}");
-    let (status, body) = post(&replicas[1], path, Some(TOKEN), &rollback_body("yesterday".into(), "skip"));
+    let (status, body) = replicas[1].post(path, Some(TOKEN), &rollback_body("yesterday".into(), "skip"));
     assert_eq!(status, 400, "{body}");
-    let (status, body) = post(&replicas[1], path, Some(TOKEN), r#"{"to_version": 1}"#);
+    let (status, body) = replicas[1].post(path, Some(TOKEN), r#"{"to_version": 1}"#);
     assert_eq!(status, 400, "events is required: {body}");
     let unchanged = replicas[1].info().unwrap();
     assert_eq!(unchanged["model_version"], before[1]["model_version"], "refused requests append nothing");
-    assert_eq!(metric(&replicas[1].metrics(), "tributary_admin_denied_total", ""), 2.0);
+    assert_eq!(replicas[1].metrics().value("tributary_admin_denied_total", ""), 2.0);
 
     // Skip: back to the weights at q on all three; the events since stay consumed.
-    let (status, body) = post(&replicas[1], path, Some(TOKEN), &rollback_body(q.into(), "skip"));
+    let (status, body) = replicas[1].post(path, Some(TOKEN), &rollback_body(q.into(), "skip"));
     assert_eq!(status, 200, "{body}");
     assert_eq!((body["taken"].as_bool(), body["examples_undone"].as_u64()), (Some(true), Some(3000)), "{body}");
     let after_skip = body["model_version"].as_i64().unwrap();
@@ -56,14 +56,14 @@ fn rollback_asked_on_one_replica_returns_all_three_to_the_same_state() {
         assert_eq!(info["weights_digest"], at_q[0]["weights_digest"], "{}: {info}", r.id);
         assert_eq!(info["examples_learned"], 3000, "{}: {info}", r.id);
         assert_eq!(watermark_sum(&info), 6000, "{}: skipped events are not learned again", r.id);
-        assert_eq!(metric(&r.metrics(), "tributary_rollbacks_total", "events=\"skip\""), 1.0, "{}", r.id);
+        assert_eq!(r.metrics().value("tributary_rollbacks_total", "events=\"skip\""), 1.0, "{}", r.id);
     }
 
     // Relearn, asked on another replica: the watermarks return to q's too,
     // and every event since q is learned again, exactly once.
     cluster.produce(1000, 3);
     replicas.iter().for_each(|r| drop(r.wait_learned(4000, LEARN_LIMIT)));
-    let (status, body) = post(&replicas[2], path, Some(TOKEN), &rollback_body(q.into(), "relearn"));
+    let (status, body) = replicas[2].post(path, Some(TOKEN), &rollback_body(q.into(), "relearn"));
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["taken"], true, "{body}");
     let infos: Vec<Value> = replicas.iter().map(|r| r.wait_learned(7000, LEARN_LIMIT)).collect();
@@ -71,7 +71,7 @@ fn rollback_asked_on_one_replica_returns_all_three_to_the_same_state() {
         assert_eq!(watermark_sum(info), 7000, "{}: {info}", r.id);
         assert_eq!(info["model_version"], infos[0]["model_version"], "{infos:?}");
         assert_eq!(info["weights_digest"], infos[0]["weights_digest"], "{infos:?}");
-        assert_eq!(metric(&r.metrics(), "tributary_rollbacks_total", ""), 2.0, "{}", r.id);
+        assert_eq!(r.metrics().value("tributary_rollbacks_total", ""), 2.0, "{}", r.id);
     }
 }
 
@@ -93,24 +93,24 @@ fn a_poisoned_stream_triggers_one_automatic_rollback() {
         .map(|r| {
             wait_for(&format!("{} to consume the poison", r.id), LEARN_LIMIT, || {
                 let info = r.info()?;
-                (watermark_sum(&info) == 5500 && metric(&r.metrics(), "tributary_rollbacks_total", "") >= 1.0)
+                (watermark_sum(&info) == 5500 && r.metrics().value("tributary_rollbacks_total", "") >= 1.0)
                     .then_some(info)
             })
         })
         .collect();
     assert_eq!(infos[0]["weights_digest"], infos[1]["weights_digest"], "{infos:?}");
-    let detected: f64 = replicas.iter().map(|r| metric(&r.metrics(), "tributary_divergences_detected_total", "")).sum();
+    let detected: f64 = replicas.iter().map(|r| r.metrics().value("tributary_divergences_detected_total", "")).sum();
     assert!(detected >= 1.0, "the guard fired");
     for r in &replicas {
         let m = r.metrics();
         assert_eq!(
-            metric(&m, "tributary_rollbacks_total", "events=\"skip\""),
+            m.value("tributary_rollbacks_total", "events=\"skip\""),
             1.0,
             "{}: one rollback, however many asked",
             r.id
         );
         // Every request beyond the first was superseded by it.
-        assert_eq!(metric(&m, "tributary_records_rejected_total", "reason=\"superseded\""), detected - 1.0, "{}", r.id);
+        assert_eq!(m.value("tributary_records_rejected_total", "reason=\"superseded\""), detected - 1.0, "{}", r.id);
         let log = std::fs::read_to_string(&r.log).unwrap();
         let said: Vec<&str> = log.lines().filter(|l| l.contains("spiked") || l.contains("rolled back")).collect();
         eprintln!("{}: {said:#?}", r.id);

@@ -217,8 +217,7 @@ fn two_replicas_learn_a_stream_with_a_torchscript_module_and_agree() {
     let baseline = constant_logloss(&labels);
     eprintln!("progressive loss {loss}, the constant predictor's {baseline}");
     assert!(loss < baseline, "progressive loss {loss} does not beat the constant predictor's {baseline}");
-    let (status, v) =
-        crate::helpers::post(&a, "/v1/models/default:predict", None, r#"{"instances":[{"dense":[0,0,0,0,0,0,0,0]}]}"#);
+    let (status, v) = a.post("/v1/models/default:predict", None, r#"{"instances":[{"dense":[0,0,0,0,0,0,0,0]}]}"#);
     assert_eq!(status, 200, "{v}");
     assert!(v["predictions"][0].as_f64().is_some_and(|p| (0.0..=1.0).contains(&p)), "{v}");
 }
