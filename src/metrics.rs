@@ -32,6 +32,7 @@ pub struct Metrics {
     pub records_applied: IntCounter,
     pub records_rejected: IntCounterVec,
     pub consumer_lag: IntGaugeVec,
+    pub events_below_watermark: IntCounter,
     pub freshness: Histogram,
     pub staleness_records: Histogram,
     pub staleness_examples: Histogram,
@@ -125,6 +126,11 @@ impl Metrics {
             consumer_lag: reg!(IntGaugeVec::new(
                 Opts::new("consumer_lag", "Events not yet learned, per owned partition"),
                 &["partition"]
+            )),
+            events_below_watermark: reg!(IntCounter::new(
+                "events_below_watermark_total",
+                "Events partitions found at assignment ending below their applied watermark: the events topic \
+                 was deleted and recreated, or truncated; events at offsets below the watermark are not learned"
             )),
             freshness: reg!(Histogram::with_opts(
                 HistogramOpts::new("freshness_seconds", "Event time to the first serving snapshot that includes it")

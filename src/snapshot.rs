@@ -32,6 +32,9 @@ pub struct Snapshot {
     pub weights: Buffers,
     pub watermarks: BTreeMap<i32, i64>,
     pub examples_learned: u64,
+    /// Events taken by records but learned by no one: invalid, or whose
+    /// gradient could not be computed.
+    pub examples_skipped: u64,
     pub progressive_loss: Option<f64>,
     pub published: Instant,
     /// Computed on first request: hashing 64 MB is not free.
@@ -50,6 +53,7 @@ impl Snapshot {
             weights: state.weights.clone(),
             watermarks: state.watermarks.clone(),
             examples_learned: state.examples_learned,
+            examples_skipped: state.examples_skipped,
             progressive_loss: state.progressive_loss(),
             published: Instant::now(),
             digest: OnceLock::new(),
@@ -189,6 +193,7 @@ impl Publisher {
         next.position = state.position;
         next.watermarks.clone_from(&state.watermarks);
         next.examples_learned = state.examples_learned;
+        next.examples_skipped = state.examples_skipped;
         next.progressive_loss = state.progressive_loss();
         next.published = Instant::now();
         next.digest = OnceLock::new();

@@ -34,8 +34,9 @@ pub struct Applied {
     pub watermarks: BTreeMap<i32, i64>,
     /// The ranges of this replica's records that were rejected.
     pub rejected_own: Vec<Vec<EventRange>>,
-    /// The update log's end as the last fetch response said (0 before one):
-    /// the trainer's bound on records it has not seen.
+    /// The update log's end as the last fetch response said (0 before one,
+    /// and always 0 unless `train.max_unseen_records` is set): the trainer's
+    /// bound on records it has not seen.
     pub log_end: i64,
     /// Position after the last record the divergence guard found healthy.
     pub last_healthy: i64,
@@ -118,6 +119,9 @@ pub struct Applier {
     /// For the reader that replays the log to rebuild a state.
     brokers: String,
     guard: Option<GuardLink>,
+    /// Whether the trainer bounds the records it has not seen
+    /// (`train.max_unseen_records`), and so needs the log end reported.
+    report_log_end: bool,
     checkpoint_every: Duration,
     /// Least time between swaps. `None`: swaps are off once ready, so the
     /// served weights stay those of start-up (a benchmark baseline only).
@@ -181,6 +185,7 @@ impl Applier {
             store,
             brokers: config.kafka.brokers.clone(),
             guard,
+            report_log_end: config.train.max_unseen_records > 0,
             checkpoint_every: Duration::from_secs(config.checkpoint.interval_secs),
             min_swap_interval: (config.apply.max_swaps_per_sec > 0.0)
                 .then(|| Duration::from_secs_f64(1.0 / config.apply.max_swaps_per_sec)),
@@ -336,7 +341,9 @@ impl Applier {
         applied.position = self.state.position;
         applied.watermarks.clone_from(&self.state.watermarks);
         applied.rejected_own.extend(own_rejections);
-        applied.log_end = kafka::fetched_end(&self.consumer, &self.updates_topic).unwrap_or(0);
+        if self.report_log_end {
+            applied.log_end = kafka::fetched_end(&self.consumer, &self.updates_topic).unwrap_or(0);
+        }
         if let Some(link) = &self.guard {
             applied.last_healthy = link.guard.last_healthy();
         }
@@ -487,10 +494,7 @@ impl Applier {
     fn watch_loss(&mut self, examples: u32, loss_sum: f64) {
         let ready = self.ready.load(Ordering::Relaxed);
         let Some(GuardLink { guard, control, runtime }) = &mut self.guard else { return };
-        let Some(spike) = guard.observe(self.state.position, examples, loss_sum) else { return };
-        if !ready {
-            return;
-        }
+        let Some(spike) = guard.observe(self.state.position, examples, loss_sum, ready) else { return };
         self.metrics.divergences.inc();
         let Spike { fast, baseline, last_healthy } = spike;
         let (seen, fingerprint, producer) = (self.state.position, self.model.fingerprint(), self.replica_id.clone());

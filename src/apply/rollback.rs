@@ -128,7 +128,10 @@ impl Guard {
     }
 
     /// Takes an applied record's loss; `position` is the state's after it.
-    pub fn observe(&mut self, position: i64, examples: u32, loss_sum: f64) -> Option<Spike> {
+    /// A spike is reported only when `acting` (the replica is ready): one
+    /// seen while replaying history is not answered there, so the guard
+    /// stays armed and reports it once ready if it lasts.
+    pub fn observe(&mut self, position: i64, examples: u32, loss_sum: f64, acting: bool) -> Option<Spike> {
         if examples == 0 || !loss_sum.is_finite() {
             return None;
         }
@@ -145,7 +148,7 @@ impl Guard {
             self.baseline += rate * (mean - self.baseline);
             self.last_healthy = position;
         }
-        if warm && !self.fired && self.fast > self.factor * self.baseline {
+        if acting && warm && !self.fired && self.fast > self.factor * self.baseline {
             self.fired = true;
             return Some(Spike { fast: self.fast, baseline: self.baseline, last_healthy: self.last_healthy });
         }
@@ -172,7 +175,7 @@ mod tests {
         let mut position = 0;
         let mut feed = |g: &mut Guard, loss: f64| {
             position += 1;
-            g.observe(position, 100, loss * 100.0)
+            g.observe(position, 100, loss * 100.0, true)
         };
         // Warm-up: noisy but flat, nothing fires.
         for i in 0..50 {
@@ -192,11 +195,27 @@ mod tests {
     }
 
     #[test]
+    fn a_spike_seen_while_replaying_is_reported_once_ready() {
+        let mut g = Guard::new(3.0, 100, 0);
+        for i in 0..50 {
+            assert_eq!(g.observe(i + 1, 10, 6.0, false), None);
+        }
+        // The spike starts during replay: not reported there...
+        for i in 50..60 {
+            assert_eq!(g.observe(i + 1, 10, 26.0, false), None);
+        }
+        // ...and reported at the first record once ready, naming the last
+        // healthy position before it.
+        let spike = g.observe(61, 10, 26.0, true).expect("the guard stayed armed through the replay");
+        assert_eq!(spike.last_healthy, 50);
+    }
+
+    #[test]
     fn a_slow_drift_is_not_a_spike() {
         let mut g = Guard::new(3.0, 100, 0);
         for i in 0..2000 {
             let loss = 0.6 + i as f64 * 0.0005; // to 1.6 over 2000 records
-            assert_eq!(g.observe(i + 1, 10, loss * 10.0), None, "record {i}");
+            assert_eq!(g.observe(i + 1, 10, loss * 10.0, true), None, "record {i}");
         }
     }
 }

@@ -261,6 +261,9 @@ pub struct ModelInfo {
     model_version: i64,
     ready: bool,
     examples_learned: u64,
+    /// Events the log's records took but no one learned: invalid ones, and
+    /// those of batches whose gradient could not be computed.
+    examples_skipped: u64,
     /// Mean loss of every learned example, taken before it was learned.
     progressive_logloss: Option<f64>,
     /// Per events partition: the next offset to learn.
@@ -295,6 +298,7 @@ async fn model_info(State(state): State<AppState>, Path(model): Path<String>) ->
         model_version: snap.position,
         ready: state.ready.load(Ordering::Acquire),
         examples_learned: snap.examples_learned,
+        examples_skipped: snap.examples_skipped,
         progressive_logloss: snap.progressive_loss,
         watermarks: snap.watermarks.clone(),
         weights_digest: digest,

@@ -202,10 +202,7 @@ fn check(model: &Model, watermarks: &BTreeMap<i32, i64>, r: &GradientRecord) -> 
     if !continues(watermarks, &r.ranges) {
         return Err(Reject::NotContiguous);
     }
-    if !r.loss_sum.is_finite() {
-        return Err(Reject::NonFinite);
-    }
-    check_gradient(model.params(), model.config().max_grad_norm, r.examples, &r.gradient)
+    check_gradient(model, r.examples, r.loss_sum, &r.gradient)
 }
 
 /// Scales a gradient that missed `unseen` records, as `scaling` says.
@@ -239,12 +236,19 @@ pub fn continues(watermarks: &BTreeMap<i32, i64>, ranges: &[EventRange]) -> bool
 /// gradient is of the loss summed over its `examples`. Trainers run the same
 /// check before they send, so an honest trainer never sends a record that
 /// this rejects.
-pub fn check_gradient(
-    params: &[ParamSpec],
-    max_norm: f32,
-    examples: u32,
-    tensors: &[GradTensor],
-) -> Result<(), Reject> {
+/// What a gradient of `examples` events must be, wherever it is checked: a
+/// finite loss, and tensors of the model's shapes, finite, with a global L2
+/// norm within `max_grad_norm` per example. The trainer checks it before
+/// sending (a retry would compute the same gradient), and the apply rule
+/// again on every replica.
+pub fn check_gradient(model: &Model, examples: u32, loss_sum: f64, tensors: &[GradTensor]) -> Result<(), Reject> {
+    if !loss_sum.is_finite() {
+        return Err(Reject::NonFinite);
+    }
+    check_tensors(model.params(), model.config().max_grad_norm, examples, tensors)
+}
+
+fn check_tensors(params: &[ParamSpec], max_norm: f32, examples: u32, tensors: &[GradTensor]) -> Result<(), Reject> {
     let mut sum_sq = 0f64;
     for t in tensors {
         let p = params.get(t.param as usize).ok_or(Reject::Shape)?;

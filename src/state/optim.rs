@@ -29,22 +29,22 @@ impl Touch for NoTouch {
     fn all(&mut self, _: usize) {}
 }
 
-/// FTRL-Proximal's settings.
+/// FTRL-Proximal's settings beyond its step size `alpha` (the optimizer's
+/// `learning_rate`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Ftrl {
-    alpha: f32,
     beta: f32,
     l1: f32,
     l2: f32,
 }
 
 impl Ftrl {
-    /// The weight that the accumulators `z` and `n` give.
-    fn weight(&self, z: f32, n: f32) -> f32 {
+    /// The weight that the accumulators `z` and `n` give at step size `alpha`.
+    fn weight(&self, alpha: f32, z: f32, n: f32) -> f32 {
         if z.abs() <= self.l1 {
             0.0
         } else {
-            -(z - self.l1.copysign(z)) / ((self.beta + n.sqrt()) / self.alpha + self.l2)
+            -(z - self.l1.copysign(z)) / ((self.beta + n.sqrt()) / alpha + self.l2)
         }
     }
 }
@@ -69,7 +69,7 @@ impl Optimizer {
         Optimizer {
             kind,
             learning_rate,
-            ftrl: Ftrl { alpha: learning_rate, beta: config.ftrl_beta, l1: config.l1, l2: config.l2 },
+            ftrl: Ftrl { beta: config.ftrl_beta, l1: config.l1, l2: config.l2 },
             slots: (0..kind.slots()).map(|_| zeros()).collect(),
             steps: 0,
         }
@@ -82,7 +82,7 @@ impl Optimizer {
     pub fn starting_at(config: &ModelConfig, params: &[ParamSpec], weights: &Buffers) -> Self {
         let mut opt = Optimizer::new(config, params);
         if opt.kind == OptimizerKind::Ftrl {
-            let scale = opt.ftrl.beta / opt.ftrl.alpha + opt.ftrl.l2;
+            let scale = opt.ftrl.beta / opt.learning_rate + opt.ftrl.l2;
             for (z, w) in opt.slots[0].iter_mut().zip(weights) {
                 z.iter_mut().zip(w).for_each(|(z, &w)| *z = -w * scale);
             }
@@ -95,8 +95,7 @@ impl Optimizer {
     pub fn step(&mut self, params: &[ParamSpec], weights: &mut Buffers, grads: &[GradTensor], touch: &mut impl Touch) {
         self.steps += 1;
         let lr = self.learning_rate;
-        let t = self.steps.min(i32::MAX as u64) as i32;
-        let (c1, c2) = (1.0 - ADAM_BETA1.powi(t), 1.0 - ADAM_BETA2.powi(t));
+        let (c1, c2) = (1.0 - power(ADAM_BETA1, self.steps), 1.0 - power(ADAM_BETA2, self.steps));
         for g in grads {
             let p = g.param as usize;
             let cols = params[p].cols;
@@ -118,10 +117,10 @@ impl Optimizer {
                     let (z, n) = slots.split_at_mut(1);
                     let (z, n) = (&mut z[0][p][i], &mut n[0][p][i]);
                     let n_next = *n + grad * grad;
-                    let sigma = (n_next.sqrt() - n.sqrt()) / self.ftrl.alpha;
+                    let sigma = (n_next.sqrt() - n.sqrt()) / lr;
                     *z += grad - sigma * w[i];
                     *n = n_next;
-                    w[i] = self.ftrl.weight(*z, *n);
+                    w[i] = self.ftrl.weight(lr, *z, *n);
                 }
             };
             let w = &mut weights[p];
@@ -145,9 +144,44 @@ impl Optimizer {
     }
 }
 
+/// `base` to the power `exp` by squaring, in plain `f32` multiplications:
+/// each is correctly rounded by IEEE 754, so every replica on every target
+/// gets the same bits. (`powi` is an LLVM intrinsic whose precision Rust
+/// does not specify: replicas built differently could step Adam apart.)
+fn power(base: f32, mut exp: u64) -> f32 {
+    let (mut result, mut square) = (1.0f32, base);
+    while exp > 0 {
+        if exp & 1 == 1 {
+            result *= square;
+        }
+        square *= square;
+        exp >>= 1;
+    }
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn adams_bias_correction_is_the_same_bits_everywhere() {
+        // Fixed bits: a change of the algorithm changes how every replica
+        // steps, and must be a change of the record format, not a surprise.
+        let bits: Vec<u32> = [1, 2, 10, 1000, 1_000_000].iter().map(|&t| power(ADAM_BETA2, t).to_bits()).collect();
+        assert_eq!(
+            bits,
+            [1_065_336_439, 1_065_319_679, 1_065_186_200, 1_052_525_466, 0],
+            "{:?}",
+            bits.iter().map(|&b| f32::from_bits(b)).collect::<Vec<_>>()
+        );
+        for t in [1u64, 7, 100, 5000] {
+            let exact = f64::from(ADAM_BETA1).powf(t as f64);
+            assert!((f64::from(power(ADAM_BETA1, t)) - exact).abs() <= exact * 1e-5, "t = {t}");
+        }
+        assert_eq!(power(ADAM_BETA1, 0), 1.0);
+        assert_eq!(power(ADAM_BETA1, u64::MAX), 0.0);
+    }
 
     #[test]
     fn sparse_steps_touch_only_their_rows() {
@@ -171,7 +205,8 @@ mod tests {
         (config.optimizer, config.learning_rate) = (Some(OptimizerKind::Ftrl), Some(0.1));
         let w = vec![vec![0.25f32, -0.5, 0.0]];
         let opt = Optimizer::starting_at(&config, &params, &w);
-        let back: Vec<f32> = (0..3).map(|i| opt.ftrl.weight(opt.slots[0][0][i], opt.slots[1][0][i])).collect();
+        let back: Vec<f32> =
+            (0..3).map(|i| opt.ftrl.weight(opt.learning_rate, opt.slots[0][0][i], opt.slots[1][0][i])).collect();
         assert_eq!(back, w[0]);
         config.l1 = 1.0;
         let mut opt = Optimizer::starting_at(&config, &params, &vec![vec![0.0; 3]]);

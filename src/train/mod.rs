@@ -50,7 +50,7 @@ use crate::lifecycle::StopRequest;
 use crate::metrics::Metrics;
 use crate::model::{Gradient, Model};
 use crate::snapshot::Serving;
-use crate::state::{check_gradient, Reject};
+use crate::state::check_gradient;
 use crate::update_log::kafka;
 use crate::update_log::record::{EventRange, GradientRecord, Record, RecordMeta};
 
@@ -281,7 +281,7 @@ impl Trainer {
         if !k.group_instance_id.is_empty() {
             c.set("group.instance.id", &k.group_instance_id);
         }
-        let context = TrainerContext::new(k.updates_topic.clone(), progress.clone(), stop.clone());
+        let context = TrainerContext::new(k.updates_topic.clone(), progress.clone(), metrics.clone(), stop.clone());
         let consumer: BaseConsumer<TrainerContext> = c.create_with_context(context)?;
         let failures = DeliveryFailures::default();
         // One record in flight has nothing to wait for batch-mates for.
@@ -537,10 +537,7 @@ impl Trainer {
                 Gradient::default()
             }
         };
-        let max_norm = self.model.config().max_grad_norm;
-        let checked = check_gradient(self.model.params(), max_norm, examples, &gradient.tensors)
-            .and_then(|()| gradient.loss_sum.is_finite().then_some(()).ok_or(Reject::NonFinite));
-        if let Err(reason) = checked {
+        if let Err(reason) = check_gradient(&self.model, examples, gradient.loss_sum, &gradient.tensors) {
             warn!(ranges = ?batch.ranges, reason = reason.as_str(), "gradient refused; batch skipped");
             (skipped, examples) = (skipped + examples, 0);
             gradient = Gradient::default();

@@ -25,7 +25,19 @@ fn read(path: &str) -> String {
 
 /// `docker-compose ARGS` on the repository's compose file; its stdout.
 fn compose(args: &[&str]) -> String {
-    let out = Command::new("docker-compose")
+    compose_with(args, &[])
+}
+
+/// The same with the operator's `TRIBUTARY_*` variables set to `env` (and
+/// the others of this process's unset).
+fn compose_with(args: &[&str], env: &[(&str, &str)]) -> String {
+    let operator_vars = ["TRIBUTARY_ADMIN_TOKEN", "TRIBUTARY_INGEST_TOKEN", "TRIBUTARY_MODEL_KIND"];
+    let mut command = Command::new("docker-compose");
+    for var in operator_vars {
+        command.env_remove(var);
+    }
+    let out = command
+        .envs(env.iter().copied())
         .arg("--project-directory")
         .arg(repo())
         .arg("-f")
@@ -78,20 +90,36 @@ fn prometheus_scrapes_every_replica_of_the_compose_file() {
     );
 }
 
+/// The replicas' configuration as `docker-compose config` resolves it with
+/// the operator's variables `env`.
+fn compose_replica_config(env: &[(&str, &str)]) -> Config {
+    // The resolved file, one `KEY: value` per line under `environment:`.
+    let resolved = compose_with(&["config"], env);
+    let vars: BTreeSet<(String, String)> = resolved
+        .lines()
+        .filter_map(|l| l.trim().split_once(':'))
+        .filter(|(k, _)| k.starts_with("TRIBUTARY_"))
+        .map(|(k, v)| (k.to_string(), v.trim().trim_matches('\'').trim_matches('"').to_string()))
+        .collect();
+    assert!(vars.iter().any(|(k, _)| k == "TRIBUTARY_CHECKPOINT_STORE"), "{resolved}");
+    Config::load(None, vars.clone(), &Overrides::default()).unwrap_or_else(|e| panic!("{e}\n{vars:?}"))
+}
+
 #[test]
 fn compose_environment_is_a_valid_configuration() {
-    // The resolved file, one `KEY: value` per line under `environment:`.
-    let resolved = compose(&["config"]);
-    let env: BTreeSet<(String, String)> = resolved
-        .lines()
-        .filter_map(|l| l.trim().split_once(": "))
-        .filter(|(k, _)| k.starts_with("TRIBUTARY_"))
-        .map(|(k, v)| (k.to_string(), v.trim_matches('\'').trim_matches('"').to_string()))
-        .collect();
-    assert!(env.iter().any(|(k, _)| k == "TRIBUTARY_CHECKPOINT_STORE"), "{resolved}");
-    let config = Config::load(None, env.clone(), &Overrides::default()).unwrap_or_else(|e| panic!("{e}\n{env:?}"));
+    let config = compose_replica_config(&[]);
     assert_eq!(config.kafka.brokers, "kafka:9092");
     assert!(config.checkpoint.store.starts_with("postgres://"));
+}
+
+#[test]
+fn the_compose_fleet_has_no_token_unless_the_operator_sets_one() {
+    let config = compose_replica_config(&[]);
+    assert_eq!(config.http.admin_token, "", "no default admin token: the admin endpoints are off");
+    assert_eq!(config.http.ingest_token, "");
+    let (admin, ingest) = ("an-admin-token-of-the-operator", "an-ingest-token-of-the-operator");
+    let config = compose_replica_config(&[("TRIBUTARY_ADMIN_TOKEN", admin), ("TRIBUTARY_INGEST_TOKEN", ingest)]);
+    assert_eq!((config.http.admin_token.as_str(), config.http.ingest_token.as_str()), (admin, ingest));
 }
 
 #[test]

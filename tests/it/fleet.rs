@@ -302,3 +302,39 @@ fn a_checkpoint_ahead_of_the_update_log_is_refused_with_a_clear_error() {
     let log = std::fs::read_to_string(&second.log).unwrap();
     assert!(log.contains("but that log ends at 0"), "{log}");
 }
+
+#[test]
+fn an_events_topic_recreated_below_the_watermarks_is_reported() {
+    let cluster = Cluster::new("recreated", ModelKind::Logistic);
+    let mut replica = cluster.spawn("r0");
+    replica.wait_ready();
+    cluster.produce(800, 1);
+    replica.wait_learned(800, LEARN_LIMIT);
+    replica.terminate();
+    recreate_events_topic(&cluster);
+    // About 10 events a partition, where the watermarks are near 100.
+    cluster.produce(80, 2);
+    replica.start();
+    replica.wait_ready();
+    wait_for("the replica to report the partitions below their watermarks", LEARN_LIMIT, || {
+        (replica.metrics().value("tributary_events_below_watermark_total", "") >= 1.0).then_some(())
+    });
+    let log = std::fs::read_to_string(&replica.log).unwrap();
+    assert!(log.contains("ends below its applied watermark"), "{}", replica.log_tail(20));
+}
+
+/// Deletes the cluster's events topic and creates it again, empty.
+fn recreate_events_topic(cluster: &Cluster) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let k = &cluster.config.kafka;
+    let admin: AdminClient<DefaultClientContext> = kafka::base_config(&k.brokers, "test-admin").create().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(admin.delete_topics(&[&k.events_topic], &AdminOptions::new())).unwrap();
+    let lister: BaseConsumer = kafka::log_reader_config(&k.brokers, "test-lister").create().unwrap();
+    wait_for("the events topic to be deleted", LEARN_LIMIT, || {
+        let metadata = lister.fetch_metadata(None, Duration::from_secs(5)).ok()?;
+        (!metadata.topics().iter().any(|t| t.name() == k.events_topic)).then_some(())
+    });
+    wait_for("the events topic to be created again", LEARN_LIMIT, || runtime.block_on(kafka::ensure_topics(k)).ok());
+}

@@ -237,3 +237,43 @@ fn parameters_a_batch_does_not_reach_travel_no_gradient() {
     let params: Vec<u32> = g.tensors.iter().map(|t| t.param).collect();
     assert_eq!(params, [0], "only w was reached");
 }
+
+#[test]
+fn a_batch_whose_gradient_fails_is_skipped_not_learned() {
+    let mut cluster = Cluster::new("ts-raises", ModelKind::TorchScript);
+    // Raises on a dense value above 1000: a module's own check of its input.
+    let path = python_module(
+        cluster.dir.path(),
+        "raises.pt",
+        "class M(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n        self.w = torch.nn.Parameter(torch.zeros(8))\n    def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:\n        if bool((dense > 1000.0).any()):\n            raise RuntimeError(\"dense value out of range\")\n        return dense @ self.w\n",
+    );
+    cluster.config.model.torchscript_path = path;
+    let r = cluster.spawn("r0");
+    r.wait_ready();
+    cluster.produce(500, 5);
+    r.wait_learned(500, Duration::from_secs(120));
+    // Valid events (finite, the right shape) that the module refuses.
+    let mut synthetic = tributary::synthetic::Synthetic::new(&cluster.config.model, 6);
+    let refused: Vec<String> = (0..40)
+        .map(|_| {
+            let mut e: serde_json::Value = serde_json::from_str(&synthetic.event(1)).unwrap();
+            e["dense"][0] = 5000.0.into();
+            e.to_string()
+        })
+        .collect();
+    cluster.produce_lines(&refused);
+    cluster.produce(500, 7);
+    let info = crate::helpers::wait_for("every event taken by a record", Duration::from_secs(120), || {
+        let info = r.info()?;
+        (crate::helpers::watermark_sum(&info) == 1040).then_some(info)
+    });
+    let (learned, skipped) = (info["examples_learned"].as_u64().unwrap(), info["examples_skipped"].as_u64().unwrap());
+    // Whole batches fail, so some valid events of the refused ones' batches
+    // are skipped with them; none is counted as learned (nor fed to the
+    // divergence guard as a loss of 0).
+    assert!(skipped >= 40, "{info}");
+    assert_eq!(learned + skipped, 1040, "{info}");
+    let log = std::fs::read_to_string(&r.log).unwrap();
+    assert!(log.contains("gradient failed; batch skipped"), "{}", r.log_tail(20));
+    assert!(info["progressive_logloss"].as_f64().is_some_and(f64::is_finite), "{info}");
+}
