@@ -36,6 +36,7 @@ use crate::state::ReplicaState;
 use crate::train::Trainer;
 use crate::update_log::control::ControlLog;
 use crate::update_log::kafka;
+use crate::update_log::record::SettingsRecord;
 
 /// libtorch's own thread pools would fight the trainer and the HTTP server
 /// for two cores; one thread each is fastest for our small graphs.
@@ -91,7 +92,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 /// A replica built from its configuration, its roles not yet running.
 pub struct Replica {
     config: Arc<Config>,
+    model: Arc<Model>,
     metrics: Arc<Metrics>,
+    control: ControlLog,
     applier: Applier,
     /// `None` when `train.enabled` is off.
     trainer: Option<Trainer>,
@@ -143,7 +146,7 @@ impl Replica {
         app.checkpoints = Some(store.clone());
         if !config.http.admin_token.is_empty() {
             let handle =
-                ReplicaHandle::new(control, applier.progress(), store, model.fingerprint(), &config.replica_id);
+                ReplicaHandle::new(control.clone(), applier.progress(), store, model.fingerprint(), &config.replica_id);
             app.admin = Some(Arc::new(Admin { token: config.http.admin_token.clone(), replica: handle }));
         }
         if config.http.ingest {
@@ -155,17 +158,19 @@ impl Replica {
                 &config.http.ingest_token,
             )?));
         }
-        Ok(Some(Replica { config, metrics, applier, trainer, trainer_stop, app }))
+        Ok(Some(Replica { config, model, metrics, control, applier, trainer, trainer_stop, app }))
     }
 
     /// Serves HTTP at once (from the restored weights), waits for the
     /// topics, runs the applier and the trainer until `shutdown` or until a
     /// role ends on its own, then stops them in order.
     pub async fn run_until_stopped<F: Future<Output = ()>>(self, mut shutdown: Shutdown<'_, F>) -> anyhow::Result<()> {
-        let Replica { config, metrics, applier, trainer, trainer_stop, app } = self;
+        let Replica { config, model, metrics, control, applier, trainer, trainer_stop, app } = self;
         tokio::spawn(app.history.clone().run(app.serving.clone(), metrics));
         let (mut http, http_stop) = serve_http(&config, app).await?;
-        if !wait_for_topics(&config, &mut shutdown).await? {
+        let started = wait_for_topics(&config, &mut shutdown).await?
+            && announce_settings(&control, &model, &config.replica_id, &mut shutdown).await;
+        if !started {
             let _ = http_stop.send(());
             return Ok(());
         }
@@ -262,6 +267,37 @@ async fn wait_for_topics<F: Future<Output = ()>>(
         }
         tokio::select! {
             _ = shutdown.as_mut() => return Ok(false),
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+}
+
+/// Appends this replica's model settings to the update log (retried while
+/// the broker is away), so that every replica can tell a fleet member that
+/// was configured differently which setting differs. `false`: `shutdown`
+/// came first.
+async fn announce_settings<F: Future<Output = ()>>(
+    control: &ControlLog,
+    model: &Model,
+    replica_id: &str,
+    shutdown: &mut Shutdown<'_, F>,
+) -> bool {
+    let record = SettingsRecord {
+        fingerprint: model.fingerprint(),
+        producer: replica_id.to_string(),
+        settings: model.settings().clone(),
+    };
+    let mut backoff = Backoff::new();
+    loop {
+        match control.announce(record.clone()).await {
+            Ok(offset) => {
+                info!(offset, fingerprint = format!("{:016x}", record.fingerprint), "model settings announced");
+                return true;
+            }
+            Err(e) => warn!(error = format!("{e:#}"), "cannot announce the model settings; retrying"),
+        }
+        tokio::select! {
+            _ = shutdown.as_mut() => return false,
             _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
     }

@@ -19,12 +19,12 @@ use crate::checkpoint::{SharedStore, Store};
 use crate::config::Config;
 use crate::lifecycle::{Backoff, DrainRequest, StopRequest};
 use crate::metrics::Metrics;
-use crate::model::Model;
+use crate::model::{settings_diff, Model};
 use crate::snapshot::{Publisher, Serving};
 use crate::state::{Outcome, ReplicaState};
 use crate::update_log::control::ControlLog;
 use crate::update_log::kafka;
-use crate::update_log::record::{EventRange, EventsSince, RollbackRecord};
+use crate::update_log::record::{EventRange, EventsSince, RollbackRecord, SettingsRecord};
 
 /// What the applier has applied, for the trainer. Updated after each drained
 /// run of records, not per record.
@@ -143,6 +143,10 @@ pub struct Applier {
     pending_ts: Vec<i64>,
     last_read_error: Option<Instant>,
     staleness: StalenessMeter,
+    /// Whether the state is known to be learned under this replica's
+    /// settings: restored from a checkpoint (which carries the same
+    /// fingerprint), or a settings record equal to its own was read.
+    settings_agreed: bool,
 }
 
 impl Applier {
@@ -174,6 +178,7 @@ impl Applier {
         Ok(Applier {
             publisher: Publisher::new(model.clone(), &state),
             staleness: StalenessMeter::starting_at(state.position, state.examples_learned),
+            settings_agreed: state.position > 0,
             last_saved: (Instant::now(), state.position),
             model,
             state,
@@ -327,11 +332,36 @@ impl Applier {
                     drained.own_rejections.push(r.ranges);
                 }
             }
+            Outcome::Settings(r) => self.compare_settings(offset, &r)?,
             Outcome::Rejected(None, reason) => {
                 self.metrics.records_rejected.with_label_values(&[reason.as_str()]).inc();
                 warn!(offset, reason = reason.as_str(), "rejected unreadable record");
             }
         }
+        Ok(())
+    }
+
+    /// One configuration per fleet. Every replica announces its settings
+    /// when it starts. Settings that differ from this replica's, read before
+    /// any sign that the log was learned under its own (a checkpoint, or a
+    /// settings record equal to its own), are the fleet's: this replica is
+    /// the odd one and stops, naming each setting that differs. Read after
+    /// such a sign, they are a newcomer's, which stops by the same rule.
+    fn compare_settings(&mut self, offset: i64, r: &SettingsRecord) -> anyhow::Result<()> {
+        if r.fingerprint == self.model.fingerprint() {
+            self.settings_agreed = true;
+            return Ok(());
+        }
+        let differences = settings_diff(self.model.settings(), &r.settings).join("; ");
+        if !self.settings_agreed {
+            anyhow::bail!(
+                "this replica's model settings differ from the fleet's (as replica {} announced them at update-log \
+                 offset {offset}): {differences}. Give every replica of a fleet the same model settings; to change \
+                 them, start a new fleet (a new update log, and no checkpoints).",
+                r.producer
+            );
+        }
+        warn!(producer = %r.producer, offset, differences, "a replica started with other model settings; it will stop");
         Ok(())
     }
 

@@ -113,7 +113,69 @@ pub struct Model {
     params: Vec<ParamSpec>,
     arch: Arch,
     featurizer: Featurizer,
+    settings: Settings,
     fingerprint: u64,
+}
+
+/// The named settings that decide what a weight and a gradient record mean
+/// and what applying one does: setting -> value as text. The fingerprint is
+/// their hash, so the two cannot disagree, and a replica can say which
+/// setting differs from another's.
+pub type Settings = std::collections::BTreeMap<String, String>;
+
+/// Everything that changes the meaning of a weight or of a gradient record,
+/// or what applying one does (the optimizer and all its settings), or the
+/// weights a replica starts from (the seed); a TorchScript module's own
+/// code counts too, as the hash of its file.
+fn settings_of(config: &ModelConfig, params: &[ParamSpec], script: Option<&[u8]>) -> Settings {
+    let c = config;
+    let layout: Vec<String> = params.iter().map(|p| format!("{}:{}x{}", p.name, p.rows, p.cols)).collect();
+    let mut settings: Settings = [
+        ("model.kind", format!("{:?}", c.kind)),
+        ("model.loss", format!("{:?}", c.loss)),
+        ("model.dense_dim", c.dense_dim.to_string()),
+        ("model.sparse_fields", format!("{:?}", c.sparse_fields)),
+        ("model.buckets", c.buckets.to_string()),
+        ("model.optimizer", format!("{:?}", c.optimizer())),
+        ("model.learning_rate", c.step_size().to_string()),
+        ("model.ftrl_beta", c.ftrl_beta.to_string()),
+        ("model.l1", c.l1.to_string()),
+        ("model.l2", c.l2.to_string()),
+        ("model.max_grad_norm", c.max_grad_norm.to_string()),
+        ("model.staleness_scaling", format!("{:?}", c.staleness_scaling)),
+        ("model.seed", c.seed.to_string()),
+        ("parameters", layout.join(";")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    if let Some(bytes) = script {
+        settings.insert("torchscript module (blake3)".into(), blake3::hash(bytes).to_hex().to_string());
+    }
+    settings
+}
+
+fn fingerprint_of(settings: &Settings) -> u64 {
+    let mut h = blake3::Hasher::new();
+    for (name, value) in settings {
+        h.update(format!("{name}={value}\n").as_bytes());
+    }
+    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+/// The settings that differ between `ours` and `theirs`, one line each:
+/// `name: ours here, theirs there` (a setting only one side has shows as
+/// `(none)` on the other).
+pub fn settings_diff(ours: &Settings, theirs: &Settings) -> Vec<String> {
+    let none = String::from("(none)");
+    let names: std::collections::BTreeSet<&String> = ours.keys().chain(theirs.keys()).collect();
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let (a, b) = (ours.get(name).unwrap_or(&none), theirs.get(name).unwrap_or(&none));
+            (a != b).then(|| format!("{name}: {a} here, {b} in the fleet"))
+        })
+        .collect()
 }
 
 impl Model {
@@ -147,26 +209,13 @@ impl Model {
                 Arch::Script(Arc::new(script))
             }
         };
-        // Everything that changes the meaning of a weight or of a gradient
-        // record, or what applying one does, goes into the fingerprint; records of another model are
-        // rejected rather than misapplied. A TorchScript module's own code
-        // counts too: its file.
-        let mut h = blake3::Hasher::new();
-        h.update(
-            format!("{:?}|{:?}|{:?}|{}", config.kind, config.loss, config.sparse_fields, config.buckets).as_bytes(),
-        );
-        // What applying a record does: the optimizer and its settings.
-        let c = config;
-        let step = (c.optimizer(), c.step_size(), c.ftrl_beta, c.l1, c.l2, c.max_grad_norm, c.staleness_scaling);
-        h.update(format!("|{step:?}").as_bytes());
-        for p in &params {
-            h.update(format!("{}:{}x{};", p.name, p.rows, p.cols).as_bytes());
-        }
-        if let Arch::Script(script) = &arch {
-            h.update(&script.bytes);
-        }
-        let fingerprint = u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"));
-        Ok(Model { featurizer: Featurizer::new(config), config: config.clone(), params, arch, fingerprint })
+        let script = match &arch {
+            Arch::Script(script) => Some(script.bytes.as_slice()),
+            _ => None,
+        };
+        let settings = settings_of(config, &params, script);
+        let fingerprint = fingerprint_of(&settings);
+        Ok(Model { featurizer: Featurizer::new(config), config: config.clone(), params, arch, settings, fingerprint })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -178,6 +227,11 @@ impl Model {
     pub fn featurizer(&self) -> &Featurizer {
         &self.featurizer
     }
+    /// The settings the fingerprint is made of.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
     /// Identifies the structure: equal fingerprints, interchangeable weights.
     pub fn fingerprint(&self) -> u64 {
         self.fingerprint

@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use self::optim::{Optimizer, Touch};
 use crate::config::StalenessScaling;
 use crate::model::{Buffers, GradTensor, GradValues, Model, ParamSpec};
-use crate::update_log::record::{EventRange, EventsSince, GradientRecord, Record, RollbackRecord};
+use crate::update_log::record::{EventRange, EventsSince, GradientRecord, Record, RollbackRecord, SettingsRecord};
 
 /// Everything a replica learned: identical on every replica at the same position.
 #[derive(Clone, Debug, PartialEq)]
@@ -103,6 +103,9 @@ pub enum Outcome {
     RollBack(RollbackRecord),
     /// A rollback not taken, and why.
     RollbackRejected(RollbackRecord, Reject),
+    /// A replica's model settings, announced when it started: the state
+    /// does not change; the applier compares them with its own.
+    Settings(SettingsRecord),
 }
 
 impl ReplicaState {
@@ -133,6 +136,7 @@ impl ReplicaState {
         self.position = offset + 1;
         let outcome = match Record::decode(bytes) {
             Err(_) => Outcome::Rejected(None, Reject::Malformed),
+            Ok(Record::Settings(r)) => Outcome::Settings(r),
             Ok(Record::Rollback(r)) => match self.check_rollback(model, offset, &r) {
                 Ok(()) => Outcome::RollBack(r),
                 Err(reason) => Outcome::RollbackRejected(r, reason),
@@ -157,6 +161,7 @@ impl ReplicaState {
         match outcome {
             Outcome::Applied(_) | Outcome::RollBack(_) => self.records_applied += 1,
             Outcome::Rejected(..) | Outcome::RollbackRejected(..) => self.records_rejected += 1,
+            Outcome::Settings(_) => {}
         }
         outcome
     }
@@ -308,7 +313,7 @@ mod tests {
         let (model, mut s) = setup();
         let outcome = |s: &mut ReplicaState, offset, bytes: Vec<u8>| match s.apply(&model, offset, &bytes, &mut NoTouch)
         {
-            Outcome::Applied(_) | Outcome::RollBack(_) => None,
+            Outcome::Applied(_) | Outcome::RollBack(_) | Outcome::Settings(_) => None,
             Outcome::Rejected(_, why) | Outcome::RollbackRejected(_, why) => Some(why),
         };
         assert_eq!(outcome(&mut s, 0, record(&model, 0, 0, 10, 0.1)), None);

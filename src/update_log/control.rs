@@ -1,5 +1,5 @@
-//! Appending control records (rollbacks) to the update log: from the admin
-//! API and from the divergence guard. Same producer settings as gradient
+//! Appending control records to the update log: rollbacks (from the admin
+//! API and the divergence guard), and a replica's settings when it starts. Same producer settings as gradient
 //! records: acknowledged by all in-sync replicas, one record per batch.
 
 use std::time::Duration;
@@ -7,7 +7,7 @@ use std::time::Duration;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::kafka;
-use super::record::{Record, RollbackRecord};
+use super::record::{Record, RollbackRecord, SettingsRecord};
 
 #[derive(Clone)]
 pub struct ControlLog {
@@ -23,7 +23,16 @@ impl ControlLog {
 
     /// Appends `r`; the offset it landed at. Any executor can drive this.
     pub async fn append(&self, r: RollbackRecord) -> anyhow::Result<i64> {
-        let bytes = Record::Rollback(r).encode();
+        self.append_record(Record::Rollback(r)).await
+    }
+
+    /// Appends a replica's settings; the offset they landed at.
+    pub async fn announce(&self, r: SettingsRecord) -> anyhow::Result<i64> {
+        self.append_record(Record::Settings(r)).await
+    }
+
+    async fn append_record(&self, r: Record) -> anyhow::Result<i64> {
+        let bytes = r.encode();
         let record: FutureRecord<'_, (), [u8]> = FutureRecord::to(&self.topic).payload(&bytes);
         let delivery =
             self.producer.send_result(record).map_err(|(e, _)| anyhow::anyhow!("cannot queue the record: {e}"))?;

@@ -15,6 +15,9 @@
 //! rollback body (a control record, DESIGN.md section 4):
 //!   fingerprint u64 | to i64 | seen i64 | events u8 (0 relearn, 1 skip)
 //!   reason: len u16, utf-8 | producer: len u16, utf-8
+//! settings body (a control record: a replica's model settings, at start):
+//!   fingerprint u64 | producer: len u16, utf-8
+//!   count u16, then per setting: name (len u16, utf-8), value (len u16, utf-8)
 //! ```
 //! One record carries the events a trainer took from all its partitions
 //! since its previous record (version 2; version 1 had one partition per
@@ -31,6 +34,7 @@ const MAGIC: &[u8; 4] = b"TRBU";
 const VERSION: u8 = 2;
 const KIND_GRADIENT: u8 = 1;
 const KIND_ROLLBACK: u8 = 2;
+const KIND_SETTINGS: u8 = 3;
 
 /// The events `[from, to)` of one `events` partition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -104,10 +108,21 @@ pub struct RollbackRecord {
     pub producer: String,
 }
 
+/// "These are my model's settings", appended by every replica when it
+/// starts: the first one in the log that differs from a replica's own tells
+/// it which setting its configuration gets wrong.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SettingsRecord {
+    pub fingerprint: u64,
+    pub producer: String,
+    pub settings: crate::model::Settings,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Record {
     Gradient(GradientRecord),
     Rollback(RollbackRecord),
+    Settings(SettingsRecord),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -174,6 +189,20 @@ impl Record {
     pub fn encode(&self) -> Vec<u8> {
         let r = match self {
             Record::Gradient(r) => r,
+            Record::Settings(r) => {
+                let mut out = Vec::new();
+                out.extend_from_slice(MAGIC);
+                out.extend_from_slice(&[VERSION, KIND_SETTINGS]);
+                out.extend_from_slice(&r.fingerprint.to_le_bytes());
+                put_str(&mut out, &r.producer);
+                let settings: Vec<_> = r.settings.iter().take(u16::MAX as usize).collect();
+                out.extend_from_slice(&(settings.len() as u16).to_le_bytes());
+                for (name, value) in settings {
+                    put_str(&mut out, name);
+                    put_str(&mut out, value);
+                }
+                return out;
+            }
             Record::Rollback(r) => {
                 let mut out = Vec::with_capacity(40 + r.reason.len() + r.producer.len());
                 out.extend_from_slice(MAGIC);
@@ -251,6 +280,7 @@ impl Record {
         let record = match r.u8()? {
             KIND_GRADIENT => Record::Gradient(decode_gradient(&mut r)?),
             KIND_ROLLBACK => Record::Rollback(decode_rollback(&mut r)?),
+            KIND_SETTINGS => Record::Settings(decode_settings(&mut r)?),
             k => return Err(DecodeError::Kind(k)),
         };
         if r.at != bytes.len() {
@@ -270,6 +300,17 @@ fn decode_rollback(r: &mut Reader) -> Result<RollbackRecord, DecodeError> {
     };
     let (reason, producer) = (r.string()?, r.string()?);
     Ok(RollbackRecord { fingerprint, to, seen, events, reason, producer })
+}
+
+fn decode_settings(r: &mut Reader) -> Result<SettingsRecord, DecodeError> {
+    let fingerprint = r.u64()?;
+    let producer = r.string()?;
+    let mut settings = crate::model::Settings::new();
+    for _ in 0..r.u16()? {
+        let name = r.string()?;
+        settings.insert(name, r.string()?);
+    }
+    Ok(SettingsRecord { fingerprint, producer, settings })
 }
 
 fn decode_gradient(r: &mut Reader) -> Result<GradientRecord, DecodeError> {
@@ -381,8 +422,18 @@ mod tests {
         })
     }
 
+    fn settings() -> Record {
+        let settings = [("model.kind", "Logistic"), ("model.learning_rate", "0.3")];
+        Record::Settings(SettingsRecord {
+            fingerprint: 9,
+            producer: "replica-2".into(),
+            settings: settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        })
+    }
+
     #[test]
     fn round_trips() {
+        assert_eq!(Record::decode(&settings().encode()).unwrap(), settings());
         let r = sample();
         let back = Record::decode(&r.encode()).unwrap();
         // NaN != NaN: compare the bytes of the re-encoding instead.
@@ -392,9 +443,10 @@ mod tests {
 
     #[test]
     fn every_truncation_and_corruption_is_an_error_not_a_panic() {
-        let bytes = rollback().encode();
-        for cut in 0..bytes.len() {
-            assert!(Record::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        for bytes in [rollback().encode(), settings().encode()] {
+            for cut in 0..bytes.len() {
+                assert!(Record::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+            }
         }
         let bytes = sample().encode();
         for cut in 0..bytes.len() {

@@ -338,3 +338,26 @@ fn recreate_events_topic(cluster: &Cluster) {
     });
     wait_for("the events topic to be created again", LEARN_LIMIT, || runtime.block_on(kafka::ensure_topics(k)).ok());
 }
+
+#[test]
+fn a_replica_with_another_learning_rate_refuses_to_join_and_names_it() {
+    let mut cluster = Cluster::new("settings", ModelKind::Logistic);
+    let steady = cluster.spawn("r0");
+    steady.wait_ready();
+    cluster.produce(500, 1);
+    steady.wait_learned(500, LEARN_LIMIT);
+    let fleet_rate = Model::new(&cluster.config.model).unwrap().settings()["model.learning_rate"].clone();
+    cluster.config.model.learning_rate = Some(0.1);
+    let mut odd = cluster.spawn("r1");
+    let status = odd.wait_exit(LEARN_LIMIT).unwrap_or_else(|e| panic!("{e}\n{}", odd.log_tail(20)));
+    assert!(!status.success(), "{status}");
+    let said = std::fs::read_to_string(&odd.log).unwrap();
+    let named = format!("model.learning_rate: 0.1 here, {fleet_rate} in the fleet");
+    assert!(said.contains(&named), "{named:?} not in\n{}", odd.log_tail(20));
+    // The fleet goes on, every event once, and it said who was configured otherwise.
+    cluster.produce(500, 2);
+    let info = steady.wait_learned(1000, LEARN_LIMIT);
+    assert_eq!(watermark_sum(&info), 1000, "{info}");
+    let said = std::fs::read_to_string(&steady.log).unwrap();
+    assert!(said.contains("a replica started with other model settings"), "{}", steady.log_tail(20));
+}
