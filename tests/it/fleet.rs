@@ -91,7 +91,8 @@ fn zombie_records_for_the_same_range_are_applied_once_everywhere() {
     }
     let infos: Vec<_> = replicas.iter().map(|r| r.wait_learned(20, LEARN_LIMIT)).collect();
     for (r, info) in replicas.iter().zip(&infos) {
-        assert_eq!(info["model_version"], 4, "{info}");
+        // Each replica's settings record (at start-up), then the four above.
+        assert_eq!(info["model_version"], 6, "{info}");
         assert_eq!(watermarks(info)["3"], 20);
         let m = r.metrics();
         assert_eq!(m.value("tributary_records_applied_total", ""), 2.0, "{}", r.id);
@@ -119,9 +120,13 @@ fn restart_from_checkpoint_and_replay_matches_a_replica_that_never_stopped() {
     cluster.produce(3000, 2);
     steady.wait_learned(6000, LEARN_LIMIT);
     restarted.start();
-    let a = steady.wait_learned(6000, LEARN_LIMIT);
-    let b = restarted.wait_learned(6000, LEARN_LIMIT);
-    assert_eq!(a["model_version"], b["model_version"]);
+    restarted.wait_learned(6000, LEARN_LIMIT);
+    // The restart appended its settings record: both read it, then agree.
+    let (a, b) = wait_for("both replicas at the same version", LEARN_LIMIT, || {
+        let (a, b) = (steady.info()?, restarted.info()?);
+        (a["model_version"] == b["model_version"]).then_some((a, b))
+    });
+    assert_eq!(a["examples_learned"], 6000);
     assert_eq!(a["weights_digest"], b["weights_digest"]);
     let log = std::fs::read_to_string(&restarted.log).unwrap();
     assert!(log.contains("restored checkpoint"), "the restart should load a checkpoint, not replay from zero");
@@ -300,7 +305,8 @@ fn a_checkpoint_ahead_of_the_update_log_is_refused_with_a_clear_error() {
     let status = second.wait_exit(Duration::from_secs(60)).unwrap();
     assert!(!status.success());
     let log = std::fs::read_to_string(&second.log).unwrap();
-    assert!(log.contains("but that log ends at 0"), "{log}");
+    // It announced its settings first, so the new log ends at 1.
+    assert!(log.contains("but that log ends at 1"), "{log}");
 }
 
 #[test]
