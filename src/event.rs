@@ -266,3 +266,49 @@ mod tests {
         assert_eq!(f.event(huge.as_bytes()).unwrap_err(), SchemaError::EventTooLarge(huge.len()));
     }
 }
+
+/// Arbitrary input never panics the parser (issue 15, item 5): whatever
+/// bytes a producer writes, an event is parsed or refused with a reason.
+/// `PROPTEST_CASES` makes a longer run (the note of issue 15 says how many).
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::config::{ModelConfig, ModelKind};
+
+    fn featurizer() -> Featurizer {
+        Featurizer::new(&ModelConfig { dense_dim: 2, ..ModelConfig::small(ModelKind::WideDeep) })
+    }
+
+    /// JSON-shaped text: the parser's interesting inputs are near-events.
+    fn near_event() -> impl Strategy<Value = String> {
+        let value = prop_oneof![
+            Just("1".to_string()),
+            Just("-1e309".to_string()),
+            Just("null".to_string()),
+            "[0-9.eE+-]{0,12}",
+            "\"[a-z\\\\u0-9]{0,8}\"",
+            Just("[1,2]".to_string()),
+            Just("[[1],{}]".to_string()),
+            Just("{\"a\":[\"x\",7]}".to_string()),
+        ];
+        let key = prop_oneof![Just("dense"), Just("sparse"), Just("label"), Just("ts"), Just("weight"), Just("a")];
+        proptest::collection::vec((key, value), 0..6).prop_map(|fields| {
+            let body: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+            format!("{{{}}}", body.join(","))
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_are_parsed_or_refused(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = featurizer().event(&bytes);
+        }
+
+        #[test]
+        fn near_events_are_parsed_or_refused(text in near_event()) {
+            let _ = featurizer().event(text.as_bytes());
+        }
+    }
+}

@@ -190,8 +190,10 @@ fn decode(model: &Model, bytes: &[u8], location: &str) -> Result<ReplicaState, C
     if blake3::hash(body).as_bytes() != sum || !body.starts_with(MAGIC) {
         return Err(corrupt());
     }
-    if body[4] != VERSION {
-        return Err(CheckpointError::Version { location: location.into(), version: body[4] });
+    match body.get(4) {
+        Some(&VERSION) => {}
+        Some(&version) => return Err(CheckpointError::Version { location: location.into(), version }),
+        None => return Err(corrupt()),
     }
     let mut at = 5;
     let mut take = |n: usize| -> Result<&[u8], CheckpointError> {
@@ -322,5 +324,65 @@ pub(crate) mod tests {
         let hourly = retained(&listed, 2, Some(std::time::Duration::from_secs(3600)));
         // The newest two, then the newest of hours 2, 1 and 0.
         assert_eq!(hourly, [true, true, true, false, true, true]);
+    }
+}
+
+/// Checkpoint bytes that pass the checksum but not the format never panic
+/// the decoder (issue 15, item 5). The checksum stops random corruption, so
+/// these inputs carry a valid one: what a buggy or hostile writer could make.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::config::{ModelConfig, ModelKind};
+
+    fn with_checksum(mut body: Vec<u8>) -> Vec<u8> {
+        let sum = blake3::hash(&body);
+        body.extend_from_slice(sum.as_bytes());
+        body
+    }
+
+    fn model() -> Model {
+        Model::new(&ModelConfig::small(ModelKind::Logistic)).expect("a built-in model")
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bodies_with_a_valid_checksum_decode_or_fail(
+            tail in proptest::collection::vec(any::<u8>(), 0..2048),
+            header in any::<bool>(),
+        ) {
+            let model = model();
+            let mut body = if header { MAGIC.to_vec() } else { Vec::new() };
+            if header {
+                body.push(VERSION);
+                body.extend_from_slice(&model.fingerprint().to_le_bytes());
+            }
+            body.extend_from_slice(&tail);
+            let _ = decode(&model, &with_checksum(body), "fuzz");
+        }
+
+        #[test]
+        fn a_mutated_checkpoint_with_a_valid_checksum_decodes_or_fails(
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let model = model();
+            let encoded = encode(&model, &ReplicaState::initial(&model));
+            let mut body = encoded[..encoded.len() - 32].to_vec();
+            for (at, value) in edits {
+                let i = at.index(body.len());
+                body[i] = value;
+            }
+            body.truncate(cut.index(body.len() + 1));
+            let _ = decode(&model, &with_checksum(body), "fuzz");
+        }
+    }
+
+    #[test]
+    fn a_body_of_the_magic_alone_is_corrupt_not_a_panic() {
+        let model = model();
+        assert!(matches!(decode(&model, &with_checksum(MAGIC.to_vec()), "x"), Err(CheckpointError::Corrupt(_))));
     }
 }

@@ -463,3 +463,74 @@ mod tests {
         assert_eq!(Record::decode(b"junk"), Err(DecodeError::Magic));
     }
 }
+
+/// Arbitrary bytes never panic the decoder, nor make it allocate beyond
+/// what the bytes can hold (issue 15, item 5).
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn valid() -> Vec<Vec<u8>> {
+        let gradient = Record::Gradient(GradientRecord {
+            fingerprint: 1,
+            ranges: vec![EventRange { partition: 0, from: 0, to: 3 }, EventRange { partition: 2, from: 5, to: 9 }],
+            base: 4,
+            examples: 7,
+            skipped: 0,
+            loss_sum: 2.5,
+            oldest_ts: 0,
+            producer: "p".into(),
+            gradient: vec![
+                GradTensor { param: 0, values: GradValues::Dense(vec![0.5; 4]) },
+                GradTensor { param: 1, values: GradValues::Rows { ids: vec![1, 3], values: vec![0.25; 4] } },
+            ],
+        });
+        let rollback = Record::Rollback(RollbackRecord {
+            fingerprint: 1,
+            to: 2,
+            seen: 3,
+            events: EventsSince::Relearn,
+            reason: "r".into(),
+            producer: "p".into(),
+        });
+        let settings = Record::Settings(SettingsRecord {
+            fingerprint: 1,
+            producer: "p".into(),
+            settings: [("a".to_string(), "b".to_string())].into_iter().collect(),
+        });
+        vec![gradient.encode(), rollback.encode(), settings.encode()]
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_decode_or_fail(bytes in proptest::collection::vec(any::<u8>(), 0..1024)) {
+            let _ = Record::decode(&bytes);
+        }
+
+        #[test]
+        fn a_valid_header_with_arbitrary_bytes_after_decodes_or_fails(
+            kind in 0u8..5,
+            body in proptest::collection::vec(any::<u8>(), 0..1024),
+        ) {
+            let mut bytes = MAGIC.to_vec();
+            bytes.extend_from_slice(&[VERSION, kind]);
+            bytes.extend_from_slice(&body);
+            let _ = Record::decode(&bytes);
+        }
+
+        #[test]
+        fn mutated_valid_records_decode_or_fail(
+            which in 0usize..3,
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        ) {
+            let mut bytes = valid()[which].clone();
+            for (at, value) in edits {
+                let i = at.index(bytes.len());
+                bytes[i] = value;
+            }
+            let _ = Record::decode(&bytes);
+        }
+    }
+}
