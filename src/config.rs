@@ -165,6 +165,10 @@ pub struct KafkaConfig {
     pub session_timeout_ms: u32,
 }
 
+/// The largest update-log record tributary supports: the `updates` topic's
+/// `max.message.bytes` as it creates it, and its clients' limits.
+pub const MAX_RECORD_BYTES: usize = 64 << 20;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
@@ -184,6 +188,11 @@ pub struct TrainConfig {
     pub max_unseen_records: u64,
     /// How often committed consumer offsets catch up with applied watermarks.
     pub commit_interval_ms: u64,
+    /// Largest gradient record the trainer sends, in bytes: at most the
+    /// `updates` topic's `max.message.bytes` (64 MiB as tributary creates
+    /// it). A batch whose record would be larger is learned again in
+    /// smaller batches; one event too large alone is skipped, and said.
+    pub max_record_bytes: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -289,6 +298,7 @@ impl Default for Config {
             train: TrainConfig {
                 enabled: true,
                 batch_size: 1024,
+                max_record_bytes: MAX_RECORD_BYTES,
                 max_in_flight: 1,
                 max_unseen_records: 0,
                 commit_interval_ms: 1000,
@@ -424,6 +434,10 @@ impl Config {
         }
         if self.train.batch_size == 0 || self.train.max_in_flight == 0 {
             return bad("train.batch_size and train.max_in_flight must be positive");
+        }
+        let most = MAX_RECORD_BYTES;
+        if !(1024..=most).contains(&self.train.max_record_bytes) {
+            return bad(&format!("train.max_record_bytes must be between 1024 and {most}"));
         }
         if self.kafka.events_partitions < 1 {
             return bad("kafka.events_partitions must be at least 1");

@@ -30,6 +30,7 @@ pub struct Metrics {
     /// Where a trainer's record cycle goes, by stage (see `train::Stage`).
     pub trainer_stage: HistogramVec,
     pub records_applied: IntCounter,
+    pub records_too_large: IntCounter,
     pub records_rejected: IntCounterVec,
     pub consumer_lag: IntGaugeVec,
     pub events_below_watermark: IntCounter,
@@ -119,6 +120,11 @@ impl Metrics {
                 &["stage"]
             )),
             records_applied: reg!(IntCounter::new("records_applied_total", "Update-log records applied")),
+            records_too_large: reg!(IntCounter::new(
+                "records_too_large_total",
+                "Gradient records over train.max_record_bytes or the broker's limit: their events are learned again \
+                 in smaller batches (one event alone that large is skipped)"
+            )),
             records_rejected: reg!(IntCounterVec::new(
                 Opts::new("records_rejected_total", "Update-log records rejected, by reason"),
                 &["reason"]

@@ -159,9 +159,11 @@ impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = Box<u64>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, seq: Self::DeliveryOpaque) {
-        if let Err((e, _)) = result {
-            warn!(record = *seq, error = %e, "gradient record not delivered");
-            self.failures.lock().expect("failures lock").push(*seq);
+        if let Err((e, message)) = result {
+            let bytes = rdkafka::message::Message::payload(message).map_or(0, <[u8]>::len);
+            let too_large = e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge);
+            warn!(record = *seq, bytes, error = %e, "gradient record not delivered");
+            self.failures.lock().expect("failures lock").push(super::DeliveryFailure { seq: *seq, too_large });
         }
     }
 }

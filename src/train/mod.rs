@@ -39,7 +39,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 pub use context::{Rebalanced, TrainerContext};
 
@@ -210,9 +210,16 @@ impl Stage {
     }
 }
 
-/// A record produce failure, reported by the producer's delivery callback:
-/// the record's sequence number.
-pub type DeliveryFailures = Arc<Mutex<Vec<u64>>>;
+/// A record the producer could not deliver, from its delivery callback.
+#[derive(Debug, Clone, Copy)]
+pub struct DeliveryFailure {
+    /// The trainer's sequence number of the record.
+    pub seq: u64,
+    /// The broker refused it as larger than the topic's `max.message.bytes`.
+    pub too_large: bool,
+}
+
+pub type DeliveryFailures = Arc<Mutex<Vec<DeliveryFailure>>>;
 
 pub struct Trainer {
     model: Arc<Model>,
@@ -245,6 +252,10 @@ pub struct Trainer {
     /// The served version that includes the trainer's last applied record;
     /// the next gradient is computed at it or later.
     see_from: i64,
+    /// Most events in the next batch: `batch_size`, halved while records
+    /// come out larger than `max_record_bytes` (or the broker's limit),
+    /// doubled back while they are small.
+    batch_limit: usize,
 }
 
 impl Trainer {
@@ -312,6 +323,7 @@ impl Trainer {
             see_from: 0,
             retired_at: None,
             served_at: None,
+            batch_limit: config.train.batch_size,
         })
     }
 
@@ -488,7 +500,7 @@ impl Trainer {
                 self.observe(Stage::Starved, served);
             }
             let started = Instant::now();
-            let batch = merge_by_event_time(&mut self.partitions, self.config.batch_size);
+            let batch = merge_by_event_time(&mut self.partitions, self.batch_limit);
             self.observe(Stage::Merge, started);
             if !self.send(batch) {
                 // Its events left the read-ahead: read them again.
@@ -546,7 +558,8 @@ impl Trainer {
     }
 
     /// Sends `batch` as one gradient record; false if the producer's queue
-    /// refuses it.
+    /// refuses it, or if the record would be too large (then the batch limit
+    /// is halved, and its events are read again into smaller batches).
     fn send(&mut self, batch: Batch) -> bool {
         let started = Instant::now();
         let (base, gradient, examples, skipped) = self.gradient(&batch);
@@ -561,7 +574,31 @@ impl Trainer {
             oldest_ts: batch.oldest_ts,
             producer: self.replica_id.clone(),
         };
-        let bytes = Record::Gradient(GradientRecord::new(meta, gradient)).encode();
+        let mut bytes = Record::Gradient(GradientRecord::new(meta.clone(), gradient)).encode();
+        let limit = self.config.max_record_bytes;
+        if bytes.len() > limit {
+            self.metrics.records_too_large.inc();
+            let events = batch.examples.len() + batch.skipped as usize;
+            if events > 1 {
+                self.batch_limit = (events / 2).max(1);
+                warn!(
+                    bytes = bytes.len(),
+                    limit,
+                    events,
+                    batch_limit = self.batch_limit,
+                    "gradient record over the size limit: learning these events in smaller batches"
+                );
+                return false;
+            }
+            // One event whose gradient alone is too large cannot be learned:
+            // it is skipped, and said, rather than tried again for ever.
+            error!(ranges = ?batch.ranges, bytes = bytes.len(), limit,
+                "one event's gradient record is over the size limit: the event is skipped");
+            let skipped_alone = RecordMeta { examples: 0, skipped: skipped + examples, ..meta };
+            bytes = Record::Gradient(GradientRecord::new(skipped_alone, Gradient::default())).encode();
+        } else if bytes.len() * 2 < limit {
+            self.batch_limit = (self.batch_limit * 2).min(self.config.batch_size);
+        }
         let seq = self.next_seq;
         // Keyed by the trainer: `updates` has one partition, the key is for people.
         let record = BaseRecord::with_opaque_to(&self.updates_topic, Box::new(seq))
@@ -611,7 +648,13 @@ impl Trainer {
             self.see_from = position;
             self.retired_at = Some(Instant::now());
         }
-        let lost = self.in_flight.iter().any(|r| failed.contains(&r.seq) || rejected.contains(&r.ranges));
+        if failed.iter().any(|f| f.too_large) {
+            self.metrics.records_too_large.inc();
+            self.batch_limit = (self.batch_limit / 2).max(1);
+            warn!(batch_limit = self.batch_limit, "the broker refused a gradient record as too large: smaller batches");
+        }
+        let lost =
+            (self.in_flight.iter()).any(|r| failed.iter().any(|f| f.seq == r.seq) || rejected.contains(&r.ranges));
         let stale = self.in_flight.front().is_some_and(|r| r.sent.elapsed() > Duration::from_secs(30));
         // Our view is consistent iff each partition's next range continues
         // its watermark, directly or through records still in flight.

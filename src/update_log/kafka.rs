@@ -12,7 +12,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use crate::config::KafkaConfig;
 
 /// Gradient records of a large model are big; the broker default (1 MB) is not.
-pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+pub const MAX_MESSAGE_BYTES: usize = crate::config::MAX_RECORD_BYTES;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TopicError {

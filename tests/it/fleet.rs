@@ -367,3 +367,18 @@ fn a_replica_with_another_learning_rate_refuses_to_join_and_names_it() {
     let said = std::fs::read_to_string(&steady.log).unwrap();
     assert!(said.contains("a replica started with other model settings"), "{}", steady.log_tail(20));
 }
+
+#[test]
+fn records_over_the_size_limit_are_learned_in_smaller_batches() {
+    let mut cluster = Cluster::new("record_limit", ModelKind::WideDeep);
+    // A batch of 64 events makes a record of about 14 KB (the dense layers'
+    // gradient and a few hundred embedding rows); 4 KB holds a handful.
+    cluster.config.train.max_record_bytes = 4096;
+    let replica = cluster.spawn("r0");
+    replica.wait_ready();
+    cluster.produce(1500, 1);
+    let info = replica.wait_learned(1500, LEARN_LIMIT);
+    assert_eq!(watermark_sum(&info), 1500, "{info}");
+    assert_eq!(info["examples_skipped"], 0, "{info}");
+    assert!(replica.metrics().value("tributary_records_too_large_total", "") >= 1.0);
+}
