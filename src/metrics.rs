@@ -44,6 +44,7 @@ pub struct Metrics {
     pub checkpoint_age: Gauge,
     pub progressive_logloss: Gauge,
     pub ready: IntGauge,
+    pub update_log_stalled: IntGauge,
     pub rollbacks: IntCounterVec,
     pub divergences: IntCounter,
     pub admin_denied: IntCounter,
@@ -178,6 +179,11 @@ impl Metrics {
                 "Mean progressive loss over every learned example"
             )),
             ready: reg!(IntGauge::new("ready", "1 when caught up with the update log and serving")),
+            update_log_stalled: reg!(IntGauge::new(
+                "update_log_stalled",
+                "1 when this replica stopped applying because the update log no longer continues its position \
+                 (records deleted below it, or a gap): it serves its last weights, not ready"
+            )),
             rollbacks: reg!(IntCounterVec::new(
                 Opts::new(
                     "rollbacks_total",

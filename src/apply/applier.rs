@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::rollback::{self, Guard, LogSource, Spike};
 use super::staleness::StalenessMeter;
@@ -147,6 +147,10 @@ pub struct Applier {
     /// settings: restored from a checkpoint (which carries the same
     /// fingerprint), or a settings record equal to its own was read.
     settings_agreed: bool,
+    /// Why this replica stopped applying: the log no longer continues its
+    /// position (records deleted below it, or a gap). It serves on, not
+    /// ready, and says why.
+    stalled: Option<String>,
 }
 
 impl Applier {
@@ -179,6 +183,7 @@ impl Applier {
             publisher: Publisher::new(model.clone(), &state),
             staleness: StalenessMeter::starting_at(state.position, state.examples_learned),
             settings_agreed: state.position > 0,
+            stalled: None,
             last_saved: (Instant::now(), state.position),
             model,
             state,
@@ -230,6 +235,14 @@ impl Applier {
     pub fn run(mut self) -> anyhow::Result<()> {
         self.start_reading()?;
         while !self.drain.reached(self.state.position) {
+            if self.stalled.is_some() {
+                // Serving goes on with the last weights; nothing to apply.
+                if self.drain.is_requested() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
             let drained = self.drain_log()?;
             if drained.records > 0 {
                 self.report_progress(drained.own_rejections);
@@ -267,6 +280,18 @@ impl Applier {
                 Ok(m) => m,
                 // The broker away: librdkafka reconnects by itself, and
                 // serving goes on with the last weights meanwhile.
+                Err(e) if is_position_gone(&e) => {
+                    let start = kafka::log_start(&self.consumer, &self.updates_topic);
+                    self.stall(format!(
+                        "the update log no longer holds this replica's position {} (it starts at {}): its records \
+                         were deleted (retention, or trimmed after newer checkpoints). Give this replica a \
+                         checkpoint at or after the log's start (a shared store, or a peer's), or start it afresh \
+                         with an empty store if the log still begins at 0",
+                        self.state.position,
+                        start.map_or("an unknown offset".to_string(), |s| s.to_string()),
+                    ));
+                    break;
+                }
                 Err(e) => {
                     if self.last_read_error.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
                         warn!(error = %e, "cannot read the update log; serving the last weights, retrying");
@@ -275,8 +300,16 @@ impl Applier {
                     break;
                 }
             };
-            drained.records += 1;
             let offset = message.offset();
+            if offset != self.state.position {
+                self.stall(format!(
+                    "the update log jumps from this replica's position {} to offset {offset}: the records in \
+                     between are gone, and applying on would fork this replica's state from the fleet's",
+                    self.state.position
+                ));
+                break;
+            }
+            drained.records += 1;
             let outcome = self.state.apply(&self.model, offset, message.payload().unwrap_or(&[]), &mut self.publisher);
             let took_rollback = matches!(outcome, Outcome::RollBack(_));
             self.record_outcome(offset, outcome, &mut drained)?;
@@ -289,6 +322,16 @@ impl Applier {
             next = self.consumer.poll(Duration::ZERO);
         }
         Ok(drained)
+    }
+
+    /// Stops applying for `reason`: not ready, counted, logged. The state
+    /// stays as it is (whole, at its position) and is served.
+    fn stall(&mut self, reason: String) {
+        error!(position = self.state.position, "{reason}");
+        self.metrics.update_log_stalled.set(1);
+        self.ready.store(false, Ordering::Release);
+        self.metrics.ready.set(0);
+        self.stalled = Some(reason);
     }
 
     /// Metrics, logs and the trainer's notes for one record's outcome; takes
@@ -424,7 +467,7 @@ impl Applier {
                 self.start_end = Some(fetched);
             }
         }
-        let caught_up = self.start_end.is_some_and(|end| self.state.position >= end);
+        let caught_up = self.start_end.is_some_and(|end| self.state.position >= end) && self.stalled.is_none();
         if !self.ready.load(Ordering::Relaxed) && caught_up && !self.publisher.is_behind(&self.state) {
             info!(position = self.state.position, "caught up with the update log: ready");
             self.ready.store(true, Ordering::Release);
@@ -561,6 +604,13 @@ pub fn last_good(store: &dyn Store, last_healthy: i64) -> i64 {
             last_healthy
         }
     }
+}
+
+/// Whether a read error says the position is not in the log any more
+/// (`auto.offset.reset` is `error` on the log reader).
+fn is_position_gone(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode;
+    matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange))
 }
 
 /// Why a replica refuses a checkpoint beyond the end of its update log:

@@ -104,6 +104,12 @@ pub fn fetched_end(consumer: &BaseConsumer<impl rdkafka::consumer::ConsumerConte
     (err == rdkafka_sys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
 }
 
+/// The low watermark (start) of partition 0 of `topic`: the first record
+/// the broker still holds.
+pub fn log_start(consumer: &BaseConsumer<impl rdkafka::consumer::ConsumerContext>, topic: &str) -> Option<i64> {
+    consumer.fetch_watermarks(topic, 0, Duration::from_secs(2)).ok().map(|(low, _)| low)
+}
+
 /// The high watermark (end) of partition 0 of `topic`.
 pub fn log_end(consumer: &BaseConsumer<impl rdkafka::consumer::ConsumerContext>, topic: &str) -> Option<i64> {
     consumer.fetch_watermarks(topic, 0, Duration::from_secs(2)).ok().map(|(_, high)| high)

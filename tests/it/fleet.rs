@@ -382,3 +382,41 @@ fn records_over_the_size_limit_are_learned_in_smaller_batches() {
     assert_eq!(info["examples_skipped"], 0, "{info}");
     assert!(replica.metrics().value("tributary_records_too_large_total", "") >= 1.0);
 }
+
+#[test]
+fn a_replica_whose_position_was_deleted_from_the_log_stops_applying_and_says_why() {
+    let cluster = Cluster::new("trimmed", ModelKind::Logistic);
+    let mut early = cluster.spawn("early");
+    let steady = cluster.spawn("steady");
+    early.wait_ready();
+    steady.wait_ready();
+    cluster.produce(500, 1);
+    early.wait_learned(500, LEARN_LIMIT);
+    assert!(early.terminate().success(), "a final checkpoint at its position");
+    cluster.produce(500, 2);
+    let info = steady.wait_learned(1000, LEARN_LIMIT);
+    // Everything the stopped replica has not read is deleted (DeleteRecords).
+    let end = info["model_version"].as_i64().unwrap();
+    delete_update_log_records_before(&cluster, end);
+    early.start();
+    wait_for("the replica to say its position is gone", LEARN_LIMIT, || {
+        (early.metrics().value("tributary_update_log_stalled", "") == 1.0).then_some(())
+    });
+    let said = std::fs::read_to_string(&early.log).unwrap();
+    assert!(said.contains(&format!("(it starts at {end})")), "{}", early.log_tail(20));
+    assert!(!early.is_ready(), "a replica that cannot apply the log is not ready");
+    // It still serves its last weights.
+    assert_eq!(early.info().unwrap()["examples_learned"], 500);
+}
+
+fn delete_update_log_records_before(cluster: &Cluster, offset: i64) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let k = &cluster.config.kafka;
+    let admin: AdminClient<DefaultClientContext> = kafka::base_config(&k.brokers, "test-admin").create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&k.updates_topic, 0, Offset::Offset(offset)).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let deleted = runtime.block_on(admin.delete_records(&tpl, &AdminOptions::new())).unwrap();
+    assert!(deleted.elements().iter().all(|e| e.error().is_ok()), "{deleted:?}");
+}
