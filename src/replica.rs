@@ -145,8 +145,7 @@ impl Replica {
         let mut app = AppState::new(applier.serving(), metrics.clone(), &config, applier.ready());
         app.checkpoints = Some(store.clone());
         if !config.http.admin_token.is_empty() {
-            let handle =
-                ReplicaHandle::new(control.clone(), applier.progress(), store, model.fingerprint(), &config.replica_id);
+            let handle = ReplicaHandle::new(&config, control.clone(), applier.progress(), store, model.fingerprint())?;
             app.admin = Some(Arc::new(Admin { token: config.http.admin_token.clone(), replica: handle }));
         }
         if config.http.ingest {

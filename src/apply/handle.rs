@@ -5,9 +5,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rdkafka::consumer::BaseConsumer;
+
 use super::applier::{last_good, Progress, RollbackOutcome};
 use crate::checkpoint::SharedStore;
+use crate::config::Config;
 use crate::update_log::control::ControlLog;
+use crate::update_log::kafka;
 use crate::update_log::record::{EventsSince, RollbackRecord};
 
 /// How often a waiting rollback request looks for the applier's outcome.
@@ -20,6 +24,9 @@ pub struct ReplicaHandle {
     store: SharedStore,
     fingerprint: u64,
     replica_id: String,
+    /// Reads where the update log starts: what a rollback can still rebuild.
+    log_reader: Arc<BaseConsumer>,
+    updates_topic: String,
 }
 
 /// Where a rollback should return to.
@@ -45,6 +52,12 @@ pub enum RollbackAnswer {
 pub enum RollbackError {
     #[error("to_version {0} is not between 0 and the current version {1}")]
     OutOfRange(i64, i64),
+    #[error(
+        "version {to} cannot be rebuilt: the update log starts at {log_start} and no checkpoint at or before it \
+         is at or after that start; the oldest version that can be reached is {}",
+        oldest.map_or("none (no checkpoint since the log's start)".to_string(), |o| o.to_string())
+    )]
+    Unreachable { to: i64, log_start: i64, oldest: Option<i64> },
     #[error("cannot append the rollback to the update log: {0}")]
     Unavailable(String),
     #[error("{0}")]
@@ -53,13 +66,23 @@ pub enum RollbackError {
 
 impl ReplicaHandle {
     pub fn new(
+        config: &Config,
         control: ControlLog,
         progress: Arc<Progress>,
         store: SharedStore,
         fingerprint: u64,
-        replica_id: &str,
-    ) -> ReplicaHandle {
-        ReplicaHandle { control, progress, store, fingerprint, replica_id: replica_id.to_string() }
+    ) -> anyhow::Result<ReplicaHandle> {
+        let client_id = format!("{}-admin", config.replica_id);
+        let log_reader = Arc::new(kafka::log_reader_config(&config.kafka.brokers, &client_id).create()?);
+        Ok(ReplicaHandle {
+            control,
+            progress,
+            store,
+            fingerprint,
+            replica_id: config.replica_id.clone(),
+            log_reader,
+            updates_topic: config.kafka.updates_topic.clone(),
+        })
     }
 
     /// Appends a rollback to `target` (decided at this replica's current
@@ -75,6 +98,7 @@ impl ReplicaHandle {
             (applied.position, applied.last_healthy)
         };
         let to = self.resolve(target, seen, last_healthy).await?;
+        self.check_reachable(to).await?;
         let record = RollbackRecord {
             fingerprint: self.fingerprint,
             to,
@@ -101,6 +125,28 @@ impl ReplicaHandle {
         }
     }
 
+    /// Refuses a target that no replica could rebuild: taking it would stop
+    /// every replica at the same record (DESIGN.md: a rollback is rebuilt
+    /// from a checkpoint at or before it plus the log after that
+    /// checkpoint, or from the seed plus the whole log).
+    async fn check_reachable(&self, to: i64) -> Result<(), RollbackError> {
+        let (reader, topic, store) = (self.log_reader.clone(), self.updates_topic.clone(), self.store.clone());
+        let (log_start, checkpoints) = tokio::task::spawn_blocking(move || {
+            let start = kafka::log_start(&*reader, &topic);
+            let listed = store.list().map(|l| l.iter().map(|c| c.position).collect::<Vec<_>>());
+            (start, listed)
+        })
+        .await
+        .map_err(|e| RollbackError::Internal(e.to_string()))?;
+        let log_start =
+            log_start.ok_or_else(|| RollbackError::Unavailable("cannot read where the log starts".into()))?;
+        let checkpoints = checkpoints.map_err(|e| RollbackError::Unavailable(e.to_string()))?;
+        match oldest_reachable(log_start, &checkpoints) {
+            Some(oldest) if to >= oldest => Ok(()),
+            oldest => Err(RollbackError::Unreachable { to, log_start, oldest }),
+        }
+    }
+
     /// The version a target names, given the current one (`seen`).
     async fn resolve(&self, target: RollbackTarget, seen: i64, last_healthy: i64) -> Result<i64, RollbackError> {
         match target {
@@ -114,5 +160,27 @@ impl ReplicaHandle {
                     .map_err(|e| RollbackError::Internal(e.to_string()))
             }
         }
+    }
+}
+
+/// The oldest version a rollback can return to, given where the update log
+/// starts and the checkpoints' positions: the whole history from the seed
+/// while the log starts at 0, else the oldest checkpoint the log continues.
+pub fn oldest_reachable(log_start: i64, checkpoints: &[i64]) -> Option<i64> {
+    if log_start == 0 {
+        return Some(0);
+    }
+    checkpoints.iter().copied().filter(|&c| c >= log_start).min()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::oldest_reachable;
+
+    #[test]
+    fn a_version_is_reachable_from_a_checkpoint_the_log_continues() {
+        assert_eq!(oldest_reachable(0, &[]), Some(0));
+        assert_eq!(oldest_reachable(100, &[50, 120, 300]), Some(120));
+        assert_eq!(oldest_reachable(100, &[50]), None);
     }
 }

@@ -95,6 +95,7 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Arc<Admin>, Respon
         (status = 400, body = super::ErrorBody),
         (status = 401, description = "No or a wrong bearer token", body = super::ErrorBody),
         (status = 404, description = "Admin endpoints are off (no token configured)", body = super::ErrorBody),
+        (status = 409, description = "No checkpoint and log can rebuild that version; the error names the oldest that can be reached", body = super::ErrorBody),
         (status = 503, description = "The update log is unreachable", body = super::ErrorBody),
     ))]
 pub async fn rollback(
@@ -135,6 +136,7 @@ async fn roll_back(
     };
     let answer = admin.replica.roll_back(target, request.events, ROLLBACK_ANSWER_WAIT).await.map_err(|e| match e {
         RollbackError::OutOfRange(..) => ApiError::BadRequest(e.to_string()),
+        RollbackError::Unreachable { .. } => ApiError::Conflict(e.to_string()),
         RollbackError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
         RollbackError::Internal(_) => ApiError::Internal(e.to_string()),
     })?;

@@ -408,15 +408,3 @@ fn a_replica_whose_position_was_deleted_from_the_log_stops_applying_and_says_why
     // It still serves its last weights.
     assert_eq!(early.info().unwrap()["examples_learned"], 500);
 }
-
-fn delete_update_log_records_before(cluster: &Cluster, offset: i64) {
-    use rdkafka::admin::{AdminClient, AdminOptions};
-    use rdkafka::client::DefaultClientContext;
-    let k = &cluster.config.kafka;
-    let admin: AdminClient<DefaultClientContext> = kafka::base_config(&k.brokers, "test-admin").create().unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&k.updates_topic, 0, Offset::Offset(offset)).unwrap();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let deleted = runtime.block_on(admin.delete_records(&tpl, &AdminOptions::new())).unwrap();
-    assert!(deleted.elements().iter().all(|e| e.error().is_ok()), "{deleted:?}");
-}

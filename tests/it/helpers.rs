@@ -346,3 +346,19 @@ impl Proxy {
         self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// Deletes the update log's records before `offset` (Kafka DeleteRecords):
+/// what retention or trimming does to a log.
+pub fn delete_update_log_records_before(cluster: &Cluster, offset: i64) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::{Offset, TopicPartitionList};
+    let k = &cluster.config.kafka;
+    let admin: AdminClient<DefaultClientContext> =
+        tributary::update_log::kafka::base_config(&k.brokers, "test-admin").create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&k.updates_topic, 0, Offset::Offset(offset)).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let deleted = runtime.block_on(admin.delete_records(&tpl, &AdminOptions::new())).unwrap();
+    assert!(deleted.elements().iter().all(|e| e.error().is_ok()), "{deleted:?}");
+}

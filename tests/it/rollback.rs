@@ -119,3 +119,23 @@ fn a_poisoned_stream_triggers_one_automatic_rollback() {
     let learned = infos[0]["examples_learned"].as_u64().unwrap();
     assert!(learned < 5500, "the poison learned before the rollback is undone: {learned}");
 }
+
+#[test]
+fn a_rollback_no_checkpoint_and_log_can_rebuild_is_refused_with_the_oldest_reachable() {
+    let mut cluster = Cluster::new("unreachable", ModelKind::Logistic);
+    cluster.config.http.admin_token = TOKEN.into();
+    cluster.config.guard.enabled = false;
+    let replica = cluster.spawn("r0");
+    replica.wait_ready();
+    cluster.produce(500, 1);
+    let info = replica.wait_learned(500, LEARN_LIMIT);
+    let end = info["model_version"].as_i64().unwrap();
+    delete_update_log_records_before(&cluster, end);
+    let (status, body) = replica.post("/v1/models/default/rollback", Some(TOKEN), &rollback_body(1.into(), "skip"));
+    assert_eq!(status, 409, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains(&format!("the update log starts at {end}")), "{error}");
+    assert!(error.contains("the oldest version that can be reached is"), "{error}");
+    // Nothing was appended: the version did not move.
+    assert_eq!(replica.info().unwrap()["model_version"], end);
+}
