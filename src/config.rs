@@ -229,6 +229,11 @@ pub struct CheckpointConfig {
     /// Beyond `keep`, also keep the newest checkpoint of every interval of
     /// this many seconds (points to roll back to). 0: off.
     pub keep_one_every_secs: u64,
+    /// A peer replica's base URL (`http://host:port`): when this replica's
+    /// store holds no checkpoint, it fetches the peer's newest
+    /// (`GET /v1/models/{name}/checkpoint`), verifies it and starts there.
+    /// Empty: start from the seed weights.
+    pub bootstrap_from: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -311,6 +316,7 @@ impl Default for Config {
                 interval_secs: 30,
                 keep: 3,
                 keep_one_every_secs: 0,
+                bootstrap_from: String::new(),
             },
             http: HttpConfig {
                 addr: "127.0.0.1:8080".parse().expect("valid literal"),
@@ -345,6 +351,7 @@ pub struct Overrides {
     pub state_dir: Option<PathBuf>,
     pub checkpoint_store: Option<String>,
     pub admin_token: Option<String>,
+    pub bootstrap_from: Option<String>,
 }
 
 type Table = toml::map::Map<String, toml::Value>;
@@ -389,6 +396,9 @@ impl Config {
         }
         if let Some(v) = &flags.admin_token {
             config.http.admin_token = v.clone();
+        }
+        if let Some(v) = &flags.bootstrap_from {
+            config.checkpoint.bootstrap_from = v.clone();
         }
         config.validate()?;
         Ok(config)

@@ -55,6 +55,9 @@ enum Command {
         /// Bearer token of the admin endpoints (also TRIBUTARY_ADMIN_TOKEN; none: they are off)
         #[arg(long)]
         admin_token: Option<String>,
+        /// A peer's base URL (http://host:port) to fetch a checkpoint from when the store has none
+        #[arg(long)]
+        bootstrap_from: Option<String>,
     },
     /// Produce JSONL training events from FILE (or stdin) to a topic.
     Produce {
@@ -133,13 +136,14 @@ enum SnapshotsAction {
 fn main() -> anyhow::Result<()> {
     tributary::telemetry::init();
     match Cli::parse().command {
-        Command::Serve { config, http_addr, replica_id, state_dir, checkpoint_store, admin_token } => {
+        Command::Serve { config, http_addr, replica_id, state_dir, checkpoint_store, admin_token, bootstrap_from } => {
             let config = config.load(Overrides {
                 http_addr,
                 replica_id,
                 state_dir,
                 checkpoint_store,
                 admin_token,
+                bootstrap_from,
                 ..Default::default()
             })?;
             let runtime = tokio::runtime::Runtime::new()?;

@@ -125,7 +125,7 @@ impl Replica {
         let model = Arc::new(Model::new(&config.model)?);
         let metrics = Arc::new(Metrics::new(&config.replica_id));
         let store = checkpoint::open(&config)?;
-        let Some(state) = restore(&store, &model, &mut shutdown).await? else {
+        let Some(state) = restore(&store, &model, &config.checkpoint.bootstrap_from, &mut shutdown).await? else {
             return Ok(None);
         };
         let control = ControlLog::new(&config.kafka.brokers, &config.kafka.updates_topic, &config.replica_id)?;
@@ -271,6 +271,46 @@ async fn wait_for_topics<F: Future<Output = ()>>(
     }
 }
 
+/// How many times a replica tries its bootstrap peer before it starts from
+/// the seed weights (which replays the whole log, or stalls, saying so, if
+/// the log no longer starts at 0).
+const BOOTSTRAP_ATTEMPTS: u32 = 5;
+
+/// The peer's newest checkpoint, verified and saved into this replica's own
+/// store; the seeded state if the peer has none or cannot be reached in
+/// `BOOTSTRAP_ATTEMPTS`; `None` if `shutdown` came first.
+async fn bootstrap<F: Future<Output = ()>>(
+    store: &SharedStore,
+    model: &Arc<Model>,
+    peer: &str,
+    shutdown: &mut Shutdown<'_, F>,
+) -> Option<ReplicaState> {
+    let mut backoff = Backoff::new();
+    for attempt in 1..=BOOTSTRAP_ATTEMPTS {
+        let (s, m, url) = (store.clone(), model.clone(), peer.to_string());
+        let fetched = tokio::task::spawn_blocking(move || {
+            let state = checkpoint::peer::fetch(&url, &m)?;
+            s.save(&m, &state)?;
+            anyhow::Ok(state)
+        })
+        .await;
+        match fetched {
+            Ok(Ok(state)) => {
+                info!(peer, position = state.position, "bootstrapped from a peer's checkpoint");
+                return Some(state);
+            }
+            Ok(Err(e)) => warn!(peer, attempt, error = format!("{e:#}"), "cannot bootstrap from the peer"),
+            Err(e) => warn!(peer, attempt, error = %e, "cannot bootstrap from the peer"),
+        }
+        tokio::select! {
+            _ = shutdown.as_mut() => return None,
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+    warn!(peer, "no checkpoint from the peer: starting from seeded weights");
+    Some(ReplicaState::initial(model))
+}
+
 /// Appends this replica's model settings to the update log (retried while
 /// the broker is away), so that every replica can tell a fleet member that
 /// was configured differently which setting differs. `false`: `shutdown`
@@ -322,6 +362,7 @@ async fn current_log_end(config: &Arc<Config>) -> Option<i64> {
 async fn restore<F: Future<Output = ()>>(
     store: &SharedStore,
     model: &Arc<Model>,
+    peer: &str,
     shutdown: &mut Shutdown<'_, F>,
 ) -> anyhow::Result<Option<ReplicaState>> {
     let mut backoff = Backoff::new();
@@ -332,6 +373,7 @@ async fn restore<F: Future<Output = ()>>(
                 info!(position = info.position, location = %info.location, "restored checkpoint");
                 return Ok(Some(state));
             }
+            Ok(None) if !peer.is_empty() => return Ok(bootstrap(store, model, peer, shutdown).await),
             Ok(None) => {
                 info!(store = %store.describe(), seed = model.config().seed, "no checkpoint: starting from seeded weights");
                 return Ok(Some(ReplicaState::initial(model)));

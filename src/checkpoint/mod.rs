@@ -9,6 +9,7 @@
 //! one replica or two, is harmless.
 
 pub mod local;
+pub mod peer;
 pub mod postgres;
 
 use std::collections::BTreeMap;

@@ -96,6 +96,7 @@ fn endpoints() -> Vec<UtoipaMethodRouter<AppState>> {
         routes!(model_info),
         routes!(predict),
         routes!(snapshots),
+        routes!(newest_checkpoint),
         routes!(admin::rollback),
         routes!(events::ingest),
         routes!(v2::server_metadata),
@@ -335,6 +336,36 @@ impl From<&CheckpointInfo> for SnapshotInfo {
 pub struct Snapshots {
     /// Newest first.
     snapshots: Vec<SnapshotInfo>,
+}
+
+/// The newest checkpoint of this replica's store, encoded as the stores
+/// keep it (checksummed): what a new replica bootstraps from
+/// (`checkpoint.bootstrap_from`). Its position is in `X-Tributary-Position`.
+#[utoipa::path(get, path = "/v1/models/{model}/checkpoint", tag = "training",
+    params(("model" = String, Path, description = "The model name", example = "default")),
+    responses(
+        (status = 200, description = "The encoded checkpoint", content_type = "application/octet-stream"),
+        (status = 404, description = "No such model, or no checkpoint yet", body = ErrorBody),
+        (status = 503, description = "The store is unreachable", body = ErrorBody),
+    ))]
+async fn newest_checkpoint(State(state): State<AppState>, Path(model): Path<String>) -> Result<Response, ApiError> {
+    check_model(&state, &model)?;
+    let Some(store) = state.checkpoints.clone() else {
+        return Err(ApiError::NotFound("this replica has no checkpoint store".into()));
+    };
+    let newest = tokio::task::spawn_blocking(move || -> Result<Option<(i64, Vec<u8>)>, ApiError> {
+        let listed = store.list().map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        let Some(info) = listed.into_iter().next() else { return Ok(None) };
+        let bytes = store.read(&info).map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        Ok(Some((info.position, bytes)))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let Some((position, bytes)) = newest else {
+        return Err(ApiError::NotFound("no checkpoint yet".into()));
+    };
+    let headers = [(header::CONTENT_TYPE, "application/octet-stream".to_string())];
+    Ok((StatusCode::OK, headers, [("x-tributary-position", position.to_string())], bytes).into_response())
 }
 
 /// The checkpoint store's snapshots of this model, newest first.

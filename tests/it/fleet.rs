@@ -408,3 +408,33 @@ fn a_replica_whose_position_was_deleted_from_the_log_stops_applying_and_says_why
     // It still serves its last weights.
     assert_eq!(early.info().unwrap()["examples_learned"], 500);
 }
+
+#[test]
+fn a_new_replica_bootstraps_from_a_peer_after_the_log_start_moved() {
+    let mut cluster = Cluster::new("bootstrap", ModelKind::Logistic);
+    let steady = cluster.spawn("steady");
+    steady.wait_ready();
+    cluster.produce(600, 1);
+    steady.wait_learned(600, LEARN_LIMIT);
+    // A checkpoint of everything learned (one every 2 s here), then the log
+    // before it is deleted: a new replica cannot replay from 0 any more.
+    let checkpointed = wait_for("a checkpoint of the 600 events", LEARN_LIMIT, || {
+        let (_, body) = steady.get("/v1/models/default/snapshots")?;
+        let newest = serde_json::from_str::<serde_json::Value>(&body).ok()?["snapshots"][0].clone();
+        (newest["examples_learned"].as_u64()? == 600).then(|| newest["position"].as_i64())?
+    });
+    delete_update_log_records_before(&cluster, checkpointed);
+    cluster.config.checkpoint.bootstrap_from = format!("http://{}", steady.http);
+    let late = cluster.spawn("late");
+    late.wait_ready();
+    cluster.produce(300, 2);
+    steady.wait_learned(900, LEARN_LIMIT);
+    late.wait_learned(900, LEARN_LIMIT);
+    let (a, b) = wait_for("both replicas at the same version", LEARN_LIMIT, || {
+        let (a, b) = (steady.info()?, late.info()?);
+        (a["model_version"] == b["model_version"]).then_some((a, b))
+    });
+    assert_eq!(a["weights_digest"], b["weights_digest"], "{a} {b}");
+    let said = std::fs::read_to_string(&late.log).unwrap();
+    assert!(said.contains("bootstrapped from a peer's checkpoint"), "{}", late.log_tail(20));
+}
