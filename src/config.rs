@@ -107,6 +107,18 @@ pub enum StalenessScaling {
     InverseSqrt,
 }
 
+impl CheckpointConfig {
+    /// Whether this replica trims the update log after its checkpoints.
+    pub fn trims_update_log(&self) -> bool {
+        let shared = self.store.starts_with("postgres://") || self.store.starts_with("postgresql://");
+        match self.trim_update_log.as_str() {
+            "on" => true,
+            "off" => false,
+            _ => shared,
+        }
+    }
+}
+
 impl ModelConfig {
     /// A small model of `kind` (3 dense values, fields `a` and `b`, 64
     /// buckets, embeddings of 4, hidden layers [8, 4]), the defaults
@@ -234,6 +246,12 @@ pub struct CheckpointConfig {
     /// (`GET /v1/models/{name}/checkpoint`), verifies it and starts there.
     /// Empty: start from the seed weights.
     pub bootstrap_from: String,
+    /// Delete update-log records below the oldest checkpoint the store
+    /// keeps, after each checkpoint (Kafka DeleteRecords), so the log is
+    /// bounded by `interval_secs` x `keep`: `auto` (on for PostgreSQL, where
+    /// every replica can restore what the store keeps; off for a directory,
+    /// whose checkpoints are one replica's), `on`, or `off`.
+    pub trim_update_log: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -317,6 +335,7 @@ impl Default for Config {
                 keep: 3,
                 keep_one_every_secs: 0,
                 bootstrap_from: String::new(),
+                trim_update_log: "auto".into(),
             },
             http: HttpConfig {
                 addr: "127.0.0.1:8080".parse().expect("valid literal"),
@@ -448,6 +467,9 @@ impl Config {
         let most = MAX_RECORD_BYTES;
         if !(1024..=most).contains(&self.train.max_record_bytes) {
             return bad(&format!("train.max_record_bytes must be between 1024 and {most}"));
+        }
+        if !["auto", "on", "off"].contains(&self.checkpoint.trim_update_log.as_str()) {
+            return bad("checkpoint.trim_update_log must be auto, on or off");
         }
         if self.kafka.events_partitions < 1 {
             return bad("kafka.events_partitions must be at least 1");

@@ -45,6 +45,7 @@ pub struct Metrics {
     pub progressive_logloss: Gauge,
     pub ready: IntGauge,
     pub update_log_stalled: IntGauge,
+    pub update_log_start: IntGauge,
     pub rollbacks: IntCounterVec,
     pub divergences: IntCounter,
     pub admin_denied: IntCounter,
@@ -179,6 +180,10 @@ impl Metrics {
                 "Mean progressive loss over every learned example"
             )),
             ready: reg!(IntGauge::new("ready", "1 when caught up with the update log and serving")),
+            update_log_start: reg!(IntGauge::new(
+                "update_log_start",
+                "Where the update log starts after this replica last trimmed it (checkpoint.trim_update_log)"
+            )),
             update_log_stalled: reg!(IntGauge::new(
                 "update_log_stalled",
                 "1 when this replica stopped applying because the update log no longer continues its position \

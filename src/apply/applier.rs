@@ -95,6 +95,33 @@ struct GuardLink {
     runtime: tokio::runtime::Handle,
 }
 
+/// Deletes update-log records below the oldest checkpoint the store keeps
+/// (`checkpoint.trim_update_log`), from the checkpoint writer's thread.
+struct LogTrimmer {
+    admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>,
+    topic: String,
+    runtime: tokio::runtime::Handle,
+}
+
+impl LogTrimmer {
+    /// Deletes the records before the oldest checkpoint `store` keeps; the
+    /// log's start after it. Every replica that checkpoints does the same:
+    /// DeleteRecords below an offset already deleted changes nothing.
+    fn trim(&self, store: &dyn Store) -> anyhow::Result<i64> {
+        let oldest = store.list()?.last().map(|c| c.position).unwrap_or(0);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.topic, 0, Offset::Offset(oldest))?;
+        let options = rdkafka::admin::AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let deleted = self.runtime.block_on(self.admin.delete_records(&tpl, &options))?;
+        let start = deleted.elements().first().map(|e| e.error().map(|()| e.offset()));
+        match start {
+            Some(Ok(Offset::Offset(start))) => Ok(start),
+            Some(Err(e)) => Err(e.into()),
+            _ => Ok(oldest),
+        }
+    }
+}
+
 /// What one drain of the log read.
 #[derive(Default)]
 struct Drained {
@@ -119,6 +146,8 @@ pub struct Applier {
     /// For the reader that replays the log to rebuild a state.
     brokers: String,
     guard: Option<GuardLink>,
+    /// `Some` when this replica trims the update log after its checkpoints.
+    trimmer: Option<Arc<LogTrimmer>>,
     /// Whether the trainer bounds the records it has not seen
     /// (`train.max_unseen_records`), and so needs the log end reported.
     report_log_end: bool,
@@ -179,7 +208,16 @@ impl Applier {
             control,
             runtime: tokio::runtime::Handle::current(),
         });
+        let trimmer = match config.checkpoint.trims_update_log() {
+            true => Some(Arc::new(LogTrimmer {
+                admin: kafka::base_config(&config.kafka.brokers, &format!("{}-trim", config.replica_id)).create()?,
+                topic: config.kafka.updates_topic.clone(),
+                runtime: tokio::runtime::Handle::current(),
+            })),
+            false => None,
+        };
         Ok(Applier {
+            trimmer,
             publisher: Publisher::new(model.clone(), &state),
             staleness: StalenessMeter::starting_at(state.position, state.examples_learned),
             settings_agreed: state.position > 0,
@@ -493,7 +531,23 @@ impl Applier {
         if due && self.saver.is_none() {
             let (store, model, state, metrics) =
                 (self.store.clone(), self.model.clone(), self.state.clone(), self.metrics.clone());
-            self.saver = Some(std::thread::spawn(move || (state.position, save(&*store, &model, &state, &metrics))));
+            let trimmer = self.trimmer.clone();
+            self.saver = Some(std::thread::spawn(move || {
+                let saved = save(&*store, &model, &state, &metrics);
+                if let (true, Some(trimmer)) = (saved, trimmer) {
+                    match trimmer.trim(&*store) {
+                        Ok(start) => {
+                            metrics.update_log_start.set(start);
+                            debug!(start, "update log trimmed below the oldest kept checkpoint");
+                        }
+                        Err(e) => warn!(
+                            error = format!("{e:#}"),
+                            "cannot trim the update log; the next checkpoint tries again"
+                        ),
+                    }
+                }
+                (state.position, saved)
+            }));
             self.last_checkpoint_try = Instant::now();
         }
     }

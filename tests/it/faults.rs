@@ -166,3 +166,36 @@ fn slow_broker_restart_on_durable_storage_resumes_where_it_stopped() {
     let replayed = fresh.wait_learned(4000, LEARN_LIMIT);
     assert_eq!(replayed["weights_digest"], after["weights_digest"]);
 }
+
+#[test]
+fn a_fleet_on_postgres_trims_its_update_log_and_a_new_replica_still_joins() {
+    let db = fresh_database("trim");
+    let mut cluster = Cluster::new("trim", ModelKind::Logistic);
+    cluster.config.checkpoint.store = db.url.clone();
+    let first = cluster.spawn("r0");
+    first.wait_ready();
+    cluster.produce(2000, 1);
+    first.wait_learned(2000, LEARN_LIMIT);
+    // After a checkpoint, the records below the oldest one kept are deleted.
+    let start = wait_for("the update log to be trimmed", LEARN_LIMIT, || {
+        let start = first.metrics().value("tributary_update_log_start", "");
+        (start > 0.0).then_some(start as i64)
+    });
+    let (_, body) = first.get("/v1/models/default/snapshots").unwrap();
+    let listed: Value = serde_json::from_str(&body).unwrap();
+    let oldest = listed["snapshots"].as_array().unwrap().iter().filter_map(|s| s["position"].as_i64()).min();
+    assert!(oldest.is_some_and(|o| start <= o), "the log starts at {start}, the oldest checkpoint is {oldest:?}");
+    // A new replica restores a checkpoint from the shared store and agrees.
+    let second = cluster.spawn("r1");
+    second.wait_ready();
+    cluster.produce(300, 2);
+    first.wait_learned(2300, LEARN_LIMIT);
+    second.wait_learned(2300, LEARN_LIMIT);
+    let (a, b) = wait_for("both replicas at the same version", LEARN_LIMIT, || {
+        let (a, b) = (first.info()?, second.info()?);
+        (a["model_version"] == b["model_version"]).then_some((a, b))
+    });
+    assert_eq!(a["weights_digest"], b["weights_digest"], "{a} {b}");
+    let said = std::fs::read_to_string(&second.log).unwrap();
+    assert!(said.contains("restored checkpoint"), "{}", second.log_tail(20));
+}
