@@ -122,12 +122,9 @@ fn restart_from_checkpoint_and_replay_matches_a_replica_that_never_stopped() {
     restarted.start();
     restarted.wait_learned(6000, LEARN_LIMIT);
     // The restart appended its settings record: both read it, then agree.
-    let (a, b) = wait_for("both replicas at the same version", LEARN_LIMIT, || {
-        let (a, b) = (steady.info()?, restarted.info()?);
-        (a["model_version"] == b["model_version"]).then_some((a, b))
-    });
-    assert_eq!(a["examples_learned"], 6000);
-    assert_eq!(a["weights_digest"], b["weights_digest"]);
+    let infos = wait_at_one_version(&[&steady, &restarted], LEARN_LIMIT);
+    assert_eq!(infos[0]["examples_learned"], 6000);
+    assert_eq!(infos[0]["weights_digest"], infos[1]["weights_digest"]);
     let log = std::fs::read_to_string(&restarted.log).unwrap();
     assert!(log.contains("restored checkpoint"), "the restart should load a checkpoint, not replay from zero");
 }
@@ -184,10 +181,7 @@ fn slow_three_replicas_survive_a_sigkill_with_no_failed_prediction() {
     replicas.iter().for_each(|r| drop(r.wait_learned(10000, LEARN_LIMIT)));
     // The restart appended its settings record (and maybe records its
     // trainer sent while it replayed, which all reject): all read them.
-    let infos = wait_for("the three replicas at the same version", LEARN_LIMIT, || {
-        let infos: Vec<_> = replicas.iter().map(|r| r.info()).collect::<Option<_>>()?;
-        infos.iter().all(|i| i["model_version"] == infos[0]["model_version"]).then_some(infos)
-    });
+    let infos = wait_at_one_version(&replicas.iter().collect::<Vec<_>>(), LEARN_LIMIT);
     stop.store(true, Ordering::Relaxed);
     let errors: Vec<String> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
     for info in &infos {
@@ -435,11 +429,8 @@ fn a_new_replica_bootstraps_from_a_peer_after_the_log_start_moved() {
     cluster.produce(300, 2);
     steady.wait_learned(900, LEARN_LIMIT);
     late.wait_learned(900, LEARN_LIMIT);
-    let (a, b) = wait_for("both replicas at the same version", LEARN_LIMIT, || {
-        let (a, b) = (steady.info()?, late.info()?);
-        (a["model_version"] == b["model_version"]).then_some((a, b))
-    });
-    assert_eq!(a["weights_digest"], b["weights_digest"], "{a} {b}");
+    let infos = wait_at_one_version(&[&steady, &late], LEARN_LIMIT);
+    assert_eq!(infos[0]["weights_digest"], infos[1]["weights_digest"], "{infos:?}");
     let said = std::fs::read_to_string(&late.log).unwrap();
     assert!(said.contains("bootstrapped from a peer's checkpoint"), "{}", late.log_tail(20));
 }

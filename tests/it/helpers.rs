@@ -287,6 +287,15 @@ pub fn constant_logloss(labels: &[f32]) -> f64 {
     -(p * p.ln() + (1.0 - p) * (1.0 - p).ln())
 }
 
+/// Waits until `replicas` report the same model version (a restart appends
+/// its settings record, which the others read a moment later); their infos.
+pub fn wait_at_one_version(replicas: &[&Replica], limit: Duration) -> Vec<Value> {
+    wait_for("the replicas at one version", limit, || {
+        let infos: Vec<Value> = replicas.iter().map(|r| r.info()).collect::<Option<_>>()?;
+        infos.iter().all(|i| i["model_version"] == infos[0]["model_version"]).then_some(infos)
+    })
+}
+
 pub fn watermark_sum(info: &Value) -> u64 {
     info["watermarks"].as_object().map_or(0, |m| m.values().filter_map(Value::as_u64).sum())
 }
