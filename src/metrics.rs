@@ -137,7 +137,7 @@ impl Metrics {
             )),
             events_below_watermark: reg!(IntCounter::new(
                 "events_below_watermark_total",
-                "Events partitions found at assignment ending below their applied watermark: the events topic \
+                "Events partitions found ending below their applied watermark: the events topic \
                  was deleted and recreated, or truncated; events at offsets below the watermark are not learned"
             )),
             freshness: reg!(Histogram::with_opts(

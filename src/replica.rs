@@ -264,10 +264,18 @@ async fn wait_for_topics<F: Future<Output = ()>>(
             Err(e @ kafka::TopicError::UpdatesPartitions { .. }) => return Err(e.into()),
             Err(e) => warn!(error = %e, "topics not ready; retrying"),
         }
-        tokio::select! {
-            _ = shutdown.as_mut() => return Ok(false),
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        if !wait_to_retry(&mut backoff, shutdown).await {
+            return Ok(false);
         }
+    }
+}
+
+/// Waits the backoff's next delay before a retry; `false` if `shutdown`
+/// came first.
+async fn wait_to_retry<F: Future<Output = ()>>(backoff: &mut Backoff, shutdown: &mut Shutdown<'_, F>) -> bool {
+    tokio::select! {
+        _ = shutdown.as_mut() => false,
+        _ = tokio::time::sleep(backoff.next_delay()) => true,
     }
 }
 
@@ -302,9 +310,8 @@ async fn bootstrap<F: Future<Output = ()>>(
             Ok(Err(e)) => warn!(peer, attempt, error = format!("{e:#}"), "cannot bootstrap from the peer"),
             Err(e) => warn!(peer, attempt, error = %e, "cannot bootstrap from the peer"),
         }
-        tokio::select! {
-            _ = shutdown.as_mut() => return None,
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        if !wait_to_retry(&mut backoff, shutdown).await {
+            return None;
         }
     }
     warn!(peer, "no checkpoint from the peer: starting from seeded weights");
@@ -335,9 +342,8 @@ async fn announce_settings<F: Future<Output = ()>>(
             }
             Err(e) => warn!(error = format!("{e:#}"), "cannot announce the model settings; retrying"),
         }
-        tokio::select! {
-            _ = shutdown.as_mut() => return false,
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        if !wait_to_retry(&mut backoff, shutdown).await {
+            return false;
         }
     }
 }
@@ -381,9 +387,8 @@ async fn restore<F: Future<Output = ()>>(
             Err(e @ CheckpointError::Unavailable { .. }) => warn!(error = %e, "checkpoint store unavailable; retrying"),
             Err(e) => return Err(e.into()),
         }
-        tokio::select! {
-            _ = shutdown.as_mut() => return Ok(None),
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        if !wait_to_retry(&mut backoff, shutdown).await {
+            return Ok(None);
         }
     }
 }

@@ -18,7 +18,6 @@ use tracing::{error, info, warn};
 
 use crate::apply::applier::Progress;
 use crate::lifecycle::StopRequest;
-use crate::metrics::Metrics;
 use crate::update_log::kafka;
 
 /// How long an assignment waits for the applier to catch up with the log.
@@ -39,14 +38,13 @@ pub enum Rebalanced {
 pub struct TrainerContext {
     updates_topic: String,
     progress: Arc<Progress>,
-    metrics: Arc<Metrics>,
     stop: StopRequest,
     events: Mutex<Vec<Rebalanced>>,
 }
 
 impl TrainerContext {
-    pub fn new(updates_topic: String, progress: Arc<Progress>, metrics: Arc<Metrics>, stop: StopRequest) -> Self {
-        TrainerContext { updates_topic, progress, metrics, stop, events: Mutex::new(Vec::new()) }
+    pub fn new(updates_topic: String, progress: Arc<Progress>, stop: StopRequest) -> Self {
+        TrainerContext { updates_topic, progress, stop, events: Mutex::new(Vec::new()) }
     }
 
     pub fn take_events(&self) -> Vec<Rebalanced> {
@@ -79,9 +77,6 @@ impl TrainerContext {
             assigned.push((elem.topic().to_string(), elem.partition(), wm));
         }
         for (topic, partition, wm) in &assigned {
-            if let Some(wm) = *wm {
-                self.check_not_below(consumer, topic, *partition, wm);
-            }
             let offset = wm.map_or(Offset::Beginning, Offset::Offset);
             tpl.set_partition_offset(topic, *partition, offset)?;
         }
@@ -93,28 +88,6 @@ impl TrainerContext {
         let list = assigned.into_iter().map(|(_, p, wm)| (p, wm.unwrap_or(0))).collect();
         self.events.lock().expect("events lock").push(Rebalanced::Assigned(list, hold));
         Ok(())
-    }
-
-    /// Says so when an events partition ends below the watermark the fleet
-    /// learned it to: the topic was deleted and recreated (or truncated),
-    /// and its new events at offsets below the watermark will never be
-    /// learned, since the watermark says they were. Only the operator can
-    /// tell which history is right; the replica reports it, loudly, once per
-    /// assignment.
-    fn check_not_below(&self, consumer: &BaseConsumer<Self>, topic: &str, partition: i32, watermark: i64) {
-        let Ok((_, end)) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(2)) else { return };
-        if end < watermark {
-            self.metrics.events_below_watermark.inc();
-            error!(
-                topic,
-                partition,
-                end,
-                watermark,
-                "the events partition ends below its applied watermark: the topic was deleted and recreated, or \
-                 truncated; its events at offsets below the watermark will not be learned. Restore the topic, or \
-                 start the fleet afresh (a new update log and no checkpoints) to learn the new one"
-            );
-        }
     }
 
     fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) -> KafkaResult<()> {

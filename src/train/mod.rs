@@ -120,11 +120,20 @@ struct Partition {
     /// watermark it has by then. (Learning from a stale watermark would only
     /// append records that every replica rejects.)
     hold_until: Option<i64>,
+    /// The partition was seen ending below its applied watermark (reported
+    /// once per assignment).
+    below_watermark: bool,
 }
 
 impl Partition {
     fn at(watermark: i64) -> Partition {
-        Partition { next_from: watermark, end: watermark, read_ahead: VecDeque::new(), hold_until: None }
+        Partition {
+            next_from: watermark,
+            end: watermark,
+            read_ahead: VecDeque::new(),
+            hold_until: None,
+            below_watermark: false,
+        }
     }
 
     /// Whether the event at `offset` is one to take: at or after `end`.
@@ -292,7 +301,7 @@ impl Trainer {
         if !k.group_instance_id.is_empty() {
             c.set("group.instance.id", &k.group_instance_id);
         }
-        let context = TrainerContext::new(k.updates_topic.clone(), progress.clone(), metrics.clone(), stop.clone());
+        let context = TrainerContext::new(k.updates_topic.clone(), progress.clone(), stop.clone());
         let consumer: BaseConsumer<TrainerContext> = c.create_with_context(context)?;
         let failures = DeliveryFailures::default();
         // One record in flight has nothing to wait for batch-mates for.
@@ -692,18 +701,44 @@ impl Trainer {
         result.is_ok()
     }
 
+    /// An events partition that ends below the watermark the fleet learned
+    /// it to: the topic was deleted and recreated (or truncated), and its
+    /// new events at offsets below the watermark will never be learned,
+    /// since the watermark says they were. Only the operator can tell which
+    /// history is right; the replica says so, once per assignment.
+    fn report_below_watermark(&mut self, id: i32, end: i64, watermark: i64) {
+        let Some(p) = self.partitions.get_mut(&id).filter(|p| !p.below_watermark) else { return };
+        p.below_watermark = true;
+        self.metrics.events_below_watermark.inc();
+        error!(
+            topic = %self.events_topic,
+            partition = id,
+            end,
+            watermark,
+            "the events partition ends below its applied watermark: the topic was deleted and recreated, or \
+             truncated; its events at offsets below the watermark will not be learned. Restore the topic, or \
+             start the fleet afresh (a new update log and no checkpoints) to learn the new one"
+        );
+    }
+
     /// Commits the applied watermarks of owned partitions as the group's
-    /// offsets, and refreshes the lag gauges.
+    /// offsets, refreshes the lag gauges, and says so when a partition ends
+    /// below its watermark.
     fn commit(&mut self, mode: CommitMode) {
         let watermarks: BTreeMap<i32, i64> = self.progress.applied.lock().expect("progress lock").watermarks.clone();
         let mut tpl = TopicPartitionList::new();
-        for &id in self.partitions.keys() {
-            if let Some(&wm) = watermarks.get(&id) {
+        let ids: Vec<i32> = self.partitions.keys().copied().collect();
+        for id in ids {
+            let wm = watermarks.get(&id).copied();
+            if let Some(wm) = wm {
                 let _ = tpl.add_partition_offset(&self.events_topic, id, Offset::Offset(wm));
             }
             if let Ok((_, high)) = self.consumer.fetch_watermarks(&self.events_topic, id, Duration::from_millis(500)) {
-                let lag = high - watermarks.get(&id).copied().unwrap_or(0);
+                let lag = high - wm.unwrap_or(0);
                 self.metrics.consumer_lag.with_label_values(&[&id.to_string()]).set(lag.max(0));
+                if let Some(wm) = wm.filter(|&wm| high < wm) {
+                    self.report_below_watermark(id, high, wm);
+                }
             }
         }
         if tpl.count() > 0 {
