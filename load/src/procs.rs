@@ -191,6 +191,19 @@ impl Broker {
         Ok(broker)
     }
 
+    /// The same, telling its clients to connect to `advertised_port` (a
+    /// test's proxy in front of it, which forwards to the broker's own
+    /// port, `listen_port`): every request then passes the proxy.
+    pub fn start_advertised(dir: &Path, listen_port: u16, advertised_port: u16) -> anyhow::Result<Broker> {
+        let node = Node { id: 1, port: listen_port, controller_port: free_port() };
+        let mut broker =
+            Broker::describe(&dir.join("kafka"), &node, &format!("1@127.0.0.1:{}", node.controller_port), 1);
+        broker.args.extend(["--advertised-port".to_string(), advertised_port.to_string()]);
+        broker.addr = format!("127.0.0.1:{advertised_port}");
+        broker.restart()?;
+        Ok(broker)
+    }
+
     /// The broker `scripts/test` started for the whole run (its address in
     /// `$TRIBUTARY_TEST_KAFKA`), else one of its own under `dir`: a test that
     /// never kills its broker shares it with the others, each with its own

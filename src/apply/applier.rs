@@ -26,6 +26,10 @@ use crate::update_log::control::ControlLog;
 use crate::update_log::kafka;
 use crate::update_log::record::{EventRange, EventsSince, RollbackRecord, SettingsRecord};
 
+/// How many times the start-up asks the broker for the update log's end
+/// (each ask waits up to 2 s) before reading on without it.
+const LOG_END_ATTEMPTS: u32 = 5;
+
 /// What the applier has applied, for the trainer. Updated after each drained
 /// run of records, not per record.
 #[derive(Debug, Default)]
@@ -299,13 +303,28 @@ impl Applier {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.updates_topic, 0, Offset::Offset(self.state.position))?;
         self.consumer.assign(&tpl)?;
-        let listed_end = kafka::log_end(&self.consumer, &self.updates_topic);
+        let listed_end = self.list_log_end();
         info!(position = self.state.position, log_end = ?listed_end, "applier started");
         if let Some(end) = listed_end.filter(|&end| end < self.state.position) {
             anyhow::bail!(ahead_of_log(self.state.position, &self.updates_topic, end));
         }
         self.start_end = listed_end;
         Ok(())
+    }
+
+    /// The update log's end, asked of the broker up to `LOG_END_ATTEMPTS`
+    /// times. An unanswered ask is never taken for an empty log (which
+    /// would refuse every checkpoint): after the last one the end is left
+    /// unknown, and the first fetch response's is checked instead
+    /// ([`Applier::update_readiness`]).
+    fn list_log_end(&self) -> Option<i64> {
+        for attempt in 1..=LOG_END_ATTEMPTS {
+            if let Some(end) = kafka::log_end(&self.consumer, &self.updates_topic) {
+                return Some(end);
+            }
+            warn!(attempt, of = LOG_END_ATTEMPTS, "the broker did not say where the update log ends; asking again");
+        }
+        None
     }
 
     /// Applies what the log has, up to one swap interval's worth, or until
@@ -433,7 +452,7 @@ impl Applier {
             self.settings_agreed = true;
             return Ok(());
         }
-        let differences = settings_diff(self.model.settings(), &r.settings).join("; ");
+        let differences = settings_diff(self.model.settings(), &r.settings, "in the fleet").join("; ");
         if !self.settings_agreed {
             anyhow::bail!(
                 "this replica's model settings differ from the fleet's (as replica {} announced them at update-log \

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::config::Config;
-use crate::model::{f32_bytes, Model};
+use crate::model::{f32_bytes, settings_diff, Model, Settings};
 use crate::state::optim::Optimizer;
 use crate::state::ReplicaState;
 
@@ -26,7 +26,11 @@ pub use postgres::PgStore;
 
 const MAGIC: &[u8; 4] = b"TRCK";
 /// 2: adds the offset of the last rollback taken after the loss sum.
-const VERSION: u8 = 2;
+/// 3: adds the model's settings after it, so that a checkpoint of a model
+/// configured otherwise is refused naming the settings that differ.
+const VERSION: u8 = 3;
+/// The oldest format this build still reads (it has no settings).
+const OLDEST_VERSION: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -37,12 +41,25 @@ pub enum CheckpointError {
     Unavailable { store: String, reason: String },
     #[error("checkpoint {0} is corrupt or torn")]
     Corrupt(String),
-    #[error("checkpoint {location} has format {version}; this build reads format {VERSION}")]
+    #[error("checkpoint {location} has format {version}; this build reads formats {OLDEST_VERSION} to {VERSION}")]
     Version { location: String, version: u8 },
-    #[error("checkpoint {0} belongs to a model of another structure")]
-    OtherModel(String),
+    #[error("checkpoint {location} belongs to a model configured otherwise{}", differing(.differs))]
+    OtherModel {
+        location: String,
+        /// The settings that differ, `name: ours here, theirs there` (empty
+        /// for a checkpoint of format 2, which does not carry them).
+        differs: Vec<String>,
+    },
     #[error("checkpoint store URL {0:?}: expected a directory (file:PATH, or empty for checkpoint.state_dir) or postgres://...")]
     Url(String),
+}
+
+/// `: a; b` for the settings that differ, or nothing when they are unknown.
+fn differing(differs: &[String]) -> String {
+    match differs.is_empty() {
+        true => String::new(),
+        false => format!(": {}", differs.join("; ")),
+    }
 }
 
 /// A checkpoint as listed, without its weights.
@@ -147,7 +164,7 @@ const LOSS_SUM_AT: usize = EXAMPLES_AT + 5 * 8;
 
 /// Examples learned and mean progressive loss from a checkpoint's header.
 fn read_header(head: &[u8; HEADER_BYTES]) -> Option<(u64, Option<f64>)> {
-    if !head.starts_with(MAGIC) || head[4] != VERSION {
+    if !head.starts_with(MAGIC) || !(OLDEST_VERSION..=VERSION).contains(&head[4]) {
         return None;
     }
     let u64_at = |at: usize| u64::from_le_bytes(head[at..at + 8].try_into().expect("8 bytes"));
@@ -168,6 +185,11 @@ fn encode(model: &Model, s: &ReplicaState) -> Vec<u8> {
     }
     out.extend_from_slice(&s.loss_sum.to_le_bytes());
     out.extend_from_slice(&s.last_rollback.unwrap_or(-1).to_le_bytes());
+    out.extend_from_slice(&(model.settings().len() as u32).to_le_bytes());
+    for text in model.settings().iter().flat_map(|(name, value)| [name, value]) {
+        out.extend_from_slice(&(text.len() as u32).to_le_bytes());
+        out.extend_from_slice(text.as_bytes());
+    }
     out.extend_from_slice(&(s.watermarks.len() as u32).to_le_bytes());
     for (p, o) in &s.watermarks {
         out.extend_from_slice(&p.to_le_bytes());
@@ -191,10 +213,9 @@ fn decode(model: &Model, bytes: &[u8], location: &str) -> Result<ReplicaState, C
     if blake3::hash(body).as_bytes() != sum || !body.starts_with(MAGIC) {
         return Err(corrupt());
     }
-    match body.get(4) {
-        Some(&VERSION) => {}
-        Some(&version) => return Err(CheckpointError::Version { location: location.into(), version }),
-        None => return Err(corrupt()),
+    let version = *body.get(4).ok_or_else(corrupt)?;
+    if !(OLDEST_VERSION..=VERSION).contains(&version) {
+        return Err(CheckpointError::Version { location: location.into(), version });
     }
     let mut at = 5;
     let mut take = |n: usize| -> Result<&[u8], CheckpointError> {
@@ -203,9 +224,7 @@ fn decode(model: &Model, bytes: &[u8], location: &str) -> Result<ReplicaState, C
         Ok(s)
     };
     let u64_at = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
-    if u64_at(take(8)?) != model.fingerprint() {
-        return Err(CheckpointError::OtherModel(location.into()));
-    }
+    let fingerprint = u64_at(take(8)?);
     let position = u64_at(take(8)?) as i64;
     let mut counters = [0u64; 5];
     for c in &mut counters {
@@ -213,6 +232,16 @@ fn decode(model: &Model, bytes: &[u8], location: &str) -> Result<ReplicaState, C
     }
     let loss_sum = f64::from_bits(u64_at(take(8)?));
     let last_rollback = Some(u64_at(take(8)?) as i64).filter(|&at| at >= 0);
+    if version >= 3 {
+        let settings = read_settings(&mut take)?;
+        if fingerprint != model.fingerprint() {
+            let differs = settings_diff(model.settings(), &settings, "in the checkpoint");
+            return Err(CheckpointError::OtherModel { location: location.into(), differs });
+        }
+    }
+    if fingerprint != model.fingerprint() {
+        return Err(CheckpointError::OtherModel { location: location.into(), differs: Vec::new() });
+    }
     let n = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes"));
     let mut watermarks = BTreeMap::new();
     for _ in 0..n {
@@ -223,7 +252,7 @@ fn decode(model: &Model, bytes: &[u8], location: &str) -> Result<ReplicaState, C
     let c = model.config();
     let mut optimizer = Optimizer::new(c, model.params());
     if slots != c.optimizer().slots() {
-        return Err(CheckpointError::OtherModel(location.into()));
+        return Err(CheckpointError::OtherModel { location: location.into(), differs: Vec::new() });
     }
     let mut read_buffers = || {
         (model.params().iter())
@@ -253,6 +282,26 @@ fn decode(model: &Model, bytes: &[u8], location: &str) -> Result<ReplicaState, C
         weights,
         optimizer,
     })
+}
+
+/// The settings block of format 3: a count, then each name and value as a
+/// length and its UTF-8 bytes. Read piece by piece from `take`, so a
+/// hostile count allocates nothing up front.
+fn read_settings<'a>(
+    take: &mut impl FnMut(usize) -> Result<&'a [u8], CheckpointError>,
+) -> Result<Settings, CheckpointError> {
+    let count = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes"));
+    let mut settings = Settings::new();
+    for _ in 0..count {
+        let name = read_text(take)?;
+        settings.insert(name, read_text(take)?);
+    }
+    Ok(settings)
+}
+
+fn read_text<'a>(take: &mut impl FnMut(usize) -> Result<&'a [u8], CheckpointError>) -> Result<String, CheckpointError> {
+    let len = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
+    Ok(String::from_utf8_lossy(take(len)?).into_owned())
 }
 
 #[cfg(test)]
@@ -295,11 +344,39 @@ pub(crate) mod tests {
         assert_eq!((loaded, info.position), (state, 9));
         assert_eq!(store.load_newest(&model, Some(8)).unwrap().unwrap().1.position, 5);
         assert!(store.load_newest(&model, Some(4)).unwrap().is_none());
-        // A model of another structure refuses the checkpoint.
+        // A model configured otherwise refuses the checkpoint, naming what differs.
         let mut other = model.config().clone();
         other.buckets = 32;
+        other.learning_rate = Some(model.config().step_size() * 2.0);
         let err = store.load(&Model::new(&other).expect("a built-in model"), &info).unwrap_err();
-        assert!(matches!(err, CheckpointError::OtherModel(_)), "{err}");
+        let CheckpointError::OtherModel { differs, .. } = &err else { panic!("{err}") };
+        let ours = model.config();
+        // (and the parameter shapes that follow from the buckets)
+        assert_eq!(
+            &differs[..2],
+            &[
+                format!("model.buckets: 32 here, {} in the checkpoint", ours.buckets),
+                format!("model.learning_rate: {} here, {} in the checkpoint", other.step_size(), ours.step_size()),
+            ],
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_of_format_2_without_settings_still_loads() {
+        let model = Model::new(&ModelConfig::small(ModelKind::Logistic)).expect("a built-in model");
+        let mut state = ReplicaState::initial(&model);
+        state.position = 7;
+        let encoded = encode(&model, &state);
+        // Format 2 is format 3 without the settings block after the header.
+        let settings_at = HEADER_BYTES + 8;
+        let settings_len: usize = 4 + model.settings().iter().map(|(n, v)| 8 + n.len() + v.len()).sum::<usize>();
+        let mut body = encoded[..encoded.len() - 32].to_vec();
+        body.drain(settings_at..settings_at + settings_len);
+        body[4] = 2;
+        let sum = blake3::hash(&body);
+        body.extend_from_slice(sum.as_bytes());
+        assert_eq!(decode(&model, &body, "v2").unwrap(), state);
     }
 
     #[test]

@@ -164,16 +164,16 @@ fn fingerprint_of(settings: &Settings) -> u64 {
 }
 
 /// The settings that differ between `ours` and `theirs`, one line each:
-/// `name: ours here, theirs there` (a setting only one side has shows as
-/// `(none)` on the other).
-pub fn settings_diff(ours: &Settings, theirs: &Settings) -> Vec<String> {
+/// `name: ours here, theirs <where>` (`where`: "in the fleet", "in the
+/// checkpoint"; a setting only one side has shows as `(none)` on the other).
+pub fn settings_diff(ours: &Settings, theirs: &Settings, theirs_at: &str) -> Vec<String> {
     let none = String::from("(none)");
     let names: std::collections::BTreeSet<&String> = ours.keys().chain(theirs.keys()).collect();
     names
         .into_iter()
         .filter_map(|name| {
             let (a, b) = (ours.get(name).unwrap_or(&none), theirs.get(name).unwrap_or(&none));
-            (a != b).then(|| format!("{name}: {a} here, {b} in the fleet"))
+            (a != b).then(|| format!("{name}: {a} here, {b} {theirs_at}"))
         })
         .collect()
 }

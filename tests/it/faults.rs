@@ -168,6 +168,34 @@ fn slow_broker_restart_on_durable_storage_resumes_where_it_stopped() {
 }
 
 #[test]
+fn slow_a_broker_slow_to_list_offsets_at_start_up_is_asked_again_not_taken_for_an_empty_log() {
+    // Every request passes a proxy that can hold the broker's ListOffsets
+    // (the watermark query the applier's start-up makes).
+    let (cluster, proxy) = Cluster::behind_kafka_proxy("slow_list_offsets", ModelKind::Logistic);
+    let mut r = cluster.spawn("r0");
+    r.wait_ready();
+    cluster.produce(1000, 1);
+    r.wait_learned(1000, LEARN_LIMIT);
+    assert!(r.terminate().success(), "{}", r.log_tail(20)); // a final checkpoint, position > 0
+
+    // Longer than the 2 s the start-up waits for an answer.
+    proxy.hold_list_offsets(Duration::from_secs(5));
+    r.start();
+    let asked_again = "did not say where the update log ends";
+    wait_for("the replica to ask again for the log's end", LEARN_LIMIT, || {
+        let log = r.log_tail(400);
+        assert!(!log.contains("a role ended"), "the replica refused to start:\n{}", r.log_tail(20));
+        log.contains(asked_again).then_some(())
+    });
+    proxy.hold_list_offsets(Duration::ZERO);
+    r.wait_ready();
+    cluster.produce(1000, 2);
+    let info = r.wait_learned(2000, LEARN_LIMIT);
+    assert_eq!(watermark_sum(&info), 2000, "{info}");
+    assert!(!r.log_tail(400).contains("the checkpoint is at position"), "{}", r.log_tail(40));
+}
+
+#[test]
 fn a_fleet_on_postgres_trims_its_update_log_and_a_new_replica_still_joins() {
     let db = fresh_database("trim");
     let mut cluster = Cluster::new("trim", ModelKind::Logistic);

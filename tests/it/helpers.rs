@@ -5,10 +5,13 @@
 //! directories. Waiting is polling with a deadline, never a bare sleep.
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
+use std::io::{Cursor, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::ops::{Deref, DerefMut};
 use std::path::Path;
 use std::process::ExitStatus;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -45,6 +48,18 @@ impl Cluster {
             n => KafkaCluster::start(dir.path(), n).expect("a Kafka cluster (scripts/setup fetches it)").brokers,
         };
         Cluster::on(test, kind, dir, brokers)
+    }
+
+    /// One Kafka broker of its own that its clients reach only through a
+    /// [`Proxy::kafka`] (the broker advertises the proxy's port), so the
+    /// test can slow down the broker's answers.
+    pub fn behind_kafka_proxy(test: &str, kind: ModelKind) -> (Cluster, Proxy) {
+        let dir = Cluster::scratch(test);
+        let listen_port = procs::free_port();
+        let proxy = Proxy::kafka(&format!("127.0.0.1:{listen_port}"));
+        let broker = Broker::start_advertised(dir.path(), listen_port, proxy.port)
+            .expect("a Kafka broker (scripts/setup fetches it)");
+        (Cluster::on(test, kind, dir, vec![broker]), proxy)
     }
 
     fn scratch(test: &str) -> tempfile::TempDir {
@@ -307,37 +322,67 @@ pub fn watermarks(info: &Value) -> BTreeMap<String, u64> {
 }
 
 /// A TCP proxy on 127.0.0.1 in front of `target`: a way to make a real
-/// server unreachable for one test without stopping it for the others.
-/// While cut, live connections are shut and new ones closed at once.
+/// server unreachable, or slow, for one test without stopping it for the
+/// others. While cut, live connections are shut and new ones closed at once.
 pub struct Proxy {
     pub port: u16,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    live: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    cut: Arc<AtomicBool>,
+    live: Arc<Mutex<Vec<TcpStream>>>,
+    /// How long a Kafka ListOffsets request is held before it is passed on
+    /// (0: not held); only for [`Proxy::kafka`].
+    list_offsets_delay_ms: Arc<AtomicU64>,
 }
 
+/// Kafka's API key of ListOffsets (the watermark query).
+const LIST_OFFSETS: i16 = 2;
+
 impl Proxy {
+    /// Passes bytes through as they are.
     pub fn start(target: &str) -> Proxy {
-        use std::net::{TcpListener, TcpStream};
+        Proxy::listen(target, false)
+    }
+
+    /// Reads the client's side as Kafka requests (a 4-byte size, then the
+    /// request, whose first two bytes are its API key), so that ListOffsets
+    /// can be held ([`Proxy::hold_list_offsets`]).
+    pub fn kafka(target: &str) -> Proxy {
+        Proxy::listen(target, true)
+    }
+
+    fn listen(target: &str, kafka_requests: bool) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let proxy = Proxy { port, cut: Default::default(), live: Default::default() };
-        let (cut, live, target) = (proxy.cut.clone(), proxy.live.clone(), target.to_string());
+        let proxy = Proxy {
+            port,
+            cut: Default::default(),
+            live: Default::default(),
+            list_offsets_delay_ms: Default::default(),
+        };
+        let (cut, live, delay, target) =
+            (proxy.cut.clone(), proxy.live.clone(), proxy.list_offsets_delay_ms.clone(), target.to_string());
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
-                if cut.load(std::sync::atomic::Ordering::SeqCst) {
+                if cut.load(Ordering::SeqCst) {
                     continue; // dropped: closed at once
                 }
                 let Ok(server) = TcpStream::connect(&target) else { continue };
                 let mut streams = live.lock().unwrap();
                 streams.push(client.try_clone().unwrap());
                 streams.push(server.try_clone().unwrap());
-                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
-                {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
-                }
+                let (mut from_client, mut to_server) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let delay = delay.clone();
+                std::thread::spawn(move || {
+                    let _ = match kafka_requests {
+                        true => copy_kafka_requests(&mut from_client, &mut to_server, &delay),
+                        false => std::io::copy(&mut from_client, &mut to_server).map(drop),
+                    };
+                    let _ = to_server.shutdown(Shutdown::Both);
+                });
+                let (mut from_server, mut to_client) = (server, client);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from_server, &mut to_client);
+                    let _ = to_client.shutdown(Shutdown::Both);
+                });
             }
         });
         proxy
@@ -345,14 +390,38 @@ impl Proxy {
 
     /// Unreachable from now on, until [`Proxy::restore`].
     pub fn cut(&self) {
-        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.cut.store(true, Ordering::SeqCst);
         for s in self.live.lock().unwrap().drain(..) {
-            let _ = s.shutdown(std::net::Shutdown::Both);
+            let _ = s.shutdown(Shutdown::Both);
         }
     }
 
     pub fn restore(&self) {
-        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.cut.store(false, Ordering::SeqCst);
+    }
+
+    /// Holds every ListOffsets request `delay` before passing it on (and the
+    /// requests behind it on its connection); `Duration::ZERO` stops that.
+    pub fn hold_list_offsets(&self, delay: Duration) {
+        self.list_offsets_delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+}
+
+/// Copies Kafka requests from `from` to `to` one whole request at a time,
+/// holding each ListOffsets for the delay `delay_ms` says at that moment.
+fn copy_kafka_requests(from: &mut TcpStream, to: &mut TcpStream, delay_ms: &AtomicU64) -> std::io::Result<()> {
+    let mut size = [0u8; 4];
+    loop {
+        from.read_exact(&mut size)?;
+        let mut request = vec![0u8; i32::from_be_bytes(size).max(0) as usize];
+        from.read_exact(&mut request)?;
+        let api_key = request.get(..2).map(|k| i16::from_be_bytes([k[0], k[1]]));
+        let delay = delay_ms.load(Ordering::SeqCst);
+        if api_key == Some(LIST_OFFSETS) && delay > 0 {
+            std::thread::sleep(Duration::from_millis(delay)); // the fault itself, not a wait on a condition
+        }
+        to.write_all(&size)?;
+        to.write_all(&request)?;
     }
 }
 
