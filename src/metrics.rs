@@ -47,6 +47,7 @@ pub struct Metrics {
     pub update_log_stalled: IntGauge,
     pub update_log_start: IntGauge,
     pub rollbacks: IntCounterVec,
+    pub rollback_replayed_records: Histogram,
     pub divergences: IntCounter,
     pub admin_denied: IntCounter,
     pub events_ingested: IntCounterVec,
@@ -195,6 +196,14 @@ impl Metrics {
                     "Rollback records taken, by what became of the events since (relearn, skip)"
                 ),
                 &["events"]
+            )),
+            rollback_replayed_records: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "rollback_replayed_records",
+                    "Update-log records a rollback replayed from the newest checkpoint at or before its target \
+                     (the target's distance from that checkpoint; the whole log when none is left)"
+                )
+                .buckets(vec![0.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0])
             )),
             divergences: reg!(IntCounter::new(
                 "divergences_detected_total",

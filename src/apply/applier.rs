@@ -606,6 +606,9 @@ impl Applier {
                 Err(e) => return Err(e.context("stopping while rebuilding a rollback's state")),
             }
         };
+        let replayed_records = then.replayed_records;
+        self.metrics.rollback_replayed_records.observe(replayed_records as f64);
+        let then = then.state;
         let examples_undone = self.state.examples_learned.saturating_sub(then.examples_learned);
         self.state.roll_back(offset, r, then);
         self.publisher.mark_everything();
@@ -616,7 +619,7 @@ impl Applier {
         self.metrics.rollbacks.with_label_values(&[events]).inc();
         warn!(
             at = offset, to = r.to, events, examples_undone, reason = %r.reason, producer = %r.producer,
-            ms = started.elapsed().as_millis() as u64, "rolled back"
+            replayed_records, ms = started.elapsed().as_millis() as u64, "rolled back"
         );
         self.note_rollback(
             offset,

@@ -31,7 +31,7 @@ pub struct LogSource<'a> {
 /// The state at position `q`: the newest usable checkpoint at or before it,
 /// then the log up to `q`. A store that is down costs a longer replay (from
 /// the seed), not a different state.
-pub fn state_at(model: &Model, store: &dyn Store, log: &LogSource, q: i64) -> anyhow::Result<ReplicaState> {
+pub fn state_at(model: &Model, store: &dyn Store, log: &LogSource, q: i64) -> anyhow::Result<Rebuilt> {
     let start = match store.load_newest(model, Some(q)) {
         Ok(Some((state, info))) => {
             info!(to = q, checkpoint = info.position, "rebuilding from a checkpoint");
@@ -43,7 +43,16 @@ pub fn state_at(model: &Model, store: &dyn Store, log: &LogSource, q: i64) -> an
             ReplicaState::initial(model)
         }
     };
-    replay(model, store, log, start, q)
+    let replayed_records = q - start.position;
+    Ok(Rebuilt { state: replay(model, store, log, start, q)?, replayed_records })
+}
+
+/// A state rebuilt at an earlier position, and what it cost.
+pub struct Rebuilt {
+    pub state: ReplicaState,
+    /// Records replayed from the checkpoint it started from (not counting
+    /// those replayed for rollbacks met on the way).
+    pub replayed_records: i64,
 }
 
 /// Applies the log from `state.position` up to `until`, rollbacks included.
@@ -81,7 +90,7 @@ pub fn replay(
         last_progress = Instant::now();
         if let Outcome::RollBack(r) = state.apply(model, offset, message.payload().unwrap_or(&[]), &mut NoTouch) {
             let then = state_at(model, store, log, r.to)?;
-            state.roll_back(offset, &r, then);
+            state.roll_back(offset, &r, then.state);
         }
     }
     info!(from = started.1, to = until, ms = started.0.elapsed().as_millis() as u64, "replayed the update log");

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
+use tributary::checkpoint::{LocalStore, Store};
 use tributary::config::ModelKind;
 
 use crate::helpers::*;
@@ -57,6 +58,7 @@ fn rollback_asked_on_one_replica_returns_all_three_to_the_same_state() {
         assert_eq!(info["examples_learned"], 3000, "{}: {info}", r.id);
         assert_eq!(watermark_sum(&info), 6000, "{}: skipped events are not learned again", r.id);
         assert_eq!(r.metrics().value("tributary_rollbacks_total", "events=\"skip\""), 1.0, "{}", r.id);
+        assert_replay_bounded_by_a_checkpoint(r, q);
     }
 
     // Relearn, asked on another replica: the watermarks return to q's too,
@@ -73,6 +75,17 @@ fn rollback_asked_on_one_replica_returns_all_three_to_the_same_state() {
         assert_eq!(info["weights_digest"], infos[0]["weights_digest"], "{infos:?}");
         assert_eq!(r.metrics().value("tributary_rollbacks_total", ""), 2.0, "{}", r.id);
     }
+}
+
+/// A rollback to `q` replays the log from the newest checkpoint at or
+/// before `q` that the replica had, not from the seed: at most the distance
+/// from the newest one it still lists (its store only thins out since).
+fn assert_replay_bounded_by_a_checkpoint(r: &Replica, q: i64) {
+    let replayed = r.metrics().value("tributary_rollback_replayed_records_sum", "");
+    let listed = LocalStore::open(&r.state_dir, 3).unwrap().list().unwrap();
+    let newest_at_or_before_q = listed.iter().map(|c| c.position).filter(|&p| p <= q).max().unwrap_or(0);
+    eprintln!("{}: rollback to {q} replayed {replayed} records (newest checkpoint listed at or before it: {newest_at_or_before_q})", r.id);
+    assert!(replayed <= (q - newest_at_or_before_q) as f64, "{}: replayed {replayed}, q {q}, {listed:?}", r.id);
 }
 
 #[test]
