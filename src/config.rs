@@ -254,6 +254,28 @@ pub struct CheckpointConfig {
     pub trim_update_log: String,
 }
 
+/// The Open Inference Protocol over gRPC.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// `host:port` to serve `inference.GRPCInferenceService` on (Triton's
+    /// and KServe's gRPC clients); empty: off.
+    pub addr: String,
+}
+
+impl GrpcConfig {
+    /// The address to serve on; `None` when off.
+    pub fn socket_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        match self.addr.trim() {
+            "" => Ok(None),
+            addr => addr
+                .parse()
+                .map(Some)
+                .map_err(|_| ConfigError::Invalid(format!("grpc.addr {addr:?} is not host:port (or empty: off)"))),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
@@ -282,6 +304,7 @@ pub struct Config {
     pub guard: GuardConfig,
     pub checkpoint: CheckpointConfig,
     pub http: HttpConfig,
+    pub grpc: GrpcConfig,
 }
 
 impl Default for Config {
@@ -345,6 +368,7 @@ impl Default for Config {
                 ingest: true,
                 ingest_token: String::new(),
             },
+            grpc: GrpcConfig::default(),
         }
     }
 }
@@ -365,6 +389,7 @@ pub enum ConfigError {
 #[derive(Clone, Debug, Default)]
 pub struct Overrides {
     pub http_addr: Option<SocketAddr>,
+    pub grpc_addr: Option<SocketAddr>,
     pub brokers: Option<String>,
     pub replica_id: Option<String>,
     pub state_dir: Option<PathBuf>,
@@ -401,6 +426,9 @@ impl Config {
         if let Some(v) = flags.http_addr {
             config.http.addr = v;
         }
+        if let Some(v) = flags.grpc_addr {
+            config.grpc.addr = v.to_string();
+        }
         if let Some(v) = &flags.brokers {
             config.kafka.brokers = v.clone();
         }
@@ -424,6 +452,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.grpc.socket_addr()?;
         let m = &self.model;
         let bad = |msg: &str| Err(ConfigError::Invalid(msg.to_string()));
         if m.name.is_empty() || m.name.contains(['/', ':']) {

@@ -19,7 +19,9 @@
 //! 7. [`train`]: the trainer, a consumer-group member that turns batches of
 //!    events into gradient records; [`http`]: the API, which serves from
 //!    the snapshot and asks the applier only through its handle.
-//! 8. [`replica`]: builds and runs a replica from its configuration, for
+//! 8. [`grpc`]: the Open Inference Protocol over gRPC, on the HTTP API's
+//!    state and tensor code.
+//! 9. [`replica`]: builds and runs a replica from its configuration, for
 //!    `main` and tests.
 
 #[cfg(target_endian = "big")]
@@ -29,6 +31,7 @@ pub mod apply;
 pub mod checkpoint;
 pub mod config;
 pub mod event;
+pub mod grpc;
 pub mod http;
 pub mod ingest;
 pub mod lifecycle;
@@ -58,6 +61,7 @@ mod layers {
         &["metrics", "checkpoint", "snapshot"],
         &["apply", "ingest"],
         &["train", "http"],
+        &["grpc"],
         &["replica"],
     ];
 

@@ -43,6 +43,9 @@ enum Command {
         /// Address of the HTTP API
         #[arg(long)]
         http_addr: Option<SocketAddr>,
+        /// Address of the Open Inference Protocol's gRPC service (grpc.addr; none: off)
+        #[arg(long)]
+        grpc_addr: Option<SocketAddr>,
         /// Names this replica in gradient records, logs and metrics
         #[arg(long)]
         replica_id: Option<String>,
@@ -136,9 +139,19 @@ enum SnapshotsAction {
 fn main() -> anyhow::Result<()> {
     tributary::telemetry::init();
     match Cli::parse().command {
-        Command::Serve { config, http_addr, replica_id, state_dir, checkpoint_store, admin_token, bootstrap_from } => {
+        Command::Serve {
+            config,
+            http_addr,
+            grpc_addr,
+            replica_id,
+            state_dir,
+            checkpoint_store,
+            admin_token,
+            bootstrap_from,
+        } => {
             let config = config.load(Overrides {
                 http_addr,
+                grpc_addr,
                 replica_id,
                 state_dir,
                 checkpoint_store,

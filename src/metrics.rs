@@ -74,6 +74,12 @@ fn buckets_staleness_examples() -> Vec<f64> {
 }
 
 impl Metrics {
+    /// Counts and times one request of `protocol` (`http` or `grpc`).
+    pub fn count_request(&self, protocol: &str, method: &str, route: &str, status: &str, seconds: f64) {
+        self.http_duration.with_label_values(&[protocol, method, route]).observe(seconds);
+        self.http_requests.with_label_values(&[protocol, method, route, status]).inc();
+    }
+
     pub fn new(replica_id: &str) -> Metrics {
         let registry = Registry::new_custom(
             Some(NAMESPACE.into()),
@@ -92,12 +98,16 @@ impl Metrics {
         let hist = |name: &str, help: &str| HistogramOpts::new(name, help).buckets(buckets_seconds());
         let m = Metrics {
             http_requests: reg!(IntCounterVec::new(
-                Opts::new("http_requests_total", "HTTP requests by method, route and status"),
-                &["method", "route", "status"]
+                Opts::new(
+                    "http_requests_total",
+                    "Requests by protocol (http: REST; grpc: the Open Inference Protocol's gRPC service), method, \
+                     route and status (an HTTP status, or a gRPC code's name)"
+                ),
+                &["protocol", "method", "route", "status"]
             )),
             http_duration: reg!(HistogramVec::new(
-                hist("http_request_duration_seconds", "HTTP request latency by method and route"),
-                &["method", "route"]
+                hist("http_request_duration_seconds", "Request latency by protocol, method and route"),
+                &["protocol", "method", "route"]
             )),
             model_version: reg!(IntGauge::new("model_version", "Served model version (the updates position)")),
             events_consumed: reg!(IntCounter::new("events_consumed_total", "Training events read from Kafka")),

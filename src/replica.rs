@@ -26,6 +26,7 @@ use crate::apply::applier::Applier;
 use crate::apply::handle::ReplicaHandle;
 use crate::checkpoint::{self, CheckpointError, SharedStore};
 use crate::config::Config;
+use crate::grpc;
 use crate::http::admin::Admin;
 use crate::http::events::EventSink;
 use crate::http::{self, AppState};
@@ -166,11 +167,13 @@ impl Replica {
     pub async fn run_until_stopped<F: Future<Output = ()>>(self, mut shutdown: Shutdown<'_, F>) -> anyhow::Result<()> {
         let Replica { config, model, metrics, control, applier, trainer, trainer_stop, app } = self;
         tokio::spawn(app.history.clone().run(app.serving.clone(), metrics));
+        let grpc_stop = serve_grpc(&config, app.clone()).await?;
         let (mut http, http_stop) = serve_http(&config, app).await?;
         let started = wait_for_topics(&config, &mut shutdown).await?
             && announce_settings(&control, &model, &config.replica_id, &mut shutdown).await;
         if !started {
             let _ = http_stop.send(());
+            drop(grpc_stop);
             return Ok(());
         }
         let drain = applier.drain_request();
@@ -206,6 +209,7 @@ impl Replica {
             stop_role("applier", &mut applier_done, "did not drain").await;
         }
         let _ = http_stop.send(());
+        drop(grpc_stop); // its server stops when the sender goes
         if ended != Ended::Http {
             let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
         }
@@ -249,6 +253,25 @@ async fn serve_http(config: &Config, app: AppState) -> anyhow::Result<(HttpServe
             .await
     });
     Ok((server, stop))
+}
+
+/// Serves the Open Inference Protocol's gRPC service on `grpc.addr`
+/// until the returned sender is dropped (or fires); `None` when off.
+async fn serve_grpc(config: &Config, app: AppState) -> anyhow::Result<Option<oneshot::Sender<()>>> {
+    let Some(addr) = config.grpc.socket_addr()? else {
+        return Ok(None);
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = grpc::serve(addr, app, async {
+        let _ = stopped.await;
+    })
+    .await?;
+    tokio::spawn(async move {
+        if let Ok(Err(e)) = server.await {
+            error!(error = %e, "the gRPC server stopped");
+        }
+    });
+    Ok(Some(stop))
 }
 
 /// Creates or checks the topics, retried while the broker is away (serving

@@ -197,9 +197,8 @@ async fn record_request(State(state): State<AppState>, req: Request, next: Next)
     let method = req.method().clone();
     let start = Instant::now();
     let response = next.run(req).await;
-    let m = &state.metrics;
-    m.http_duration.with_label_values(&[method.as_str(), &route]).observe(start.elapsed().as_secs_f64());
-    m.http_requests.with_label_values(&[method.as_str(), &route, response.status().as_str()]).inc();
+    let seconds = start.elapsed().as_secs_f64();
+    state.metrics.count_request("http", method.as_str(), &route, response.status().as_str(), seconds);
     response
 }
 
@@ -244,7 +243,7 @@ async fn openapi_json() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], doc.as_str()).into_response()
 }
 
-fn check_model(state: &AppState, name: &str) -> Result<(), ApiError> {
+pub fn check_model(state: &AppState, name: &str) -> Result<(), ApiError> {
     if name == &*state.model_name {
         Ok(())
     } else {
@@ -431,7 +430,7 @@ async fn predict(
 }
 
 /// Predictions for `instances` (JSON instances, checked against the model).
-fn predict_instances(
+pub fn predict_instances(
     state: &AppState,
     snap: &crate::snapshot::Snapshot,
     instances: Vec<Value>,

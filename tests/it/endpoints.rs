@@ -106,6 +106,106 @@ async fn kserve_v2_infer_matches_v1_predict() {
     assert!(v["error"].as_str().unwrap().contains("holds 2 values, data has 1"), "{v}");
 }
 
+/// A V2 request in the binary tensor data extension: the JSON header, then
+/// the bytes its inputs' `binary_data_size` name.
+async fn call_binary(app: &axum::Router, header: &Value, binary: &[u8]) -> (StatusCode, Option<usize>, Vec<u8>) {
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let json = header.to_string();
+    let mut body = json.clone().into_bytes();
+    body.extend_from_slice(binary);
+    let request = Request::builder()
+        .method("POST")
+        .uri("/v2/models/default/infer")
+        .header("content-type", "application/octet-stream")
+        .header("inference-header-content-length", json.len())
+        .body(Body::from(body))
+        .unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let header_len =
+        (response.headers().get("inference-header-content-length")).map(|v| v.to_str().unwrap().parse().unwrap());
+    (status, header_len, response.into_body().collect().await.unwrap().to_bytes().to_vec())
+}
+
+fn bytes_elements(items: &[&str]) -> Vec<u8> {
+    items.iter().flat_map(|s| [(s.len() as u32).to_le_bytes().to_vec(), s.as_bytes().to_vec()].concat()).collect()
+}
+
+/// What tritonclient sends at its defaults (every input binary, binary
+/// outputs asked for), mixed JSON and binary inputs, and bad sizes.
+#[tokio::test]
+async fn kserve_v2_binary_tensors_match_v1_predict() {
+    let app = app(ModelKind::WideDeep);
+    let v1 = json!({"instances": [
+        {"dense": [0.5, -1.0], "sparse": {"country": "de", "tags": ["a", "b"]}},
+        {"dense": [0.0, 2.0], "sparse": {"tags": ["c"]}},
+    ]});
+    let (_, v1, _) = call(&app, "POST", PREDICT, v1.to_string()).await;
+    let v1: Vec<f32> = v1["predictions"].as_array().unwrap().iter().map(|p| p.as_f64().unwrap() as f32).collect();
+
+    let dense: Vec<u8> = [0.5f32, -1.0, 0.0, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let country = bytes_elements(&["de", ""]);
+    let tags = bytes_elements(&["a", "b", "c", ""]);
+    let input = |name: &str, shape: Value, datatype: &str, size: usize| json!({"name": name, "shape": shape, "datatype": datatype, "parameters": {"binary_data_size": size}});
+    let all_binary = json!({"inputs": [
+        input("dense", json!([2, 2]), "FP32", dense.len()),
+        input("country", json!([2]), "BYTES", country.len()),
+        input("tags", json!([2, 2]), "BYTES", tags.len()),
+    ], "parameters": {"binary_data_output": true}});
+    let (status, header_len, body) =
+        call_binary(&app, &all_binary, &[dense.clone(), country.clone(), tags.clone()].concat()).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let header_len = header_len.expect("a binary answer says where its JSON ends");
+    let header: Value = serde_json::from_slice(&body[..header_len]).unwrap();
+    assert_eq!(header["outputs"][0]["parameters"]["binary_data_size"], 8, "{header}");
+    assert!(header["outputs"][0].get("data").is_none(), "{header}");
+    let got: Vec<f32> = body[header_len..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert_eq!(got, v1, "binary V2 vs V1");
+
+    // Mixed: dense as JSON, the sparse fields binary; the output as JSON.
+    let mixed = json!({"inputs": [
+        {"name": "dense", "shape": [2, 2], "datatype": "FP32", "data": [0.5, -1.0, 0.0, 2.0]},
+        input("country", json!([2]), "BYTES", country.len()),
+        input("tags", json!([2, 2]), "BYTES", tags.len()),
+    ], "outputs": [{"name": "predictions", "parameters": {"binary_data": false}}]});
+    let (status, header_len, body) = call_binary(&app, &mixed, &[country.clone(), tags.clone()].concat()).await;
+    assert_eq!((status, header_len), (StatusCode::OK, None), "{}", String::from_utf8_lossy(&body));
+    let out: Value = serde_json::from_slice(&body).unwrap();
+    let got: Vec<f32> =
+        out["outputs"][0]["data"].as_array().unwrap().iter().map(|p| p.as_f64().unwrap() as f32).collect();
+    assert_eq!(got, v1, "mixed V2 vs V1");
+
+    // Bad sizes are the protocol's 400s, naming the input.
+    let cases = [
+        (
+            json!({"inputs": [input("dense", json!([2, 2]), "FP32", 64)]}),
+            dense.clone(),
+            "only 16 binary bytes are left",
+        ),
+        (json!({"inputs": [input("dense", json!([2, 2]), "FP32", 12)]}), dense.clone(), "4 binary bytes after"),
+        (json!({"inputs": [input("dense", json!([2, 2]), "FP32", 14)]}), dense[..14].to_vec(), "not a whole number"),
+        (
+            json!({"inputs": [input("tags", json!([2, 2]), "BYTES", 9)]}),
+            tags[..9].to_vec(),
+            "a BYTES element of 1 bytes",
+        ),
+        (json!({"inputs": [{"name": "dense", "shape": [2, 2], "datatype": "FP32"}]}), Vec::new(), "neither data nor"),
+        (
+            json!({"inputs": [input("dense", json!([2, 2]), "FP32", 16)], "outputs": [{"name": "probs"}]}),
+            dense.clone(),
+            "unknown output",
+        ),
+    ];
+    for (header, binary, want) in cases {
+        let (status, _, body) = call_binary(&app, &header, &binary).await;
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{header}: {text}");
+        assert!(text.contains(want), "{header}: {text}");
+    }
+}
+
 #[tokio::test]
 async fn posted_events_are_validated_whole_before_anything_is_produced() {
     // No broker at this address: a batch that reached the producer would

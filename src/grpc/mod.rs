@@ -1,0 +1,225 @@
+//! The Open Inference Protocol over gRPC (`inference.GRPCInferenceService`,
+//! generated from `inference.proto` by build.rs), served by tonic on
+//! `grpc.addr`. It owns the translation between the protocol's messages and
+//! the HTTP front's state: it reads the same serving snapshot, turns tensors
+//! into instances with the same code as REST V2 (`http::v2::tensor`), checks
+//! and predicts with the same code as V1, and counts requests in the same
+//! metrics under `protocol="grpc"`. It may not touch training or the log.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use anyhow::Context;
+use tonic::{Code, Request, Response, Status};
+use tracing::info;
+
+use crate::http::v2::tensor::{self, Elements, Tensor};
+use crate::http::v2::{ModelMetadata, ServerMetadata, OUTPUT};
+use crate::http::{check_model, predict_instances, ApiError, AppState};
+
+/// The messages and service of `inference.proto`.
+pub mod proto {
+    tonic::include_proto!("inference");
+}
+
+use proto::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
+use proto::model_infer_request::InferInputTensor;
+use proto::model_infer_response::InferOutputTensor;
+use proto::model_metadata_response::TensorMetadata;
+
+/// The service over the HTTP front's state.
+pub struct InferenceService {
+    state: AppState,
+}
+
+/// Binds `addr` and serves the service until `stop` completes.
+pub async fn serve(
+    addr: SocketAddr,
+    state: AppState,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>> {
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (grpc.addr)"))?;
+    info!(addr = %listener.local_addr()?, "serving the Open Inference Protocol over gRPC");
+    // A request as large as HTTP takes; answers are a few bytes per row.
+    let service = GrpcInferenceServiceServer::new(InferenceService { state: state.clone() })
+        .max_decoding_message_size(state.max_body_bytes);
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    Ok(tokio::spawn(
+        tonic::transport::Server::builder().add_service(service).serve_with_incoming_shutdown(incoming, stop),
+    ))
+}
+
+impl InferenceService {
+    /// Runs `handle`, counting and timing it as `rpc`.
+    async fn counted<T>(
+        &self,
+        rpc: &str,
+        handle: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<Response<T>, Status> {
+        let start = Instant::now();
+        let result = handle.await;
+        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        let route = format!("/inference.GRPCInferenceService/{rpc}");
+        self.state.metrics.count_request("grpc", "POST", &route, &format!("{code:?}"), start.elapsed().as_secs_f64());
+        result.map(Response::new)
+    }
+
+    fn ready(&self) -> bool {
+        self.state.ready.load(Ordering::Acquire)
+    }
+
+    /// Tensors in, predictions out, as REST V2 does it.
+    fn infer(&self, request: proto::ModelInferRequest) -> Result<proto::ModelInferResponse, ApiError> {
+        check_model(&self.state, &request.model_name)?;
+        if let Some(other) = request.outputs.iter().find(|o| o.name != OUTPUT) {
+            return Err(ApiError::BadRequest(format!("unknown output {:?}; the model has {OUTPUT:?}", other.name)));
+        }
+        let inputs = tensors(request.inputs, request.raw_input_contents)?;
+        let snap = self.state.serving.load();
+        let c = snap.model.config();
+        let instances = tensor::instances(&inputs, c.dense_dim, &c.sparse_fields)?;
+        let n = instances.len() as i64;
+        let predictions = predict_instances(&self.state, &snap, instances)?;
+        Ok(proto::ModelInferResponse {
+            model_name: request.model_name,
+            model_version: snap.position.to_string(),
+            id: request.id,
+            parameters: HashMap::new(),
+            outputs: vec![InferOutputTensor {
+                name: OUTPUT.into(),
+                datatype: "FP32".into(),
+                shape: vec![n],
+                parameters: HashMap::new(),
+                contents: None,
+            }],
+            raw_output_contents: vec![tensor::fp32_bytes(&predictions)],
+        })
+    }
+}
+
+/// The request's inputs as tensors: from `raw` (one entry per input, in
+/// order) when it is sent, else from each input's typed contents.
+fn tensors(inputs: Vec<InferInputTensor>, raw: Vec<Vec<u8>>) -> Result<Vec<Tensor>, ApiError> {
+    if !raw.is_empty() && raw.len() != inputs.len() {
+        return Err(ApiError::BadRequest(format!(
+            "{} inputs but {} raw_input_contents; send one per input, or none",
+            inputs.len(),
+            raw.len()
+        )));
+    }
+    let mut raw = raw.into_iter();
+    (inputs.into_iter())
+        .map(|input| {
+            let elements = match raw.next() {
+                Some(bytes) => Elements::from_raw(&input.name, &input.datatype, &bytes)?,
+                None => typed_contents(&input)?,
+            };
+            Ok(Tensor { name: input.name, datatype: input.datatype, shape: input.shape, elements })
+        })
+        .collect()
+}
+
+/// An input's typed contents: the field its datatype names.
+fn typed_contents(input: &InferInputTensor) -> Result<Elements, ApiError> {
+    let contents = input.contents.clone().unwrap_or_default();
+    match input.datatype.as_str() {
+        "FP32" => Ok(Elements::Fp32(contents.fp32_contents)),
+        "FP64" => Ok(Elements::Fp64(contents.fp64_contents)),
+        "BYTES" => Ok(Elements::Bytes(contents.bytes_contents)),
+        other => {
+            Err(ApiError::BadRequest(format!("input {:?} is {other}; dense is FP32, sparse fields BYTES", input.name)))
+        }
+    }
+}
+
+/// The protocol's status for an error the HTTP front would answer.
+fn status(e: ApiError) -> Status {
+    let message = e.to_string();
+    match e {
+        ApiError::BadRequest(_) | ApiError::TooLarge(_) => Status::invalid_argument(message),
+        ApiError::NotFound(_) => Status::not_found(message),
+        ApiError::Unavailable(_) => Status::unavailable(message),
+        ApiError::Conflict(_) => Status::failed_precondition(message),
+        ApiError::MethodNotAllowed => Status::unimplemented(message),
+        ApiError::Internal(detail) => Status::internal(detail),
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for InferenceService {
+    async fn server_live(
+        &self,
+        _: Request<proto::ServerLiveRequest>,
+    ) -> Result<Response<proto::ServerLiveResponse>, Status> {
+        self.counted("ServerLive", async { Ok(proto::ServerLiveResponse { live: true }) }).await
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<proto::ServerReadyRequest>,
+    ) -> Result<Response<proto::ServerReadyResponse>, Status> {
+        self.counted("ServerReady", async { Ok(proto::ServerReadyResponse { ready: self.ready() }) }).await
+    }
+
+    async fn model_ready(
+        &self,
+        request: Request<proto::ModelReadyRequest>,
+    ) -> Result<Response<proto::ModelReadyResponse>, Status> {
+        let name = request.into_inner().name;
+        self.counted("ModelReady", async {
+            check_model(&self.state, &name).map_err(status)?;
+            Ok(proto::ModelReadyResponse { ready: self.ready() })
+        })
+        .await
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<proto::ServerMetadataRequest>,
+    ) -> Result<Response<proto::ServerMetadataResponse>, Status> {
+        self.counted("ServerMetadata", async {
+            let m = ServerMetadata::of_this_server();
+            Ok(proto::ServerMetadataResponse {
+                name: m.name.into(),
+                version: m.version.into(),
+                extensions: m.extensions,
+            })
+        })
+        .await
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<proto::ModelMetadataRequest>,
+    ) -> Result<Response<proto::ModelMetadataResponse>, Status> {
+        let name = request.into_inner().name;
+        self.counted("ModelMetadata", async {
+            check_model(&self.state, &name).map_err(status)?;
+            let m = ModelMetadata::of(&self.state);
+            let tensor = |t: crate::http::v2::TensorMetadata| TensorMetadata {
+                name: t.name,
+                datatype: t.datatype.into(),
+                shape: t.shape,
+            };
+            Ok(proto::ModelMetadataResponse {
+                name: m.name,
+                versions: m.versions,
+                platform: m.platform,
+                inputs: m.inputs.into_iter().map(tensor).collect(),
+                outputs: m.outputs.into_iter().map(tensor).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<proto::ModelInferRequest>,
+    ) -> Result<Response<proto::ModelInferResponse>, Status> {
+        let request = request.into_inner();
+        self.counted("ModelInfer", async { self.infer(request).map_err(status) }).await
+    }
+}

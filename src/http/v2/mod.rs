@@ -1,0 +1,301 @@
+//! The Open Inference Protocol (KServe V2), REST: server and model
+//! metadata, health, and `infer`.
+//!
+//! Inputs are named after the model's features: `dense`, FP32 (or FP64)
+//! with shape `[N, dense_dim]`, and one BYTES input per sparse field with
+//! shape `[N]` (one value per instance) or `[N, K]` (a bag of up to K values;
+//! empty strings pad). A missing sparse input is an empty bag, as in V1.
+//! The output is `predictions`, FP32, shape `[N]`. Each row becomes a V1
+//! instance and goes through the same checks.
+
+mod binary;
+pub mod tensor;
+
+use std::sync::atomic::Ordering;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use utoipa::ToSchema;
+
+use self::tensor::{Elements, Tensor};
+use super::{body_bytes, check_model, predict_instances, ApiError, AppState, ErrorBody};
+
+#[derive(Serialize, ToSchema)]
+pub struct ServerMetadata {
+    pub name: &'static str,
+    pub version: &'static str,
+    pub extensions: Vec<String>,
+}
+
+impl ServerMetadata {
+    pub fn of_this_server() -> ServerMetadata {
+        ServerMetadata {
+            name: "tributary",
+            version: env!("CARGO_PKG_VERSION"),
+            extensions: vec!["binary_tensor_data".into()],
+        }
+    }
+}
+
+/// Server metadata.
+#[utoipa::path(get, path = "/v2", tag = "kserve-v2", responses((status = 200, body = ServerMetadata)))]
+pub async fn server_metadata() -> Json<ServerMetadata> {
+    Json(ServerMetadata::of_this_server())
+}
+
+/// Server liveness.
+#[utoipa::path(get, path = "/v2/health/live", tag = "kserve-v2", responses((status = 200, body = Object, example = json!({"live": true}))))]
+pub async fn live() -> Json<Value> {
+    Json(json!({ "live": true }))
+}
+
+fn readiness(state: &AppState) -> Response {
+    let ready = state.ready.load(Ordering::Acquire);
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(json!({ "ready": ready }))).into_response()
+}
+
+/// Server readiness: caught up with the update log.
+#[utoipa::path(get, path = "/v2/health/ready", tag = "kserve-v2", responses(
+    (status = 200, body = Object, example = json!({"ready": true})),
+    (status = 503, description = "Catching up", body = Object),
+))]
+pub async fn ready(State(state): State<AppState>) -> Response {
+    readiness(&state)
+}
+
+/// Model readiness.
+#[utoipa::path(get, path = "/v2/models/{model}/ready", tag = "kserve-v2",
+    params(("model" = String, Path, description = "The model name", example = "default")),
+    responses((status = 200, body = Object), (status = 404, body = ErrorBody), (status = 503, body = Object)))]
+pub async fn model_ready(State(state): State<AppState>, Path(model): Path<String>) -> Result<Response, ApiError> {
+    check_model(&state, &model)?;
+    Ok(readiness(&state))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TensorMetadata {
+    pub name: String,
+    pub datatype: &'static str,
+    /// -1: any length.
+    pub shape: Vec<i64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ModelMetadata {
+    pub name: String,
+    /// The served version: the update-log position of the weights.
+    pub versions: Vec<String>,
+    pub platform: String,
+    pub inputs: Vec<TensorMetadata>,
+    pub outputs: Vec<TensorMetadata>,
+}
+
+impl ModelMetadata {
+    /// The inputs and output of the model `state` serves now.
+    pub fn of(state: &AppState) -> ModelMetadata {
+        let snap = state.serving.load();
+        let c = snap.model.config();
+        let mut inputs =
+            vec![TensorMetadata { name: "dense".into(), datatype: "FP32", shape: vec![-1, c.dense_dim as i64] }];
+        inputs.extend(c.sparse_fields.iter().map(|f| TensorMetadata {
+            name: f.clone(),
+            datatype: "BYTES",
+            shape: vec![-1, -1],
+        }));
+        let kind = serde_json::to_value(c.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        ModelMetadata {
+            name: state.model_name.to_string(),
+            versions: vec![snap.position.to_string()],
+            platform: format!("tributary_{kind}"),
+            inputs,
+            outputs: vec![TensorMetadata { name: OUTPUT.into(), datatype: "FP32", shape: vec![-1] }],
+        }
+    }
+}
+
+/// Model metadata: the inputs `infer` takes.
+#[utoipa::path(get, path = "/v2/models/{model}", tag = "kserve-v2",
+    params(("model" = String, Path, description = "The model name", example = "default")),
+    responses((status = 200, body = ModelMetadata), (status = 404, body = ErrorBody)))]
+pub async fn model_metadata(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<ModelMetadata>, ApiError> {
+    check_model(&state, &model)?;
+    Ok(Json(ModelMetadata::of(&state)))
+}
+
+#[derive(Deserialize, ToSchema)]
+pub struct InferInput {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    /// Row-major, flat or nested; absent when `parameters.binary_data_size`
+    /// says the data follows the JSON (the binary extension).
+    #[serde(default)]
+    #[schema(value_type = Option<Vec<Object>>)]
+    data: Option<Value>,
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    parameters: Option<Map<String, Value>>,
+}
+
+#[derive(Deserialize, ToSchema)]
+pub struct RequestedOutput {
+    /// `predictions`, the one output.
+    name: String,
+    /// `binary_data: true` asks for the output in binary form.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    parameters: Option<Map<String, Value>>,
+}
+
+#[derive(Deserialize, ToSchema)]
+pub struct InferRequest {
+    #[serde(default)]
+    id: Option<String>,
+    inputs: Vec<InferInput>,
+    /// The outputs wanted; absent: all (`predictions`).
+    #[serde(default)]
+    outputs: Option<Vec<RequestedOutput>>,
+    /// `binary_data_output: true` asks for every output in binary form.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    parameters: Option<Map<String, Value>>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct InferOutput {
+    name: &'static str,
+    datatype: &'static str,
+    shape: Vec<i64>,
+    /// Absent when the data follows the JSON in binary form.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<Vec<f32>>,
+    /// `binary_data_size` of binary data.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    parameters: Option<Value>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct InferResponse {
+    model_name: String,
+    /// The update-log position of the weights that answered.
+    model_version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    outputs: Vec<InferOutput>,
+}
+
+/// The one output every model has.
+pub const OUTPUT: &str = "predictions";
+
+/// Inference (Open Inference Protocol), with the binary tensor data
+/// extension: inputs whose `parameters.binary_data_size` is set take their
+/// data from the bytes after the JSON (`Inference-Header-Content-Length`
+/// long); `predictions` comes back in binary form when asked.
+#[utoipa::path(post, path = "/v2/models/{model}/infer", tag = "kserve-v2",
+    params(("model" = String, Path, description = "The model name", example = "default")),
+    request_body = InferRequest,
+    responses(
+        (status = 200, body = InferResponse, description = "JSON; or, with binary outputs, the JSON header and the \
+            output bytes (Inference-Header-Content-Length gives the header's length)"),
+        (status = 400, description = "A bad tensor, named", body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 413, body = ErrorBody),
+    ))]
+pub async fn infer(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    check_model(&state, &model)?;
+    let body = body_bytes(&state, body)?;
+    let (json, binary) = binary::split(&body, &headers)?;
+    let request: InferRequest =
+        serde_json::from_slice(json).map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))?;
+    let binary_output = wants_binary_output(&request)?;
+    let inputs = tensors(request.inputs, binary)?;
+    let snap = state.serving.load();
+    let c = snap.model.config();
+    let instances = tensor::instances(&inputs, c.dense_dim, &c.sparse_fields)?;
+    let n = instances.len() as i64;
+    let predictions = predict_instances(&state, &snap, instances)?;
+    let mut output = InferOutput { name: OUTPUT, datatype: "FP32", shape: vec![n], data: None, parameters: None };
+    let respond = |outputs| InferResponse {
+        model_name: model,
+        model_version: snap.position.to_string(),
+        id: request.id,
+        outputs,
+    };
+    if !binary_output {
+        output.data = Some(predictions);
+        return Ok(Json(respond(vec![output])).into_response());
+    }
+    let bytes = tensor::fp32_bytes(&predictions);
+    output.parameters = Some(json!({ "binary_data_size": bytes.len() }));
+    let header = serde_json::to_vec(&respond(vec![output])).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(binary::response(header, bytes))
+}
+
+/// The request's inputs as tensors: JSON `data`, or their share of the
+/// binary bytes, in order.
+fn tensors(inputs: Vec<InferInput>, binary: &[u8]) -> Result<Vec<Tensor>, ApiError> {
+    let mut reader = binary::BinaryReader::new(binary);
+    let tensors = (inputs.into_iter())
+        .map(|input| {
+            let elements = match (binary::data_size(&input.name, input.parameters.as_ref())?, input.data) {
+                (Some(size), _) => reader.take(&input.name, &input.datatype, size)?,
+                (None, Some(data)) => Elements::Json(flatten(&data).into_iter().cloned().collect()),
+                (None, None) => {
+                    return Err(ApiError::BadRequest(format!(
+                        "input {:?} has neither data nor parameters.binary_data_size",
+                        input.name
+                    )))
+                }
+            };
+            Ok(Tensor { name: input.name, datatype: input.datatype, shape: input.shape, elements })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    reader.finish()?;
+    Ok(tensors)
+}
+
+/// Whether `predictions` goes back in binary form: its own `binary_data`
+/// if the request names it, else the request's `binary_data_output`.
+fn wants_binary_output(request: &InferRequest) -> Result<bool, ApiError> {
+    let flag = |parameters: &Option<Map<String, Value>>, name: &str| -> Result<Option<bool>, ApiError> {
+        match parameters.as_ref().and_then(|p| p.get(name)) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(ApiError::BadRequest(format!("parameter {name}: {v} is not a boolean"))),
+        }
+    };
+    let all = flag(&request.parameters, "binary_data_output")?.unwrap_or(false);
+    let Some(outputs) = &request.outputs else { return Ok(all) };
+    let mut binary = all;
+    for output in outputs {
+        if output.name != OUTPUT {
+            return Err(ApiError::BadRequest(format!("unknown output {:?}; the model has {OUTPUT:?}", output.name)));
+        }
+        binary = flag(&output.parameters, "binary_data")?.unwrap_or(all);
+    }
+    Ok(binary)
+}
+
+/// The leaves of nested arrays, in row-major order.
+fn flatten(v: &Value) -> Vec<&Value> {
+    match v {
+        Value::Array(items) => items.iter().flat_map(flatten).collect(),
+        leaf => vec![leaf],
+    }
+}
