@@ -56,7 +56,8 @@ RUN ! ldd /usr/local/bin/tributary | grep 'not found' && tributary --version
 USER tributary
 WORKDIR /var/lib/tributary
 VOLUME /var/lib/tributary
-EXPOSE 8080
+# HTTP; gRPC when grpc.addr is set (the compose fleet sets 0.0.0.0:8001).
+EXPOSE 8080 8001
 # Liveness: the HTTP API answers. (Readiness, caught up with the update log,
 # is GET /readyz; a replica that is catching up is healthy.)
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \

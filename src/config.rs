@@ -175,6 +175,22 @@ pub struct KafkaConfig {
     /// timeout keeps its partitions without a rebalance. Empty: off.
     pub group_instance_id: String,
     pub session_timeout_ms: u32,
+    /// How training events are encoded: `json`, or `avro` (the Confluent
+    /// wire format: magic byte, schema id, Avro body).
+    pub event_format: EventFormat,
+    /// The Avro writer schema (`.avsc`), for `event_format = "avro"`.
+    pub avro_schema: PathBuf,
+    /// The one schema id accepted in the framing; absent: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avro_schema_id: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum EventFormat {
+    #[default]
+    Json,
+    Avro,
 }
 
 /// The largest update-log record tributary supports: the `updates` topic's
@@ -340,6 +356,9 @@ impl Default for Config {
                 group_id: "tributary".into(),
                 group_instance_id: String::new(),
                 session_timeout_ms: 6000,
+                event_format: EventFormat::Json,
+                avro_schema: PathBuf::new(),
+                avro_schema_id: None,
             },
             train: TrainConfig {
                 enabled: true,
@@ -453,6 +472,12 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.grpc.socket_addr()?;
+        if self.kafka.event_format == EventFormat::Avro && self.kafka.avro_schema.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid(
+                "kafka.event_format = \"avro\" needs kafka.avro_schema (the writer schema, e.g. config/event.avsc)"
+                    .into(),
+            ));
+        }
         let m = &self.model;
         let bad = |msg: &str| Err(ConfigError::Invalid(msg.to_string()));
         if m.name.is_empty() || m.name.contains(['/', ':']) {

@@ -14,7 +14,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 use rdkafka::ClientContext;
 
 use crate::config::KafkaConfig;
-use crate::event::Featurizer;
+use crate::event::{EventCodec, Featurizer};
 use crate::update_log::kafka;
 
 /// Records the brokers acknowledged, and those that failed for good.
@@ -43,7 +43,8 @@ pub struct ProduceReport {
     pub invalid: u64,
 }
 
-/// Produces every valid line of `input` to `topic`, creating the topic as
+/// Produces every valid line of `input` to `topic` in `kafka.event_format`
+/// (JSON as it is, or Avro framed for the Confluent wire format), creating the topic as
 /// `serve` creates the events topic (`kafka.events_partitions`,
 /// `kafka.replication_factor`) if it does not exist.
 pub fn produce(
@@ -52,6 +53,7 @@ pub fn produce(
     featurizer: &Featurizer,
     input: impl BufRead,
 ) -> anyhow::Result<ProduceReport> {
+    let codec = EventCodec::new(k).map_err(anyhow::Error::msg)?;
     let brokers = k.brokers.as_str();
     let events = [(topic, k.events_partitions, kafka::TopicRole::Events)];
     futures::executor::block_on(kafka::create_missing(brokers, k.replication_factor, &events))?;
@@ -74,7 +76,15 @@ pub fn produce(
             invalid += 1;
             continue;
         }
-        let mut record = BaseRecord::to(topic).payload(line.as_bytes()).key(&[] as &[u8]);
+        let payload = match codec.encode(line.as_bytes()) {
+            Ok(payload) => payload,
+            Err(e) => {
+                eprintln!("line {}: {e}", i + 1);
+                invalid += 1;
+                continue;
+            }
+        };
+        let mut record = BaseRecord::to(topic).payload(payload.as_ref()).key(&[] as &[u8]);
         loop {
             match producer.send(record) {
                 Ok(()) => break,

@@ -68,6 +68,10 @@ enum Command {
         config: ConfigArgs,
         #[arg(long, default_value = "events")]
         topic: String,
+        /// Encoding on the topic: json, or avro (Confluent wire format, with
+        /// kafka.avro_schema); default: kafka.event_format
+        #[arg(long, value_enum)]
+        format: Option<tributary::config::EventFormat>,
         file: Option<PathBuf>,
     },
     /// The checkpoint store's snapshots.
@@ -162,8 +166,12 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(tributary::replica::run(config, shutdown_signal()))
         }
-        Command::Produce { config, topic, file } => {
-            let config = config.load(Overrides::default())?;
+        Command::Produce { config, topic, format, file } => {
+            let mut config = config.load(Overrides::default())?;
+            if let Some(format) = format {
+                config.kafka.event_format = format;
+                config.validate()?;
+            }
             let model = tributary::model::Model::new(&config.model)?;
             let input: Box<dyn BufRead> = match file {
                 Some(path) => Box::new(std::io::BufReader::new(

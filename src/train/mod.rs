@@ -45,7 +45,7 @@ pub use context::{Rebalanced, TrainerContext};
 
 use crate::apply::applier::Progress;
 use crate::config::{Config, TrainConfig};
-use crate::event::Example;
+use crate::event::{EventCodec, Example};
 use crate::lifecycle::StopRequest;
 use crate::metrics::Metrics;
 use crate::model::{Gradient, Model};
@@ -232,6 +232,8 @@ pub type DeliveryFailures = Arc<Mutex<Vec<DeliveryFailure>>>;
 
 pub struct Trainer {
     model: Arc<Model>,
+    /// JSON or Avro (`kafka.event_format`).
+    events: EventCodec,
     serving: Serving,
     consumer: BaseConsumer<TrainerContext>,
     producer: ThreadedProducer<context::DeliveryContext>,
@@ -311,6 +313,7 @@ impl Trainer {
         let dead_letters = kafka::producer_config(&k.brokers, &format!("{}-dlq", config.replica_id))
             .create_with_context(context::DeadLetterContext { metrics: metrics.clone() })?;
         Ok(Trainer {
+            events: EventCodec::new(k).map_err(anyhow::Error::msg)?,
             model,
             serving,
             consumer,
@@ -441,7 +444,7 @@ impl Trainer {
         }
         p.end = offset + 1;
         self.metrics.events_consumed.inc();
-        let example = match self.model.featurizer().event(payload) {
+        let example = match self.events.example(self.model.featurizer(), payload) {
             Ok(example) => Some(example),
             Err(e) => {
                 self.metrics.events_invalid.inc();

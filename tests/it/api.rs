@@ -84,7 +84,7 @@ async fn model_info_health_ready_and_metrics() {
     assert!(text.contains("tributary_model_version"), "{text}");
     assert!(
         text.contains(
-            r#"tributary_http_requests_total{protocol="http",method="POST",route="/v1/models/{model}",status="400",replica="test"} 1"#
+            r#"tributary_http_requests_total{method="POST",protocol="http",route="/v1/models/{model}",status="400",replica="test"} 1"#
         ),
         "{text}"
     );

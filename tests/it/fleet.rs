@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tributary::config::ModelKind;
@@ -254,27 +253,7 @@ fn bad_events_go_to_the_dead_letter_topic_and_every_good_one_is_learned_once() {
     assert_eq!(watermark_sum(&info), total as u64, "every partition moved past its bad events: {info}");
 
     // Every bad event is in the dead-letter topic, as it came, with its reason.
-    let consumer: BaseConsumer = kafka::log_reader_config(&k.brokers, "dlq-reader").create().unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&k.dlq_topic, 0, Offset::Beginning).unwrap();
-    consumer.assign(&tpl).unwrap();
-    let mut letters: Vec<(Vec<u8>, String, String)> = Vec::new();
-    wait_for("the dead letters", Duration::from_secs(30), || {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-            let headers = m.headers().expect("dead letters carry headers");
-            let header = |name: &str| {
-                let h = headers.iter().find(|h| h.key == name).unwrap_or_else(|| panic!("no header {name}"));
-                String::from_utf8(h.value.unwrap().to_vec()).unwrap()
-            };
-            assert_eq!(header("tributary.topic"), k.events_topic);
-            assert_eq!(
-                m.key(),
-                Some(format!("{}:{}", header("tributary.partition"), header("tributary.offset")).as_bytes())
-            );
-            letters.push((m.payload().unwrap().to_vec(), header("tributary.reason_kind"), header("tributary.reason")));
-        }
-        (letters.len() >= bad.len()).then_some(())
-    });
+    let letters = cluster.dead_letters(bad.len());
     let mut got: Vec<(Vec<u8>, String)> = letters.iter().map(|(p, kind, _)| (p.clone(), kind.clone())).collect();
     let mut want: Vec<(Vec<u8>, String)> = bad.iter().map(|(p, kind)| (p.clone(), kind.to_string())).collect();
     got.sort();

@@ -113,19 +113,57 @@ impl Cluster {
         labels
     }
 
-    /// Produces the JSON lines `events` as they are, round-robin over the partitions.
-    pub fn produce_lines(&self, events: &[String]) {
+    /// Produces `events` (JSON lines, or any bytes) as they are,
+    /// round-robin over the partitions.
+    pub fn produce_payloads(&self, events: &[impl AsRef<[u8]>]) {
         use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
         let k = &self.config.kafka;
         let producer: BaseProducer =
             tributary::update_log::kafka::producer_config(&k.brokers, "test-lines").create().unwrap();
-        for (i, line) in events.iter().enumerate() {
-            let record =
-                BaseRecord::<(), _>::to(&k.events_topic).partition(i as i32 % k.events_partitions).payload(line);
+        for (i, payload) in events.iter().enumerate() {
+            let record = BaseRecord::<(), _>::to(&k.events_topic)
+                .partition(i as i32 % k.events_partitions)
+                .payload(payload.as_ref());
             producer.send(record).map_err(|(e, _)| e).unwrap();
             producer.poll(Duration::ZERO);
         }
         producer.flush(Duration::from_secs(30)).unwrap();
+    }
+
+    /// The first `n` dead letters: (payload, reason kind, reason), each
+    /// checked to name the events topic, partition and offset it came from.
+    pub fn dead_letters(&self, n: usize) -> Vec<(Vec<u8>, String, String)> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::message::{Headers, Message};
+        use rdkafka::{Offset, TopicPartitionList};
+        let k = &self.config.kafka;
+        let consumer: BaseConsumer =
+            tributary::update_log::kafka::log_reader_config(&k.brokers, "dlq-reader").create().unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&k.dlq_topic, 0, Offset::Beginning).unwrap();
+        consumer.assign(&tpl).unwrap();
+        let mut letters = Vec::new();
+        wait_for("the dead letters", Duration::from_secs(30), || {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                let headers = m.headers().expect("dead letters carry headers");
+                let header = |name: &str| {
+                    let h = headers.iter().find(|h| h.key == name).unwrap_or_else(|| panic!("no header {name}"));
+                    String::from_utf8(h.value.unwrap().to_vec()).unwrap()
+                };
+                assert_eq!(header("tributary.topic"), k.events_topic);
+                assert_eq!(
+                    m.key(),
+                    Some(format!("{}:{}", header("tributary.partition"), header("tributary.offset")).as_bytes())
+                );
+                letters.push((
+                    m.payload().unwrap().to_vec(),
+                    header("tributary.reason_kind"),
+                    header("tributary.reason"),
+                ));
+            }
+            (letters.len() >= n).then_some(())
+        });
+        letters
     }
 
     /// Environment that hands this cluster's configuration to a replica or

@@ -6,6 +6,7 @@
 
 mod api;
 mod browser;
+mod clients;
 mod deploy;
 mod endpoints;
 mod faults;

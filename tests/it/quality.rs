@@ -44,14 +44,14 @@ fn learning_at_speed_is_within_one_percent_of_learning_without_staleness() {
         let mut at_speed = Cluster::new(&format!("quality-{name}"), kind);
         at_speed.config.train = tributary::config::Config::default().train;
         let (lines, labels) = ctr_events(&at_speed);
-        at_speed.produce_lines(&lines);
+        at_speed.produce_payloads(&lines);
         // Without staleness: the same events in order in one partition, one
         // record in flight, each gradient at the weights of the one before.
         let mut sequential = Cluster::new(&format!("quality-{name}-1p"), kind);
         sequential.config.train = at_speed.config.train.clone();
         sequential.config.train.max_in_flight = 1;
         sequential.with_events_partitions(1);
-        sequential.produce_lines(&lines);
+        sequential.produce_payloads(&lines);
 
         let (fast, slow) = (learned_loss(&at_speed, "at-speed"), learned_loss(&sequential, "sequential"));
         let constant = constant_logloss(&labels);

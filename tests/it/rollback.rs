@@ -100,7 +100,7 @@ fn a_poisoned_stream_triggers_one_automatic_rollback() {
     // flipped, so the model's confident answers are wrong.
     let mut synthetic = tributary::synthetic::Synthetic::new(&cluster.config.model, 2);
     let poison: Vec<String> = (0..1500).map(|_| tributary::synthetic::poisoned(&synthetic.event(1)).unwrap()).collect();
-    cluster.produce_lines(&poison);
+    cluster.produce_payloads(&poison);
     let infos: Vec<Value> = replicas
         .iter()
         .map(|r| {

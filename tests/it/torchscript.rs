@@ -261,7 +261,7 @@ fn a_batch_whose_gradient_fails_is_skipped_not_learned() {
             e.to_string()
         })
         .collect();
-    cluster.produce_lines(&refused);
+    cluster.produce_payloads(&refused);
     cluster.produce(500, 7);
     let info = crate::helpers::wait_for("every event taken by a record", Duration::from_secs(120), || {
         let info = r.info()?;

@@ -5,12 +5,17 @@
 //! {"dense": [0.1, 2.0], "sparse": {"country": "de", "tags": ["a", "b"]}, "label": 1, "ts": 1764000000000}
 //! ```
 //! `label` and `ts` appear only in training events; `ts` is optional.
+//! Training events come as JSON or, with `kafka.event_format = "avro"`, as
+//! Avro records in the Confluent wire format ([`avro`]); [`EventCodec`]
+//! is the one place that choice is made.
+
+pub mod avro;
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::config::{Loss, ModelConfig};
+use crate::config::{EventFormat, KafkaConfig, Loss, ModelConfig};
 
 /// One sparse value or a bag of them.
 #[derive(Debug, Deserialize)]
@@ -77,6 +82,8 @@ pub enum SchemaError {
     ValueTooLong(String, usize),
     #[error("the event is {0} bytes, at most {MAX_EVENT_BYTES} are allowed")]
     EventTooLarge(usize),
+    #[error("{0}")]
+    Avro(String),
 }
 
 impl SchemaError {
@@ -92,6 +99,7 @@ impl SchemaError {
             SchemaError::LabelNonFinite => "label_non_finite",
             SchemaError::ValueTooLong(..) => "value_too_long",
             SchemaError::EventTooLarge(_) => "event_too_large",
+            SchemaError::Avro(_) => "avro",
         }
     }
 }
@@ -148,6 +156,11 @@ impl Featurizer {
             return Err(SchemaError::EventTooLarge(bytes.len()));
         }
         let raw: RawEvent = serde_json::from_slice(bytes).map_err(json_error)?;
+        self.example(raw)
+    }
+
+    /// Checks a parsed event (from JSON or Avro) and turns it into features.
+    fn example(&self, raw: RawEvent) -> Result<Example, SchemaError> {
         let label = match (raw.label.is_finite(), self.loss) {
             (false, _) => return Err(SchemaError::LabelNonFinite),
             (true, Loss::Logloss) if !(0.0..=1.0).contains(&raw.label) => {
@@ -185,6 +198,57 @@ impl Featurizer {
             };
         }
         Ok(Features { dense, ids })
+    }
+}
+
+/// How training events are encoded on the events topic
+/// (`kafka.event_format`), built once from the configuration: decoded by
+/// the trainer, encoded by `tributary produce`.
+#[derive(Debug)]
+pub enum EventCodec {
+    Json,
+    Avro(avro::AvroEvents),
+}
+
+impl EventCodec {
+    /// Reads the Avro writer schema when the format is Avro; a schema that
+    /// cannot carry events is an error here, at start-up.
+    pub fn new(k: &KafkaConfig) -> Result<EventCodec, String> {
+        match k.event_format {
+            EventFormat::Json => Ok(EventCodec::Json),
+            EventFormat::Avro => {
+                let path = &k.avro_schema;
+                let text =
+                    std::fs::read_to_string(path).map_err(|e| format!("kafka.avro_schema {}: {e}", path.display()))?;
+                let events = avro::AvroEvents::new(&text, k.avro_schema_id)
+                    .map_err(|e| format!("kafka.avro_schema {}: {e}", path.display()))?;
+                Ok(EventCodec::Avro(events))
+            }
+        }
+    }
+
+    /// The bytes for the events topic of a valid JSON event (`line`).
+    pub fn encode<'a>(&self, line: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>, String> {
+        match self {
+            EventCodec::Json => Ok(std::borrow::Cow::Borrowed(line)),
+            EventCodec::Avro(avro) => {
+                let event: serde_json::Value = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+                avro.encode(event).map(std::borrow::Cow::Owned)
+            }
+        }
+    }
+
+    /// One training event from its bytes on the events topic.
+    pub fn example(&self, featurizer: &Featurizer, bytes: &[u8]) -> Result<Example, SchemaError> {
+        match self {
+            EventCodec::Json => featurizer.event(bytes),
+            EventCodec::Avro(avro) => {
+                if bytes.len() > MAX_EVENT_BYTES {
+                    return Err(SchemaError::EventTooLarge(bytes.len()));
+                }
+                featurizer.example(avro.decode(bytes)?)
+            }
+        }
     }
 }
 
