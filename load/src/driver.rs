@@ -1,6 +1,7 @@
-//! The HTTP load driver: keep-alive HTTP/1.1 connections that send one
+//! The load drivers. HTTP: keep-alive HTTP/1.1 connections that send one
 //! request after another, either as fast as the server answers (closed loop)
-//! or on a fixed schedule (open loop). In the open loop a latency is measured
+//! or on a fixed schedule (open loop). gRPC: HTTP/2 connections sending
+//! `ModelInfer` closed-loop. In the open loop a latency is measured
 //! from when the request was due, not when it was sent, so a stalled server
 //! is charged for the requests it held up (no coordinated omission).
 
@@ -18,6 +19,14 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+use self::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+
+/// The Open Inference Protocol's gRPC messages and client, generated from
+/// tributary's `src/grpc/inference.proto` (see build.rs).
+pub mod proto {
+    tonic::include_proto!("inference");
+}
 
 /// A request is abandoned, and counted as a `timeout` error, after this long.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -211,4 +220,62 @@ async fn connection(plan: Plan, target: usize, rate: Option<f64>, start: Instant
         }
     }
     out
+}
+
+/// What a gRPC run sends: one `ModelInfer` request, again and again.
+#[derive(Clone, Debug)]
+pub struct GrpcPlan {
+    /// `http://host:port` of the replica's `grpc.addr`.
+    pub target: String,
+    pub request: proto::ModelInferRequest,
+    /// HTTP/2 connections, each sending one request after another.
+    pub connections: usize,
+    pub duration: Duration,
+}
+
+/// Runs `plan` closed-loop (as fast as answered) to its end.
+pub async fn run_grpc(plan: GrpcPlan) -> Outcome {
+    let start = Instant::now();
+    let end = start + plan.duration;
+    let tasks: Vec<_> = (0..plan.connections)
+        .map(|_| {
+            let plan = plan.clone();
+            tokio::spawn(async move {
+                let mut out = Outcome::new(1);
+                let client = match tonic::transport::Endpoint::from_shared(plan.target.clone()) {
+                    Ok(endpoint) => endpoint.tcp_nodelay(true).connect().await,
+                    Err(e) => return Err(e),
+                };
+                let mut client = match client {
+                    Ok(channel) => GrpcInferenceServiceClient::new(channel),
+                    Err(_) => {
+                        out.error(0, "connect");
+                        return Ok(out);
+                    }
+                };
+                while Instant::now() < end {
+                    let sent = Instant::now();
+                    let call = client.model_infer(plan.request.clone());
+                    match tokio::time::timeout(REQUEST_TIMEOUT, call).await {
+                        Ok(Ok(_)) => {
+                            out.ok += 1;
+                            let _ = out.latency.record(sent.elapsed().as_micros().max(1) as u64);
+                        }
+                        Ok(Err(status)) => out.error(0, format!("grpc {:?}", status.code())),
+                        Err(_) => out.error(0, "timeout"),
+                    }
+                }
+                Ok(out)
+            })
+        })
+        .collect();
+    let mut total = Outcome::new(1);
+    for task in tasks {
+        match task.await {
+            Ok(Ok(out)) => total.merge(&out),
+            _ => total.error(0, "connect"),
+        }
+    }
+    total.elapsed = start.elapsed();
+    total
 }

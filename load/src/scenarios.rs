@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::json;
 
-use crate::driver::{self, Outcome, Plan};
+use crate::driver::{self, proto, GrpcPlan, Outcome, Plan};
 use crate::procs::{free_port, histogram_quantile, try_wait_for, Broker, EventStream, Proc, Replica};
 use crate::report::{Goal, Report};
 
@@ -29,11 +29,12 @@ const EVENTS_PER_POST: usize = 100;
 const CONNECTIONS: usize = 32;
 const READY_LIMIT: Duration = Duration::from_secs(120);
 
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 11] = [
     "baseline",
     "predict",
     "protocols",
     "learn_rate",
+    "event_formats",
     "quality",
     "guard",
     "freshness",
@@ -87,6 +88,7 @@ impl Bench {
             "predict" => self.predict(),
             "protocols" => self.protocols(),
             "learn_rate" => self.learn_rate(),
+            "event_formats" => self.event_formats(),
             "quality" => self.quality(),
             "guard" => self.guard(),
             "freshness" => self.freshness(),
@@ -266,7 +268,9 @@ impl Bench {
     fn protocols(&mut self) -> anyhow::Result<()> {
         let dir = self.dir("protocols")?;
         let broker = Broker::start(&dir)?;
-        let r = self.ready_replica(&dir, "r0", &broker, &[("MODEL__KIND", "logistic".into())])?;
+        let grpc_addr = format!("127.0.0.1:{}", free_port());
+        let env = [("MODEL__KIND", "logistic".into()), ("GRPC__ADDR", grpc_addr.clone())];
+        let r = self.ready_replica(&dir, "r0", &broker, &env)?;
         let window = self.secs(5.0, 1.0);
         let run = |path: &str, body: String| {
             let plan = Plan { path: path.into(), body: Bytes::from(body), ..plan(vec![r.http], None, window) };
@@ -274,7 +278,14 @@ impl Bench {
         };
         let v1 = run(PREDICT_PATH, PREDICT_BODY.into());
         let v2 = run(INFER_PATH, INFER_BODY.into());
-        let (v1s, v2s) = (v1.summary(), v2.summary());
+        let grpc_plan = GrpcPlan {
+            target: format!("http://{grpc_addr}"),
+            request: infer_request(),
+            connections: CONNECTIONS,
+            duration: window,
+        };
+        let grpc = self.rt.block_on(driver::run_grpc(grpc_plan));
+        let (v1s, v2s, grpcs) = (v1.summary(), v2.summary(), grpc.summary());
         self.report.add("protocols", "V1 predict requests/s, as fast as answered", v1s.requests_per_sec, Goal::None);
         self.report.add(
             "protocols",
@@ -282,6 +293,14 @@ impl Bench {
             v2s.requests_per_sec / v1s.requests_per_sec,
             Goal::AtLeast(0.8),
         );
+        self.report.add(
+            "protocols",
+            "V2 gRPC ModelInfer requests/s over V2 HTTP infer's (raw tensors, 32 HTTP/2 connections)",
+            grpcs.requests_per_sec / v2s.requests_per_sec,
+            Goal::None,
+        );
+        self.report.add("protocols", "V2 HTTP infer p99 (ms)", v2s.p99_ms, Goal::None);
+        self.report.add("protocols", "V2 gRPC ModelInfer p99 (ms)", grpcs.p99_ms, Goal::None);
         let event = r#"{"dense":[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8],"sparse":{"f0":"v1","f1":["v7","v8"]},"label":1}"#;
         let batch = format!(r#"{{"events":[{}]}}"#, vec![event; EVENTS_PER_POST].join(","));
         let before = examples(&r).unwrap_or(0);
@@ -303,9 +322,12 @@ impl Bench {
             learned as f64 / accepted.max(1) as f64,
             Goal::AtMost(1.0),
         );
-        let errors = v1.error_count() + v2.error_count() + posted.error_count();
+        let errors = v1.error_count() + v2.error_count() + grpc.error_count() + posted.error_count();
         self.report.add("protocols", "failed requests", errors as f64, Goal::AtMost(0.0));
-        self.report.detail("protocols", json!({"v1_predict": v1s, "v2_infer": v2s, "post_events": ps}));
+        self.report.detail(
+            "protocols",
+            json!({"v1_predict": v1s, "v2_infer": v2s, "v2_grpc_infer": grpcs, "post_events": ps}),
+        );
         Ok(())
     }
 
@@ -393,6 +415,45 @@ impl Bench {
             "learn_rate",
             json!({"events": n, "fill_rate": fill_rate, "logistic": rates[0], "logistic_with_predictions": rates[1], "wide_deep": rates[2], "predict_rate": half}),
         );
+        Ok(())
+    }
+
+    /// The same synthetic events pre-filled twice, as JSON and as Avro in the
+    /// Confluent wire format (`tributary produce --format avro` with
+    /// config/event.avsc), each learned by a `logistic` replica of its own:
+    /// what decoding Avro costs or saves in events learned per second.
+    fn event_formats(&mut self) -> anyhow::Result<()> {
+        let dir = self.dir("event_formats")?;
+        let broker = Broker::start(&dir)?;
+        let n: u64 = if self.smoke { 20_000 } else { 300_000 };
+        let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/event.avsc").display().to_string();
+        let mut rates = Vec::new();
+        for format in ["json", "avro"] {
+            let topic = format!("events-{format}");
+            let env = [
+                ("TRIBUTARY_KAFKA__EVENT_FORMAT".to_string(), format.to_string()),
+                ("TRIBUTARY_KAFKA__AVRO_SCHEMA".to_string(), schema.clone()),
+            ];
+            let log = dir.join(format!("produce-{format}.log"));
+            EventStream::start(&self.tributary, &broker.addr, &topic, None, Some(n), &env, &[], &log)?
+                .finish(Duration::from_secs(900))?;
+            let mut settings = counted_learner("logistic", format);
+            settings.extend([
+                ("KAFKA__EVENTS_TOPIC", topic),
+                ("KAFKA__EVENT_FORMAT", format.into()),
+                ("KAFKA__AVRO_SCHEMA", schema.clone()),
+            ]);
+            let mut r = self.ready_replica(&dir, format, &broker, &settings)?;
+            let rate = learned_rate(&r, n, Duration::from_secs(900))?;
+            let loss = r.info().and_then(|i| i["progressive_logloss"].as_f64()).unwrap_or(f64::NAN);
+            let name = format!("{format}: progressive log-loss over the {n} events");
+            self.report.add("event_formats", &name, loss, Goal::None);
+            r.kill();
+            rates.push(rate);
+        }
+        self.report.add("event_formats", "JSON events learned/s, logistic, pre-filled topic", rates[0], Goal::None);
+        self.report.add("event_formats", "Avro events learned/s over JSON's", rates[1] / rates[0], Goal::AtLeast(0.9));
+        self.report.detail("event_formats", json!({"events": n, "json": rates[0], "avro": rates[1]}));
         Ok(())
     }
 
@@ -988,6 +1049,26 @@ fn wait_examples(r: &Replica, n: u64, limit: Duration) -> anyhow::Result<()> {
     try_wait_for(&format!("{} to learn {n} examples (log: {})", r.id, r.log.display()), limit, || {
         (examples(r)? >= n).then_some(())
     })
+}
+
+/// `INFER_BODY` as a gRPC `ModelInfer` request with raw contents, as
+/// tritonclient.grpc sends it.
+fn infer_request() -> proto::ModelInferRequest {
+    use proto::model_infer_request::InferInputTensor;
+    let tensor = |name: &str, datatype: &str, shape: Vec<i64>| InferInputTensor {
+        name: name.into(),
+        datatype: datatype.into(),
+        shape,
+        ..Default::default()
+    };
+    let bytes = |s: &str| [(s.len() as u32).to_le_bytes().to_vec(), s.as_bytes().to_vec()].concat();
+    let dense: Vec<u8> = [0.1f32, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let sparse = [("f0", "v1"), ("f1", "v7"), ("f2", "v3"), ("f3", "v9")];
+    let mut inputs = vec![tensor("dense", "FP32", vec![1, 8])];
+    inputs.extend(sparse.iter().map(|(f, _)| tensor(f, "BYTES", vec![1])));
+    let mut raw = vec![dense];
+    raw.extend(sparse.iter().map(|(_, v)| bytes(v)));
+    proto::ModelInferRequest { model_name: "default".into(), inputs, raw_input_contents: raw, ..Default::default() }
 }
 
 /// Examples learned per second from the first learned batch to the `n`th
