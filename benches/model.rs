@@ -1,7 +1,8 @@
 //! Criterion benchmarks of the model's hot paths, each next to its baseline:
 //! predict per kind, a training step per kind, a replica's whole work per
-//! batch, the applier alone per record, and a serving-snapshot publish
-//! left-right against a full copy.
+//! batch, the applier alone per record, a serving-snapshot publish
+//! left-right against a full copy, and decoding a training event from
+//! Avro against JSON.
 //! `cargo bench --bench model` runs them. The `torchscript` cases export
 //! `examples/torchscript/export.py`'s model (2.1 M parameters; sparse
 //! embedding gradients, and dense ones for comparison) with the
@@ -12,7 +13,8 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use tributary::config::{Config, ModelKind};
-use tributary::event::Example;
+use tributary::event::avro::AvroEvents;
+use tributary::event::{EventCodec, Example};
 use tributary::model::{Gradient, Model};
 use tributary::snapshot::Publisher;
 use tributary::state::optim::NoTouch;
@@ -210,9 +212,34 @@ fn publish(c: &mut Criterion) {
     });
 }
 
+/// 256 events of the default model, decoded as the trainer does: from
+/// JSON, and from Avro in the Confluent wire format (config/event.avsc).
+fn event_decode(c: &mut Criterion) {
+    let m = model(ModelKind::WideDeep);
+    let mut s = Synthetic::new(m.config(), 3);
+    let json: Vec<String> = (0..256).map(|_| s.event(0)).collect();
+    let schema = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/event.avsc")).unwrap();
+    let avro = AvroEvents::new(&schema, Some(1)).unwrap();
+    let framed: Vec<Vec<u8>> =
+        json.iter().map(|line| avro.encode(serde_json::from_str(line).unwrap()).unwrap()).collect();
+    let codecs = [
+        ("json", EventCodec::Json, json.iter().map(|l| l.as_bytes().to_vec()).collect()),
+        ("avro", EventCodec::Avro(Box::new(avro)), framed),
+    ];
+    for (name, codec, events) in &codecs {
+        c.bench_function(&format!("event_decode_256/{name}"), |b| {
+            b.iter(|| {
+                for e in events {
+                    black_box(codec.example(m.featurizer(), black_box(e)).unwrap());
+                }
+            })
+        });
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).measurement_time(std::time::Duration::from_secs(3));
-    targets = predict, train_step, torchscript, pipeline, applier, publish
+    targets = predict, train_step, torchscript, pipeline, applier, publish, event_decode
 }
 criterion_main!(benches);

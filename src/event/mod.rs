@@ -207,7 +207,7 @@ impl Featurizer {
 #[derive(Debug)]
 pub enum EventCodec {
     Json,
-    Avro(avro::AvroEvents),
+    Avro(Box<avro::AvroEvents>),
 }
 
 impl EventCodec {
@@ -222,7 +222,7 @@ impl EventCodec {
                     std::fs::read_to_string(path).map_err(|e| format!("kafka.avro_schema {}: {e}", path.display()))?;
                 let events = avro::AvroEvents::new(&text, k.avro_schema_id)
                     .map_err(|e| format!("kafka.avro_schema {}: {e}", path.display()))?;
-                Ok(EventCodec::Avro(events))
+                Ok(EventCodec::Avro(Box::new(events)))
             }
         }
     }
