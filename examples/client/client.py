@@ -5,8 +5,9 @@
            replica then runs with kafka.event_format = "avro" and the same
            schema)
   predict  the same instances over V1 (HTTP JSON), V2 HTTP (tritonclient.http
-           at its defaults: binary tensors) and V2 gRPC (tritonclient.grpc);
-           prints the three answers as one JSON object
+           at its defaults: binary tensors) and V2 gRPC (tritonclient.grpc),
+           the V2 ones also gzip-compressed; prints the answers as one JSON
+           object
 
 The events and instances follow the model the replica serves: its V2 model
 metadata names the dense width and the sparse fields.
@@ -116,15 +117,21 @@ def predict(args):
     with httpclient.InferenceServerClient(args.http) as c:
         assert c.is_server_live() and c.is_model_ready(args.model)
         v2_http = c.infer(args.model, tensors(httpclient)).as_numpy("predictions")
+        # The same, gzip both ways (for a slow link).
+        gzip = {"request_compression_algorithm": "gzip", "response_compression_algorithm": "gzip"}
+        v2_http_gzip = c.infer(args.model, tensors(httpclient), **gzip).as_numpy("predictions")
     c = grpcclient.InferenceServerClient(args.grpc)
     assert c.is_server_live() and c.is_server_ready() and c.is_model_ready(args.model)
     metadata = c.get_model_metadata(args.model, as_json=True)
     v2_grpc = c.infer(args.model, tensors(grpcclient)).as_numpy("predictions")
+    v2_grpc_gzip = c.infer(args.model, tensors(grpcclient), compression_algorithm="gzip").as_numpy("predictions")
     c.close()
     print(json.dumps({
         "v1": v1,
         "v2_http": [float(p) for p in v2_http],
         "v2_grpc": [float(p) for p in v2_grpc],
+        "v2_http_gzip": [float(p) for p in v2_http_gzip],
+        "v2_grpc_gzip": [float(p) for p in v2_grpc_gzip],
         "grpc_inputs": [i["name"] for i in metadata["inputs"]],
     }))
 

@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::Context;
+use tonic::codec::CompressionEncoding;
 use tonic::{Code, Request, Response, Status};
 use tracing::info;
 
@@ -45,7 +46,10 @@ pub async fn serve(
     info!(addr = %listener.local_addr()?, "serving the Open Inference Protocol over gRPC");
     // A request as large as HTTP takes; answers are a few bytes per row.
     let service = GrpcInferenceServiceServer::new(InferenceService { state: state.clone() })
-        .max_decoding_message_size(state.max_body_bytes);
+        .max_decoding_message_size(state.max_body_bytes)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Deflate)
+        .send_compressed(CompressionEncoding::Gzip);
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     Ok(tokio::spawn(
         tonic::transport::Server::builder().add_service(service).serve_with_incoming_shutdown(incoming, stop),

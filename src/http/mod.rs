@@ -30,6 +30,8 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tower_http::compression::CompressionLayer;
+use tower_http::decompression::RequestDecompressionLayer;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::OpenApi as OpenApiDoc;
 use utoipa::{Modify, OpenApi, ToSchema};
@@ -130,7 +132,10 @@ pub fn router(state: AppState) -> Router {
     router
         .fallback(|| async { ApiError::NotFound("no such route; GET /openapi.json lists them".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        // The limit holds for the body as decompressed (a gzip bomb is a 413).
         .layer(DefaultBodyLimit::max(limit))
+        .layer(RequestDecompressionLayer::new())
+        .layer(CompressionLayer::new())
         .layer(middleware::from_fn_with_state(state.clone(), record_request))
         .with_state(state)
 }

@@ -55,14 +55,16 @@ fn python_clients_send_events_and_predict_alike_over_v1_v2_http_and_grpc() {
     assert_eq!(v1.len(), 8, "{answers}");
     assert_eq!(floats(&answers["v2_http"]), v1, "tritonclient.http (binary tensors) vs V1: {answers}");
     assert_eq!(floats(&answers["v2_grpc"]), v1, "tritonclient.grpc vs V1: {answers}");
+    assert_eq!(floats(&answers["v2_http_gzip"]), v1, "tritonclient.http, gzip both ways: {answers}");
+    assert_eq!(floats(&answers["v2_grpc_gzip"]), v1, "tritonclient.grpc, gzip: {answers}");
     let fields = &cluster.config.model.sparse_fields;
     let want_inputs: Vec<&str> = std::iter::once("dense").chain(fields.iter().map(String::as_str)).collect();
     assert_eq!(answers["grpc_inputs"], serde_json::json!(want_inputs));
     let m = r.metrics();
     let infer = r#"method="POST",protocol="grpc",route="/inference.GRPCInferenceService/ModelInfer",status="Ok""#;
-    assert_eq!(m.value("tributary_http_requests_total", infer), 1.0, "gRPC requests are counted");
+    assert_eq!(m.value("tributary_http_requests_total", infer), 2.0, "gRPC requests are counted");
     let http_infer = r#"method="POST",protocol="http",route="/v2/models/{model}/infer",status="200""#;
-    assert_eq!(m.value("tributary_http_requests_total", http_infer), 1.0);
+    assert_eq!(m.value("tributary_http_requests_total", http_infer), 2.0);
 }
 
 #[test]

@@ -206,6 +206,49 @@ async fn kserve_v2_binary_tensors_match_v1_predict() {
     }
 }
 
+/// Bodies sent with `Content-Encoding: gzip` (tritonclient's
+/// `request_compression_algorithm`) are taken, answers are compressed when
+/// asked, and the body limit holds for the decompressed body.
+#[tokio::test]
+async fn gzip_bodies_are_taken_and_a_gzip_bomb_is_refused() {
+    use std::io::{Read, Write};
+
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let gzip = |bytes: &[u8]| {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder.write_all(bytes).unwrap();
+        encoder.finish().unwrap()
+    };
+    let app = app(ModelKind::Logistic);
+    let body = json!({"instances": [{"dense": [0.5, -1.0], "sparse": {"tags": ["a"]}}]}).to_string();
+    let (_, plain, _) = call(&app, "POST", PREDICT, body.clone()).await;
+    let send = |compressed: Vec<u8>| {
+        let request = Request::builder()
+            .method("POST")
+            .uri(PREDICT)
+            .header("content-type", "application/json")
+            .header("content-encoding", "gzip")
+            .header("accept-encoding", "gzip")
+            .body(Body::from(compressed))
+            .unwrap();
+        app.clone().oneshot(request)
+    };
+    let response = send(gzip(body.as_bytes())).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-encoding"], "gzip");
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(&bytes[..]).read_to_string(&mut text).unwrap();
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(answer["predictions"], plain["predictions"]);
+    // 1 MB of spaces is a few KB gzipped, past the 4 KB limit once inflated.
+    let bomb = gzip(&vec![b' '; 1 << 20]);
+    assert!(bomb.len() < 4096, "{}", bomb.len());
+    assert_eq!(send(bomb).await.unwrap().status(), StatusCode::PAYLOAD_TOO_LARGE);
+}
+
 #[tokio::test]
 async fn posted_events_are_validated_whole_before_anything_is_produced() {
     // No broker at this address: a batch that reached the producer would
