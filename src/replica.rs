@@ -26,6 +26,7 @@ use crate::apply::applier::Applier;
 use crate::apply::handle::ReplicaHandle;
 use crate::checkpoint::{self, CheckpointError, SharedStore};
 use crate::config::Config;
+use crate::event::EventCodec;
 use crate::grpc;
 use crate::http::admin::Admin;
 use crate::http::events::EventSink;
@@ -151,9 +152,11 @@ impl Replica {
         }
         if config.http.ingest {
             let k = &config.kafka;
+            let codec = EventCodec::new(k).map_err(anyhow::Error::msg)?;
             app.events = Some(Arc::new(EventSink::new(
                 &k.brokers,
                 &k.events_topic,
+                codec,
                 &config.replica_id,
                 &config.http.ingest_token,
             )?));

@@ -1,5 +1,6 @@
 //! `POST /v1/events`: training events over HTTP, for clients without a Kafka
-//! library. The events go to the same topic, in the same form, as any
+//! library. The events go to the same topic, in the same form (JSON, or Avro
+//! in the Confluent wire format when `kafka.event_format = "avro"`), as any
 //! producer's; the trainers cannot tell them apart.
 //!
 //! A batch is all or nothing at validation: every event is checked with the
@@ -26,24 +27,33 @@ use utoipa::ToSchema;
 
 use super::admin::check_bearer;
 use super::{body_bytes, ApiError, AppState};
+use crate::event::EventCodec;
 use crate::update_log::kafka;
 
 /// Produces events to the events topic.
 pub struct EventSink {
     producer: FutureProducer,
     topic: String,
+    /// The topic's encoding (`kafka.event_format`).
+    codec: EventCodec,
     /// The bearer token a request must carry (`http.ingest_token`), if any.
     token: Option<String>,
 }
 
 impl EventSink {
-    pub fn new(brokers: &str, topic: &str, replica_id: &str, token: &str) -> anyhow::Result<EventSink> {
+    pub fn new(
+        brokers: &str,
+        topic: &str,
+        codec: EventCodec,
+        replica_id: &str,
+        token: &str,
+    ) -> anyhow::Result<EventSink> {
         let mut config = kafka::producer_config(brokers, &format!("{replica_id}-ingest"));
         // Events, unlike gradient records, may share a batch: the trainer
         // probes back when a fetch starts past its offset (`train::Resume`).
         config.set("linger.ms", "2").set("batch.num.messages", "1000");
         let token = (!token.is_empty()).then(|| token.to_string());
-        Ok(EventSink { producer: config.create()?, topic: topic.to_string(), token })
+        Ok(EventSink { producer: config.create()?, topic: topic.to_string(), codec, token })
     }
 }
 
@@ -142,9 +152,13 @@ async fn produce(
     let mut invalid = Vec::new();
     for (index, event) in request.events.iter().enumerate() {
         let bytes = serde_json::to_vec(event).expect("a JSON value serializes");
-        match featurizer.event(&bytes) {
-            Ok(_) => payloads.push(bytes),
-            Err(e) => invalid.push(InvalidEvent { index, reason: e.kind(), error: e.to_string() }),
+        let encoded = match featurizer.event(&bytes) {
+            Ok(_) => sink.codec.encode(&bytes).map(|p| p.into_owned()).map_err(|e| ("avro", e)),
+            Err(e) => Err((e.kind(), e.to_string())),
+        };
+        match encoded {
+            Ok(payload) => payloads.push(payload),
+            Err((reason, error)) => invalid.push(InvalidEvent { index, reason, error }),
         }
     }
     if !invalid.is_empty() {

@@ -95,9 +95,16 @@ fn avro_events_from_a_confluent_producer_are_learned_once_and_malformed_ones_dea
         ),
     ];
     cluster.produce_payloads(&bad.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>());
+    // Events posted over HTTP go to the topic as Avro too.
+    let posted = serde_json::json!({"events": [
+        {"dense": vec![0.5; cluster.config.model.dense_dim], "label": 1},
+        {"dense": vec![-0.5; cluster.config.model.dense_dim], "label": 0},
+    ]});
+    let (status, body) = r.post("/v1/events", None, &posted.to_string());
+    assert_eq!(status, 202, "{body}");
 
-    let info = r.wait_learned(600, LEARN_LIMIT);
-    assert_eq!(watermark_sum(&info), 600 + bad.len() as u64, "every event read once: {info}");
+    let info = r.wait_learned(602, LEARN_LIMIT);
+    assert_eq!(watermark_sum(&info), 602 + bad.len() as u64, "every event read once: {info}");
     let mut got: Vec<(Vec<u8>, String)> =
         cluster.dead_letters(bad.len()).into_iter().map(|(p, kind, _)| (p, kind)).collect();
     let mut want: Vec<(Vec<u8>, String)> = bad.iter().map(|(p, kind)| (p.clone(), kind.to_string())).collect();

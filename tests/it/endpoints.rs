@@ -10,6 +10,7 @@ use axum::body::Body;
 use axum::http::StatusCode;
 use serde_json::{json, Value};
 use tributary::config::ModelKind;
+use tributary::event::EventCodec;
 use tributary::http::events::EventSink;
 use tributary::http::router;
 
@@ -254,7 +255,8 @@ async fn posted_events_are_validated_whole_before_anything_is_produced() {
     // No broker at this address: a batch that reached the producer would
     // fail with 503, so every answer below is validation's own.
     let mut with_sink = state(ModelKind::Logistic);
-    with_sink.events = Some(Arc::new(EventSink::new("127.0.0.1:9", "events-never", "test", "").unwrap()));
+    with_sink.events =
+        Some(Arc::new(EventSink::new("127.0.0.1:9", "events-never", EventCodec::Json, "test", "").unwrap()));
     let app = router(with_sink.clone());
     let good = json!({"dense": [1.0, 2.0], "sparse": {"country": "de"}, "label": 1});
     let batch = json!({"events": [good, {"dense": [1.0], "label": 1}, {"dense": [1.0, 2.0], "label": 7}, {"label": 0, "extra": 1}]});
@@ -296,7 +298,9 @@ fn app_without_ingest() -> axum::Router {
 #[tokio::test]
 async fn posted_events_need_the_ingest_token_when_one_is_set() {
     let mut s = state(ModelKind::Logistic);
-    s.events = Some(Arc::new(EventSink::new("127.0.0.1:9", "events-never", "test", "ingest-secret-0123").unwrap()));
+    s.events = Some(Arc::new(
+        EventSink::new("127.0.0.1:9", "events-never", EventCodec::Json, "test", "ingest-secret-0123").unwrap(),
+    ));
     let app = router(s);
     let invalid = json!({"events": [{"label": 0.5}]}).to_string();
     let send = |token: Option<&'static str>| {
