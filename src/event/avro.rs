@@ -6,13 +6,13 @@
 //! name and go through the same validation; what does not decode becomes a
 //! dead letter with reason kind `avro`.
 //!
-//! The writer schema is compiled once into a [`Shape`] per field, and a
+//! The writer schema is compiled once into a `Shape` per field, and a
 //! body is read straight into the event (no intermediate Avro values):
 //! decoding this way costs about what parsing the same event from JSON
 //! does, where apache-avro's generic reader took twice as long.
 //! apache-avro parses the schema and encodes (`tributary produce`).
 //!
-//! A registry would slot in at [`AvroEvents::shapes_for`]: fetch the
+//! A registry would slot in at `AvroEvents::shapes_for`: fetch the
 //! writer schema by id (cached) instead of comparing the id with the
 //! configured one.
 

@@ -4,7 +4,7 @@
 //! snapshot list reads the checkpoint store.
 //!
 //! Every route is a handler with a `#[utoipa::path]` annotation, listed
-//! once in [`endpoints`]: the router and the OpenAPI document
+//! once in `endpoints`: the router and the OpenAPI document
 //! (`GET /openapi.json`) are both built from that list, so they cannot
 //! disagree. Groups: KServe V1 (`/v1/models/...`), the Open Inference
 //! Protocol (KServe V2, [`v2`]), training events over HTTP ([`events`]),

@@ -1,5 +1,8 @@
 //! The Open Inference Protocol (KServe V2), REST: server and model
-//! metadata, health, and `infer`.
+//! metadata, health, and `infer`, with the binary tensor data extension
+//! (`binary`). [`tensor`] turns the protocol's tensors into V1 instances
+//! for REST and for the gRPC service alike; what the model answers
+//! is decided by V1's checks and predict, never here.
 //!
 //! Inputs are named after the model's features: `dense`, FP32 (or FP64)
 //! with shape `[N, dense_dim]`, and one BYTES input per sparse field with
