@@ -106,6 +106,9 @@ impl Proc {
         Ok(Proc(Some(child)))
     }
 
+    /// Spawned and not yet killed or waited for by us. A process that
+    /// exited on its own still counts: to see that, read its log (a
+    /// replica says `a role ended` before it stops) or `wait` for it.
     pub fn is_running(&self) -> bool {
         self.0.is_some()
     }
