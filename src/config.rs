@@ -405,15 +405,32 @@ pub enum ConfigError {
 }
 
 /// Values given on the command line; `None` leaves the lower layers alone.
-#[derive(Clone, Debug, Default)]
+/// `tributary serve` takes them as its flags (`--brokers` is every
+/// command's, so it is not one of these).
+#[derive(Clone, Debug, Default, clap::Args)]
 pub struct Overrides {
+    /// Address of the HTTP API
+    #[arg(long)]
     pub http_addr: Option<SocketAddr>,
+    /// Address of the Open Inference Protocol's gRPC service (grpc.addr; none: off)
+    #[arg(long)]
     pub grpc_addr: Option<SocketAddr>,
+    #[arg(skip)]
     pub brokers: Option<String>,
+    /// Names this replica in gradient records, logs and metrics
+    #[arg(long)]
     pub replica_id: Option<String>,
+    /// Directory of the embedded checkpoint store
+    #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// Checkpoint store: file:PATH or postgres://user@host/db (default: --state-dir)
+    #[arg(long)]
     pub checkpoint_store: Option<String>,
+    /// Bearer token of the admin endpoints (also TRIBUTARY_ADMIN_TOKEN; none: they are off)
+    #[arg(long)]
     pub admin_token: Option<String>,
+    /// A peer's base URL (http://host:port) to fetch a checkpoint from when the store has none
+    #[arg(long)]
     pub bootstrap_from: Option<String>,
 }
 

@@ -40,27 +40,8 @@ enum Command {
     Serve {
         #[command(flatten)]
         config: ConfigArgs,
-        /// Address of the HTTP API
-        #[arg(long)]
-        http_addr: Option<SocketAddr>,
-        /// Address of the Open Inference Protocol's gRPC service (grpc.addr; none: off)
-        #[arg(long)]
-        grpc_addr: Option<SocketAddr>,
-        /// Names this replica in gradient records, logs and metrics
-        #[arg(long)]
-        replica_id: Option<String>,
-        /// Directory of the embedded checkpoint store
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
-        /// Checkpoint store: file:PATH or postgres://user@host/db (default: --state-dir)
-        #[arg(long)]
-        checkpoint_store: Option<String>,
-        /// Bearer token of the admin endpoints (also TRIBUTARY_ADMIN_TOKEN; none: they are off)
-        #[arg(long)]
-        admin_token: Option<String>,
-        /// A peer's base URL (http://host:port) to fetch a checkpoint from when the store has none
-        #[arg(long)]
-        bootstrap_from: Option<String>,
+        #[command(flatten)]
+        flags: Overrides,
     },
     /// Produce JSONL training events from FILE (or stdin) to a topic.
     Produce {
@@ -143,26 +124,8 @@ enum SnapshotsAction {
 fn main() -> anyhow::Result<()> {
     tributary::telemetry::init();
     match Cli::parse().command {
-        Command::Serve {
-            config,
-            http_addr,
-            grpc_addr,
-            replica_id,
-            state_dir,
-            checkpoint_store,
-            admin_token,
-            bootstrap_from,
-        } => {
-            let config = config.load(Overrides {
-                http_addr,
-                grpc_addr,
-                replica_id,
-                state_dir,
-                checkpoint_store,
-                admin_token,
-                bootstrap_from,
-                ..Default::default()
-            })?;
+        Command::Serve { config, flags } => {
+            let config = config.load(flags)?;
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(tributary::replica::run(config, shutdown_signal()))
         }
