@@ -232,15 +232,11 @@ fn decode(model: &Model, bytes: &[u8], location: &str) -> Result<ReplicaState, C
     }
     let loss_sum = f64::from_bits(u64_at(take(8)?));
     let last_rollback = Some(u64_at(take(8)?) as i64).filter(|&at| at >= 0);
-    if version >= 3 {
-        let settings = read_settings(&mut take)?;
-        if fingerprint != model.fingerprint() {
-            let differs = settings_diff(model.settings(), &settings, "in the checkpoint");
-            return Err(CheckpointError::OtherModel { location: location.into(), differs });
-        }
-    }
+    // Format 2 has no settings: a mismatch is refused without naming them.
+    let settings = if version >= 3 { Some(read_settings(&mut take)?) } else { None };
     if fingerprint != model.fingerprint() {
-        return Err(CheckpointError::OtherModel { location: location.into(), differs: Vec::new() });
+        let differs = settings.map_or_else(Vec::new, |s| settings_diff(model.settings(), &s, "in the checkpoint"));
+        return Err(CheckpointError::OtherModel { location: location.into(), differs });
     }
     let n = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes"));
     let mut watermarks = BTreeMap::new();
