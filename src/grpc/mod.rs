@@ -29,6 +29,7 @@ use proto::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceSe
 use proto::model_infer_request::InferInputTensor;
 use proto::model_infer_response::InferOutputTensor;
 use proto::model_metadata_response::TensorMetadata;
+use proto::InferTensorContents;
 
 /// The service over the HTTP front's state.
 pub struct InferenceService {
@@ -57,17 +58,16 @@ pub async fn serve(
 }
 
 impl InferenceService {
-    /// Runs `handle`, counting and timing it as `rpc`.
+    /// Runs `handle`, counting and timing it under `route`, the RPC's path.
     async fn counted<T>(
         &self,
-        rpc: &str,
+        route: &'static str,
         handle: impl std::future::Future<Output = Result<T, Status>>,
     ) -> Result<Response<T>, Status> {
         let start = Instant::now();
         let result = handle.await;
         let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
-        let route = format!("/inference.GRPCInferenceService/{rpc}");
-        self.state.metrics.count_request("grpc", "POST", &route, &format!("{code:?}"), start.elapsed().as_secs_f64());
+        self.state.metrics.count_request("grpc", "POST", route, &format!("{code:?}"), start.elapsed().as_secs_f64());
         result.map(Response::new)
     }
 
@@ -116,26 +116,23 @@ fn tensors(inputs: Vec<InferInputTensor>, raw: Vec<Vec<u8>>) -> Result<Vec<Tenso
     }
     let mut raw = raw.into_iter();
     (inputs.into_iter())
-        .map(|input| {
+        .map(|InferInputTensor { name, datatype, shape, contents, .. }| {
             let elements = match raw.next() {
-                Some(bytes) => Elements::from_raw(&input.name, &input.datatype, &bytes)?,
-                None => typed_contents(&input)?,
+                Some(bytes) => Elements::from_raw(&name, &datatype, &bytes)?,
+                None => typed_contents(&name, &datatype, contents.unwrap_or_default())?,
             };
-            Ok(Tensor { name: input.name, datatype: input.datatype, shape: input.shape, elements })
+            Ok(Tensor { name, datatype, shape, elements })
         })
         .collect()
 }
 
-/// An input's typed contents: the field its datatype names.
-fn typed_contents(input: &InferInputTensor) -> Result<Elements, ApiError> {
-    let contents = input.contents.clone().unwrap_or_default();
-    match input.datatype.as_str() {
+/// An input's typed contents: the field its datatype names (taken, not copied).
+fn typed_contents(name: &str, datatype: &str, contents: InferTensorContents) -> Result<Elements, ApiError> {
+    match datatype {
         "FP32" => Ok(Elements::Fp32(contents.fp32_contents)),
         "FP64" => Ok(Elements::Fp64(contents.fp64_contents)),
         "BYTES" => Ok(Elements::Bytes(contents.bytes_contents)),
-        other => {
-            Err(ApiError::BadRequest(format!("input {:?} is {other}; dense is FP32, sparse fields BYTES", input.name)))
-        }
+        other => Err(ApiError::BadRequest(format!("input {name:?} is {other}; dense is FP32, sparse fields BYTES"))),
     }
 }
 
@@ -158,14 +155,20 @@ impl GrpcInferenceService for InferenceService {
         &self,
         _: Request<proto::ServerLiveRequest>,
     ) -> Result<Response<proto::ServerLiveResponse>, Status> {
-        self.counted("ServerLive", async { Ok(proto::ServerLiveResponse { live: true }) }).await
+        self.counted("/inference.GRPCInferenceService/ServerLive", async {
+            Ok(proto::ServerLiveResponse { live: true })
+        })
+        .await
     }
 
     async fn server_ready(
         &self,
         _: Request<proto::ServerReadyRequest>,
     ) -> Result<Response<proto::ServerReadyResponse>, Status> {
-        self.counted("ServerReady", async { Ok(proto::ServerReadyResponse { ready: self.ready() }) }).await
+        self.counted("/inference.GRPCInferenceService/ServerReady", async {
+            Ok(proto::ServerReadyResponse { ready: self.ready() })
+        })
+        .await
     }
 
     async fn model_ready(
@@ -173,7 +176,7 @@ impl GrpcInferenceService for InferenceService {
         request: Request<proto::ModelReadyRequest>,
     ) -> Result<Response<proto::ModelReadyResponse>, Status> {
         let name = request.into_inner().name;
-        self.counted("ModelReady", async {
+        self.counted("/inference.GRPCInferenceService/ModelReady", async {
             check_model(&self.state, &name).map_err(status)?;
             Ok(proto::ModelReadyResponse { ready: self.ready() })
         })
@@ -184,7 +187,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         _: Request<proto::ServerMetadataRequest>,
     ) -> Result<Response<proto::ServerMetadataResponse>, Status> {
-        self.counted("ServerMetadata", async {
+        self.counted("/inference.GRPCInferenceService/ServerMetadata", async {
             let m = ServerMetadata::of_this_server();
             Ok(proto::ServerMetadataResponse {
                 name: m.name.into(),
@@ -200,7 +203,7 @@ impl GrpcInferenceService for InferenceService {
         request: Request<proto::ModelMetadataRequest>,
     ) -> Result<Response<proto::ModelMetadataResponse>, Status> {
         let name = request.into_inner().name;
-        self.counted("ModelMetadata", async {
+        self.counted("/inference.GRPCInferenceService/ModelMetadata", async {
             check_model(&self.state, &name).map_err(status)?;
             let m = ModelMetadata::of(&self.state);
             let tensor = |t: crate::http::v2::TensorMetadata| TensorMetadata {
@@ -224,6 +227,40 @@ impl GrpcInferenceService for InferenceService {
         request: Request<proto::ModelInferRequest>,
     ) -> Result<Response<proto::ModelInferResponse>, Status> {
         let request = request.into_inner();
-        self.counted("ModelInfer", async { self.infer(request).map_err(status) }).await
+        self.counted("/inference.GRPCInferenceService/ModelInfer", async { self.infer(request).map_err(status) }).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(name: &str, datatype: &str, contents: Option<InferTensorContents>) -> InferInputTensor {
+        InferInputTensor {
+            name: name.into(),
+            datatype: datatype.into(),
+            shape: vec![1, 2],
+            contents,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn raw_and_typed_contents_give_the_same_tensors() {
+        let raw = vec![[1f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()];
+        let from_raw = tensors(vec![input("dense", "FP32", None)], raw).unwrap();
+        let typed = InferTensorContents { fp32_contents: vec![1.0, 2.0], ..Default::default() };
+        let from_typed = tensors(vec![input("dense", "FP32", Some(typed))], Vec::new()).unwrap();
+        assert_eq!(from_raw, from_typed);
+        assert_eq!(from_typed[0].elements, Elements::Fp32(vec![1.0, 2.0]));
+    }
+
+    #[test]
+    fn contents_that_do_not_fit_the_inputs_are_named() {
+        let err = tensors(vec![input("dense", "INT8", None)], Vec::new()).unwrap_err().to_string();
+        assert!(err.contains("\"dense\" is INT8"), "{err}");
+        let two_raw = vec![vec![0u8; 8], vec![0u8; 8]];
+        let err = tensors(vec![input("dense", "FP32", None)], two_raw).unwrap_err().to_string();
+        assert!(err.contains("1 inputs but 2 raw_input_contents"), "{err}");
     }
 }
