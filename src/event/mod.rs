@@ -238,6 +238,15 @@ impl EventCodec {
         }
     }
 
+    /// The same for an event already parsed (`event`) whose JSON bytes
+    /// (`line`) are at hand too: neither is made again.
+    pub fn encode_parsed(&self, line: Vec<u8>, event: serde_json::Value) -> Result<Vec<u8>, String> {
+        match self {
+            EventCodec::Json => Ok(line),
+            EventCodec::Avro(avro) => avro.encode(event),
+        }
+    }
+
     /// One training event from its bytes on the events topic.
     pub fn example(&self, featurizer: &Featurizer, bytes: &[u8]) -> Result<Example, SchemaError> {
         match self {

@@ -150,10 +150,10 @@ async fn produce(
     let featurizer = snap.model.featurizer();
     let mut payloads = Vec::with_capacity(n);
     let mut invalid = Vec::new();
-    for (index, event) in request.events.iter().enumerate() {
-        let bytes = serde_json::to_vec(event).expect("a JSON value serializes");
+    for (index, event) in request.events.into_iter().enumerate() {
+        let bytes = serde_json::to_vec(&event).expect("a JSON value serializes");
         let encoded = match featurizer.event(&bytes) {
-            Ok(_) => sink.codec.encode(&bytes).map(|p| p.into_owned()).map_err(|e| ("avro", e)),
+            Ok(_) => sink.codec.encode_parsed(bytes, event).map_err(|e| ("avro", e)),
             Err(e) => Err((e.kind(), e.to_string())),
         };
         match encoded {
