@@ -65,15 +65,22 @@ async fn every_route_is_documented_and_every_documented_route_answers() {
     assert_eq!(listed, ops, "README's HTTP API table vs /openapi.json");
 }
 
-/// The same instances through V1 and V2 give the same numbers.
-#[tokio::test]
-async fn kserve_v2_infer_matches_v1_predict() {
-    let app = app(ModelKind::WideDeep);
+/// V1's predictions for the two instances the V2 tests send as tensors.
+async fn v1_predictions(app: &axum::Router) -> Value {
     let v1 = json!({"instances": [
         {"dense": [0.5, -1.0], "sparse": {"country": "de", "tags": ["a", "b"]}},
         {"dense": [0.0, 2.0], "sparse": {"tags": ["c"]}},
     ]});
-    let (_, v1, _) = call(&app, "POST", PREDICT, v1.to_string()).await;
+    let (status, answer, text) = call(app, "POST", PREDICT, v1.to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    answer["predictions"].clone()
+}
+
+/// The same instances through V1 and V2 give the same numbers.
+#[tokio::test]
+async fn kserve_v2_infer_matches_v1_predict() {
+    let app = app(ModelKind::WideDeep);
+    let v1 = v1_predictions(&app).await;
     let v2 = json!({"id": "r1", "inputs": [
         {"name": "dense", "shape": [2, 2], "datatype": "FP32", "data": [0.5, -1.0, 0.0, 2.0]},
         {"name": "country", "shape": [2], "datatype": "BYTES", "data": ["de", ""]},
@@ -89,7 +96,7 @@ async fn kserve_v2_infer_matches_v1_predict() {
         (o["name"].as_str(), o["datatype"].as_str(), &o["shape"]),
         (Some("predictions"), Some("FP32"), &json!([2]))
     );
-    assert_eq!(o["data"], v1["predictions"], "V2 {text} vs V1 {v1}");
+    assert_eq!(o["data"], v1, "V2 {text} vs V1 {v1}");
 
     let (status, meta, _) = call(&app, "GET", "/v2/models/default", Body::empty()).await;
     assert_eq!(status, StatusCode::OK);
@@ -139,12 +146,8 @@ fn bytes_elements(items: &[&str]) -> Vec<u8> {
 #[tokio::test]
 async fn kserve_v2_binary_tensors_match_v1_predict() {
     let app = app(ModelKind::WideDeep);
-    let v1 = json!({"instances": [
-        {"dense": [0.5, -1.0], "sparse": {"country": "de", "tags": ["a", "b"]}},
-        {"dense": [0.0, 2.0], "sparse": {"tags": ["c"]}},
-    ]});
-    let (_, v1, _) = call(&app, "POST", PREDICT, v1.to_string()).await;
-    let v1: Vec<f32> = v1["predictions"].as_array().unwrap().iter().map(|p| p.as_f64().unwrap() as f32).collect();
+    let v1 = v1_predictions(&app).await;
+    let v1: Vec<f32> = v1.as_array().unwrap().iter().map(|p| p.as_f64().unwrap() as f32).collect();
 
     let dense: Vec<u8> = [0.5f32, -1.0, 0.0, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
     let country = bytes_elements(&["de", ""]);
