@@ -215,12 +215,5 @@ fn a_fleet_on_postgres_trims_its_update_log_and_a_new_replica_still_joins() {
     assert!(oldest.is_some_and(|o| start <= o), "the log starts at {start}, the oldest checkpoint is {oldest:?}");
     // A new replica restores a checkpoint from the shared store and agrees.
     let second = cluster.spawn("r1");
-    second.wait_ready();
-    cluster.produce(300, 2);
-    first.wait_learned(2300, LEARN_LIMIT);
-    second.wait_learned(2300, LEARN_LIMIT);
-    let infos = wait_at_one_version(&[&first, &second], LEARN_LIMIT);
-    assert_eq!(infos[0]["weights_digest"], infos[1]["weights_digest"], "{infos:?}");
-    let said = std::fs::read_to_string(&second.log).unwrap();
-    assert!(said.contains("restored checkpoint"), "{}", second.log_tail(20));
+    assert_joins_alike(&cluster, &first, &second, 2300, "restored checkpoint");
 }

@@ -404,12 +404,5 @@ fn a_new_replica_bootstraps_from_a_peer_after_the_log_start_moved() {
     delete_update_log_records_before(&cluster, checkpointed);
     cluster.config.checkpoint.bootstrap_from = format!("http://{}", steady.http);
     let late = cluster.spawn("late");
-    late.wait_ready();
-    cluster.produce(300, 2);
-    steady.wait_learned(900, LEARN_LIMIT);
-    late.wait_learned(900, LEARN_LIMIT);
-    let infos = wait_at_one_version(&[&steady, &late], LEARN_LIMIT);
-    assert_eq!(infos[0]["weights_digest"], infos[1]["weights_digest"], "{infos:?}");
-    let said = std::fs::read_to_string(&late.log).unwrap();
-    assert!(said.contains("bootstrapped from a peer's checkpoint"), "{}", late.log_tail(20));
+    assert_joins_alike(&cluster, &steady, &late, 900, "bootstrapped from a peer's checkpoint");
 }

@@ -349,6 +349,21 @@ pub fn wait_at_one_version(replicas: &[&Replica], limit: Duration) -> Vec<Value>
     })
 }
 
+/// A replica that just joined (`new`, started) catches up, learns 300 more
+/// events beside `old` until both hold `learned` examples, ends with the
+/// same weights, and said `start_line` when it started.
+pub fn assert_joins_alike(cluster: &Cluster, old: &Replica, new: &Replica, learned: u64, start_line: &str) {
+    const LIMIT: Duration = Duration::from_secs(120);
+    new.wait_ready();
+    cluster.produce(300, 2);
+    old.wait_learned(learned, LIMIT);
+    new.wait_learned(learned, LIMIT);
+    let infos = wait_at_one_version(&[old, new], LIMIT);
+    assert_eq!(infos[0]["weights_digest"], infos[1]["weights_digest"], "{infos:?}");
+    let said = std::fs::read_to_string(&new.log).unwrap();
+    assert!(said.contains(start_line), "{}", new.log_tail(20));
+}
+
 pub fn watermark_sum(info: &Value) -> u64 {
     info["watermarks"].as_object().map_or(0, |m| m.values().filter_map(Value::as_u64).sum())
 }
