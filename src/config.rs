@@ -262,6 +262,11 @@ pub struct CheckpointConfig {
     /// (`GET /v1/models/{name}/checkpoint`), verifies it and starts there.
     /// Empty: start from the seed weights.
     pub bootstrap_from: String,
+    /// Bearer token of `GET /v1/models/{name}/checkpoint`, which this
+    /// replica serves its peers, and which it sends to `bootstrap_from`:
+    /// one token for the fleet, at least 16 characters. Empty: the endpoint
+    /// is off (404) and a bootstrap sends none.
+    pub peer_token: String,
     /// Delete update-log records below the oldest checkpoint the store
     /// keeps, after each checkpoint (Kafka DeleteRecords), so the log is
     /// bounded by `interval_secs` x `keep`: `auto` (on for PostgreSQL, where
@@ -377,6 +382,7 @@ impl Default for Config {
                 keep: 3,
                 keep_one_every_secs: 0,
                 bootstrap_from: String::new(),
+                peer_token: String::new(),
                 trim_update_log: "auto".into(),
             },
             http: HttpConfig {
@@ -556,6 +562,9 @@ impl Config {
         }
         if self.http.max_batch == 0 || self.checkpoint.keep == 0 {
             return bad("http.max_batch and checkpoint.keep must be positive");
+        }
+        if !self.checkpoint.peer_token.is_empty() && self.checkpoint.peer_token.len() < 16 {
+            return bad("checkpoint.peer_token must be at least 16 characters (or empty: checkpoints not served)");
         }
         if !self.http.admin_token.is_empty() && self.http.admin_token.len() < 16 {
             return bad("http.admin_token must be at least 16 characters (or empty: admin endpoints off)");

@@ -27,6 +27,8 @@
 #[cfg(target_endian = "big")]
 compile_error!("tributary's record and checkpoint formats assume a little-endian target");
 
+#[cfg(test)]
+mod alloc_meter;
 pub mod apply;
 pub mod checkpoint;
 pub mod config;
@@ -53,7 +55,7 @@ mod layers {
 
     /// Bottom first; a module may use the modules of earlier rows only.
     const LAYERS: &[&[&str]] = &[
-        &["config", "telemetry", "lifecycle"],
+        &["config", "telemetry", "lifecycle", "alloc_meter"],
         &["event", "synthetic"],
         &["model"],
         &["update_log"],

@@ -23,6 +23,7 @@ pub struct Metrics {
     pub model_version: IntGauge,
     pub events_consumed: IntCounter,
     pub events_invalid: IntCounter,
+    pub events_refused: IntCounterVec,
     pub dead_letters: IntCounterVec,
     pub examples_learned: IntCounter,
     pub records_produced: IntCounter,
@@ -114,6 +115,14 @@ impl Metrics {
             events_invalid: reg!(IntCounter::new(
                 "events_invalid_total",
                 "Training events that failed parsing or validation"
+            )),
+            events_refused: reg!(IntCounterVec::new(
+                Opts::new(
+                    "events_refused_total",
+                    "Valid events whose gradient alone the apply rule would refuse (gradient_norm, \
+                     gradient_non_finite, gradient_failed): dead-lettered, while the rest of their batch is learned"
+                ),
+                &["reason"]
             )),
             dead_letters: reg!(IntCounterVec::new(
                 Opts::new("dead_letters_total", "Invalid events written to the dead-letter topic, by delivery result"),
@@ -235,6 +244,9 @@ impl Metrics {
         };
         for result in ["delivered", "failed"] {
             m.dead_letters.with_label_values(&[result]);
+        }
+        for reason in ["gradient_norm", "gradient_non_finite", "gradient_failed"] {
+            m.events_refused.with_label_values(&[reason]);
         }
         for result in ["ok", "error"] {
             m.checkpoints.with_label_values(&[result]);

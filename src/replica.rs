@@ -25,11 +25,12 @@ use tracing::{error, info, warn};
 use crate::apply::applier::Applier;
 use crate::apply::handle::ReplicaHandle;
 use crate::checkpoint::{self, CheckpointError, SharedStore};
-use crate::config::Config;
+use crate::config::{CheckpointConfig, Config};
 use crate::event::EventCodec;
 use crate::grpc;
 use crate::http::admin::Admin;
 use crate::http::events::EventSink;
+use crate::http::peer::PeerCheckpoints;
 use crate::http::{self, AppState};
 use crate::lifecycle::{Backoff, StopRequest};
 use crate::metrics::Metrics;
@@ -127,7 +128,7 @@ impl Replica {
         let model = Arc::new(Model::new(&config.model)?);
         let metrics = Arc::new(Metrics::new(&config.replica_id));
         let store = checkpoint::open(&config)?;
-        let Some(state) = restore(&store, &model, &config.checkpoint.bootstrap_from, &mut shutdown).await? else {
+        let Some(state) = restore(&store, &model, &config.checkpoint, &mut shutdown).await? else {
             return Ok(None);
         };
         let control = ControlLog::new(&config.kafka.brokers, &config.kafka.updates_topic, &config.replica_id)?;
@@ -146,6 +147,9 @@ impl Replica {
         };
         let mut app = AppState::new(applier.serving(), metrics.clone(), &config, applier.ready());
         app.checkpoints = Some(store.clone());
+        if !config.checkpoint.peer_token.is_empty() {
+            app.peer_checkpoints = Some(Arc::new(PeerCheckpoints::new(&config.checkpoint.peer_token)));
+        }
         if !config.http.admin_token.is_empty() {
             let handle = ReplicaHandle::new(&config, control.clone(), applier.progress(), store, model.fingerprint())?;
             app.admin = Some(Arc::new(Admin { token: config.http.admin_token.clone(), replica: handle }));
@@ -316,14 +320,15 @@ const BOOTSTRAP_ATTEMPTS: u32 = 5;
 async fn bootstrap<F: Future<Output = ()>>(
     store: &SharedStore,
     model: &Arc<Model>,
-    peer: &str,
+    config: &CheckpointConfig,
     shutdown: &mut Shutdown<'_, F>,
 ) -> Option<ReplicaState> {
     let mut backoff = Backoff::new();
+    let peer = config.bootstrap_from.as_str();
     for attempt in 1..=BOOTSTRAP_ATTEMPTS {
-        let (s, m, url) = (store.clone(), model.clone(), peer.to_string());
+        let (s, m, url, token) = (store.clone(), model.clone(), peer.to_string(), config.peer_token.clone());
         let fetched = tokio::task::spawn_blocking(move || {
-            let state = checkpoint::peer::fetch(&url, &m)?;
+            let state = checkpoint::peer::fetch(&url, &token, &m)?;
             s.save(&m, &state)?;
             anyhow::Ok(state)
         })
@@ -394,7 +399,7 @@ async fn current_log_end(config: &Arc<Config>) -> Option<i64> {
 async fn restore<F: Future<Output = ()>>(
     store: &SharedStore,
     model: &Arc<Model>,
-    peer: &str,
+    config: &CheckpointConfig,
     shutdown: &mut Shutdown<'_, F>,
 ) -> anyhow::Result<Option<ReplicaState>> {
     let mut backoff = Backoff::new();
@@ -405,7 +410,7 @@ async fn restore<F: Future<Output = ()>>(
                 info!(position = info.position, location = %info.location, "restored checkpoint");
                 return Ok(Some(state));
             }
-            Ok(None) if !peer.is_empty() => return Ok(bootstrap(store, model, peer, shutdown).await),
+            Ok(None) if !config.bootstrap_from.is_empty() => return Ok(bootstrap(store, model, config, shutdown).await),
             Ok(None) => {
                 info!(store = %store.describe(), seed = model.config().seed, "no checkpoint: starting from seeded weights");
                 return Ok(Some(ReplicaState::initial(model)));

@@ -9,6 +9,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+
 /// Polls `f` every 20 ms until it returns `Some`, or fails after `limit`
 /// saying what it waited for.
 pub fn try_wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
@@ -111,6 +113,26 @@ impl Proc {
     /// replica says `a role ended` before it stops) or `wait` for it.
     pub fn is_running(&self) -> bool {
         self.0.is_some()
+    }
+
+    /// The process id while it runs (see [`Proc::is_running`]).
+    pub fn pid(&self) -> Option<u32> {
+        self.0.as_ref().map(Child::id)
+    }
+
+    /// Sends `signal` (SIGSTOP, SIGCONT, ...) and leaves the process to it.
+    pub fn signal(&self, signal: i32) -> anyhow::Result<()> {
+        let pid = self.pid().context("not running")?;
+        // SAFETY: kill(2) with a pid we own and have not reaped.
+        anyhow::ensure!(unsafe { libc::kill(pid as i32, signal) } == 0, "kill({pid}, {signal}) failed");
+        Ok(())
+    }
+
+    /// The most resident memory the process has had (`VmHWM`), in bytes.
+    pub fn peak_rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().strip_suffix("kB")?.trim();
+        kb.parse::<u64>().ok().map(|kb| kb * 1024)
     }
 
     /// SIGKILL, then reap.
@@ -343,6 +365,10 @@ pub struct Replica {
     pub brokers: String,
     /// The model it serves (`model.name`), for `info`.
     pub model_name: String,
+    /// A cap on its address space (RLIMIT_AS), for a test that sends it
+    /// hostile input: a regression then fails its allocation fast instead
+    /// of taking the machine's memory.
+    pub memory_cap_bytes: Option<u64>,
 }
 
 impl Replica {
@@ -358,13 +384,26 @@ impl Replica {
             env,
             brokers: brokers.into(),
             model_name: "default".into(),
+            memory_cap_bytes: None,
         }
     }
 
     pub fn start(&mut self) -> anyhow::Result<()> {
         anyhow::ensure!(!self.proc.is_running(), "{} already runs", self.id);
+        let mut command = Command::new(&self.bin);
+        if let Some(cap) = self.memory_cap_bytes {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit { rlim_cur: cap, rlim_max: cap };
+            // SAFETY: setrlimit is async-signal-safe; the closure allocates nothing.
+            unsafe {
+                command.pre_exec(move || match libc::setrlimit(libc::RLIMIT_AS, &limit) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                });
+            }
+        }
         self.proc = Proc::spawn(
-            Command::new(&self.bin)
+            command
                 .arg("serve")
                 .args(["--replica-id", &self.id, "--brokers", &self.brokers])
                 .args(["--http-addr", &self.http.to_string()])
@@ -384,6 +423,11 @@ impl Replica {
 
     pub fn is_running(&self) -> bool {
         self.proc.is_running()
+    }
+
+    /// The process, for its pid, signals and memory.
+    pub fn process(&self) -> &Proc {
+        &self.proc
     }
 
     /// SIGKILL.

@@ -13,6 +13,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
+use super::attest::{Attestor, ATTESTATION_INTERVAL};
 use super::rollback::{self, Guard, LogSource, Spike};
 use super::staleness::StalenessMeter;
 use crate::checkpoint::{SharedStore, Store};
@@ -181,9 +182,15 @@ pub struct Applier {
     /// fingerprint), or a settings record equal to its own was read.
     settings_agreed: bool,
     /// Why this replica stopped applying: the log no longer continues its
-    /// position (records deleted below it, or a gap). It serves on, not
-    /// ready, and says why.
+    /// position (records deleted below it, or a gap), or its weights are not
+    /// the fleet's (an attestation disagrees). It serves on, not ready, and
+    /// says why.
     stalled: Option<String>,
+    /// Its own weights digests, the fleet's attestations compared with them.
+    attestor: Attestor,
+    /// The checkpoint being written, and its weights digest: attested once
+    /// it is written.
+    saving: Option<(i64, String)>,
 }
 
 impl Applier {
@@ -206,6 +213,13 @@ impl Applier {
             applied.last_healthy = state.position;
             applied.watermarks.clone_from(&state.watermarks);
         }
+        let mut attestor =
+            Attestor::new(model.fingerprint(), &config.replica_id, control.clone(), tokio::runtime::Handle::current());
+        if state.position > 0 {
+            // Restored from a checkpoint (the store's or a peer's): the
+            // fleet's attestation of its position will say if it is theirs.
+            attestor.remember(state.position, model.digest(&state.weights));
+        }
         let g = &config.guard;
         let guard = g.enabled.then(|| GuardLink {
             guard: Guard::new(g.loss_factor, g.warmup_examples, state.position),
@@ -226,6 +240,8 @@ impl Applier {
             staleness: StalenessMeter::starting_at(state.position, state.examples_learned),
             settings_agreed: state.position > 0,
             stalled: None,
+            attestor,
+            saving: None,
             last_saved: (Instant::now(), state.position),
             model,
             state,
@@ -370,6 +386,10 @@ impl Applier {
             let outcome = self.state.apply(&self.model, offset, message.payload().unwrap_or(&[]), &mut self.publisher);
             let took_rollback = matches!(outcome, Outcome::RollBack(_));
             self.record_outcome(offset, outcome, &mut drained)?;
+            if self.stalled.is_some() {
+                break;
+            }
+            self.attest_when_due();
             self.staleness.advanced(self.state.position, self.state.examples_learned);
             // A rollback's weights are published before reading on.
             let publish_now = took_rollback || drained.own_applied || self.swap_due();
@@ -433,6 +453,11 @@ impl Applier {
                 }
             }
             Outcome::Settings(r) => self.compare_settings(offset, &r)?,
+            Outcome::Attestation(r) => {
+                if let Some(why) = self.attestor.disagreement(offset, &r) {
+                    self.stall(why);
+                }
+            }
             Outcome::Rejected(None, reason) => {
                 self.metrics.records_rejected.with_label_values(&[reason.as_str()]).inc();
                 warn!(offset, reason = reason.as_str(), "rejected unreadable record");
@@ -463,6 +488,21 @@ impl Applier {
         }
         warn!(producer = %r.producer, offset, differences, "a replica started with other model settings; it will stop");
         Ok(())
+    }
+
+    /// At every multiple of `ATTESTATION_INTERVAL`: the weights digest,
+    /// remembered, and attested once this replica is ready (a replica still
+    /// replaying compares, and leaves the attesting to the fleet).
+    fn attest_when_due(&mut self) {
+        let position = self.state.position;
+        if position % ATTESTATION_INTERVAL != 0 {
+            return;
+        }
+        let digest = self.model.digest(&self.state.weights);
+        match self.ready.load(Ordering::Acquire) {
+            true => self.attestor.attest(position, digest),
+            false => self.attestor.remember(position, digest),
+        }
     }
 
     /// Tells the trainer (and the admin handle) what was applied.
@@ -540,8 +580,12 @@ impl Applier {
     fn checkpoint_when_due(&mut self) {
         if self.saver.as_ref().is_some_and(|h| h.is_finished()) {
             let (position, ok) = (self.saver.take().expect("checked").join()).unwrap_or((0, false));
+            let saving = self.saving.take();
             if ok {
                 self.last_saved = (Instant::now(), position);
+                if let Some((position, digest)) = saving {
+                    self.attestor.attest(position, digest);
+                }
             }
         }
         self.metrics.checkpoint_age.set(self.last_saved.0.elapsed().as_secs_f64());
@@ -550,6 +594,9 @@ impl Applier {
         if due && self.saver.is_none() {
             let (store, model, state, metrics) =
                 (self.store.clone(), self.model.clone(), self.state.clone(), self.metrics.clone());
+            let digest = model.digest(&state.weights);
+            self.attestor.remember(state.position, digest.clone());
+            self.saving = Some((state.position, digest));
             let trimmer = self.trimmer.clone();
             self.saver = Some(std::thread::spawn(move || {
                 let saved = save(&*store, &model, &state, &metrics);

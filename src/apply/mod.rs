@@ -5,6 +5,7 @@
 //! the divergence guard.
 
 pub mod applier;
+pub mod attest;
 pub mod handle;
 pub mod rollback;
 pub mod staleness;

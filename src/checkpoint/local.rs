@@ -111,6 +111,16 @@ impl Store for LocalStore {
     fn read(&self, info: &CheckpointInfo) -> Result<Vec<u8>, CheckpointError> {
         fs::read(&info.location).map_err(|source| CheckpointError::Io { path: info.location.clone().into(), source })
     }
+
+    fn read_part(&self, info: &CheckpointInfo, at: u64, len: usize) -> Result<Vec<u8>, CheckpointError> {
+        use std::io::{Read, Seek, SeekFrom};
+        let io = |source| CheckpointError::Io { path: info.location.clone().into(), source };
+        let mut file = fs::File::open(&info.location).map_err(io)?;
+        file.seek(SeekFrom::Start(at)).map_err(io)?;
+        let mut part = Vec::with_capacity(len.min(info.bytes.saturating_sub(at) as usize));
+        file.take(len as u64).read_to_end(&mut part).map_err(io)?;
+        Ok(part)
+    }
 }
 
 #[cfg(test)]

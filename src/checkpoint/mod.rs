@@ -86,6 +86,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn save(&self, model: &Model, state: &ReplicaState) -> Result<CheckpointInfo, CheckpointError>;
     /// The encoded checkpoint `info` lists.
     fn read(&self, info: &CheckpointInfo) -> Result<Vec<u8>, CheckpointError>;
+    /// Up to `len` bytes of it from byte `at` (fewer only at its end), for
+    /// sending a checkpoint without holding it whole.
+    fn read_part(&self, info: &CheckpointInfo, at: u64, len: usize) -> Result<Vec<u8>, CheckpointError>;
 
     fn load(&self, model: &Model, info: &CheckpointInfo) -> Result<ReplicaState, CheckpointError> {
         decode(model, &self.read(info)?, &info.location)
@@ -171,6 +174,15 @@ fn read_header(head: &[u8; HEADER_BYTES]) -> Option<(u64, Option<f64>)> {
     let examples = u64_at(EXAMPLES_AT);
     let loss_sum = f64::from_bits(u64_at(LOSS_SUM_AT));
     Some((examples, (examples > 0).then(|| loss_sum / examples as f64)))
+}
+
+/// The most bytes a checkpoint of `model` can take: its weights and at
+/// most two optimizer slots per parameter (Adam's and FTRL's), as f32, and
+/// a megabyte for the header, settings and watermarks. A peer's answer
+/// longer than this is refused before it is read.
+pub fn largest_size(model: &Model) -> u64 {
+    let floats: u64 = model.params().iter().map(|p| p.len() as u64).sum();
+    floats * 3 * 4 + (1 << 20)
 }
 
 fn encode(model: &Model, s: &ReplicaState) -> Vec<u8> {
@@ -335,7 +347,13 @@ pub(crate) mod tests {
         let positions: Vec<i64> = listed.iter().map(|i| i.position).collect();
         assert_eq!(positions, vec![9, 5], "keeps the newest two, newest first");
         assert_eq!((listed[0].examples_learned, listed[0].progressive_loss), (Some(36), Some(0.25)));
-        assert!(listed[0].bytes > 0);
+        assert!(listed[0].bytes > 0 && listed[0].bytes <= largest_size(&model));
+        // Read in parts, it is the same bytes.
+        let whole = store.read(&listed[0]).unwrap();
+        let parts: Vec<u8> =
+            (0..listed[0].bytes).step_by(1000).flat_map(|at| store.read_part(&listed[0], at, 1000).unwrap()).collect();
+        assert_eq!((parts.len() as u64, &parts), (listed[0].bytes, &whole));
+        assert!(store.read_part(&listed[0], listed[0].bytes, 1000).unwrap().is_empty(), "nothing past the end");
         let (loaded, info) = store.load_newest(&model, None).unwrap().unwrap();
         assert_eq!((loaded, info.position), (state, 9));
         assert_eq!(store.load_newest(&model, Some(8)).unwrap().unwrap().1.position, 5);

@@ -78,6 +78,11 @@ impl Shape {
             Schema::Double => Shape::Double,
             Schema::String => Shape::String,
             Schema::Enum(e) => Shape::Enum(e.symbols.clone()),
+            // An item of no bytes would let a count of a few bytes declare
+            // any number of items: refused, since nulls carry nothing.
+            Schema::Array(a) if matches!(*a.items, Schema::Null) => {
+                return Err(format!("field {at:?}: an array of nulls cannot carry an event field"))
+            }
             Schema::Array(a) => Shape::Array(Box::new(Shape::of(&a.items, at)?)),
             Schema::Map(m) => Shape::Map(Box::new(Shape::of(&m.types, at)?)),
             Schema::Union(u) => Shape::Union(u.variants().iter().map(|v| Shape::of(v, at)).collect::<Result<_, _>>()?),
@@ -344,6 +349,10 @@ impl<'a> Reader<'a> {
         what: &str,
         item: &mut dyn FnMut(&mut Reader<'a>) -> Result<(), SchemaError>,
     ) -> Result<(), SchemaError> {
+        // Every item takes at least a byte (the schema has no arrays of
+        // nulls), so the items of all blocks together are at most the bytes
+        // left now: checked per block, and for the blocks' sum.
+        let mut items_left = self.rest.len() as u64;
         loop {
             let count = self.long(what)?;
             if count == 0 {
@@ -353,9 +362,10 @@ impl<'a> Reader<'a> {
                 self.long(what)?; // the block's size in bytes, for skipping
             }
             let count = count.unsigned_abs();
-            if count > self.rest.len() as u64 {
+            if count > self.rest.len() as u64 || count > items_left {
                 return Err(avro(format!("{what}: a block of {count} items with {} bytes left", self.rest.len())));
             }
+            items_left -= count;
             for _ in 0..count {
                 item(self)?;
             }
@@ -445,6 +455,10 @@ mod tests {
             (
                 r#"{"type":"record","name":"E","fields":[{"name":"label","type":"double"},{"name":"ts","type":"bytes"}]}"#,
                 "cannot carry",
+            ),
+            (
+                r#"{"type":"record","name":"E","fields":[{"name":"label","type":"double"},{"name":"dense","type":{"type":"array","items":"null"}}]}"#,
+                "an array of nulls",
             ),
         ];
         for (schema, want) in cases {

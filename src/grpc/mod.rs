@@ -84,7 +84,7 @@ impl InferenceService {
         let inputs = tensors(request.inputs, request.raw_input_contents)?;
         let snap = self.state.serving.load();
         let c = snap.model.config();
-        let instances = tensor::instances(&inputs, c.dense_dim, &c.sparse_fields)?;
+        let instances = tensor::instances(&inputs, c.dense_dim, &c.sparse_fields, self.state.max_batch)?;
         let n = instances.len() as i64;
         let predictions = predict_instances(&self.state, &snap, instances)?;
         Ok(proto::ModelInferResponse {
@@ -143,6 +143,7 @@ fn status(e: ApiError) -> Status {
         ApiError::BadRequest(_) | ApiError::TooLarge(_) => Status::invalid_argument(message),
         ApiError::NotFound(_) => Status::not_found(message),
         ApiError::Unavailable(_) => Status::unavailable(message),
+        ApiError::Busy(_) => Status::resource_exhausted(message),
         ApiError::Conflict(_) => Status::failed_precondition(message),
         ApiError::MethodNotAllowed => Status::unimplemented(message),
         ApiError::Internal(detail) => Status::internal(detail),
@@ -233,7 +234,67 @@ impl GrpcInferenceService for InferenceService {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+    use prost::Message;
+
     use super::*;
+    use crate::alloc_meter;
+    use crate::http::v2::tensor::tests::{hostile_inputs, peak_bound, HostileInput, HARD_CAP, MAX_ROWS};
+
+    /// The instances an encoded `ModelInferRequest` describes, or why not.
+    fn instances(encoded: &[u8]) -> Result<usize, String> {
+        let request = proto::ModelInferRequest::decode(encoded).map_err(|e| e.to_string())?;
+        let inputs = tensors(request.inputs, request.raw_input_contents).map_err(|e| e.to_string())?;
+        tensor::instances(&inputs, 2, &["tags".to_string()], MAX_ROWS).map(|v| v.len()).map_err(|e| e.to_string())
+    }
+
+    /// `inputs` as a request, with typed contents or raw ones.
+    fn encoded(inputs: &[HostileInput], raw: bool) -> Vec<u8> {
+        let typed = |i: &HostileInput| InferTensorContents {
+            fp32_contents: (0..i.len).map(|k| k as f32).collect(),
+            bytes_contents: (0..i.len).map(|k| format!("v{k}").into_bytes()).collect(),
+            ..Default::default()
+        };
+        let request = proto::ModelInferRequest {
+            model_name: "default".into(),
+            inputs: (inputs.iter())
+                .map(|i| InferInputTensor {
+                    name: i.name.clone(),
+                    datatype: i.datatype.clone(),
+                    shape: i.shape.clone(),
+                    contents: (!raw).then(|| typed(i)),
+                    ..Default::default()
+                })
+                .collect(),
+            raw_input_contents: if raw { inputs.iter().map(HostileInput::raw).collect() } else { Vec::new() },
+            ..Default::default()
+        };
+        request.encode_to_vec()
+    }
+
+    #[test]
+    fn a_shape_of_a_hundred_million_rows_and_no_data_is_refused_before_it_allocates() {
+        let hostile =
+            HostileInput { name: "tags".into(), datatype: "BYTES".into(), shape: vec![100_000_000, 0], len: 0 };
+        for raw in [false, true] {
+            let body = encoded(std::slice::from_ref(&hostile), raw);
+            let (answer, peak) = alloc_meter::measure(HARD_CAP, || instances(&body));
+            let err = answer.unwrap_err();
+            assert!(err.contains("\"tags\"") && err.contains("at most 64 per request"), "{err}");
+            assert!(peak <= peak_bound(body.len()), "{peak} bytes for a {}-byte message", body.len());
+        }
+    }
+
+    proptest! {
+        /// Typed and raw contents: whatever the shapes and the data, the
+        /// bytes held at once are bounded by the message's size.
+        #[test]
+        fn grpc_parsing_allocates_only_what_the_message_backs(inputs in hostile_inputs(), raw in any::<bool>()) {
+            let body = encoded(&inputs, raw);
+            let (_, peak) = alloc_meter::measure(HARD_CAP, || instances(&body));
+            prop_assert!(peak <= peak_bound(body.len()), "{peak} bytes for a {}-byte message", body.len());
+        }
+    }
 
     fn input(name: &str, datatype: &str, contents: Option<InferTensorContents>) -> InferInputTensor {
         InferInputTensor {

@@ -68,7 +68,7 @@ pub(super) fn check_bearer(headers: &HeaderMap, token: &str, kind: &str) -> Resu
     }
     let why = match given {
         Some(_) => format!("wrong {kind} token"),
-        None => format!("an {kind} token is required: Authorization: Bearer <token>"),
+        None => format!("the {kind} token is required: Authorization: Bearer <token>"),
     };
     Err((StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], Json(json!({ "error": why })))
         .into_response())

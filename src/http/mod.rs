@@ -14,6 +14,7 @@
 pub mod admin;
 mod error;
 pub mod events;
+pub mod peer;
 pub mod status;
 pub mod v2;
 
@@ -30,6 +31,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tower_http::compression::predicate::{DefaultPredicate, NotForContentType, Predicate};
 use tower_http::compression::CompressionLayer;
 use tower_http::decompression::RequestDecompressionLayer;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -60,6 +62,8 @@ pub struct AppState {
     pub checkpoints: Option<SharedStore>,
     /// The admin endpoints; `None`: off.
     pub admin: Option<Arc<admin::Admin>>,
+    /// `GET /v1/models/{name}/checkpoint` for peers; `None`: off.
+    pub peer_checkpoints: Option<Arc<peer::PeerCheckpoints>>,
     /// `POST /v1/events`; `None`: off.
     pub events: Option<Arc<events::EventSink>>,
     /// The last minutes of the status page's series.
@@ -80,6 +84,7 @@ impl AppState {
             max_body_bytes: config.http.max_body_bytes,
             checkpoints: None,
             admin: None,
+            peer_checkpoints: None,
             events: None,
             history: Arc::default(),
         }
@@ -98,7 +103,7 @@ fn endpoints() -> Vec<UtoipaMethodRouter<AppState>> {
         routes!(model_info),
         routes!(predict),
         routes!(snapshots),
-        routes!(newest_checkpoint),
+        routes!(peer::newest_checkpoint),
         routes!(admin::rollback),
         routes!(events::ingest),
         routes!(v2::server_metadata),
@@ -135,7 +140,13 @@ pub fn router(state: AppState) -> Router {
         // The limit holds for the body as decompressed (a gzip bomb is a 413).
         .layer(DefaultBodyLimit::max(limit))
         .layer(RequestDecompressionLayer::new())
-        .layer(CompressionLayer::new())
+        // Not a checkpoint: float weights barely shrink, and gzip on the
+        // async workers would take them from predictions.
+        .layer(
+            CompressionLayer::new().compress_when(
+                DefaultPredicate::new().and(NotForContentType::const_new(peer::CHECKPOINT_CONTENT_TYPE)),
+            ),
+        )
         .layer(middleware::from_fn_with_state(state.clone(), record_request))
         .with_state(state)
 }
@@ -153,6 +164,7 @@ pub fn router(state: AppState) -> Router {
         (name = "kserve-v2", description = "Open Inference Protocol (KServe V2), REST"),
         (name = "training", description = "Training events and model state"),
         (name = "admin", description = "Behind Authorization: Bearer <http.admin_token>"),
+        (name = "peers", description = "For the fleet's replicas, behind Authorization: Bearer <checkpoint.peer_token>"),
         (name = "operations", description = "Health, metrics, status page, this document"),
     ),
     modifiers(&BearerAuth)
@@ -340,36 +352,6 @@ impl From<&CheckpointInfo> for SnapshotInfo {
 pub struct Snapshots {
     /// Newest first.
     snapshots: Vec<SnapshotInfo>,
-}
-
-/// The newest checkpoint of this replica's store, encoded as the stores
-/// keep it (checksummed): what a new replica bootstraps from
-/// (`checkpoint.bootstrap_from`). Its position is in `X-Tributary-Position`.
-#[utoipa::path(get, path = "/v1/models/{model}/checkpoint", tag = "training",
-    params(("model" = String, Path, description = "The model name", example = "default")),
-    responses(
-        (status = 200, description = "The encoded checkpoint", content_type = "application/octet-stream"),
-        (status = 404, description = "No such model, or no checkpoint yet", body = ErrorBody),
-        (status = 503, description = "The store is unreachable", body = ErrorBody),
-    ))]
-async fn newest_checkpoint(State(state): State<AppState>, Path(model): Path<String>) -> Result<Response, ApiError> {
-    check_model(&state, &model)?;
-    let Some(store) = state.checkpoints.clone() else {
-        return Err(ApiError::NotFound("this replica has no checkpoint store".into()));
-    };
-    let newest = tokio::task::spawn_blocking(move || -> Result<Option<(i64, Vec<u8>)>, ApiError> {
-        let listed = store.list().map_err(|e| ApiError::Unavailable(e.to_string()))?;
-        let Some(info) = listed.into_iter().next() else { return Ok(None) };
-        let bytes = store.read(&info).map_err(|e| ApiError::Unavailable(e.to_string()))?;
-        Ok(Some((info.position, bytes)))
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
-    let Some((position, bytes)) = newest else {
-        return Err(ApiError::NotFound("no checkpoint yet".into()));
-    };
-    let headers = [(header::CONTENT_TYPE, "application/octet-stream".to_string())];
-    Ok((StatusCode::OK, headers, [("x-tributary-position", position.to_string())], bytes).into_response())
 }
 
 /// The checkpoint store's snapshots of this model, newest first.

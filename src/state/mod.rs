@@ -25,7 +25,9 @@ use std::collections::BTreeMap;
 use self::optim::{Optimizer, Touch};
 use crate::config::StalenessScaling;
 use crate::model::{Buffers, GradTensor, GradValues, Model, ParamSpec};
-use crate::update_log::record::{EventRange, EventsSince, GradientRecord, Record, RollbackRecord, SettingsRecord};
+use crate::update_log::record::{
+    AttestationRecord, EventRange, EventsSince, GradientRecord, Record, RollbackRecord, SettingsRecord,
+};
 
 /// Everything a replica learned: identical on every replica at the same position.
 #[derive(Clone, Debug, PartialEq)]
@@ -59,6 +61,10 @@ pub enum Reject {
     Shape,
     NonFinite,
     NormBound,
+    /// The record's events and ranges disagree: more events than its
+    /// ranges cover or a batch may hold, or ranges beyond their events and
+    /// the gap allowance (`GradientRecord::sizes_agree`).
+    Size,
     /// A rollback decided on a state that another rollback has replaced.
     Superseded,
     /// A rollback to a position it cannot return to (ahead of what it saw).
@@ -66,13 +72,14 @@ pub enum Reject {
 }
 
 impl Reject {
-    pub const ALL: [Reject; 8] = [
+    pub const ALL: [Reject; 9] = [
         Reject::Malformed,
         Reject::OtherModel,
         Reject::NotContiguous,
         Reject::Shape,
         Reject::NonFinite,
         Reject::NormBound,
+        Reject::Size,
         Reject::Superseded,
         Reject::BadTarget,
     ];
@@ -86,6 +93,7 @@ impl Reject {
             Reject::Shape => "shape",
             Reject::NonFinite => "non_finite",
             Reject::NormBound => "norm_bound",
+            Reject::Size => "size",
             Reject::Superseded => "superseded",
             Reject::BadTarget => "bad_target",
         }
@@ -106,6 +114,9 @@ pub enum Outcome {
     /// A replica's model settings, announced when it started: the state
     /// does not change; the applier compares them with its own.
     Settings(SettingsRecord),
+    /// A replica's weights digest at a position: the state does not
+    /// change; the applier compares it with its own, where it knows it.
+    Attestation(AttestationRecord),
 }
 
 impl ReplicaState {
@@ -137,6 +148,7 @@ impl ReplicaState {
         let outcome = match Record::decode(bytes) {
             Err(_) => Outcome::Rejected(None, Reject::Malformed),
             Ok(Record::Settings(r)) => Outcome::Settings(r),
+            Ok(Record::Attestation(r)) => Outcome::Attestation(r),
             Ok(Record::Rollback(r)) => match self.check_rollback(model, offset, &r) {
                 Ok(()) => Outcome::RollBack(r),
                 Err(reason) => Outcome::RollbackRejected(r, reason),
@@ -161,7 +173,7 @@ impl ReplicaState {
         match outcome {
             Outcome::Applied(_) | Outcome::RollBack(_) => self.records_applied += 1,
             Outcome::Rejected(..) | Outcome::RollbackRejected(..) => self.records_rejected += 1,
-            Outcome::Settings(_) => {}
+            Outcome::Settings(_) | Outcome::Attestation(_) => {}
         }
         outcome
     }
@@ -207,6 +219,9 @@ fn check(model: &Model, watermarks: &BTreeMap<i32, i64>, r: &GradientRecord) -> 
     if !continues(watermarks, &r.ranges) {
         return Err(Reject::NotContiguous);
     }
+    if !r.sizes_agree() {
+        return Err(Reject::Size);
+    }
     check_gradient(model, r.examples, r.loss_sum, &r.gradient)
 }
 
@@ -237,10 +252,6 @@ pub fn continues(watermarks: &BTreeMap<i32, i64>, ranges: &[EventRange]) -> bool
     !ranges.is_empty() && ordered && ranges.iter().all(contiguous)
 }
 
-/// Shapes, finiteness and the norm bound: `max_norm` per example, since a
-/// gradient is of the loss summed over its `examples`. Trainers run the same
-/// check before they send, so an honest trainer never sends a record that
-/// this rejects.
 /// What a gradient of `examples` events must be, wherever it is checked: a
 /// finite loss, and tensors of the model's shapes, finite, with a global L2
 /// norm within `max_grad_norm` per example. The trainer checks it before
@@ -313,7 +324,7 @@ mod tests {
         let (model, mut s) = setup();
         let outcome = |s: &mut ReplicaState, offset, bytes: Vec<u8>| match s.apply(&model, offset, &bytes, &mut NoTouch)
         {
-            Outcome::Applied(_) | Outcome::RollBack(_) | Outcome::Settings(_) => None,
+            Outcome::Applied(_) | Outcome::RollBack(_) | Outcome::Settings(_) | Outcome::Attestation(_) => None,
             Outcome::Rejected(_, why) | Outcome::RollbackRejected(_, why) => Some(why),
         };
         assert_eq!(outcome(&mut s, 0, record(&model, 0, 0, 10, 0.1)), None);
@@ -366,6 +377,48 @@ mod tests {
         assert!(apply(4, record(&[(0, 4, 6), (3, 2, 5), (7, 0, 1)])));
         assert_eq!(s.watermarks, BTreeMap::from([(0, 6), (3, 5), (7, 1)]));
         assert_eq!((s.records_applied, s.records_rejected, s.examples_learned), (2, 3, 6));
+    }
+
+    #[test]
+    fn a_record_whose_sizes_disagree_is_rejected_and_moves_nothing() {
+        use crate::update_log::record::{MAX_RANGE_GAP, MAX_RECORD_EVENTS};
+        let (model, mut s) = setup();
+        let record = |to: i64, examples: u32, skipped: u32| {
+            Record::Gradient(GradientRecord {
+                fingerprint: model.fingerprint(),
+                ranges: vec![EventRange { partition: 0, from: 0, to }],
+                base: 0,
+                examples,
+                skipped,
+                loss_sum: 0.5 * f64::from(examples),
+                oldest_ts: 0,
+                producer: "hostile".into(),
+                gradient: vec![GradTensor { param: 1, values: GradValues::Dense(vec![1e6, 1e6]) }],
+            })
+            .encode()
+        };
+        let cases = [
+            // A watermark moved past anything the partition will ever hold.
+            (1 << 62, 10, 0),
+            // A norm bound as large as the record says.
+            (i64::from(u32::MAX), u32::MAX, 0),
+            (i64::from(MAX_RECORD_EVENTS) + 1, MAX_RECORD_EVENTS, 1),
+            // More events than the ranges cover.
+            (10, 11, 0),
+            (10, 5, 6),
+            (10 + MAX_RANGE_GAP + 1, 10, 0),
+        ];
+        for (i, (to, examples, skipped)) in cases.into_iter().enumerate() {
+            let outcome = s.apply(&model, i as i64, &record(to, examples, skipped), &mut NoTouch);
+            assert!(
+                matches!(outcome, Outcome::Rejected(_, Reject::Size)),
+                "[0, {to}), {examples}+{skipped}: {outcome:?}"
+            );
+        }
+        assert!(s.watermarks.is_empty() && s.examples_learned == 0, "nothing moved");
+        // A trainer's largest: its events and the whole gap allowance.
+        let outcome = s.apply(&model, 9, &record(MAX_RANGE_GAP + 2000, 1900, 100), &mut NoTouch);
+        assert!(matches!(outcome, Outcome::Applied(_)), "{outcome:?}");
     }
 
     #[test]

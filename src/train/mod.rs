@@ -49,10 +49,10 @@ use crate::event::{EventCodec, Example};
 use crate::lifecycle::StopRequest;
 use crate::metrics::Metrics;
 use crate::model::{Gradient, Model};
-use crate::snapshot::Serving;
-use crate::state::check_gradient;
+use crate::snapshot::{Serving, Snapshot};
+use crate::state::{check_gradient, Reject};
 use crate::update_log::kafka;
-use crate::update_log::record::{EventRange, GradientRecord, Record, RecordMeta};
+use crate::update_log::record::{EventRange, GradientRecord, Record, RecordMeta, MAX_RANGE_GAP, MAX_RECORD_EVENTS};
 
 /// A record sent and not yet applied (or lost).
 #[derive(Debug, Clone)]
@@ -63,10 +63,51 @@ struct InFlight {
     sent: Instant,
 }
 
+/// Why the gradient of some events is not sent: the apply rule would
+/// reject it, or the model could not compute it.
+#[derive(Debug)]
+enum Refusal {
+    Rejected(Reject),
+    Failed(String),
+}
+
+impl Refusal {
+    /// A short, stable name: a label value, a dead letter's reason kind.
+    fn kind(&self) -> &'static str {
+        match self {
+            Refusal::Rejected(Reject::NormBound) => "gradient_norm",
+            Refusal::Rejected(Reject::NonFinite) => "gradient_non_finite",
+            Refusal::Rejected(_) | Refusal::Failed(_) => "gradient_failed",
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Rejected(Reject::NormBound) => write!(f, "the gradient's norm is over model.max_grad_norm"),
+            Refusal::Rejected(Reject::NonFinite) => write!(f, "the gradient or the loss is not finite"),
+            Refusal::Rejected(other) => write!(f, "the apply rule would reject the gradient ({})", other.as_str()),
+            Refusal::Failed(e) => write!(f, "the model failed to compute the gradient: {e}"),
+        }
+    }
+}
+
+/// Where a valid event of a batch came from, for the dead-letter topic
+/// should its gradient alone be refused.
+#[derive(Debug)]
+struct Source {
+    partition: i32,
+    offset: i64,
+    payload: Vec<u8>,
+}
+
 /// The events of one record.
 #[derive(Debug, Default)]
 struct Batch {
     examples: Vec<Example>,
+    /// Where each of `examples` came from, in the same order.
+    sources: Vec<Source>,
     /// Invalid events: counted, learned from by no one.
     skipped: u32,
     oldest_ts: i64,
@@ -74,19 +115,20 @@ struct Batch {
     ranges: Vec<EventRange>,
 }
 
-/// An event read ahead: its offset, and what it parsed to (`None`: invalid,
-/// already dead-lettered; it counts as skipped in the record that takes it).
+/// An event read ahead: its offset, and what it parsed to with its payload
+/// (`None`: invalid, already dead-lettered; it counts as skipped in the
+/// record that takes it).
 #[derive(Debug)]
 struct ReadAhead {
     offset: i64,
-    example: Option<Example>,
+    example: Option<(Example, Vec<u8>)>,
 }
 
 impl ReadAhead {
     /// The event time a batch merges partitions by; events without one
     /// (and invalid ones) count as time 0, and ties go round the partitions.
     fn ts(&self) -> i64 {
-        self.example.as_ref().and_then(|e| e.ts).unwrap_or(0)
+        self.example.as_ref().and_then(|(e, _)| e.ts).unwrap_or(0)
     }
 }
 
@@ -136,6 +178,12 @@ impl Partition {
         }
     }
 
+    /// The offsets without an event that a range from `next_from` would
+    /// cover if it took the event at `offset` after `taken` others.
+    fn gap_before(&self, offset: i64, taken: i64) -> i64 {
+        offset - self.next_from - taken
+    }
+
     /// Whether the event at `offset` is one to take: at or after `end`.
     /// One before it was fetched before a seek back, or is redelivered when
     /// librdkafka restarts a fetch at an earlier position; it is not ours to
@@ -149,32 +197,49 @@ impl Partition {
 /// Takes up to `max` events from the partitions' read-ahead, merging them
 /// by event time (the oldest head first; ties go to the partition this
 /// batch took fewest from, so events without a time go round the
-/// partitions), and makes each partition's events a range.
+/// partitions), and makes each partition's events a range. A range covers
+/// at most its events and `MAX_RANGE_GAP` offsets of gaps, as the apply rule
+/// checks: a partition whose next event lies beyond that stops for this
+/// batch, and one whose head alone lies beyond it (retention deleted events
+/// nobody learned) gets a range of the allowance and no event, so that a
+/// large gap takes several records.
 fn merge_by_event_time(partitions: &mut HashMap<i32, Partition>, max: usize) -> Batch {
     let mut batch = Batch::default();
-    let mut taken: HashMap<i32, usize> = HashMap::new();
-    for _ in 0..max {
+    let mut taken: HashMap<i32, i64> = HashMap::new();
+    for _ in 0..max.min(MAX_RECORD_EVENTS as usize) {
         let next = (partitions.iter())
-            .filter_map(|(&id, p)| Some((p.read_ahead.front()?.ts(), taken.get(&id).copied().unwrap_or(0), id)))
+            .filter_map(|(&id, p)| {
+                let count = taken.get(&id).copied().unwrap_or(0);
+                let head = p.read_ahead.front().filter(|head| p.gap_before(head.offset, count) <= MAX_RANGE_GAP)?;
+                Some((head.ts(), count, id))
+            })
             .min();
         let Some((_, _, id)) = next else { break };
         let event = partitions.get_mut(&id).and_then(|p| p.read_ahead.pop_front()).expect("a head");
         *taken.entry(id).or_default() += 1;
         match event.example {
-            Some(example) => {
+            Some((example, payload)) => {
                 if let Some(ts) = example.ts.filter(|&ts| ts > 0) {
                     batch.oldest_ts = if batch.oldest_ts == 0 { ts } else { batch.oldest_ts.min(ts) };
                 }
                 batch.examples.push(example);
+                batch.sources.push(Source { partition: id, offset: event.offset, payload });
             }
             None => batch.skipped += 1,
         }
     }
-    for &partition in taken.keys() {
+    for (&id, p) in partitions.iter() {
+        if p.read_ahead.front().is_some_and(|head| p.gap_before(head.offset, 0) > MAX_RANGE_GAP) {
+            taken.entry(id).or_insert(0);
+        }
+    }
+    for (&partition, &count) in &taken {
         // The range ends where the partition's next event is, or at the
-        // read end when none is left (so a gap after it is covered).
+        // read end when none is left (so a gap after it is covered), within
+        // the gap allowance.
         let p = partitions.get_mut(&partition).expect("taken from");
-        let to = p.read_ahead.front().map_or(p.end, |next| next.offset);
+        let reach = p.read_ahead.front().map_or(p.end, |next| next.offset);
+        let to = reach.min(p.next_from + count + MAX_RANGE_GAP);
         batch.ranges.push(EventRange { partition, from: p.next_from, to });
         p.next_from = to;
     }
@@ -389,7 +454,7 @@ impl Trainer {
         let mut wait = timeout;
         while let Some((partition, offset, payload)) = self.next_event(wait) {
             self.take_rebalances();
-            self.take_event(partition, offset, &payload);
+            self.take_event(partition, offset, payload);
             if self.read_ahead() >= READ_AHEAD {
                 break;
             }
@@ -433,7 +498,7 @@ impl Trainer {
 
     /// Parses the event at `offset` of partition `id` into its read-ahead
     /// (an invalid one goes to the dead-letter topic and is kept as skipped).
-    fn take_event(&mut self, id: i32, offset: i64, payload: &[u8]) {
+    fn take_event(&mut self, id: i32, offset: i64, payload: Vec<u8>) {
         let Some(p) = self.partitions.get_mut(&id) else { return };
         if p.hold_until.is_some() || !p.takes(offset) {
             return;
@@ -444,12 +509,12 @@ impl Trainer {
         }
         p.end = offset + 1;
         self.metrics.events_consumed.inc();
-        let example = match self.events.example(self.model.featurizer(), payload) {
-            Ok(example) => Some(example),
+        let example = match self.events.example(self.model.featurizer(), &payload) {
+            Ok(example) => Some((example, payload)),
             Err(e) => {
                 self.metrics.events_invalid.inc();
                 debug!(partition = id, offset, error = %e, "invalid event: to the dead-letter topic");
-                self.dead_letter(id, offset, payload, &e);
+                self.dead_letter(id, offset, &payload, e.kind(), &e.to_string());
                 None
             }
         };
@@ -463,17 +528,18 @@ impl Trainer {
         self.partitions.values().map(|p| p.read_ahead.len()).sum()
     }
 
-    /// Writes an invalid event to the dead-letter topic: the payload as it
-    /// came, the reason, source topic, partition and offset in headers, and
+    /// Writes an event no one will learn to the dead-letter topic: the
+    /// payload as it came, the reason (`kind`, a stable name, and `reason`,
+    /// for people), source topic, partition and offset in headers, and
     /// `partition:offset` as the key. After a seek back the same event may be
     /// written again, under the same key (a compacted topic keeps one). A
     /// delivery failure is logged and counted, not retried: the event's range
     /// is learned, and the partition moves on.
-    fn dead_letter(&self, partition: i32, offset: i64, payload: &[u8], error: &crate::event::SchemaError) {
-        let (reason, offset_text, partition_text) = (error.to_string(), offset.to_string(), partition.to_string());
+    fn dead_letter(&self, partition: i32, offset: i64, payload: &[u8], kind: &str, reason: &str) {
+        let (offset_text, partition_text) = (offset.to_string(), partition.to_string());
         let headers = OwnedHeaders::new()
-            .insert(Header { key: "tributary.reason", value: Some(reason.as_str()) })
-            .insert(Header { key: "tributary.reason_kind", value: Some(error.kind()) })
+            .insert(Header { key: "tributary.reason", value: Some(reason) })
+            .insert(Header { key: "tributary.reason_kind", value: Some(kind) })
             .insert(Header { key: "tributary.topic", value: Some(self.events_topic.as_str()) })
             .insert(Header { key: "tributary.partition", value: Some(partition_text.as_str()) })
             .insert(Header { key: "tributary.offset", value: Some(offset_text.as_str()) })
@@ -543,38 +609,73 @@ impl Trainer {
         self.metrics.trainer_stage.with_label_values(&[stage.as_str()]).observe(since.elapsed().as_secs_f64());
     }
 
+    /// The progressive loss and gradient of `examples` against `weights`
+    /// at `position`, checked as the applier will check it.
+    fn checked_gradient(&self, snapshot: &Snapshot, examples: &[Example]) -> Result<Gradient, Refusal> {
+        let gradient = (self.model.gradient_at(Some(snapshot.position), &snapshot.weights, examples))
+            .map_err(|e| Refusal::Failed(e.to_string()))?;
+        check_gradient(&self.model, examples.len() as u32, gradient.loss_sum, &gradient.tensors)
+            .map_err(Refusal::Rejected)?;
+        Ok(gradient)
+    }
+
     /// The progressive loss and gradient of `batch` against the served
-    /// weights, checked as the applier will check it. A batch whose gradient
-    /// the applier would reject (a retry would compute the same one) is sent
-    /// with no gradient and its events counted as skipped, so the
-    /// partitions move on.
-    fn gradient(&self, batch: &Batch) -> (i64, Gradient, u32, u32) {
+    /// weights, checked as the applier will check it; the batch loses the
+    /// events it could not learn. A batch whose gradient the applier would
+    /// refuse (a retry would compute the same one) has each event's
+    /// gradient checked alone at the same weights: the events refused alone
+    /// go to the dead-letter topic and count as skipped, and the rest are
+    /// learned. (The rest's gradient is the sum of gradients each within the
+    /// per-example bound, so it is within the batch's.)
+    fn gradient(&self, batch: &mut Batch) -> (i64, Gradient) {
         let snapshot = self.serving.load_full();
-        let (mut examples, mut skipped) = (batch.examples.len() as u32, batch.skipped);
-        let mut gradient = match self.model.gradient_at(Some(snapshot.position), &snapshot.weights, &batch.examples) {
-            Ok(g) => g,
-            Err(e) => {
-                if examples > 0 {
-                    warn!(ranges = ?batch.ranges, error = %e, "gradient failed; batch skipped");
-                }
-                (skipped, examples) = (skipped + examples, 0);
-                Gradient::default()
-            }
-        };
-        if let Err(reason) = check_gradient(&self.model, examples, gradient.loss_sum, &gradient.tensors) {
-            warn!(ranges = ?batch.ranges, reason = reason.as_str(), "gradient refused; batch skipped");
-            (skipped, examples) = (skipped + examples, 0);
-            gradient = Gradient::default();
+        if batch.examples.is_empty() {
+            return (snapshot.position, Gradient::default());
         }
-        (snapshot.position, gradient, examples, skipped)
+        let refusal = match self.checked_gradient(&snapshot, &batch.examples) {
+            Ok(gradient) => return (snapshot.position, gradient),
+            Err(refusal) => refusal,
+        };
+        warn!(ranges = ?batch.ranges, events = batch.examples.len(), reason = %refusal,
+            "gradient refused: checking each event's alone");
+        let refused: Vec<(usize, Refusal)> = (0..batch.examples.len())
+            .filter_map(|i| Some((i, self.checked_gradient(&snapshot, &batch.examples[i..=i]).err()?)))
+            .collect();
+        for (i, refusal) in refused.iter().rev() {
+            let (_, source) = (batch.examples.remove(*i), batch.sources.remove(*i));
+            self.refuse_event(&source, refusal);
+            batch.skipped += 1;
+        }
+        match self.checked_gradient(&snapshot, &batch.examples) {
+            Ok(gradient) => (snapshot.position, gradient),
+            Err(refusal) => {
+                // Not reached while the gradient is a sum over events; if it
+                // is, the batch is skipped whole rather than sent to be refused.
+                error!(ranges = ?batch.ranges, reason = %refusal,
+                    "the gradient of the events each accepted alone is refused: batch skipped");
+                batch.skipped += batch.examples.len() as u32;
+                batch.examples.clear();
+                batch.sources.clear();
+                (snapshot.position, Gradient::default())
+            }
+        }
+    }
+
+    /// Dead-letters an event whose gradient alone is refused, and counts it.
+    fn refuse_event(&self, source: &Source, refusal: &Refusal) {
+        let Source { partition, offset, payload } = source;
+        warn!(partition, offset, reason = %refusal, "an event's gradient alone is refused: to the dead-letter topic");
+        self.metrics.events_refused.with_label_values(&[refusal.kind()]).inc();
+        self.dead_letter(*partition, *offset, payload, refusal.kind(), &refusal.to_string());
     }
 
     /// Sends `batch` as one gradient record; false if the producer's queue
     /// refuses it, or if the record would be too large (then the batch limit
     /// is halved, and its events are read again into smaller batches).
-    fn send(&mut self, batch: Batch) -> bool {
+    fn send(&mut self, mut batch: Batch) -> bool {
         let started = Instant::now();
-        let (base, gradient, examples, skipped) = self.gradient(&batch);
+        let (base, gradient) = self.gradient(&mut batch);
+        let (examples, skipped) = (batch.examples.len() as u32, batch.skipped);
         self.observe(Stage::Gradient, started);
         let started = Instant::now();
         let meta = RecordMeta {
@@ -763,8 +864,9 @@ mod tests {
         let mut p = Partition::at(from);
         p.end = end;
         for &(offset, ts) in events {
-            let example =
-                ts.map(|ts| Example { features: Features { dense: vec![], ids: vec![] }, label: 0.0, ts: Some(ts) });
+            let example = ts.map(|ts| {
+                (Example { features: Features { dense: vec![], ids: vec![] }, label: 0.0, ts: Some(ts) }, Vec::new())
+            });
             p.read_ahead.push_back(ReadAhead { offset, example });
         }
         p
@@ -781,6 +883,8 @@ mod tests {
         let times: Vec<i64> = batch.examples.iter().filter_map(|e| e.ts).collect();
         assert_eq!(times, [100, 200, 300], "oldest first across partitions");
         assert_eq!(batch.skipped, 1, "the invalid event (time 0) came first of partition 3's rest");
+        let sources: Vec<(i32, i64)> = batch.sources.iter().map(|s| (s.partition, s.offset)).collect();
+        assert_eq!(sources, [(0, 10), (3, 0), (0, 12)], "each example's source, in the same order");
         assert_eq!(
             batch.ranges,
             [EventRange { partition: 0, from: 10, to: 13 }, EventRange { partition: 3, from: 0, to: 2 }]
@@ -793,6 +897,46 @@ mod tests {
             "each range continues the last"
         );
         assert!(merge_by_event_time(&mut partitions, 10).ranges.is_empty());
+    }
+
+    #[test]
+    fn a_range_covers_its_events_and_at_most_the_gap_allowance() {
+        let far = MAX_RANGE_GAP * 5 / 2;
+        // Partition 0: events at 0 and 1, then one beyond the allowance.
+        // Partition 1: its first event beyond it (retention deleted the rest).
+        let mut partitions = HashMap::from([
+            (0, read(0, far + 3, &[(0, Some(1)), (1, Some(2)), (far + 2, Some(3))])),
+            (1, read(0, far + 1, &[(far, Some(4))])),
+        ]);
+        let mut records = Vec::new();
+        while partitions.values().any(|p| !p.read_ahead.is_empty()) {
+            let batch = merge_by_event_time(&mut partitions, 64);
+            let record = GradientRecord::new(
+                RecordMeta {
+                    fingerprint: 0,
+                    ranges: batch.ranges.clone(),
+                    base: 0,
+                    examples: batch.examples.len() as u32,
+                    skipped: batch.skipped,
+                    oldest_ts: 0,
+                    producer: "t".into(),
+                },
+                Gradient::default(),
+            );
+            assert!(record.sizes_agree(), "{:?}", batch.ranges);
+            records.push(batch);
+            assert!(records.len() < 10, "the gaps are crossed in a few records");
+        }
+        let learned: usize = records.iter().map(|b| b.examples.len()).sum();
+        assert_eq!(learned, 4, "every event learned once");
+        for (id, end) in [(0, far + 3), (1, far + 1)] {
+            let mut at = 0;
+            for range in records.iter().flat_map(|b| &b.ranges).filter(|r| r.partition == id) {
+                assert_eq!(range.from, at, "partition {id}'s ranges follow one another");
+                at = range.to;
+            }
+            assert_eq!(at, end, "partition {id} covered to its end");
+        }
     }
 
     #[test]

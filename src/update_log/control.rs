@@ -1,5 +1,6 @@
 //! Appending control records to the update log: rollbacks (from the admin
-//! API and the divergence guard), and a replica's settings when it starts. Same producer settings as gradient
+//! API and the divergence guard), a replica's settings when it starts, and
+//! its weights digests (attestations). Same producer settings as gradient
 //! records: acknowledged by all in-sync replicas, one record per batch.
 
 use std::time::Duration;
@@ -7,7 +8,7 @@ use std::time::Duration;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::kafka;
-use super::record::{Record, RollbackRecord, SettingsRecord};
+use super::record::{AttestationRecord, Record, RollbackRecord, SettingsRecord};
 
 #[derive(Clone)]
 pub struct ControlLog {
@@ -29,6 +30,11 @@ impl ControlLog {
     /// Appends a replica's settings; the offset they landed at.
     pub async fn announce(&self, r: SettingsRecord) -> anyhow::Result<i64> {
         self.append_record(Record::Settings(r)).await
+    }
+
+    /// Appends a replica's weights digest at a position; the offset it landed at.
+    pub async fn attest(&self, r: AttestationRecord) -> anyhow::Result<i64> {
+        self.append_record(Record::Attestation(r)).await
     }
 
     async fn append_record(&self, r: Record) -> anyhow::Result<i64> {

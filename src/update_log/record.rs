@@ -18,6 +18,9 @@
 //! settings body (a control record: a replica's model settings, at start):
 //!   fingerprint u64 | producer: len u16, utf-8
 //!   count u16, then per setting: name (len u16, utf-8), value (len u16, utf-8)
+//! attestation body (a control record: a replica's weights digest at a position):
+//!   fingerprint u64 | position i64 | digest: len u16, utf-8 (hex)
+//!   producer: len u16, utf-8
 //! ```
 //! One record carries the events a trainer took from all its partitions
 //! since its previous record (version 2; version 1 had one partition per
@@ -35,6 +38,7 @@ const VERSION: u8 = 2;
 const KIND_GRADIENT: u8 = 1;
 const KIND_ROLLBACK: u8 = 2;
 const KIND_SETTINGS: u8 = 3;
+const KIND_ATTESTATION: u8 = 4;
 
 /// The events `[from, to)` of one `events` partition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -118,11 +122,33 @@ pub struct SettingsRecord {
     pub settings: crate::model::Settings,
 }
 
+/// "At `position` my weights' digest is `digest`", appended by a replica
+/// after each checkpoint it writes, and at every multiple of
+/// `ATTESTATION_INTERVAL` it reaches. The state at a position is the same on
+/// every replica, so a replica that knows its own digest at `position` and
+/// reads another differs from the fleet, or the fleet from it: it stops
+/// applying and says so, rather than serve and learn on weights of its own.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttestationRecord {
+    pub fingerprint: u64,
+    pub position: i64,
+    /// `Model::digest` of the weights at `position`.
+    pub digest: String,
+    pub producer: String,
+}
+
+/// Positions at multiples of this are attested by every replica that
+/// applies through them, so that every replica compares its weights with
+/// the fleet's at least this often (a digest of the weights costs about as
+/// much as reading them once).
+pub const ATTESTATION_INTERVAL: i64 = 1000;
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Record {
     Gradient(GradientRecord),
     Rollback(RollbackRecord),
     Settings(SettingsRecord),
+    Attestation(AttestationRecord),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -147,7 +173,30 @@ pub enum DecodeError {
     Trailing(usize),
 }
 
+/// The most events (examples and skipped) one gradient record may hold:
+/// the largest `train.batch_size`. The norm bound scales with a record's
+/// examples, so a record may not say it holds more than a trainer can send.
+pub const MAX_RECORD_EVENTS: u32 = 1 << 16;
+
+/// The most offsets a range may cover beyond its events: gaps that hold no
+/// event to learn (transaction markers, compacted or deleted events). A
+/// trainer meeting a larger gap covers it in several records, so that no
+/// record moves a watermark further than its events and this allowance.
+pub const MAX_RANGE_GAP: i64 = 1 << 20;
+
 impl GradientRecord {
+    /// Whether the record's sizes agree with one another as a trainer's
+    /// do: its events are at most [`MAX_RECORD_EVENTS`] and at most the
+    /// offsets its ranges cover, and its ranges cover at most its events
+    /// plus [`MAX_RANGE_GAP`] each. (Each range's own `to >= from` is the
+    /// contiguity check's.)
+    pub fn sizes_agree(&self) -> bool {
+        let events = i128::from(self.examples) + i128::from(self.skipped);
+        let covered: i128 = self.ranges.iter().map(|r| i128::from(r.to) - i128::from(r.from)).sum();
+        let gaps = i128::from(MAX_RANGE_GAP) * self.ranges.len() as i128;
+        events <= i128::from(MAX_RECORD_EVENTS) && events <= covered && covered <= events + gaps
+    }
+
     pub fn new(meta: RecordMeta, gradient: Gradient) -> Self {
         GradientRecord {
             fingerprint: meta.fingerprint,
@@ -201,6 +250,16 @@ impl Record {
                     put_str(&mut out, name);
                     put_str(&mut out, value);
                 }
+                return out;
+            }
+            Record::Attestation(r) => {
+                let mut out = Vec::with_capacity(30 + r.digest.len() + r.producer.len());
+                out.extend_from_slice(MAGIC);
+                out.extend_from_slice(&[VERSION, KIND_ATTESTATION]);
+                out.extend_from_slice(&r.fingerprint.to_le_bytes());
+                out.extend_from_slice(&r.position.to_le_bytes());
+                put_str(&mut out, &r.digest);
+                put_str(&mut out, &r.producer);
                 return out;
             }
             Record::Rollback(r) => {
@@ -281,6 +340,7 @@ impl Record {
             KIND_GRADIENT => Record::Gradient(decode_gradient(&mut r)?),
             KIND_ROLLBACK => Record::Rollback(decode_rollback(&mut r)?),
             KIND_SETTINGS => Record::Settings(decode_settings(&mut r)?),
+            KIND_ATTESTATION => Record::Attestation(decode_attestation(&mut r)?),
             k => return Err(DecodeError::Kind(k)),
         };
         if r.at != bytes.len() {
@@ -300,6 +360,12 @@ fn decode_rollback(r: &mut Reader) -> Result<RollbackRecord, DecodeError> {
     };
     let (reason, producer) = (r.string()?, r.string()?);
     Ok(RollbackRecord { fingerprint, to, seen, events, reason, producer })
+}
+
+fn decode_attestation(r: &mut Reader) -> Result<AttestationRecord, DecodeError> {
+    let (fingerprint, position) = (r.u64()?, r.u64()? as i64);
+    let (digest, producer) = (r.string()?, r.string()?);
+    Ok(AttestationRecord { fingerprint, position, digest, producer })
 }
 
 fn decode_settings(r: &mut Reader) -> Result<SettingsRecord, DecodeError> {
@@ -324,7 +390,9 @@ fn decode_gradient(r: &mut Reader) -> Result<GradientRecord, DecodeError> {
     if n_ranges == 0 {
         return Err(DecodeError::NoRanges);
     }
-    let mut ranges = Vec::with_capacity(n_ranges as usize);
+    // Capacity from what the bytes left can hold (20 per range), never
+    // from the count alone.
+    let mut ranges = Vec::with_capacity(usize::from(n_ranges).min(r.left() / 20));
     for _ in 0..n_ranges {
         let partition = r.u32()? as i32;
         let (from, to) = (r.u64()? as i64, r.u64()? as i64);
@@ -359,6 +427,9 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    fn left(&self) -> usize {
+        self.bytes.len() - self.at
+    }
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or(DecodeError::Truncated(self.at))?;
         let s = &self.bytes[self.at..end];
@@ -431,9 +502,19 @@ mod tests {
         })
     }
 
+    fn attestation() -> Record {
+        Record::Attestation(AttestationRecord {
+            fingerprint: 9,
+            position: 3000,
+            digest: "ab".repeat(32),
+            producer: "replica-1".into(),
+        })
+    }
+
     #[test]
     fn round_trips() {
         assert_eq!(Record::decode(&settings().encode()).unwrap(), settings());
+        assert_eq!(Record::decode(&attestation().encode()).unwrap(), attestation());
         let r = sample();
         let back = Record::decode(&r.encode()).unwrap();
         // NaN != NaN: compare the bytes of the re-encoding instead.
@@ -443,7 +524,7 @@ mod tests {
 
     #[test]
     fn every_truncation_and_corruption_is_an_error_not_a_panic() {
-        for bytes in [rollback().encode(), settings().encode()] {
+        for bytes in [rollback().encode(), settings().encode(), attestation().encode()] {
             for cut in 0..bytes.len() {
                 assert!(Record::decode(&bytes[..cut]).is_err(), "cut at {cut}");
             }
@@ -465,12 +546,36 @@ mod tests {
 }
 
 /// Arbitrary bytes never panic the decoder, nor make it allocate beyond
-/// what the bytes can hold (issue 15, item 5).
+/// what the bytes can hold (measured by the counting allocator).
 #[cfg(test)]
 mod fuzz {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::alloc_meter;
+
+    /// Decodes `bytes`, failing when the decoder held more at once than a
+    /// few times what the bytes can back.
+    fn decode_within_bound(bytes: &[u8]) -> Result<(), TestCaseError> {
+        let (_, peak) = alloc_meter::measure(256 << 20, || Record::decode(bytes));
+        let bound = 4096 + 8 * bytes.len();
+        prop_assert!(peak <= bound, "{peak} bytes held decoding {} bytes", bytes.len());
+        Ok(())
+    }
+
+    #[test]
+    fn a_count_of_ranges_that_the_bytes_do_not_hold_allocates_nothing_for_them() {
+        let bytes = valid()[0].clone();
+        // The count of ranges follows the header, the fixed fields and the
+        // producer: magic, version, kind; fingerprint, base, examples,
+        // skipped, loss_sum, oldest_ts; the producer's length and bytes.
+        let at = 4 + 1 + 1 + 8 + 8 + 4 + 4 + 8 + 8 + 2 + "p".len();
+        assert_eq!(bytes[at..at + 2], [2, 0], "the count of ranges");
+        let mut hostile = bytes[..at].to_vec();
+        hostile.extend_from_slice(&u16::MAX.to_le_bytes());
+        decode_within_bound(&hostile).unwrap();
+        assert!(matches!(Record::decode(&hostile), Err(DecodeError::Truncated(_))));
+    }
 
     fn valid() -> Vec<Vec<u8>> {
         let gradient = Record::Gradient(GradientRecord {
@@ -500,29 +605,35 @@ mod fuzz {
             producer: "p".into(),
             settings: [("a".to_string(), "b".to_string())].into_iter().collect(),
         });
-        vec![gradient.encode(), rollback.encode(), settings.encode()]
+        let attestation = Record::Attestation(AttestationRecord {
+            fingerprint: 1,
+            position: 2,
+            digest: "d".into(),
+            producer: "p".into(),
+        });
+        vec![gradient.encode(), rollback.encode(), settings.encode(), attestation.encode()]
     }
 
     proptest! {
         #[test]
         fn arbitrary_bytes_decode_or_fail(bytes in proptest::collection::vec(any::<u8>(), 0..1024)) {
-            let _ = Record::decode(&bytes);
+            decode_within_bound(&bytes)?;
         }
 
         #[test]
         fn a_valid_header_with_arbitrary_bytes_after_decodes_or_fails(
-            kind in 0u8..5,
+            kind in 0u8..6,
             body in proptest::collection::vec(any::<u8>(), 0..1024),
         ) {
             let mut bytes = MAGIC.to_vec();
             bytes.extend_from_slice(&[VERSION, kind]);
             bytes.extend_from_slice(&body);
-            let _ = Record::decode(&bytes);
+            decode_within_bound(&bytes)?;
         }
 
         #[test]
         fn mutated_valid_records_decode_or_fail(
-            which in 0usize..3,
+            which in 0usize..4,
             edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
         ) {
             let mut bytes = valid()[which].clone();
@@ -530,7 +641,7 @@ mod fuzz {
                 let i = at.index(bytes.len());
                 bytes[i] = value;
             }
-            let _ = Record::decode(&bytes);
+            decode_within_bound(&bytes)?;
         }
     }
 }

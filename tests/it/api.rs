@@ -166,15 +166,20 @@ async fn bad_input_gets_a_4xx_json_error_that_says_what_is_wrong() {
     }
 }
 
-#[tokio::test]
-async fn snapshots_are_listed_newest_first_with_their_counters() {
+/// The token of the peer checkpoint endpoint in these tests.
+const PEER_TOKEN: &str = "peer-token-0123456789";
+
+/// The HTTP state of a small model whose store holds checkpoints at
+/// positions 4 and 9 (100 and 300 examples), serving them to peers; the
+/// store's directory.
+fn state_with_snapshots() -> (AppState, tempfile::TempDir) {
+    use tributary::checkpoint::Store;
     let mut config = Config::default();
     config.model.kind = ModelKind::Logistic;
     config.model.buckets = 64;
     let model = Arc::new(Model::new(&config.model).expect("a built-in model"));
     let dir = tempfile::tempdir().unwrap();
     let store = tributary::checkpoint::LocalStore::open(dir.path(), 3).unwrap();
-    use tributary::checkpoint::Store;
     let mut state = ReplicaState::initial(&model);
     for (position, examples) in [(4, 100), (9, 300)] {
         state.position = position;
@@ -186,6 +191,13 @@ async fn snapshots_are_listed_newest_first_with_their_counters() {
     let ready = Arc::new(AtomicBool::new(true));
     let mut state = AppState::new(publisher.serving(), Arc::new(Metrics::new("test")), &config, ready);
     state.checkpoints = Some(Arc::new(store));
+    state.peer_checkpoints = Some(Arc::new(tributary::http::peer::PeerCheckpoints::new(PEER_TOKEN)));
+    (state, dir)
+}
+
+#[tokio::test]
+async fn snapshots_are_listed_newest_first_with_their_counters() {
+    let (state, _dir) = state_with_snapshots();
     let app = router(state);
     let (status, body, _) = call(&app, "GET", "/v1/models/default/snapshots", Body::empty()).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -198,6 +210,50 @@ async fn snapshots_are_listed_newest_first_with_their_counters() {
     assert!(listed[0]["written_unix_ms"].as_u64().unwrap() > 1_700_000_000_000);
     let (status, _, _) = call(&app, "GET", "/v1/models/other/snapshots", Body::empty()).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn the_newest_checkpoint_goes_to_peers_with_the_token_whole_and_a_few_at_a_time() {
+    use tributary::http::peer::DOWNLOADS_AT_ONCE;
+    let (state, _dir) = state_with_snapshots();
+    let listed = state.checkpoints.as_ref().unwrap().list().unwrap();
+    let app = router(state.clone());
+    let get = |token: Option<&str>| {
+        let mut request = Request::builder().uri("/v1/models/default/checkpoint").header("accept-encoding", "gzip");
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        app.clone().oneshot(request.body(Body::empty()).unwrap())
+    };
+    for token in [None, Some("not-the-peer-token-at-all")] {
+        assert_eq!(get(token).await.unwrap().status(), StatusCode::UNAUTHORIZED, "{token:?}");
+    }
+    // Whole, as the store encodes it, and not compressed.
+    let response = get(Some(PEER_TOKEN)).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["x-tributary-position"], "9");
+    assert!(response.headers().get("content-encoding").is_none());
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let whole = state.checkpoints.as_ref().unwrap().read(&listed[0]).unwrap();
+    assert!(body == whole, "{} bytes served, {} stored", body.len(), whole.len());
+    // While as many bodies are being sent as it sends at once, one more is a 429.
+    let mut sending = Vec::new();
+    for _ in 0..DOWNLOADS_AT_ONCE {
+        sending.push(get(Some(PEER_TOKEN)).await.unwrap());
+    }
+    assert_eq!(get(Some(PEER_TOKEN)).await.unwrap().status(), StatusCode::TOO_MANY_REQUESTS);
+    drop(sending);
+    // A finished (or abandoned) download frees its turn.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while get(Some(PEER_TOKEN)).await.unwrap().status() != StatusCode::OK {
+        assert!(std::time::Instant::now() < deadline, "no download freed its turn");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // Off without a token configured.
+    let off = router(AppState { peer_checkpoints: None, ..state });
+    let (status, v, _) = call(&off, "GET", "/v1/models/default/checkpoint", Body::empty()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(v["error"].as_str().unwrap().contains("checkpoint.peer_token"), "{v}");
 }
 
 #[tokio::test]

@@ -390,6 +390,7 @@ fn a_replica_whose_position_was_deleted_from_the_log_stops_applying_and_says_why
 #[test]
 fn a_new_replica_bootstraps_from_a_peer_after_the_log_start_moved() {
     let mut cluster = Cluster::new("bootstrap", ModelKind::Logistic);
+    cluster.config.checkpoint.peer_token = "the-fleet-peer-token".into();
     let steady = cluster.spawn("steady");
     steady.wait_ready();
     cluster.produce(600, 1);
@@ -402,6 +403,8 @@ fn a_new_replica_bootstraps_from_a_peer_after_the_log_start_moved() {
         (newest["examples_learned"].as_u64()? == 600).then(|| newest["position"].as_i64())?
     });
     delete_update_log_records_before(&cluster, checkpointed);
+    let (status, _) = steady.get("/v1/models/default/checkpoint").unwrap();
+    assert_eq!(status, 401, "a checkpoint goes only to a peer with the token");
     cluster.config.checkpoint.bootstrap_from = format!("http://{}", steady.http);
     let late = cluster.spawn("late");
     assert_joins_alike(&cluster, &steady, &late, 900, "bootstrapped from a peer's checkpoint");

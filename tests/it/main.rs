@@ -5,6 +5,7 @@
 //! `scripts/test --quick` skips them, CI runs them.
 
 mod api;
+mod boundaries;
 mod browser;
 mod clients;
 mod deploy;

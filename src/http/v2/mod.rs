@@ -223,14 +223,11 @@ pub async fn infer(
 ) -> Result<Response, ApiError> {
     check_model(&state, &model)?;
     let body = body_bytes(&state, body)?;
-    let (json, binary) = binary::split(&body, &headers)?;
-    let request: InferRequest =
-        serde_json::from_slice(json).map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))?;
+    let (request, inputs) = parse_request(&body, &headers)?;
     let binary_output = wants_binary_output(&request)?;
-    let inputs = tensors(request.inputs, binary)?;
     let snap = state.serving.load();
     let c = snap.model.config();
-    let instances = tensor::instances(&inputs, c.dense_dim, &c.sparse_fields)?;
+    let instances = tensor::instances(&inputs, c.dense_dim, &c.sparse_fields, state.max_batch)?;
     let n = instances.len() as i64;
     let predictions = predict_instances(&state, &snap, instances)?;
     let mut output = InferOutput { name: OUTPUT, datatype: "FP32", shape: vec![n], data: None, parameters: None };
@@ -248,6 +245,16 @@ pub async fn infer(
     output.parameters = Some(json!({ "binary_data_size": bytes.len() }));
     let header = serde_json::to_vec(&respond(vec![output])).map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(binary::response(header, bytes))
+}
+
+/// A request body (JSON, or the binary extension's JSON header and bytes)
+/// as the protocol's request and its input tensors, taken out of it.
+fn parse_request(body: &[u8], headers: &HeaderMap) -> Result<(InferRequest, Vec<Tensor>), ApiError> {
+    let (json, binary) = binary::split(body, headers)?;
+    let mut request: InferRequest =
+        serde_json::from_slice(json).map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))?;
+    let inputs = tensors(std::mem::take(&mut request.inputs), binary)?;
+    Ok((request, inputs))
 }
 
 /// The request's inputs as tensors: JSON `data`, or their share of the
@@ -300,5 +307,76 @@ fn flatten(v: &Value) -> Vec<&Value> {
     match v {
         Value::Array(items) => items.iter().flat_map(flatten).collect(),
         leaf => vec![leaf],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::{HeaderMap, HeaderValue};
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::{binary, parse_request, tensor};
+    use crate::alloc_meter;
+    use crate::http::v2::tensor::tests::{hostile_inputs, peak_bound, HostileInput, HARD_CAP, MAX_ROWS, PEAK_FIXED};
+
+    /// The instances a REST body describes, or the 400 it gets.
+    fn instances(body: &[u8], headers: &HeaderMap) -> Result<usize, String> {
+        let (_, inputs) = parse_request(body, headers).map_err(|e| e.to_string())?;
+        let fields = ["tags".to_string()];
+        tensor::instances(&inputs, 2, &fields, MAX_ROWS).map(|v| v.len()).map_err(|e| e.to_string())
+    }
+
+    /// The body of `inputs` with JSON `data`.
+    fn json_body(inputs: &[HostileInput]) -> Vec<u8> {
+        let inputs: Vec<_> = (inputs.iter())
+            .map(|i| {
+                let data: Vec<serde_json::Value> = match i.datatype.as_str() {
+                    "BYTES" => (0..i.len).map(|k| json!(format!("v{k}"))).collect(),
+                    _ => (0..i.len).map(|k| json!(k as f32)).collect(),
+                };
+                json!({"name": i.name, "datatype": i.datatype, "shape": i.shape, "data": data})
+            })
+            .collect();
+        serde_json::to_vec(&json!({ "inputs": inputs })).unwrap()
+    }
+
+    /// The body of `inputs` in the binary extension, and its header.
+    fn binary_body(inputs: &[HostileInput]) -> (Vec<u8>, HeaderMap) {
+        let raw: Vec<Vec<u8>> = inputs.iter().map(HostileInput::raw).collect();
+        let header: Vec<_> = (inputs.iter().zip(&raw))
+            .map(|(i, r)| {
+                json!({"name": i.name, "datatype": i.datatype, "shape": i.shape,
+                       "parameters": {"binary_data_size": r.len()}})
+            })
+            .collect();
+        let mut body = serde_json::to_vec(&json!({ "inputs": header })).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(binary::HEADER_LENGTH, HeaderValue::from(body.len()));
+        body.extend(raw.concat());
+        (body, headers)
+    }
+
+    #[test]
+    fn a_shape_of_a_hundred_million_rows_and_no_data_is_refused_before_it_allocates() {
+        let body = br#"{"inputs":[{"name":"tags","datatype":"BYTES","shape":[100000000,0],"data":[]}]}"#;
+        let (answer, peak) = alloc_meter::measure(HARD_CAP, || instances(body, &HeaderMap::new()));
+        let err = answer.unwrap_err();
+        assert!(err.contains("\"tags\"") && err.contains("at most 64 per request"), "{err}");
+        assert!(peak < PEAK_FIXED, "{peak} bytes for a {}-byte body", body.len());
+    }
+
+    proptest! {
+        /// REST JSON and the binary extension: whatever the shapes and the
+        /// data, the bytes held at once are bounded by the body's size.
+        #[test]
+        fn rest_parsing_allocates_only_what_the_body_backs(inputs in hostile_inputs()) {
+            let json = json_body(&inputs);
+            let (binary, headers) = binary_body(&inputs);
+            for (body, headers) in [(json, HeaderMap::new()), (binary, headers)] {
+                let (_, peak) = alloc_meter::measure(HARD_CAP, || instances(&body, &headers));
+                prop_assert!(peak <= peak_bound(body.len()), "{peak} bytes for a {}-byte body", body.len());
+            }
+        }
     }
 }

@@ -96,62 +96,114 @@ impl Elements {
     }
 }
 
-/// The V1 instances the tensors describe, one per row: `dense`, FP32 (or
-/// FP64) `[N, dense_dim]`; a sparse field, BYTES `[N]` or `[N, K]` (a bag
-/// padded with empty strings).
-pub fn instances(inputs: &[Tensor], dense_dim: usize, fields: &[String]) -> Result<Vec<Value>, ApiError> {
+/// What one input is to the model, decided from its name and datatype.
+#[derive(Clone, Copy, PartialEq)]
+enum Role {
+    Dense,
+    Sparse,
+}
+
+/// An input whose shape has been checked against its data and the limits:
+/// `rows` instances of `width` elements each.
+struct Checked<'a> {
+    input: &'a Tensor,
+    role: Role,
+    width: usize,
+}
+
+/// Checks one input before anything is allocated from its shape: the name
+/// and datatype are the model's, every dimension is non-negative, their
+/// product does not overflow and is the number of elements sent, and the
+/// first dimension is the batch's `rows`. Only then may a caller allocate
+/// per row: the rows are at most `max_rows`, and the elements are backed
+/// by the request's bytes.
+fn check<'a>(input: &'a Tensor, rows: usize, dense_dim: usize, fields: &[String]) -> Result<Checked<'a>, ApiError> {
+    let name = &input.name;
+    let bad = |msg: String| Err(ApiError::BadRequest(format!("input {name:?}: {msg}")));
+    let role = if name == "dense" {
+        if !matches!(input.datatype.as_str(), "FP32" | "FP64") {
+            return bad(format!("datatype {}; use FP32", input.datatype));
+        }
+        Role::Dense
+    } else if fields.iter().any(|f| f == name) {
+        if input.datatype != "BYTES" {
+            return bad(format!("datatype {}; sparse fields are BYTES", input.datatype));
+        }
+        Role::Sparse
+    } else {
+        return Err(ApiError::BadRequest(format!("unknown input {name:?}; the model takes \"dense\" and {fields:?}")));
+    };
+    let shape = &input.shape;
+    let Ok(dims) = shape.iter().map(|&d| usize::try_from(d)).collect::<Result<Vec<usize>, _>>() else {
+        return bad(format!("shape {shape:?} has a negative dimension"));
+    };
+    if dims.first() != Some(&rows) {
+        return bad(format!("shape {shape:?}; every input's first dimension is the batch size {rows}"));
+    }
+    match role {
+        Role::Dense if dims.len() != 2 || dims[1] != dense_dim => {
+            return bad(format!("shape {shape:?}; the model takes [N, {dense_dim}]"));
+        }
+        Role::Sparse if dims.len() > 2 => return bad(format!("shape {shape:?}; use [N] or [N, K]")),
+        _ => {}
+    }
+    let count = input.elements.count();
+    let holds = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+    if holds != Some(count) {
+        let holds = holds.map_or("more than 2^64".to_string(), |n| n.to_string());
+        return bad(format!("shape {shape:?} holds {holds} values, data has {count}"));
+    }
+    Ok(Checked { input, role, width: dims.get(1).copied().unwrap_or(1) })
+}
+
+/// The batch size the first input declares, checked against `max_rows`
+/// before any input is looked at further.
+fn rows(inputs: &[Tensor], max_rows: usize) -> Result<usize, ApiError> {
     let bad = |msg: String| ApiError::BadRequest(msg);
     let Some(first) = inputs.first() else {
         return Err(bad("inputs is empty".into()));
     };
-    let rows = *first.shape.first().ok_or_else(|| bad(format!("input {:?} has an empty shape", first.name)))?;
+    let name = &first.name;
+    let rows = *first.shape.first().ok_or_else(|| bad(format!("input {name:?} has an empty shape")))?;
     let rows = usize::try_from(rows)
-        .map_err(|_| bad(format!("input {:?}: shape {:?} has a negative dimension", first.name, first.shape)))?;
+        .map_err(|_| bad(format!("input {name:?}: shape {:?} has a negative dimension", first.shape)))?;
+    if rows > max_rows {
+        return Err(bad(format!(
+            "input {name:?}: shape {:?} is {rows} instances; at most {max_rows} per request",
+            first.shape
+        )));
+    }
+    Ok(rows)
+}
+
+/// The V1 instances the tensors describe, one per row: `dense`, FP32 (or
+/// FP64) `[N, dense_dim]`; a sparse field, BYTES `[N]` or `[N, K]` (a bag
+/// padded with empty strings). Every input is checked ([`check`]) before
+/// any is turned into rows, so a shape the data does not back, or more
+/// than `max_rows` rows, is refused before anything is allocated from it.
+pub fn instances(
+    inputs: &[Tensor],
+    dense_dim: usize,
+    fields: &[String],
+    max_rows: usize,
+) -> Result<Vec<Value>, ApiError> {
+    let rows = rows(inputs, max_rows)?;
+    let checked = inputs.iter().map(|input| check(input, rows, dense_dim, fields)).collect::<Result<Vec<_>, _>>()?;
     let mut dense: Option<Vec<Value>> = None;
     let mut sparse: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
-    for input in inputs {
+    for Checked { input, role, width } in checked {
         let name = &input.name;
-        let dims: Vec<usize> = (input.shape.iter())
-            .map(|&d| usize::try_from(d))
-            .collect::<Result<_, _>>()
-            .map_err(|_| bad(format!("input {name:?}: shape {:?} has a negative dimension", input.shape)))?;
-        if dims.first() != Some(&rows) {
-            return Err(bad(format!(
-                "input {name:?}: shape {:?}; every input's first dimension is the batch size {rows}",
-                input.shape
-            )));
-        }
-        let count = input.elements.count();
-        let holds = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
-        if holds != Some(count) {
-            let holds = holds.map_or("too many".to_string(), |n| n.to_string());
-            return Err(bad(format!("input {name:?}: shape {:?} holds {holds} values, data has {count}", input.shape)));
-        }
-        let width = count.checked_div(rows).unwrap_or(0);
         let row = |r: usize| -> Result<Vec<Value>, ApiError> {
             (r * width..(r + 1) * width).map(|i| input.elements.json(i, name)).collect()
         };
-        if name == "dense" {
-            if !matches!(input.datatype.as_str(), "FP32" | "FP64") {
-                return Err(bad(format!("input \"dense\" is {}; use FP32", input.datatype)));
+        match role {
+            Role::Dense => dense = Some((0..rows).map(|r| row(r).map(Value::Array)).collect::<Result<_, _>>()?),
+            Role::Sparse => {
+                let bag = |r: usize| -> Result<Value, ApiError> {
+                    Ok(Value::Array(row(r)?.into_iter().filter(|v| v.as_str() != Some("")).collect()))
+                };
+                sparse.insert(name, (0..rows).map(bag).collect::<Result<_, _>>()?);
             }
-            if dims.len() != 2 || width != dense_dim {
-                return Err(bad(format!("input \"dense\": shape {:?}; the model takes [N, {dense_dim}]", input.shape)));
-            }
-            dense = Some((0..rows).map(|r| row(r).map(Value::Array)).collect::<Result<_, _>>()?);
-        } else if fields.iter().any(|f| f == name) {
-            if input.datatype != "BYTES" {
-                return Err(bad(format!("input {name:?} is {}; sparse fields are BYTES", input.datatype)));
-            }
-            if dims.len() > 2 {
-                return Err(bad(format!("input {name:?}: shape {:?}; use [N] or [N, K]", input.shape)));
-            }
-            let bag = |r: usize| -> Result<Value, ApiError> {
-                Ok(Value::Array(row(r)?.into_iter().filter(|v| v.as_str() != Some("")).collect()))
-            };
-            sparse.insert(name, (0..rows).map(bag).collect::<Result<_, _>>()?);
-        } else {
-            return Err(bad(format!("unknown input {name:?}; the model takes \"dense\" and {fields:?}")));
         }
     }
     Ok((0..rows)
@@ -175,10 +227,81 @@ pub fn fp32_bytes(values: &[f32]) -> Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
+    use proptest::prelude::*;
     use serde_json::json;
 
     use super::*;
+
+    /// The batch limit the allocation tests parse with.
+    pub const MAX_ROWS: usize = 64;
+    /// What a parse may hold beyond what scales with the body: the
+    /// instances of `MAX_ROWS` rows, and the parser's own.
+    pub const PEAK_FIXED: usize = 256 << 10;
+    /// Beyond this a measured parse aborts the test binary, so that a
+    /// regression fails fast instead of taking the machine's memory.
+    pub const HARD_CAP: usize = 256 << 20;
+
+    /// The most a parse of a `body_len`-byte request may hold at once.
+    pub fn peak_bound(body_len: usize) -> usize {
+        PEAK_FIXED + 64 * body_len
+    }
+
+    /// An input as a hostile client may declare it: any name, datatype and
+    /// shape, with `len` elements of data.
+    #[derive(Debug, Clone)]
+    pub struct HostileInput {
+        pub name: String,
+        pub datatype: String,
+        pub shape: Vec<i64>,
+        pub len: usize,
+    }
+
+    impl HostileInput {
+        /// Its data in the binary form (`Elements::from_raw`'s).
+        pub fn raw(&self) -> Vec<u8> {
+            match self.datatype.as_str() {
+                "FP32" => (0..self.len).flat_map(|k| (k as f32).to_le_bytes()).collect(),
+                "FP64" => (0..self.len).flat_map(|k| (k as f64).to_le_bytes()).collect(),
+                "BYTES" => (0..self.len)
+                    .flat_map(|k| {
+                        let s = format!("v{k}");
+                        [(s.len() as u32).to_le_bytes().to_vec(), s.into_bytes()].concat()
+                    })
+                    .collect(),
+                _ => vec![1; self.len],
+            }
+        }
+    }
+
+    /// Dimensions that have broken parsers: zero, huge, negative, the
+    /// product's overflow, and the small ones that make valid tensors.
+    fn dimension() -> impl Strategy<Value = i64> {
+        prop_oneof![
+            4 => 0i64..4,
+            1 => Just(100_000_000i64),
+            1 => Just(1i64 << 32),
+            1 => 1i64..=i64::MAX,
+            1 => i64::MIN..0,
+        ]
+    }
+
+    /// One to three inputs of the model's names (`dense`, `tags`) or not.
+    pub fn hostile_inputs() -> impl Strategy<Value = Vec<HostileInput>> {
+        let input = (
+            prop::sample::select(vec!["dense", "tags", "nope"]),
+            prop::sample::select(vec!["FP32", "FP64", "BYTES", "INT8"]),
+            prop::collection::vec(dimension(), 0..4),
+            0usize..24,
+        )
+            .prop_map(|(name, datatype, shape, len)| HostileInput {
+                name: name.into(),
+                datatype: datatype.into(),
+                shape,
+                len,
+            });
+        prop::collection::vec(input, 1..4)
+    }
 
     fn tensor(name: &str, datatype: &str, shape: &[i64], elements: Elements) -> Tensor {
         Tensor { name: name.into(), datatype: datatype.into(), shape: shape.to_vec(), elements }
@@ -209,8 +332,8 @@ mod tests {
             ),
         ];
         let fields = ["tags".to_string()];
-        assert_eq!(instances(&as_json, 2, &fields).unwrap(), want);
-        assert_eq!(instances(&as_raw, 2, &fields).unwrap(), want);
+        assert_eq!(instances(&as_json, 2, &fields, 64).unwrap(), want);
+        assert_eq!(instances(&as_raw, 2, &fields, 64).unwrap(), want);
     }
 
     #[test]
@@ -226,10 +349,10 @@ mod tests {
             assert!(err.contains(want) && err.contains("\"x\""), "{datatype} {raw:?}: {err}");
         }
         let nan = tensor("dense", "FP32", &[1, 2], Elements::Fp32(vec![1.0, f32::NAN]));
-        let err = instances(&[nan], 2, &[]).unwrap_err().to_string();
+        let err = instances(&[nan], 2, &[], 64).unwrap_err().to_string();
         assert!(err.contains("not a finite number"), "{err}");
         let not_utf8 = tensor("tags", "BYTES", &[1], Elements::Bytes(vec![vec![0xff]]));
-        let err = instances(&[not_utf8], 2, &["tags".into()]).unwrap_err().to_string();
+        let err = instances(&[not_utf8], 2, &["tags".into()], 64).unwrap_err().to_string();
         assert!(err.contains("not UTF-8"), "{err}");
     }
 
@@ -245,7 +368,7 @@ mod tests {
             (tensor("dense", "FP32", &[-1, 2], json(&[])), "negative"),
         ];
         for (t, want) in cases {
-            let err = instances(&[t], 2, &["tags".into()]).unwrap_err().to_string();
+            let err = instances(&[t], 2, &["tags".into()], 64).unwrap_err().to_string();
             assert!(err.contains(want), "{err}");
         }
     }

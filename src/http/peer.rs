@@ -1,0 +1,112 @@
+//! What a replica serves its peers: `GET /v1/models/{name}/checkpoint`, the
+//! newest checkpoint of its store as the stores encode it, from which a new
+//! replica bootstraps (`checkpoint.bootstrap_from`). Behind its own token
+//! (`checkpoint.peer_token`; none: off), since weights are the fleet's to
+//! share, and the admin token, which rewrites history, should not be on
+//! every new replica. A checkpoint is large (about 140 MB for the default
+//! `wide_deep`): it is streamed from the store in parts on a blocking
+//! thread, never held whole, never compressed (float weights barely
+//! shrink), and at most [`DOWNLOADS_AT_ONCE`] are served at a time.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+use super::admin::check_bearer;
+use super::{check_model, ApiError, AppState, ErrorBody};
+use crate::checkpoint::{CheckpointInfo, SharedStore};
+
+/// Checkpoints sent at once; one more is answered 429.
+pub const DOWNLOADS_AT_ONCE: usize = 2;
+/// The part of a checkpoint read from the store and sent at a time.
+const PART_BYTES: usize = 1 << 20;
+/// What a checkpoint's body is; the compression layer leaves it alone.
+pub const CHECKPOINT_CONTENT_TYPE: &str = "application/vnd.tributary.checkpoint";
+/// The checkpoint's update-log position, beside its body.
+pub const POSITION_HEADER: &str = "x-tributary-position";
+
+/// The endpoint's token and the downloads it may serve at once.
+pub struct PeerCheckpoints {
+    token: String,
+    downloads: Arc<Semaphore>,
+}
+
+impl PeerCheckpoints {
+    pub fn new(token: &str) -> PeerCheckpoints {
+        PeerCheckpoints { token: token.to_string(), downloads: Arc::new(Semaphore::new(DOWNLOADS_AT_ONCE)) }
+    }
+}
+
+/// The newest checkpoint of this replica's store, encoded as the stores
+/// keep it (checksummed): what a new replica bootstraps from
+/// (`checkpoint.bootstrap_from`). Its position is in `X-Tributary-Position`.
+#[utoipa::path(get, path = "/v1/models/{model}/checkpoint", tag = "peers",
+    params(("model" = String, Path, description = "The model name", example = "default")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The encoded checkpoint", content_type = "application/vnd.tributary.checkpoint"),
+        (status = 401, description = "No token, or not checkpoint.peer_token", body = ErrorBody),
+        (status = 404, description = "No such model, no checkpoint yet, or off (no checkpoint.peer_token)", body = ErrorBody),
+        (status = 429, description = "As many checkpoints are being sent as the replica sends at once", body = ErrorBody),
+        (status = 503, description = "The store is unreachable", body = ErrorBody),
+    ))]
+pub async fn newest_checkpoint(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_model(&state, &model)?;
+    let (Some(peers), Some(store)) = (state.peer_checkpoints.clone(), state.checkpoints.clone()) else {
+        return Err(ApiError::NotFound("checkpoints are not served: no checkpoint.peer_token is configured".into()));
+    };
+    if let Err(refusal) = check_bearer(&headers, &peers.token, "peer") {
+        return Ok(refusal);
+    }
+    let Ok(permit) = peers.downloads.clone().try_acquire_owned() else {
+        return Err(ApiError::Busy(format!("{DOWNLOADS_AT_ONCE} checkpoints are being sent; try again later")));
+    };
+    let listed = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.list()).await.map_err(|e| ApiError::Internal(e.to_string()))?
+    };
+    let newest = listed.map_err(|e| ApiError::Unavailable(e.to_string()))?.into_iter().next();
+    let Some(info) = newest else {
+        return Err(ApiError::NotFound("no checkpoint yet".into()));
+    };
+    let headers = [
+        (header::CONTENT_TYPE, CHECKPOINT_CONTENT_TYPE.to_string()),
+        (header::CONTENT_LENGTH, info.bytes.to_string()),
+        (header::HeaderName::from_static(POSITION_HEADER), info.position.to_string()),
+    ];
+    Ok((StatusCode::OK, headers, stream_parts(store, info, permit)).into_response())
+}
+
+/// The checkpoint's bytes as a body, read in parts on a blocking thread (two
+/// parts ahead of the client at most); the body holds `permit` until it is
+/// sent whole or dropped. A store error midway ends the body short of its
+/// Content-Length, which the client sees as a torn transfer.
+fn stream_parts(store: SharedStore, info: CheckpointInfo, permit: OwnedSemaphorePermit) -> Body {
+    let (parts, received) = mpsc::channel::<Result<Bytes, std::io::Error>>(2);
+    tokio::task::spawn_blocking(move || {
+        let mut at = 0u64;
+        while at < info.bytes {
+            let part = match store.read_part(&info, at, PART_BYTES) {
+                Ok(part) if !part.is_empty() => Ok(Bytes::from(part)),
+                Ok(_) => Err(std::io::Error::other("the checkpoint ended before its listed size")),
+                Err(e) => Err(std::io::Error::other(e.to_string())),
+            };
+            let failed = part.is_err();
+            at += part.as_ref().map_or(0, |p| p.len() as u64);
+            if parts.blocking_send(part).is_err() || failed {
+                return;
+            }
+        }
+    });
+    Body::from_stream(futures::stream::unfold((received, permit), |(mut received, permit)| async move {
+        received.recv().await.map(|part| (part, (received, permit)))
+    }))
+}
