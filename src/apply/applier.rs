@@ -47,6 +47,10 @@ pub struct Applied {
     pub last_healthy: i64,
     /// What became of recent rollback records, by offset (the newest 64).
     pub rollbacks: BTreeMap<i64, RollbackOutcome>,
+    /// The applier stopped applying (see `Applier::stall`): the trainer
+    /// leaves the consumer group, so that healthy replicas learn its
+    /// partitions.
+    pub stalled: bool,
 }
 
 /// A rollback record as this replica took it (or not).
@@ -167,12 +171,12 @@ pub struct Applier {
     /// when the broker could not list it (see `kafka::fetched_end`).
     start_end: Option<i64>,
     last_swap: Instant,
-    /// When and at which position the last checkpoint was written (or loaded).
-    last_saved: (Instant, i64),
+    /// When the last checkpoint was written (or loaded), and the records
+    /// its state had taken ([`records_taken`]).
+    last_saved: (Instant, u64),
     last_checkpoint_try: Instant,
-    /// A checkpoint being written, off the apply path: its position, and
-    /// whether it was written.
-    saver: Option<std::thread::JoinHandle<(i64, bool)>>,
+    /// A checkpoint being written, off the apply path: whether it was written.
+    saver: Option<std::thread::JoinHandle<bool>>,
     /// Event times of the records applied since the last swap, for freshness.
     pending_ts: Vec<i64>,
     last_read_error: Option<Instant>,
@@ -188,9 +192,24 @@ pub struct Applier {
     stalled: Option<String>,
     /// Its own weights digests, the fleet's attestations compared with them.
     attestor: Attestor,
-    /// The checkpoint being written, and its weights digest: attested once
-    /// it is written.
-    saving: Option<(i64, String)>,
+    /// The checkpoint being written.
+    saving: Option<Saving>,
+}
+
+/// A checkpoint being written: its position, the records its state had
+/// taken, and its weights digest, attested once it is written.
+struct Saving {
+    position: i64,
+    records: u64,
+    digest: String,
+}
+
+/// The gradient and rollback records a state has taken (applied or
+/// rejected). A checkpoint is due when these move, not the position alone:
+/// control records (settings, attestations) change no weight, and a
+/// checkpoint's own attestation would otherwise make the next one due.
+fn records_taken(state: &ReplicaState) -> u64 {
+    state.records_applied + state.records_rejected
 }
 
 impl Applier {
@@ -242,7 +261,7 @@ impl Applier {
             stalled: None,
             attestor,
             saving: None,
-            last_saved: (Instant::now(), state.position),
+            last_saved: (Instant::now(), records_taken(&state)),
             model,
             state,
             consumer,
@@ -409,6 +428,8 @@ impl Applier {
         self.ready.store(false, Ordering::Release);
         self.metrics.ready.set(0);
         self.stalled = Some(reason);
+        self.progress.applied.lock().expect("progress lock").stalled = true;
+        self.progress.changed.notify_all();
     }
 
     /// Metrics, logs and the trainer's notes for one record's outcome; takes
@@ -573,30 +594,27 @@ impl Applier {
         Ok(())
     }
 
-    /// A checkpoint is due every interval while the position moves, written
+    /// A checkpoint is due every interval while records are taken, written
     /// on another thread (the clone is the price of not pausing the log); a
     /// failed one is retried at the next interval (the log keeps everything
-    /// meanwhile).
+    /// meanwhile). A written one is attested.
     fn checkpoint_when_due(&mut self) {
         if self.saver.as_ref().is_some_and(|h| h.is_finished()) {
-            let (position, ok) = (self.saver.take().expect("checked").join()).unwrap_or((0, false));
-            let saving = self.saving.take();
-            if ok {
-                self.last_saved = (Instant::now(), position);
-                if let Some((position, digest)) = saving {
-                    self.attestor.attest(position, digest);
-                }
+            let saved = self.saver.take().expect("checked").join().unwrap_or(false);
+            if let (true, Some(Saving { position, records, digest })) = (saved, self.saving.take()) {
+                self.last_saved = (Instant::now(), records);
+                self.attestor.attest(position, digest);
             }
         }
         self.metrics.checkpoint_age.set(self.last_saved.0.elapsed().as_secs_f64());
-        let due =
-            self.last_checkpoint_try.elapsed() >= self.checkpoint_every && self.state.position != self.last_saved.1;
+        let due = self.last_checkpoint_try.elapsed() >= self.checkpoint_every
+            && records_taken(&self.state) != self.last_saved.1;
         if due && self.saver.is_none() {
             let (store, model, state, metrics) =
                 (self.store.clone(), self.model.clone(), self.state.clone(), self.metrics.clone());
             let digest = model.digest(&state.weights);
             self.attestor.remember(state.position, digest.clone());
-            self.saving = Some((state.position, digest));
+            self.saving = Some(Saving { position: state.position, records: records_taken(&state), digest });
             let trimmer = self.trimmer.clone();
             self.saver = Some(std::thread::spawn(move || {
                 let saved = save(&*store, &model, &state, &metrics);
@@ -612,7 +630,7 @@ impl Applier {
                         ),
                     }
                 }
-                (state.position, saved)
+                saved
             }));
             self.last_checkpoint_try = Instant::now();
         }

@@ -411,6 +411,10 @@ impl Trainer {
         let mut last_commit = Instant::now();
         let mut last_poll = Instant::now();
         while !self.stop.is_requested() {
+            if self.progress.applied.lock().expect("progress lock").stalled {
+                self.leave_while_stalled();
+                break;
+            }
             if self.read_ahead() < READ_AHEAD || last_poll.elapsed() >= FULL_POLL_INTERVAL {
                 // Short while a record is in flight: its return frees the slot.
                 self.take_fetched(Duration::from_millis(if self.in_flight.is_empty() { 5 } else { 1 }));
@@ -427,8 +431,25 @@ impl Trainer {
                 last_commit = Instant::now();
             }
         }
-        self.shut_down();
+        if !self.progress.applied.lock().expect("progress lock").stalled {
+            self.shut_down();
+        }
         Ok(())
+    }
+
+    /// The applier stopped applying: this replica's weights are behind the
+    /// log, or not the fleet's, so its gradients must not reach the log and
+    /// its partitions belong with healthy replicas. Leaves the consumer
+    /// group at once (they move within a rebalance, not a session timeout),
+    /// sends nothing more and commits nothing, and waits for the stop.
+    fn leave_while_stalled(&mut self) {
+        error!("the applier stopped applying the update log: the trainer leaves the consumer group");
+        self.consumer.unsubscribe();
+        self.partitions.clear();
+        self.in_flight.clear();
+        while !self.stop.is_requested() {
+            self.progress.wait_changed(Duration::from_millis(200));
+        }
     }
 
     /// Graceful stop: send what was read while a slot is free, flush the

@@ -174,3 +174,77 @@ fn a_record_that_lies_about_its_size_is_rejected_and_moves_no_watermark() {
     let ends: u64 = r.event_ends().iter().map(|(_, end)| *end as u64).sum();
     assert_eq!(watermarks(&info).values().sum::<u64>(), ends, "{info}");
 }
+
+/// A real checkpoint with its first weight changed and its checksum made
+/// again: what a peer that means harm (or a corrupt disk) could serve.
+fn tampered(model: &tributary::model::Model, checkpoint: &[u8]) -> Vec<u8> {
+    // The layout's end: slot count u8, the weights, the optimizer slots
+    // (f32 each, as many as the count says), and a 32-byte blake3 checksum.
+    let floats: usize = model.params().iter().map(|p| p.len()).sum();
+    let body_end = checkpoint.len() - 32;
+    let (slots, weights_at) = (0..=2)
+        .map(|k| (k, body_end - 4 * floats * (1 + k)))
+        .find(|&(k, at)| usize::from(checkpoint[at - 1]) == k)
+        .expect("the slot count before the weights");
+    assert!(slots <= 2);
+    let mut bytes = checkpoint[..body_end].to_vec();
+    let first = f32::from_le_bytes(bytes[weights_at..weights_at + 4].try_into().unwrap());
+    bytes[weights_at..weights_at + 4].copy_from_slice(&(first + 0.5).to_le_bytes());
+    let sum = blake3::hash(&bytes);
+    bytes.extend_from_slice(sum.as_bytes());
+    bytes
+}
+
+/// A fake peer on 127.0.0.1 that answers every request with `body`; its
+/// base URL.
+fn fake_peer(body: Vec<u8>) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+            let _ = stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(&body));
+        }
+    });
+    url
+}
+
+#[test]
+fn a_peer_checkpoint_with_one_weight_changed_is_refused_by_the_fleets_attestation() {
+    const TOKEN: &str = "the-fleet-peer-token";
+    let mut cluster = Cluster::new("tampered-peer", ModelKind::Logistic);
+    cluster.config.checkpoint.peer_token = TOKEN.into();
+    let steady = cluster.spawn("steady");
+    steady.wait_ready();
+    cluster.produce(600, 1);
+    steady.wait_learned(600, Duration::from_secs(120));
+    let checkpointed = wait_for("a checkpoint of the 600 events", Duration::from_secs(60), || {
+        let (_, body) = steady.get("/v1/models/default/snapshots")?;
+        let newest = serde_json::from_str::<serde_json::Value>(&body).ok()?["snapshots"][0].clone();
+        (newest["examples_learned"].as_u64()? == 600).then(|| newest["position"].as_i64())?
+    });
+    let real = (procs::http().get(format!("http://{}/v1/models/default/checkpoint", steady.http)))
+        .bearer_auth(TOKEN)
+        .send()
+        .unwrap();
+    assert_eq!(real.headers()["x-tributary-position"], checkpointed.to_string().as_str());
+    let model = tributary::model::Model::new(&cluster.config.model).expect("a built-in model");
+    let peer = fake_peer(tampered(&model, &real.bytes().unwrap()));
+
+    cluster.config.checkpoint.bootstrap_from = peer;
+    let newcomer = cluster.spawn("newcomer");
+    wait_for("the newcomer to stop applying", Duration::from_secs(60), || {
+        (newcomer.metrics().value("tributary_update_log_stalled", "") == 1.0).then_some(())
+    });
+    let said = std::fs::read_to_string(&newcomer.log).unwrap();
+    assert!(said.contains("bootstrapped from a peer's checkpoint"), "{}", newcomer.log_tail(20));
+    let why = format!("at update-log position {checkpointed} this replica's weights digest is");
+    assert!(said.contains(&why), "{}", newcomer.log_tail(20));
+    assert!(!newcomer.is_ready(), "a replica whose weights are not the fleet's is not ready");
+    // The fleet goes on, its weights its own.
+    cluster.produce(300, 2);
+    steady.wait_learned(900, Duration::from_secs(120));
+}

@@ -239,7 +239,7 @@ fn parameters_a_batch_does_not_reach_travel_no_gradient() {
 }
 
 #[test]
-fn a_batch_whose_gradient_fails_is_skipped_not_learned() {
+fn events_whose_gradient_fails_are_dead_lettered_and_the_rest_of_their_batch_is_learned() {
     let mut cluster = Cluster::new("ts-raises", ModelKind::TorchScript);
     // Raises on a dense value above 1000: a module's own check of its input.
     let path = python_module(
@@ -268,12 +268,16 @@ fn a_batch_whose_gradient_fails_is_skipped_not_learned() {
         (crate::helpers::watermark_sum(&info) == 1040).then_some(info)
     });
     let (learned, skipped) = (info["examples_learned"].as_u64().unwrap(), info["examples_skipped"].as_u64().unwrap());
-    // Whole batches fail, so some valid events of the refused ones' batches
-    // are skipped with them; none is counted as learned (nor fed to the
+    // A failing batch has each event's gradient computed alone: the refused
+    // ones are skipped and dead-lettered, every other event of their
+    // batches is learned; none is counted as learned (nor fed to the
     // divergence guard as a loss of 0).
-    assert!(skipped >= 40, "{info}");
-    assert_eq!(learned + skipped, 1040, "{info}");
+    assert_eq!((learned, skipped), (1000, 40), "{info}");
+    let refused = r.metrics().value("tributary_events_refused_total", "reason=\"gradient_failed\"");
+    assert_eq!(refused, 40.0, "{info}");
+    let letters = cluster.dead_letters(40);
+    assert!(letters.iter().all(|(_, kind, _)| kind == "gradient_failed"), "{letters:?}");
     let log = std::fs::read_to_string(&r.log).unwrap();
-    assert!(log.contains("gradient failed; batch skipped"), "{}", r.log_tail(20));
+    assert!(log.contains("dense value out of range"), "{}", r.log_tail(20));
     assert!(info["progressive_logloss"].as_f64().is_some_and(f64::is_finite), "{info}");
 }
