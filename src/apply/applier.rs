@@ -14,6 +14,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
 use super::attest::{Attestor, ATTESTATION_INTERVAL};
+use super::handle::reachable_by_the_fleet;
 use super::rollback::{self, Guard, LogSource, Spike};
 use super::staleness::StalenessMeter;
 use crate::checkpoint::{SharedStore, Store};
@@ -51,6 +52,15 @@ pub struct Applied {
     /// leaves the consumer group, so that healthy replicas learn its
     /// partitions.
     pub stalled: bool,
+}
+
+impl Applied {
+    /// The stretches of history the fleet rolled back from, as (to, at):
+    /// the states after `to` up to the rollback at `at`, of the rollbacks
+    /// taken that it remembers. A rollback must not return into one.
+    pub fn rolled_back_from(&self) -> Vec<(i64, i64)> {
+        (self.rollbacks.iter()).filter(|(_, r)| r.taken).map(|(&at, r)| (r.to, at)).collect()
+    }
 }
 
 /// A rollback record as this replica took it (or not).
@@ -372,7 +382,7 @@ impl Applier {
                 Ok(m) => m,
                 // The broker away: librdkafka reconnects by itself, and
                 // serving goes on with the last weights meanwhile.
-                Err(e) if is_position_gone(&e) => {
+                Err(e) if kafka::is_position_gone(&e) => {
                     let start = kafka::log_start(&self.consumer, &self.updates_topic);
                     self.stall(format!(
                         "the update log no longer holds this replica's position {} (it starts at {}): its records \
@@ -664,6 +674,19 @@ impl Applier {
         let then = loop {
             match rollback::state_at(&self.model, &*self.store, &source, r.to) {
                 Ok(then) => break then,
+                Err(e) if e.is::<rollback::Unreachable>() => {
+                    // Retrying cannot help, and reading on without it would
+                    // fork this replica from those that took it.
+                    self.stall(format!(
+                        "cannot take the rollback at update-log offset {offset} (to {to}, by {producer}): {e}. This \
+                         replica stops applying and serves the weights from before the rollback. Give it a \
+                         checkpoint at or before {to} (the fleet's shared store), or start it again from a \
+                         checkpoint after offset {offset} (the store's or a peer's)",
+                        to = r.to,
+                        producer = r.producer,
+                    ));
+                    return Ok(());
+                }
                 Err(e) if !self.drain.is_requested() => {
                     warn!(error = format!("{e:#}"), to = r.to, "cannot rebuild the state to roll back to; retrying");
                     std::thread::sleep(backoff.next_delay());
@@ -713,10 +736,28 @@ impl Applier {
         let Spike { fast, baseline, last_healthy } = spike;
         let (seen, fingerprint, producer) = (self.state.position, self.model.fingerprint(), self.replica_id.clone());
         let (control, store) = (control.clone(), self.store.clone());
-        // Choosing the snapshot lists the store: off the apply path.
+        let left = self.progress.applied.lock().expect("progress lock").rolled_back_from();
+        let (brokers, topic) = (self.brokers.clone(), self.updates_topic.clone());
+        // Choosing the snapshot lists the store, and checking that every
+        // replica can rebuild it asks the broker: off the apply path.
         runtime.spawn(async move {
-            let to =
-                tokio::task::spawn_blocking(move || last_good(&*store, last_healthy)).await.unwrap_or(last_healthy);
+            let chosen = tokio::task::spawn_blocking(move || {
+                let to = last_good(&*store, last_healthy, &left);
+                let reader: BaseConsumer = kafka::log_reader_config(&brokers, "tributary-guard").create()?;
+                anyhow::Ok((to, reachable_by_the_fleet(&*store, &reader, &topic, to)))
+            })
+            .await;
+            let to = match chosen {
+                Ok(Ok((to, Ok(())))) => to,
+                Ok(Ok((to, Err(e)))) => {
+                    error!(fast, baseline, last_healthy, to, error = %e,
+                        "progressive loss spiked, and the last good state cannot be rebuilt by every replica: no \
+                         rollback asked (it would stop the replicas that cannot take it)");
+                    return;
+                }
+                Ok(Err(e)) => return warn!(error = %e, "cannot check the divergence rollback's target"),
+                Err(e) => return warn!(error = %e, "cannot check the divergence rollback's target"),
+            };
             warn!(fast, baseline, last_healthy, to, position = seen, "progressive loss spiked: asking for a rollback");
             let record = RollbackRecord {
                 fingerprint,
@@ -735,23 +776,21 @@ impl Applier {
 }
 
 /// The last good snapshot: the newest checkpoint at or before
-/// `last_healthy`; that position itself if the store has none (or is down):
-/// any position can be rebuilt from the log.
-pub fn last_good(store: &dyn Store, last_healthy: i64) -> i64 {
+/// `last_healthy` that is not a state the fleet rolled back from (`left`,
+/// as (to, at): the positions after `to` up to `at`); that position itself
+/// if the store has none (or is down): any position can be rebuilt from the
+/// log.
+pub fn last_good(store: &dyn Store, last_healthy: i64, left: &[(i64, i64)]) -> i64 {
+    let abandoned = |p: i64| left.iter().any(|&(to, at)| to < p && p <= at);
     match store.list() {
-        Ok(listed) => listed.iter().map(|c| c.position).find(|&p| p <= last_healthy).unwrap_or(last_healthy),
+        Ok(listed) => {
+            (listed.iter().map(|c| c.position)).find(|&p| p <= last_healthy && !abandoned(p)).unwrap_or(last_healthy)
+        }
         Err(e) => {
             warn!(error = %e, "cannot list checkpoints; the last good state is the last healthy position");
             last_healthy
         }
     }
-}
-
-/// Whether a read error says the position is not in the log any more
-/// (`auto.offset.reset` is `error` on the log reader).
-fn is_position_gone(e: &rdkafka::error::KafkaError) -> bool {
-    use rdkafka::types::RDKafkaErrorCode;
-    matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange))
 }
 
 /// Why a replica refuses a checkpoint beyond the end of its update log:
@@ -784,5 +823,29 @@ fn save(store: &dyn Store, model: &Model, state: &ReplicaState, metrics: &Metric
             warn!(error = %e, "checkpoint failed; the log still holds everything, will retry");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::tests::small_model;
+    use crate::checkpoint::LocalStore;
+
+    #[test]
+    fn the_last_good_snapshot_is_never_a_state_the_fleet_rolled_back_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path(), 10).unwrap();
+        let model = small_model();
+        let mut state = ReplicaState::initial(&model);
+        for position in [100, 200, 300] {
+            state.position = position;
+            store.save(&model, &state).unwrap();
+        }
+        assert_eq!(last_good(&store, 350, &[]), 300);
+        // A rollback at 320 to 150 left the states after 150 up to 320: a
+        // second divergence must not return into the first.
+        assert_eq!(last_good(&store, 350, &[(150, 320)]), 100);
+        assert_eq!(last_good(&store, 50, &[]), 50, "none at or before it: the position itself");
     }
 }

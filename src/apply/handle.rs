@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::BaseConsumer;
 
 use super::applier::{last_good, Progress, RollbackOutcome};
-use crate::checkpoint::SharedStore;
+use crate::checkpoint::{SharedStore, Store};
 use crate::config::Config;
 use crate::update_log::control::ControlLog;
 use crate::update_log::kafka;
@@ -53,9 +53,10 @@ pub enum RollbackError {
     #[error("to_version {0} is not between 0 and the current version {1}")]
     OutOfRange(i64, i64),
     #[error(
-        "version {to} cannot be rebuilt: the update log starts at {log_start} and no checkpoint at or before it \
-         is at or after that start; the oldest version that can be reached is {}",
-        oldest.map_or("none (no checkpoint since the log's start)".to_string(), |o| o.to_string())
+        "version {to} cannot be rebuilt by every replica: the update log starts at {log_start} and no checkpoint \
+         that every replica can restore is at or before it and at or after that start; the oldest version that \
+         can be reached is {}",
+        oldest.map_or("none (no checkpoint since the log's start in a store the fleet shares)".to_string(), |o| o.to_string())
     )]
     Unreachable { to: i64, log_start: i64, oldest: Option<i64> },
     #[error("cannot append the rollback to the update log: {0}")]
@@ -125,26 +126,13 @@ impl ReplicaHandle {
         }
     }
 
-    /// Refuses a target that no replica could rebuild: taking it would stop
-    /// every replica at the same record (DESIGN.md: a rollback is rebuilt
-    /// from a checkpoint at or before it plus the log after that
-    /// checkpoint, or from the seed plus the whole log).
+    /// Refuses a target that not every replica could rebuild: taking it
+    /// would stop those replicas at the same record.
     async fn check_reachable(&self, to: i64) -> Result<(), RollbackError> {
         let (reader, topic, store) = (self.log_reader.clone(), self.updates_topic.clone(), self.store.clone());
-        let (log_start, checkpoints) = tokio::task::spawn_blocking(move || {
-            let start = kafka::log_start(&*reader, &topic);
-            let listed = store.list().map(|l| l.iter().map(|c| c.position).collect::<Vec<_>>());
-            (start, listed)
-        })
-        .await
-        .map_err(|e| RollbackError::Internal(e.to_string()))?;
-        let log_start =
-            log_start.ok_or_else(|| RollbackError::Unavailable("cannot read where the log starts".into()))?;
-        let checkpoints = checkpoints.map_err(|e| RollbackError::Unavailable(e.to_string()))?;
-        match oldest_reachable(log_start, &checkpoints) {
-            Some(oldest) if to >= oldest => Ok(()),
-            oldest => Err(RollbackError::Unreachable { to, log_start, oldest }),
-        }
+        tokio::task::spawn_blocking(move || reachable_by_the_fleet(&*store, &reader, &topic, to))
+            .await
+            .map_err(|e| RollbackError::Internal(e.to_string()))?
     }
 
     /// The version a target names, given the current one (`seen`).
@@ -155,7 +143,8 @@ impl ReplicaHandle {
             RollbackTarget::LastGood => {
                 // Choosing the snapshot lists the store: off the runtime.
                 let store = self.store.clone();
-                tokio::task::spawn_blocking(move || last_good(&*store, last_healthy))
+                let left = self.progress.applied.lock().expect("progress lock").rolled_back_from();
+                tokio::task::spawn_blocking(move || last_good(&*store, last_healthy, &left))
                     .await
                     .map_err(|e| RollbackError::Internal(e.to_string()))
             }
@@ -163,9 +152,37 @@ impl ReplicaHandle {
     }
 }
 
+/// Whether every replica of the fleet can rebuild the state at `to`, asking
+/// the broker where the log starts and `store` what it holds. A rollback is
+/// rebuilt from a checkpoint at or before its target plus the log after
+/// that checkpoint, or from the seed plus the whole log: a target is
+/// reachable by every replica while the log starts at 0, or from a
+/// checkpoint the log continues in a store they share. A directory store's
+/// checkpoints are one replica's, so they count for no other.
+pub fn reachable_by_the_fleet(
+    store: &dyn Store,
+    reader: &BaseConsumer,
+    topic: &str,
+    to: i64,
+) -> Result<(), RollbackError> {
+    let log_start = kafka::log_start(reader, topic)
+        .ok_or_else(|| RollbackError::Unavailable("cannot read where the log starts".into()))?;
+    let shared: Vec<i64> = match store.is_shared() {
+        true => {
+            (store.list().map_err(|e| RollbackError::Unavailable(e.to_string()))?.iter()).map(|c| c.position).collect()
+        }
+        false => Vec::new(),
+    };
+    match oldest_reachable(log_start, &shared) {
+        Some(oldest) if to >= oldest => Ok(()),
+        oldest => Err(RollbackError::Unreachable { to, log_start, oldest }),
+    }
+}
+
 /// The oldest version a rollback can return to, given where the update log
-/// starts and the checkpoints' positions: the whole history from the seed
-/// while the log starts at 0, else the oldest checkpoint the log continues.
+/// starts and the positions of the checkpoints every replica can restore:
+/// the whole history from the seed while the log starts at 0, else the
+/// oldest checkpoint the log continues.
 pub fn oldest_reachable(log_start: i64, checkpoints: &[i64]) -> Option<i64> {
     if log_start == 0 {
         return Some(0);

@@ -44,7 +44,34 @@ pub fn state_at(model: &Model, store: &dyn Store, log: &LogSource, q: i64) -> an
         }
     };
     let replayed_records = q - start.position;
-    Ok(Rebuilt { state: replay(model, store, log, start, q)?, replayed_records })
+    let from = start.position;
+    let state = replay(model, store, log, start, q).map_err(|e| match e.downcast::<PositionGone>() {
+        Ok(PositionGone { log_start }) => anyhow::Error::new(Unreachable { target: q, from, log_start }),
+        Err(other) => other,
+    })?;
+    Ok(Rebuilt { state, replayed_records })
+}
+
+/// The replay's position is not in the log any more.
+#[derive(Debug, thiserror::Error)]
+#[error("the update log no longer holds the replay's position (it starts at {log_start})")]
+struct PositionGone {
+    log_start: String,
+}
+
+/// Why a state cannot be rebuilt, ever, from this replica's store and the
+/// log as they are: the replay would start at `from` (the newest checkpoint
+/// at or before the target, or 0), and the log no longer holds it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "rebuilding the state at {target} replays the update log from {from} (the newest checkpoint at or before it in \
+     this replica's store, or the seed), and the log no longer holds that position (it starts at {log_start})"
+)]
+pub struct Unreachable {
+    pub target: i64,
+    pub from: i64,
+    /// Where the log starts now, as far as the broker says.
+    pub log_start: String,
 }
 
 /// A state rebuilt at an earlier position, and what it cost.
@@ -79,7 +106,14 @@ pub fn replay(
             }
             continue;
         };
-        let message = message.context("reading the update log to replay it")?;
+        let message = match message {
+            Err(e) if kafka::is_position_gone(&e) => {
+                let start = kafka::log_start(&consumer, log.topic);
+                let log_start = start.map_or("an unknown offset".to_string(), |s| s.to_string());
+                return Err(PositionGone { log_start }.into());
+            }
+            other => other.context("reading the update log to replay it")?,
+        };
         let offset = message.offset();
         if offset < state.position {
             continue;

@@ -54,6 +54,11 @@ impl Store for LocalStore {
         format!("directory {}", self.dir.display())
     }
 
+    /// One replica's directory: its checkpoints are its own.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
     fn list(&self) -> Result<Vec<CheckpointInfo>, CheckpointError> {
         let io = |source| CheckpointError::Io { path: self.dir.clone(), source };
         let mut out = Vec::new();

@@ -80,6 +80,9 @@ pub struct CheckpointInfo {
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// What and where, for logs: never a password.
     fn describe(&self) -> String;
+    /// Whether every replica of the fleet reads this store (PostgreSQL), so
+    /// that a checkpoint it lists is one every replica can restore.
+    fn is_shared(&self) -> bool;
     /// Checkpoints, newest first.
     fn list(&self) -> Result<Vec<CheckpointInfo>, CheckpointError>;
     /// Writes `state` whole or not at all, then applies the retention policy.

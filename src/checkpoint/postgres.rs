@@ -109,6 +109,11 @@ impl Store for PgStore {
         self.name.clone()
     }
 
+    /// Every replica of the fleet reads the same rows.
+    fn is_shared(&self) -> bool {
+        true
+    }
+
     fn list(&self) -> Result<Vec<CheckpointInfo>, CheckpointError> {
         self.migrate()?;
         let rows = self

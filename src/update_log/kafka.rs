@@ -110,6 +110,13 @@ pub fn log_start(consumer: &BaseConsumer<impl rdkafka::consumer::ConsumerContext
     consumer.fetch_watermarks(topic, 0, Duration::from_secs(2)).ok().map(|(low, _)| low)
 }
 
+/// Whether a read error says the position is not in the log any more
+/// (`auto.offset.reset` is `error` on the log reader).
+pub fn is_position_gone(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode;
+    matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange))
+}
+
 /// The high watermark (end) of partition 0 of `topic`.
 pub fn log_end(consumer: &BaseConsumer<impl rdkafka::consumer::ConsumerContext>, topic: &str) -> Option<i64> {
     consumer.fetch_watermarks(topic, 0, Duration::from_secs(2)).ok().map(|(_, high)| high)

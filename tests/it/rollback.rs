@@ -152,3 +152,41 @@ fn a_rollback_no_checkpoint_and_log_can_rebuild_is_refused_with_the_oldest_reach
     // Nothing was appended: the version did not move.
     assert_eq!(replica.info().unwrap()["model_version"], end);
 }
+
+#[test]
+fn a_rollback_a_replica_cannot_rebuild_stops_it_saying_why_and_the_fleet_learns_on() {
+    let mut cluster = Cluster::new("rollback-gone", ModelKind::Logistic);
+    cluster.config.http.admin_token = TOKEN.into();
+    cluster.config.guard.enabled = false;
+    let (steady, mut away) = (cluster.spawn("steady"), cluster.spawn("away"));
+    steady.wait_ready();
+    away.wait_ready();
+    cluster.produce(500, 1);
+    steady.wait_learned(500, LEARN_LIMIT);
+    away.wait_learned(500, LEARN_LIMIT);
+    assert!(away.terminate().success(), "a final checkpoint at its position");
+    let position = steady.info().unwrap()["model_version"].as_i64().unwrap();
+    // A rollback to the first version, which the whole log rebuilds: taken
+    // where the log is whole.
+    let (status, body) = steady.post("/v1/models/default/rollback", Some(TOKEN), &rollback_body(1.into(), "skip"));
+    assert_eq!(status, 200, "{body}");
+    // Then the log below the stopped replica's position is deleted: it can
+    // read the rollback record, but no longer rebuild its target.
+    delete_update_log_records_before(&cluster, position);
+    away.start();
+    wait_for("the replica to stop at the rollback", LEARN_LIMIT, || {
+        (away.metrics().value("tributary_update_log_stalled", "") == 1.0).then_some(())
+    });
+    let said = std::fs::read_to_string(&away.log).unwrap();
+    assert!(
+        said.contains(&format!("cannot take the rollback at update-log offset {position}")),
+        "{}",
+        away.log_tail(20)
+    );
+    assert!(said.contains(&format!("(it starts at {position})")), "{}", away.log_tail(20));
+    assert!(!away.is_ready());
+    // Its trainer left the group: the fleet learns every new event.
+    let before = steady.info().unwrap()["examples_learned"].as_u64().unwrap();
+    cluster.produce(300, 2);
+    steady.wait_learned(before + 300, LEARN_LIMIT);
+}
