@@ -48,6 +48,10 @@ pub struct Applied {
     pub last_healthy: i64,
     /// What became of recent rollback records, by offset (the newest 64).
     pub rollbacks: BTreeMap<i64, RollbackOutcome>,
+    /// Rollbacks taken since start: a trainer that sees this move drops
+    /// its records in flight (computed on weights the fleet left) and
+    /// reads again from the watermarks, without waiting for them.
+    pub rollbacks_taken: u64,
     /// The applier stopped applying (see `Applier::stall`): the trainer
     /// leaves the consumer group, so that healthy replicas learn its
     /// partitions.
@@ -718,6 +722,7 @@ impl Applier {
 
     fn note_rollback(&self, offset: i64, outcome: RollbackOutcome) {
         let mut applied = self.progress.applied.lock().expect("progress lock");
+        applied.rollbacks_taken += u64::from(outcome.taken);
         applied.rollbacks.insert(offset, outcome);
         while applied.rollbacks.len() > 64 {
             applied.rollbacks.pop_first();
