@@ -18,7 +18,7 @@ FROM rust:${RUST_VERSION}-${DEBIAN} AS build
 # libraries and headers are used: no Python dependency, no `import torch`.
 ARG TORCH_VERSION=2.13.0
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3-venv pkg-config zlib1g-dev \
+ && apt-get install -y --no-install-recommends python3-venv pkg-config zlib1g-dev libssl-dev \
  && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/torch \
  && /opt/torch/bin/pip install --no-cache-dir --no-deps --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}" \
@@ -41,7 +41,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # ---- runtime ----------------------------------------------------------------
 FROM debian:${DEBIAN}-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates zlib1g \
+ && apt-get install -y --no-install-recommends ca-certificates zlib1g libssl3 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --home-dir /var/lib/tributary --create-home tributary
 COPY --from=build /out/lib/ /opt/tributary/lib/

@@ -183,6 +183,68 @@ pub struct KafkaConfig {
     /// The one schema id accepted in the framing; absent: any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub avro_schema_id: Option<u32>,
+    /// librdkafka properties given to every Kafka client the replica and
+    /// `tributary produce` make: `security.protocol`, `sasl.mechanisms`,
+    /// `sasl.username`, `ssl.ca.location`, ... A value `${env:NAME}` is read
+    /// from the environment and `${file:PATH}` from a file (its trailing
+    /// newline dropped), so that secrets stay out of the configuration;
+    /// values are never logged. The properties tributary sets itself
+    /// ([`PROTECTED_CLIENT_PROPERTIES`]) are refused.
+    #[serde(default)]
+    pub client: BTreeMap<String, String>,
+}
+
+/// Client properties tributary sets itself, which `kafka.client` may not
+/// override: its guarantees rest on them (README, "Kafka settings").
+pub const PROTECTED_CLIENT_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "client.id",
+    "group.id",
+    "group.instance.id",
+    "enable.idempotence",
+    "acks",
+    "enable.auto.commit",
+    "auto.offset.reset",
+    "isolation.level",
+    "partition.assignment.strategy",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "max.poll.interval.ms",
+    "message.max.bytes",
+    "message.timeout.ms",
+    "fetch.max.bytes",
+    "max.partition.fetch.bytes",
+    "enable.partition.eof",
+    "linger.ms",
+    "transactional.id",
+];
+
+impl KafkaConfig {
+    /// `client` with every `${env:NAME}` and `${file:PATH}` value read; an
+    /// error names the property and where its value was to come from, never
+    /// a value.
+    pub fn client_properties(&self) -> Result<Vec<(String, String)>, ConfigError> {
+        let bad = |name: &str, reason: String| ConfigError::Invalid(format!("kafka.client.{name}: {reason}"));
+        (self.client.iter())
+            .map(|(name, value)| {
+                if PROTECTED_CLIENT_PROPERTIES.contains(&name.as_str()) {
+                    return Err(bad(name, "tributary sets this property itself; it cannot be overridden".into()));
+                }
+                let resolved = match value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) {
+                    None => value.clone(),
+                    Some(reference) => match reference.split_once(':') {
+                        Some(("env", var)) => std::env::var(var)
+                            .map_err(|_| bad(name, format!("the environment variable {var} is not set")))?,
+                        Some(("file", path)) => std::fs::read_to_string(path)
+                            .map(|text| text.trim_end_matches(['\r', '\n']).to_string())
+                            .map_err(|e| bad(name, format!("cannot read {path}: {e}")))?,
+                        _ => return Err(bad(name, "a reference is ${env:NAME} or ${file:PATH}".into())),
+                    },
+                };
+                Ok((name.clone(), resolved))
+            })
+            .collect()
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -364,6 +426,7 @@ impl Default for Config {
                 event_format: EventFormat::Json,
                 avro_schema: PathBuf::new(),
                 avro_schema_id: None,
+                client: BTreeMap::new(),
             },
             train: TrainConfig {
                 enabled: true,
@@ -495,6 +558,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.grpc.socket_addr()?;
+        self.kafka.client_properties()?;
         if self.kafka.event_format == EventFormat::Avro && self.kafka.avro_schema.as_os_str().is_empty() {
             return Err(ConfigError::Invalid(
                 "kafka.event_format = \"avro\" needs kafka.avro_schema (the writer schema, e.g. config/event.avsc)"
@@ -650,6 +714,38 @@ mod tests {
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn client_properties_read_their_secrets_and_may_not_override_tributarys() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("password");
+        std::fs::write(&secret, "from-a-file\n").unwrap();
+        let mut k = Config::default().kafka;
+        k.client = [
+            ("security.protocol", "SASL_SSL".to_string()),
+            ("sasl.password", format!("${{file:{}}}", secret.display())),
+            ("sasl.username", "${env:PATH}".to_string()),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name.to_string(), value))
+        .collect();
+        let resolved: BTreeMap<String, String> = k.client_properties().unwrap().into_iter().collect();
+        assert_eq!(resolved["sasl.password"], "from-a-file");
+        assert_eq!(resolved["sasl.username"], std::env::var("PATH").unwrap());
+        assert_eq!(resolved["security.protocol"], "SASL_SSL");
+        let refused = |name: &str, value: &str, want: &str| {
+            let mut k = Config::default().kafka;
+            k.client.insert(name.into(), value.into());
+            let err = k.client_properties().unwrap_err().to_string();
+            assert!(err.contains(name) && err.contains(want), "{err}");
+            assert!(!err.contains("hunter2"), "a value is never said: {err}");
+        };
+        refused("enable.idempotence", "hunter2", "sets this property itself");
+        refused("auto.offset.reset", "earliest", "sets this property itself");
+        refused("sasl.password", "${env:TRIBUTARY_NO_SUCH_VARIABLE}", "is not set");
+        refused("sasl.password", "${vault:hunter2}", "${env:NAME} or ${file:PATH}");
+        refused("sasl.password", "${file:/no/such/file}", "cannot read");
     }
 
     #[test]

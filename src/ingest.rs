@@ -54,11 +54,11 @@ pub fn produce(
     input: impl BufRead,
 ) -> anyhow::Result<ProduceReport> {
     let codec = EventCodec::new(k).map_err(anyhow::Error::msg)?;
-    let brokers = k.brokers.as_str();
+    let connection = kafka::Connection::of(k)?;
     let events = [(topic, k.events_partitions, kafka::TopicRole::Events)];
-    futures::executor::block_on(kafka::create_missing(brokers, k.replication_factor, &events))?;
+    futures::executor::block_on(kafka::create_missing(&connection, k.replication_factor, &events))?;
     let delivered = Arc::new(Delivered::default());
-    let mut config = kafka::producer_config(brokers, "tributary-produce");
+    let mut config = kafka::producer_config(&connection, "tributary-produce");
     // Events are small and many: batch them.
     config.set("queue.buffering.max.messages", "500000").set("linger.ms", "5").set("batch.num.messages", "1000");
     let producer: BaseProducer<Counting> = config.create_with_context(Counting(delivered.clone()))?;

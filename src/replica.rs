@@ -131,7 +131,8 @@ impl Replica {
         let Some(state) = restore(&store, &model, &config.checkpoint, &mut shutdown).await? else {
             return Ok(None);
         };
-        let control = ControlLog::new(&config.kafka.brokers, &config.kafka.updates_topic, &config.replica_id)?;
+        let connection = kafka::Connection::of(&config.kafka)?;
+        let control = ControlLog::new(&connection, &config.kafka.updates_topic, &config.replica_id)?;
         let applier = Applier::new(&config, model.clone(), state, store.clone(), metrics.clone(), control.clone())?;
         let trainer_stop = StopRequest::default();
         let trainer = match config.train.enabled {
@@ -158,7 +159,7 @@ impl Replica {
             let k = &config.kafka;
             let codec = EventCodec::new(k).map_err(anyhow::Error::msg)?;
             app.events = Some(Arc::new(EventSink::new(
-                &k.brokers,
+                &connection,
                 &k.events_topic,
                 codec,
                 &config.replica_id,
@@ -384,7 +385,8 @@ async fn announce_settings<F: Future<Output = ()>>(
 async fn current_log_end(config: &Arc<Config>) -> Option<i64> {
     let config = config.clone();
     tokio::task::spawn_blocking(move || {
-        let c: Option<BaseConsumer> = kafka::log_reader_config(&config.kafka.brokers, "tributary-drain").create().ok();
+        let connection = kafka::Connection::of(&config.kafka).ok()?;
+        let c: Option<BaseConsumer> = kafka::log_reader_config(&connection, "tributary-drain").create().ok();
         c.and_then(|c| kafka::log_end(&c, &config.kafka.updates_topic))
     })
     .await

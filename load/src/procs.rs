@@ -229,6 +229,25 @@ impl Broker {
         Ok(broker)
     }
 
+    /// A single-node broker of its own whose client listener is SASL_SSL
+    /// with SCRAM-SHA-512 users `users` (`user:password`; the first is the
+    /// super user) and ACLs enforced; clients trust `dir/kafka/tls/ca.pem`
+    /// ([`Broker::ca`]).
+    pub fn start_secure(dir: &Path, users: &[(&str, &str)]) -> anyhow::Result<Broker> {
+        let node = Node { id: 1, port: free_port(), controller_port: free_port() };
+        let mut broker =
+            Broker::describe(&dir.join("kafka"), &node, &format!("1@127.0.0.1:{}", node.controller_port), 1);
+        let users: Vec<String> = users.iter().map(|(user, password)| format!("{user}:{password}")).collect();
+        broker.args.extend(["--secure".to_string(), users.join(",")]);
+        broker.restart()?;
+        Ok(broker)
+    }
+
+    /// The certificate of the CA that signed a secure broker's.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("tls/ca.pem")
+    }
+
     /// The broker `scripts/test` started for the whole run (its address in
     /// `$TRIBUTARY_TEST_KAFKA`), else one of its own under `dir`: a test that
     /// never kills its broker shares it with the others, each with its own

@@ -167,7 +167,7 @@ pub struct Applier {
     progress: Arc<Progress>,
     store: SharedStore,
     /// For the reader that replays the log to rebuild a state.
-    brokers: String,
+    connection: kafka::Connection,
     guard: Option<GuardLink>,
     /// `Some` when this replica trims the update log after its checkpoints.
     trimmer: Option<Arc<LogTrimmer>>,
@@ -238,7 +238,8 @@ impl Applier {
         metrics: Arc<Metrics>,
         control: ControlLog,
     ) -> anyhow::Result<Applier> {
-        let consumer: BaseConsumer = kafka::log_reader_config(&config.kafka.brokers, &config.replica_id).create()?;
+        let connection = kafka::Connection::of(&config.kafka)?;
+        let consumer: BaseConsumer = kafka::log_reader_config(&connection, &config.replica_id).create()?;
         let progress = Arc::new(Progress::default());
         {
             let mut applied = progress.applied.lock().expect("progress lock");
@@ -261,7 +262,7 @@ impl Applier {
         });
         let trimmer = match config.checkpoint.trims_update_log() {
             true => Some(Arc::new(LogTrimmer {
-                admin: kafka::base_config(&config.kafka.brokers, &format!("{}-trim", config.replica_id)).create()?,
+                admin: kafka::base_config(&connection, &format!("{}-trim", config.replica_id)).create()?,
                 topic: config.kafka.updates_topic.clone(),
                 runtime: tokio::runtime::Handle::current(),
             })),
@@ -284,7 +285,7 @@ impl Applier {
             metrics,
             progress,
             store,
-            brokers: config.kafka.brokers.clone(),
+            connection,
             guard,
             report_log_end: config.train.max_unseen_records > 0,
             checkpoint_every: Duration::from_secs(config.checkpoint.interval_secs),
@@ -670,7 +671,7 @@ impl Applier {
     fn take_rollback(&mut self, offset: i64, r: &RollbackRecord) -> anyhow::Result<()> {
         let started = Instant::now();
         let source = LogSource {
-            brokers: &self.brokers,
+            connection: &self.connection,
             topic: &self.updates_topic,
             client_id: &format!("{}-replay", self.replica_id),
         };
@@ -742,13 +743,13 @@ impl Applier {
         let (seen, fingerprint, producer) = (self.state.position, self.model.fingerprint(), self.replica_id.clone());
         let (control, store) = (control.clone(), self.store.clone());
         let left = self.progress.applied.lock().expect("progress lock").rolled_back_from();
-        let (brokers, topic) = (self.brokers.clone(), self.updates_topic.clone());
+        let (connection, topic) = (self.connection.clone(), self.updates_topic.clone());
         // Choosing the snapshot lists the store, and checking that every
         // replica can rebuild it asks the broker: off the apply path.
         runtime.spawn(async move {
             let chosen = tokio::task::spawn_blocking(move || {
                 let to = last_good(&*store, last_healthy, &left);
-                let reader: BaseConsumer = kafka::log_reader_config(&brokers, "tributary-guard").create()?;
+                let reader: BaseConsumer = kafka::log_reader_config(&connection, "tributary-guard").create()?;
                 anyhow::Ok((to, reachable_by_the_fleet(&*store, &reader, &topic, to)))
             })
             .await;

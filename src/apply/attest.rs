@@ -89,7 +89,8 @@ mod tests {
 
     fn attestor() -> Attestor {
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let control = ControlLog::new("127.0.0.1:1", "updates", "r0").unwrap();
+        let connection = crate::update_log::kafka::Connection::plain("127.0.0.1:1");
+        let control = ControlLog::new(&connection, "updates", "r0").unwrap();
         Attestor::new(7, "r0", control, runtime.handle().clone())
     }
 

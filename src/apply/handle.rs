@@ -74,7 +74,8 @@ impl ReplicaHandle {
         fingerprint: u64,
     ) -> anyhow::Result<ReplicaHandle> {
         let client_id = format!("{}-admin", config.replica_id);
-        let log_reader = Arc::new(kafka::log_reader_config(&config.kafka.brokers, &client_id).create()?);
+        let connection = kafka::Connection::of(&config.kafka)?;
+        let log_reader = Arc::new(kafka::log_reader_config(&connection, &client_id).create()?);
         Ok(ReplicaHandle {
             control,
             progress,

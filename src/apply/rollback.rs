@@ -23,7 +23,7 @@ use crate::update_log::kafka;
 
 /// Where the log is, for the replay reader.
 pub struct LogSource<'a> {
-    pub brokers: &'a str,
+    pub connection: &'a kafka::Connection,
     pub topic: &'a str,
     pub client_id: &'a str,
 }
@@ -94,7 +94,7 @@ pub fn replay(
         return Ok(state);
     }
     let started = (Instant::now(), state.position);
-    let consumer: BaseConsumer = kafka::log_reader_config(log.brokers, log.client_id).create()?;
+    let consumer: BaseConsumer = kafka::log_reader_config(log.connection, log.client_id).create()?;
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(log.topic, 0, Offset::Offset(state.position))?;
     consumer.assign(&tpl)?;

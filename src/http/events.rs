@@ -42,13 +42,13 @@ pub struct EventSink {
 
 impl EventSink {
     pub fn new(
-        brokers: &str,
+        connection: &kafka::Connection,
         topic: &str,
         codec: EventCodec,
         replica_id: &str,
         token: &str,
     ) -> anyhow::Result<EventSink> {
-        let mut config = kafka::producer_config(brokers, &format!("{replica_id}-ingest"));
+        let mut config = kafka::producer_config(connection, &format!("{replica_id}-ingest"));
         // Events, unlike gradient records, may share a batch: the trainer
         // probes back when a fetch starts past its offset (`train::Resume`).
         config.set("linger.ms", "2").set("batch.num.messages", "1000");

@@ -32,13 +32,13 @@ pub struct LagWatch {
 impl LagWatch {
     /// Starts watching `topic` every `interval` until dropped.
     pub fn start(
-        brokers: &str,
+        connection: &kafka::Connection,
         client_id: &str,
         topic: &str,
         metrics: Arc<Metrics>,
         interval: Duration,
     ) -> anyhow::Result<LagWatch> {
-        let client: BaseConsumer = kafka::log_reader_config(brokers, &format!("{client_id}-lag")).create()?;
+        let client: BaseConsumer = kafka::log_reader_config(connection, &format!("{client_id}-lag")).create()?;
         let (owned, stop) = (Owned::default(), StopRequest::default());
         let watch =
             Watcher { client, topic: topic.to_string(), metrics, owned: owned.clone(), reported: BTreeSet::new() };

@@ -341,7 +341,8 @@ impl Trainer {
         stop: StopRequest,
     ) -> anyhow::Result<Trainer> {
         let k = &config.kafka;
-        let mut c = kafka::base_config(&k.brokers, &config.replica_id);
+        let connection = kafka::Connection::of(k)?;
+        let mut c = kafka::base_config(&connection, &config.replica_id);
         c.set("group.id", &k.group_id)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
@@ -368,14 +369,14 @@ impl Trainer {
         let consumer: BaseConsumer<TrainerContext> = c.create_with_context(context)?;
         let failures = DeliveryFailures::default();
         // One record in flight has nothing to wait for batch-mates for.
-        let producer = kafka::producer_config(&k.brokers, &config.replica_id)
+        let producer = kafka::producer_config(&connection, &config.replica_id)
             .set("linger.ms", "0")
             .create_with_context(context::DeliveryContext { failures: failures.clone() })?;
-        let dead_letters = kafka::producer_config(&k.brokers, &format!("{}-dlq", config.replica_id))
+        let dead_letters = kafka::producer_config(&connection, &format!("{}-dlq", config.replica_id))
             .create_with_context(context::DeadLetterContext { metrics: metrics.clone() })?;
         let rollbacks_seen = progress.applied.lock().expect("progress lock").rollbacks_taken;
         let lag = lag::LagWatch::start(
-            &k.brokers,
+            &connection,
             &config.replica_id,
             &k.events_topic,
             metrics.clone(),

@@ -17,8 +17,8 @@ pub struct ControlLog {
 }
 
 impl ControlLog {
-    pub fn new(brokers: &str, topic: &str, replica_id: &str) -> anyhow::Result<ControlLog> {
-        let producer = kafka::producer_config(brokers, &format!("{replica_id}-control")).create()?;
+    pub fn new(connection: &kafka::Connection, topic: &str, replica_id: &str) -> anyhow::Result<ControlLog> {
+        let producer = kafka::producer_config(connection, &format!("{replica_id}-control")).create()?;
         Ok(ControlLog { producer, topic: topic.to_string() })
     }
 

@@ -9,7 +9,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::config::KafkaConfig;
+use crate::config::{ConfigError, KafkaConfig};
 
 /// Gradient records of a large model are big; the broker default (1 MB) is not.
 pub const MAX_MESSAGE_BYTES: usize = crate::config::MAX_RECORD_BYTES;
@@ -22,17 +22,53 @@ pub enum TopicError {
     Create { topic: String, reason: String },
     #[error("topic {topic} does not show in the brokers' metadata 10 s after it was created")]
     NotVisible { topic: String },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("topic {topic} has {partitions} partitions; the update log needs exactly one (total order). Recreate it with one partition.")]
     UpdatesPartitions { topic: String, partitions: usize },
 }
 
-pub fn base_config(brokers: &str, client_id: &str) -> ClientConfig {
+/// Where the brokers are and how to reach them: `kafka.brokers` and the
+/// `kafka.client` properties (TLS, SASL, ...), their secrets read. Every
+/// Kafka client of the replica and of `tributary produce` is made from one.
+/// Its `Debug` names the properties, never their values.
+#[derive(Clone)]
+pub struct Connection {
+    pub brokers: String,
+    properties: Vec<(String, String)>,
+}
+
+impl Connection {
+    /// The connection `k` configures; an error names a property whose value
+    /// cannot be read, or one tributary sets itself.
+    pub fn of(k: &KafkaConfig) -> Result<Connection, ConfigError> {
+        Ok(Connection { brokers: k.brokers.clone(), properties: k.client_properties()? })
+    }
+
+    /// Plaintext brokers, no client properties.
+    pub fn plain(brokers: &str) -> Connection {
+        Connection { brokers: brokers.to_string(), properties: Vec::new() }
+    }
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.properties.iter().map(|(name, _)| name.as_str()).collect();
+        f.debug_struct("Connection").field("brokers", &self.brokers).field("properties", &names).finish()
+    }
+}
+
+/// The settings of every client: `connection`'s, and `client_id`.
+pub fn base_config(connection: &Connection, client_id: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers)
+    c.set("bootstrap.servers", &connection.brokers)
         .set("client.id", client_id)
         // Test brokers listen on 127.0.0.1 only; "localhost" may resolve to ::1 first.
         .set("broker.address.family", "v4")
         .set("log_level", "4");
+    for (name, value) in &connection.properties {
+        c.set(name, value);
+    }
     // librdkafka's own debug contexts (e.g. "cgrp,fetch"), for diagnosis.
     if let Ok(contexts) = std::env::var("LIBRDKAFKA_DEBUG") {
         c.set("debug", contexts).set("log_level", "7");
@@ -52,8 +88,8 @@ pub fn base_config(brokers: &str, client_id: &str) -> ClientConfig {
 ///   default): a record is retried through it, not failed.
 /// - `linger.ms` 1: a gradient waits for no batch-mates; freshness matters
 ///   more than batching for records of a few kB to MB.
-pub fn producer_config(brokers: &str, client_id: &str) -> ClientConfig {
-    let mut c = base_config(brokers, client_id);
+pub fn producer_config(connection: &Connection, client_id: &str) -> ClientConfig {
+    let mut c = base_config(connection, client_id);
     c.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "1")
@@ -69,8 +105,8 @@ pub fn producer_config(brokers: &str, client_id: &str) -> ClientConfig {
 /// `auto.offset.reset` is `error`: a position the broker does not hold is
 /// reported, never silently replaced by the log's start or end, which would
 /// skip or repeat records and fork this replica's state from the fleet's.
-pub fn log_reader_config(brokers: &str, client_id: &str) -> ClientConfig {
-    let mut c = base_config(brokers, client_id);
+pub fn log_reader_config(connection: &Connection, client_id: &str) -> ClientConfig {
+    let mut c = base_config(connection, client_id);
     c.set("group.id", format!("{client_id}-log-reader"))
         .set("auto.offset.reset", "error")
         .set("enable.auto.commit", "false")
@@ -163,13 +199,13 @@ pub fn topic_settings(role: TopicRole, replication: i32) -> Vec<(&'static str, S
 /// `replication` copies and [`topic_settings`]; an existing topic is left
 /// as it is.
 pub async fn create_missing(
-    brokers: &str,
+    connection: &Connection,
     replication: i32,
     topics: &[(&str, i32, TopicRole)],
 ) -> Result<AdminClient<DefaultClientContext>, TopicError> {
-    let unreachable = |source| TopicError::Unreachable { brokers: brokers.to_string(), source };
+    let unreachable = |source| TopicError::Unreachable { brokers: connection.brokers.clone(), source };
     let admin: AdminClient<DefaultClientContext> =
-        base_config(brokers, "tributary-admin").create().map_err(unreachable)?;
+        base_config(connection, "tributary-admin").create().map_err(unreachable)?;
     let settings: Vec<Vec<(&str, String)>> =
         topics.iter().map(|&(_, _, role)| topic_settings(role, replication)).collect();
     let wanted: Vec<NewTopic> = (topics.iter().zip(&settings))
@@ -200,7 +236,7 @@ pub async fn ensure_topics(k: &KafkaConfig) -> Result<(), TopicError> {
         (&k.updates_topic, 1, TopicRole::Updates),
         (&k.dlq_topic, 1, TopicRole::Events),
     ];
-    let admin = create_missing(&k.brokers, k.replication_factor, &topics).await?;
+    let admin = create_missing(&Connection::of(k)?, k.replication_factor, &topics).await?;
     // A topic just created reaches the brokers' metadata a moment later
     // (Kafka propagates it from the controller): until then it shows no
     // partitions, which is not an answer yet.

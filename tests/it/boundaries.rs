@@ -157,8 +157,12 @@ fn a_record_that_lies_about_its_size_is_rejected_and_moves_no_watermark() {
         })
         .encode()
     };
-    let producer: BaseProducer =
-        (tributary::update_log::kafka::producer_config(&cluster.config.kafka.brokers, "hostile")).create().unwrap();
+    let producer: BaseProducer = (tributary::update_log::kafka::producer_config(
+        &tributary::update_log::kafka::Connection::of(&cluster.config.kafka).unwrap(),
+        "hostile",
+    ))
+    .create()
+    .unwrap();
     // A watermark past anything the partition will hold; a norm bound as
     // large as the record says.
     for bytes in [hostile(1 << 62, 10, 0.1), hostile(from as i64 + i64::from(u32::MAX), u32::MAX, 1e9)] {
@@ -247,4 +251,76 @@ fn a_peer_checkpoint_with_one_weight_changed_is_refused_by_the_fleets_attestatio
     // The fleet goes on, its weights its own.
     cluster.produce(300, 2);
     steady.wait_learned(900, Duration::from_secs(120));
+}
+
+#[test]
+fn a_fleet_on_sasl_ssl_with_acls_learns_and_serves_and_a_client_writes_only_what_it_may() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use tributary::update_log::kafka::{self, Connection};
+
+    let cluster = Cluster::secured("secure", ModelKind::Logistic);
+    let k = &cluster.config.kafka;
+    let r = cluster.spawn("r0");
+    r.wait_ready();
+    // The fleet's principal reads and writes its own topics: it learns and serves.
+    cluster.produce(300, 1);
+    r.wait_learned(300, Duration::from_secs(120));
+    let instance = json!({"instances": [{"dense": vec![0.5; cluster.config.model.dense_dim], "sparse": {}}]});
+    let (status, answer) = r.post("/v1/models/default:predict", None, &instance.to_string());
+    assert_eq!(status, 200, "{answer}");
+
+    // Another principal, allowed to write the events topic only.
+    let (admin, admin_password) = SECURE_USERS[0];
+    let granted = std::process::Command::new(procs::venv_python().unwrap())
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka-acls"))
+        .args(["--bootstrap", &k.brokers, "--ca", &cluster.brokers[0].ca().display().to_string()])
+        .args(["--user", admin, "--password", admin_password])
+        .args([format!("User:producer:WRITE:topic:{}", k.events_topic)])
+        .output()
+        .unwrap();
+    assert!(granted.status.success(), "{}", String::from_utf8_lossy(&granted.stderr));
+    let updates_end = || {
+        let reader: rdkafka::consumer::BaseConsumer =
+            kafka::log_reader_config(&Connection::of(k).unwrap(), "test-end").create().unwrap();
+        kafka::log_end(&reader, &k.updates_topic).expect("the update log's end")
+    };
+    let before = updates_end();
+    // Whether the broker acknowledged the record.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let send = |client: &std::collections::BTreeMap<String, String>, topic: &str, payload: &[u8]| {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &k.brokers).set("message.timeout.ms", "10000");
+        for (name, value) in client {
+            config.set(name, value);
+        }
+        let producer: FutureProducer = config.create().unwrap();
+        let record = FutureRecord::<(), _>::to(topic).payload(payload);
+        runtime.block_on(producer.send(record, Duration::from_secs(20))).map(|_| ()).map_err(|(e, _)| e)
+    };
+    let producer = secure_client(&cluster.brokers[0], "producer", SECURE_USERS[2].1);
+    let mut synthetic = tributary::synthetic::Synthetic::new(&cluster.config.model, 2);
+    for _ in 0..20 {
+        let sent = send(&producer, &k.events_topic, synthetic.event(1).as_bytes());
+        assert!(sent.is_ok(), "the producer writes events: {sent:?}");
+    }
+    r.wait_learned(320, Duration::from_secs(120));
+    let refused = send(&producer, &k.updates_topic, b"not the producer's").unwrap_err();
+    assert!(refused.to_string().contains("authoriz"), "the producer may not write updates: {refused}");
+    // No credentials: TLS only, no SASL login.
+    let anonymous = [
+        ("security.protocol".to_string(), "SSL".to_string()),
+        ("ssl.ca.location".to_string(), cluster.brokers[0].ca().display().to_string()),
+    ]
+    .into_iter()
+    .collect();
+    let refused = send(&anonymous, &k.updates_topic, b"anyone's");
+    assert!(refused.is_err(), "a client without credentials may not write updates");
+    // Had either landed, the replica would have read it as a malformed
+    // record by the time it learns what the fleet wrote after it.
+    cluster.produce(10, 3);
+    r.wait_learned(330, Duration::from_secs(120));
+    assert!(updates_end() > before);
+    let malformed = r.metrics().value("tributary_records_rejected_total", "reason=\"malformed\"");
+    assert_eq!(malformed, 0.0, "no foreign record reached the update log");
 }

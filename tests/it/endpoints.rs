@@ -258,8 +258,16 @@ async fn posted_events_are_validated_whole_before_anything_is_produced() {
     // No broker at this address: a batch that reached the producer would
     // fail with 503, so every answer below is validation's own.
     let mut with_sink = state(ModelKind::Logistic);
-    with_sink.events =
-        Some(Arc::new(EventSink::new("127.0.0.1:9", "events-never", EventCodec::Json, "test", "").unwrap()));
+    with_sink.events = Some(Arc::new(
+        EventSink::new(
+            &tributary::update_log::kafka::Connection::plain("127.0.0.1:9"),
+            "events-never",
+            EventCodec::Json,
+            "test",
+            "",
+        )
+        .unwrap(),
+    ));
     let app = router(with_sink.clone());
     let good = json!({"dense": [1.0, 2.0], "sparse": {"country": "de"}, "label": 1});
     let batch = json!({"events": [good, {"dense": [1.0], "label": 1}, {"dense": [1.0, 2.0], "label": 7}, {"label": 0, "extra": 1}]});
@@ -302,7 +310,14 @@ fn app_without_ingest() -> axum::Router {
 async fn posted_events_need_the_ingest_token_when_one_is_set() {
     let mut s = state(ModelKind::Logistic);
     s.events = Some(Arc::new(
-        EventSink::new("127.0.0.1:9", "events-never", EventCodec::Json, "test", "ingest-secret-0123").unwrap(),
+        EventSink::new(
+            &tributary::update_log::kafka::Connection::plain("127.0.0.1:9"),
+            "events-never",
+            EventCodec::Json,
+            "test",
+            "ingest-secret-0123",
+        )
+        .unwrap(),
     ));
     let app = router(s);
     let invalid = json!({"events": [{"label": 0.5}]}).to_string();

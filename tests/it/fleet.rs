@@ -31,7 +31,7 @@ fn one_replica_learns_every_event_exactly_once() {
 
     // The group's committed offsets catch up with the applied watermarks.
     let consumer: BaseConsumer = {
-        let mut c = kafka::base_config(&cluster.config.kafka.brokers, "offset-check");
+        let mut c = kafka::base_config(&kafka::Connection::of(&cluster.config.kafka).unwrap(), "offset-check");
         c.set("group.id", &cluster.config.kafka.group_id);
         c.create().unwrap()
     };
@@ -76,7 +76,8 @@ fn zombie_records_for_the_same_range_are_applied_once_everywhere() {
         })
         .encode()
     };
-    let producer: BaseProducer = kafka::producer_config(&cluster.config.kafka.brokers, "zombies").create().unwrap();
+    let producer: BaseProducer =
+        kafka::producer_config(&kafka::Connection::of(&cluster.config.kafka).unwrap(), "zombies").create().unwrap();
     // The live trainer and a zombie that lost the partition both send [0, 10);
     // then the zombie goes on with [0, 20) and the live one with [10, 20).
     for bytes in [
@@ -240,7 +241,8 @@ fn bad_events_go_to_the_dead_letter_topic_and_every_good_one_is_learned_once() {
     // Good events with a bad one every hundred, over all partitions.
     let mut synthetic = tributary::synthetic::Synthetic::new(&cluster.config.model, 3);
     let total = 100 * bad.len();
-    let producer: BaseProducer = kafka::producer_config(&k.brokers, "dlq-test").create().unwrap();
+    let producer: BaseProducer =
+        kafka::producer_config(&kafka::Connection::of(k).unwrap(), "dlq-test").create().unwrap();
     for i in 0..total {
         let payload = if i % 100 == 50 { bad[i / 100].0.clone() } else { synthetic.event(1).into_bytes() };
         let record = BaseRecord::<(), _>::to(&k.events_topic).partition((i % 8) as i32).payload(&payload);
@@ -312,10 +314,12 @@ fn recreate_events_topic(cluster: &Cluster) {
     use rdkafka::admin::{AdminClient, AdminOptions};
     use rdkafka::client::DefaultClientContext;
     let k = &cluster.config.kafka;
-    let admin: AdminClient<DefaultClientContext> = kafka::base_config(&k.brokers, "test-admin").create().unwrap();
+    let admin: AdminClient<DefaultClientContext> =
+        kafka::base_config(&kafka::Connection::of(k).unwrap(), "test-admin").create().unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(admin.delete_topics(&[&k.events_topic], &AdminOptions::new())).unwrap();
-    let lister: BaseConsumer = kafka::log_reader_config(&k.brokers, "test-lister").create().unwrap();
+    let lister: BaseConsumer =
+        kafka::log_reader_config(&kafka::Connection::of(k).unwrap(), "test-lister").create().unwrap();
     wait_for("the events topic to be deleted", LEARN_LIMIT, || {
         let metadata = lister.fetch_metadata(None, Duration::from_secs(5)).ok()?;
         (!metadata.topics().iter().any(|t| t.name() == k.events_topic)).then_some(())

@@ -22,6 +22,26 @@ pub use tributary_load::procs::{self, try_wait_for, wait_for, Broker, KafkaClust
 pub const STATUS_SERIES: [&str; 6] =
     ["model_version", "events_per_sec", "lag", "freshness_p99_seconds", "staleness_p99_records", "progressive_logloss"];
 
+/// The SCRAM users of [`Cluster::secured`]'s broker: the super user, the
+/// fleet's principal, and a producer's.
+pub const SECURE_USERS: [(&str, &str); 3] =
+    [("admin", "admin-secret"), ("fleet", "fleet-secret"), ("producer", "producer-secret")];
+
+/// The `kafka.client` properties of a client of a secured broker that logs
+/// in as `user` with `password` (a value or a `${file:...}` reference).
+pub fn secure_client(broker: &Broker, user: &str, password: &str) -> BTreeMap<String, String> {
+    [
+        ("security.protocol", "SASL_SSL".to_string()),
+        ("sasl.mechanisms", "SCRAM-SHA-512".to_string()),
+        ("sasl.username", user.to_string()),
+        ("sasl.password", password.to_string()),
+        ("ssl.ca.location", broker.ca().display().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
 /// One test's world: Kafka brokers, a configuration, and a scratch directory.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
@@ -36,7 +56,7 @@ impl Cluster {
     pub fn new(test: &str, kind: ModelKind) -> Cluster {
         let dir = Cluster::scratch(test);
         let broker = Broker::shared_or_start(dir.path()).expect("a Kafka broker (scripts/setup fetches it)");
-        Cluster::on(test, kind, dir, vec![broker])
+        Cluster::on(test, kind, dir, vec![broker], BTreeMap::new())
     }
 
     /// The same on `n` Kafka brokers of its own (one KRaft quorum), for a
@@ -47,7 +67,7 @@ impl Cluster {
             1 => vec![Broker::start(dir.path()).expect("a Kafka broker (scripts/setup fetches it)")],
             n => KafkaCluster::start(dir.path(), n).expect("a Kafka cluster (scripts/setup fetches it)").brokers,
         };
-        Cluster::on(test, kind, dir, brokers)
+        Cluster::on(test, kind, dir, brokers, BTreeMap::new())
     }
 
     /// One Kafka broker of its own that its clients reach only through a
@@ -59,14 +79,50 @@ impl Cluster {
         let proxy = Proxy::kafka(&format!("127.0.0.1:{listen_port}"));
         let broker = Broker::start_advertised(dir.path(), listen_port, proxy.port)
             .expect("a Kafka broker (scripts/setup fetches it)");
-        (Cluster::on(test, kind, dir, vec![broker]), proxy)
+        (Cluster::on(test, kind, dir, vec![broker], BTreeMap::new()), proxy)
+    }
+
+    /// One Kafka broker of its own whose only client listener is SASL_SSL
+    /// (SCRAM-SHA-512, a CA of its own) with ACLs enforced; the fleet's
+    /// principal `fleet` may do anything with this test's topics and any
+    /// group, and no more; `producer` and `admin` (the super user) exist
+    /// too ([`SECURE_USERS`]). The fleet's password is read from a file
+    /// (`${file:...}`), as a deployment would keep it.
+    pub fn secured(test: &str, kind: ModelKind) -> Cluster {
+        let dir = Cluster::scratch(test);
+        let broker =
+            Broker::start_secure(dir.path(), &SECURE_USERS).expect("a Kafka broker (scripts/setup fetches it)");
+        let (admin, admin_password) = SECURE_USERS[0];
+        let grants: Vec<String> = ["events", "updates", "dlq"]
+            .iter()
+            .map(|topic| format!("User:fleet:ALL:topic:{topic}-{test}*"))
+            .chain(["User:fleet:ALL:group:*".to_string()])
+            .collect();
+        let granted = std::process::Command::new(procs::venv_python().expect("the project's virtualenv"))
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka-acls"))
+            .args(["--bootstrap", &broker.addr, "--ca", &broker.ca().display().to_string()])
+            .args(["--user", admin, "--password", admin_password])
+            .args(&grants)
+            .output()
+            .unwrap();
+        assert!(granted.status.success(), "{}", String::from_utf8_lossy(&granted.stderr));
+        let password = dir.path().join("fleet.password");
+        std::fs::write(&password, format!("{}\n", SECURE_USERS[1].1)).unwrap();
+        let client = secure_client(&broker, "fleet", &format!("${{file:{}}}", password.display()));
+        Cluster::on(test, kind, dir, vec![broker], client)
     }
 
     fn scratch(test: &str) -> tempfile::TempDir {
         tempfile::Builder::new().prefix(&format!("tributary-{test}-")).tempdir().unwrap()
     }
 
-    fn on(test: &str, kind: ModelKind, dir: tempfile::TempDir, brokers: Vec<Broker>) -> Cluster {
+    fn on(
+        test: &str,
+        kind: ModelKind,
+        dir: tempfile::TempDir,
+        brokers: Vec<Broker>,
+        client: BTreeMap<String, String>,
+    ) -> Cluster {
         // Unique per run too: a shared broker may outlive one run of the suite.
         let test = format!("{test}-{}", std::process::id());
         let mut config = Config::default();
@@ -82,6 +138,7 @@ impl Cluster {
         config.kafka.group_id = format!("group-{test}");
         config.checkpoint.interval_secs = 2;
         config.train.batch_size = 64;
+        config.kafka.client = client;
         let cluster = Cluster { dir, brokers, config };
         tokio::runtime::Runtime::new()
             .unwrap()
@@ -118,8 +175,12 @@ impl Cluster {
     pub fn produce_payloads(&self, events: &[impl AsRef<[u8]>]) {
         use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
         let k = &self.config.kafka;
-        let producer: BaseProducer =
-            tributary::update_log::kafka::producer_config(&k.brokers, "test-lines").create().unwrap();
+        let producer: BaseProducer = tributary::update_log::kafka::producer_config(
+            &tributary::update_log::kafka::Connection::of(k).unwrap(),
+            "test-lines",
+        )
+        .create()
+        .unwrap();
         for (i, payload) in events.iter().enumerate() {
             let record = BaseRecord::<(), _>::to(&k.events_topic)
                 .partition(i as i32 % k.events_partitions)
@@ -137,8 +198,12 @@ impl Cluster {
         use rdkafka::message::{Headers, Message};
         use rdkafka::{Offset, TopicPartitionList};
         let k = &self.config.kafka;
-        let consumer: BaseConsumer =
-            tributary::update_log::kafka::log_reader_config(&k.brokers, "dlq-reader").create().unwrap();
+        let consumer: BaseConsumer = tributary::update_log::kafka::log_reader_config(
+            &tributary::update_log::kafka::Connection::of(k).unwrap(),
+            "dlq-reader",
+        )
+        .create()
+        .unwrap();
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&k.dlq_topic, 0, Offset::Beginning).unwrap();
         consumer.assign(&tpl).unwrap();
@@ -262,8 +327,12 @@ impl Replica {
         use rdkafka::consumer::{BaseConsumer, Consumer};
         let Some(config) = self.config() else { return Vec::new() };
         let topic = config.kafka.events_topic;
-        let consumer: BaseConsumer =
-            tributary::update_log::kafka::log_reader_config(&self.brokers, "test-ends").create().unwrap();
+        let consumer: BaseConsumer = tributary::update_log::kafka::log_reader_config(
+            &tributary::update_log::kafka::Connection::plain(&self.brokers),
+            "test-ends",
+        )
+        .create()
+        .unwrap();
         let Ok(metadata) = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5)) else { return Vec::new() };
         let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len() as i32);
         (0..partitions)
@@ -485,8 +554,12 @@ pub fn delete_update_log_records_before(cluster: &Cluster, offset: i64) {
     use rdkafka::client::DefaultClientContext;
     use rdkafka::{Offset, TopicPartitionList};
     let k = &cluster.config.kafka;
-    let admin: AdminClient<DefaultClientContext> =
-        tributary::update_log::kafka::base_config(&k.brokers, "test-admin").create().unwrap();
+    let admin: AdminClient<DefaultClientContext> = tributary::update_log::kafka::base_config(
+        &tributary::update_log::kafka::Connection::of(k).unwrap(),
+        "test-admin",
+    )
+    .create()
+    .unwrap();
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(&k.updates_topic, 0, Offset::Offset(offset)).unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();

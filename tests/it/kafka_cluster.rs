@@ -65,7 +65,8 @@ fn slow_kafka_cluster_survives_the_death_of_the_update_log_leader_and_of_an_even
 /// The broker (index into the cluster's brokers: node id - 1) that leads
 /// each partition of `topic`.
 fn leader_of(config: &Config, topic: &str) -> Vec<usize> {
-    let consumer: BaseConsumer = kafka::base_config(&config.kafka.brokers, "test-leaders").create().unwrap();
+    let consumer: BaseConsumer =
+        kafka::base_config(&kafka::Connection::of(&config.kafka).unwrap(), "test-leaders").create().unwrap();
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
     metadata.topics()[0].partitions().iter().map(|p| (p.leader() - 1) as usize).collect()
 }
@@ -85,7 +86,9 @@ impl EventSource {
         let thread = std::thread::spawn(move || {
             let acks = Arc::new(Delivered::default());
             let producer: ThreadedProducer<Counting> =
-                kafka::producer_config(&k.brokers, "test-events").create_with_context(Counting(acks.clone())).unwrap();
+                kafka::producer_config(&kafka::Connection::of(&k).unwrap(), "test-events")
+                    .create_with_context(Counting(acks.clone()))
+                    .unwrap();
             let mut synthetic = tributary::synthetic::Synthetic::new(&model, 7);
             let started = Instant::now();
             let mut sent = 0u64;
