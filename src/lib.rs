@@ -5,7 +5,9 @@
 //! lower layers (the `layers` test below checks every `crate::` path).
 //!
 //! 0. [`config`], [`telemetry`]: settings and logging setup; [`lifecycle`]:
-//!    the typed stop requests of the roles, and retry pacing.
+//!    the typed stop requests of the roles, and retry pacing; in unit tests
+//!    only, `alloc_meter`, the counting allocator that bounds what a parser
+//!    may hold.
 //! 1. [`event`]: the event and instance schema, hashing of sparse values;
 //!    [`synthetic`]: generated streams for demos, tests and load.
 //! 2. [`model`]: parameter layout, seeded weights, forward pass, libtorch
