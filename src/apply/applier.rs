@@ -48,10 +48,11 @@ pub struct Applied {
     pub last_healthy: i64,
     /// What became of recent rollback records, by offset (the newest 64).
     pub rollbacks: BTreeMap<i64, RollbackOutcome>,
-    /// Rollbacks taken since start: a trainer that sees this move drops
-    /// its records in flight (computed on weights the fleet left) and
-    /// reads again from the watermarks, without waiting for them.
-    pub rollbacks_taken: u64,
+    /// Times the state was replaced other than by applying the next record
+    /// (a rollback taken, a newer checkpoint restored): a trainer that sees
+    /// this move drops its records in flight (computed on weights the
+    /// replica left) and reads again from the watermarks, without waiting.
+    pub state_jumps: u64,
     /// The applier stopped applying (see `Applier::stall`): the trainer
     /// leaves the consumer group, so that healthy replicas learn its
     /// partitions.
@@ -389,6 +390,9 @@ impl Applier {
                 // serving goes on with the last weights meanwhile.
                 Err(e) if kafka::is_position_gone(&e) => {
                     let start = kafka::log_start(&self.consumer, &self.updates_topic);
+                    if self.catch_up_from_the_store(start)? {
+                        break;
+                    }
                     self.stall(format!(
                         "the update log no longer holds this replica's position {} (it starts at {}): its records \
                          were deleted (retention, or trimmed after newer checkpoints). Give this replica a \
@@ -433,6 +437,43 @@ impl Applier {
             next = self.consumer.poll(Duration::ZERO);
         }
         Ok(drained)
+    }
+
+    /// The log no longer holds this replica's position (it lagged behind
+    /// the fleet's trimming, or was stopped for longer): with a store the
+    /// fleet shares, the newest checkpoint the log continues is the fleet's
+    /// state at its position, so the replica takes it and reads on from
+    /// there, rather than stall. Whether it did (false: none to take).
+    fn catch_up_from_the_store(&mut self, log_start: Option<i64>) -> anyhow::Result<bool> {
+        let Some(start) = log_start.filter(|_| self.store.is_shared()) else { return Ok(false) };
+        let newest = match self.store.load_newest(&self.model, None) {
+            Ok(Some((state, _))) if state.position >= start && state.position > self.state.position => state,
+            Ok(_) => return Ok(false),
+            Err(e) => {
+                warn!(error = %e, "cannot read the checkpoint store to catch up from; retrying");
+                return Ok(true);
+            }
+        };
+        warn!(
+            from = self.state.position,
+            to = newest.position,
+            log_start = start,
+            "the update log no longer holds this replica's position: catching up from the fleet's newest checkpoint"
+        );
+        self.attestor.remember(newest.position, self.model.digest(&newest.weights));
+        self.staleness = StalenessMeter::starting_at(newest.position, newest.examples_learned);
+        if let Some(link) = &mut self.guard {
+            link.guard.rolled_back(newest.position);
+        }
+        self.state = newest;
+        self.settings_agreed = true;
+        self.publisher.mark_everything();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.updates_topic, 0, Offset::Offset(self.state.position))?;
+        self.consumer.assign(&tpl)?;
+        self.progress.applied.lock().expect("progress lock").state_jumps += 1;
+        self.report_progress(Vec::new());
+        Ok(true)
     }
 
     /// Stops applying for `reason`: not ready, counted, logged. The state
@@ -723,7 +764,7 @@ impl Applier {
 
     fn note_rollback(&self, offset: i64, outcome: RollbackOutcome) {
         let mut applied = self.progress.applied.lock().expect("progress lock");
-        applied.rollbacks_taken += u64::from(outcome.taken);
+        applied.state_jumps += u64::from(outcome.taken);
         applied.rollbacks.insert(offset, outcome);
         while applied.rollbacks.len() > 64 {
             applied.rollbacks.pop_first();

@@ -320,8 +320,8 @@ pub struct Trainer {
     /// The served version that includes the trainer's last applied record;
     /// the next gradient is computed at it or later.
     see_from: i64,
-    /// The applier's count of rollbacks taken, as last seen.
-    rollbacks_seen: u64,
+    /// The applier's count of state jumps (rollbacks, restores), as last seen.
+    state_jumps_seen: u64,
     /// Lag gauges and the below-watermark check, on a thread of their own.
     lag: lag::LagWatch,
     /// Most events in the next batch: `batch_size`, halved while records
@@ -374,7 +374,7 @@ impl Trainer {
             .create_with_context(context::DeliveryContext { failures: failures.clone() })?;
         let dead_letters = kafka::producer_config(&connection, &format!("{}-dlq", config.replica_id))
             .create_with_context(context::DeadLetterContext { metrics: metrics.clone() })?;
-        let rollbacks_seen = progress.applied.lock().expect("progress lock").rollbacks_taken;
+        let state_jumps_seen = progress.applied.lock().expect("progress lock").state_jumps;
         let lag = lag::LagWatch::start(
             &connection,
             &config.replica_id,
@@ -406,7 +406,7 @@ impl Trainer {
             retired_at: None,
             served_at: None,
             batch_limit: config.train.batch_size,
-            rollbacks_seen,
+            state_jumps_seen,
             lag,
         })
     }
@@ -765,12 +765,12 @@ impl Trainer {
     /// of one of ours, a delivery failure, or when another trainer moved a
     /// watermark (a rebalance overlap).
     fn follow_applier(&mut self) {
-        let (position, watermarks, rejected, rollbacks) = {
+        let (position, watermarks, rejected, jumps) = {
             let mut applied = self.progress.applied.lock().expect("progress lock");
             let rejected = std::mem::take(&mut applied.rejected_own);
-            (applied.position, applied.watermarks.clone(), rejected, applied.rollbacks_taken)
+            (applied.position, applied.watermarks.clone(), rejected, applied.state_jumps)
         };
-        let rolled_back = std::mem::replace(&mut self.rollbacks_seen, rollbacks) != rollbacks;
+        let jumped = std::mem::replace(&mut self.state_jumps_seen, jumps) != jumps;
         let failed = std::mem::take(&mut *self.failures.lock().expect("failures lock"));
         let watermark = |id: i32| watermarks.get(&id).copied().unwrap_or(0);
         let held: Vec<i32> = (self.partitions.iter())
@@ -803,8 +803,8 @@ impl Trainer {
         // its watermark, directly or through records still in flight.
         let moved = self.in_flight.is_empty()
             && (self.partitions.iter()).any(|(&id, p)| p.hold_until.is_none() && p.next_from != watermark(id));
-        if lost || stale || moved || rolled_back {
-            info!(lost, stale, moved, rolled_back, "seeking every partition back to its applied watermark");
+        if lost || stale || moved || jumped {
+            info!(lost, stale, moved, jumped, "seeking every partition back to its applied watermark");
             self.seek_back(&watermarks);
         }
     }

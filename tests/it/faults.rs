@@ -217,3 +217,43 @@ fn a_fleet_on_postgres_trims_its_update_log_and_a_new_replica_still_joins() {
     let second = cluster.spawn("r1");
     assert_joins_alike(&cluster, &first, &second, 2300, "restored checkpoint");
 }
+
+#[test]
+fn slow_a_replica_stopped_longer_than_the_fleet_keeps_its_log_catches_up_from_the_store() {
+    let db = fresh_database("sigstop");
+    let mut cluster = Cluster::new("sigstop", ModelKind::Logistic);
+    cluster.config.checkpoint.store = db.url.clone();
+    cluster.config.checkpoint.interval_secs = 1;
+    let (steady, stopped) = (cluster.spawn("steady"), cluster.spawn("stopped"));
+    steady.wait_ready();
+    stopped.wait_ready();
+    cluster.produce(500, 1);
+    steady.wait_learned(500, LEARN_LIMIT);
+    let position = stopped.wait_learned(500, LEARN_LIMIT)["model_version"].as_i64().unwrap();
+    stopped.process().signal(libc::SIGSTOP).unwrap();
+    // The fleet learns on (the stopped one's partitions move once its
+    // session times out) and trims its log past the stopped one's position.
+    let mut produced = 500;
+    let deadline = Instant::now() + LEARN_LIMIT;
+    while steady.metrics().value("tributary_update_log_start", "") <= position as f64 {
+        assert!(Instant::now() < deadline, "the log was not trimmed past {position}\n{}", steady.log_tail(20));
+        cluster.produce(200, produced as u64);
+        produced += 200;
+        steady.wait_learned(produced, LEARN_LIMIT);
+    }
+    stopped.process().signal(libc::SIGCONT).unwrap();
+    wait_for("the stopped replica to catch up from the store", LEARN_LIMIT, || {
+        let log = std::fs::read_to_string(&stopped.log).ok()?;
+        log.contains("catching up from the fleet's newest checkpoint").then_some(())
+    });
+    stopped.wait_ready();
+    cluster.produce(300, 99);
+    produced += 300;
+    for r in [&steady, &stopped] {
+        let info = r.wait_learned(produced, LEARN_LIMIT);
+        assert_eq!(watermark_sum(&info), produced, "{}: every event learned once: {info}", r.id);
+    }
+    let infos = wait_at_one_version(&[&steady, &stopped], LEARN_LIMIT);
+    assert_eq!(infos[0]["weights_digest"], infos[1]["weights_digest"], "{infos:?}");
+    assert_eq!(stopped.metrics().value("tributary_update_log_stalled", ""), 0.0);
+}
