@@ -237,7 +237,7 @@ fn slow_a_replica_stopped_longer_than_the_fleet_keeps_its_log_catches_up_from_th
     let deadline = Instant::now() + LEARN_LIMIT;
     while steady.metrics().value("tributary_update_log_start", "") <= position as f64 {
         assert!(Instant::now() < deadline, "the log was not trimmed past {position}\n{}", steady.log_tail(20));
-        cluster.produce(200, produced as u64);
+        cluster.produce(200, produced);
         produced += 200;
         steady.wait_learned(produced, LEARN_LIMIT);
     }
