@@ -271,15 +271,7 @@ fn a_fleet_on_sasl_ssl_with_acls_learns_and_serves_and_a_client_writes_only_what
     assert_eq!(status, 200, "{answer}");
 
     // Another principal, allowed to write the events topic only.
-    let (admin, admin_password) = SECURE_USERS[0];
-    let granted = std::process::Command::new(procs::venv_python().unwrap())
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka-acls"))
-        .args(["--bootstrap", &k.brokers, "--ca", &cluster.brokers[0].ca().display().to_string()])
-        .args(["--user", admin, "--password", admin_password])
-        .args([format!("User:producer:WRITE:topic:{}", k.events_topic)])
-        .output()
-        .unwrap();
-    assert!(granted.status.success(), "{}", String::from_utf8_lossy(&granted.stderr));
+    grant_acls(&cluster.brokers[0], &[format!("User:producer:WRITE:topic:{}", k.events_topic)]);
     let updates_end = || {
         let reader: rdkafka::consumer::BaseConsumer =
             kafka::log_reader_config(&Connection::of(k).unwrap(), "test-end").create().unwrap();

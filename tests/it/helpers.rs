@@ -27,6 +27,20 @@ pub const STATUS_SERIES: [&str; 6] =
 pub const SECURE_USERS: [(&str, &str); 3] =
     [("admin", "admin-secret"), ("fleet", "fleet-secret"), ("producer", "producer-secret")];
 
+/// Grants ACLs on a secured broker as its super user (`scripts/kafka-acls`
+/// grants: `User:NAME:OPERATION:RESOURCE:NAME`).
+pub fn grant_acls(broker: &Broker, grants: &[String]) {
+    let (admin, admin_password) = SECURE_USERS[0];
+    let granted = std::process::Command::new(procs::venv_python().expect("the project's virtualenv"))
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka-acls"))
+        .args(["--bootstrap", &broker.addr, "--ca", &broker.ca().display().to_string()])
+        .args(["--user", admin, "--password", admin_password])
+        .args(grants)
+        .output()
+        .unwrap();
+    assert!(granted.status.success(), "{}", String::from_utf8_lossy(&granted.stderr));
+}
+
 /// The `kafka.client` properties of a client of a secured broker that logs
 /// in as `user` with `password` (a value or a `${file:...}` reference).
 pub fn secure_client(broker: &Broker, user: &str, password: &str) -> BTreeMap<String, String> {
@@ -92,20 +106,12 @@ impl Cluster {
         let dir = Cluster::scratch(test);
         let broker =
             Broker::start_secure(dir.path(), &SECURE_USERS).expect("a Kafka broker (scripts/setup fetches it)");
-        let (admin, admin_password) = SECURE_USERS[0];
         let grants: Vec<String> = ["events", "updates", "dlq"]
             .iter()
             .map(|topic| format!("User:fleet:ALL:topic:{topic}-{test}*"))
             .chain(["User:fleet:ALL:group:*".to_string()])
             .collect();
-        let granted = std::process::Command::new(procs::venv_python().expect("the project's virtualenv"))
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka-acls"))
-            .args(["--bootstrap", &broker.addr, "--ca", &broker.ca().display().to_string()])
-            .args(["--user", admin, "--password", admin_password])
-            .args(&grants)
-            .output()
-            .unwrap();
-        assert!(granted.status.success(), "{}", String::from_utf8_lossy(&granted.stderr));
+        grant_acls(&broker, &grants);
         let password = dir.path().join("fleet.password");
         std::fs::write(&password, format!("{}\n", SECURE_USERS[1].1)).unwrap();
         let client = secure_client(&broker, "fleet", &format!("${{file:{}}}", password.display()));

@@ -74,6 +74,10 @@ fn rollback_asked_on_one_replica_returns_all_three_to_the_same_state() {
         assert_eq!(info["model_version"], infos[0]["model_version"], "{infos:?}");
         assert_eq!(info["weights_digest"], infos[0]["weights_digest"], "{infos:?}");
         assert_eq!(r.metrics().value("tributary_rollbacks_total", ""), 2.0, "{}", r.id);
+        // Each trainer read again from the watermarks as soon as its applier
+        // took a rollback, not after its record in flight went stale.
+        let log = std::fs::read_to_string(&r.log).unwrap();
+        assert!(log.contains("jumped=true"), "{}", r.log_tail(30));
     }
 }
 
