@@ -30,7 +30,6 @@
 //! progressive loss than the same events in one partition).
 
 mod context;
-mod lag;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -163,11 +162,20 @@ struct Partition {
     /// watermark it has by then. (Learning from a stale watermark would only
     /// append records that every replica rejects.)
     hold_until: Option<i64>,
+    /// The partition was seen ending below its applied watermark (reported
+    /// once per assignment).
+    below_watermark: bool,
 }
 
 impl Partition {
     fn at(watermark: i64) -> Partition {
-        Partition { next_from: watermark, end: watermark, read_ahead: VecDeque::new(), hold_until: None }
+        Partition {
+            next_from: watermark,
+            end: watermark,
+            read_ahead: VecDeque::new(),
+            hold_until: None,
+            below_watermark: false,
+        }
     }
 
     /// The offsets without an event that a range from `next_from` would
@@ -322,8 +330,6 @@ pub struct Trainer {
     see_from: i64,
     /// The applier's count of state jumps (rollbacks, restores), as last seen.
     state_jumps_seen: u64,
-    /// Lag gauges and the below-watermark check, on a thread of their own.
-    lag: lag::LagWatch,
     /// Most events in the next batch: `batch_size`, halved while records
     /// come out larger than `max_record_bytes` (or the broker's limit),
     /// doubled back while they are small.
@@ -375,13 +381,6 @@ impl Trainer {
         let dead_letters = kafka::producer_config(&connection, &format!("{}-dlq", config.replica_id))
             .create_with_context(context::DeadLetterContext { metrics: metrics.clone() })?;
         let state_jumps_seen = progress.applied.lock().expect("progress lock").state_jumps;
-        let lag = lag::LagWatch::start(
-            &connection,
-            &config.replica_id,
-            &k.events_topic,
-            metrics.clone(),
-            Duration::from_millis(config.train.commit_interval_ms),
-        )?;
         Ok(Trainer {
             events: EventCodec::new(k).map_err(anyhow::Error::msg)?,
             model,
@@ -407,7 +406,6 @@ impl Trainer {
             served_at: None,
             batch_limit: config.train.batch_size,
             state_jumps_seen,
-            lag,
         })
     }
 
@@ -835,17 +833,46 @@ impl Trainer {
         result.is_ok()
     }
 
+    /// An events partition that ends below the watermark the fleet learned
+    /// it to: the topic was deleted and recreated (or truncated), and its
+    /// new events at offsets below the watermark will never be learned,
+    /// since the watermark says they were. Only the operator can tell which
+    /// history is right; the replica says so, once per assignment.
+    fn report_below_watermark(&mut self, id: i32, end: i64, watermark: i64) {
+        let Some(p) = self.partitions.get_mut(&id).filter(|p| !p.below_watermark) else { return };
+        p.below_watermark = true;
+        self.metrics.events_below_watermark.inc();
+        error!(
+            topic = %self.events_topic,
+            partition = id,
+            end,
+            watermark,
+            "the events partition ends below its applied watermark: the topic was deleted and recreated, or \
+             truncated; its events at offsets below the watermark will not be learned. Restore the topic, or \
+             start the fleet afresh (a new update log and no checkpoints) to learn the new one"
+        );
+    }
+
     /// Commits the applied watermarks of owned partitions as the group's
-    /// offsets, and tells the lag watch which partitions it owns.
+    /// offsets, refreshes the lag gauges, and says so when a partition ends
+    /// below its watermark.
     fn commit(&mut self, mode: CommitMode) {
         let watermarks: BTreeMap<i32, i64> = self.progress.applied.lock().expect("progress lock").watermarks.clone();
-        let owned: BTreeMap<i32, i64> =
-            self.partitions.keys().map(|&id| (id, watermarks.get(&id).copied().unwrap_or(0))).collect();
         let mut tpl = TopicPartitionList::new();
-        for (&id, &wm) in owned.iter().filter(|(id, _)| watermarks.contains_key(id)) {
-            let _ = tpl.add_partition_offset(&self.events_topic, id, Offset::Offset(wm));
+        let ids: Vec<i32> = self.partitions.keys().copied().collect();
+        for id in ids {
+            let wm = watermarks.get(&id).copied();
+            if let Some(wm) = wm {
+                let _ = tpl.add_partition_offset(&self.events_topic, id, Offset::Offset(wm));
+            }
+            if let Ok((_, high)) = self.consumer.fetch_watermarks(&self.events_topic, id, Duration::from_millis(500)) {
+                let lag = high - wm.unwrap_or(0);
+                self.metrics.consumer_lag.with_label_values(&[&id.to_string()]).set(lag.max(0));
+                if let Some(wm) = wm.filter(|&wm| high < wm) {
+                    self.report_below_watermark(id, high, wm);
+                }
+            }
         }
-        self.lag.owns(owned);
         if tpl.count() > 0 {
             if let Err(e) = self.consumer.commit(&tpl, mode) {
                 debug!(error = %e, "offset commit failed; the next one catches up");
