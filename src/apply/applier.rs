@@ -462,18 +462,25 @@ impl Applier {
         );
         self.attestor.remember(newest.position, self.model.digest(&newest.weights));
         self.staleness = StalenessMeter::starting_at(newest.position, newest.examples_learned);
-        if let Some(link) = &mut self.guard {
-            link.guard.rolled_back(newest.position);
-        }
         self.state = newest;
         self.settings_agreed = true;
-        self.publisher.mark_everything();
+        self.state_replaced();
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.updates_topic, 0, Offset::Offset(self.state.position))?;
         self.consumer.assign(&tpl)?;
-        self.progress.applied.lock().expect("progress lock").state_jumps += 1;
         self.report_progress(Vec::new());
         Ok(true)
+    }
+
+    /// After the state was replaced other than by applying the next record
+    /// (a rollback, a checkpoint caught up from): everything is published
+    /// anew, the guard starts over, and the trainer is told (`state_jumps`).
+    fn state_replaced(&mut self) {
+        self.publisher.mark_everything();
+        if let Some(link) = &mut self.guard {
+            link.guard.rolled_back(self.state.position);
+        }
+        self.progress.applied.lock().expect("progress lock").state_jumps += 1;
     }
 
     /// Stops applying for `reason`: not ready, counted, logged. The state
@@ -745,10 +752,7 @@ impl Applier {
         let then = then.state;
         let examples_undone = self.state.examples_learned.saturating_sub(then.examples_learned);
         self.state.roll_back(offset, r, then);
-        self.publisher.mark_everything();
-        if let Some(link) = &mut self.guard {
-            link.guard.rolled_back(self.state.position);
-        }
+        self.state_replaced();
         let events = r.events.as_str();
         self.metrics.rollbacks.with_label_values(&[events]).inc();
         warn!(
@@ -764,7 +768,6 @@ impl Applier {
 
     fn note_rollback(&self, offset: i64, outcome: RollbackOutcome) {
         let mut applied = self.progress.applied.lock().expect("progress lock");
-        applied.state_jumps += u64::from(outcome.taken);
         applied.rollbacks.insert(offset, outcome);
         while applied.rollbacks.len() > 64 {
             applied.rollbacks.pop_first();
@@ -793,16 +796,17 @@ impl Applier {
                 let reader: BaseConsumer = kafka::log_reader_config(&connection, "tributary-guard").create()?;
                 anyhow::Ok((to, reachable_by_the_fleet(&*store, &reader, &topic, to)))
             })
-            .await;
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|checked| checked);
             let to = match chosen {
-                Ok(Ok((to, Ok(())))) => to,
-                Ok(Ok((to, Err(e)))) => {
+                Ok((to, Ok(()))) => to,
+                Ok((to, Err(e))) => {
                     error!(fast, baseline, last_healthy, to, error = %e,
                         "progressive loss spiked, and the last good state cannot be rebuilt by every replica: no \
                          rollback asked (it would stop the replicas that cannot take it)");
                     return;
                 }
-                Ok(Err(e)) => return warn!(error = %e, "cannot check the divergence rollback's target"),
                 Err(e) => return warn!(error = %e, "cannot check the divergence rollback's target"),
             };
             warn!(fast, baseline, last_healthy, to, position = seen, "progressive loss spiked: asking for a rollback");

@@ -44,19 +44,7 @@ pub fn state_at(model: &Model, store: &dyn Store, log: &LogSource, q: i64) -> an
         }
     };
     let replayed_records = q - start.position;
-    let from = start.position;
-    let state = replay(model, store, log, start, q).map_err(|e| match e.downcast::<PositionGone>() {
-        Ok(PositionGone { log_start }) => anyhow::Error::new(Unreachable { target: q, from, log_start }),
-        Err(other) => other,
-    })?;
-    Ok(Rebuilt { state, replayed_records })
-}
-
-/// The replay's position is not in the log any more.
-#[derive(Debug, thiserror::Error)]
-#[error("the update log no longer holds the replay's position (it starts at {log_start})")]
-struct PositionGone {
-    log_start: String,
+    Ok(Rebuilt { state: replay(model, store, log, start, q)?, replayed_records })
 }
 
 /// Why a state cannot be rebuilt, ever, from this replica's store and the
@@ -110,7 +98,7 @@ pub fn replay(
             Err(e) if kafka::is_position_gone(&e) => {
                 let start = kafka::log_start(&consumer, log.topic);
                 let log_start = start.map_or("an unknown offset".to_string(), |s| s.to_string());
-                return Err(PositionGone { log_start }.into());
+                return Err(Unreachable { target: until, from: started.1, log_start }.into());
             }
             other => other.context("reading the update log to replay it")?,
         };

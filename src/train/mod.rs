@@ -425,7 +425,7 @@ impl Trainer {
         while !self.stop.is_requested() {
             if self.progress.applied.lock().expect("progress lock").stalled {
                 self.leave_while_stalled();
-                break;
+                return Ok(());
             }
             if self.read_ahead() < READ_AHEAD || last_poll.elapsed() >= FULL_POLL_INTERVAL {
                 // Short while a record is in flight: its return frees the slot.
@@ -443,9 +443,7 @@ impl Trainer {
                 last_commit = Instant::now();
             }
         }
-        if !self.progress.applied.lock().expect("progress lock").stalled {
-            self.shut_down();
-        }
+        self.shut_down();
         Ok(())
     }
 
@@ -643,8 +641,12 @@ impl Trainer {
     }
 
     /// The progressive loss and gradient of `examples` against `weights`
-    /// at `position`, checked as the applier will check it.
+    /// at `position`, checked as the applier will check it; none for no
+    /// examples (a batch of invalid events, or of refused ones only).
     fn checked_gradient(&self, snapshot: &Snapshot, examples: &[Example]) -> Result<Gradient, Refusal> {
+        if examples.is_empty() {
+            return Ok(Gradient::default());
+        }
         let gradient = (self.model.gradient_at(Some(snapshot.position), &snapshot.weights, examples))
             .map_err(|e| Refusal::Failed(e.to_string()))?;
         check_gradient(&self.model, examples.len() as u32, gradient.loss_sum, &gradient.tensors)
@@ -662,9 +664,6 @@ impl Trainer {
     /// per-example bound, so it is within the batch's.)
     fn gradient(&self, batch: &mut Batch) -> (i64, Gradient) {
         let snapshot = self.serving.load_full();
-        if batch.examples.is_empty() {
-            return (snapshot.position, Gradient::default());
-        }
         let refusal = match self.checked_gradient(&snapshot, &batch.examples) {
             Ok(gradient) => return (snapshot.position, gradient),
             Err(refusal) => refusal,
@@ -675,8 +674,8 @@ impl Trainer {
             .filter_map(|i| Some((i, self.checked_gradient(&snapshot, &batch.examples[i..=i]).err()?)))
             .collect();
         for (i, refusal) in refused.iter().rev() {
-            let (_, source) = (batch.examples.remove(*i), batch.sources.remove(*i));
-            self.refuse_event(&source, refusal);
+            batch.examples.remove(*i);
+            self.refuse_event(&batch.sources.remove(*i), refusal);
             batch.skipped += 1;
         }
         match self.checked_gradient(&snapshot, &batch.examples) {
