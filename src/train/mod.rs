@@ -457,8 +457,12 @@ impl Trainer {
         self.consumer.unsubscribe();
         self.partitions.clear();
         self.in_flight.clear();
+        // Polled on, so that librdkafka serves the leave (and a join still
+        // in flight when it was asked) instead of holding the partitions
+        // until the member is evicted; whatever it hands over is dropped.
         while !self.stop.is_requested() {
-            self.progress.wait_changed(Duration::from_millis(200));
+            let _ = self.consumer.poll(Duration::from_millis(200));
+            let _ = self.consumer.context().take_events();
         }
     }
 
