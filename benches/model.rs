@@ -157,7 +157,7 @@ fn applier(c: &mut Criterion) {
         // record touches about as many rows per table as it has events.
         let mut ctr = tributary::synthetic::CtrStream::new(m.config(), 7, u64::MAX);
         let ex: Vec<Example> =
-            (0..1024).map(|_| m.featurizer().event(ctr.next_event(1).json.as_bytes()).unwrap()).collect();
+            (0..1024).map(|_| m.featurizer().event(ctr.next_event(Some(1)).json.as_bytes()).unwrap()).collect();
         let mut state = ReplicaState::initial(&m);
         let gradient = m.gradient(&state.weights, &ex).unwrap();
         let mut publisher = Publisher::new(m.clone(), &state);

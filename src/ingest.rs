@@ -43,8 +43,51 @@ pub struct ProduceReport {
     pub invalid: u64,
 }
 
+/// How `produce` spreads events over the topic's partitions: as the
+/// producers teams already run do, so that the order a trainer sees can be
+/// tried on each.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Partitioning {
+    /// Keyless records as librdkafka's default partitioner places them: a
+    /// producer batch (up to `linger.ms`) to one partition, then the next.
+    #[default]
+    Sticky,
+    /// Each event to a partition drawn at random.
+    PerMessage,
+    /// Keyed by the event's value at a JSON pointer (RFC 6901, as
+    /// `/sparse/f0`), hashed by librdkafka's default partitioner: every
+    /// event of a key in one partition, in order.
+    Key(String),
+}
+
+impl std::str::FromStr for Partitioning {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Partitioning, String> {
+        match s {
+            "sticky" => Ok(Partitioning::Sticky),
+            "per-message" => Ok(Partitioning::PerMessage),
+            _ => match s.strip_prefix("key:") {
+                Some(pointer) if pointer.starts_with('/') => Ok(Partitioning::Key(pointer.to_string())),
+                _ => Err(format!("`{s}`: expected sticky, per-message or key:/JSON/pointer (as key:/sparse/f0)")),
+            },
+        }
+    }
+}
+
+/// The key a keyed event is produced with: the value at `pointer`, a
+/// string as it is, anything else as its JSON text.
+fn key_of(line: &str, pointer: &str) -> Result<Vec<u8>, String> {
+    let event: serde_json::Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
+    match event.pointer(pointer) {
+        Some(serde_json::Value::String(s)) => Ok(s.as_bytes().to_vec()),
+        Some(serde_json::Value::Null) | None => Err(format!("no key at {pointer}")),
+        Some(other) => Ok(other.to_string().into_bytes()),
+    }
+}
+
 /// Produces every valid line of `input` to `topic` in `kafka.event_format`
-/// (JSON as it is, or Avro framed for the Confluent wire format), creating the topic as
+/// (JSON as it is, or Avro framed for the Confluent wire format), spread
+/// over the partitions as `partitioning` says, creating the topic as
 /// `serve` creates the events topic (`kafka.events_partitions`,
 /// `kafka.replication_factor`) if it does not exist.
 pub fn produce(
@@ -52,6 +95,7 @@ pub fn produce(
     topic: &str,
     featurizer: &Featurizer,
     input: impl BufRead,
+    partitioning: &Partitioning,
 ) -> anyhow::Result<ProduceReport> {
     let codec = EventCodec::new(k).map_err(anyhow::Error::msg)?;
     let connection = kafka::Connection::of(k)?;
@@ -62,6 +106,11 @@ pub fn produce(
     // Events are small and many: batch them.
     config.set("queue.buffering.max.messages", "500000").set("linger.ms", "5").set("batch.num.messages", "1000");
     let producer: BaseProducer<Counting> = config.create_with_context(Counting(delivered.clone()))?;
+    let partitions = match partitioning {
+        Partitioning::PerMessage => partition_count(&producer, topic)?,
+        _ => 0,
+    };
+    let mut draw: u64 = 0x9e37_79b9_7f4a_7c15;
     let terminal = std::io::stderr().is_terminal();
     let start = Instant::now();
     let mut last_draw = start;
@@ -84,7 +133,26 @@ pub fn produce(
                 continue;
             }
         };
-        let mut record = BaseRecord::to(topic).payload(payload.as_ref()).key(&[] as &[u8]);
+        let key = match partitioning {
+            Partitioning::Key(pointer) => match key_of(&line, pointer) {
+                Ok(key) => Some(key),
+                Err(e) => {
+                    eprintln!("line {}: {e}", i + 1);
+                    invalid += 1;
+                    continue;
+                }
+            },
+            _ => None,
+        };
+        // Keyless: an empty key, which the default partitioner places sticky.
+        let mut record = BaseRecord::to(topic).payload(payload.as_ref()).key(key.as_deref().unwrap_or_default());
+        if partitions > 0 {
+            // xorshift64: a partition per event, at random.
+            draw ^= draw << 13;
+            draw ^= draw >> 7;
+            draw ^= draw << 17;
+            record = record.partition((draw % partitions) as i32);
+        }
         loop {
             match producer.send(record) {
                 Ok(()) => break,
@@ -123,4 +191,12 @@ pub fn produce(
         report.invalid
     );
     Ok(report)
+}
+
+/// How many partitions `topic` has, from the cluster's metadata.
+fn partition_count(producer: &BaseProducer<Counting>, topic: &str) -> anyhow::Result<u64> {
+    let metadata = producer.client().fetch_metadata(Some(topic), Duration::from_secs(10)).context("topic metadata")?;
+    let count = metadata.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len());
+    anyhow::ensure!(count > 0, "topic {topic} has no partitions in the metadata");
+    Ok(count as u64)
 }

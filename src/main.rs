@@ -53,6 +53,12 @@ enum Command {
         /// kafka.avro_schema); default: kafka.event_format
         #[arg(long, value_enum)]
         format: Option<tributary::config::EventFormat>,
+        /// How events are spread over the partitions: `sticky` (keyless, a
+        /// producer batch to one partition, librdkafka's default),
+        /// `per-message` (a partition drawn per event), or `key:POINTER`
+        /// (keyed by the event's value at a JSON pointer, as `key:/sparse/f0`)
+        #[arg(long, default_value = "sticky")]
+        partitioning: tributary::ingest::Partitioning,
         file: Option<PathBuf>,
     },
     /// The checkpoint store's snapshots.
@@ -81,15 +87,22 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// `demo`: a simple hidden model; `ctr`: the held-out click-through
-        /// stream learning quality is measured on (hot values, drift)
+        /// stream learning quality is measured on (many rare values, drift);
+        /// `clicks`: the same hidden model over Zipf users and ads (few hot
+        /// values, drift)
         #[arg(long, value_enum, default_value_t = Stream::Demo)]
         stream: Stream,
-        /// `ctr`: the hidden model changes after this many events (default: half of --count)
+        /// `ctr`, `clicks`: the hidden model changes after this many events
+        /// (default: half of --count)
         #[arg(long)]
         drift_at: Option<u64>,
-        /// `ctr`: also write every event to FILE in Vowpal Wabbit's text format
+        /// `ctr`, `clicks`: also write every event to FILE in Vowpal Wabbit's text format
         #[arg(long)]
         vw: Option<PathBuf>,
+        /// `ctr`, `clicks`: events without `ts` (the trainer then orders by
+        /// the Kafka record's timestamp)
+        #[arg(long)]
+        no_ts: bool,
         /// Poison every event (dense values x20, label flipped): what the
         /// divergence guard must catch
         #[arg(long)]
@@ -101,6 +114,7 @@ enum Command {
 enum Stream {
     Demo,
     Ctr,
+    Clicks,
 }
 
 #[derive(Subcommand)]
@@ -129,7 +143,7 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(tributary::replica::run(config, shutdown_signal()))
         }
-        Command::Produce { config, topic, format, file } => {
+        Command::Produce { config, topic, format, partitioning, file } => {
             let mut config = config.load(Overrides::default())?;
             if let Some(format) = format {
                 config.kafka.event_format = format;
@@ -142,7 +156,7 @@ fn main() -> anyhow::Result<()> {
                 )),
                 None => Box::new(std::io::stdin().lock()),
             };
-            let report = tributary::ingest::produce(&config.kafka, &topic, model.featurizer(), input)?;
+            let report = tributary::ingest::produce(&config.kafka, &topic, model.featurizer(), input, &partitioning)?;
             if report.failed > 0 {
                 anyhow::bail!("{} events were not delivered", report.failed);
             }
@@ -179,9 +193,10 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Healthcheck { config, path } => healthcheck(config.load(Overrides::default())?.http.addr, &path),
-        Command::Generate { config, count, rate, seed, stream, drift_at, vw, poison } => {
+        Command::Generate { config, count, rate, seed, stream, drift_at, vw, no_ts, poison } => {
             let config = config.load(Overrides::default())?;
-            let mut next = event_source(&config, stream, seed, count, drift_at, vw.as_deref())?;
+            let source = Source { stream, seed, count, drift_at, vw, no_ts };
+            let mut next = event_source(&config, &source)?;
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             let start = Instant::now();
             for i in 0..count.unwrap_or(u64::MAX) {
@@ -205,33 +220,43 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// The events `tributary generate` prints, one JSON line per call (given
-/// the event time); the `ctr` stream also writes each to `vw`.
-fn event_source(
-    config: &Config,
+/// What `tributary generate` was asked for.
+struct Source {
     stream: Stream,
     seed: u64,
     count: Option<u64>,
     drift_at: Option<u64>,
-    vw: Option<&std::path::Path>,
-) -> anyhow::Result<Box<dyn FnMut(i64) -> anyhow::Result<String>>> {
+    vw: Option<PathBuf>,
+    no_ts: bool,
+}
+
+/// The events `tributary generate` prints, one JSON line per call (given
+/// the event time); the `ctr` and `clicks` streams also write each to `vw`.
+fn event_source(config: &Config, source: &Source) -> anyhow::Result<Box<dyn FnMut(i64) -> anyhow::Result<String>>> {
+    let Source { stream, seed, count, drift_at, no_ts, .. } = *source;
     match stream {
         Stream::Demo => {
-            anyhow::ensure!(vw.is_none() && drift_at.is_none(), "--vw and --drift-at are for --stream ctr");
+            anyhow::ensure!(
+                source.vw.is_none() && drift_at.is_none() && !no_ts,
+                "--vw, --drift-at and --no-ts are for --stream ctr and clicks"
+            );
             let mut synthetic = tributary::synthetic::Synthetic::new(&config.model, seed);
             Ok(Box::new(move |ts| Ok(synthetic.event(ts))))
         }
-        Stream::Ctr => {
+        Stream::Ctr | Stream::Clicks => {
             let drift_at = drift_at.or(count.map(|n| n / 2)).unwrap_or(u64::MAX);
-            let mut ctr = tributary::synthetic::CtrStream::new(&config.model, seed, drift_at);
-            let mut vw_out = match vw {
+            let mut ctr = match stream {
+                Stream::Clicks => tributary::synthetic::CtrStream::clicks(&config.model, seed, drift_at),
+                _ => tributary::synthetic::CtrStream::new(&config.model, seed, drift_at),
+            };
+            let mut vw_out = match &source.vw {
                 Some(path) => Some(std::io::BufWriter::new(
                     std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
                 )),
                 None => None,
             };
             Ok(Box::new(move |ts| {
-                let event = ctr.next_event(ts);
+                let event = ctr.next_event((!no_ts).then_some(ts));
                 // Flushed when the source is dropped, after the last event.
                 if let Some(out) = vw_out.as_mut() {
                     writeln!(out, "{}", event.vw)?;

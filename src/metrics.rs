@@ -30,6 +30,7 @@ pub struct Metrics {
     pub record_round_trip: Histogram,
     /// Where a trainer's record cycle goes, by stage (see `train::Stage`).
     pub trainer_stage: HistogramVec,
+    pub merge_holds_released: IntCounter,
     pub records_applied: IntCounter,
     pub records_too_large: IntCounter,
     pub records_rejected: IntCounterVec,
@@ -140,6 +141,11 @@ impl Metrics {
                     "A trainer's record cycle by stage: merge, gradient, send, applied, served, starved"
                 ),
                 &["stage"]
+            )),
+            merge_holds_released: reg!(IntCounter::new(
+                "trainer_merge_holds_released_total",
+                "Times a trainer stopped waiting for a partition with events still to fetch and merged without it \
+                 (events then learned out of event-time order)"
             )),
             records_applied: reg!(IntCounter::new("records_applied_total", "Update-log records applied")),
             records_too_large: reg!(IntCounter::new(

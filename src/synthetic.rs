@@ -66,22 +66,65 @@ pub fn poisoned(line: &str) -> anyhow::Result<String> {
 
 /// A held-out click-through stream, the one learning quality is measured on
 /// (issue 13): standard-normal dense values, one hashed value per sparse
-/// field drawn log-uniformly from `VOCABULARY` (so a few values are very
-/// hot and most are rare), and labels from a hidden logistic model over
-/// both that changes abruptly, every weight at once, after `drift_at`
-/// events. Each event also comes as a Vowpal Wabbit text line, so VW
-/// learns exactly the same examples.
+/// field, and labels from a hidden logistic model over both that changes
+/// abruptly, every weight at once, after `drift_at` events. Each event also
+/// comes as a Vowpal Wabbit text line, so VW learns exactly the same
+/// examples. Two shapes of sparse values ([`ValueShape`]): `ctr`, drawn
+/// log-uniformly from 100 000 per field (a few very hot, most rare), and
+/// `clicks`, a user and an ad each drawn from a Zipf law over a few
+/// thousand users and a few hundred ads (few values, all hot: what a keyed
+/// producer partitions by).
 pub struct CtrStream {
     dense_dim: usize,
     fields: Vec<String>,
+    /// How each field's values are drawn, by field.
+    shapes: Vec<ValueShape>,
     seed: u64,
     state: u64,
     drift_at: u64,
     emitted: u64,
 }
 
-/// Distinct values of each sparse field.
+/// How one sparse field's values are drawn.
+pub enum ValueShape {
+    /// `floor(exp(U * ln(1 + n))) - 1`: value k about as likely as 1/(k+1),
+    /// over `n` values.
+    LogUniform(f64),
+    /// Zipf: value k (from 0) with probability proportional to
+    /// `1/(k+1)^s`, as the cumulative distribution over the values.
+    Zipf(Vec<f64>),
+}
+
+impl ValueShape {
+    fn zipf(values: usize, exponent: f64) -> ValueShape {
+        let weights: Vec<f64> = (1..=values).map(|k| (k as f64).powf(-exponent)).collect();
+        let total: f64 = weights.iter().sum();
+        let cdf = weights
+            .iter()
+            .scan(0.0, |sum, w| {
+                *sum += w / total;
+                Some(*sum)
+            })
+            .collect();
+        ValueShape::Zipf(cdf)
+    }
+
+    /// The value a uniform draw `u` in (0, 1) stands for.
+    fn value(&self, u: f64) -> u64 {
+        match self {
+            ValueShape::LogUniform(n) => (n.ln_1p() * u).exp().floor() as u64 - 1,
+            ValueShape::Zipf(cdf) => cdf.partition_point(|&c| c < u).min(cdf.len() - 1) as u64,
+        }
+    }
+}
+
+/// Distinct values of each sparse field of the `ctr` stream.
 const VOCABULARY: f64 = 100_000.0;
+/// The `clicks` stream's users (its first sparse field), ads (its second),
+/// and the values of each further field, with the Zipf exponent of each.
+const CLICKS_USERS: (usize, f64) = (5_000, 1.1);
+const CLICKS_ADS: (usize, f64) = (300, 1.0);
+const CLICKS_OTHER: (usize, f64) = (50, 0.8);
 /// The hidden model's bias: about three events in ten are positive.
 const HIDDEN_BIAS: f64 = -1.0;
 
@@ -92,10 +135,28 @@ pub struct CtrEvent {
 }
 
 impl CtrStream {
+    /// The `ctr` stream: log-uniform values over 100 000 per field.
     pub fn new(model: &ModelConfig, seed: u64, drift_at: u64) -> CtrStream {
+        let shapes = model.sparse_fields.iter().map(|_| ValueShape::LogUniform(VOCABULARY)).collect();
+        CtrStream::with_shapes(model, seed, drift_at, shapes)
+    }
+
+    /// The `clicks` stream: Zipf users and ads, few and hot.
+    pub fn clicks(model: &ModelConfig, seed: u64, drift_at: u64) -> CtrStream {
+        let shapes = (0..model.sparse_fields.len())
+            .map(|f| {
+                let (values, exponent) = [CLICKS_USERS, CLICKS_ADS].get(f).copied().unwrap_or(CLICKS_OTHER);
+                ValueShape::zipf(values, exponent)
+            })
+            .collect();
+        CtrStream::with_shapes(model, seed, drift_at, shapes)
+    }
+
+    fn with_shapes(model: &ModelConfig, seed: u64, drift_at: u64, shapes: Vec<ValueShape>) -> CtrStream {
         CtrStream {
             dense_dim: model.dense_dim,
             fields: model.sparse_fields.clone(),
+            shapes,
             seed,
             state: seed ^ 0xc7c7,
             drift_at,
@@ -129,8 +190,9 @@ impl CtrStream {
         ((h >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * scale
     }
 
-    /// The next event, with event time `ts`.
-    pub fn next_event(&mut self, ts: i64) -> CtrEvent {
+    /// The next event, with event time `ts` (none: the event has no `ts`,
+    /// as many teams' events do not).
+    pub fn next_event(&mut self, ts: Option<i64>) -> CtrEvent {
         let phase = u64::from(self.emitted >= self.drift_at);
         self.emitted += 1;
         let mut logit = HIDDEN_BIAS;
@@ -141,17 +203,21 @@ impl CtrStream {
         let mut sparse = serde_json::Map::new();
         let mut vw_sparse = String::new();
         for f in 0..self.fields.len() {
-            let value = (VOCABULARY.ln_1p() * self.uniform()).exp().floor() as u64 - 1;
+            let u = self.uniform();
+            let value = self.shapes[f].value(u);
             let field = &self.fields[f];
             logit += self.hidden(phase, (1 + f as u64) << 40 | value, 1.5);
             sparse.insert(field.clone(), format!("v{value}").into());
             vw_sparse.push_str(&format!(" {field}=v{value}"));
         }
         let label = u8::from(self.uniform() < 1.0 / (1.0 + (-logit).exp()));
-        let json = serde_json::json!({"dense": dense, "sparse": sparse, "label": label, "ts": ts}).to_string();
+        let mut json = serde_json::json!({"dense": dense, "sparse": sparse, "label": label});
+        if let Some(ts) = ts {
+            json["ts"] = ts.into();
+        }
         let vw_dense: String = dense.iter().enumerate().map(|(i, x)| format!(" d{i}:{x}")).collect();
         let vw = format!("{} |d{vw_dense} |s{vw_sparse}", if label == 1 { "1" } else { "-1" });
-        CtrEvent { json, vw }
+        CtrEvent { json: json.to_string(), vw }
     }
 }
 
@@ -163,7 +229,7 @@ mod tests {
     fn the_ctr_stream_has_hot_values_a_mixed_label_and_drifts() {
         let model = ModelConfig { dense_dim: 8, ..crate::config::Config::default().model };
         let mut stream = CtrStream::new(&model, 1, 5_000);
-        let events: Vec<CtrEvent> = (0..10_000).map(|_| stream.next_event(0)).collect();
+        let events: Vec<CtrEvent> = (0..10_000).map(|_| stream.next_event(Some(0))).collect();
         let positives = events.iter().filter(|e| e.vw.starts_with("1 ")).count();
         assert!((1_500..5_000).contains(&positives), "{positives} positives in 10 000");
         let hot = events.iter().filter(|e| e.json.contains("\"f0\":\"v0\"")).count();
@@ -175,6 +241,22 @@ mod tests {
         assert_ne!(stream.hidden(0, 7, 1.0), stream.hidden(1, 7, 1.0));
         // The same seed, the same stream.
         let mut again = CtrStream::new(&model, 1, 5_000);
-        assert_eq!(again.next_event(0).json, events[0].json);
+        assert_eq!(again.next_event(Some(0)).json, events[0].json);
+    }
+
+    #[test]
+    fn the_clicks_stream_has_few_hot_users_and_ads_and_events_without_a_time() {
+        let model = ModelConfig { dense_dim: 8, ..crate::config::Config::default().model };
+        let mut stream = CtrStream::clicks(&model, 1, 5_000);
+        let events: Vec<serde_json::Value> =
+            (0..20_000).map(|_| serde_json::from_str(&stream.next_event(None).json).unwrap()).collect();
+        assert!(events.iter().all(|e| e.get("ts").is_none()));
+        let field = |e: &serde_json::Value, f: &str| e["sparse"][f].as_str().unwrap().to_string();
+        let users: std::collections::HashSet<String> = events.iter().map(|e| field(e, "f0")).collect();
+        let ads: std::collections::HashSet<String> = events.iter().map(|e| field(e, "f1")).collect();
+        assert!(users.len() <= 5_000 && ads.len() <= 300, "{} users, {} ads", users.len(), ads.len());
+        let top_user = events.iter().filter(|e| field(e, "f0") == "v0").count();
+        // Zipf(1.1) over 5 000: the top user has about 1/H = 14 % of events.
+        assert!((1_500..4_500).contains(&top_user), "the hottest user is in {top_user} of 20 000");
     }
 }

@@ -507,7 +507,8 @@ impl EventStream {
     /// `count` events (or without end) at `rate` per second (or as fast as
     /// possible) to `topic`; `env` carries the model configuration that
     /// `produce` validates against, `generate` more arguments of
-    /// `tributary generate` (the stream, its seed).
+    /// `tributary generate` (the stream, its seed), `produce` more of
+    /// `tributary produce` (the partitioning).
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         bin: &Path,
@@ -517,8 +518,10 @@ impl EventStream {
         count: Option<u64>,
         env: &[(String, String)],
         generate: &[String],
+        produce: &[String],
         log: &Path,
     ) -> anyhow::Result<EventStream> {
+        let produce_args = produce;
         let extra = generate;
         let mut generate = Command::new(bin);
         generate.arg("generate").args(extra).envs(env.iter().cloned());
@@ -534,6 +537,7 @@ impl EventStream {
         let pipe = generate.stdout.take().expect("piped stdout");
         let produce = Command::new(bin)
             .args(["produce", "--brokers", brokers, "--topic", topic])
+            .args(produce_args)
             .envs(env.iter().cloned())
             .stdin(pipe)
             .stdout(log_file.try_clone()?)

@@ -2,6 +2,7 @@
 //! replica processes. Figures that depend on the machine are reported as
 //! ratios against a baseline measured in the same run where one exists.
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,13 +30,14 @@ const EVENTS_PER_POST: usize = 100;
 const CONNECTIONS: usize = 32;
 const READY_LIMIT: Duration = Duration::from_secs(120);
 
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 12] = [
     "baseline",
     "predict",
     "protocols",
     "learn_rate",
     "event_formats",
     "quality",
+    "shapes",
     "guard",
     "freshness",
     "chaos",
@@ -90,6 +92,7 @@ impl Bench {
             "learn_rate" => self.learn_rate(),
             "event_formats" => self.event_formats(),
             "quality" => self.quality(),
+            "shapes" => self.shapes(),
             "guard" => self.guard(),
             "freshness" => self.freshness(),
             "chaos" => self.chaos(),
@@ -147,7 +150,17 @@ impl Bench {
         rate: Option<f64>,
         count: Option<u64>,
     ) -> anyhow::Result<EventStream> {
-        EventStream::start(&self.tributary, &broker.addr, "events", rate, count, &[], &[], &dir.join("produce.log"))
+        EventStream::start(
+            &self.tributary,
+            &broker.addr,
+            "events",
+            rate,
+            count,
+            &[],
+            &[],
+            &[],
+            &dir.join("produce.log"),
+        )
     }
 
     /// An axum hello-world that reads the same body: what HTTP on this machine can do.
@@ -435,7 +448,7 @@ impl Bench {
                 ("TRIBUTARY_KAFKA__AVRO_SCHEMA".to_string(), schema.clone()),
             ];
             let log = dir.join(format!("produce-{format}.log"));
-            EventStream::start(&self.tributary, &broker.addr, &topic, None, Some(n), &env, &[], &log)?
+            EventStream::start(&self.tributary, &broker.addr, &topic, None, Some(n), &env, &[], &[], &log)?
                 .finish(Duration::from_secs(900))?;
             let mut settings = counted_learner("logistic", format);
             settings.extend([
@@ -484,7 +497,7 @@ impl Bench {
         {
             let env = [("TRIBUTARY_KAFKA__EVENTS_PARTITIONS".to_string(), partitions.to_string())];
             let log = dir.join(format!("produce-{topic}.log"));
-            EventStream::start(&self.tributary, &broker.addr, topic, None, Some(count), &env, &ctr(vw), &log)?
+            EventStream::start(&self.tributary, &broker.addr, topic, None, Some(count), &env, &ctr(vw), &[], &log)?
                 .finish(Duration::from_secs(900))?;
         }
         let mut rows = serde_json::Map::new();
@@ -546,6 +559,90 @@ impl Bench {
         Ok(())
     }
 
+    /// Order on every stream (issue 23): the `clicks` stream (Zipf users and
+    /// ads, few hot values) and the `ctr` stream (many rare values), each
+    /// drifting half-way, produced into 8 partitions as teams' producers do
+    /// (keyless sticky, a partition per message, keyed by user), with and
+    /// without `ts`. One replica at the defaults learns each; the baseline is
+    /// the same events in production order in one partition, learned
+    /// without staleness (a stream's events are the same with or without
+    /// `ts`, which no model reads). Vowpal Wabbit learns the `clicks` events.
+    fn shapes(&mut self) -> anyhow::Result<()> {
+        let dir = self.dir("shapes")?;
+        let broker = Broker::start(&dir)?;
+        let n: u64 = if self.smoke { 20_000 } else { 1_000_000 };
+        let vw_file = dir.join("clicks.vw");
+        let produce = |topic: &str, partitions: u32, stream: &str, shape: &Shape, vw: bool| -> anyhow::Result<()> {
+            let env = [("TRIBUTARY_KAFKA__EVENTS_PARTITIONS".to_string(), partitions.to_string())];
+            let mut generate: Vec<String> = ["--stream", stream, "--seed", "17"].map(String::from).to_vec();
+            if !shape.ts {
+                generate.push("--no-ts".into());
+            }
+            if vw {
+                generate.extend(["--vw".to_string(), vw_file.display().to_string()]);
+            }
+            let partitioning = ["--partitioning".to_string(), shape.partitioning.to_string()];
+            let log = dir.join(format!("produce-{topic}.log"));
+            EventStream::start(
+                &self.tributary,
+                &broker.addr,
+                topic,
+                None,
+                Some(n),
+                &env,
+                &generate,
+                &partitioning,
+                &log,
+            )?
+            .finish(Duration::from_secs(900))
+        };
+        for stream in ["clicks", "ctr"] {
+            let in_order = Shape { partitioning: "sticky", ts: true };
+            produce(&format!("{stream}-1p"), 1, stream, &in_order, stream == "clicks")?;
+        }
+        for shape in SHAPES {
+            produce(&shape.topic(), 8, shape.stream, &shape.shape, false)?;
+        }
+        let only = std::env::var("LOAD_QUALITY_KINDS").unwrap_or_default();
+        let kinds: &[&'static str] = if self.smoke { &["logistic"] } else { &["logistic", "wide_deep"] };
+        let mut rows = serde_json::Map::new();
+        for &kind in kinds.iter().filter(|k| only.is_empty() || only.split(',').any(|o| o == **k)) {
+            let mut in_order = HashMap::new();
+            for stream in ["clicks", "ctr"] {
+                let run = QualityRun {
+                    kind,
+                    label: "in order",
+                    topic: format!("{stream}-1p"),
+                    replicas: 1,
+                    live: None,
+                    env: vec![("TRAIN__MAX_IN_FLIGHT", "1")],
+                };
+                let outcome = self.quality_run(&dir, &broker, n, &format!("{kind}-{stream}-1p"), &run, None)?;
+                let name = format!("{kind}, {stream} in order in one partition");
+                self.report.add("shapes", &format!("{name}: progressive log-loss"), outcome.loss, Goal::None);
+                in_order.insert(stream, outcome.loss);
+                rows.insert(format!("{kind}-{stream}-1p"), serde_json::to_value(&outcome)?);
+            }
+            for shape in SHAPES {
+                let topic = shape.topic();
+                let run =
+                    QualityRun { kind, label: "defaults", topic: topic.clone(), replicas: 1, live: None, env: vec![] };
+                let outcome = self.quality_run(&dir, &broker, n, &format!("{kind}-{topic}"), &run, None)?;
+                let name = format!("{kind}, {topic}");
+                self.report.add("shapes", &format!("{name}: events learned/s"), outcome.rate, Goal::None);
+                let ratio = outcome.loss / in_order[shape.stream];
+                self.report.add("shapes", &format!("{name}: log-loss over in order"), ratio, Goal::AtMost(1.01));
+                rows.insert(format!("{kind}-{topic}"), serde_json::to_value(&outcome)?);
+            }
+        }
+        let vw = vowpal_wabbit(&vw_file)?;
+        let loss = vw["progressive_logloss"].as_f64().unwrap_or(f64::NAN);
+        self.report.add("shapes", "Vowpal Wabbit, clicks: progressive log-loss", loss, Goal::None);
+        rows.insert("vowpal_wabbit_clicks".into(), vw);
+        self.report.detail("shapes", json!({"events": n, "runs": rows}));
+        Ok(())
+    }
+
     /// One run of the quality scenario: `run.replicas` replicas learn the
     /// pre-filled topic from the start, or, with `live` (a rate and the
     /// generator's arguments), a stream of `n` events produced at that rate
@@ -575,7 +672,17 @@ impl Bench {
         let stream = match &live {
             Some((rate, args)) => {
                 let log = dir.join(format!("produce-{topic}.log"));
-                Some(EventStream::start(&self.tributary, &broker.addr, &topic, Some(*rate), Some(n), &[], args, &log)?)
+                Some(EventStream::start(
+                    &self.tributary,
+                    &broker.addr,
+                    &topic,
+                    Some(*rate),
+                    Some(n),
+                    &[],
+                    args,
+                    &[],
+                    &log,
+                )?)
             }
             None => None,
         };
@@ -611,8 +718,18 @@ impl Bench {
             args
         };
         let log = dir.join("produce.log");
-        EventStream::start(&self.tributary, &broker.addr, "events", None, Some(n), &[], &generate("13", false), &log)?
-            .finish(Duration::from_secs(900))?;
+        EventStream::start(
+            &self.tributary,
+            &broker.addr,
+            "events",
+            None,
+            Some(n),
+            &[],
+            &generate("13", false),
+            &[],
+            &log,
+        )?
+        .finish(Duration::from_secs(900))?;
         let env = [("MODEL__KIND", "wide_deep".to_string())];
         let mut fleet = Vec::new();
         for i in 0..3 {
@@ -642,6 +759,7 @@ impl Bench {
             Some(poison),
             &[],
             &generate("14", true),
+            &[],
             &log,
         )?
         .finish(Duration::from_secs(120))?;
@@ -956,7 +1074,7 @@ struct QualityRun {
     label: &'static str,
     /// `events` (8 partitions), `events-1p` (one), `events-live-1p` (the
     /// live runs' events, in one partition); unused by live runs.
-    topic: &'static str,
+    topic: String,
     replicas: usize,
     /// Events per second produced while the replicas learn, into a topic of
     /// the run's own; `None`: the pre-filled topic.
@@ -964,6 +1082,46 @@ struct QualityRun {
     /// Settings beyond the defaults, as `TRIBUTARY_` variables without the prefix.
     env: Vec<(&'static str, &'static str)>,
 }
+
+/// How a stream is produced into its partitions.
+struct Shape {
+    /// `tributary produce --partitioning`.
+    partitioning: &'static str,
+    /// Whether the events carry `ts`.
+    ts: bool,
+}
+
+/// A stream produced one way, as the shapes scenario learns it.
+struct StreamShape {
+    stream: &'static str,
+    shape: Shape,
+}
+
+impl StreamShape {
+    /// Its topic: the stream, the partitioning, and whether it has `ts`.
+    fn topic(&self) -> String {
+        let partitioning = if self.shape.partitioning.starts_with("key:") { "keyed" } else { self.shape.partitioning };
+        format!("{}-{partitioning}-{}", self.stream, if self.shape.ts { "ts" } else { "no-ts" })
+    }
+}
+
+/// The shapes scenario's streams: `clicks` every way, `ctr` the ways the
+/// quality scenario does not (it learns `ctr` sticky with `ts`).
+const SHAPES: [StreamShape; 8] = {
+    const fn shape(stream: &'static str, partitioning: &'static str, ts: bool) -> StreamShape {
+        StreamShape { stream, shape: Shape { partitioning, ts } }
+    }
+    [
+        shape("clicks", "sticky", true),
+        shape("clicks", "sticky", false),
+        shape("clicks", "per-message", true),
+        shape("clicks", "per-message", false),
+        shape("clicks", "key:/sparse/f0", true),
+        shape("clicks", "key:/sparse/f0", false),
+        shape("ctr", "sticky", false),
+        shape("ctr", "key:/sparse/f0", false),
+    ]
+};
 
 /// Events per second of the quality scenario's live runs.
 const LIVE_RATE: f64 = 10_000.0;
@@ -977,7 +1135,14 @@ fn quality_runs(smoke: bool) -> Vec<QualityRun> {
     let only = std::env::var("LOAD_QUALITY_KINDS").unwrap_or_default();
     let mut runs = Vec::new();
     for &kind in kinds.iter().filter(|k| only.is_empty() || only.split(',').any(|o| o == **k)) {
-        let run = |label, topic, replicas, live, env| QualityRun { kind, label, topic, replicas, live, env };
+        let run = |label, topic: &str, replicas, live, env| QualityRun {
+            kind,
+            label,
+            topic: topic.to_string(),
+            replicas,
+            live,
+            env,
+        };
         let sequential = || vec![("TRAIN__MAX_IN_FLIGHT", "1")];
         runs.push(run("no staleness", "events-1p", 1, None, sequential()));
         runs.push(run("defaults", "events", 1, None, vec![]));

@@ -115,21 +115,25 @@ struct Batch {
     ranges: Vec<EventRange>,
 }
 
-/// An event read ahead: its offset, and what it parsed to with its payload
-/// (`None`: invalid, already dead-lettered; it counts as skipped in the
-/// record that takes it).
+/// An event read ahead: its offset, its event time, and what it parsed to
+/// with its payload (`None`: invalid, already dead-lettered; it counts as
+/// skipped in the record that takes it).
 #[derive(Debug)]
 struct ReadAhead {
     offset: i64,
+    /// What a batch merges partitions by: the event's `ts`, or the Kafka
+    /// record's timestamp for an event without one (and an invalid one),
+    /// so that every stream has an event time; 0 when neither is there.
+    /// Ties go round the partitions.
+    ts: i64,
     example: Option<(Example, Vec<u8>)>,
 }
 
-impl ReadAhead {
-    /// The event time a batch merges partitions by; events without one
-    /// (and invalid ones) count as time 0, and ties go round the partitions.
-    fn ts(&self) -> i64 {
-        self.example.as_ref().and_then(|(e, _)| e.ts).unwrap_or(0)
-    }
+/// The event time of an event: its own `ts` if it has one, else the Kafka
+/// record's timestamp (the producer's clock when it was produced, or the
+/// broker's with `LogAppendTime`).
+fn event_time(example: Option<&Example>, record_ts: Option<i64>) -> i64 {
+    example.and_then(|e| e.ts).or(record_ts).unwrap_or(0)
 }
 
 /// Events read ahead, over all partitions, before the trainer stops taking
@@ -141,6 +145,18 @@ impl ReadAhead {
 /// a backlog most of its rate when tried.)
 const READ_AHEAD: usize = 32_768;
 
+/// The read-ahead a trainer fills while the merge waits for a partition
+/// (see [`Partition::holds`]): that partition's events may be in
+/// librdkafka's queue behind other partitions' (which are then kept here).
+const HELD_READ_AHEAD: usize = 4 * READ_AHEAD;
+
+/// How long the merge waits for a partition with events still to fetch
+/// before it merges without it (its events then come later than their
+/// event time). A fetch takes milliseconds; this covers a slow leader, and a
+/// partition whose end is a transaction marker (no event to fetch up to
+/// the high watermark), which holds once per position only.
+const MAX_HOLD: Duration = Duration::from_millis(100);
+
 /// How often a trainer whose read-ahead is full still polls the consumer:
 /// rebalances are served inside poll, and librdkafka evicts a member that
 /// does not poll within `max.poll.interval.ms`. What that poll returns is
@@ -150,6 +166,15 @@ const FULL_POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// How long a commit may spend asking the broker for its partitions' ends
 /// (for the lag), on the poll thread; one more ask may run 500 ms over.
 const LAG_QUERY_BUDGET: Duration = Duration::from_millis(1000);
+
+/// An event as the consumer fetched it.
+struct Fetched {
+    partition: i32,
+    offset: i64,
+    /// The Kafka record's timestamp (ms), if it has one.
+    record_ts: Option<i64>,
+    payload: Vec<u8>,
+}
 
 /// What the trainer knows of one partition it owns.
 #[derive(Debug)]
@@ -169,6 +194,15 @@ struct Partition {
     /// The partition was seen ending below its applied watermark (reported
     /// once per assignment).
     below_watermark: bool,
+    /// The partition's high watermark as librdkafka last fetched it (-1
+    /// before a fetch): events before it exist, read or not.
+    fetched_end: i64,
+    /// The event time of the last event read: where the partition's next
+    /// event is in time, at the earliest.
+    last_ts: i64,
+    /// An `end` at which the merge stopped waiting for this partition
+    /// (`MAX_HOLD`): it does not hold the merge again at the same end.
+    released_at: Option<i64>,
 }
 
 impl Partition {
@@ -179,7 +213,21 @@ impl Partition {
             read_ahead: VecDeque::new(),
             hold_until: None,
             below_watermark: false,
+            fetched_end: -1,
+            last_ts: 0,
+            released_at: None,
         }
+    }
+
+    /// Whether the merge must wait for this partition: nothing of it is read
+    /// ahead, yet it has events to fetch (below its high watermark), and
+    /// those may be older than the other partitions' heads. A partition at
+    /// its end (live, caught up) does not hold the others back.
+    fn holds(&self) -> bool {
+        self.read_ahead.is_empty()
+            && self.hold_until.is_none()
+            && self.end < self.fetched_end
+            && self.released_at != Some(self.end)
     }
 
     /// The offsets without an event that a range from `next_from` would
@@ -200,8 +248,11 @@ impl Partition {
 
 /// Takes up to `max` events from the partitions' read-ahead, merging them
 /// by event time (the oldest head first; ties go to the partition this
-/// batch took fewest from, so events without a time go round the
-/// partitions), and makes each partition's events a range. A range covers
+/// batch took fewest from, so events of one time go round the partitions),
+/// and makes each partition's events a range. A partition
+/// that runs out of read-ahead while it has events still to fetch
+/// ([`Partition::holds`]) stops the batch at its last event time: what
+/// comes after that in the others waits for its next events. A range covers
 /// at most its events and `MAX_RANGE_GAP` offsets of gaps, as the apply rule
 /// checks: a partition whose next event lies beyond that stops for this
 /// batch, and one whose head alone lies beyond it (retention deleted events
@@ -211,19 +262,21 @@ fn merge_by_event_time(partitions: &mut HashMap<i32, Partition>, max: usize) -> 
     let mut batch = Batch::default();
     let mut taken: HashMap<i32, i64> = HashMap::new();
     for _ in 0..max.min(MAX_RECORD_EVENTS as usize) {
+        let horizon = partitions.values().filter(|p| p.holds()).map(|p| p.last_ts).min();
         let next = (partitions.iter())
             .filter_map(|(&id, p)| {
                 let count = taken.get(&id).copied().unwrap_or(0);
                 let head = p.read_ahead.front().filter(|head| p.gap_before(head.offset, count) <= MAX_RANGE_GAP)?;
-                Some((head.ts(), count, id))
+                Some((head.ts, count, id))
             })
-            .min();
-        let Some((_, _, id)) = next else { break };
+            .min()
+            .filter(|&(ts, _, _)| horizon.is_none_or(|horizon| ts <= horizon));
+        let Some((ts, _, id)) = next else { break };
         let event = partitions.get_mut(&id).and_then(|p| p.read_ahead.pop_front()).expect("a head");
         *taken.entry(id).or_default() += 1;
         match event.example {
             Some((example, payload)) => {
-                if let Some(ts) = example.ts.filter(|&ts| ts > 0) {
+                if ts > 0 {
                     batch.oldest_ts = if batch.oldest_ts == 0 { ts } else { batch.oldest_ts.min(ts) };
                 }
                 batch.examples.push(example);
@@ -340,6 +393,10 @@ pub struct Trainer {
     /// come out larger than `max_record_bytes` (or the broker's limit),
     /// doubled back while they are small.
     batch_limit: usize,
+    /// `events_topic` for librdkafka's C API.
+    events_topic_c: std::ffi::CString,
+    /// Since when the merge waits for a partition (see [`Partition::holds`]).
+    held_since: Option<Instant>,
 }
 
 impl Trainer {
@@ -413,6 +470,8 @@ impl Trainer {
             batch_limit: config.train.batch_size,
             state_jumps_seen,
             lag_cursor: -1,
+            events_topic_c: std::ffi::CString::new(k.events_topic.as_str())?,
+            held_since: None,
         })
     }
 
@@ -427,7 +486,7 @@ impl Trainer {
                 self.leave_while_stalled();
                 return Ok(());
             }
-            if self.read_ahead() < READ_AHEAD || last_poll.elapsed() >= FULL_POLL_INTERVAL {
+            if self.read_ahead() < self.read_ahead_limit() || last_poll.elapsed() >= FULL_POLL_INTERVAL {
                 // Short while a record is in flight: its return frees the slot.
                 self.take_fetched(Duration::from_millis(if self.in_flight.is_empty() { 5 } else { 1 }));
                 last_poll = Instant::now();
@@ -487,26 +546,86 @@ impl Trainer {
     /// quality test's backlog was learned partition by partition again.)
     fn take_fetched(&mut self, timeout: Duration) {
         let mut wait = timeout;
-        while let Some((partition, offset, payload)) = self.next_event(wait) {
+        let limit = self.read_ahead_limit();
+        while let Some(fetched) = self.next_event(wait) {
             self.take_rebalances();
-            self.take_event(partition, offset, payload);
-            if self.read_ahead() >= READ_AHEAD {
+            self.take_event(fetched);
+            if self.read_ahead() >= limit {
                 break;
             }
             wait = Duration::ZERO;
         }
     }
 
-    /// The next event fetched, as (partition, offset, payload). Rebalance
-    /// callbacks run inside this poll.
-    fn next_event(&self, timeout: Duration) -> Option<(i32, i64, Vec<u8>)> {
+    /// How many events to read ahead: more while the merge waits for a
+    /// partition whose events may be queued behind the others'.
+    fn read_ahead_limit(&self) -> usize {
+        if self.held_since.is_some() {
+            HELD_READ_AHEAD
+        } else {
+            READ_AHEAD
+        }
+    }
+
+    /// The next event fetched. Rebalance callbacks run inside this poll.
+    fn next_event(&self, timeout: Duration) -> Option<Fetched> {
         match self.consumer.poll(timeout)? {
-            Ok(m) => Some((m.partition(), m.offset(), m.payload().unwrap_or(&[]).to_vec())),
+            Ok(m) => Some(Fetched {
+                partition: m.partition(),
+                offset: m.offset(),
+                record_ts: m.timestamp().to_millis(),
+                payload: m.payload().unwrap_or(&[]).to_vec(),
+            }),
             Err(e) => {
                 warn!(error = %e, "consumer error");
                 None
             }
         }
+    }
+
+    /// Notes each partition's high watermark as librdkafka last fetched it
+    /// (from its cache: no request to the broker).
+    fn note_fetched_ends(&mut self) {
+        let client = self.consumer.client().native_ptr();
+        for (&id, p) in self.partitions.iter_mut() {
+            let (mut low, mut high) = (-1i64, -1i64);
+            // SAFETY: the client lives as long as `self.consumer`; the topic
+            // is a NUL-terminated string that outlives the call; librdkafka
+            // only writes the two offsets.
+            let err = unsafe {
+                rdkafka::bindings::rd_kafka_get_watermark_offsets(
+                    client,
+                    self.events_topic_c.as_ptr(),
+                    id,
+                    &mut low,
+                    &mut high,
+                )
+            };
+            if err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0 {
+                p.fetched_end = high;
+            }
+        }
+    }
+
+    /// Whether the merge should wait for a partition with events still to
+    /// fetch, up to `MAX_HOLD`; past it, those partitions stop holding at
+    /// their position, and the merge goes on without them.
+    fn merge_waits(&mut self) -> bool {
+        if !self.partitions.values().any(Partition::holds) {
+            self.held_since = None;
+            return false;
+        }
+        let since = *self.held_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < MAX_HOLD {
+            return true;
+        }
+        for p in self.partitions.values_mut().filter(|p| p.holds()) {
+            debug!(end = p.end, fetched_end = p.fetched_end, "merging without a partition still to fetch");
+            p.released_at = Some(p.end);
+        }
+        self.metrics.merge_holds_released.inc();
+        self.held_since = None;
+        false
     }
 
     fn take_rebalances(&mut self) {
@@ -531,9 +650,10 @@ impl Trainer {
         }
     }
 
-    /// Parses the event at `offset` of partition `id` into its read-ahead
-    /// (an invalid one goes to the dead-letter topic and is kept as skipped).
-    fn take_event(&mut self, id: i32, offset: i64, payload: Vec<u8>) {
+    /// Parses a fetched event into its partition's read-ahead (an invalid
+    /// one goes to the dead-letter topic and is kept as skipped).
+    fn take_event(&mut self, fetched: Fetched) {
+        let Fetched { partition: id, offset, record_ts, payload } = fetched;
         let Some(p) = self.partitions.get_mut(&id) else { return };
         if p.hold_until.is_some() || !p.takes(offset) {
             return;
@@ -554,7 +674,9 @@ impl Trainer {
             }
         };
         if let Some(p) = self.partitions.get_mut(&id) {
-            p.read_ahead.push_back(ReadAhead { offset, example });
+            let ts = event_time(example.as_ref().map(|(e, _)| e), record_ts);
+            p.last_ts = ts;
+            p.read_ahead.push_back(ReadAhead { offset, ts, example });
         }
     }
 
@@ -609,6 +731,10 @@ impl Trainer {
         while self.read_ahead() > 0 && self.in_flight.len() < self.config.max_in_flight && self.sees_own_records() {
             // Served by now, even if the loop had not yet seen it.
             self.end_served_stage();
+            self.note_fetched_ends();
+            if self.merge_waits() {
+                return;
+            }
             if let Some(served) = self.served_at.take() {
                 self.observe(Stage::Starved, served);
             }
@@ -921,9 +1047,55 @@ mod tests {
             let example = ts.map(|ts| {
                 (Example { features: Features { dense: vec![], ids: vec![] }, label: 0.0, ts: Some(ts) }, Vec::new())
             });
-            p.read_ahead.push_back(ReadAhead { offset, example });
+            p.read_ahead.push_back(ReadAhead { offset, ts: ts.unwrap_or(0), example });
         }
         p
+    }
+
+    #[test]
+    fn an_event_time_is_the_events_own_else_the_kafka_records() {
+        let example = |ts| Example { features: Features { dense: vec![], ids: vec![] }, label: 0.0, ts };
+        assert_eq!(event_time(Some(&example(Some(7))), Some(1_000)), 7);
+        assert_eq!(event_time(Some(&example(None)), Some(1_000)), 1_000);
+        assert_eq!(event_time(None, Some(1_000)), 1_000, "an invalid event keeps its record's time");
+        assert_eq!(event_time(Some(&example(None)), None), 0);
+    }
+
+    #[test]
+    fn a_partition_with_events_still_to_fetch_holds_the_merge_at_its_last_event_time() {
+        let mut behind = read(0, 2, &[]);
+        behind.last_ts = 150;
+        behind.fetched_end = 40;
+        let mut partitions =
+            HashMap::from([(0, read(10, 13, &[(10, Some(100)), (11, Some(200)), (12, Some(300))])), (1, behind)]);
+        let batch = merge_by_event_time(&mut partitions, 10);
+        let times: Vec<i64> = batch.examples.iter().filter_map(|e| e.ts).collect();
+        assert_eq!(times, [100], "200 may come after partition 1's next event");
+        // Its next events come: the merge goes on in order.
+        let p = partitions.get_mut(&1).unwrap();
+        p.read_ahead = read(2, 3, &[(2, Some(160))]).read_ahead;
+        p.end = 3;
+        p.last_ts = 160;
+        let batch = merge_by_event_time(&mut partitions, 10);
+        let times: Vec<i64> = batch.examples.iter().filter_map(|e| e.ts).collect();
+        assert_eq!(times, [160], "partition 1 is empty again and still behind its fetched end");
+        // At its end (caught up, live) it holds nothing back.
+        partitions.get_mut(&1).unwrap().fetched_end = 3;
+        let batch = merge_by_event_time(&mut partitions, 10);
+        assert_eq!(batch.examples.iter().filter_map(|e| e.ts).collect::<Vec<_>>(), [200, 300]);
+    }
+
+    #[test]
+    fn a_released_partition_holds_again_only_once_it_moved() {
+        let mut p = read(0, 5, &[]);
+        p.fetched_end = 9;
+        assert!(p.holds());
+        p.released_at = Some(5);
+        assert!(!p.holds(), "released at this end");
+        p.end = 6;
+        assert!(p.holds(), "a new end, a new wait");
+        p.hold_until = Some(3);
+        assert!(!p.holds(), "a partition not yet started holds nothing back");
     }
 
     #[test]

@@ -170,10 +170,26 @@ impl Cluster {
         let model = tributary::model::Model::new(&self.config.model).expect("a built-in model");
         let labels = lines.iter().map(|l| model.featurizer().event(l.as_bytes()).unwrap().label).collect();
         let k = &self.config.kafka;
-        let report =
-            tributary::ingest::produce(k, &k.events_topic, model.featurizer(), Cursor::new(lines.join("\n"))).unwrap();
+        let report = tributary::ingest::produce(
+            k,
+            &k.events_topic,
+            model.featurizer(),
+            Cursor::new(lines.join("\n")),
+            &Default::default(),
+        )
+        .unwrap();
         assert_eq!((report.produced, report.failed, report.invalid), (n as u64, 0, 0));
         labels
+    }
+
+    /// Produces JSON `lines` as `tributary produce` does, spread over the
+    /// partitions as `partitioning` says (as teams' producers do).
+    pub fn produce_lines(&self, lines: &[String], partitioning: &tributary::ingest::Partitioning) {
+        let model = tributary::model::Model::new(&self.config.model).expect("a built-in model");
+        let k = &self.config.kafka;
+        let input = Cursor::new(lines.join("\n"));
+        let report = tributary::ingest::produce(k, &k.events_topic, model.featurizer(), input, partitioning).unwrap();
+        assert_eq!((report.produced, report.failed, report.invalid), (lines.len() as u64, 0, 0));
     }
 
     /// Produces `events` (JSON lines, or any bytes) as they are,
