@@ -276,6 +276,12 @@ pub struct TrainConfig {
     /// records of the log (stale-synchronous: bounds what other replicas'
     /// records cost). 0: no bound.
     pub max_unseen_records: u64,
+    /// Event-time alignment across the fleet: a trainer takes no event
+    /// more than this many milliseconds of event time ahead of the slowest
+    /// other trainer's progress (as its newest record in the log shows it).
+    /// A trainer with no record for a second (idle, caught up, dead) holds
+    /// no one back. 0: no alignment.
+    pub max_event_time_lead_ms: u64,
     /// How often committed consumer offsets catch up with applied watermarks.
     pub commit_interval_ms: u64,
     /// Largest gradient record the trainer sends, in bytes: at most the
@@ -434,6 +440,7 @@ impl Default for Config {
                 max_record_bytes: MAX_RECORD_BYTES,
                 max_in_flight: 1,
                 max_unseen_records: 0,
+                max_event_time_lead_ms: 100,
                 commit_interval_ms: 1000,
             },
             apply: ApplyConfig { max_swaps_per_sec: 20.0 },

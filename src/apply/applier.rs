@@ -3,7 +3,7 @@
 //! (coalesced), writes checkpoints, and tells the local trainer what became
 //! of its records.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -57,7 +57,23 @@ pub struct Applied {
     /// leaves the consumer group, so that healthy replicas learn its
     /// partitions.
     pub stalled: bool,
+    /// Each trainer's event-time progress, by replica id, as the records
+    /// read since this replica was ready show it: the fleet's event-time
+    /// alignment.
+    pub trainers: HashMap<String, TrainerProgress>,
 }
+
+/// A trainer's event-time progress: the oldest event time of its newest
+/// record applied here, and when this replica read that record.
+#[derive(Clone, Copy, Debug)]
+pub struct TrainerProgress {
+    pub event_time: i64,
+    pub seen: Instant,
+}
+
+/// How long a trainer's progress is kept after its last record: longer than
+/// any trainer that learns goes without a record.
+const TRAINER_PROGRESS_KEPT: Duration = Duration::from_secs(60);
 
 impl Applied {
     /// The stretches of history the fleet rolled back from, as (to, at):
@@ -155,6 +171,9 @@ struct Drained {
     own_applied: bool,
     /// The ranges of this replica's records that were rejected.
     own_rejections: Vec<Vec<EventRange>>,
+    /// The newest event-time progress of each trainer whose records were
+    /// applied (once ready: a replay reads the past).
+    trainers: Vec<(String, i64)>,
 }
 
 pub struct Applier {
@@ -338,7 +357,7 @@ impl Applier {
             }
             let drained = self.drain_log()?;
             if drained.records > 0 {
-                self.report_progress(drained.own_rejections);
+                self.report_progress(drained.own_rejections, drained.trainers);
             }
             self.publish_when_due(drained.records == 0, drained.own_applied);
             self.update_readiness()?;
@@ -468,7 +487,7 @@ impl Applier {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.updates_topic, 0, Offset::Offset(self.state.position))?;
         self.consumer.assign(&tpl)?;
-        self.report_progress(Vec::new());
+        self.report_progress(Vec::new(), Vec::new());
         Ok(true)
     }
 
@@ -511,6 +530,9 @@ impl Applier {
                 }
                 debug!(ranges = ?r.ranges, producer = %r.producer, "applied");
                 drained.own_applied |= r.producer == self.replica_id;
+                if r.oldest_ts > 0 && self.ready.load(Ordering::Relaxed) {
+                    drained.trainers.push((r.producer.clone(), r.oldest_ts));
+                }
                 self.watch_loss(r.examples, r.loss_sum);
             }
             Outcome::RollBack(r) => {
@@ -590,11 +612,16 @@ impl Applier {
     }
 
     /// Tells the trainer (and the admin handle) what was applied.
-    fn report_progress(&self, own_rejections: Vec<Vec<EventRange>>) {
+    fn report_progress(&self, own_rejections: Vec<Vec<EventRange>>, trainers: Vec<(String, i64)>) {
         let mut applied = self.progress.applied.lock().expect("progress lock");
         applied.position = self.state.position;
         applied.watermarks.clone_from(&self.state.watermarks);
         applied.rejected_own.extend(own_rejections);
+        let now = Instant::now();
+        for (producer, event_time) in trainers {
+            applied.trainers.insert(producer, TrainerProgress { event_time, seen: now });
+        }
+        applied.trainers.retain(|_, p| now.duration_since(p.seen) < TRAINER_PROGRESS_KEPT);
         if self.report_log_end {
             applied.log_end = kafka::fetched_end(&self.consumer, &self.updates_topic).unwrap_or(0);
         }

@@ -43,7 +43,7 @@ use tracing::{debug, error, info, warn};
 
 pub use context::{Rebalanced, TrainerContext};
 
-use crate::apply::applier::Progress;
+use crate::apply::applier::{Progress, TrainerProgress};
 use crate::config::{Config, TrainConfig};
 use crate::event::{EventCodec, Example};
 use crate::lifecycle::StopRequest;
@@ -140,10 +140,26 @@ fn event_time(example: Option<&Example>, record_ts: Option<i64>) -> i64 {
 /// more and librdkafka's fetch queue holds them: enough for every partition
 /// of a backlog to be present when a batch is merged (a producer batch is
 /// up to a megabyte, about 3 000 events of the load report's stream), and a
-/// few megabytes of parsed events. (Not `pause`: a paused partition drops
-/// what was fetched, and a resumed one waits for its next fetch, which cost
-/// a backlog most of its rate when tried.)
+/// few megabytes of parsed events. (A partition is paused only well ahead,
+/// at `PAUSE_AT`: a paused partition drops what was fetched, and a resumed
+/// one waits for its next fetch, which cost a backlog most of its rate when
+/// every partition was paused at the limit.)
 const READ_AHEAD: usize = 32_768;
+
+/// Per-partition flow control: once the read-ahead is half full, a partition
+/// with this many events read ahead is paused (librdkafka stops fetching it
+/// and drops what it fetched of it beyond what was read), and resumed once
+/// down to `RESUME_AT`; a lone partition is never paused (there is nothing
+/// to make room for, and a resumed one waits a fetch). Without it,
+/// librdkafka fetches every partition at the same bytes per round, so on a
+/// stream whose partitions differ in event-time density (keyed by a Zipf
+/// user: one partition holds the hot users) the sparse partitions' events
+/// pile up ahead of the dense one's, the read-ahead fills with them, and the
+/// merge has to go on without the dense partition: keyed streams learned
+/// 9 % worse than in order. `RESUME_AT` leaves a partition events for more
+/// than a fetch's round trip.
+const PAUSE_AT: usize = READ_AHEAD / 8;
+const RESUME_AT: usize = PAUSE_AT / 4;
 
 /// The read-ahead a trainer fills while the merge waits for a partition
 /// (see [`Partition::holds`]): that partition's events may be in
@@ -156,6 +172,12 @@ const HELD_READ_AHEAD: usize = 4 * READ_AHEAD;
 /// partition whose end is a transaction marker (no event to fetch up to
 /// the high watermark), which holds once per position only.
 const MAX_HOLD: Duration = Duration::from_millis(100);
+
+/// How long after its last record another trainer's progress still bounds
+/// this one's (`train.max_event_time_lead_ms`): a learning trainer sends
+/// a record every few milliseconds; one idle (caught up), held back by the
+/// alignment itself (it is then ahead), or dead stops counting after this.
+const TRAINER_IDLE_AFTER: Duration = Duration::from_secs(1);
 
 /// How often a trainer whose read-ahead is full still polls the consumer:
 /// rebalances are served inside poll, and librdkafka evicts a member that
@@ -203,6 +225,8 @@ struct Partition {
     /// An `end` at which the merge stopped waiting for this partition
     /// (`MAX_HOLD`): it does not hold the merge again at the same end.
     released_at: Option<i64>,
+    /// Paused by the flow control (`PAUSE_AT`).
+    paused: bool,
 }
 
 impl Partition {
@@ -216,6 +240,7 @@ impl Partition {
             fetched_end: -1,
             last_ts: 0,
             released_at: None,
+            paused: false,
         }
     }
 
@@ -252,17 +277,19 @@ impl Partition {
 /// and makes each partition's events a range. A partition
 /// that runs out of read-ahead while it has events still to fetch
 /// ([`Partition::holds`]) stops the batch at its last event time: what
-/// comes after that in the others waits for its next events. A range covers
+/// comes after that in the others waits for its next events. No event after
+/// `until` (the fleet's event-time alignment) is taken. A range covers
 /// at most its events and `MAX_RANGE_GAP` offsets of gaps, as the apply rule
 /// checks: a partition whose next event lies beyond that stops for this
 /// batch, and one whose head alone lies beyond it (retention deleted events
 /// nobody learned) gets a range of the allowance and no event, so that a
 /// large gap takes several records.
-fn merge_by_event_time(partitions: &mut HashMap<i32, Partition>, max: usize) -> Batch {
+fn merge_by_event_time(partitions: &mut HashMap<i32, Partition>, max: usize, until: Option<i64>) -> Batch {
     let mut batch = Batch::default();
     let mut taken: HashMap<i32, i64> = HashMap::new();
     for _ in 0..max.min(MAX_RECORD_EVENTS as usize) {
-        let horizon = partitions.values().filter(|p| p.holds()).map(|p| p.last_ts).min();
+        let held = partitions.values().filter(|p| p.holds()).map(|p| p.last_ts);
+        let horizon = held.chain(until).min();
         let next = (partitions.iter())
             .filter_map(|(&id, p)| {
                 let count = taken.get(&id).copied().unwrap_or(0);
@@ -302,6 +329,14 @@ fn merge_by_event_time(partitions: &mut HashMap<i32, Partition>, max: usize) -> 
     }
     batch.ranges.sort_by_key(|r| r.partition);
     batch
+}
+
+/// The newest event time a trainer `me` may take at `now`: the slowest of
+/// the other trainers heard from within `TRAINER_IDLE_AFTER`, plus `lead`
+/// milliseconds; none without such a trainer.
+fn aligned_bound(trainers: &HashMap<String, TrainerProgress>, me: &str, lead: u64, now: Instant) -> Option<i64> {
+    let live = trainers.iter().filter(|(id, p)| *id != me && now.duration_since(p.seen) < TRAINER_IDLE_AFTER);
+    live.map(|(_, p)| p.event_time).min().map(|slowest| slowest.saturating_add(lead as i64))
 }
 
 /// Bytes a fetch takes from one events partition, at least one producer
@@ -497,6 +532,7 @@ impl Trainer {
             self.follow_applier();
             self.note_served();
             self.send_batches();
+            self.flow_control();
             if last_commit.elapsed() >= commit_every {
                 self.commit(CommitMode::Async);
                 last_commit = Instant::now();
@@ -583,6 +619,40 @@ impl Trainer {
         }
     }
 
+    /// Pauses the partitions with `PAUSE_AT` events read ahead and resumes
+    /// those down to `RESUME_AT`, so that what librdkafka fetches is what the
+    /// merge needs next.
+    fn flow_control(&mut self) {
+        let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
+        let crowded = self.partitions.len() > 1 && self.read_ahead() >= READ_AHEAD / 2;
+        for (&id, p) in self.partitions.iter_mut() {
+            let read_ahead = p.read_ahead.len();
+            if crowded && !p.paused && read_ahead >= PAUSE_AT {
+                p.paused = true;
+                pause.add_partition(&self.events_topic, id);
+            } else if p.paused && read_ahead <= RESUME_AT {
+                p.paused = false;
+                resume.add_partition(&self.events_topic, id);
+            }
+        }
+        if pause.count() > 0 {
+            if let Err(e) = self.consumer.pause(&pause) {
+                warn!(error = %e, "pausing partitions failed");
+            }
+        }
+        self.resume(&resume);
+    }
+
+    /// Resumes fetching `partitions` (whether paused or not: a partition
+    /// paused before a seek or a rebalance must not stay so).
+    fn resume(&self, partitions: &TopicPartitionList) {
+        if partitions.count() > 0 {
+            if let Err(e) = self.consumer.resume(partitions) {
+                warn!(error = %e, "resuming partitions failed");
+            }
+        }
+    }
+
     /// Notes each partition's high watermark as librdkafka last fetched it
     /// (from its cache: no request to the broker).
     fn note_fetched_ends(&mut self) {
@@ -619,8 +689,14 @@ impl Trainer {
         if since.elapsed() < MAX_HOLD {
             return true;
         }
-        for p in self.partitions.values_mut().filter(|p| p.holds()) {
-            debug!(end = p.end, fetched_end = p.fetched_end, "merging without a partition still to fetch");
+        for (id, p) in self.partitions.iter_mut().filter(|(_, p)| p.holds()) {
+            debug!(
+                partition = id,
+                end = p.end,
+                fetched_end = p.fetched_end,
+                paused = p.paused,
+                "merging without a partition still to fetch"
+            );
             p.released_at = Some(p.end);
         }
         self.metrics.merge_holds_released.inc();
@@ -632,12 +708,16 @@ impl Trainer {
         for event in self.consumer.context().take_events() {
             match event {
                 Rebalanced::Assigned(list, hold) => {
+                    let mut assigned = TopicPartitionList::new();
                     for (id, watermark) in list {
                         info!(partition = id, watermark, "partition assigned");
                         let mut p = Partition::at(watermark);
                         p.hold_until = hold;
                         self.partitions.insert(id, p);
+                        assigned.add_partition(&self.events_topic, id);
                     }
+                    // One paused when it was last ours would stay paused.
+                    self.resume(&assigned);
                 }
                 Rebalanced::Revoked(list) => {
                     for id in list {
@@ -739,8 +819,13 @@ impl Trainer {
                 self.observe(Stage::Starved, served);
             }
             let started = Instant::now();
-            let batch = merge_by_event_time(&mut self.partitions, self.batch_limit);
+            let until = self.event_time_bound();
+            let batch = merge_by_event_time(&mut self.partitions, self.batch_limit, until);
             self.observe(Stage::Merge, started);
+            if batch.ranges.is_empty() {
+                // Every event read is ahead of the fleet: wait for it.
+                return;
+            }
             if !self.send(batch) {
                 // Its events left the read-ahead: read them again.
                 let watermarks = self.progress.applied.lock().expect("progress lock").watermarks.clone();
@@ -748,6 +833,20 @@ impl Trainer {
                 return;
             }
         }
+    }
+
+    /// The newest event time this trainer may take: the slowest other
+    /// trainer's progress plus `max_event_time_lead_ms`, over the trainers
+    /// with a record within `TRAINER_IDLE_AFTER` (none: no bound), as Flink
+    /// aligns watermarks across sources. So the fleet's records follow the
+    /// stream's time, not each trainer's own pace through its partitions.
+    fn event_time_bound(&self) -> Option<i64> {
+        let lead = self.config.max_event_time_lead_ms;
+        if lead == 0 {
+            return None;
+        }
+        let applied = self.progress.applied.lock().expect("progress lock");
+        aligned_bound(&applied.trainers, &self.replica_id, lead, Instant::now())
     }
 
     /// Once the trainer's last record is served: the `served` stage ends.
@@ -948,12 +1047,14 @@ impl Trainer {
     fn seek_back(&mut self, watermarks: &BTreeMap<i32, i64>) {
         self.in_flight.clear();
         let ids: Vec<i32> = self.partitions.iter().filter(|(_, p)| p.hold_until.is_none()).map(|(&id, _)| id).collect();
+        let mut resumed = TopicPartitionList::new();
         for id in ids {
             let wm = watermarks.get(&id).copied().unwrap_or(0);
-            if self.seek(id, wm) {
-                self.partitions.insert(id, Partition::at(wm));
+            if self.seek(id, wm) && self.partitions.insert(id, Partition::at(wm)).is_some_and(|p| p.paused) {
+                resumed.add_partition(&self.events_topic, id);
             }
         }
+        self.resume(&resumed);
     }
 
     /// Makes `offset` the next event fetched from partition `id`. Events
@@ -1068,7 +1169,7 @@ mod tests {
         behind.fetched_end = 40;
         let mut partitions =
             HashMap::from([(0, read(10, 13, &[(10, Some(100)), (11, Some(200)), (12, Some(300))])), (1, behind)]);
-        let batch = merge_by_event_time(&mut partitions, 10);
+        let batch = merge_by_event_time(&mut partitions, 10, None);
         let times: Vec<i64> = batch.examples.iter().filter_map(|e| e.ts).collect();
         assert_eq!(times, [100], "200 may come after partition 1's next event");
         // Its next events come: the merge goes on in order.
@@ -1076,13 +1177,38 @@ mod tests {
         p.read_ahead = read(2, 3, &[(2, Some(160))]).read_ahead;
         p.end = 3;
         p.last_ts = 160;
-        let batch = merge_by_event_time(&mut partitions, 10);
+        let batch = merge_by_event_time(&mut partitions, 10, None);
         let times: Vec<i64> = batch.examples.iter().filter_map(|e| e.ts).collect();
         assert_eq!(times, [160], "partition 1 is empty again and still behind its fetched end");
         // At its end (caught up, live) it holds nothing back.
         partitions.get_mut(&1).unwrap().fetched_end = 3;
-        let batch = merge_by_event_time(&mut partitions, 10);
+        let batch = merge_by_event_time(&mut partitions, 10, None);
         assert_eq!(batch.examples.iter().filter_map(|e| e.ts).collect::<Vec<_>>(), [200, 300]);
+    }
+
+    #[test]
+    fn no_event_past_the_fleets_bound_is_taken() {
+        let mut partitions = HashMap::from([(0, read(0, 3, &[(0, Some(100)), (1, Some(200)), (2, None)]))]);
+        let batch = merge_by_event_time(&mut partitions, 10, Some(150));
+        assert_eq!(batch.examples.iter().filter_map(|e| e.ts).collect::<Vec<_>>(), [100]);
+        assert!(merge_by_event_time(&mut partitions, 10, Some(150)).ranges.is_empty(), "200 waits for the fleet");
+        assert_eq!(merge_by_event_time(&mut partitions, 10, Some(250)).ranges.len(), 1);
+    }
+
+    #[test]
+    fn the_bound_is_the_slowest_live_other_trainer_plus_the_lead() {
+        let now = Instant::now();
+        let progress = |event_time, ago_ms| TrainerProgress { event_time, seen: now - Duration::from_millis(ago_ms) };
+        let mut trainers = HashMap::from([
+            ("me".to_string(), progress(10, 0)),
+            ("peer".to_string(), progress(500, 5)),
+            ("slow".to_string(), progress(300, 20)),
+        ]);
+        assert_eq!(aligned_bound(&trainers, "me", 100, now), Some(400), "its own progress does not bound it");
+        trainers.insert("slow".into(), progress(300, 1_500));
+        assert_eq!(aligned_bound(&trainers, "me", 100, now), Some(600), "idle for more than a second: not counted");
+        trainers.remove("peer");
+        assert_eq!(aligned_bound(&trainers, "me", 100, now), None, "alone: no bound");
     }
 
     #[test]
@@ -1105,7 +1231,7 @@ mod tests {
             (0, read(10, 14, &[(10, Some(100)), (12, Some(300)), (13, Some(500))])),
             (3, read(0, 3, &[(0, Some(200)), (1, None), (2, Some(400))])),
         ]);
-        let batch = merge_by_event_time(&mut partitions, 4);
+        let batch = merge_by_event_time(&mut partitions, 4, None);
         let times: Vec<i64> = batch.examples.iter().filter_map(|e| e.ts).collect();
         assert_eq!(times, [100, 200, 300], "oldest first across partitions");
         assert_eq!(batch.skipped, 1, "the invalid event (time 0) came first of partition 3's rest");
@@ -1115,14 +1241,14 @@ mod tests {
             batch.ranges,
             [EventRange { partition: 0, from: 10, to: 13 }, EventRange { partition: 3, from: 0, to: 2 }]
         );
-        let rest = merge_by_event_time(&mut partitions, 10);
+        let rest = merge_by_event_time(&mut partitions, 10, None);
         assert_eq!(rest.examples.iter().filter_map(|e| e.ts).collect::<Vec<_>>(), [400, 500]);
         assert_eq!(
             rest.ranges,
             [EventRange { partition: 0, from: 13, to: 14 }, EventRange { partition: 3, from: 2, to: 3 }],
             "each range continues the last"
         );
-        assert!(merge_by_event_time(&mut partitions, 10).ranges.is_empty());
+        assert!(merge_by_event_time(&mut partitions, 10, None).ranges.is_empty());
     }
 
     #[test]
@@ -1136,7 +1262,7 @@ mod tests {
         ]);
         let mut records = Vec::new();
         while partitions.values().any(|p| !p.read_ahead.is_empty()) {
-            let batch = merge_by_event_time(&mut partitions, 64);
+            let batch = merge_by_event_time(&mut partitions, 64, None);
             let record = GradientRecord::new(
                 RecordMeta {
                     fingerprint: 0,
@@ -1169,7 +1295,7 @@ mod tests {
     fn events_without_a_time_go_round_the_partitions() {
         let untimed = |from: i64| read(from, from + 3, &[(from, Some(0)), (from + 1, Some(0)), (from + 2, Some(0))]);
         let mut partitions = HashMap::from([(1, untimed(0)), (2, untimed(50))]);
-        let batch = merge_by_event_time(&mut partitions, 4);
+        let batch = merge_by_event_time(&mut partitions, 4, None);
         assert_eq!(
             batch.ranges,
             [EventRange { partition: 1, from: 0, to: 2 }, EventRange { partition: 2, from: 50, to: 52 }]
