@@ -214,6 +214,8 @@ pub const PROTECTED_CLIENT_PROPERTIES: &[&str] = &[
     "message.timeout.ms",
     "fetch.max.bytes",
     "max.partition.fetch.bytes",
+    "queued.max.messages.kbytes",
+    "fetch.queue.backoff.ms",
     "enable.partition.eof",
     "linger.ms",
     "transactional.id",

@@ -179,6 +179,10 @@ const MAX_HOLD: Duration = Duration::from_millis(100);
 /// alignment itself (it is then ahead), or dead stops counting after this.
 const TRAINER_IDLE_AFTER: Duration = Duration::from_secs(1);
 
+/// How long a trainer with every event read past the fleet's bound waits
+/// before it learns a batch regardless (see `send_batches`).
+const MAX_ALIGNMENT_WAIT: Duration = Duration::from_millis(50);
+
 /// How often a trainer whose read-ahead is full still polls the consumer:
 /// rebalances are served inside poll, and librdkafka evicts a member that
 /// does not poll within `max.poll.interval.ms`. What that poll returns is
@@ -339,6 +343,10 @@ fn aligned_bound(trainers: &HashMap<String, TrainerProgress>, me: &str, lead: u6
     live.map(|(_, p)| p.event_time).min().map(|slowest| slowest.saturating_add(lead as i64))
 }
 
+/// librdkafka's queue of fetched events not yet read ahead, in kilobytes:
+/// about as many events as the read-ahead holds.
+const TRAINER_QUEUE_KBYTES: usize = 8 * 1024;
+
 /// Bytes a fetch takes from one events partition, at least one producer
 /// batch (librdkafka's default is 1 MB).
 const TRAINER_PARTITION_FETCH_BYTES: usize = 64 * 1024;
@@ -432,6 +440,8 @@ pub struct Trainer {
     events_topic_c: std::ffi::CString,
     /// Since when the merge waits for a partition (see [`Partition::holds`]).
     held_since: Option<Instant>,
+    /// Since when every event read is past the fleet's bound.
+    aligned_since: Option<Instant>,
 }
 
 impl Trainer {
@@ -465,7 +475,14 @@ impl Trainer {
             // retries (the default is five minutes). The rebalance callback
             // blocks poll for at most CATCH_UP_LIMIT plus a watermark query,
             // well under this.
-            .set("max.poll.interval.ms", "10000");
+            .set("max.poll.interval.ms", "10000")
+            // librdkafka's own queue small, and its fetches prompt: the
+            // read-ahead is the trainer's buffer. With the defaults (64 MB,
+            // then every partition's fetch postponed by a second) a backlog
+            // filled the queue, the partition the merge waited for was not
+            // fetched for a second, and the merge went on without it.
+            .set("queued.max.messages.kbytes", TRAINER_QUEUE_KBYTES.to_string())
+            .set("fetch.queue.backoff.ms", "10");
         if !k.group_instance_id.is_empty() {
             c.set("group.instance.id", &k.group_instance_id);
         }
@@ -507,6 +524,7 @@ impl Trainer {
             lag_cursor: -1,
             events_topic_c: std::ffi::CString::new(k.events_topic.as_str())?,
             held_since: None,
+            aligned_since: None,
         })
     }
 
@@ -819,13 +837,20 @@ impl Trainer {
                 self.observe(Stage::Starved, served);
             }
             let started = Instant::now();
-            let until = self.event_time_bound();
+            // Past MAX_ALIGNMENT_WAIT the bound is dropped for a batch: a
+            // trainer held back sends no record, so its progress stands
+            // still, and trainers that all hold one another back would wait
+            // for each other until they count as idle.
+            let waited_out = self.aligned_since.is_some_and(|since| since.elapsed() >= MAX_ALIGNMENT_WAIT);
+            let until = if waited_out { None } else { self.event_time_bound() };
             let batch = merge_by_event_time(&mut self.partitions, self.batch_limit, until);
             self.observe(Stage::Merge, started);
             if batch.ranges.is_empty() {
                 // Every event read is ahead of the fleet: wait for it.
+                self.aligned_since.get_or_insert_with(Instant::now);
                 return;
             }
+            self.aligned_since = None;
             if !self.send(batch) {
                 // Its events left the read-ahead: read them again.
                 let watermarks = self.progress.applied.lock().expect("progress lock").watermarks.clone();
