@@ -554,6 +554,13 @@ impl Trainer {
             if last_commit.elapsed() >= commit_every {
                 self.commit(CommitMode::Async);
                 last_commit = Instant::now();
+                // The commit's lag queries block this thread (up to
+                // LAG_QUERY_BUDGET): a wait for a partition counts from
+                // when polling resumes, or every wait that spanned a commit
+                // was given up (once a second, found in a trace).
+                if self.held_since.is_some() {
+                    self.held_since = Some(last_commit);
+                }
             }
         }
         self.shut_down();
