@@ -503,28 +503,30 @@ pub struct EventStream {
     produce: Proc,
 }
 
+/// What an [`EventStream`] produces, and where; what is left out is the
+/// default (as fast as possible, without end, no more arguments).
+#[derive(Default)]
+pub struct StreamSpec<'a> {
+    pub topic: &'a str,
+    /// Events per second; `None`: as fast as possible.
+    pub rate: Option<f64>,
+    /// Events; `None`: without end.
+    pub count: Option<u64>,
+    /// The model configuration `produce` validates against.
+    pub env: &'a [(String, String)],
+    /// More arguments of `tributary generate` (the stream, its seed).
+    pub generate: &'a [String],
+    /// More arguments of `tributary produce` (the partitioning).
+    pub produce: &'a [String],
+}
+
 impl EventStream {
-    /// `count` events (or without end) at `rate` per second (or as fast as
-    /// possible) to `topic`; `env` carries the model configuration that
-    /// `produce` validates against, `generate` more arguments of
-    /// `tributary generate` (the stream, its seed), `produce` more of
-    /// `tributary produce` (the partitioning).
-    #[allow(clippy::too_many_arguments)]
-    pub fn start(
-        bin: &Path,
-        brokers: &str,
-        topic: &str,
-        rate: Option<f64>,
-        count: Option<u64>,
-        env: &[(String, String)],
-        generate: &[String],
-        produce: &[String],
-        log: &Path,
-    ) -> anyhow::Result<EventStream> {
-        let produce_args = produce;
-        let extra = generate;
+    /// Starts `tributary generate | tributary produce` as `spec` says, both
+    /// logging to `log`.
+    pub fn start(bin: &Path, brokers: &str, spec: &StreamSpec, log: &Path) -> anyhow::Result<EventStream> {
+        let StreamSpec { topic, rate, count, env, .. } = *spec;
         let mut generate = Command::new(bin);
-        generate.arg("generate").args(extra).envs(env.iter().cloned());
+        generate.arg("generate").args(spec.generate).envs(env.iter().cloned());
         if let Some(rate) = rate {
             generate.args(["--rate", &rate.to_string()]);
         }
@@ -537,7 +539,7 @@ impl EventStream {
         let pipe = generate.stdout.take().expect("piped stdout");
         let produce = Command::new(bin)
             .args(["produce", "--brokers", brokers, "--topic", topic])
-            .args(produce_args)
+            .args(spec.produce)
             .envs(env.iter().cloned())
             .stdin(pipe)
             .stdout(log_file.try_clone()?)

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use serde_json::json;
 
 use crate::driver::{self, proto, GrpcPlan, Outcome, Plan};
-use crate::procs::{free_port, histogram_quantile, try_wait_for, Broker, EventStream, Proc, Replica};
+use crate::procs::{free_port, histogram_quantile, try_wait_for, Broker, EventStream, Proc, Replica, StreamSpec};
 use crate::report::{Goal, Report};
 
 /// One prediction of the default model's schema, as every scenario sends it.
@@ -150,17 +150,8 @@ impl Bench {
         rate: Option<f64>,
         count: Option<u64>,
     ) -> anyhow::Result<EventStream> {
-        EventStream::start(
-            &self.tributary,
-            &broker.addr,
-            "events",
-            rate,
-            count,
-            &[],
-            &[],
-            &[],
-            &dir.join("produce.log"),
-        )
+        let spec = StreamSpec { topic: "events", rate, count, ..StreamSpec::default() };
+        EventStream::start(&self.tributary, &broker.addr, &spec, &dir.join("produce.log"))
     }
 
     /// An axum hello-world that reads the same body: what HTTP on this machine can do.
@@ -448,8 +439,8 @@ impl Bench {
                 ("TRIBUTARY_KAFKA__AVRO_SCHEMA".to_string(), schema.clone()),
             ];
             let log = dir.join(format!("produce-{format}.log"));
-            EventStream::start(&self.tributary, &broker.addr, &topic, None, Some(n), &env, &[], &[], &log)?
-                .finish(Duration::from_secs(900))?;
+            let spec = StreamSpec { topic: &topic, count: Some(n), env: &env, ..StreamSpec::default() };
+            EventStream::start(&self.tributary, &broker.addr, &spec, &log)?.finish(Duration::from_secs(900))?;
             let mut settings = counted_learner("logistic", format);
             settings.extend([
                 ("KAFKA__EVENTS_TOPIC", topic),
@@ -497,8 +488,10 @@ impl Bench {
         {
             let env = [("TRIBUTARY_KAFKA__EVENTS_PARTITIONS".to_string(), partitions.to_string())];
             let log = dir.join(format!("produce-{topic}.log"));
-            EventStream::start(&self.tributary, &broker.addr, topic, None, Some(count), &env, &ctr(vw), &[], &log)?
-                .finish(Duration::from_secs(900))?;
+            let generate = ctr(vw);
+            let spec =
+                StreamSpec { topic, count: Some(count), env: &env, generate: &generate, ..StreamSpec::default() };
+            EventStream::start(&self.tributary, &broker.addr, &spec, &log)?.finish(Duration::from_secs(900))?;
         }
         let mut rows = serde_json::Map::new();
         for run in quality_runs(self.smoke) {
@@ -583,18 +576,15 @@ impl Bench {
             }
             let partitioning = ["--partitioning".to_string(), shape.partitioning.to_string()];
             let log = dir.join(format!("produce-{topic}.log"));
-            EventStream::start(
-                &self.tributary,
-                &broker.addr,
+            let spec = StreamSpec {
                 topic,
-                None,
-                Some(n),
-                &env,
-                &generate,
-                &partitioning,
-                &log,
-            )?
-            .finish(Duration::from_secs(900))
+                count: Some(n),
+                env: &env,
+                generate: &generate,
+                produce: &partitioning,
+                rate: None,
+            };
+            EventStream::start(&self.tributary, &broker.addr, &spec, &log)?.finish(Duration::from_secs(900))
         };
         for stream in ["clicks", "ctr"] {
             let in_order = Shape { partitioning: "sticky", ts: true };
@@ -606,10 +596,8 @@ impl Bench {
         for shape in &shapes {
             produce(&shape.topic(), 8, shape.stream, &shape.shape, false)?;
         }
-        let only = std::env::var("LOAD_QUALITY_KINDS").unwrap_or_default();
-        let kinds: &[&'static str] = if self.smoke { &["logistic"] } else { &["logistic", "wide_deep"] };
         let mut rows = serde_json::Map::new();
-        for &kind in kinds.iter().filter(|k| only.is_empty() || only.split(',').any(|o| o == **k)) {
+        for kind in quality_kinds(self.smoke) {
             let mut in_order = HashMap::new();
             for stream in ["clicks", "ctr"] {
                 let run = QualityRun {
@@ -675,17 +663,14 @@ impl Bench {
         let stream = match &live {
             Some((rate, args)) => {
                 let log = dir.join(format!("produce-{topic}.log"));
-                Some(EventStream::start(
-                    &self.tributary,
-                    &broker.addr,
-                    &topic,
-                    Some(*rate),
-                    Some(n),
-                    &[],
-                    args,
-                    &[],
-                    &log,
-                )?)
+                let spec = StreamSpec {
+                    topic: &topic,
+                    rate: Some(*rate),
+                    count: Some(n),
+                    generate: args,
+                    ..StreamSpec::default()
+                };
+                Some(EventStream::start(&self.tributary, &broker.addr, &spec, &log)?)
             }
             None => None,
         };
@@ -724,18 +709,9 @@ impl Bench {
             args
         };
         let log = dir.join("produce.log");
-        EventStream::start(
-            &self.tributary,
-            &broker.addr,
-            "events",
-            None,
-            Some(n),
-            &[],
-            &generate("13", false),
-            &[],
-            &log,
-        )?
-        .finish(Duration::from_secs(900))?;
+        let clean = generate("13", false);
+        let spec = StreamSpec { topic: "events", count: Some(n), generate: &clean, ..StreamSpec::default() };
+        EventStream::start(&self.tributary, &broker.addr, &spec, &log)?.finish(Duration::from_secs(900))?;
         let env = [("MODEL__KIND", "wide_deep".to_string())];
         let mut fleet = Vec::new();
         for i in 0..3 {
@@ -757,18 +733,9 @@ impl Bench {
             clean_rollbacks,
             Goal::AtMost(0.0),
         );
-        EventStream::start(
-            &self.tributary,
-            &broker.addr,
-            "events",
-            None,
-            Some(poison),
-            &[],
-            &generate("14", true),
-            &[],
-            &log,
-        )?
-        .finish(Duration::from_secs(120))?;
+        let poisoned = generate("14", true);
+        let spec = StreamSpec { topic: "events", count: Some(poison), generate: &poisoned, ..StreamSpec::default() };
+        EventStream::start(&self.tributary, &broker.addr, &spec, &log)?.finish(Duration::from_secs(120))?;
         let poisoned_rollbacks = try_wait_for("a rollback after the poison", learned_limit, || {
             let after = rollbacks(&fleet[0]);
             (after > clean_rollbacks).then_some(after - clean_rollbacks)
@@ -1141,11 +1108,8 @@ const LIVE_RATE: f64 = 10_000.0;
 /// three replicas and the same without staleness; a smoke run keeps one
 /// kind.
 fn quality_runs(smoke: bool) -> Vec<QualityRun> {
-    let kinds: &[&'static str] = if smoke { &["logistic"] } else { &["logistic", "wide_deep"] };
-    // LOAD_QUALITY_KINDS=wide_deep keeps some kinds (a probe of one).
-    let only = std::env::var("LOAD_QUALITY_KINDS").unwrap_or_default();
     let mut runs = Vec::new();
-    for &kind in kinds.iter().filter(|k| only.is_empty() || only.split(',').any(|o| o == **k)) {
+    for kind in quality_kinds(smoke) {
         let run = |label, topic: &str, replicas, live, env| QualityRun {
             kind,
             label,
@@ -1164,6 +1128,15 @@ fn quality_runs(smoke: bool) -> Vec<QualityRun> {
         runs.push(run("live 3 replicas", "", 3, Some(LIVE_RATE), vec![]));
     }
     runs
+}
+
+/// The model kinds the quality and shapes scenarios learn with: both, or
+/// `logistic` alone in a smoke run; `LOAD_QUALITY_KINDS=wide_deep` keeps
+/// some of them (a probe of one).
+fn quality_kinds(smoke: bool) -> Vec<&'static str> {
+    let kinds: &[&'static str] = if smoke { &["logistic"] } else { &["logistic", "wide_deep"] };
+    let only = std::env::var("LOAD_QUALITY_KINDS").unwrap_or_default();
+    kinds.iter().copied().filter(|k| only.is_empty() || only.split(',').any(|o| o == *k)).collect()
 }
 
 /// Vowpal Wabbit (`--loss_function logistic -b 20`, PyPI `vowpalwabbit` in
