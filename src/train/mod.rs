@@ -556,8 +556,9 @@ impl Trainer {
                 last_commit = Instant::now();
                 // The commit's lag queries block this thread (up to
                 // LAG_QUERY_BUDGET): a wait for a partition counts from
-                // when polling resumes, or every wait that spanned a commit
-                // was given up (once a second, found in a trace).
+                // when polling resumes, not the time spent here. (It did not
+                // stop the merge giving up a wait about once a second: that
+                // cause is still to find, see the README.)
                 if self.held_since.is_some() {
                     self.held_since = Some(last_commit);
                 }
