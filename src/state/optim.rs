@@ -94,54 +94,97 @@ impl Optimizer {
     /// (shapes already checked).
     pub fn step(&mut self, params: &[ParamSpec], weights: &mut Buffers, grads: &[GradTensor], touch: &mut impl Touch) {
         self.steps += 1;
-        let lr = self.learning_rate;
-        let (c1, c2) = (1.0 - power(ADAM_BETA1, self.steps), 1.0 - power(ADAM_BETA2, self.steps));
+        let at = self.at(self.steps);
         for g in grads {
             let p = g.param as usize;
             let cols = params[p].cols;
-            let update = |i: usize, grad: f32, slots: &mut [Buffers], w: &mut [f32]| match self.kind {
-                OptimizerKind::Sgd => w[i] -= lr * grad,
-                OptimizerKind::Adagrad => {
-                    let acc = &mut slots[0][p][i];
-                    *acc += grad * grad;
-                    w[i] -= lr * grad / (acc.sqrt() + EPS);
-                }
-                OptimizerKind::Adam => {
-                    let (m, v) = slots.split_at_mut(1);
-                    let (m, v) = (&mut m[0][p][i], &mut v[0][p][i]);
-                    *m = ADAM_BETA1 * *m + (1.0 - ADAM_BETA1) * grad;
-                    *v = ADAM_BETA2 * *v + (1.0 - ADAM_BETA2) * grad * grad;
-                    w[i] -= lr * (*m / c1) / ((*v / c2).sqrt() + EPS);
-                }
-                OptimizerKind::Ftrl => {
-                    let (z, n) = slots.split_at_mut(1);
-                    let (z, n) = (&mut z[0][p][i], &mut n[0][p][i]);
-                    let n_next = *n + grad * grad;
-                    let sigma = (n_next.sqrt() - n.sqrt()) / lr;
-                    *z += grad - sigma * w[i];
-                    *n = n_next;
-                    w[i] = self.ftrl.weight(lr, *z, *n);
-                }
-            };
-            let w = &mut weights[p];
             match &g.values {
                 GradValues::Dense(values) => {
-                    for (i, &grad) in values.iter().enumerate() {
-                        update(i, grad, &mut self.slots, w);
-                    }
+                    let [s0, s1] = slot_slices(&mut self.slots, p, 0..values.len());
+                    at.step_slice(values, &mut weights[p], [s0, s1]);
                     touch.all(p);
                 }
                 GradValues::Rows { ids, values } => {
                     for (r, &id) in ids.iter().enumerate() {
-                        for c in 0..cols {
-                            update(id as usize * cols + c, values[r * cols + c], &mut self.slots, w);
-                        }
+                        let row = id as usize * cols..(id as usize + 1) * cols;
+                        let [s0, s1] = slot_slices(&mut self.slots, p, row.clone());
+                        at.step_slice(&values[r * cols..(r + 1) * cols], &mut weights[p][row], [s0, s1]);
                     }
                     touch.rows(p, ids);
                 }
             }
         }
     }
+
+    /// The step the optimizer takes as its `steps`-th: its kind, step size
+    /// and Adam's bias corrections. Applied to slices of weights and slots,
+    /// so that a trainer's overlay steps a copy of some rows with the same
+    /// arithmetic, bit for bit, as the apply rule steps the whole state.
+    pub fn at(&self, steps: u64) -> Step {
+        Step {
+            kind: self.kind,
+            lr: self.learning_rate,
+            ftrl: self.ftrl,
+            c1: 1.0 - power(ADAM_BETA1, steps),
+            c2: 1.0 - power(ADAM_BETA2, steps),
+        }
+    }
+}
+
+/// One optimizer step's constants (see [`Optimizer::at`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Step {
+    kind: OptimizerKind,
+    lr: f32,
+    ftrl: Ftrl,
+    c1: f32,
+    c2: f32,
+}
+
+impl Step {
+    /// Steps `w` and its slots' cells (`kind.slots()` of them, each as long
+    /// as `w`; the rest empty) by `grads`, coordinate by coordinate.
+    pub fn step_slice(&self, grads: &[f32], w: &mut [f32], [s0, s1]: [&mut [f32]; 2]) {
+        let lr = self.lr;
+        match self.kind {
+            OptimizerKind::Sgd => {
+                for (w, &grad) in w.iter_mut().zip(grads) {
+                    *w -= lr * grad;
+                }
+            }
+            OptimizerKind::Adagrad => {
+                for ((w, acc), &grad) in w.iter_mut().zip(s0).zip(grads) {
+                    *acc += grad * grad;
+                    *w -= lr * grad / (acc.sqrt() + EPS);
+                }
+            }
+            OptimizerKind::Adam => {
+                for (((w, m), v), &grad) in w.iter_mut().zip(s0).zip(s1).zip(grads) {
+                    *m = ADAM_BETA1 * *m + (1.0 - ADAM_BETA1) * grad;
+                    *v = ADAM_BETA2 * *v + (1.0 - ADAM_BETA2) * grad * grad;
+                    *w -= lr * (*m / self.c1) / ((*v / self.c2).sqrt() + EPS);
+                }
+            }
+            OptimizerKind::Ftrl => {
+                for (((w, z), n), &grad) in w.iter_mut().zip(s0).zip(s1).zip(grads) {
+                    let n_next = *n + grad * grad;
+                    let sigma = (n_next.sqrt() - n.sqrt()) / lr;
+                    *z += grad - sigma * *w;
+                    *n = n_next;
+                    *w = self.ftrl.weight(lr, *z, *n);
+                }
+            }
+        }
+    }
+}
+
+/// The cells `range` of parameter `p` in each of (up to two) slots; empty
+/// slices for the slots the optimizer does not have.
+pub fn slot_slices(slots: &mut [Buffers], p: usize, range: std::ops::Range<usize>) -> [&mut [f32]; 2] {
+    let (first, rest) = slots.split_at_mut(slots.len().min(1));
+    let s0: &mut [f32] = first.first_mut().map_or(&mut [], |s| &mut s[p][range.clone()]);
+    let s1: &mut [f32] = rest.first_mut().map_or(&mut [], |s| &mut s[p][range]);
+    [s0, s1]
 }
 
 /// `base` to the power `exp` by squaring, in plain `f32` multiplications:
