@@ -30,19 +30,21 @@
 //! progressive loss than the same events in one partition).
 
 mod context;
+mod fetch;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
 pub use context::{Rebalanced, TrainerContext};
 
+use self::fetch::{Fetched, Fetcher};
 use crate::apply::applier::{Progress, TrainerProgress};
 use crate::config::{Config, TrainConfig};
 use crate::event::{EventCodec, Example};
@@ -136,35 +138,16 @@ fn event_time(example: Option<&Example>, record_ts: Option<i64>) -> i64 {
     example.and_then(|e| e.ts).or(record_ts).unwrap_or(0)
 }
 
-/// Events read ahead, over all partitions, before the trainer stops taking
-/// more and librdkafka's fetch queue holds them: enough for every partition
-/// of a backlog to be present when a batch is merged (a producer batch is
-/// up to a megabyte, about 3 000 events of the load report's stream), and a
-/// few megabytes of parsed events. (A partition is paused only well ahead,
-/// at `PAUSE_AT`: a paused partition drops what was fetched, and a resumed
-/// one waits for its next fetch, which cost a backlog most of its rate when
-/// every partition was paused at the limit.)
+/// Events read ahead, over all partitions: enough for every partition of a
+/// backlog to be present when a batch is merged (a producer batch is up to
+/// a megabyte, about 3 000 events of the load report's stream), and a few
+/// megabytes of parsed events. Each partition is read from its own queue
+/// while it has less than its share (`partition_read_ahead`).
 const READ_AHEAD: usize = 32_768;
 
-/// Per-partition flow control: once the read-ahead is half full, a partition
-/// with this many events read ahead is paused (librdkafka stops fetching it
-/// and drops what it fetched of it beyond what was read), and resumed once
-/// down to `RESUME_AT`; a lone partition is never paused (there is nothing
-/// to make room for, and a resumed one waits a fetch). Without it,
-/// librdkafka fetches every partition at the same bytes per round, so on a
-/// stream whose partitions differ in event-time density (keyed by a Zipf
-/// user: one partition holds the hot users) the sparse partitions' events
-/// pile up ahead of the dense one's, the read-ahead fills with them, and the
-/// merge has to go on without the dense partition: keyed streams learned
-/// 9 % worse than in order. `RESUME_AT` leaves a partition events for more
-/// than a fetch's round trip.
-const PAUSE_AT: usize = READ_AHEAD / 8;
-const RESUME_AT: usize = PAUSE_AT / 4;
-
-/// The read-ahead a trainer fills while the merge waits for a partition
-/// (see [`Partition::holds`]): that partition's events may be in
-/// librdkafka's queue behind other partitions' (which are then kept here).
-const HELD_READ_AHEAD: usize = 4 * READ_AHEAD;
+/// A partition's share of the read-ahead stays within these: a batch's
+/// worth at least, and no more than the merge needs of one partition.
+const PARTITION_READ_AHEAD: std::ops::RangeInclusive<usize> = 1024..=4096;
 
 /// How long the merge waits for a partition with events still to fetch
 /// before it merges without it (its events then come later than their
@@ -183,24 +166,9 @@ const TRAINER_IDLE_AFTER: Duration = Duration::from_secs(1);
 /// before it learns a batch regardless (see `send_batches`).
 const MAX_ALIGNMENT_WAIT: Duration = Duration::from_millis(50);
 
-/// How often a trainer whose read-ahead is full still polls the consumer:
-/// rebalances are served inside poll, and librdkafka evicts a member that
-/// does not poll within `max.poll.interval.ms`. What that poll returns is
-/// kept; the read-ahead may run a little over its limit.
-const FULL_POLL_INTERVAL: Duration = Duration::from_millis(100);
-
 /// How long a commit may spend asking the broker for its partitions' ends
 /// (for the lag), on the poll thread; one more ask may run 500 ms over.
 const LAG_QUERY_BUDGET: Duration = Duration::from_millis(1000);
-
-/// An event as the consumer fetched it.
-struct Fetched {
-    partition: i32,
-    offset: i64,
-    /// The Kafka record's timestamp (ms), if it has one.
-    record_ts: Option<i64>,
-    payload: Vec<u8>,
-}
 
 /// What the trainer knows of one partition it owns.
 #[derive(Debug)]
@@ -229,8 +197,6 @@ struct Partition {
     /// An `end` at which the merge stopped waiting for this partition
     /// (`MAX_HOLD`): it does not hold the merge again at the same end.
     released_at: Option<i64>,
-    /// Paused by the flow control (`PAUSE_AT`).
-    paused: bool,
 }
 
 impl Partition {
@@ -244,7 +210,6 @@ impl Partition {
             fetched_end: -1,
             last_ts: 0,
             released_at: None,
-            paused: false,
         }
     }
 
@@ -343,10 +308,6 @@ fn aligned_bound(trainers: &HashMap<String, TrainerProgress>, me: &str, lead: u6
     live.map(|(_, p)| p.event_time).min().map(|slowest| slowest.saturating_add(lead as i64))
 }
 
-/// librdkafka's queue of fetched events not yet read ahead, in kilobytes:
-/// about as many events as the read-ahead holds.
-const TRAINER_QUEUE_KBYTES: usize = 8 * 1024;
-
 /// Bytes a fetch takes from one events partition, at least one producer
 /// batch (librdkafka's default is 1 MB).
 const TRAINER_PARTITION_FETCH_BYTES: usize = 64 * 1024;
@@ -400,7 +361,9 @@ pub struct Trainer {
     /// JSON or Avro (`kafka.event_format`).
     events: EventCodec,
     serving: Serving,
-    consumer: BaseConsumer<TrainerContext>,
+    consumer: Arc<BaseConsumer<TrainerContext>>,
+    /// The partitions' queues, read from the same consumer.
+    fetcher: Fetcher,
     producer: ThreadedProducer<context::DeliveryContext>,
     failures: DeliveryFailures,
     /// Writes invalid events to `dlq_topic`.
@@ -476,18 +439,19 @@ impl Trainer {
             // blocks poll for at most CATCH_UP_LIMIT plus a watermark query,
             // well under this.
             .set("max.poll.interval.ms", "10000")
-            // librdkafka's own queue small, and its fetches prompt: the
-            // read-ahead is the trainer's buffer. With the defaults (64 MB,
-            // then every partition's fetch postponed by a second) a backlog
-            // filled the queue, the partition the merge waited for was not
-            // fetched for a second, and the merge went on without it.
-            .set("queued.max.messages.kbytes", TRAINER_QUEUE_KBYTES.to_string())
+            // librdkafka's queue per partition small, and its fetches
+            // prompt: the read-ahead is the trainer's buffer. With the
+            // defaults (100 000 events or 64 MB, then a fetch postponed by a
+            // second) the partition the merge waited for was not fetched
+            // for a second, and the merge went on without it.
+            .set("queued.min.messages", fetch::QUEUED_PER_PARTITION.to_string())
+            .set("queued.max.messages.kbytes", fetch::QUEUED_KBYTES_PER_PARTITION.to_string())
             .set("fetch.queue.backoff.ms", "10");
         if !k.group_instance_id.is_empty() {
             c.set("group.instance.id", &k.group_instance_id);
         }
         let context = TrainerContext::new(k.updates_topic.clone(), progress.clone(), stop.clone());
-        let consumer: BaseConsumer<TrainerContext> = c.create_with_context(context)?;
+        let consumer: Arc<BaseConsumer<TrainerContext>> = Arc::new(c.create_with_context(context)?);
         let failures = DeliveryFailures::default();
         // One record in flight has nothing to wait for batch-mates for.
         let producer = kafka::producer_config(&connection, &config.replica_id)
@@ -500,6 +464,7 @@ impl Trainer {
             events: EventCodec::new(k).map_err(anyhow::Error::msg)?,
             model,
             serving,
+            fetcher: Fetcher::new(consumer.clone(), &k.events_topic, progress.clone()),
             consumer,
             producer,
             failures,
@@ -533,24 +498,22 @@ impl Trainer {
         info!(topic = %self.events_topic, "trainer joined the consumer group");
         let commit_every = Duration::from_millis(self.config.commit_interval_ms);
         let mut last_commit = Instant::now();
-        let mut last_poll = Instant::now();
         while !self.stop.is_requested() {
             if self.progress.applied.lock().expect("progress lock").stalled {
                 self.leave_while_stalled();
                 return Ok(());
             }
-            if self.read_ahead() < self.read_ahead_limit() || last_poll.elapsed() >= FULL_POLL_INTERVAL {
-                // Short while a record is in flight: its return frees the slot.
-                self.take_fetched(Duration::from_millis(if self.in_flight.is_empty() { 5 } else { 1 }));
-                last_poll = Instant::now();
-            } else {
-                self.progress.wait_changed(Duration::from_millis(1));
-            }
+            let taken = self.take_fetched();
             self.take_rebalances();
             self.follow_applier();
             self.note_served();
-            self.send_batches();
-            self.flow_control();
+            let sent = self.send_batches();
+            if taken == 0 && sent == 0 {
+                // Woken by the applier's progress or by events arriving in
+                // a partition's queue; short while a record is in flight.
+                let wait = if self.in_flight.is_empty() { 5 } else { 1 };
+                self.progress.wait_changed(Duration::from_millis(wait));
+            }
             if last_commit.elapsed() >= commit_every {
                 self.commit(CommitMode::Async);
                 last_commit = Instant::now();
@@ -576,13 +539,14 @@ impl Trainer {
     fn leave_while_stalled(&mut self) {
         error!("the applier stopped applying the update log: the trainer leaves the consumer group");
         self.consumer.unsubscribe();
+        self.fetcher.forget_all();
         self.partitions.clear();
         self.in_flight.clear();
         // Polled on, so that librdkafka serves the leave (and a join still
         // in flight when it was asked) instead of holding the partitions
         // until the member is evicted; whatever it hands over is dropped.
         while !self.stop.is_requested() {
-            let _ = self.consumer.poll(Duration::from_millis(200));
+            let _ = self.fetcher.poll_consumer(Duration::from_millis(200));
             let _ = self.consumer.context().take_events();
         }
     }
@@ -596,87 +560,45 @@ impl Trainer {
         let _ = self.producer.flush(Duration::from_secs(10));
         let _ = self.dead_letters.flush(Duration::from_secs(10));
         self.commit(CommitMode::Sync);
+        self.fetcher.forget_all();
         self.consumer.unsubscribe();
+        // The last holder of the consumer: it closes here.
+        drop(self.fetcher);
         drop(self.consumer);
         info!("trainer left the consumer group");
     }
 
-    /// Takes the events fetched, waiting up to `timeout` for the first,
-    /// until none is left or the read-ahead is full. (Not a few at a time:
-    /// the merge needs every partition's events there, and a read-ahead
-    /// filled 256 a turn held few partitions when a batch was taken, so the
-    /// quality test's backlog was learned partition by partition again.)
-    fn take_fetched(&mut self, timeout: Duration) {
-        let mut wait = timeout;
-        let limit = self.read_ahead_limit();
-        while let Some(fetched) = self.next_event(wait) {
+    /// Takes what was fetched into the read-ahead: first whatever is in the
+    /// consumer's own queue (events fetched before their partition's queue
+    /// was split come before that queue's), then from each partition's
+    /// queue until its read-ahead holds its share or the queue is empty.
+    /// Returns the events taken.
+    fn take_fetched(&mut self) -> usize {
+        let mut taken = 0;
+        while let Some(fetched) = self.fetcher.poll_consumer(Duration::ZERO) {
             self.take_rebalances();
             self.take_event(fetched);
-            if self.read_ahead() >= limit {
-                break;
-            }
-            wait = Duration::ZERO;
+            taken += 1;
         }
+        self.take_rebalances();
+        let share = self.partition_read_ahead();
+        let short: Vec<i32> =
+            (self.partitions.iter()).filter(|(_, p)| p.read_ahead.len() < share).map(|(&id, _)| id).collect();
+        for id in short {
+            while self.partitions.get(&id).is_some_and(|p| p.read_ahead.len() < share) {
+                let Some(fetched) = self.fetcher.poll_partition(id) else { break };
+                self.take_event(fetched);
+                taken += 1;
+            }
+        }
+        taken
     }
 
-    /// How many events to read ahead: more while the merge waits for a
-    /// partition whose events may be queued behind the others'.
-    fn read_ahead_limit(&self) -> usize {
-        if self.held_since.is_some() {
-            HELD_READ_AHEAD
-        } else {
-            READ_AHEAD
-        }
-    }
-
-    /// The next event fetched. Rebalance callbacks run inside this poll.
-    fn next_event(&self, timeout: Duration) -> Option<Fetched> {
-        match self.consumer.poll(timeout)? {
-            Ok(m) => Some(Fetched {
-                partition: m.partition(),
-                offset: m.offset(),
-                record_ts: m.timestamp().to_millis(),
-                payload: m.payload().unwrap_or(&[]).to_vec(),
-            }),
-            Err(e) => {
-                warn!(error = %e, "consumer error");
-                None
-            }
-        }
-    }
-
-    /// Pauses the partitions with `PAUSE_AT` events read ahead and resumes
-    /// those down to `RESUME_AT`, so that what librdkafka fetches is what the
-    /// merge needs next.
-    fn flow_control(&mut self) {
-        let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
-        let crowded = self.partitions.len() > 1 && self.read_ahead() >= READ_AHEAD / 2;
-        for (&id, p) in self.partitions.iter_mut() {
-            let read_ahead = p.read_ahead.len();
-            if crowded && !p.paused && read_ahead >= PAUSE_AT {
-                p.paused = true;
-                pause.add_partition(&self.events_topic, id);
-            } else if p.paused && read_ahead <= RESUME_AT {
-                p.paused = false;
-                resume.add_partition(&self.events_topic, id);
-            }
-        }
-        if pause.count() > 0 {
-            if let Err(e) = self.consumer.pause(&pause) {
-                warn!(error = %e, "pausing partitions failed");
-            }
-        }
-        self.resume(&resume);
-    }
-
-    /// Resumes fetching `partitions` (whether paused or not: a partition
-    /// paused before a seek or a rebalance must not stay so).
-    fn resume(&self, partitions: &TopicPartitionList) {
-        if partitions.count() > 0 {
-            if let Err(e) = self.consumer.resume(partitions) {
-                warn!(error = %e, "resuming partitions failed");
-            }
-        }
+    /// Events to read ahead of each partition: an equal share of
+    /// `READ_AHEAD`, within `PARTITION_READ_AHEAD`.
+    fn partition_read_ahead(&self) -> usize {
+        let share = READ_AHEAD / self.partitions.len().max(1);
+        share.clamp(*PARTITION_READ_AHEAD.start(), *PARTITION_READ_AHEAD.end())
     }
 
     /// Notes each partition's high watermark as librdkafka last fetched it
@@ -720,7 +642,6 @@ impl Trainer {
                 partition = id,
                 end = p.end,
                 fetched_end = p.fetched_end,
-                paused = p.paused,
                 "merging without a partition still to fetch"
             );
             p.released_at = Some(p.end);
@@ -734,21 +655,19 @@ impl Trainer {
         for event in self.consumer.context().take_events() {
             match event {
                 Rebalanced::Assigned(list, hold) => {
-                    let mut assigned = TopicPartitionList::new();
                     for (id, watermark) in list {
                         info!(partition = id, watermark, "partition assigned");
                         let mut p = Partition::at(watermark);
                         p.hold_until = hold;
                         self.partitions.insert(id, p);
-                        assigned.add_partition(&self.events_topic, id);
+                        self.fetcher.split(id);
                     }
-                    // One paused when it was last ours would stay paused.
-                    self.resume(&assigned);
                 }
                 Rebalanced::Revoked(list) => {
                     for id in list {
                         info!(partition = id, "partition revoked");
                         self.partitions.remove(&id);
+                        self.fetcher.forget(id);
                         let _ = self.metrics.consumer_lag.remove_label_values(&[&id.to_string()]);
                     }
                 }
@@ -833,13 +752,15 @@ impl Trainer {
 
     /// Sends batches from the read-ahead while fewer than K records are in
     /// flight and the served weights include the last one applied.
-    fn send_batches(&mut self) {
+    /// Returns the records sent.
+    fn send_batches(&mut self) -> usize {
+        let mut sent = 0;
         while self.read_ahead() > 0 && self.in_flight.len() < self.config.max_in_flight && self.sees_own_records() {
             // Served by now, even if the loop had not yet seen it.
             self.end_served_stage();
             self.note_fetched_ends();
             if self.merge_waits() {
-                return;
+                return sent;
             }
             if let Some(served) = self.served_at.take() {
                 self.observe(Stage::Starved, served);
@@ -856,16 +777,18 @@ impl Trainer {
             if batch.ranges.is_empty() {
                 // Every event read is ahead of the fleet: wait for it.
                 self.aligned_since.get_or_insert_with(Instant::now);
-                return;
+                return sent;
             }
             self.aligned_since = None;
             if !self.send(batch) {
                 // Its events left the read-ahead: read them again.
                 let watermarks = self.progress.applied.lock().expect("progress lock").watermarks.clone();
                 self.seek_back(&watermarks);
-                return;
+                return sent;
             }
+            sent += 1;
         }
+        sent
     }
 
     /// The newest event time this trainer may take: the slowest other
@@ -1080,14 +1003,12 @@ impl Trainer {
     fn seek_back(&mut self, watermarks: &BTreeMap<i32, i64>) {
         self.in_flight.clear();
         let ids: Vec<i32> = self.partitions.iter().filter(|(_, p)| p.hold_until.is_none()).map(|(&id, _)| id).collect();
-        let mut resumed = TopicPartitionList::new();
         for id in ids {
             let wm = watermarks.get(&id).copied().unwrap_or(0);
-            if self.seek(id, wm) && self.partitions.insert(id, Partition::at(wm)).is_some_and(|p| p.paused) {
-                resumed.add_partition(&self.events_topic, id);
+            if self.seek(id, wm) {
+                self.partitions.insert(id, Partition::at(wm));
             }
         }
-        self.resume(&resumed);
     }
 
     /// Makes `offset` the next event fetched from partition `id`. Events
