@@ -160,7 +160,7 @@ fn applier(c: &mut Criterion) {
             (0..1024).map(|_| m.featurizer().event(ctr.next_event(Some(1)).json.as_bytes()).unwrap()).collect();
         let mut state = ReplicaState::initial(&m);
         let gradient = m.gradient(&state.weights, &ex).unwrap();
-        let mut publisher = Publisher::new(m.clone(), &state);
+        let mut publisher = Publisher::new(m.clone(), &state, false);
         // Each record continues the one before: record k covers [1024 k, 1024 (k + 1)).
         let next_from = std::cell::Cell::new(0i64);
         let mut offset = 0;
@@ -187,7 +187,7 @@ fn publish(c: &mut Criterion) {
     let ex = examples(&m, 256);
     let mut state = ReplicaState::initial(&m);
     let gradient = m.gradient(&state.weights, &ex).unwrap();
-    let mut publisher = Publisher::new(m.clone(), &state);
+    let mut publisher = Publisher::new(m.clone(), &state, false);
     let mut offset = 0;
     let record = |from: i64| record_bytes(&m, from, 256, gradient.clone());
     c.bench_function("publish_after_batch/left_right", |b| {

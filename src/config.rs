@@ -270,9 +270,12 @@ pub struct TrainConfig {
     /// partitions and is formed when a record can be sent, from what was
     /// read since: this large from a backlog, smaller when live.
     pub batch_size: usize,
-    /// Gradient records of the trainer in flight (sent, not yet applied). 1:
-    /// each gradient sees the trainer's previous record; more pipelines
-    /// records at the price of that much staleness.
+    /// Gradient records of the trainer in flight (sent, not yet applied).
+    /// More than 1 overlaps the next gradient with the round trip: it is
+    /// computed against the served weights with the trainer's own records
+    /// in flight stepped onto copies of the rows they touch, exactly as the
+    /// applier will step them (`Config::trainer_overlaps`), so a lone
+    /// trainer sees every record before its own at any number in flight.
     pub max_in_flight: usize,
     /// A gradient waits until the served weights miss at most this many
     /// records of the log (stale-synchronous: bounds what other replicas'
@@ -440,7 +443,7 @@ impl Default for Config {
                 enabled: true,
                 batch_size: 1024,
                 max_record_bytes: MAX_RECORD_BYTES,
-                max_in_flight: 1,
+                max_in_flight: 4,
                 max_unseen_records: 0,
                 max_event_time_lead_ms: 100,
                 commit_interval_ms: 1000,
@@ -515,6 +518,19 @@ pub struct Overrides {
 type Table = toml::map::Map<String, toml::Value>;
 
 impl Config {
+    /// Whether the trainer computes gradients during its records' round
+    /// trips, over its own records in flight (`train.max_in_flight` > 1).
+    /// Not with `staleness_scaling` (which counts every record since a
+    /// gradient's base as unseen, its own too), nor a TorchScript model
+    /// (its module takes whole weights), nor with swaps off (the served
+    /// weights then never include the trainer's records).
+    pub fn trainer_overlaps(&self) -> bool {
+        self.train.max_in_flight > 1
+            && self.model.staleness_scaling == StalenessScaling::None
+            && self.model.torchscript_path.as_os_str().is_empty()
+            && self.apply.max_swaps_per_sec > 0.0
+    }
+
     /// Builds the configuration from every layer. `env` is passed in so tests
     /// need not touch the process environment.
     pub fn load(

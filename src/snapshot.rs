@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 use crate::model::{Buffers, Model};
-use crate::state::optim::Touch;
+use crate::state::optim::{Optimizer, Touch};
 use crate::state::ReplicaState;
 
 /// What predictions read: weights at one `updates` position, and the
@@ -37,6 +37,10 @@ pub struct Snapshot {
     pub examples_skipped: u64,
     pub progressive_loss: Option<f64>,
     pub published: Instant,
+    /// The optimizer's state at `position`, when the trainer overlaps its
+    /// records in flight (`Config::trainer_overlaps`): it steps copies of
+    /// rows from here exactly as the applier will. `None` otherwise.
+    pub optimizer: Option<Optimizer>,
     /// Computed on first request: hashing 64 MB is not free.
     digest: OnceLock<String>,
 }
@@ -46,7 +50,7 @@ impl Snapshot {
         self.digest.get_or_init(|| self.model.digest(&self.weights))
     }
 
-    fn from_state(model: &Arc<Model>, state: &ReplicaState) -> Snapshot {
+    fn from_state(model: &Arc<Model>, state: &ReplicaState, with_optimizer: bool) -> Snapshot {
         Snapshot {
             model: model.clone(),
             position: state.position,
@@ -56,6 +60,7 @@ impl Snapshot {
             examples_skipped: state.examples_skipped,
             progressive_loss: state.progressive_loss(),
             published: Instant::now(),
+            optimizer: with_optimizer.then(|| state.optimizer.clone()),
             digest: OnceLock::new(),
         }
     }
@@ -147,13 +152,17 @@ pub struct Publisher {
     retired: Vec<(Arc<Snapshot>, Dirty)>,
     /// Changed since the current snapshot was built.
     since_front: Dirty,
+    /// Whether snapshots carry the optimizer's state too.
+    with_optimizer: bool,
 }
 
 impl Publisher {
-    pub fn new(model: Arc<Model>, state: &ReplicaState) -> Publisher {
+    /// Serves `state`; with `with_optimizer`, every snapshot carries the
+    /// optimizer's state beside the weights (caught up row by row alike).
+    pub fn new(model: Arc<Model>, state: &ReplicaState, with_optimizer: bool) -> Publisher {
         let n = model.params().len();
-        let serving = Arc::new(ArcSwap::from_pointee(Snapshot::from_state(&model, state)));
-        Publisher { model, serving, retired: Vec::new(), since_front: Dirty::clean(n) }
+        let serving = Arc::new(ArcSwap::from_pointee(Snapshot::from_state(&model, state, with_optimizer)));
+        Publisher { model, serving, retired: Vec::new(), since_front: Dirty::clean(n), with_optimizer }
     }
 
     pub fn serving(&self) -> Serving {
@@ -180,12 +189,18 @@ impl Publisher {
         let mut full_copy = false;
         let (mut next, copied) = match self.reclaim_any() {
             Some((mut snap, dirty)) => {
-                let copied = dirty.copy(&self.model, &state.weights, &mut snap.weights);
+                let mut copied = dirty.copy(&self.model, &state.weights, &mut snap.weights);
+                if let Some(optimizer) = &mut snap.optimizer {
+                    for (from, to) in state.optimizer.slots.iter().zip(&mut optimizer.slots) {
+                        copied += dirty.copy(&self.model, from, to);
+                    }
+                    optimizer.steps = state.optimizer.steps;
+                }
                 (snap, copied)
             }
             None => {
                 full_copy = !self.retired.is_empty();
-                let snap = Snapshot::from_state(&self.model, state);
+                let snap = Snapshot::from_state(&self.model, state, self.with_optimizer);
                 let copied = snap.weights.iter().map(Vec::len).sum();
                 (snap, copied)
             }
@@ -270,7 +285,7 @@ mod tests {
         let c = ModelConfig { kind: ModelKind::WideDeep, buckets: 128, ..Config::default().model };
         let model = Arc::new(Model::new(&c).expect("a built-in model"));
         let state = ReplicaState::initial(&model);
-        let publisher = Publisher::new(model.clone(), &state);
+        let publisher = Publisher::new(model.clone(), &state, true);
         (model, state, publisher)
     }
 
@@ -311,6 +326,7 @@ mod tests {
             drop(held);
             let snap = serving.load();
             assert_eq!(snap.weights, state.weights, "step {step}");
+            assert_eq!(snap.optimizer.as_ref(), Some(&state.optimizer), "step {step}");
             assert_eq!(snap.weights_digest(), model.digest(&state.weights));
             if step >= 2 {
                 assert!(!stats.full_copy && stats.copied < 100, "step {step}: {stats:?}");

@@ -290,7 +290,7 @@ impl Applier {
         };
         Ok(Applier {
             trimmer,
-            publisher: Publisher::new(model.clone(), &state),
+            publisher: Publisher::new(model.clone(), &state, config.trainer_overlaps()),
             staleness: StalenessMeter::starting_at(state.position, state.examples_learned),
             settings_agreed: state.position > 0,
             stalled: None,

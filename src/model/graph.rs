@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use tch::{Kind, Reduction, Tensor};
 
-use super::{Arch, GradTensor, GradValues, Gradient, Model};
+use super::{Arch, GradTensor, GradValues, Gradient, Model, Weights};
 use crate::config::Loss;
 use crate::event::Example;
 
@@ -17,6 +17,8 @@ pub enum GradientError {
     Empty,
     #[error("libtorch failed: {0}")]
     Torch(String),
+    #[error("a TorchScript model computes gradients on whole weights only")]
+    WholeWeightsOnly,
 }
 
 /// Per sparse field: which examples hold which (local) rows.
@@ -44,7 +46,7 @@ pub(super) struct BatchGraph {
 }
 
 impl BatchGraph {
-    fn new<B: AsRef<[f32]>>(model: &Model, w: &[B], batch: &[Example]) -> BatchGraph {
+    fn new<W: Weights + ?Sized>(model: &Model, w: &W, batch: &[Example]) -> BatchGraph {
         let n = batch.len();
         let dim = model.config.dense_dim;
         let dense: Vec<f32> = batch.iter().flat_map(|e| e.features.dense.iter().copied()).collect();
@@ -79,17 +81,16 @@ impl BatchGraph {
                 p.sparse.then(|| model.featurizer.fields().iter().position(|f| f == suffix)).flatten()
             })
             .collect();
-        let leaves = (model.params.iter().zip(w).zip(&field_of))
-            .map(|((p, buf), field)| {
-                let buf = buf.as_ref();
+        let leaves = (model.params.iter().enumerate().zip(&field_of))
+            .map(|((param, p), field)| {
                 let t = match field {
-                    None => Tensor::from_slice(buf).view([p.rows as i64, p.cols as i64]),
+                    None => Tensor::from_slice(w.param(param)).view([p.rows as i64, p.cols as i64]),
                     Some(f) if fields[*f].unique.is_empty() => return None,
                     Some(f) => {
                         let ids = &fields[*f].unique;
                         let mut rows = Vec::with_capacity(ids.len() * p.cols);
                         for &id in ids {
-                            rows.extend_from_slice(&buf[id as usize * p.cols..(id as usize + 1) * p.cols]);
+                            rows.extend_from_slice(w.row(param, id, p.cols));
                         }
                         Tensor::from_slice(&rows).view([ids.len() as i64, p.cols as i64])
                     }
@@ -169,7 +170,7 @@ pub(super) fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, GradientError> {
 /// The logits of a batch, through libtorch (tests compare them with the
 /// Rust forward pass).
 #[cfg(test)]
-pub(super) fn logits<B: AsRef<[f32]>>(model: &Model, w: &[B], batch: &[Example]) -> Result<Vec<f32>, GradientError> {
+pub(super) fn logits<W: Weights + ?Sized>(model: &Model, w: &W, batch: &[Example]) -> Result<Vec<f32>, GradientError> {
     guarded(|| {
         let g = BatchGraph::new(model, w, batch);
         let out = tch::no_grad(|| forward(model, &g)).view([-1]);
@@ -179,7 +180,11 @@ pub(super) fn logits<B: AsRef<[f32]>>(model: &Model, w: &[B], batch: &[Example])
     })
 }
 
-pub(super) fn gradient<B: AsRef<[f32]>>(model: &Model, w: &[B], batch: &[Example]) -> Result<Gradient, GradientError> {
+pub(super) fn gradient<W: Weights + ?Sized>(
+    model: &Model,
+    w: &W,
+    batch: &[Example],
+) -> Result<Gradient, GradientError> {
     if batch.is_empty() {
         return Err(GradientError::Empty);
     }

@@ -49,6 +49,24 @@ impl ParamSpec {
 /// Weights (or optimizer state): one buffer per parameter, in layout order.
 pub type Buffers = Vec<Vec<f32>>;
 
+/// Weights as a gradient reads them: each dense parameter whole, and single
+/// rows of the sparse tables (so a view can hold a few rows of its own over
+/// shared weights: the trainer's overlay).
+pub trait Weights {
+    /// Parameter `param`, whole.
+    fn param(&self, param: usize) -> &[f32];
+    /// Row `id` (of `cols` values) of parameter `param`.
+    fn row(&self, param: usize, id: u32, cols: usize) -> &[f32] {
+        &self.param(param)[id as usize * cols..(id as usize + 1) * cols]
+    }
+}
+
+impl<B: AsRef<[f32]>> Weights for [B] {
+    fn param(&self, param: usize) -> &[f32] {
+        self[param].as_ref()
+    }
+}
+
 /// The gradient of one parameter.
 #[derive(Clone, Debug, PartialEq)]
 pub enum GradValues {
@@ -317,6 +335,16 @@ impl Model {
         }
     }
 
+    /// Progressive loss and gradient of a batch against a view of weights
+    /// (see [`Weights`]); not for TorchScript models, whose module takes
+    /// whole weights.
+    pub fn gradient_on<W: Weights + ?Sized>(&self, w: &W, batch: &[Example]) -> Result<Gradient, GradientError> {
+        match &self.arch {
+            Arch::Script(_) => Err(GradientError::WholeWeightsOnly),
+            _ => graph::gradient(self, w, batch),
+        }
+    }
+
     /// A stable digest of all weights, hex: equal digests, equal weights.
     pub fn digest<B: AsRef<[f32]>>(&self, w: &[B]) -> String {
         let mut h = blake3::Hasher::new();
@@ -439,7 +467,7 @@ mod tests {
                 }
             }
             let examples = batch(&model, 16);
-            let logits = graph::logits(&model, &w, &examples).unwrap();
+            let logits = graph::logits(&model, w.as_slice(), &examples).unwrap();
             for (e, want) in examples.iter().zip(logits) {
                 let got = model.predict(&w, &e.features);
                 let want = 1.0 / (1.0 + (-want).exp());

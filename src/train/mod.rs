@@ -14,13 +14,17 @@
 //! Staleness, and why the batch spans partitions: a gradient computed at
 //! version v and applied at offset o missed the `o - v` records in between.
 //! With one record per trainer rather than per partition, and the next
-//! gradient computed only once the served weights include the trainer's
-//! previous record (the applier publishes at once for it), a lone replica
-//! at `max_in_flight` 1 learns exactly as a sequential learner would; each
-//! further replica adds about one record of staleness. Batches adapt: a
-//! batch is formed when a record can be sent, from what was read since, up
-//! to `batch_size`, so they are large from a backlog and small (fresh) when
-//! live.
+//! gradient computed against the served weights with the trainer's own
+//! records in flight stepped on (`overlay`: exactly as the applier will
+//! step them), a lone replica learns exactly as a sequential learner would
+//! with up to `max_in_flight` records in flight, its gradients computed
+//! during its records' round trips; each further replica adds the records
+//! it appends during a round trip. (Without the overlay, with
+//! `staleness_scaling` or a TorchScript model, the next gradient waits until
+//! the served weights include the trainer's previous record.) Batches
+//! adapt: a batch is formed when a record can be sent, from what was read
+//! since, up to `batch_size`, so they are large from a backlog and small
+//! (fresh) when live.
 //!
 //! Why merge by event time: Kafka hands a consumer whole producer batches
 //! (up to a megabyte, thousands of events of one partition), so the order in
@@ -31,6 +35,7 @@
 
 mod context;
 mod fetch;
+mod overlay;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -45,6 +50,7 @@ use tracing::{debug, error, info, warn};
 pub use context::{Rebalanced, TrainerContext};
 
 use self::fetch::{Fetched, Fetcher};
+use self::overlay::{Overlaid, Overlay};
 use crate::apply::applier::{Progress, TrainerProgress};
 use crate::config::{Config, TrainConfig};
 use crate::event::{EventCodec, Example};
@@ -55,6 +61,14 @@ use crate::snapshot::{Serving, Snapshot};
 use crate::state::{check_gradient, Reject};
 use crate::update_log::kafka;
 use crate::update_log::record::{EventRange, GradientRecord, Record, RecordMeta, MAX_RANGE_GAP, MAX_RECORD_EVENTS};
+
+/// The weights a gradient is computed at.
+enum At<'a> {
+    /// The served snapshot.
+    Served(&'a Snapshot),
+    /// The served snapshot with the trainer's records in flight stepped on.
+    Overlaid(Overlaid<'a>),
+}
 
 /// A record sent and not yet applied (or lost).
 #[derive(Debug, Clone)]
@@ -381,6 +395,10 @@ pub struct Trainer {
     follows_served: bool,
     partitions: HashMap<i32, Partition>,
     in_flight: VecDeque<InFlight>,
+    /// The trainer's records not yet served, stepped onto the weights its
+    /// gradients see (`Config::trainer_overlaps`); `None`: each gradient
+    /// waits until the served weights include its previous record.
+    overlay: Option<Overlay>,
     next_seq: u64,
     /// When the last record was seen applied: the wait for it to be served
     /// is the cycle's `served` stage.
@@ -480,6 +498,7 @@ impl Trainer {
             follows_served: config.apply.max_swaps_per_sec > 0.0,
             partitions: HashMap::new(),
             in_flight: VecDeque::new(),
+            overlay: config.trainer_overlaps().then(Overlay::default),
             next_seq: 0,
             see_from: 0,
             retired_at: None,
@@ -542,6 +561,7 @@ impl Trainer {
         self.fetcher.forget_all();
         self.partitions.clear();
         self.in_flight.clear();
+        self.overlay.iter_mut().for_each(Overlay::clear);
         // Polled on, so that librdkafka serves the leave (and a join still
         // in flight when it was asked) instead of holding the partitions
         // until the member is evicted; whatever it hands over is dropped.
@@ -738,8 +758,8 @@ impl Trainer {
     }
 
     /// Whether a gradient computed now sees the trainer's own records (the
-    /// served weights include the last one applied) and all but
-    /// `max_unseen_records` of the log's.
+    /// overlay steps them on, or the served weights include the last one
+    /// applied) and all but `max_unseen_records` of the log's.
     fn sees_own_records(&self) -> bool {
         if !self.follows_served {
             return true;
@@ -747,7 +767,8 @@ impl Trainer {
         let served = self.serving.load().position;
         let bound = self.config.max_unseen_records as i64;
         let log_end = if bound > 0 { self.progress.applied.lock().expect("progress lock").log_end } else { 0 };
-        served >= self.see_from && (bound == 0 || served >= log_end - bound)
+        let own_seen = self.overlay.is_some() || served >= self.see_from;
+        own_seen && (bound == 0 || served >= log_end - bound)
     }
 
     /// Sends batches from the read-ahead while fewer than K records are in
@@ -825,15 +846,18 @@ impl Trainer {
         self.metrics.trainer_stage.with_label_values(&[stage.as_str()]).observe(since.elapsed().as_secs_f64());
     }
 
-    /// The progressive loss and gradient of `examples` against `weights`
-    /// at `position`, checked as the applier will check it; none for no
-    /// examples (a batch of invalid events, or of refused ones only).
-    fn checked_gradient(&self, snapshot: &Snapshot, examples: &[Example]) -> Result<Gradient, Refusal> {
+    /// The progressive loss and gradient of `examples` at `at`, checked as
+    /// the applier will check it; none for no examples (a batch of invalid
+    /// events, or of refused ones only).
+    fn checked_gradient(&self, at: &At<'_>, examples: &[Example]) -> Result<Gradient, Refusal> {
         if examples.is_empty() {
             return Ok(Gradient::default());
         }
-        let gradient = (self.model.gradient_at(Some(snapshot.position), &snapshot.weights, examples))
-            .map_err(|e| Refusal::Failed(e.to_string()))?;
+        let gradient = match at {
+            At::Served(snapshot) => self.model.gradient_at(Some(snapshot.position), &snapshot.weights, examples),
+            At::Overlaid(weights) => self.model.gradient_on(weights, examples),
+        };
+        let gradient = gradient.map_err(|e| Refusal::Failed(e.to_string()))?;
         check_gradient(&self.model, examples.len() as u32, gradient.loss_sum, &gradient.tensors)
             .map_err(Refusal::Rejected)?;
         Ok(gradient)
@@ -847,23 +871,28 @@ impl Trainer {
     /// go to the dead-letter topic and count as skipped, and the rest are
     /// learned. (The rest's gradient is the sum of gradients each within the
     /// per-example bound, so it is within the batch's.)
-    fn gradient(&self, batch: &mut Batch) -> (i64, Gradient) {
+    fn gradient(&mut self, batch: &mut Batch) -> (i64, Gradient) {
         let snapshot = self.serving.load_full();
-        let refusal = match self.checked_gradient(&snapshot, &batch.examples) {
+        let overlaid = self.overlay.as_mut().and_then(|overlay| {
+            overlay.retire(&snapshot.watermarks);
+            overlay.over(&self.model, &snapshot)
+        });
+        let at = overlaid.map_or(At::Served(&snapshot), At::Overlaid);
+        let refusal = match self.checked_gradient(&at, &batch.examples) {
             Ok(gradient) => return (snapshot.position, gradient),
             Err(refusal) => refusal,
         };
         warn!(ranges = ?batch.ranges, events = batch.examples.len(), reason = %refusal,
             "gradient refused: checking each event's alone");
         let refused: Vec<(usize, Refusal)> = (0..batch.examples.len())
-            .filter_map(|i| Some((i, self.checked_gradient(&snapshot, &batch.examples[i..=i]).err()?)))
+            .filter_map(|i| Some((i, self.checked_gradient(&at, &batch.examples[i..=i]).err()?)))
             .collect();
         for (i, refusal) in refused.iter().rev() {
             batch.examples.remove(*i);
             self.refuse_event(&batch.sources.remove(*i), refusal);
             batch.skipped += 1;
         }
-        match self.checked_gradient(&snapshot, &batch.examples) {
+        match self.checked_gradient(&at, &batch.examples) {
             Ok(gradient) => (snapshot.position, gradient),
             Err(refusal) => {
                 // Not reached while the gradient is a sum over events; if it
@@ -904,6 +933,8 @@ impl Trainer {
             oldest_ts: batch.oldest_ts,
             producer: self.replica_id.clone(),
         };
+        // What the overlay steps on once the record is sent.
+        let mut stepped = self.overlay.is_some().then(|| gradient.tensors.clone());
         let mut bytes = Record::Gradient(GradientRecord::new(meta.clone(), gradient)).encode();
         let limit = self.config.max_record_bytes;
         if bytes.len() > limit {
@@ -925,6 +956,7 @@ impl Trainer {
             error!(ranges = ?batch.ranges, bytes = bytes.len(), limit,
                 "one event's gradient record is over the size limit: the event is skipped");
             let skipped_alone = RecordMeta { examples: 0, skipped: skipped + examples, ..meta };
+            stepped = None;
             bytes = Record::Gradient(GradientRecord::new(skipped_alone, Gradient::default())).encode();
         } else if bytes.len() * 2 < limit {
             self.batch_limit = (self.batch_limit * 2).min(self.config.batch_size);
@@ -939,6 +971,9 @@ impl Trainer {
                 self.observe(Stage::Send, started);
                 self.next_seq += 1;
                 self.metrics.records_produced.inc();
+                if let (Some(overlay), Some(tensors)) = (&mut self.overlay, stepped) {
+                    overlay.push(batch.ranges.clone(), tensors);
+                }
                 self.in_flight.push_back(InFlight { seq, ranges: batch.ranges, sent: Instant::now() });
                 true
             }
@@ -1002,6 +1037,7 @@ impl Trainer {
     /// was read ahead and in flight.
     fn seek_back(&mut self, watermarks: &BTreeMap<i32, i64>) {
         self.in_flight.clear();
+        self.overlay.iter_mut().for_each(Overlay::clear);
         let ids: Vec<i32> = self.partitions.iter().filter(|(_, p)| p.hold_until.is_none()).map(|(&id, _)| id).collect();
         for id in ids {
             let wm = watermarks.get(&id).copied().unwrap_or(0);

@@ -25,7 +25,7 @@ pub fn state(kind: ModelKind) -> AppState {
     config.http.max_body_bytes = 4096;
     config.http.max_batch = 4;
     let model = Arc::new(Model::new(&config.model).expect("a built-in model"));
-    let publisher = Publisher::new(model.clone(), &ReplicaState::initial(&model));
+    let publisher = Publisher::new(model.clone(), &ReplicaState::initial(&model), false);
     config.replica_id = "test".into();
     AppState::new(publisher.serving(), Arc::new(Metrics::new("test")), &config, Arc::new(AtomicBool::new(true)))
 }
@@ -187,7 +187,7 @@ fn state_with_snapshots() -> (AppState, tempfile::TempDir) {
         state.loss_sum = examples as f64 * 0.5;
         store.save(&model, &state).unwrap();
     }
-    let publisher = Publisher::new(model.clone(), &state);
+    let publisher = Publisher::new(model.clone(), &state, false);
     let ready = Arc::new(AtomicBool::new(true));
     let mut state = AppState::new(publisher.serving(), Arc::new(Metrics::new("test")), &config, ready);
     state.checkpoints = Some(Arc::new(store));
