@@ -214,6 +214,7 @@ pub const PROTECTED_CLIENT_PROPERTIES: &[&str] = &[
     "message.timeout.ms",
     "fetch.max.bytes",
     "max.partition.fetch.bytes",
+    "queued.min.messages",
     "queued.max.messages.kbytes",
     "fetch.queue.backoff.ms",
     "enable.partition.eof",
