@@ -75,12 +75,7 @@ impl BatchGraph {
                 }
             })
             .collect();
-        let field_of: Vec<Option<usize>> = (model.params.iter())
-            .map(|p| {
-                let suffix = p.name.split_once('.').map(|(_, f)| f)?;
-                p.sparse.then(|| model.featurizer.fields().iter().position(|f| f == suffix)).flatten()
-            })
-            .collect();
+        let field_of: Vec<Option<usize>> = (0..model.params.len()).map(|p| model.sparse_field(p)).collect();
         let leaves = (model.params.iter().enumerate().zip(&field_of))
             .map(|((param, p), field)| {
                 let t = match field {

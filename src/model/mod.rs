@@ -335,6 +335,15 @@ impl Model {
         }
     }
 
+    /// The sparse field whose ids index the rows of parameter `param`
+    /// (`emb.f1` and `wide.f1` are indexed by field `f1`); `None` for a
+    /// dense parameter.
+    pub fn sparse_field(&self, param: usize) -> Option<usize> {
+        let p = self.params.get(param)?;
+        let suffix = p.name.split_once('.').map(|(_, f)| f)?;
+        p.sparse.then(|| self.featurizer.fields().iter().position(|f| f == suffix)).flatten()
+    }
+
     /// Progressive loss and gradient of a batch against a view of weights
     /// (see [`Weights`]); not for TorchScript models, whose module takes
     /// whole weights.

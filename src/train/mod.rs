@@ -772,11 +772,11 @@ impl Trainer {
     }
 
     /// Sends batches from the read-ahead while fewer than K records are in
-    /// flight and the served weights include the last one applied.
+    /// flight and the gradient would see the trainer's own records.
     /// Returns the records sent.
     fn send_batches(&mut self) -> usize {
         let mut sent = 0;
-        while self.read_ahead() > 0 && self.in_flight.len() < self.config.max_in_flight && self.sees_own_records() {
+        while self.read_ahead() > 0 && self.has_slot() && self.sees_own_records() {
             // Served by now, even if the loop had not yet seen it.
             self.end_served_stage();
             self.note_fetched_ends();
@@ -810,6 +810,18 @@ impl Trainer {
             sent += 1;
         }
         sent
+    }
+
+    /// Whether a record may be sent now: none is in flight, or fewer than
+    /// `max_in_flight` are and a full batch is read ahead. Live, a record
+    /// is sent per round trip with what came meanwhile, as with one in
+    /// flight: more in flight would only split the same events into more,
+    /// smaller records, each costing the applier a dense step on every
+    /// replica (three live `wide_deep` replicas at 4 in flight: freshness
+    /// p99 1 s, against 125 ms at 1).
+    fn has_slot(&self) -> bool {
+        let in_flight = self.in_flight.len();
+        in_flight == 0 || (in_flight < self.config.max_in_flight && self.read_ahead() >= self.batch_limit)
     }
 
     /// The newest event time this trainer may take: the slowest other
@@ -875,7 +887,7 @@ impl Trainer {
         let snapshot = self.serving.load_full();
         let overlaid = self.overlay.as_mut().and_then(|overlay| {
             overlay.retire(&snapshot.watermarks);
-            overlay.over(&self.model, &snapshot)
+            overlay.over(&self.model, &snapshot, &batch.examples)
         });
         let at = overlaid.map_or(At::Served(&snapshot), At::Overlaid);
         let refusal = match self.checked_gradient(&at, &batch.examples) {

@@ -13,8 +13,9 @@
 //! Owns the records in flight and the scratch rows; reads snapshots, never
 //! changes them; knows nothing of Kafka.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
+use crate::event::Example;
 use crate::model::{Buffers, GradTensor, GradValues, Model, Weights};
 use crate::snapshot::Snapshot;
 use crate::state::optim::Optimizer;
@@ -61,11 +62,13 @@ impl Overlay {
     }
 
     /// The weights of `snapshot` with the records not yet retired stepped
-    /// on, as the applier will step them; `None` if the snapshot carries
-    /// no optimizer state.
-    pub fn over<'a>(&self, model: &Model, snapshot: &'a Snapshot) -> Option<Overlaid<'a>> {
+    /// on, as the applier will step them, for a gradient of `batch`: only
+    /// the rows it reads are stepped (a record of rare values touches
+    /// thousands the next batch never reads). `None` if the snapshot
+    /// carries no optimizer state.
+    pub fn over<'a>(&self, model: &Model, snapshot: &'a Snapshot, batch: &[Example]) -> Option<Overlaid<'a>> {
         let optimizer = snapshot.optimizer.as_ref()?;
-        let mut overlaid = Overlaid::new(&snapshot.weights, optimizer);
+        let mut overlaid = Overlaid::new(&snapshot.weights, optimizer, rows_read(model, batch));
         let mut steps = optimizer.steps;
         for sent in &self.sent {
             steps += 1;
@@ -73,6 +76,17 @@ impl Overlay {
         }
         Some(overlaid)
     }
+}
+
+/// The (parameter, row) pairs a gradient of `batch` reads.
+fn rows_read(model: &Model, batch: &[Example]) -> HashSet<(usize, u32)> {
+    let mut rows = HashSet::new();
+    for param in 0..model.params().len() {
+        if let Some(field) = model.sparse_field(param) {
+            rows.extend(batch.iter().flat_map(|e| e.features.ids[field].iter().map(move |&id| (param, id))));
+        }
+    }
+    rows
 }
 
 /// A parameter's values with its optimizer slots (up to two).
@@ -105,11 +119,13 @@ pub struct Overlaid<'a> {
     params: HashMap<usize, Cells>,
     /// Rows of sparse tables stepped, by (parameter, row).
     rows: HashMap<(usize, u32), Cells>,
+    /// The rows worth stepping: those the gradient reads.
+    read: HashSet<(usize, u32)>,
 }
 
 impl<'a> Overlaid<'a> {
-    fn new(base: &'a Buffers, optimizer: &'a Optimizer) -> Overlaid<'a> {
-        Overlaid { base, optimizer, params: HashMap::new(), rows: HashMap::new() }
+    fn new(base: &'a Buffers, optimizer: &'a Optimizer, read: HashSet<(usize, u32)>) -> Overlaid<'a> {
+        Overlaid { base, optimizer, params: HashMap::new(), rows: HashMap::new(), read }
     }
 
     /// Steps `gradient` on as the optimizer's `steps`-th step, copying each
@@ -127,7 +143,7 @@ impl<'a> Overlaid<'a> {
                     cells.step(&at, values);
                 }
                 GradValues::Rows { ids, values } => {
-                    for (r, &id) in ids.iter().enumerate() {
+                    for (r, &id) in ids.iter().enumerate().filter(|(_, &id)| self.read.contains(&(p, id))) {
                         let row = id as usize * cols..(id as usize + 1) * cols;
                         let cells = self.rows.entry((p, id)).or_insert_with(|| Cells::copy(base, opt, p, row));
                         cells.step(&at, &values[r * cols..(r + 1) * cols]);
@@ -209,7 +225,7 @@ mod tests {
                 let batch: Vec<Example> = (b * 8..b * 8 + 8).map(|i| example(&model, i)).collect();
                 let snapshot = publisher.serving().load_full();
                 overlay.retire(&snapshot.watermarks);
-                let at = overlay.over(&model, &snapshot).unwrap();
+                let at = overlay.over(&model, &snapshot, &batch).unwrap();
                 let (ranges, bytes, tensors) = record(&model, &at, &batch, i64::from(b) * 8);
                 // What the sequential learner computes: the gradient at the state itself.
                 let expected = model.gradient(&state.weights, &batch).unwrap();
@@ -227,7 +243,9 @@ mod tests {
             let snapshot = publisher.serving().load_full();
             overlay.retire(&snapshot.watermarks);
             assert_eq!(overlay.len(), 3, "the records after the served ones");
-            let at = overlay.over(&model, &snapshot).unwrap();
+            // Every row any record touched is read by one of its events.
+            let every: Vec<Example> = (0..40).map(|i| example(&model, i)).collect();
+            let at = overlay.over(&model, &snapshot, &every).unwrap();
             for (p, spec) in model.params().iter().enumerate() {
                 for id in 0..spec.rows as u32 {
                     assert_eq!(
