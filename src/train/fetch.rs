@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::BaseConsumer;
+use rdkafka::error::KafkaResult;
 use rdkafka::message::{BorrowedMessage, Message};
 use tracing::warn;
 
@@ -44,12 +45,20 @@ pub struct Fetched {
 }
 
 impl Fetched {
-    fn of(m: &BorrowedMessage<'_>) -> Fetched {
-        Fetched {
-            partition: m.partition(),
-            offset: m.offset(),
-            record_ts: m.timestamp().to_millis(),
-            payload: m.payload().unwrap_or(&[]).to_vec(),
+    /// What a poll returned, as an event (an error is logged: librdkafka
+    /// goes on fetching after it).
+    fn of(polled: Option<KafkaResult<BorrowedMessage<'_>>>) -> Option<Fetched> {
+        match polled? {
+            Ok(m) => Some(Fetched {
+                partition: m.partition(),
+                offset: m.offset(),
+                record_ts: m.timestamp().to_millis(),
+                payload: m.payload().unwrap_or(&[]).to_vec(),
+            }),
+            Err(e) => {
+                warn!(error = %e, "consumer error");
+                None
+            }
         }
     }
 }
@@ -97,23 +106,11 @@ impl Fetcher {
     /// (events fetched before their partition's queue was split, and any
     /// of a partition without one). Rebalance callbacks run inside it.
     pub fn poll_consumer(&self, timeout: Duration) -> Option<Fetched> {
-        match self.consumer.poll(timeout)? {
-            Ok(m) => Some(Fetched::of(&m)),
-            Err(e) => {
-                warn!(error = %e, "consumer error");
-                None
-            }
-        }
+        Fetched::of(self.consumer.poll(timeout))
     }
 
     /// The next event queued for `partition`, without waiting.
     pub fn poll_partition(&self, partition: i32) -> Option<Fetched> {
-        match self.queues.get(&partition)?.poll(Duration::ZERO)? {
-            Ok(m) => Some(Fetched::of(&m)),
-            Err(e) => {
-                warn!(partition, error = %e, "consumer error");
-                None
-            }
-        }
+        Fetched::of(self.queues.get(&partition)?.poll(Duration::ZERO))
     }
 }

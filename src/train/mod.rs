@@ -580,7 +580,6 @@ impl Trainer {
         let _ = self.producer.flush(Duration::from_secs(10));
         let _ = self.dead_letters.flush(Duration::from_secs(10));
         self.commit(CommitMode::Sync);
-        self.fetcher.forget_all();
         self.consumer.unsubscribe();
         // The last holder of the consumer: it closes here.
         drop(self.fetcher);

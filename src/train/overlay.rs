@@ -64,15 +64,17 @@ impl Overlay {
     /// The weights of `snapshot` with the records not yet retired stepped
     /// on, as the applier will step them, for a gradient of `batch`: only
     /// the rows it reads are stepped (a record of rare values touches
-    /// thousands the next batch never reads). `None` if the snapshot
+    /// thousands the next batch never reads). `None` when there is nothing
+    /// to step on (the snapshot's weights are the ones), or the snapshot
     /// carries no optimizer state.
     pub fn over<'a>(&self, model: &Model, snapshot: &'a Snapshot, batch: &[Example]) -> Option<Overlaid<'a>> {
+        if self.sent.is_empty() {
+            return None;
+        }
         let optimizer = snapshot.optimizer.as_ref()?;
         let mut overlaid = Overlaid::new(&snapshot.weights, optimizer, rows_read(model, batch));
-        let mut steps = optimizer.steps;
-        for sent in &self.sent {
-            steps += 1;
-            overlaid.step(model, optimizer, steps, &sent.gradient);
+        for (steps, sent) in (optimizer.steps + 1..).zip(&self.sent) {
+            overlaid.step(model, steps, &sent.gradient);
         }
         Some(overlaid)
     }
@@ -130,9 +132,9 @@ impl<'a> Overlaid<'a> {
 
     /// Steps `gradient` on as the optimizer's `steps`-th step, copying each
     /// parameter or row from the base the first time it is touched.
-    fn step(&mut self, model: &Model, optimizer: &Optimizer, steps: u64, gradient: &[GradTensor]) {
-        let at = optimizer.at(steps);
+    fn step(&mut self, model: &Model, steps: u64, gradient: &[GradTensor]) {
         let (base, opt) = (self.base, self.optimizer);
+        let at = opt.at(steps);
         for g in gradient {
             let p = g.param as usize;
             let Some(spec) = model.params().get(p) else { continue };
@@ -189,7 +191,7 @@ mod tests {
     /// A record of `batch`'s gradient at `w`, continuing partition 0 at `from`.
     fn record(
         model: &Model,
-        w: &impl Weights,
+        w: &(impl Weights + ?Sized),
         batch: &[Example],
         from: i64,
     ) -> (Vec<EventRange>, Vec<u8>, Vec<GradTensor>) {
@@ -225,8 +227,11 @@ mod tests {
                 let batch: Vec<Example> = (b * 8..b * 8 + 8).map(|i| example(&model, i)).collect();
                 let snapshot = publisher.serving().load_full();
                 overlay.retire(&snapshot.watermarks);
-                let at = overlay.over(&model, &snapshot, &batch).unwrap();
-                let (ranges, bytes, tensors) = record(&model, &at, &batch, i64::from(b) * 8);
+                // Nothing in flight: the snapshot's own weights.
+                let (ranges, bytes, tensors) = match overlay.over(&model, &snapshot, &batch) {
+                    Some(at) => record(&model, &at, &batch, i64::from(b) * 8),
+                    None => record(&model, snapshot.weights.as_slice(), &batch, i64::from(b) * 8),
+                };
                 // What the sequential learner computes: the gradient at the state itself.
                 let expected = model.gradient(&state.weights, &batch).unwrap();
                 assert_eq!(
