@@ -368,9 +368,14 @@ impl Replica {
         toml::from_str(&std::fs::read_to_string(path).ok()?).ok()
     }
 
-    /// The replica's metrics (none if it does not answer).
+    /// The replica's metrics. A scrape that fails (a connection the pool
+    /// reused as the server dropped it, say) is tried again: read as an
+    /// empty scrape it made a counter of 1 look like 0 to an assertion
+    /// (CI, 2026-12-02). Panics, with the log's tail, if the replica does
+    /// not answer for `SCRAPE_LIMIT`.
     pub fn metrics(&self) -> Scrape {
-        self.0.metrics().unwrap_or_default()
+        try_wait_for(&format!("{} to answer GET /metrics", self.id), SCRAPE_LIMIT, || self.0.metrics())
+            .unwrap_or_else(|e| panic!("{e}\n--- log tail ---\n{}", self.log_tail(40)))
     }
 
     /// `POST path` with a JSON `body` and the bearer `token` (if any):
@@ -479,6 +484,9 @@ pub struct Proxy {
 
 /// Kafka's API key of ListOffsets (the watermark query).
 const LIST_OFFSETS: i16 = 2;
+
+/// How long [`Replica::metrics`] tries to scrape a replica before it fails.
+const SCRAPE_LIMIT: Duration = Duration::from_secs(10);
 
 impl Proxy {
     /// Passes bytes through as they are.
