@@ -368,11 +368,10 @@ impl Replica {
         toml::from_str(&std::fs::read_to_string(path).ok()?).ok()
     }
 
-    /// The replica's metrics. A scrape that fails (a connection the pool
-    /// reused as the server dropped it, say) is tried again: read as an
-    /// empty scrape it made a counter of 1 look like 0 to an assertion
-    /// (CI, 2026-12-02). Panics, with the log's tail, if the replica does
-    /// not answer for `SCRAPE_LIMIT`.
+    /// The replica's metrics. A scrape that fails is tried again rather
+    /// than read as an empty scrape, whose zeros would satisfy an assertion
+    /// that a counter is 0 without reading it. Panics, with the log's tail,
+    /// if the replica does not answer for `SCRAPE_LIMIT`.
     pub fn metrics(&self) -> Scrape {
         try_wait_for(&format!("{} to answer GET /metrics", self.id), SCRAPE_LIMIT, || self.0.metrics())
             .unwrap_or_else(|e| panic!("{e}\n--- log tail ---\n{}", self.log_tail(40)))

@@ -118,7 +118,16 @@ fn a_poisoned_stream_triggers_one_automatic_rollback() {
     // Both past the rollback; at one version, one state.
     let infos = wait_at_one_version(&[&replicas[0], &replicas[1]], LEARN_LIMIT);
     assert_eq!(infos[0]["weights_digest"], infos[1]["weights_digest"], "{infos:?}");
-    let detected: f64 = replicas.iter().map(|r| r.metrics().value("tributary_divergences_detected_total", "")).sum();
+    // Each detection asks from a task of its own, which lists the store and
+    // asks the broker before it appends: with several records of poison in
+    // flight a replica detects more than once, and a request may land after
+    // the rollback. Wait until every request asked so far has been read.
+    let superseded = |r: &Replica| r.metrics().value("tributary_records_rejected_total", "reason=\"superseded\"");
+    let detected = wait_for("every rollback request to be read", LEARN_LIMIT, || {
+        let detected: f64 =
+            replicas.iter().map(|r| r.metrics().value("tributary_divergences_detected_total", "")).sum();
+        replicas.iter().all(|r| superseded(r) >= detected - 1.0).then_some(detected)
+    });
     assert!(detected >= 1.0, "the guard fired");
     for r in &replicas {
         let m = r.metrics();
