@@ -878,13 +878,8 @@ impl Bench {
     /// to 100k records; 1M records of `wide_deep` would be 28 GB of dense
     /// gradients, so that size is `logistic`'s.
     fn recovery(&mut self) -> anyhow::Result<()> {
-        let sizes: &[(u64, &str)] = if self.smoke {
-            &[(1_000, "wide_deep")]
-        } else {
-            &[(1_000, "wide_deep"), (10_000, "wide_deep"), (100_000, "wide_deep"), (1_000_000, "logistic")]
-        };
         let mut rows = Vec::new();
-        for &(k, kind) in sizes {
+        for (k, kind) in recovery_sizes(self.smoke) {
             let dir = self.dir(&format!("recovery-{k}"))?;
             let broker = Broker::start(&dir)?;
             let mut r = self.ready_replica(
@@ -1137,6 +1132,19 @@ fn quality_kinds(smoke: bool) -> Vec<&'static str> {
     let kinds: &[&'static str] = if smoke { &["logistic"] } else { &["logistic", "wide_deep"] };
     let only = std::env::var("LOAD_QUALITY_KINDS").unwrap_or_default();
     kinds.iter().copied().filter(|k| only.is_empty() || only.split(',').any(|o| o == *k)).collect()
+}
+
+/// The recovery scenario's logs: records since the checkpoint, and the
+/// model kind. `LOAD_RECOVERY_RECORDS=100000` keeps the sizes named (a
+/// probe of one).
+fn recovery_sizes(smoke: bool) -> Vec<(u64, &'static str)> {
+    let sizes: &[(u64, &'static str)] = if smoke {
+        &[(1_000, "wide_deep")]
+    } else {
+        &[(1_000, "wide_deep"), (10_000, "wide_deep"), (100_000, "wide_deep"), (1_000_000, "logistic")]
+    };
+    let only = std::env::var("LOAD_RECOVERY_RECORDS").unwrap_or_default();
+    sizes.iter().copied().filter(|(k, _)| only.is_empty() || only.split(',').any(|o| o == k.to_string())).collect()
 }
 
 /// Vowpal Wabbit (`--loss_function logistic -b 20`, PyPI `vowpalwabbit` in
