@@ -176,6 +176,20 @@ fn applier(c: &mut Criterion) {
             )
         });
         assert_eq!(state.records_rejected, 0, "every record continued the one before");
+        // The applier's stages alone, each a part of the whole above:
+        // decoding, then decoding and the step with nothing to publish.
+        let bytes = record_bytes(&m, 0, 1024, gradient.clone());
+        c.bench_function(&format!("applier_1024_decode/{kind:?}"), |b| b.iter(|| Record::decode(black_box(&bytes))));
+        c.bench_function(&format!("applier_1024_unpublished/{kind:?}"), |b| {
+            b.iter_batched(
+                || record_bytes(&m, next_from.replace(next_from.get() + 1024), 1024, gradient.clone()),
+                |bytes| {
+                    state.apply(&m, offset, &bytes, &mut NoTouch);
+                    offset += 1;
+                },
+                BatchSize::SmallInput,
+            )
+        });
     }
 }
 

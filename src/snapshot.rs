@@ -83,6 +83,15 @@ struct RowSet {
 }
 
 impl RowSet {
+    /// Empties the set, keeping its memory: clearing only the words of the
+    /// rows it holds costs what was marked, not the table's size.
+    fn clear(&mut self) {
+        for &id in &self.list {
+            self.bits[id as usize / 64] = 0;
+        }
+        self.list.clear();
+    }
+
     fn insert(&mut self, id: u32) {
         let (word, bit) = (id as usize / 64, id % 64);
         if word >= self.bits.len() {
@@ -105,6 +114,24 @@ impl Dirty {
     fn mark_rows(&mut self, param: usize, ids: &[u32]) {
         if let Some(set) = &mut self.rows[param] {
             ids.iter().for_each(|&id| set.insert(id));
+        }
+    }
+    /// Adds what `other` holds.
+    fn merge(&mut self, other: &Dirty) {
+        for (param, theirs) in other.rows.iter().enumerate() {
+            match theirs {
+                None => self.rows[param] = None,
+                Some(set) => self.mark_rows(param, &set.list),
+            }
+        }
+    }
+    /// Empties every parameter's set, keeping the memory of those it has.
+    fn clear(&mut self) {
+        for rows in &mut self.rows {
+            match rows {
+                Some(set) => set.clear(),
+                None => *rows = Some(RowSet::default()),
+            }
         }
     }
     /// Copies the changed rows of `from` into `to`; returns floats copied.
@@ -150,7 +177,9 @@ pub struct Publisher {
     /// Retired snapshots, oldest first, each with what changed since it was
     /// current: to be caught up and reused once no reader holds them.
     retired: Vec<(Arc<Snapshot>, Dirty)>,
-    /// Changed since the current snapshot was built.
+    /// Changed since the current snapshot was built. Steps mark only this
+    /// set; a publish adds it to each retired snapshot's before it swaps
+    /// (once per publish rather than once per record for each).
     since_front: Dirty,
     /// Whether snapshots carry the optimizer's state too.
     with_optimizer: bool,
@@ -186,9 +215,12 @@ impl Publisher {
     /// Makes `state` the served snapshot.
     pub fn publish(&mut self, state: &ReplicaState) -> PublishStats {
         let start = Instant::now();
+        for (_, dirty) in &mut self.retired {
+            dirty.merge(&self.since_front);
+        }
         let mut full_copy = false;
-        let (mut next, copied) = match self.reclaim_any() {
-            Some((mut snap, dirty)) => {
+        let (mut next, copied, mut free) = match self.reclaim_any() {
+            Some((mut snap, mut dirty)) => {
                 let mut copied = dirty.copy(&self.model, &state.weights, &mut snap.weights);
                 if let Some(optimizer) = &mut snap.optimizer {
                     for (from, to) in state.optimizer.slots.iter().zip(&mut optimizer.slots) {
@@ -196,13 +228,14 @@ impl Publisher {
                     }
                     optimizer.steps = state.optimizer.steps;
                 }
-                (snap, copied)
+                dirty.clear();
+                (snap, copied, dirty)
             }
             None => {
                 full_copy = !self.retired.is_empty();
                 let snap = Snapshot::from_state(&self.model, state, self.with_optimizer);
                 let copied = snap.weights.iter().map(Vec::len).sum();
-                (snap, copied)
+                (snap, copied, Dirty::clean(self.model.params().len()))
             }
         };
         next.position = state.position;
@@ -212,13 +245,13 @@ impl Publisher {
         next.progressive_loss = state.progressive_loss();
         next.published = Instant::now();
         next.digest = OnceLock::new();
-        let n = self.model.params().len();
         let previous = self.serving.swap(Arc::new(next));
         if self.retired.len() >= RETIRED_LIMIT {
             // Still held: its readers free it; it is not kept for reuse.
             self.retired.remove(0);
         }
-        self.retired.push((previous, std::mem::replace(&mut self.since_front, Dirty::clean(n))));
+        std::mem::swap(&mut self.since_front, &mut free);
+        self.retired.push((previous, free));
         PublishStats { took: start.elapsed(), copied, full_copy }
     }
 
@@ -243,15 +276,9 @@ impl Publisher {
 impl Touch for Publisher {
     fn rows(&mut self, param: usize, ids: &[u32]) {
         self.since_front.mark_rows(param, ids);
-        for (_, dirty) in &mut self.retired {
-            dirty.mark_rows(param, ids);
-        }
     }
     fn all(&mut self, param: usize) {
         self.since_front.rows[param] = None;
-        for (_, dirty) in &mut self.retired {
-            dirty.rows[param] = None;
-        }
     }
 }
 

@@ -454,7 +454,11 @@ impl<'a> Reader<'a> {
     }
     fn f32s(&mut self, n: usize) -> Result<Vec<f32>, DecodeError> {
         let bytes = self.take(n.checked_mul(4).ok_or(DecodeError::Truncated(self.at))?)?;
-        Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect())
+        let mut values = vec![0f32; n];
+        for (value, b) in values.iter_mut().zip(bytes.chunks_exact(4)) {
+            *value = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        Ok(values)
     }
 }
 
