@@ -1,8 +1,9 @@
 //! Criterion benchmarks of the model's hot paths, each next to its baseline:
 //! predict per kind, a training step per kind, a replica's whole work per
-//! batch, the applier alone per record, a serving-snapshot publish
-//! left-right against a full copy, and decoding a training event from
-//! Avro against JSON.
+//! batch, the applier alone per record, a trainer's gradient over its
+//! records in flight against one at the served snapshot, a
+//! serving-snapshot publish left-right against a full copy, and decoding a
+//! training event from Avro against JSON.
 //! `cargo bench --bench model` runs them. The `torchscript` cases export
 //! `examples/torchscript/export.py`'s model (2.1 M parameters; sparse
 //! embedding gradients, and dense ones for comparison) with the
@@ -20,6 +21,7 @@ use tributary::snapshot::Publisher;
 use tributary::state::optim::NoTouch;
 use tributary::state::ReplicaState;
 use tributary::synthetic::Synthetic;
+use tributary::train::overlay::Overlay;
 use tributary::update_log::record::{EventRange, GradientRecord, Record, RecordMeta};
 
 fn model(kind: ModelKind) -> Model {
@@ -193,6 +195,38 @@ fn applier(c: &mut Criterion) {
     }
 }
 
+/// A trainer's next gradient of 1024 events while 3 of its records are in
+/// flight: the served snapshot with those records stepped on (copies of
+/// the rows the batch reads), against the gradient at the snapshot alone
+/// (what a trainer that waits for its records computes).
+fn overlay(c: &mut Criterion) {
+    tributary::replica::init_libtorch();
+    for kind in [ModelKind::Logistic, ModelKind::WideDeep] {
+        let m = Arc::new(model(kind));
+        let mut ctr = tributary::synthetic::CtrStream::new(m.config(), 11, u64::MAX);
+        let mut batch = || -> Vec<Example> {
+            (0..1024).map(|_| m.featurizer().event(ctr.next_event(Some(1)).json.as_bytes()).unwrap()).collect()
+        };
+        let state = ReplicaState::initial(&m);
+        let snapshot = Publisher::new(m.clone(), &state, true).serving().load_full();
+        let mut in_flight = Overlay::default();
+        for k in 0..3 {
+            let gradient = m.gradient(&state.weights, &batch()).unwrap();
+            in_flight.push(vec![EventRange { partition: 0, from: 1024 * k, to: 1024 * (k + 1) }], gradient.tensors);
+        }
+        let next = batch();
+        c.bench_function(&format!("next_gradient_1024/{kind:?} at the snapshot"), |b| {
+            b.iter(|| m.gradient(&snapshot.weights, black_box(&next)).unwrap())
+        });
+        c.bench_function(&format!("next_gradient_1024/{kind:?} over 3 in flight"), |b| {
+            b.iter(|| {
+                let overlaid = in_flight.over(&m, &snapshot, black_box(&next)).expect("records in flight");
+                m.gradient_on(&overlaid, &next).unwrap()
+            })
+        });
+    }
+}
+
 /// Apply one batch's record, then publish: left-right copies the touched
 /// rows, the baseline clones the whole model (64 MB for wide_deep).
 fn publish(c: &mut Criterion) {
@@ -254,6 +288,6 @@ fn event_decode(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).measurement_time(std::time::Duration::from_secs(3));
-    targets = predict, train_step, torchscript, pipeline, applier, publish, event_decode
+    targets = predict, train_step, torchscript, pipeline, applier, overlay, publish, event_decode
 }
 criterion_main!(benches);

@@ -35,7 +35,7 @@
 
 mod context;
 mod fetch;
-mod overlay;
+pub mod overlay;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};

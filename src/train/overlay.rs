@@ -13,12 +13,15 @@
 //! Owns the records in flight and the scratch rows; reads snapshots, never
 //! changes them; knows nothing of Kafka.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+use std::ops::Range;
+
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use crate::event::Example;
 use crate::model::{Buffers, GradTensor, GradValues, Model, Weights};
 use crate::snapshot::Snapshot;
-use crate::state::optim::Optimizer;
+use crate::state::optim::{Optimizer, Step};
 use crate::update_log::record::EventRange;
 
 /// A record of the trainer's that the served weights may not include yet.
@@ -82,11 +85,12 @@ impl Overlay {
 
 /// The (parameter, row) pairs a gradient of `batch` reads.
 fn rows_read(model: &Model, batch: &[Example]) -> HashSet<(usize, u32)> {
-    let mut rows = HashSet::new();
-    for param in 0..model.params().len() {
-        if let Some(field) = model.sparse_field(param) {
-            rows.extend(batch.iter().flat_map(|e| e.features.ids[field].iter().map(move |&id| (param, id))));
-        }
+    let sparse: Vec<(usize, usize)> =
+        (0..model.params().len()).filter_map(|param| Some((param, model.sparse_field(param)?))).collect();
+    let ids: usize = batch.iter().map(|e| e.features.ids.iter().map(Vec::len).sum::<usize>()).sum();
+    let mut rows = HashSet::with_capacity(ids * sparse.len().div_ceil(model.featurizer().fields().len().max(1)));
+    for &(param, field) in &sparse {
+        rows.extend(batch.iter().flat_map(|e| e.features.ids[field].iter().map(move |&id| (param, id))));
     }
     rows
 }
@@ -99,16 +103,61 @@ struct Cells {
 }
 
 impl Cells {
-    /// Copies `range` of parameter `p` from `weights` and `optimizer`.
-    fn copy(weights: &Buffers, optimizer: &Optimizer, p: usize, range: std::ops::Range<usize>) -> Cells {
-        let slot = |k: usize| optimizer.slots.get(k).map_or(Vec::new(), |s| s[p][range.clone()].to_vec());
-        Cells { weights: weights[p][range.clone()].to_vec(), slots: [slot(0), slot(1)] }
+    /// Copies parameter `p` whole from `weights` and `optimizer`.
+    fn copy(weights: &Buffers, optimizer: &Optimizer, p: usize) -> Cells {
+        let slot = |k: usize| optimizer.slots.get(k).map_or(Vec::new(), |s| s[p].clone());
+        Cells { weights: weights[p].clone(), slots: [slot(0), slot(1)] }
+    }
+}
+
+/// Copies of sparse rows, each row's values side by side in one arena per
+/// buffer (weights, each slot): one allocation for all, not three per row.
+#[derive(Debug)]
+struct Rows {
+    /// Where each copied row starts in the arenas.
+    start: HashMap<(usize, u32), usize>,
+    weights: Vec<f32>,
+    /// Empty for the slots the optimizer does not have.
+    slots: [Vec<f32>; 2],
+}
+
+impl Rows {
+    fn with_capacity(rows: usize) -> Rows {
+        Rows { start: HashMap::with_capacity(rows), weights: Vec::new(), slots: [Vec::new(), Vec::new()] }
     }
 
-    /// Steps these cells by `grads` at optimizer step `at`.
-    fn step(&mut self, at: &crate::state::optim::Step, grads: &[f32]) {
+    /// The arena range of row `id` of parameter `p`, copied from `weights`
+    /// and `optimizer` the first time it is asked for.
+    fn copy_in(&mut self, weights: &Buffers, optimizer: &Optimizer, p: usize, id: u32, cols: usize) -> Range<usize> {
+        let start = *self.start.entry((p, id)).or_insert_with(|| {
+            let row = id as usize * cols..(id as usize + 1) * cols;
+            let start = self.weights.len();
+            self.weights.extend_from_slice(&weights[p][row.clone()]);
+            for (arena, slot) in self.slots.iter_mut().zip(&optimizer.slots) {
+                arena.extend_from_slice(&slot[p][row.clone()]);
+            }
+            start
+        });
+        start..start + cols
+    }
+
+    /// Steps the copied row at `range` by `grads`.
+    fn step(&mut self, at: &Step, range: Range<usize>, grads: &[f32]) {
         let [s0, s1] = &mut self.slots;
-        at.step_slice(grads, &mut self.weights, [s0.as_mut_slice(), s1.as_mut_slice()]);
+        let [s0, s1] = [s0, s1].map(|arena| cells(arena, range.clone()));
+        at.step_slice(grads, &mut self.weights[range], [s0, s1]);
+    }
+
+    fn get(&self, p: usize, id: u32, cols: usize) -> Option<&[f32]> {
+        self.start.get(&(p, id)).map(|&start| &self.weights[start..start + cols])
+    }
+}
+
+/// The cells `range` of an arena; empty for a slot the optimizer does not have.
+fn cells(arena: &mut [f32], range: Range<usize>) -> &mut [f32] {
+    match arena.is_empty() {
+        true => arena,
+        false => &mut arena[range],
     }
 }
 
@@ -119,15 +168,16 @@ pub struct Overlaid<'a> {
     optimizer: &'a Optimizer,
     /// Dense parameters stepped, whole.
     params: HashMap<usize, Cells>,
-    /// Rows of sparse tables stepped, by (parameter, row).
-    rows: HashMap<(usize, u32), Cells>,
+    /// Rows of sparse tables stepped.
+    rows: Rows,
     /// The rows worth stepping: those the gradient reads.
     read: HashSet<(usize, u32)>,
 }
 
 impl<'a> Overlaid<'a> {
     fn new(base: &'a Buffers, optimizer: &'a Optimizer, read: HashSet<(usize, u32)>) -> Overlaid<'a> {
-        Overlaid { base, optimizer, params: HashMap::new(), rows: HashMap::new(), read }
+        let rows = Rows::with_capacity(read.len());
+        Overlaid { base, optimizer, params: HashMap::new(), rows, read }
     }
 
     /// Steps `gradient` on as the optimizer's `steps`-th step, copying each
@@ -141,14 +191,14 @@ impl<'a> Overlaid<'a> {
             let cols = spec.cols;
             match &g.values {
                 GradValues::Dense(values) => {
-                    let cells = self.params.entry(p).or_insert_with(|| Cells::copy(base, opt, p, 0..spec.len()));
-                    cells.step(&at, values);
+                    let cells = self.params.entry(p).or_insert_with(|| Cells::copy(base, opt, p));
+                    let [s0, s1] = &mut cells.slots;
+                    at.step_slice(values, &mut cells.weights, [s0.as_mut_slice(), s1.as_mut_slice()]);
                 }
                 GradValues::Rows { ids, values } => {
                     for (r, &id) in ids.iter().enumerate().filter(|(_, &id)| self.read.contains(&(p, id))) {
-                        let row = id as usize * cols..(id as usize + 1) * cols;
-                        let cells = self.rows.entry((p, id)).or_insert_with(|| Cells::copy(base, opt, p, row));
-                        cells.step(&at, &values[r * cols..(r + 1) * cols]);
+                        let range = self.rows.copy_in(base, opt, p, id, cols);
+                        self.rows.step(&at, range, &values[r * cols..(r + 1) * cols]);
                     }
                 }
             }
@@ -162,8 +212,8 @@ impl Weights for Overlaid<'_> {
     }
 
     fn row(&self, param: usize, id: u32, cols: usize) -> &[f32] {
-        match self.rows.get(&(param, id)) {
-            Some(cells) => &cells.weights,
+        match self.rows.get(param, id, cols) {
+            Some(row) => row,
             None => &self.param(param)[id as usize * cols..(id as usize + 1) * cols],
         }
     }
