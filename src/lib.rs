@@ -1,6 +1,6 @@
 //! tributary: a fleet of identical replicas that learn online from a Kafka
 //! stream of training events and serve predictions over HTTP from the newest
-//! weights. Read `DESIGN.md` (in the team's shared folder) for the protocol;
+//! weights. `docs/design.md` is the protocol;
 //! this crate is laid out by role, in layers: a module uses only modules of
 //! lower layers (the `layers` test below checks every `crate::` path).
 //!

@@ -1,6 +1,6 @@
 //! Stopping a replica's roles, in order, and waiting on what is away.
 //!
-//! The replica stops its roles one after the other (DESIGN.md: the trainer
+//! The replica stops its roles one after the other (docs/design.md section 5: the trainer
 //! sends what it batched and leaves the group, then the applier drains the
 //! log to its end and writes a final checkpoint), so each role gets a typed
 //! request it polls in its loop rather than a bare flag: [`StopRequest`]

@@ -1,4 +1,4 @@
-//! The replica's state and the apply rule (DESIGN.md section 3), in one
+//! The replica's state and the apply rule (docs/design.md section 3), in one
 //! place: everything a replica learned, identical on every replica at the
 //! same position, and the one function that changes it. Knows neither Kafka
 //! clients nor HTTP: the applier feeds it record bytes, checkpoints store it,

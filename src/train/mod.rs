@@ -5,7 +5,7 @@
 //! weights, and appends one gradient record with a `[from, to)` range per
 //! partition to `updates`. It never changes weights itself.
 //!
-//! The trainer rule (DESIGN.md section 3): on assignment, wait until the
+//! The trainer rule (docs/design.md section 4): on assignment, wait until the
 //! applier has read the log up to its end as of then, and start each new
 //! partition at its applied watermark; keep at most K records in flight;
 //! when a record of its own is lost (rejected, undelivered), seek every

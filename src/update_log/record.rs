@@ -12,7 +12,7 @@
 //!     param u32 | kind u8 (0 dense, 1 rows)
 //!     dense: len u32, f32 x len
 //!     rows:  n u32, width u32, ids u32 x n, f32 x n*width
-//! rollback body (a control record, DESIGN.md section 4):
+//! rollback body (a control record, docs/design.md section 7):
 //!   fingerprint u64 | to i64 | seen i64 | events u8 (0 relearn, 1 skip)
 //!   reason: len u16, utf-8 | producer: len u16, utf-8
 //! settings body (a control record: a replica's model settings, at start):

@@ -1,4 +1,4 @@
-//! The faults of DESIGN.md section 5 that involve the checkpoint store and
+//! The faults of docs/design.md section 9 that involve the checkpoint store and
 //! the broker, each ending with the exactly-once accounting: every event
 //! learned once (examples learned = events = sum of watermarks), and
 //! replicas that agree.
