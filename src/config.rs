@@ -195,7 +195,7 @@ pub struct KafkaConfig {
 }
 
 /// Client properties tributary sets itself, which `kafka.client` may not
-/// override: its guarantees rest on them (README, "Kafka settings").
+/// override: its guarantees rest on them (docs/operating.md, "Kafka settings").
 pub const PROTECTED_CLIENT_PROPERTIES: &[&str] = &[
     "bootstrap.servers",
     "client.id",

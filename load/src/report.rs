@@ -1,5 +1,5 @@
 //! The report: each finding next to its goal, written as JSON (every detail)
-//! and as a Markdown table (for the README and closing notes).
+//! and as a Markdown table (for docs/benchmarks.md and closing notes).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;

@@ -3,9 +3,8 @@
 //! (coalesced), writes checkpoints, and tells the local trainer what became
 //! of its records.
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -14,12 +13,14 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
 use super::attest::{Attestor, ATTESTATION_INTERVAL};
+use super::checkpointing::{Checkpointer, LogTrimmer};
 use super::handle::reachable_by_the_fleet;
+use super::progress::{Progress, RollbackOutcome, TrainerProgress, TRAINER_PROGRESS_KEPT};
 use super::rollback::{self, Guard, LogSource, Spike};
 use super::staleness::StalenessMeter;
 use crate::checkpoint::{SharedStore, Store};
 use crate::config::Config;
-use crate::lifecycle::{Backoff, DrainRequest, StopRequest};
+use crate::lifecycle::{Backoff, DrainRequest};
 use crate::metrics::Metrics;
 use crate::model::{settings_diff, Model};
 use crate::snapshot::{Publisher, Serving};
@@ -36,134 +37,12 @@ const REPLAY_ATTESTED_INTERVALS: i64 = 4;
 /// (each ask waits up to 2 s) before reading on without it.
 const LOG_END_ATTEMPTS: u32 = 5;
 
-/// What the applier has applied, for the trainer. Updated after each drained
-/// run of records, not per record.
-#[derive(Debug, Default)]
-pub struct Applied {
-    pub position: i64,
-    pub watermarks: BTreeMap<i32, i64>,
-    /// The ranges of this replica's records that were rejected.
-    pub rejected_own: Vec<Vec<EventRange>>,
-    /// The update log's end as the last fetch response said (0 before one,
-    /// and always 0 unless `train.max_unseen_records` is set): the trainer's
-    /// bound on records it has not seen.
-    pub log_end: i64,
-    /// Position after the last record the divergence guard found healthy.
-    pub last_healthy: i64,
-    /// What became of recent rollback records, by offset (the newest 64).
-    pub rollbacks: BTreeMap<i64, RollbackOutcome>,
-    /// Times the state was replaced other than by applying the next record
-    /// (a rollback taken, a newer checkpoint restored): a trainer that sees
-    /// this move drops its records in flight (computed on weights the
-    /// replica left) and reads again from the watermarks, without waiting.
-    pub state_jumps: u64,
-    /// The applier stopped applying (see `Applier::stall`): the trainer
-    /// leaves the consumer group, so that healthy replicas learn its
-    /// partitions.
-    pub stalled: bool,
-    /// Each trainer's event-time progress, by replica id, as the records
-    /// read since this replica was ready show it: the fleet's event-time
-    /// alignment.
-    pub trainers: HashMap<String, TrainerProgress>,
-}
-
-/// A trainer's event-time progress: the oldest event time of its newest
-/// record applied here, and when this replica read that record.
-#[derive(Clone, Copy, Debug)]
-pub struct TrainerProgress {
-    pub event_time: i64,
-    pub seen: Instant,
-}
-
-/// How long a trainer's progress is kept after its last record: longer than
-/// any trainer that learns goes without a record.
-const TRAINER_PROGRESS_KEPT: Duration = Duration::from_secs(60);
-
-impl Applied {
-    /// The stretches of history the fleet rolled back from, as (to, at):
-    /// the states after `to` up to the rollback at `at`, of the rollbacks
-    /// taken that it remembers. A rollback must not return into one.
-    pub fn rolled_back_from(&self) -> Vec<(i64, i64)> {
-        (self.rollbacks.iter()).filter(|(_, r)| r.taken).map(|(&at, r)| (r.to, at)).collect()
-    }
-}
-
-/// A rollback record as this replica took it (or not).
-#[derive(Clone, Debug, PartialEq)]
-pub struct RollbackOutcome {
-    pub taken: bool,
-    /// Why it was not taken (`superseded`, `bad_target`, `other_model`).
-    pub rejected: Option<&'static str>,
-    pub to: i64,
-    pub events: EventsSince,
-    /// Examples learned between `to` and the record that are no longer in
-    /// the weights (to be learned again if `events` is relearn).
-    pub examples_undone: u64,
-}
-
-/// `Applied` behind a lock, with a condition variable to wait on.
-#[derive(Debug, Default)]
-pub struct Progress {
-    pub applied: Mutex<Applied>,
-    pub changed: Condvar,
-}
-
-impl Progress {
-    /// Waits until the applied position reaches `position`, or `deadline`,
-    /// or `stop`. Returns whether it was reached.
-    pub fn wait_for(&self, position: i64, deadline: Instant, stop: &StopRequest) -> bool {
-        let mut applied = self.applied.lock().expect("progress lock");
-        while applied.position < position {
-            let now = Instant::now();
-            if now >= deadline || stop.is_requested() {
-                return false;
-            }
-            let wait = (deadline - now).min(Duration::from_millis(50));
-            applied = self.changed.wait_timeout(applied, wait).expect("progress lock").0;
-        }
-        true
-    }
-
-    /// Waits until the applier reports progress, or `timeout`.
-    pub fn wait_changed(&self, timeout: Duration) {
-        let applied = self.applied.lock().expect("progress lock");
-        let _ = self.changed.wait_timeout(applied, timeout).expect("progress lock");
-    }
-}
-
 /// The divergence guard, where it appends its rollback records, and the
 /// runtime that appends them off the apply path.
 struct GuardLink {
     guard: Guard,
     control: ControlLog,
     runtime: tokio::runtime::Handle,
-}
-
-/// Deletes update-log records below the oldest checkpoint the store keeps
-/// (`checkpoint.trim_update_log`), from the checkpoint writer's thread.
-struct LogTrimmer {
-    admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>,
-    topic: String,
-    runtime: tokio::runtime::Handle,
-}
-
-impl LogTrimmer {
-    /// Deletes the records before the oldest checkpoint `store` keeps; the
-    /// log's start after it. Every replica that checkpoints does the same:
-    /// DeleteRecords below an offset already deleted changes nothing.
-    fn trim(&self, store: &dyn Store) -> anyhow::Result<i64> {
-        let oldest = store.list()?.last().map(|c| c.position).unwrap_or(0);
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&self.topic, 0, Offset::Offset(oldest))?;
-        let options = rdkafka::admin::AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        let deleted = self.runtime.block_on(self.admin.delete_records(&tpl, &options))?;
-        let start = deleted.elements().first().map(|e| e.error().map(|()| e.offset()));
-        match start {
-            Some(Ok(Offset::Offset(start))) => Ok(start),
-            Some(Err(e)) => Err(e.into()),
-            _ => Ok(oldest),
-        }
-    }
 }
 
 /// What one drain of the log read.
@@ -193,12 +72,9 @@ pub struct Applier {
     /// For the reader that replays the log to rebuild a state.
     connection: kafka::Connection,
     guard: Option<GuardLink>,
-    /// `Some` when this replica trims the update log after its checkpoints.
-    trimmer: Option<Arc<LogTrimmer>>,
     /// Whether the trainer bounds the records it has not seen
     /// (`train.max_unseen_records`), and so needs the log end reported.
     report_log_end: bool,
-    checkpoint_every: Duration,
     /// Least time between swaps. `None`: swaps are off once ready, so the
     /// served weights stay those of start-up (a benchmark baseline only).
     min_swap_interval: Option<Duration>,
@@ -209,12 +85,6 @@ pub struct Applier {
     /// when the broker could not list it (see `kafka::fetched_end`).
     start_end: Option<i64>,
     last_swap: Instant,
-    /// When the last checkpoint was written (or loaded), and the records
-    /// its state had taken ([`records_taken`]).
-    last_saved: (Instant, u64),
-    last_checkpoint_try: Instant,
-    /// A checkpoint being written, off the apply path: whether it was written.
-    saver: Option<std::thread::JoinHandle<bool>>,
     /// Event times of the records applied since the last swap, for freshness.
     pending_ts: Vec<i64>,
     last_read_error: Option<Instant>,
@@ -230,24 +100,8 @@ pub struct Applier {
     stalled: Option<String>,
     /// Its own weights digests, the fleet's attestations compared with them.
     attestor: Attestor,
-    /// The checkpoint being written.
-    saving: Option<Saving>,
-}
-
-/// A checkpoint being written: its position, the records its state had
-/// taken, and its weights digest, attested once it is written.
-struct Saving {
-    position: i64,
-    records: u64,
-    digest: String,
-}
-
-/// The gradient and rollback records a state has taken (applied or
-/// rejected). A checkpoint is due when these move, not the position alone:
-/// control records (settings, attestations) change no weight, and a
-/// checkpoint's own attestation would otherwise make the next one due.
-fn records_taken(state: &ReplicaState) -> u64 {
-    state.records_applied + state.records_rejected
+    /// Writes checkpoints when due, off the apply path.
+    checkpoints: Checkpointer,
 }
 
 impl Applier {
@@ -266,7 +120,7 @@ impl Applier {
         let consumer: BaseConsumer = kafka::log_reader_config(&connection, &config.replica_id).create()?;
         let progress = Arc::new(Progress::default());
         {
-            let mut applied = progress.applied.lock().expect("progress lock");
+            let mut applied = progress.applied();
             applied.position = state.position;
             applied.last_healthy = state.position;
             applied.watermarks.clone_from(&state.watermarks);
@@ -285,22 +139,17 @@ impl Applier {
             runtime: tokio::runtime::Handle::current(),
         });
         let trimmer = match config.checkpoint.trims_update_log() {
-            true => Some(Arc::new(LogTrimmer {
-                admin: kafka::base_config(&connection, &format!("{}-trim", config.replica_id)).create()?,
-                topic: config.kafka.updates_topic.clone(),
-                runtime: tokio::runtime::Handle::current(),
-            })),
+            true => Some(LogTrimmer::new(&connection, &config.replica_id, &config.kafka.updates_topic)?),
             false => None,
         };
+        let every = Duration::from_secs(config.checkpoint.interval_secs);
         Ok(Applier {
-            trimmer,
+            checkpoints: Checkpointer::new(store.clone(), model.clone(), metrics.clone(), trimmer, every, &state),
             publisher: Publisher::new(model.clone(), &state, config.trainer_overlaps()),
             staleness: StalenessMeter::starting_at(state.position, state.examples_learned),
             settings_agreed: state.position > 0,
             stalled: None,
             attestor,
-            saving: None,
-            last_saved: (Instant::now(), records_taken(&state)),
             model,
             state,
             consumer,
@@ -312,15 +161,12 @@ impl Applier {
             connection,
             guard,
             report_log_end: config.train.max_unseen_records > 0,
-            checkpoint_every: Duration::from_secs(config.checkpoint.interval_secs),
             min_swap_interval: (config.apply.max_swaps_per_sec > 0.0)
                 .then(|| Duration::from_secs_f64(1.0 / config.apply.max_swaps_per_sec)),
             ready: Arc::new(AtomicBool::new(false)),
             drain: DrainRequest::default(),
             start_end: None,
             last_swap: Instant::now(),
-            last_checkpoint_try: Instant::now(),
-            saver: None,
             pending_ts: Vec::new(),
             last_read_error: None,
         })
@@ -365,7 +211,7 @@ impl Applier {
             }
             self.publish_when_due(drained.records == 0, drained.own_applied);
             self.update_readiness()?;
-            self.checkpoint_when_due();
+            self.checkpoints.when_due(&self.state, &mut self.attestor);
         }
         self.finish();
         Ok(())
@@ -503,7 +349,7 @@ impl Applier {
         if let Some(link) = &mut self.guard {
             link.guard.rolled_back(self.state.position);
         }
-        self.progress.applied.lock().expect("progress lock").state_jumps += 1;
+        self.progress.applied().state_jumps += 1;
     }
 
     /// Stops applying for `reason`: not ready, counted, logged. The state
@@ -514,8 +360,8 @@ impl Applier {
         self.ready.store(false, Ordering::Release);
         self.metrics.ready.set(0);
         self.stalled = Some(reason);
-        self.progress.applied.lock().expect("progress lock").stalled = true;
-        self.progress.changed.notify_all();
+        self.progress.applied().stalled = true;
+        self.progress.notify();
     }
 
     /// Metrics, logs and the trainer's notes for one record's outcome; takes
@@ -631,7 +477,7 @@ impl Applier {
 
     /// Tells the trainer (and the admin handle) what was applied.
     fn report_progress(&self, own_rejections: Vec<Vec<EventRange>>, trainers: Vec<(String, i64)>) {
-        let mut applied = self.progress.applied.lock().expect("progress lock");
+        let mut applied = self.progress.applied();
         applied.position = self.state.position;
         applied.watermarks.clone_from(&self.state.watermarks);
         applied.rejected_own.extend(own_rejections);
@@ -647,7 +493,7 @@ impl Applier {
             applied.last_healthy = link.guard.last_healthy();
         }
         drop(applied);
-        self.progress.changed.notify_all();
+        self.progress.notify();
     }
 
     fn swap_due(&self) -> bool {
@@ -664,7 +510,7 @@ impl Applier {
         }
         let stats = self.publisher.publish(&self.state);
         // A trainer waiting for its record to be served wakes now.
-        self.progress.changed.notify_all();
+        self.progress.notify();
         self.last_swap = Instant::now();
         self.metrics.swaps.inc();
         self.metrics.swap_duration.observe(stats.took.as_secs_f64());
@@ -702,57 +548,12 @@ impl Applier {
         Ok(())
     }
 
-    /// A checkpoint is due every interval while records are taken, written
-    /// on another thread (the clone is the price of not pausing the log); a
-    /// failed one is retried at the next interval (the log keeps everything
-    /// meanwhile). A written one is attested.
-    fn checkpoint_when_due(&mut self) {
-        if self.saver.as_ref().is_some_and(|h| h.is_finished()) {
-            let saved = self.saver.take().expect("checked").join().unwrap_or(false);
-            if let (true, Some(Saving { position, records, digest })) = (saved, self.saving.take()) {
-                self.last_saved = (Instant::now(), records);
-                self.attestor.attest(position, digest);
-            }
-        }
-        self.metrics.checkpoint_age.set(self.last_saved.0.elapsed().as_secs_f64());
-        let due = self.last_checkpoint_try.elapsed() >= self.checkpoint_every
-            && records_taken(&self.state) != self.last_saved.1;
-        if due && self.saver.is_none() {
-            let (store, model, state, metrics) =
-                (self.store.clone(), self.model.clone(), self.state.clone(), self.metrics.clone());
-            let digest = model.digest(&state.weights);
-            self.attestor.remember(state.position, digest.clone());
-            self.saving = Some(Saving { position: state.position, records: records_taken(&state), digest });
-            let trimmer = self.trimmer.clone();
-            self.saver = Some(std::thread::spawn(move || {
-                let saved = save(&*store, &model, &state, &metrics);
-                if let (true, Some(trimmer)) = (saved, trimmer) {
-                    match trimmer.trim(&*store) {
-                        Ok(start) => {
-                            metrics.update_log_start.set(start);
-                            debug!(start, "update log trimmed below the oldest kept checkpoint");
-                        }
-                        Err(e) => warn!(
-                            error = format!("{e:#}"),
-                            "cannot trim the update log; the next checkpoint tries again"
-                        ),
-                    }
-                }
-                saved
-            }));
-            self.last_checkpoint_try = Instant::now();
-        }
-    }
-
     /// After the drain: the last weights served, a final checkpoint.
     fn finish(mut self) {
-        if let Some(h) = self.saver.take() {
-            let _ = h.join();
-        }
         if self.publisher.is_behind(&self.state) {
             self.publisher.publish(&self.state);
         }
-        save(&*self.store, &self.model, &self.state, &self.metrics);
+        self.checkpoints.finish(&self.state);
         info!(position = self.state.position, "applier stopped after a final checkpoint");
     }
 }
@@ -812,7 +613,7 @@ impl Applier {
     }
 
     fn note_rollback(&self, offset: i64, outcome: RollbackOutcome) {
-        let mut applied = self.progress.applied.lock().expect("progress lock");
+        let mut applied = self.progress.applied();
         applied.rollbacks.insert(offset, outcome);
         while applied.rollbacks.len() > 64 {
             applied.rollbacks.pop_first();
@@ -831,7 +632,7 @@ impl Applier {
         let Spike { fast, baseline, last_healthy } = spike;
         let (seen, fingerprint, producer) = (self.state.position, self.model.fingerprint(), self.replica_id.clone());
         let (control, store) = (control.clone(), self.store.clone());
-        let left = self.progress.applied.lock().expect("progress lock").rolled_back_from();
+        let left = self.progress.applied().rolled_back_from();
         let (connection, topic) = (self.connection.clone(), self.updates_topic.clone());
         // Choosing the snapshot lists the store, and checking that every
         // replica can rebuild it asks the broker: off the apply path.
@@ -897,29 +698,6 @@ fn ahead_of_log(position: i64, topic: &str, end: i64) -> String {
          or recreated, or the checkpoint belongs to another cluster. Remove the checkpoints to start from the seed \
          weights, or point the replica at the right brokers."
     )
-}
-
-/// Writes one checkpoint; whether it was written.
-fn save(store: &dyn Store, model: &Model, state: &ReplicaState, metrics: &Metrics) -> bool {
-    let start = Instant::now();
-    info!(position = state.position, store = %store.describe(), "writing checkpoint");
-    match store.save(model, state) {
-        Ok(info) => {
-            metrics.checkpoints.with_label_values(&["ok"]).inc();
-            info!(
-                position = info.position,
-                bytes = info.bytes,
-                ms = start.elapsed().as_millis() as u64,
-                "checkpoint written"
-            );
-            true
-        }
-        Err(e) => {
-            metrics.checkpoints.with_label_values(&["error"]).inc();
-            warn!(error = %e, "checkpoint failed; the log still holds everything, will retry");
-            false
-        }
-    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::BaseConsumer;
 
-use super::applier::{last_good, Progress, RollbackOutcome};
+use super::applier::last_good;
+use super::progress::{Progress, RollbackOutcome};
 use crate::checkpoint::{SharedStore, Store};
 use crate::config::Config;
 use crate::update_log::control::ControlLog;
@@ -96,7 +97,7 @@ impl ReplicaHandle {
         wait: Duration,
     ) -> Result<RollbackAnswer, RollbackError> {
         let (seen, last_healthy) = {
-            let applied = self.progress.applied.lock().expect("progress lock");
+            let applied = self.progress.applied();
             (applied.position, applied.last_healthy)
         };
         let to = self.resolve(target, seen, last_healthy).await?;
@@ -114,7 +115,7 @@ impl ReplicaHandle {
         let deadline = Instant::now() + wait;
         loop {
             let (outcome, model_version) = {
-                let applied = self.progress.applied.lock().expect("progress lock");
+                let applied = self.progress.applied();
                 (applied.rollbacks.get(&offset).cloned(), applied.position)
             };
             if let Some(outcome) = outcome {
@@ -144,7 +145,7 @@ impl ReplicaHandle {
             RollbackTarget::LastGood => {
                 // Choosing the snapshot lists the store: off the runtime.
                 let store = self.store.clone();
-                let left = self.progress.applied.lock().expect("progress lock").rolled_back_from();
+                let left = self.progress.applied().rolled_back_from();
                 tokio::task::spawn_blocking(move || last_good(&*store, last_healthy, &left))
                     .await
                     .map_err(|e| RollbackError::Internal(e.to_string()))

@@ -6,6 +6,8 @@
 
 pub mod applier;
 pub mod attest;
+pub mod checkpointing;
 pub mod handle;
+pub mod progress;
 pub mod rollback;
 pub mod staleness;

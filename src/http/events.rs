@@ -57,7 +57,7 @@ impl EventSink {
     }
 }
 
-/// A batch of training events (the event schema of the README).
+/// A batch of training events (the event schema of docs/api.md).
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EventsRequest {

@@ -16,7 +16,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{error, info, warn};
 
-use crate::apply::applier::Progress;
+use crate::apply::progress::Progress;
 use crate::lifecycle::StopRequest;
 use crate::update_log::kafka;
 
@@ -70,7 +70,7 @@ impl TrainerContext {
             }
             (true, _) => None,
         };
-        let watermarks = self.progress.applied.lock().expect("progress lock").watermarks.clone();
+        let watermarks = self.progress.applied().watermarks.clone();
         let mut assigned = Vec::new();
         for elem in tpl.elements() {
             let wm = watermarks.get(&elem.partition()).copied();

@@ -27,7 +27,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 use tracing::warn;
 
 use super::context::TrainerContext;
-use crate::apply::applier::Progress;
+use crate::apply::progress::Progress;
 
 /// Events librdkafka keeps queued per partition (`queued.min.messages`):
 /// about half a second of a partition at 400 000 events/s over 8.
@@ -86,7 +86,7 @@ impl Fetcher {
         match self.consumer.split_partition_queue(&self.topic, partition) {
             Some(mut queue) => {
                 let progress = self.progress.clone();
-                queue.set_nonempty_callback(move || progress.changed.notify_all());
+                queue.set_nonempty_callback(move || progress.notify());
                 self.queues.insert(partition, queue);
             }
             None => warn!(partition, "no queue of its own for the partition: its events come through the consumer's"),

@@ -185,7 +185,7 @@ pub enum TopicRole {
 }
 
 /// The settings tributary relies on for a topic of `role` replicated
-/// `replication` times (README, "Kafka settings").
+/// `replication` times (docs/operating.md, "Kafka settings").
 pub fn topic_settings(role: TopicRole, replication: i32) -> Vec<(&'static str, String)> {
     // With 3 or more copies, an acknowledged write (acks=all) is on at least
     // two brokers, so one broker's death loses nothing and stops no write.

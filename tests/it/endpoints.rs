@@ -1,4 +1,4 @@
-//! The OpenAPI document against the router and the README, the Open
+//! The OpenAPI document against the router and docs/api.md, the Open
 //! Inference Protocol (KServe V2), the validation of `POST /v1/events`, and
 //! the status page's data; in process, like `api`. (Events reaching Kafka
 //! and the page in a browser are in `browser` and `fleet`.)
@@ -52,9 +52,9 @@ async fn every_route_is_documented_and_every_documented_route_answers() {
     for reference in text.split("\"#/components/schemas/").skip(1).map(|r| &r[..r.find('"').unwrap()]) {
         assert!(schemas.contains_key(reference), "{reference} is referenced, not defined");
     }
-    // The README's API table lists exactly the documented operations.
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let listed: BTreeSet<(String, String)> = readme
+    // The API table of docs/api.md lists exactly the documented operations.
+    let api = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/api.md")).unwrap();
+    let listed: BTreeSet<(String, String)> = api
         .lines()
         .filter_map(|l| l.strip_prefix("| `"))
         .filter_map(|l| l.split_once('`').map(|(route, _)| route))
@@ -62,7 +62,7 @@ async fn every_route_is_documented_and_every_documented_route_answers() {
         .filter(|(m, _)| ["GET", "POST", "PUT", "DELETE", "PATCH"].contains(m))
         .map(|(m, p)| (m.to_string(), p.to_string()))
         .collect();
-    assert_eq!(listed, ops, "README's HTTP API table vs /openapi.json");
+    assert_eq!(listed, ops, "docs/api.md's HTTP API table vs /openapi.json");
 }
 
 /// V1's predictions for the two instances the V2 tests send as tensors.
