@@ -64,8 +64,8 @@ pub fn poisoned(line: &str) -> anyhow::Result<String> {
     Ok(event.to_string())
 }
 
-/// A held-out click-through stream, the one learning quality is measured on
-/// (issue 13): standard-normal dense values, one hashed value per sparse
+/// A held-out click-through stream, the one learning quality is measured
+/// on: standard-normal dense values, one hashed value per sparse
 /// field, and labels from a hidden logistic model over both that changes
 /// abruptly, every weight at once, after `drift_at` events. Each event also
 /// comes as a Vowpal Wabbit text line, so VW learns exactly the same

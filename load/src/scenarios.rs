@@ -461,7 +461,7 @@ impl Bench {
         Ok(())
     }
 
-    /// Learning quality at speed (issue 13), on the held-out click-through
+    /// Learning quality at speed, on the held-out click-through
     /// stream (`tributary generate --stream ctr`: hot values, a hidden model
     /// that drifts half-way), pre-filled twice: into 8 partitions, and into
     /// one. Each model kind learns it with the defaults, with one and three
@@ -552,7 +552,7 @@ impl Bench {
         Ok(())
     }
 
-    /// Order on every stream (issue 23): the `clicks` stream (Zipf users and
+    /// Order on every stream: the `clicks` stream (Zipf users and
     /// ads, few hot values) and the `ctr` stream (many rare values), each
     /// drifting half-way, produced into 8 partitions as teams' producers do
     /// (keyless sticky, a partition per message, keyed by user), with and
@@ -693,7 +693,7 @@ impl Bench {
         Ok(outcome)
     }
 
-    /// The divergence guard at full speed (issue 13): three `wide_deep`
+    /// The divergence guard at full speed: three `wide_deep`
     /// replicas with the guard at its defaults learn the click-through
     /// stream (its drift included) from a backlog while two of them are
     /// SIGKILLed and restarted in turn; no rollback may be taken. Then a

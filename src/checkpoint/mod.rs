@@ -423,7 +423,7 @@ pub(crate) mod tests {
 }
 
 /// Checkpoint bytes that pass the checksum but not the format never panic
-/// the decoder (issue 15, item 5). The checksum stops random corruption, so
+/// the decoder. The checksum stops random corruption, so
 /// these inputs carry a valid one: what a buggy or hostile writer could make.
 #[cfg(test)]
 mod fuzz {

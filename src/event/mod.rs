@@ -340,9 +340,9 @@ mod tests {
     }
 }
 
-/// Arbitrary input never panics the parser (issue 15, item 5): whatever
+/// Arbitrary input never panics the parser: whatever
 /// bytes a producer writes, an event is parsed or refused with a reason.
-/// `PROPTEST_CASES` makes a longer run (the note of issue 15 says how many).
+/// `PROPTEST_CASES` makes a longer run.
 #[cfg(test)]
 mod fuzz {
     use proptest::prelude::*;

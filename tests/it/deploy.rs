@@ -133,7 +133,7 @@ fn rules_and_dashboard_name_only_exported_metrics() {
             named.insert(name);
         }
     }
-    // What the dashboard must show (issue 6): predictions/s, latency
+    // What the dashboard must show: predictions/s, latency
     // percentiles, events/s, lag, freshness, model version, progressive loss.
     let dashboard = read("deploy/grafana/dashboards/tributary.json");
     for needed in [

@@ -1,10 +1,8 @@
-//! Learning at speed learns as well as learning without staleness (issue
-//! 13): the bound the load report's quality scenario measures on 1M events,
+//! Learning at speed learns as well as learning without staleness: the bound the load report's quality scenario measures on 1M events,
 //! kept here on a small stream so that a change that lets staleness back in
 //! (more records in flight, gradients against old weights, one record per
 //! partition) fails the suite rather than a report nobody reads. And on
-//! streams of the shapes teams have (issue 23, the load report's shapes
-//! scenario): few hot values, keyed and sticky producers, events without a
+//! streams of the shapes teams have (the load report's shapes scenario): few hot values, keyed and sticky producers, events without a
 //! time, where the order across partitions is the trainer's to keep.
 
 use std::time::Duration;

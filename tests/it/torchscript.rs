@@ -195,8 +195,7 @@ fn two_replicas_learn_a_stream_with_a_torchscript_module_and_agree() {
     cluster.config.model.torchscript_path = path;
     // 4 000 events are 63 records: with the default 4 in flight per partition
     // nearly every gradient would be computed at the initial weights, and the
-    // sum of those stale steps can overshoot (issue 13 measures and bounds
-    // staleness). One in flight keeps this a test of the TorchScript path.
+    // sum of those stale steps can overshoot. One in flight keeps this a test of the TorchScript path.
     cluster.config.train.max_in_flight = 1;
     let a = cluster.spawn("a");
     let b = cluster.spawn("b");
