@@ -211,9 +211,9 @@ pub(super) fn aligned_bound(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::Features;
     use crate::model::Gradient;
     use crate::update_log::record::{GradientRecord, RecordMeta};
-    use crate::event::Features;
 
     /// A partition at `from` that read `events` as (offset, event time;
     /// `None`: invalid), up to `end`.
