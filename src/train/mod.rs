@@ -29,6 +29,7 @@
 //! Why merge by event time: see `read_ahead`.
 
 mod context;
+mod dead_letter;
 mod fetch;
 pub mod overlay;
 mod read_ahead;
@@ -38,13 +39,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
 pub use context::{Rebalanced, TrainerContext};
 
+use self::dead_letter::{DeadLetters, Refusal};
 use self::fetch::{Fetched, Fetcher};
 use self::overlay::{Overlaid, Overlay};
 use self::read_ahead::{aligned_bound, event_time, merge_by_event_time, Batch, Partition, ReadAhead, Source};
@@ -55,7 +56,7 @@ use crate::lifecycle::StopRequest;
 use crate::metrics::Metrics;
 use crate::model::{Gradient, Model};
 use crate::snapshot::{Serving, Snapshot};
-use crate::state::{check_gradient, Reject};
+use crate::state::check_gradient;
 use crate::update_log::kafka;
 use crate::update_log::record::{EventRange, GradientRecord, Record, RecordMeta};
 
@@ -74,36 +75,6 @@ struct InFlight {
     seq: u64,
     ranges: Vec<EventRange>,
     sent: Instant,
-}
-
-/// Why the gradient of some events is not sent: the apply rule would
-/// reject it, or the model could not compute it.
-#[derive(Debug)]
-enum Refusal {
-    Rejected(Reject),
-    Failed(String),
-}
-
-impl Refusal {
-    /// A short, stable name: a label value, a dead letter's reason kind.
-    fn kind(&self) -> &'static str {
-        match self {
-            Refusal::Rejected(Reject::NormBound) => "gradient_norm",
-            Refusal::Rejected(Reject::NonFinite) => "gradient_non_finite",
-            Refusal::Rejected(_) | Refusal::Failed(_) => "gradient_failed",
-        }
-    }
-}
-
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Refusal::Rejected(Reject::NormBound) => write!(f, "the gradient's norm is over model.max_grad_norm"),
-            Refusal::Rejected(Reject::NonFinite) => write!(f, "the gradient or the loss is not finite"),
-            Refusal::Rejected(other) => write!(f, "the apply rule would reject the gradient ({})", other.as_str()),
-            Refusal::Failed(e) => write!(f, "the model failed to compute the gradient: {e}"),
-        }
-    }
 }
 
 /// Events read ahead, over all partitions: enough for every partition of a
@@ -190,9 +161,8 @@ pub struct Trainer {
     fetcher: Fetcher,
     producer: ThreadedProducer<context::DeliveryContext>,
     failures: DeliveryFailures,
-    /// Writes invalid events to `dlq_topic`.
-    dead_letters: ThreadedProducer<context::DeadLetterContext>,
-    dlq_topic: String,
+    /// Where events it cannot learn go, with why.
+    dead_letters: DeadLetters,
     config: TrainConfig,
     events_topic: String,
     updates_topic: String,
@@ -285,8 +255,7 @@ impl Trainer {
         let producer = kafka::producer_config(&connection, &config.replica_id)
             .set("linger.ms", "0")
             .create_with_context(context::DeliveryContext { failures: failures.clone() })?;
-        let dead_letters = kafka::producer_config(&connection, &format!("{}-dlq", config.replica_id))
-            .create_with_context(context::DeadLetterContext { metrics: metrics.clone() })?;
+        let dead_letters = DeadLetters::new(&connection, config, metrics.clone())?;
         let state_jumps_seen = progress.applied().state_jumps;
         Ok(Trainer {
             events: EventCodec::new(k).map_err(anyhow::Error::msg)?,
@@ -297,7 +266,6 @@ impl Trainer {
             producer,
             failures,
             dead_letters,
-            dlq_topic: k.dlq_topic.clone(),
             config: config.train.clone(),
             events_topic: k.events_topic.clone(),
             updates_topic: k.updates_topic.clone(),
@@ -386,7 +354,7 @@ impl Trainer {
         self.follows_served = false;
         self.send_batches();
         let _ = self.producer.flush(Duration::from_secs(10));
-        let _ = self.dead_letters.flush(Duration::from_secs(10));
+        self.dead_letters.flush(Duration::from_secs(10));
         self.commit(CommitMode::Sync);
         self.consumer.unsubscribe();
         // The last holder of the consumer: it closes here.
@@ -521,7 +489,7 @@ impl Trainer {
             Err(e) => {
                 self.metrics.events_invalid.inc();
                 debug!(partition = id, offset, error = %e, "invalid event: to the dead-letter topic");
-                self.dead_letter(id, offset, &payload, e.kind(), &e.to_string());
+                self.dead_letters.send(id, offset, &payload, e.kind(), &e.to_string());
                 None
             }
         };
@@ -535,33 +503,6 @@ impl Trainer {
     /// Events read ahead, over all partitions.
     fn read_ahead(&self) -> usize {
         self.partitions.values().map(|p| p.read_ahead.len()).sum()
-    }
-
-    /// Writes an event no one will learn to the dead-letter topic: the
-    /// payload as it came, the reason (`kind`, a stable name, and `reason`,
-    /// for people), source topic, partition and offset in headers, and
-    /// `partition:offset` as the key. After a seek back the same event may be
-    /// written again, under the same key (a compacted topic keeps one). A
-    /// delivery failure is logged and counted, not retried: the event's range
-    /// is learned, and the partition moves on.
-    fn dead_letter(&self, partition: i32, offset: i64, payload: &[u8], kind: &str, reason: &str) {
-        let (offset_text, partition_text) = (offset.to_string(), partition.to_string());
-        let headers = OwnedHeaders::new()
-            .insert(Header { key: "tributary.reason", value: Some(reason) })
-            .insert(Header { key: "tributary.reason_kind", value: Some(kind) })
-            .insert(Header { key: "tributary.topic", value: Some(self.events_topic.as_str()) })
-            .insert(Header { key: "tributary.partition", value: Some(partition_text.as_str()) })
-            .insert(Header { key: "tributary.offset", value: Some(offset_text.as_str()) })
-            .insert(Header { key: "tributary.replica", value: Some(self.replica_id.as_str()) });
-        let key = format!("{partition}:{offset}");
-        let record = BaseRecord::with_opaque_to(&self.dlq_topic, Box::new((partition, offset)))
-            .payload(payload)
-            .key(&key)
-            .headers(headers);
-        if let Err((e, _)) = self.dead_letters.send(record) {
-            warn!(partition, offset, error = %e, "dead letter not queued");
-            self.metrics.dead_letters.with_label_values(&["failed"]).inc();
-        }
     }
 
     /// Whether a gradient computed now sees the trainer's own records (the
@@ -731,7 +672,7 @@ impl Trainer {
         let Source { partition, offset, payload } = source;
         warn!(partition, offset, reason = %refusal, "an event's gradient alone is refused: to the dead-letter topic");
         self.metrics.events_refused.with_label_values(&[refusal.kind()]).inc();
-        self.dead_letter(*partition, *offset, payload, refusal.kind(), &refusal.to_string());
+        self.dead_letters.send(*partition, *offset, payload, refusal.kind(), &refusal.to_string());
     }
 
     /// Sends `batch` as one gradient record; false if the producer's queue

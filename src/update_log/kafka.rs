@@ -93,7 +93,8 @@ pub fn base_config(connection: &Connection, client_id: &str) -> ClientConfig {
 /// - `message.timeout.ms` well above a leader election (the controller
 ///   fences a dead broker after `broker.session.timeout.ms`, 9 s by
 ///   default): a record is retried through it, not failed.
-/// - `linger.ms` 1: a gradient waits for no batch-mates; freshness matters
+/// - `linger.ms` 1 (the trainer's gradient producer sets 0: one record in
+///   flight has no batch-mates to wait for); freshness matters
 ///   more than batching for records of a few kB to MB.
 pub fn producer_config(connection: &Connection, client_id: &str) -> ClientConfig {
     let mut c = base_config(connection, client_id);
