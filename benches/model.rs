@@ -165,10 +165,11 @@ fn applier(c: &mut Criterion) {
         let mut publisher = Publisher::new(m.clone(), &state, false);
         // Each record continues the one before: record k covers [1024 k, 1024 (k + 1)).
         let next_from = std::cell::Cell::new(0i64);
+        let next_record = || record_bytes(&m, next_from.replace(next_from.get() + 1024), 1024, gradient.clone());
         let mut offset = 0;
         c.bench_function(&format!("applier_1024/{kind:?}"), |b| {
             b.iter_batched(
-                || record_bytes(&m, next_from.replace(next_from.get() + 1024), 1024, gradient.clone()),
+                next_record,
                 |bytes| {
                     state.apply(&m, offset, &bytes, &mut publisher);
                     offset += 1;
@@ -184,7 +185,7 @@ fn applier(c: &mut Criterion) {
         c.bench_function(&format!("applier_1024_decode/{kind:?}"), |b| b.iter(|| Record::decode(black_box(&bytes))));
         c.bench_function(&format!("applier_1024_unpublished/{kind:?}"), |b| {
             b.iter_batched(
-                || record_bytes(&m, next_from.replace(next_from.get() + 1024), 1024, gradient.clone()),
+                next_record,
                 |bytes| {
                     state.apply(&m, offset, &bytes, &mut NoTouch);
                     offset += 1;

@@ -383,8 +383,9 @@ impl Applier {
                 // previous life (its trainer holds its partitions until the
                 // replay is done): nobody waits for it to be served, and
                 // publishing each one made a replay of its own records slow.
-                drained.own_applied |= r.producer == self.replica_id && self.ready.load(Ordering::Relaxed);
-                if r.oldest_ts > 0 && self.ready.load(Ordering::Relaxed) {
+                let ready = self.ready.load(Ordering::Relaxed);
+                drained.own_applied |= r.producer == self.replica_id && ready;
+                if r.oldest_ts > 0 && ready {
                     drained.trainers.push((r.producer.clone(), r.oldest_ts));
                 }
                 self.watch_loss(r.examples, r.loss_sum);
@@ -463,13 +464,13 @@ impl Applier {
         if position % ATTESTATION_INTERVAL != 0 {
             return;
         }
-        let replaying = !self.ready.load(Ordering::Acquire);
+        let ready = self.ready.load(Ordering::Acquire);
         let checked_from = self.start_end.map(|end| end - REPLAY_ATTESTED_INTERVALS * ATTESTATION_INTERVAL);
-        if replaying && checked_from.is_some_and(|from| position < from) {
+        if !ready && checked_from.is_some_and(|from| position < from) {
             return;
         }
         let digest = self.model.digest(&self.state.weights);
-        match self.ready.load(Ordering::Acquire) {
+        match ready {
             true => self.attestor.attest(position, digest),
             false => self.attestor.remember(position, digest),
         }

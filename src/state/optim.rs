@@ -192,15 +192,16 @@ pub fn slot_slices(slots: &mut [Buffers], p: usize, range: std::ops::Range<usize
     [s0, s1]
 }
 
-/// How many rows ahead a sparse step (and a snapshot's catching up) asks
-/// the CPU to fetch: a record's rows are scattered over tables larger than
-/// the caches, and a row's step is short next to a miss.
-pub const PREFETCH_ROWS_AHEAD: usize = 8;
+/// How many rows ahead a sparse step asks the CPU to fetch: a record's rows
+/// are scattered over tables larger than the caches, and a row's step is
+/// short next to a miss. (Catching a snapshot up row by row gained nothing
+/// from the same hint, measured.)
+const PREFETCH_ROWS_AHEAD: usize = 8;
 
 /// Asks the CPU to bring `values[at]` into cache (a hint: no effect on the
 /// result, nothing where the target has no such instruction).
 #[inline(always)]
-pub fn prefetch(values: &[f32], at: usize) {
+fn prefetch(values: &[f32], at: usize) {
     #[cfg(target_arch = "x86_64")]
     if let Some(v) = values.get(at) {
         // SAFETY: a prefetch never reads or faults; `v` is a live element.

@@ -87,8 +87,11 @@ impl Overlay {
 fn rows_read(model: &Model, batch: &[Example]) -> HashSet<(usize, u32)> {
     let sparse: Vec<(usize, usize)> =
         (0..model.params().len()).filter_map(|param| Some((param, model.sparse_field(param)?))).collect();
-    let ids: usize = batch.iter().map(|e| e.features.ids.iter().map(Vec::len).sum::<usize>()).sum();
-    let mut rows = HashSet::with_capacity(ids * sparse.len().div_ceil(model.featurizer().fields().len().max(1)));
+    // Room for every id read (distinct or not): a set grown as it fills
+    // rehashes several times a batch (3-4 % of a gradient over records in
+    // flight, `next_gradient_1024`).
+    let ids_read = sparse.iter().map(|&(_, field)| batch.iter().map(|e| e.features.ids[field].len()).sum::<usize>());
+    let mut rows = HashSet::with_capacity(ids_read.sum());
     for &(param, field) in &sparse {
         rows.extend(batch.iter().flat_map(|e| e.features.ids[field].iter().map(move |&id| (param, id))));
     }
