@@ -52,6 +52,8 @@ struct Drained {
     /// A record of this replica's trainer was applied: it waits to see it
     /// served before its next gradient, so publish at once.
     own_applied: bool,
+    /// A rollback was taken: its weights are published before reading on.
+    rolled_back: bool,
     /// The ranges of this replica's records that were rejected.
     own_rejections: Vec<Vec<EventRange>>,
     /// The newest event-time progress of each trainer whose records were
@@ -209,7 +211,7 @@ impl Applier {
             if drained.records > 0 {
                 self.report_progress(drained.own_rejections, drained.trainers);
             }
-            self.publish_when_due(drained.records == 0, drained.own_applied);
+            self.publish_when_due(drained.records == 0, drained.own_applied || drained.rolled_back);
             self.update_readiness()?;
             self.checkpoints.when_due(&self.state, &mut self.attestor);
         }
@@ -291,7 +293,7 @@ impl Applier {
             }
             drained.records += 1;
             let outcome = self.state.apply(&self.model, offset, message.payload().unwrap_or(&[]), &mut self.publisher);
-            let took_rollback = matches!(outcome, Outcome::RollBack(_));
+            drained.rolled_back |= matches!(outcome, Outcome::RollBack(_));
             self.record_outcome(offset, outcome, &mut drained)?;
             if self.stalled.is_some() {
                 break;
@@ -299,7 +301,7 @@ impl Applier {
             self.attest_when_due();
             self.staleness.advanced(self.state.position, self.state.examples_learned);
             // A rollback's weights are published before reading on.
-            let publish_now = took_rollback || drained.own_applied || self.swap_due();
+            let publish_now = drained.rolled_back || drained.own_applied || self.swap_due();
             if publish_now && self.publisher.is_behind(&self.state) {
                 break;
             }
@@ -502,11 +504,12 @@ impl Applier {
     }
 
     /// Swaps the serving snapshot at most at the configured rate; at once
-    /// when `idle` or when the local trainer waits for its record
-    /// (`own_applied`).
-    fn publish_when_due(&mut self, idle: bool, own_applied: bool) {
+    /// when `idle`, or `at_once` (the local trainer waits for its record, or
+    /// a rollback was taken: the drain stopped after it so that its weights
+    /// are served before any record after it is applied).
+    fn publish_when_due(&mut self, idle: bool, at_once: bool) {
         let swaps_on = self.min_swap_interval.is_some() || !self.ready.load(Ordering::Relaxed);
-        if !(swaps_on && self.publisher.is_behind(&self.state) && (idle || own_applied || self.swap_due())) {
+        if !(swaps_on && self.publisher.is_behind(&self.state) && (idle || at_once || self.swap_due())) {
             return;
         }
         let stats = self.publisher.publish(&self.state);
