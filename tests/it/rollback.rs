@@ -109,10 +109,13 @@ fn a_poisoned_stream_triggers_one_automatic_rollback() {
     let mut synthetic = tributary::synthetic::Synthetic::new(&cluster.config.model, 2);
     let poison: Vec<String> = (0..1500).map(|_| tributary::synthetic::poisoned(&synthetic.event(1)).unwrap()).collect();
     cluster.produce_payloads(&poison);
+    // The rollback counter moves before the rolled-back state is served:
+    // wait for served weights past the rollback's own log position.
     for r in &replicas {
-        wait_for(&format!("{} to consume the poison", r.id), LEARN_LIMIT, || {
-            let rolled_back = r.metrics().value("tributary_rollbacks_total", "") >= 1.0;
-            (rolled_back && watermark_sum(&r.info()?) == 5500).then_some(())
+        wait_for(&format!("{} to serve the rollback and consume the poison", r.id), LEARN_LIMIT, || {
+            let at = rolled_back_at(&std::fs::read_to_string(&r.log).ok()?)?;
+            let info = r.info()?;
+            (info["model_version"].as_i64()? > at && watermark_sum(&info) == 5500).then_some(())
         });
     }
     // Both past the rollback; at one version, one state.
@@ -146,6 +149,14 @@ fn a_poisoned_stream_triggers_one_automatic_rollback() {
     }
     let learned = infos[0]["examples_learned"].as_u64().unwrap();
     assert!(learned < 5500, "the poison learned before the rollback is undone: {learned}");
+}
+
+/// The update-log offset of the first rollback a replica's log says it took
+/// (`rolled back ... at=N`).
+fn rolled_back_at(log: &str) -> Option<i64> {
+    let line = log.lines().find(|l| l.contains("rolled back"))?;
+    let at = line.split_whitespace().find_map(|field| field.strip_prefix("at="))?;
+    at.parse().ok()
 }
 
 #[test]
