@@ -122,7 +122,7 @@ impl ConsumerContext for TrainerContext {
 /// Reports gradient records that could not be delivered, so the trainer
 /// seeks back rather than waiting for a record that will never land.
 pub struct DeliveryContext {
-    pub failures: super::DeliveryFailures,
+    pub failures: super::outbox::DeliveryFailures,
 }
 
 impl ClientContext for DeliveryContext {}
@@ -136,7 +136,8 @@ impl ProducerContext for DeliveryContext {
             let bytes = rdkafka::message::Message::payload(message).map_or(0, <[u8]>::len);
             let too_large = e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge);
             warn!(record = *seq, bytes, error = %e, "gradient record not delivered");
-            self.failures.lock().expect("failures lock").push(super::DeliveryFailure { seq: *seq, too_large });
+            let mut failures = self.failures.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            failures.push(super::outbox::DeliveryFailure { seq: *seq, too_large });
         }
     }
 }
