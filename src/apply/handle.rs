@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::BaseConsumer;
 
-use super::applier::last_good;
+use super::guard::last_good;
 use super::progress::{Progress, RollbackOutcome};
 use crate::checkpoint::{SharedStore, Store};
 use crate::config::Config;

@@ -7,7 +7,11 @@
 pub mod applier;
 pub mod attest;
 pub mod checkpointing;
+pub mod guard;
 pub mod handle;
+mod log_reader;
+mod outcomes;
 pub mod progress;
 pub mod rollback;
 pub mod staleness;
+mod swaps;

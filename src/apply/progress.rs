@@ -10,6 +10,7 @@ use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::lifecycle::StopRequest;
+use crate::state::ReplicaState;
 use crate::update_log::record::{EventRange, EventsSince};
 
 /// What the applier has applied, for the trainer. Updated after each drained
@@ -85,6 +86,18 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// Progress at a state the applier starts from.
+    pub fn at(state: &ReplicaState) -> Progress {
+        let progress = Progress::default();
+        {
+            let mut applied = progress.applied();
+            applied.position = state.position;
+            applied.last_healthy = state.position;
+            applied.watermarks.clone_from(&state.watermarks);
+        }
+        progress
+    }
+
     /// What the applier last reported, locked: hold it briefly (the applier
     /// waits for it). A holder that panicked left plain data behind, so a
     /// poisoned lock is taken as it is rather than spreading the panic.
