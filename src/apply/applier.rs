@@ -273,9 +273,9 @@ impl Applier {
     /// stays as it is (whole, at its position) and is served.
     pub(super) fn stall(&mut self, reason: String) {
         error!(position = self.state.position, "{reason}");
-        self.metrics.update_log_stalled.set(1);
+        self.metrics.applier.update_log_stalled.set(1);
         self.ready.store(false, Ordering::Release);
-        self.metrics.ready.set(0);
+        self.metrics.applier.ready.set(0);
         self.stalled = Some(reason);
         self.progress.applied().stalled = true;
         self.progress.notify();
@@ -346,7 +346,7 @@ impl Applier {
         if !self.ready.load(Ordering::Relaxed) && caught_up && !self.swaps.is_behind(&self.state) {
             info!(position = self.state.position, "caught up with the update log: ready");
             self.ready.store(true, Ordering::Release);
-            self.metrics.ready.set(1);
+            self.metrics.applier.ready.set(1);
         }
         Ok(())
     }

@@ -59,7 +59,7 @@ impl LogTrimmer {
     fn trim_after_checkpoint(&self, store: &dyn Store, metrics: &Metrics) {
         match self.trim(store) {
             Ok(start) => {
-                metrics.update_log_start.set(start);
+                metrics.checkpoints.update_log_start.set(start);
                 debug!(start, "update log trimmed below the oldest kept checkpoint");
             }
             Err(e) => warn!(error = format!("{e:#}"), "cannot trim the update log; the next checkpoint tries again"),
@@ -127,7 +127,7 @@ impl Checkpointer {
                 attestor.attest(position, digest);
             }
         }
-        self.metrics.checkpoint_age.set(self.last_saved.0.elapsed().as_secs_f64());
+        self.metrics.checkpoints.age.set(self.last_saved.0.elapsed().as_secs_f64());
         let due = self.last_try.elapsed() >= self.every && records_taken(state) != self.last_saved.1;
         if due && self.saving.is_none() {
             let digest = self.model.digest(&state.weights);
@@ -175,7 +175,7 @@ fn save(store: &dyn Store, model: &Model, state: &ReplicaState, metrics: &Metric
     info!(position = state.position, store = %store.describe(), "writing checkpoint");
     match store.save(model, state) {
         Ok(info) => {
-            metrics.checkpoints.with_label_values(&["ok"]).inc();
+            metrics.checkpoints.written.with_label_values(&["ok"]).inc();
             info!(
                 position = info.position,
                 bytes = info.bytes,
@@ -185,7 +185,7 @@ fn save(store: &dyn Store, model: &Model, state: &ReplicaState, metrics: &Metric
             true
         }
         Err(e) => {
-            metrics.checkpoints.with_label_values(&["error"]).inc();
+            metrics.checkpoints.written.with_label_values(&["error"]).inc();
             warn!(error = %e, "checkpoint failed; the log still holds everything, will retry");
             false
         }

@@ -123,7 +123,7 @@ impl Applier {
         let ready = self.ready.load(Ordering::Relaxed);
         let Some(GuardLink { guard, control, runtime }) = &mut self.guard else { return };
         let Some(spike) = guard.observe(self.state.position, examples, loss_sum, ready) else { return };
-        self.metrics.divergences.inc();
+        self.metrics.rollback.divergences.inc();
         let Spike { fast, baseline, last_healthy } = spike;
         let (seen, fingerprint, producer) = (self.state.position, self.model.fingerprint(), self.replica_id.clone());
         let (control, store) = (control.clone(), self.store.clone());

@@ -26,11 +26,11 @@ impl Applier {
         match outcome {
             Outcome::Applied(r) => self.note_applied(offset, &r, drained),
             Outcome::RollBack(r) => {
-                self.metrics.records_applied.inc();
+                self.metrics.applier.records_applied.inc();
                 self.take_rollback(offset, &r)?;
             }
             Outcome::RollbackRejected(r, reason) => {
-                self.metrics.records_rejected.with_label_values(&[reason.as_str()]).inc();
+                self.metrics.applier.records_rejected.with_label_values(&[reason.as_str()]).inc();
                 warn!(offset, to = r.to, seen = r.seen, reason = reason.as_str(), producer = %r.producer, "rollback not taken");
                 let outcome = RollbackOutcome {
                     taken: false,
@@ -42,7 +42,7 @@ impl Applier {
                 self.note_rollback(offset, outcome);
             }
             Outcome::Rejected(Some(r), reason) => {
-                self.metrics.records_rejected.with_label_values(&[reason.as_str()]).inc();
+                self.metrics.applier.records_rejected.with_label_values(&[reason.as_str()]).inc();
                 debug!(ranges = ?r.ranges, producer = %r.producer, reason = reason.as_str(), "rejected");
                 if r.producer == self.replica_id {
                     drained.own_rejections.push(r.ranges);
@@ -55,7 +55,7 @@ impl Applier {
                 }
             }
             Outcome::Rejected(None, reason) => {
-                self.metrics.records_rejected.with_label_values(&[reason.as_str()]).inc();
+                self.metrics.applier.records_rejected.with_label_values(&[reason.as_str()]).inc();
                 warn!(offset, reason = reason.as_str(), "rejected unreadable record");
             }
         }
@@ -91,10 +91,10 @@ impl Applier {
     fn note_applied(&mut self, offset: i64, r: &GradientRecord, drained: &mut Drained) {
         let before = self.state.examples_learned - u64::from(r.examples);
         let stale = self.staleness.measure(r.base, offset, before);
-        self.metrics.staleness_records.observe(stale.records as f64);
-        self.metrics.staleness_examples.observe(stale.examples as f64);
-        self.metrics.records_applied.inc();
-        self.metrics.examples_learned.inc_by(u64::from(r.examples));
+        self.metrics.applier.staleness_records.observe(stale.records as f64);
+        self.metrics.applier.staleness_examples.observe(stale.examples as f64);
+        self.metrics.applier.records_applied.inc();
+        self.metrics.applier.examples_learned.inc_by(u64::from(r.examples));
         if r.oldest_ts > 0 {
             self.swaps.note_event_time(r.oldest_ts);
         }

@@ -154,13 +154,13 @@ impl Applier {
             }
         };
         let replayed_records = then.replayed_records;
-        self.metrics.rollback_replayed_records.observe(replayed_records as f64);
+        self.metrics.rollback.replayed_records.observe(replayed_records as f64);
         let then = then.state;
         let examples_undone = self.state.examples_learned.saturating_sub(then.examples_learned);
         self.state.roll_back(offset, r, then);
         self.state_replaced();
         let events = r.events.as_str();
-        self.metrics.rollbacks.with_label_values(&[events]).inc();
+        self.metrics.rollback.rollbacks.with_label_values(&[events]).inc();
         warn!(
             at = offset, to = r.to, events, examples_undone, reason = %r.reason, producer = %r.producer,
             replayed_records, ms = started.elapsed().as_millis() as u64, "rolled back"

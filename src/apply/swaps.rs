@@ -76,18 +76,18 @@ impl Swaps {
         }
         let stats = self.publisher.publish(state);
         self.last_swap = Instant::now();
-        self.metrics.swaps.inc();
-        self.metrics.swap_duration.observe(stats.took.as_secs_f64());
+        self.metrics.applier.swaps.inc();
+        self.metrics.applier.swap_duration.observe(stats.took.as_secs_f64());
         if stats.full_copy {
-            self.metrics.swap_full_copies.inc();
+            self.metrics.applier.swap_full_copies.inc();
         }
-        self.metrics.model_version.set(state.position);
+        self.metrics.applier.model_version.set(state.position);
         if let Some(loss) = state.progressive_loss() {
-            self.metrics.progressive_logloss.set(loss);
+            self.metrics.applier.progressive_logloss.set(loss);
         }
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         for ts in self.pending_ts.drain(..) {
-            self.metrics.freshness.observe((now_ms - ts).max(0) as f64 / 1000.0);
+            self.metrics.applier.freshness.observe((now_ms - ts).max(0) as f64 / 1000.0);
         }
         true
     }

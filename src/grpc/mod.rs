@@ -67,7 +67,13 @@ impl InferenceService {
         let start = Instant::now();
         let result = handle.await;
         let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
-        self.state.metrics.count_request("grpc", "POST", route, &format!("{code:?}"), start.elapsed().as_secs_f64());
+        self.state.metrics.serving.count_request(
+            "grpc",
+            "POST",
+            route,
+            &format!("{code:?}"),
+            start.elapsed().as_secs_f64(),
+        );
         result.map(Response::new)
     }
 

@@ -79,7 +79,7 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Arc<Admin>, Respon
     let Some(admin) = state.admin.clone() else {
         return Err(ApiError::NotFound("admin endpoints are off: no admin token is configured".into()).into_response());
     };
-    check_bearer(headers, &admin.token, "admin").inspect_err(|_| state.metrics.admin_denied.inc())?;
+    check_bearer(headers, &admin.token, "admin").inspect_err(|_| state.metrics.serving.admin_denied.inc())?;
     Ok(admin)
 }
 

@@ -162,7 +162,7 @@ async fn produce(
         }
     }
     if !invalid.is_empty() {
-        metrics.events_ingested.with_label_values(&["invalid"]).inc_by(invalid.len() as u64);
+        metrics.serving.events_ingested.with_label_values(&["invalid"]).inc_by(invalid.len() as u64);
         let error = format!("{} of {n} events are invalid; none was produced", invalid.len());
         return Ok((StatusCode::UNPROCESSABLE_ENTITY, Json(EventsRejected { error, invalid })).into_response());
     }
@@ -182,8 +182,8 @@ async fn produce(
         })
         .collect();
     let failed = results.iter().filter(|r| r.error.is_some()).count();
-    metrics.events_ingested.with_label_values(&["produced"]).inc_by((n - failed) as u64);
-    metrics.events_ingested.with_label_values(&["failed"]).inc_by(failed as u64);
+    metrics.serving.events_ingested.with_label_values(&["produced"]).inc_by((n - failed) as u64);
+    metrics.serving.events_ingested.with_label_values(&["failed"]).inc_by(failed as u64);
     let status = if failed == 0 {
         StatusCode::ACCEPTED
     } else {

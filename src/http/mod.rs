@@ -215,7 +215,7 @@ async fn record_request(State(state): State<AppState>, req: Request, next: Next)
     let start = Instant::now();
     let response = next.run(req).await;
     let seconds = start.elapsed().as_secs_f64();
-    state.metrics.count_request("http", method.as_str(), &route, response.status().as_str(), seconds);
+    state.metrics.serving.count_request("http", method.as_str(), &route, response.status().as_str(), seconds);
     response
 }
 
@@ -248,7 +248,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, content_type = "text/plain", body = String)))]
 async fn metrics(State(state): State<AppState>) -> Response {
     let snap = state.serving.load();
-    state.metrics.model_version.set(snap.position);
+    state.metrics.applier.model_version.set(snap.position);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
 }
 

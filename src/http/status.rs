@@ -82,6 +82,7 @@ impl History {
     pub fn sample(&self, serving: &Serving, metrics: &Metrics) {
         let snap = serving.load();
         let lag = metrics
+            .trainer
             .consumer_lag
             .collect()
             .iter()
@@ -89,7 +90,7 @@ impl History {
             .map(|m| m.get_gauge().get_value() as i64)
             .sum();
         let (freshness, staleness) =
-            (cumulative_buckets(&metrics.freshness), cumulative_buckets(&metrics.staleness_records));
+            (cumulative_buckets(&metrics.applier.freshness), cumulative_buckets(&metrics.applier.staleness_records));
         let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let mut recent = self.inner.lock().expect("history lock");
         let freshness_p99 = quantile_of_increase(0.99, &recent.freshness_buckets, &freshness);

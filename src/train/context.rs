@@ -160,6 +160,6 @@ impl ProducerContext for DeadLetterContext {
                 "failed"
             }
         };
-        self.metrics.dead_letters.with_label_values(&[outcome]).inc();
+        self.metrics.trainer.dead_letters.with_label_values(&[outcome]).inc();
     }
 }

@@ -91,7 +91,7 @@ impl DeadLetters {
             .headers(headers);
         if let Err((e, _)) = self.producer.send(record) {
             warn!(partition, offset, error = %e, "dead letter not queued");
-            self.metrics.dead_letters.with_label_values(&["failed"]).inc();
+            self.metrics.trainer.dead_letters.with_label_values(&["failed"]).inc();
         }
     }
 

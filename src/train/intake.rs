@@ -214,7 +214,7 @@ impl Intake {
             );
             p.released_at = Some(p.end);
         }
-        self.metrics.merge_holds_released.inc();
+        self.metrics.trainer.merge_holds_released.inc();
         self.held_since = None;
         false
     }
@@ -244,7 +244,7 @@ impl Intake {
                         info!(partition = id, "partition revoked");
                         self.partitions.remove(&id);
                         self.fetcher.forget(id);
-                        let _ = self.metrics.consumer_lag.remove_label_values(&[&id.to_string()]);
+                        let _ = self.metrics.trainer.consumer_lag.remove_label_values(&[&id.to_string()]);
                     }
                 }
             }
@@ -264,11 +264,11 @@ impl Intake {
             debug!(partition = id, expected = p.end, offset, "gap in the events partition");
         }
         p.end = offset + 1;
-        self.metrics.events_consumed.inc();
+        self.metrics.trainer.events_consumed.inc();
         let example = match self.events.example(self.model.featurizer(), &payload) {
             Ok(example) => Some((example, payload)),
             Err(e) => {
-                self.metrics.events_invalid.inc();
+                self.metrics.trainer.events_invalid.inc();
                 debug!(partition = id, offset, error = %e, "invalid event: to the dead-letter topic");
                 self.dead_letters.send(id, offset, &payload, e.kind(), &e.to_string());
                 None
@@ -285,7 +285,7 @@ impl Intake {
     pub(super) fn refuse_event(&self, source: &Source, refusal: &Refusal) {
         let Source { partition, offset, payload } = source;
         warn!(partition, offset, reason = %refusal, "an event's gradient alone is refused: to the dead-letter topic");
-        self.metrics.events_refused.with_label_values(&[refusal.kind()]).inc();
+        self.metrics.trainer.events_refused.with_label_values(&[refusal.kind()]).inc();
         self.dead_letters.send(*partition, *offset, payload, refusal.kind(), &refusal.to_string());
     }
 
@@ -368,7 +368,7 @@ impl Intake {
             let wm = watermarks.get(&id).copied();
             if let Ok((_, high)) = self.consumer.fetch_watermarks(&self.topic, id, Duration::from_millis(500)) {
                 let lag = high - wm.unwrap_or(0);
-                self.metrics.consumer_lag.with_label_values(&[&id.to_string()]).set(lag.max(0));
+                self.metrics.trainer.consumer_lag.with_label_values(&[&id.to_string()]).set(lag.max(0));
                 if let Some(wm) = wm.filter(|&wm| high < wm) {
                     self.report_below_watermark(id, high, wm);
                 }
@@ -389,7 +389,7 @@ impl Intake {
     fn report_below_watermark(&mut self, id: i32, end: i64, watermark: i64) {
         let Some(p) = self.partitions.get_mut(&id).filter(|p| !p.below_watermark) else { return };
         p.below_watermark = true;
-        self.metrics.events_below_watermark.inc();
+        self.metrics.trainer.events_below_watermark.inc();
         error!(
             topic = %self.topic,
             partition = id,

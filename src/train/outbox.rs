@@ -117,7 +117,7 @@ impl Outbox {
         if bytes.len() <= limit {
             return Encoded::Fits(bytes);
         }
-        self.metrics.records_too_large.inc();
+        self.metrics.trainer.records_too_large.inc();
         if events > 1 {
             self.batch_limit = (events / 2).max(1);
             warn!(
@@ -149,7 +149,7 @@ impl Outbox {
             return false;
         }
         self.next_seq += 1;
-        self.metrics.records_produced.inc();
+        self.metrics.trainer.records_produced.inc();
         self.in_flight.push_back(InFlight { seq, ranges, sent: Instant::now() });
         true
     }
@@ -159,7 +159,7 @@ impl Outbox {
     pub(super) fn pop_applied(&mut self, watermark: impl Fn(i32) -> i64) -> Option<Instant> {
         let r = self.in_flight.front().filter(|r| r.ranges.iter().all(|g| watermark(g.partition) >= g.to))?;
         let sent = r.sent;
-        self.metrics.record_round_trip.observe(sent.elapsed().as_secs_f64());
+        self.metrics.trainer.record_round_trip.observe(sent.elapsed().as_secs_f64());
         self.in_flight.pop_front();
         Some(sent)
     }
@@ -171,7 +171,7 @@ impl Outbox {
     pub(super) fn take_lost(&mut self, rejected: &[Vec<EventRange>]) -> bool {
         let failed = std::mem::take(&mut *self.failures.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
         if failed.iter().any(|f| f.too_large) {
-            self.metrics.records_too_large.inc();
+            self.metrics.trainer.records_too_large.inc();
             self.batch_limit = (self.batch_limit / 2).max(1);
             warn!(batch_limit = self.batch_limit, "the broker refused a gradient record as too large: smaller batches");
         }

@@ -54,7 +54,7 @@ impl StageClock {
 
     /// Notes how long `stage` of a record's cycle took, from `since` to now.
     pub(super) fn observe(&self, stage: Stage, since: Instant) {
-        self.metrics.trainer_stage.with_label_values(&[stage.as_str()]).observe(since.elapsed().as_secs_f64());
+        self.metrics.trainer.stage.with_label_values(&[stage.as_str()]).observe(since.elapsed().as_secs_f64());
     }
 
     /// A record, sent at `sent`, is seen applied: its `applied` stage ends

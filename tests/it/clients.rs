@@ -62,9 +62,11 @@ fn python_clients_send_events_and_predict_alike_over_v1_v2_http_and_grpc() {
     assert_eq!(answers["grpc_inputs"], serde_json::json!(want_inputs));
     let m = r.metrics();
     let infer = r#"method="POST",protocol="grpc",route="/inference.GRPCInferenceService/ModelInfer",status="Ok""#;
-    assert_eq!(m.value("tributary_http_requests_total", infer), 2.0, "gRPC requests are counted");
+    assert_eq!(m.value("tributary_requests_total", infer), 2.0, "gRPC requests are counted");
     let http_infer = r#"method="POST",protocol="http",route="/v2/models/{model}/infer",status="200""#;
-    assert_eq!(m.value("tributary_http_requests_total", http_infer), 2.0);
+    assert_eq!(m.value("tributary_requests_total", http_infer), 2.0);
+    // The deprecated name counts the same, for dashboards that read it.
+    assert_eq!(m.value("tributary_http_requests_total", infer), 2.0);
 }
 
 #[test]

@@ -137,8 +137,8 @@ fn rules_and_dashboard_name_only_exported_metrics() {
     // percentiles, events/s, lag, freshness, model version, progressive loss.
     let dashboard = read("deploy/grafana/dashboards/tributary.json");
     for needed in [
-        "tributary_http_requests_total",
-        "tributary_http_request_duration_seconds_bucket",
+        "tributary_requests_total",
+        "tributary_request_duration_seconds_bucket",
         "tributary_events_consumed_total",
         "tributary_consumer_lag",
         "tributary_freshness_seconds_bucket",
