@@ -17,13 +17,15 @@
 //! 5. [`metrics`]; [`checkpoint`]: stores of the state, for recovery;
 //!    [`snapshot`]: the serving snapshot behind arc-swap and its publisher.
 //! 6. [`apply`]: the applier, the one writer of the state, and the narrow
-//!    handle the HTTP layer acts through; [`ingest`]: `tributary produce`.
+//!    handle the HTTP layer acts through; [`ingest`]: `tributary produce`;
+//!    [`serve`]: serving whatever the protocol (predict over instances,
+//!    tensors to instances, metadata, its errors).
 //! 7. [`train`]: the trainer, a consumer-group member that turns batches of
-//!    events into gradient records; [`http`]: the API, which serves from
-//!    the snapshot and asks the applier only through its handle.
-//! 8. [`grpc`]: the Open Inference Protocol over gRPC, on the HTTP API's
-//!    state and tensor code.
-//! 9. [`replica`]: builds and runs a replica from its configuration, for
+//!    events into gradient records; [`http`]: the API, which serves through
+//!    `serve` and asks the applier only through its handle; [`grpc`]: the
+//!    Open Inference Protocol over gRPC, through `serve`. Neither protocol
+//!    uses the other.
+//! 8. [`replica`]: builds and runs a replica from its configuration, for
 //!    `main` and tests.
 
 #[cfg(target_endian = "big")]
@@ -42,6 +44,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod model;
 pub mod replica;
+pub mod serve;
 pub mod snapshot;
 pub mod state;
 pub mod synthetic;
@@ -63,9 +66,8 @@ mod layers {
         &["update_log"],
         &["state"],
         &["metrics", "checkpoint", "snapshot"],
-        &["apply", "ingest"],
-        &["train", "http"],
-        &["grpc"],
+        &["apply", "ingest", "serve"],
+        &["train", "http", "grpc"],
         &["replica"],
     ];
 

@@ -174,7 +174,7 @@ impl Replica {
     /// role ends on its own, then stops them in order.
     pub async fn run_until_stopped<F: Future<Output = ()>>(self, mut shutdown: Shutdown<'_, F>) -> anyhow::Result<()> {
         let Replica { config, model, metrics, control, applier, trainer, trainer_stop, app } = self;
-        tokio::spawn(app.history.clone().run(app.serving.clone(), metrics));
+        tokio::spawn(app.history.clone().run(app.predictor.serving.clone(), metrics));
         let grpc_stop = serve_grpc(&config, app.clone()).await?;
         let (mut http, http_stop) = serve_http(&config, app).await?;
         let started = wait_for_topics(&config, &mut shutdown).await?
@@ -270,7 +270,7 @@ async fn serve_grpc(config: &Config, app: AppState) -> anyhow::Result<Option<one
         return Ok(None);
     };
     let (stop, stopped) = oneshot::channel::<()>();
-    let server = grpc::serve(addr, app, async {
+    let server = grpc::serve(addr, app.predictor, app.metrics, app.max_body_bytes, async {
         let _ = stopped.await;
     })
     .await?;

@@ -1,14 +1,14 @@
 //! The Open Inference Protocol over gRPC (`inference.GRPCInferenceService`,
 //! generated from `inference.proto` by build.rs), served by tonic on
 //! `grpc.addr`. It owns the translation between the protocol's messages and
-//! the HTTP front's state: it reads the same serving snapshot, turns tensors
-//! into instances with the same code as REST V2 (`http::v2::tensor`), checks
-//! and predicts with the same code as V1, and counts requests in the same
-//! metrics under `protocol="grpc"`. It may not touch training or the log.
+//! `serve`: the same serving snapshot, tensors turned into instances and
+//! predicted by the same code as REST, errors mapped to the protocol's
+//! codes, and requests counted under `protocol="grpc"`. It may not touch
+//! training or the log, nor use the HTTP adapter.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -16,9 +16,10 @@ use tonic::codec::CompressionEncoding;
 use tonic::{Code, Request, Response, Status};
 use tracing::info;
 
-use crate::http::v2::tensor::{self, Elements, Tensor};
-use crate::http::v2::{ModelMetadata, ServerMetadata, OUTPUT};
-use crate::http::{check_model, predict_instances, ApiError, AppState};
+use crate::metrics::Metrics;
+use crate::serve::metadata::{self, ModelMetadata, ServerMetadata, OUTPUT};
+use crate::serve::tensor::{self, Elements, Tensor};
+use crate::serve::{Predictor, ServeError};
 
 /// The messages and service of `inference.proto`.
 pub mod proto {
@@ -31,23 +32,26 @@ use proto::model_infer_response::InferOutputTensor;
 use proto::model_metadata_response::TensorMetadata;
 use proto::InferTensorContents;
 
-/// The service over the HTTP front's state.
+/// The service over the served model.
 pub struct InferenceService {
-    state: AppState,
+    predictor: Predictor,
+    metrics: Arc<Metrics>,
 }
 
 /// Binds `addr` and serves the service until `stop` completes.
 pub async fn serve(
     addr: SocketAddr,
-    state: AppState,
+    predictor: Predictor,
+    metrics: Arc<Metrics>,
+    max_message_bytes: usize,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>> {
     let listener =
         tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (grpc.addr)"))?;
     info!(addr = %listener.local_addr()?, "serving the Open Inference Protocol over gRPC");
     // A request as large as HTTP takes; answers are a few bytes per row.
-    let service = GrpcInferenceServiceServer::new(InferenceService { state: state.clone() })
-        .max_decoding_message_size(state.max_body_bytes)
+    let service = GrpcInferenceServiceServer::new(InferenceService { predictor, metrics })
+        .max_decoding_message_size(max_message_bytes)
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Deflate)
         .send_compressed(CompressionEncoding::Gzip);
@@ -67,32 +71,26 @@ impl InferenceService {
         let start = Instant::now();
         let result = handle.await;
         let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
-        self.state.metrics.serving.count_request(
-            "grpc",
-            "POST",
-            route,
-            &format!("{code:?}"),
-            start.elapsed().as_secs_f64(),
-        );
+        self.metrics.serving.count_request("grpc", "POST", route, &format!("{code:?}"), start.elapsed().as_secs_f64());
         result.map(Response::new)
     }
 
     fn ready(&self) -> bool {
-        self.state.ready.load(Ordering::Acquire)
+        self.predictor.is_ready()
     }
 
     /// Tensors in, predictions out, as REST V2 does it.
-    fn infer(&self, request: proto::ModelInferRequest) -> Result<proto::ModelInferResponse, ApiError> {
-        check_model(&self.state, &request.model_name)?;
+    fn infer(&self, request: proto::ModelInferRequest) -> Result<proto::ModelInferResponse, ServeError> {
+        self.predictor.check_model(&request.model_name)?;
         if let Some(other) = request.outputs.iter().find(|o| o.name != OUTPUT) {
-            return Err(ApiError::BadRequest(format!("unknown output {:?}; the model has {OUTPUT:?}", other.name)));
+            return Err(ServeError::BadRequest(format!("unknown output {:?}; the model has {OUTPUT:?}", other.name)));
         }
         let inputs = tensors(request.inputs, request.raw_input_contents)?;
-        let snap = self.state.serving.load();
+        let snap = self.predictor.serving.load();
         let c = snap.model.config();
-        let instances = tensor::instances(&inputs, c.dense_dim, &c.sparse_fields, self.state.max_batch)?;
+        let instances = tensor::instances(&inputs, c.dense_dim, &c.sparse_fields, self.predictor.max_batch)?;
         let n = instances.len() as i64;
-        let predictions = predict_instances(&self.state, &snap, instances)?;
+        let predictions = self.predictor.predict(&snap, instances)?;
         Ok(proto::ModelInferResponse {
             model_name: request.model_name,
             model_version: snap.position.to_string(),
@@ -112,9 +110,9 @@ impl InferenceService {
 
 /// The request's inputs as tensors: from `raw` (one entry per input, in
 /// order) when it is sent, else from each input's typed contents.
-fn tensors(inputs: Vec<InferInputTensor>, raw: Vec<Vec<u8>>) -> Result<Vec<Tensor>, ApiError> {
+fn tensors(inputs: Vec<InferInputTensor>, raw: Vec<Vec<u8>>) -> Result<Vec<Tensor>, ServeError> {
     if !raw.is_empty() && raw.len() != inputs.len() {
-        return Err(ApiError::BadRequest(format!(
+        return Err(ServeError::BadRequest(format!(
             "{} inputs but {} raw_input_contents; send one per input, or none",
             inputs.len(),
             raw.len()
@@ -133,26 +131,25 @@ fn tensors(inputs: Vec<InferInputTensor>, raw: Vec<Vec<u8>>) -> Result<Vec<Tenso
 }
 
 /// An input's typed contents: the field its datatype names (taken, not copied).
-fn typed_contents(name: &str, datatype: &str, contents: InferTensorContents) -> Result<Elements, ApiError> {
+fn typed_contents(name: &str, datatype: &str, contents: InferTensorContents) -> Result<Elements, ServeError> {
     match datatype {
         "FP32" => Ok(Elements::Fp32(contents.fp32_contents)),
         "FP64" => Ok(Elements::Fp64(contents.fp64_contents)),
         "BYTES" => Ok(Elements::Bytes(contents.bytes_contents)),
-        other => Err(ApiError::BadRequest(format!("input {name:?} is {other}; dense is FP32, sparse fields BYTES"))),
+        other => Err(ServeError::BadRequest(format!("input {name:?} is {other}; dense is FP32, sparse fields BYTES"))),
     }
 }
 
-/// The protocol's status for an error the HTTP front would answer.
-fn status(e: ApiError) -> Status {
-    let message = e.to_string();
+/// The protocol's status for a serving error. An internal one is logged
+/// and its detail never sent, as over HTTP.
+fn status(e: ServeError) -> Status {
     match e {
-        ApiError::BadRequest(_) | ApiError::TooLarge(_) => Status::invalid_argument(message),
-        ApiError::NotFound(_) => Status::not_found(message),
-        ApiError::Unavailable(_) => Status::unavailable(message),
-        ApiError::Busy(_) => Status::resource_exhausted(message),
-        ApiError::Conflict(_) => Status::failed_precondition(message),
-        ApiError::MethodNotAllowed => Status::unimplemented(message),
-        ApiError::Internal(detail) => Status::internal(detail),
+        ServeError::BadRequest(message) => Status::invalid_argument(message),
+        ServeError::NotFound(message) => Status::not_found(message),
+        ServeError::Internal(detail) => {
+            tracing::error!(detail, "internal error answering a gRPC request");
+            Status::internal("internal error")
+        }
     }
 }
 
@@ -184,7 +181,7 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<proto::ModelReadyResponse>, Status> {
         let name = request.into_inner().name;
         self.counted("/inference.GRPCInferenceService/ModelReady", async {
-            check_model(&self.state, &name).map_err(status)?;
+            self.predictor.check_model(&name).map_err(status)?;
             Ok(proto::ModelReadyResponse { ready: self.ready() })
         })
         .await
@@ -211,9 +208,9 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<proto::ModelMetadataResponse>, Status> {
         let name = request.into_inner().name;
         self.counted("/inference.GRPCInferenceService/ModelMetadata", async {
-            check_model(&self.state, &name).map_err(status)?;
-            let m = ModelMetadata::of(&self.state);
-            let tensor = |t: crate::http::v2::TensorMetadata| TensorMetadata {
+            self.predictor.check_model(&name).map_err(status)?;
+            let m = ModelMetadata::of(&self.predictor);
+            let tensor = |t: metadata::TensorMetadata| TensorMetadata {
                 name: t.name,
                 datatype: t.datatype.into(),
                 shape: t.shape,
@@ -245,7 +242,7 @@ mod tests {
 
     use super::*;
     use crate::alloc_meter;
-    use crate::http::v2::tensor::tests::{hostile_inputs, peak_bound, HostileInput, HARD_CAP, MAX_ROWS};
+    use crate::serve::tensor::tests::{hostile_inputs, peak_bound, HostileInput, HARD_CAP, MAX_ROWS};
 
     /// The instances an encoded `ModelInferRequest` describes, or why not.
     fn instances(encoded: &[u8]) -> Result<usize, String> {

@@ -142,11 +142,11 @@ async fn produce(
     if n == 0 {
         return Err(ApiError::BadRequest("events is empty".into()));
     }
-    if n > state.max_batch {
-        return Err(ApiError::BadRequest(format!("{n} events; at most {} per request", state.max_batch)));
+    if n > state.predictor.max_batch {
+        return Err(ApiError::BadRequest(format!("{n} events; at most {} per request", state.predictor.max_batch)));
     }
     let metrics = &state.metrics;
-    let snap = state.serving.load();
+    let snap = state.predictor.serving.load();
     let featurizer = snap.model.featurizer();
     let mut payloads = Vec::with_capacity(n);
     let mut invalid = Vec::new();

@@ -45,18 +45,16 @@ pub use error::ApiError;
 use crate::checkpoint::{CheckpointInfo, SharedStore};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::serve::Predictor;
 use crate::snapshot::Serving;
 
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
-    pub serving: Serving,
+    /// The served model, as every protocol serves it.
+    pub predictor: Predictor,
     pub metrics: Arc<Metrics>,
-    /// Caught up with the update log as of start-up.
-    pub ready: Arc<AtomicBool>,
-    pub model_name: Arc<str>,
     pub replica_id: Arc<str>,
-    pub max_batch: usize,
     pub max_body_bytes: usize,
     /// The checkpoint store, for listing snapshots (`None`: nothing to list).
     pub checkpoints: Option<SharedStore>,
@@ -75,12 +73,9 @@ impl AppState {
     /// optional parts (snapshot list, admin, events) off until set.
     pub fn new(serving: Serving, metrics: Arc<Metrics>, config: &Config, ready: Arc<AtomicBool>) -> AppState {
         AppState {
-            serving,
+            predictor: Predictor::new(serving, ready, config),
             metrics,
-            ready,
-            model_name: config.model.name.as_str().into(),
             replica_id: config.replica_id.as_str().into(),
-            max_batch: config.http.max_batch,
             max_body_bytes: config.http.max_body_bytes,
             checkpoints: None,
             admin: None,
@@ -238,8 +233,8 @@ pub struct Readiness {
     (status = 503, description = "Still catching up", body = Readiness),
 ))]
 async fn readyz(State(state): State<AppState>) -> Response {
-    let snap = state.serving.load();
-    let ready = state.ready.load(Ordering::Acquire);
+    let snap = state.predictor.serving.load();
+    let ready = state.predictor.ready.load(Ordering::Acquire);
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(Readiness { ready, model_version: snap.position })).into_response()
 }
@@ -247,7 +242,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 /// Prometheus metrics, text exposition format.
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, content_type = "text/plain", body = String)))]
 async fn metrics(State(state): State<AppState>) -> Response {
-    let snap = state.serving.load();
+    let snap = state.predictor.serving.load();
     state.metrics.applier.model_version.set(snap.position);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
 }
@@ -260,12 +255,9 @@ async fn openapi_json() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], doc.as_str()).into_response()
 }
 
+/// Whether `name` is the model this replica serves.
 pub fn check_model(state: &AppState, name: &str) -> Result<(), ApiError> {
-    if name == &*state.model_name {
-        Ok(())
-    } else {
-        Err(ApiError::NotFound(format!("model {name:?} not found; this replica serves {:?}", &*state.model_name)))
-    }
+    Ok(state.predictor.check_model(name)?)
 }
 
 #[derive(Serialize, ToSchema)]
@@ -300,7 +292,7 @@ pub struct ModelInfo {
     responses((status = 200, body = ModelInfo), (status = 404, body = ErrorBody)))]
 async fn model_info(State(state): State<AppState>, Path(model): Path<String>) -> Result<Json<ModelInfo>, ApiError> {
     check_model(&state, &model)?;
-    let snap = state.serving.load_full();
+    let snap = state.predictor.serving.load_full();
     // Hashing the weights takes milliseconds on a big model: off the async workers.
     let digest = tokio::task::spawn_blocking({
         let snap = snap.clone();
@@ -313,7 +305,7 @@ async fn model_info(State(state): State<AppState>, Path(model): Path<String>) ->
         name: model,
         kind: c.kind,
         model_version: snap.position,
-        ready: state.ready.load(Ordering::Acquire),
+        ready: state.predictor.ready.load(Ordering::Acquire),
         examples_learned: snap.examples_learned,
         examples_skipped: snap.examples_skipped,
         progressive_logloss: snap.progressive_loss,
@@ -411,33 +403,9 @@ async fn predict(
     let body = body_bytes(&state, body)?;
     let request: PredictRequest =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))?;
-    let snap = state.serving.load();
-    let predictions = predict_instances(&state, &snap, request.instances)?;
+    let snap = state.predictor.serving.load();
+    let predictions = state.predictor.predict(&snap, request.instances)?;
     Ok(Json(PredictResponse { predictions, model_version: snap.position }))
-}
-
-/// Predictions for `instances` (JSON instances, checked against the model).
-pub fn predict_instances(
-    state: &AppState,
-    snap: &crate::snapshot::Snapshot,
-    instances: Vec<Value>,
-) -> Result<Vec<f32>, ApiError> {
-    let n = instances.len();
-    if n == 0 {
-        return Err(ApiError::BadRequest("instances is empty".into()));
-    }
-    if n > state.max_batch {
-        return Err(ApiError::BadRequest(format!("{n} instances; at most {} per request", state.max_batch)));
-    }
-    let featurizer = snap.model.featurizer();
-    let features = (instances.into_iter().enumerate())
-        .map(|(i, instance)| {
-            featurizer.instance(instance).map_err(|e| ApiError::BadRequest(format!("instances[{i}]: {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let batch: Vec<&crate::event::Features> = features.iter().collect();
-    (snap.model.predict_batch(Some(snap.position), &snap.weights, &batch))
-        .map_err(|e| ApiError::Internal(format!("the model failed: {e}")))
 }
 
 #[cfg(test)]

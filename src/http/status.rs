@@ -192,12 +192,12 @@ pub struct Status {
 /// What the status page shows: now, and the last ten minutes.
 #[utoipa::path(get, path = "/v1/status", tag = "operations", responses((status = 200, body = Status)))]
 pub async fn status(State(state): State<AppState>) -> Json<Status> {
-    let snap = state.serving.load();
+    let snap = state.predictor.serving.load();
     Json(Status {
         replica: state.replica_id.to_string(),
-        model: state.model_name.to_string(),
+        model: state.predictor.model_name.to_string(),
         kind: snap.model.config().kind,
-        ready: state.ready.load(Ordering::Acquire),
+        ready: state.predictor.ready.load(Ordering::Acquire),
         model_version: snap.position,
         examples_learned: snap.examples_learned,
         progressive_logloss: snap.progressive_loss,

@@ -344,7 +344,7 @@ async fn posted_events_need_the_ingest_token_when_one_is_set() {
 async fn status_reports_the_sampled_history() {
     let s = state(ModelKind::Logistic);
     for _ in 0..3 {
-        s.history.sample(&s.serving, &s.metrics);
+        s.history.sample(&s.predictor.serving, &s.metrics);
     }
     let (status, v, text) = call(&router(s), "GET", "/v1/status", Body::empty()).await;
     assert_eq!(status, StatusCode::OK, "{text}");

@@ -7,8 +7,8 @@ use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value};
 
-use super::tensor::Elements;
 use crate::http::ApiError;
+use crate::serve::tensor::Elements;
 
 /// The header giving the JSON part's length in bytes.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -62,7 +62,7 @@ impl<'a> BinaryReader<'a> {
         }
         let (raw, rest) = self.rest.split_at(size);
         self.rest = rest;
-        Elements::from_raw(name, datatype, raw)
+        Ok(Elements::from_raw(name, datatype, raw)?)
     }
 
     /// Fails when bytes are left that no input claimed.

@@ -12,7 +12,6 @@
 //! instance and goes through the same checks.
 
 mod binary;
-pub mod tensor;
 
 use std::sync::atomic::Ordering;
 
@@ -26,25 +25,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use utoipa::ToSchema;
 
-use self::tensor::{Elements, Tensor};
-use super::{body_bytes, check_model, predict_instances, ApiError, AppState, ErrorBody};
-
-#[derive(Serialize, ToSchema)]
-pub struct ServerMetadata {
-    pub name: &'static str,
-    pub version: &'static str,
-    pub extensions: Vec<String>,
-}
-
-impl ServerMetadata {
-    pub fn of_this_server() -> ServerMetadata {
-        ServerMetadata {
-            name: "tributary",
-            version: env!("CARGO_PKG_VERSION"),
-            extensions: vec!["binary_tensor_data".into()],
-        }
-    }
-}
+use super::{body_bytes, check_model, ApiError, AppState, ErrorBody};
+use crate::serve::metadata::{ModelMetadata, ServerMetadata, OUTPUT};
+use crate::serve::tensor::{self, Elements, Tensor};
 
 /// Server metadata.
 #[utoipa::path(get, path = "/v2", tag = "kserve-v2", responses((status = 200, body = ServerMetadata)))]
@@ -59,7 +42,7 @@ pub async fn live() -> Json<Value> {
 }
 
 fn readiness(state: &AppState) -> Response {
-    let ready = state.ready.load(Ordering::Acquire);
+    let ready = state.predictor.ready.load(Ordering::Acquire);
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(json!({ "ready": ready }))).into_response()
 }
@@ -82,47 +65,6 @@ pub async fn model_ready(State(state): State<AppState>, Path(model): Path<String
     Ok(readiness(&state))
 }
 
-#[derive(Serialize, ToSchema)]
-pub struct TensorMetadata {
-    pub name: String,
-    pub datatype: &'static str,
-    /// -1: any length.
-    pub shape: Vec<i64>,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct ModelMetadata {
-    pub name: String,
-    /// The served version: the update-log position of the weights.
-    pub versions: Vec<String>,
-    pub platform: String,
-    pub inputs: Vec<TensorMetadata>,
-    pub outputs: Vec<TensorMetadata>,
-}
-
-impl ModelMetadata {
-    /// The inputs and output of the model `state` serves now.
-    pub fn of(state: &AppState) -> ModelMetadata {
-        let snap = state.serving.load();
-        let c = snap.model.config();
-        let mut inputs =
-            vec![TensorMetadata { name: "dense".into(), datatype: "FP32", shape: vec![-1, c.dense_dim as i64] }];
-        inputs.extend(c.sparse_fields.iter().map(|f| TensorMetadata {
-            name: f.clone(),
-            datatype: "BYTES",
-            shape: vec![-1, -1],
-        }));
-        let kind = serde_json::to_value(c.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
-        ModelMetadata {
-            name: state.model_name.to_string(),
-            versions: vec![snap.position.to_string()],
-            platform: format!("tributary_{kind}"),
-            inputs,
-            outputs: vec![TensorMetadata { name: OUTPUT.into(), datatype: "FP32", shape: vec![-1] }],
-        }
-    }
-}
-
 /// Model metadata: the inputs `infer` takes.
 #[utoipa::path(get, path = "/v2/models/{model}", tag = "kserve-v2",
     params(("model" = String, Path, description = "The model name", example = "default")),
@@ -132,7 +74,7 @@ pub async fn model_metadata(
     Path(model): Path<String>,
 ) -> Result<Json<ModelMetadata>, ApiError> {
     check_model(&state, &model)?;
-    Ok(Json(ModelMetadata::of(&state)))
+    Ok(Json(ModelMetadata::of(&state.predictor)))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -198,9 +140,6 @@ pub struct InferResponse {
     outputs: Vec<InferOutput>,
 }
 
-/// The one output every model has.
-pub const OUTPUT: &str = "predictions";
-
 /// Inference (Open Inference Protocol), with the binary tensor data
 /// extension: inputs whose `parameters.binary_data_size` is set take their
 /// data from the bytes after the JSON (`Inference-Header-Content-Length`
@@ -225,11 +164,11 @@ pub async fn infer(
     let body = body_bytes(&state, body)?;
     let (request, inputs) = parse_request(&body, &headers)?;
     let binary_output = wants_binary_output(&request)?;
-    let snap = state.serving.load();
+    let snap = state.predictor.serving.load();
     let c = snap.model.config();
-    let instances = tensor::instances(&inputs, c.dense_dim, &c.sparse_fields, state.max_batch)?;
+    let instances = tensor::instances(&inputs, c.dense_dim, &c.sparse_fields, state.predictor.max_batch)?;
     let n = instances.len() as i64;
-    let predictions = predict_instances(&state, &snap, instances)?;
+    let predictions = state.predictor.predict(&snap, instances)?;
     let mut output = InferOutput { name: OUTPUT, datatype: "FP32", shape: vec![n], data: None, parameters: None };
     let respond = |outputs| InferResponse {
         model_name: model,
@@ -318,7 +257,7 @@ mod tests {
 
     use super::{binary, parse_request, tensor};
     use crate::alloc_meter;
-    use crate::http::v2::tensor::tests::{hostile_inputs, peak_bound, HostileInput, HARD_CAP, MAX_ROWS, PEAK_FIXED};
+    use crate::serve::tensor::tests::{hostile_inputs, peak_bound, HostileInput, HARD_CAP, MAX_ROWS, PEAK_FIXED};
 
     /// The instances a REST body describes, or the 400 it gets.
     fn instances(body: &[u8], headers: &HeaderMap) -> Result<usize, String> {

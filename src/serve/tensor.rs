@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Number, Value};
 
-use crate::http::ApiError;
+use super::ServeError;
 
 /// An input tensor's elements, row-major.
 #[derive(Debug, PartialEq)]
@@ -32,8 +32,8 @@ impl Elements {
     /// Decodes a tensor sent as bytes: little-endian, row-major, no
     /// padding; a BYTES element is a 4-byte little-endian length and the
     /// bytes. Only the datatypes the model's inputs take are accepted.
-    pub fn from_raw(name: &str, datatype: &str, raw: &[u8]) -> Result<Elements, ApiError> {
-        let bad = |msg: String| ApiError::BadRequest(format!("input {name:?}: {msg}"));
+    pub fn from_raw(name: &str, datatype: &str, raw: &[u8]) -> Result<Elements, ServeError> {
+        let bad = |msg: String| ServeError::BadRequest(format!("input {name:?}: {msg}"));
         match datatype {
             "FP32" | "FP64" => {
                 let width = if datatype == "FP32" { 4 } else { 8 };
@@ -82,15 +82,15 @@ impl Elements {
     }
 
     /// Element `i` as the JSON value a V1 instance would hold.
-    fn json(&self, i: usize, name: &str) -> Result<Value, ApiError> {
-        let not_finite = || ApiError::BadRequest(format!("input {name:?}: element {i} is not a finite number"));
+    fn json(&self, i: usize, name: &str) -> Result<Value, ServeError> {
+        let not_finite = || ServeError::BadRequest(format!("input {name:?}: element {i} is not a finite number"));
         match self {
             Elements::Json(v) => Ok(v[i].clone()),
             Elements::Fp32(v) => Number::from_f64(f64::from(v[i])).map(Value::Number).ok_or_else(not_finite),
             Elements::Fp64(v) => Number::from_f64(v[i]).map(Value::Number).ok_or_else(not_finite),
             Elements::Bytes(v) => match std::str::from_utf8(&v[i]) {
                 Ok(s) => Ok(Value::String(s.to_string())),
-                Err(_) => Err(ApiError::BadRequest(format!("input {name:?}: element {i} is not UTF-8"))),
+                Err(_) => Err(ServeError::BadRequest(format!("input {name:?}: element {i} is not UTF-8"))),
             },
         }
     }
@@ -117,9 +117,9 @@ struct Checked<'a> {
 /// first dimension is the batch's `rows`. Only then may a caller allocate
 /// per row: the rows are at most `max_rows`, and the elements are backed
 /// by the request's bytes.
-fn check<'a>(input: &'a Tensor, rows: usize, dense_dim: usize, fields: &[String]) -> Result<Checked<'a>, ApiError> {
+fn check<'a>(input: &'a Tensor, rows: usize, dense_dim: usize, fields: &[String]) -> Result<Checked<'a>, ServeError> {
     let name = &input.name;
-    let bad = |msg: String| Err(ApiError::BadRequest(format!("input {name:?}: {msg}")));
+    let bad = |msg: String| Err(ServeError::BadRequest(format!("input {name:?}: {msg}")));
     let role = if name == "dense" {
         if !matches!(input.datatype.as_str(), "FP32" | "FP64") {
             return bad(format!("datatype {}; use FP32", input.datatype));
@@ -131,7 +131,9 @@ fn check<'a>(input: &'a Tensor, rows: usize, dense_dim: usize, fields: &[String]
         }
         Role::Sparse
     } else {
-        return Err(ApiError::BadRequest(format!("unknown input {name:?}; the model takes \"dense\" and {fields:?}")));
+        return Err(ServeError::BadRequest(format!(
+            "unknown input {name:?}; the model takes \"dense\" and {fields:?}"
+        )));
     };
     let shape = &input.shape;
     let Ok(dims) = shape.iter().map(|&d| usize::try_from(d)).collect::<Result<Vec<usize>, _>>() else {
@@ -158,8 +160,8 @@ fn check<'a>(input: &'a Tensor, rows: usize, dense_dim: usize, fields: &[String]
 
 /// The batch size the first input declares, checked against `max_rows`
 /// before any input is looked at further.
-fn rows(inputs: &[Tensor], max_rows: usize) -> Result<usize, ApiError> {
-    let bad = |msg: String| ApiError::BadRequest(msg);
+fn rows(inputs: &[Tensor], max_rows: usize) -> Result<usize, ServeError> {
+    let bad = |msg: String| ServeError::BadRequest(msg);
     let Some(first) = inputs.first() else {
         return Err(bad("inputs is empty".into()));
     };
@@ -186,20 +188,20 @@ pub fn instances(
     dense_dim: usize,
     fields: &[String],
     max_rows: usize,
-) -> Result<Vec<Value>, ApiError> {
+) -> Result<Vec<Value>, ServeError> {
     let rows = rows(inputs, max_rows)?;
     let checked = inputs.iter().map(|input| check(input, rows, dense_dim, fields)).collect::<Result<Vec<_>, _>>()?;
     let mut dense: Option<Vec<Value>> = None;
     let mut sparse: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
     for Checked { input, role, width } in checked {
         let name = &input.name;
-        let row = |r: usize| -> Result<Vec<Value>, ApiError> {
+        let row = |r: usize| -> Result<Vec<Value>, ServeError> {
             (r * width..(r + 1) * width).map(|i| input.elements.json(i, name)).collect()
         };
         match role {
             Role::Dense => dense = Some((0..rows).map(|r| row(r).map(Value::Array)).collect::<Result<_, _>>()?),
             Role::Sparse => {
-                let bag = |r: usize| -> Result<Value, ApiError> {
+                let bag = |r: usize| -> Result<Value, ServeError> {
                     Ok(Value::Array(row(r)?.into_iter().filter(|v| v.as_str() != Some("")).collect()))
                 };
                 sparse.insert(name, (0..rows).map(bag).collect::<Result<_, _>>()?);
