@@ -1,12 +1,15 @@
 //! `load`: tributary's load tool. `load run` runs the scenarios against real
 //! Apache Kafka brokers and replica processes and writes `report.json` and
-//! `report.md`; `load run --smoke` is the few-second version CI runs, which
-//! fails on any failed request. `scripts/load` builds and runs it.
+//! `report.md`, and keeps the run in `load/results/runs/`; `load history`
+//! renders every kept run into `load/results/README.md`; `load run --smoke`
+//! is the few-second version CI runs, which fails on any failed request.
+//! `scripts/load` builds and runs it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use tributary_load::history;
 use tributary_load::report::Report;
 use tributary_load::scenarios::{Bench, ALL, SMOKE};
 
@@ -27,12 +30,24 @@ enum Cmd {
         /// Scenarios to run, comma-separated (default: all; smoke: baseline,predict).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
-        /// Where report.json, report.md and the processes' logs go.
-        #[arg(long, default_value = "load/results")]
+        /// Where this run's report.json, report.md and the processes' logs go.
+        #[arg(long, default_value = "target/load")]
         out: PathBuf,
         /// The tributary binary (default: beside this one).
         #[arg(long)]
         tributary: Option<PathBuf>,
+        /// Where the run is kept for `load history` (not for --smoke).
+        #[arg(long, default_value = history::RUNS)]
+        runs: PathBuf,
+    },
+    /// Render the benchmark tables from the kept runs.
+    History {
+        /// The kept runs (each full `load run` writes one).
+        #[arg(long, default_value = history::RUNS)]
+        runs: PathBuf,
+        /// The Markdown written.
+        #[arg(long, default_value = history::RENDERED)]
+        out: PathBuf,
     },
     /// Serve the hello-world baseline: axum, reading the body, answering a constant.
     #[command(hide = true)]
@@ -45,7 +60,13 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Hello { port } => hello(port),
-        Cmd::Run { smoke, only, out, tributary } => {
+        Cmd::History { runs, out } => {
+            let md = history::render(&history::load_runs(&runs)?, &ALL);
+            std::fs::write(&out, md)?;
+            println!("wrote {}", out.display());
+            Ok(())
+        }
+        Cmd::Run { smoke, only, out, tributary, runs } => {
             let me = std::env::current_exe()?;
             let tributary = tributary.unwrap_or_else(|| me.with_file_name("tributary"));
             let names: Vec<String> = if !only.is_empty() {
@@ -68,6 +89,10 @@ fn main() -> anyhow::Result<()> {
                 bench.report.write(&out)?;
             }
             println!("report: {}", out.join("report.md").display());
+            if !smoke {
+                bench.report.keep(&runs)?;
+                println!("kept in {} (`load history` renders it)", runs.display());
+            }
             anyhow::ensure!(failed.is_empty(), "scenarios failed: {}", failed.join(", "));
             let errors = bench.errors();
             anyhow::ensure!(!smoke || errors.is_empty(), "failed requests: {}", errors.join("; "));

@@ -1,13 +1,16 @@
-//! The report: each finding next to its goal, written as JSON (every detail)
-//! and as a Markdown table (for docs/benchmarks.md and closing notes).
+//! The report of one run: each finding next to its goal, stamped with the
+//! date, the commit and the machine, written as JSON (every detail) and as
+//! a Markdown table. A full run is also kept in `load/results/runs/`, from
+//! which `history` renders the benchmark tables.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use std::process::Command;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Finding {
     pub scenario: String,
     /// What was measured, in words with its unit: "predict p99 (ms)".
@@ -18,8 +21,14 @@ pub struct Finding {
     pub met: Option<bool>,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Report {
+    /// When the run started, UTC, to the minute: `2026-12-02T21:58Z`.
+    #[serde(default)]
+    pub date: String,
+    /// The commit built, short, `-dirty` with uncommitted changes.
+    #[serde(default)]
+    pub commit: String,
     pub machine: String,
     pub command: String,
     pub findings: Vec<Finding>,
@@ -37,7 +46,7 @@ pub enum Goal {
 
 impl Report {
     pub fn new(command: String) -> Report {
-        Report { machine: machine(), command, ..Report::default() }
+        Report { date: now(), commit: commit(), machine: machine(), command, ..Report::default() }
     }
 
     pub fn add(&mut self, scenario: &str, measure: &str, value: f64, goal: Goal) {
@@ -61,7 +70,11 @@ impl Report {
 
     pub fn markdown(&self) -> String {
         let mut md = String::new();
-        let _ = writeln!(md, "Machine: {}. Command: `{}`.\n", self.machine, self.command);
+        let _ = writeln!(
+            md,
+            "{}, commit {}. Machine: {}. Command: `{}`.\n",
+            self.date, self.commit, self.machine, self.command
+        );
         let _ = writeln!(md, "| scenario | measure | value | goal | met |");
         let _ = writeln!(md, "|---|---|---:|---|---|");
         for f in &self.findings {
@@ -89,15 +102,49 @@ impl Report {
         std::fs::write(dir.join("report.md"), self.markdown())?;
         Ok(())
     }
+
+    /// Keeps this run in `runs` as `<date>_<commit>_<scenarios>.json`, for
+    /// `history`.
+    pub fn keep(&self, runs: &Path) -> anyhow::Result<()> {
+        let mut scenarios: Vec<&str> = self.findings.iter().map(|f| f.scenario.as_str()).collect();
+        scenarios.dedup();
+        let name = format!("{}_{}_{}.json", self.date.replace(':', ""), self.commit, scenarios.join("-"));
+        std::fs::create_dir_all(runs)?;
+        std::fs::write(runs.join(name), serde_json::to_string_pretty(self)? + "\n")?;
+        Ok(())
+    }
 }
 
 /// Three significant digits, without exponent noise.
-fn fmt(v: f64) -> String {
+pub fn fmt(v: f64) -> String {
     if v == 0.0 || !v.is_finite() {
         return format!("{v}");
     }
     let digits = (2 - v.abs().log10().floor() as i32).max(0) as usize;
     format!("{v:.digits$}")
+}
+
+/// The output of a command, trimmed; `None` if it cannot run or fails.
+fn output_of(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok().filter(|o| o.status.success())?;
+    Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Now, UTC, to the minute.
+fn now() -> String {
+    output_of("date", &["-u", "+%FT%H:%MZ"]).unwrap_or_else(|| "unknown-date".into())
+}
+
+/// The commit the tool runs in, `-dirty` when the tree has changes outside
+/// `load/results` (where runs are written).
+fn commit() -> String {
+    let Some(head) = output_of("git", &["rev-parse", "--short", "HEAD"]) else { return "unknown".into() };
+    let changes = output_of("git", &["status", "--porcelain", "--", ".", ":!load/results"]).unwrap_or_default();
+    if changes.is_empty() {
+        head
+    } else {
+        format!("{head}-dirty")
+    }
 }
 
 /// CPU model and count, and memory: what a reader needs to compare figures.
