@@ -63,7 +63,7 @@ fn train_step(c: &mut Criterion) {
 fn torchscript_model(args: &[&str]) -> Option<(tempfile::TempDir, Model)> {
     let dir = tempfile::tempdir().ok()?;
     let out = dir.path().join("model.pt");
-    if let Err(e) = tributary_load::procs::export_torchscript(&out, args) {
+    if let Err(e) = tributary_testkit::export_torchscript(&out, args) {
         eprintln!("torchscript benches skipped: {e:#}");
         return None;
     }

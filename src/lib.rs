@@ -17,7 +17,7 @@
 //! 5. [`metrics`]; [`checkpoint`]: stores of the state, for recovery;
 //!    [`snapshot`]: the serving snapshot behind arc-swap and its publisher.
 //! 6. [`apply`]: the applier, the one writer of the state, and the narrow
-//!    handle the HTTP layer acts through; [`ingest`]: `tributary produce`;
+//!    handle the HTTP layer acts through; [`produce`]: `tributary produce`;
 //!    [`serve`]: serving whatever the protocol (predict over instances,
 //!    tensors to instances, metadata, its errors).
 //! 7. [`train`]: the trainer, a consumer-group member that turns batches of
@@ -39,10 +39,12 @@ pub mod config;
 pub mod event;
 pub mod grpc;
 pub mod http;
-pub mod ingest;
 pub mod lifecycle;
+#[cfg(test)]
+mod limits;
 pub mod metrics;
 pub mod model;
+pub mod produce;
 pub mod replica;
 pub mod serve;
 pub mod snapshot;
@@ -66,7 +68,7 @@ mod layers {
         &["update_log"],
         &["state"],
         &["metrics", "checkpoint", "snapshot"],
-        &["apply", "ingest", "serve"],
+        &["apply", "produce", "serve"],
         &["train", "http", "grpc"],
         &["replica"],
     ];

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tributary::config::{Config, Overrides};
+use tributary::produce::Partitioning;
 
 #[derive(Parser)]
 #[command(name = "tributary", version, about = "Learn online from Kafka, serve over HTTP")]
@@ -58,13 +59,15 @@ enum Command {
         /// `per-message` (a partition drawn per event), or `key:POINTER`
         /// (keyed by the event's value at a JSON pointer, as `key:/sparse/f0`)
         #[arg(long, default_value = "sticky")]
-        partitioning: tributary::ingest::Partitioning,
+        partitioning: Partitioning,
         file: Option<PathBuf>,
     },
-    /// The checkpoint store's snapshots.
-    Snapshots {
+    /// The checkpoint store's checkpoints (`snapshots`, its first name, is
+    /// still accepted).
+    #[command(alias = "snapshots")]
+    Checkpoints {
         #[command(subcommand)]
-        action: SnapshotsAction,
+        action: CheckpointsAction,
     },
     /// Exit 0 if this replica's HTTP API answers GET PATH with 200 (the
     /// container health check; the address is http.addr).
@@ -118,8 +121,8 @@ enum Stream {
 }
 
 #[derive(Subcommand)]
-enum SnapshotsAction {
-    /// List snapshots, newest first: position, time, size, examples learned, loss.
+enum CheckpointsAction {
+    /// List checkpoints, newest first: position, time, size, examples learned, loss.
     List {
         #[command(flatten)]
         config: ConfigArgs,
@@ -149,75 +152,86 @@ fn main() -> anyhow::Result<()> {
                 config.kafka.event_format = format;
                 config.validate()?;
             }
-            let model = tributary::model::Model::new(&config.model)?;
-            let input: Box<dyn BufRead> = match file {
-                Some(path) => Box::new(std::io::BufReader::new(
-                    std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?,
-                )),
-                None => Box::new(std::io::stdin().lock()),
-            };
-            let report = tributary::ingest::produce(&config.kafka, &topic, model.featurizer(), input, &partitioning)?;
-            if report.failed > 0 {
-                anyhow::bail!("{} events were not delivered", report.failed);
-            }
-            Ok(())
+            produce(&config, &topic, &partitioning, file)
         }
-        Command::Snapshots { action: SnapshotsAction::List { config, state_dir, checkpoint_store, json } } => {
-            let config = config.load(Overrides { state_dir, checkpoint_store, ..Default::default() })?;
-            let store = tributary::checkpoint::open(&config)?;
-            let listed = store.list()?;
-            if json {
-                for c in &listed {
-                    println!("{}", serde_json::to_string(&tributary::http::SnapshotInfo::from(c))?);
-                }
-                return Ok(());
-            }
-            println!(
-                "{:>12}  {:>24}  {:>12}  {:>16}  {:>10}",
-                "position", "written (UTC)", "bytes", "examples", "loss"
-            );
-            for c in &listed {
-                let opt = |v: Option<String>| v.unwrap_or_else(|| "?".into());
-                println!(
-                    "{:>12}  {:>24}  {:>12}  {:>16}  {:>10}",
-                    c.position,
-                    tributary::telemetry::utc(c.written),
-                    c.bytes,
-                    opt(c.examples_learned.map(|e| e.to_string())),
-                    opt(c.progressive_loss.map(|l| format!("{l:.5}"))),
-                );
-            }
-            if listed.is_empty() {
-                eprintln!("no snapshots in {}", store.describe());
-            }
-            Ok(())
+        Command::Checkpoints { action: CheckpointsAction::List { config, state_dir, checkpoint_store, json } } => {
+            list_checkpoints(&config.load(Overrides { state_dir, checkpoint_store, ..Default::default() })?, json)
         }
         Command::Healthcheck { config, path } => healthcheck(config.load(Overrides::default())?.http.addr, &path),
         Command::Generate { config, count, rate, seed, stream, drift_at, vw, no_ts, poison } => {
             let config = config.load(Overrides::default())?;
             let source = Source { stream, seed, count, drift_at, vw, no_ts };
-            let mut next = event_source(&config, &source)?;
-            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            let start = Instant::now();
-            for i in 0..count.unwrap_or(u64::MAX) {
-                if let Some(rate) = rate {
-                    let due = start + Duration::from_secs_f64(i as f64 / rate);
-                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                        out.flush()?;
-                        std::thread::sleep(wait);
-                    }
-                }
-                let ts = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
-                let event = next(ts)?;
-                let event = if poison { tributary::synthetic::poisoned(&event)? } else { event };
-                if writeln!(out, "{event}").is_err() {
-                    break; // the reader went away
-                }
-            }
-            let _ = out.flush();
-            Ok(())
+            generate(&config, &source, rate, poison)
         }
     }
+}
+
+/// `tributary produce`: JSONL events from `file` (or stdin) into `topic`.
+fn produce(config: &Config, topic: &str, partitioning: &Partitioning, file: Option<PathBuf>) -> anyhow::Result<()> {
+    let model = tributary::model::Model::new(&config.model)?;
+    let input: Box<dyn BufRead> = match file {
+        Some(path) => Box::new(std::io::BufReader::new(
+            std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?,
+        )),
+        None => Box::new(std::io::stdin().lock()),
+    };
+    let report = tributary::produce::produce(&config.kafka, topic, model.featurizer(), input, partitioning)?;
+    if report.failed > 0 {
+        anyhow::bail!("{} events were not delivered", report.failed);
+    }
+    Ok(())
+}
+
+/// `tributary checkpoints list`: newest first, as a table or JSON lines.
+fn list_checkpoints(config: &Config, json: bool) -> anyhow::Result<()> {
+    let store = tributary::checkpoint::open(config)?;
+    let listed = store.list()?;
+    if json {
+        for c in &listed {
+            println!("{}", serde_json::to_string(&tributary::http::CheckpointEntry::from(c))?);
+        }
+        return Ok(());
+    }
+    println!("{:>12}  {:>24}  {:>12}  {:>16}  {:>10}", "position", "written (UTC)", "bytes", "examples", "loss");
+    for c in &listed {
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "?".into());
+        println!(
+            "{:>12}  {:>24}  {:>12}  {:>16}  {:>10}",
+            c.position,
+            tributary::telemetry::utc(c.written),
+            c.bytes,
+            opt(c.examples_learned.map(|e| e.to_string())),
+            opt(c.progressive_loss.map(|l| format!("{l:.5}"))),
+        );
+    }
+    if listed.is_empty() {
+        eprintln!("no checkpoints in {}", store.describe());
+    }
+    Ok(())
+}
+
+/// `tributary generate`: events on stdout, at `rate` a second if given.
+fn generate(config: &Config, source: &Source, rate: Option<f64>, poison: bool) -> anyhow::Result<()> {
+    let mut next = event_source(config, source)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let start = Instant::now();
+    for i in 0..source.count.unwrap_or(u64::MAX) {
+        if let Some(rate) = rate {
+            let due = start + Duration::from_secs_f64(i as f64 / rate);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                out.flush()?;
+                std::thread::sleep(wait);
+            }
+        }
+        let ts = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
+        let event = next(ts)?;
+        let event = if poison { tributary::synthetic::poisoned(&event)? } else { event };
+        if writeln!(out, "{event}").is_err() {
+            break; // the reader went away
+        }
+    }
+    let _ = out.flush();
+    Ok(())
 }
 
 /// What `tributary generate` was asked for.

@@ -149,11 +149,11 @@ impl Replica {
         let mut app = AppState::new(applier.serving(), metrics.clone(), &config, applier.ready());
         app.checkpoints = Some(store.clone());
         if !config.checkpoint.peer_token.is_empty() {
-            app.peer_checkpoints = Some(Arc::new(PeerCheckpoints::new(&config.checkpoint.peer_token)));
+            app.peer_checkpoints = Some(Arc::new(PeerCheckpoints::new(config.checkpoint.peer_token.expose())));
         }
         if !config.http.admin_token.is_empty() {
             let handle = ReplicaHandle::new(&config, control.clone(), applier.progress(), store, model.fingerprint())?;
-            app.admin = Some(Arc::new(Admin { token: config.http.admin_token.clone(), replica: handle }));
+            app.admin = Some(Arc::new(Admin { token: config.http.admin_token.expose().to_string(), replica: handle }));
         }
         if config.http.ingest {
             let k = &config.kafka;
@@ -163,7 +163,7 @@ impl Replica {
                 &k.events_topic,
                 codec,
                 &config.replica_id,
-                &config.http.ingest_token,
+                config.http.ingest_token.expose(),
             )?));
         }
         Ok(Some(Replica { config, model, metrics, control, applier, trainer, trainer_stop, app }))
@@ -327,7 +327,8 @@ async fn bootstrap<F: Future<Output = ()>>(
     let mut backoff = Backoff::new();
     let peer = config.bootstrap_from.as_str();
     for attempt in 1..=BOOTSTRAP_ATTEMPTS {
-        let (s, m, url, token) = (store.clone(), model.clone(), peer.to_string(), config.peer_token.clone());
+        let (s, m, url, token) =
+            (store.clone(), model.clone(), peer.to_string(), config.peer_token.expose().to_string());
         let fetched = tokio::task::spawn_blocking(move || {
             let state = checkpoint::peer::fetch(&url, &token, &m)?;
             s.save(&m, &state)?;

@@ -103,7 +103,7 @@ fn scenarios(runs: &[Report], order: &[&str]) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::report::Goal;
-    use crate::scenarios::ALL;
+    use crate::scenarios::all;
 
     fn run(date: &str, commit: &str, rps: f64) -> Report {
         let mut r = Report::new("load run".into());
@@ -116,7 +116,7 @@ mod tests {
     #[test]
     fn each_run_is_a_column_stamped_with_its_date_and_commit_newest_first() {
         let runs = [run("2026-12-02", "bbb", 1500.0), run("2026-11-30", "aaa", 900.0)];
-        let md = render(&runs, &ALL);
+        let md = render(&runs, &all());
         assert!(md.contains("| measure | 2026-12-02 `bbb` | 2026-11-30 `aaa` | goal | met |"), "{md}");
         assert!(md.contains("| requests/s | 1500 | 900 | >= 1000 | yes |"), "{md}");
         // Scenarios in the tool's order, not the findings'.
@@ -130,7 +130,7 @@ mod tests {
         assert!(!runs.is_empty(), "no runs in {RUNS}");
         let committed = std::fs::read_to_string(root.join(RENDERED)).unwrap();
         assert!(
-            committed == render(&runs, &ALL),
+            committed == render(&runs, &all()),
             "{RENDERED} is not the rendering of {RUNS}: run `cargo run --release -p tributary-load -- history`"
         );
     }

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use tributary_load::history;
 use tributary_load::report::Report;
-use tributary_load::scenarios::{Bench, ALL, SMOKE};
+use tributary_load::scenarios::{self, Bench, SMOKE};
 
 #[derive(Parser)]
 #[command(name = "load", about = "Load tests of tributary: throughput, latency through swaps and failures, recovery")]
@@ -61,7 +61,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Hello { port } => hello(port),
         Cmd::History { runs, out } => {
-            let md = history::render(&history::load_runs(&runs)?, &ALL);
+            let md = history::render(&history::load_runs(&runs)?, &scenarios::all());
             std::fs::write(&out, md)?;
             println!("wrote {}", out.display());
             Ok(())
@@ -69,12 +69,13 @@ fn main() -> anyhow::Result<()> {
         Cmd::Run { smoke, only, out, tributary, runs } => {
             let me = std::env::current_exe()?;
             let tributary = tributary.unwrap_or_else(|| me.with_file_name("tributary"));
+            let label = if only.is_empty() { "all".to_string() } else { only.join("-") };
             let names: Vec<String> = if !only.is_empty() {
                 only
             } else if smoke {
                 SMOKE.map(String::from).to_vec()
             } else {
-                ALL.map(String::from).to_vec()
+                scenarios::all().into_iter().map(String::from).collect()
             };
             let command = std::env::args().collect::<Vec<_>>().join(" ");
             let mut bench = Bench::new(tributary, me, out.join("logs"), smoke, Report::new(command))?;
@@ -90,7 +91,7 @@ fn main() -> anyhow::Result<()> {
             }
             println!("report: {}", out.join("report.md").display());
             if !smoke {
-                bench.report.keep(&runs)?;
+                bench.report.keep(&runs, &label)?;
                 println!("kept in {} (`load history` renders it)", runs.display());
             }
             anyhow::ensure!(failed.is_empty(), "scenarios failed: {}", failed.join(", "));

@@ -103,12 +103,10 @@ impl Report {
         Ok(())
     }
 
-    /// Keeps this run in `runs` as `<date>_<commit>_<scenarios>.json`, for
-    /// `history`.
-    pub fn keep(&self, runs: &Path) -> anyhow::Result<()> {
-        let mut scenarios: Vec<&str> = self.findings.iter().map(|f| f.scenario.as_str()).collect();
-        scenarios.dedup();
-        let name = format!("{}_{}_{}.json", self.date.replace(':', ""), self.commit, scenarios.join("-"));
+    /// Keeps this run in `runs` as `<date>_<commit>_<label>.json` (the
+    /// label says which scenarios: `all`, or their names), for `history`.
+    pub fn keep(&self, runs: &Path, label: &str) -> anyhow::Result<()> {
+        let name = format!("{}_{}_{label}.json", self.date.replace(':', ""), self.commit);
         std::fs::create_dir_all(runs)?;
         std::fs::write(runs.join(name), serde_json::to_string_pretty(self)? + "\n")?;
         Ok(())

@@ -10,7 +10,8 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use super::{encode, read_header, retained, CheckpointError, CheckpointInfo, Store, HEADER_BYTES};
+use super::format::{encode, read_header, HEADER_BYTES};
+use super::{retained, CheckpointError, CheckpointInfo, Store};
 use crate::model::Model;
 use crate::state::ReplicaState;
 

@@ -6,31 +6,26 @@
 //! shared by a fleet. Both hold the same encoding, checksummed, and both
 //! write a checkpoint whole or not at all; loading skips one that fails its
 //! checksum. Equal positions mean equal contents, so writing one twice, from
-//! one replica or two, is harmless.
+//! one replica or two, is harmless. The encoding is [`format`]'s.
 
+mod format;
 pub mod local;
 pub mod peer;
 pub mod postgres;
 
-use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::config::Config;
-use crate::model::{f32_bytes, settings_diff, Model, Settings};
-use crate::state::optim::Optimizer;
+use crate::config::{CheckpointStore, Config};
+use crate::model::Model;
 use crate::state::ReplicaState;
 
+use self::format::{decode, OLDEST_VERSION, VERSION};
+
+pub use format::largest_size;
 pub use local::LocalStore;
 pub use postgres::PgStore;
-
-const MAGIC: &[u8; 4] = b"TRCK";
-/// 2: adds the offset of the last rollback taken after the loss sum.
-/// 3: adds the model's settings after it, so that a checkpoint of a model
-/// configured otherwise is refused naming the settings that differ.
-const VERSION: u8 = 3;
-/// The oldest format this build still reads (it has no settings).
-const OLDEST_VERSION: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -50,7 +45,8 @@ pub enum CheckpointError {
         /// for a checkpoint of format 2, which does not carry them).
         differs: Vec<String>,
     },
-    #[error("checkpoint store URL {0:?}: expected a directory (file:PATH, or empty for checkpoint.state_dir) or postgres://...")]
+    /// A `postgres://` store whose URL does not parse (shown without its password).
+    #[error("checkpoint store URL {0:?} is not a valid PostgreSQL URL")]
     Url(String),
 }
 
@@ -128,20 +124,21 @@ pub type SharedStore = Arc<dyn Store>;
 pub fn open(config: &Config) -> Result<SharedStore, CheckpointError> {
     let c = &config.checkpoint;
     let every = Duration::from_secs(c.keep_one_every_secs);
-    let url = c.store.trim();
-    if url.is_empty() || url.starts_with("file:") {
-        let dir = url.strip_prefix("file:").map_or(c.state_dir.clone(), |p| p.trim_start_matches("//").into());
-        return Ok(Arc::new(LocalStore::open(&dir, c.keep)?.keep_one_every(every)));
+    let local = |dir: &Path| -> Result<SharedStore, CheckpointError> {
+        Ok(Arc::new(LocalStore::open(dir, c.keep)?.keep_one_every(every)))
+    };
+    match &c.store {
+        CheckpointStore::StateDir => local(&c.state_dir),
+        CheckpointStore::Directory(dir) => local(dir),
+        CheckpointStore::Postgres(url) => {
+            let scope = postgres::Scope {
+                model: config.model.name.clone(),
+                log: config.kafka.updates_topic.clone(),
+                writer: config.replica_id.clone(),
+            };
+            Ok(Arc::new(PgStore::open(url.expose(), scope, c.keep, every)?))
+        }
     }
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let scope = postgres::Scope {
-            model: config.model.name.clone(),
-            log: config.kafka.updates_topic.clone(),
-            writer: config.replica_id.clone(),
-        };
-        return Ok(Arc::new(PgStore::open(url, scope, c.keep, every)?));
-    }
-    Err(CheckpointError::Url(url.to_string()))
 }
 
 /// Which of `listed` (newest first) the retention policy keeps: the newest
@@ -162,161 +159,9 @@ fn retained(listed: &[CheckpointInfo], keep: usize, every: Option<Duration>) -> 
         .collect()
 }
 
-/// Where the header's fields sit: magic, version, fingerprint, position,
-/// five counters (examples learned first), then the loss sum.
-const HEADER_BYTES: usize = 4 + 1 + 8 + 8 + 5 * 8 + 8;
-const EXAMPLES_AT: usize = 4 + 1 + 8 + 8;
-const LOSS_SUM_AT: usize = EXAMPLES_AT + 5 * 8;
-
-/// Examples learned and mean progressive loss from a checkpoint's header.
-fn read_header(head: &[u8; HEADER_BYTES]) -> Option<(u64, Option<f64>)> {
-    if !head.starts_with(MAGIC) || !(OLDEST_VERSION..=VERSION).contains(&head[4]) {
-        return None;
-    }
-    let u64_at = |at: usize| u64::from_le_bytes(head[at..at + 8].try_into().expect("8 bytes"));
-    let examples = u64_at(EXAMPLES_AT);
-    let loss_sum = f64::from_bits(u64_at(LOSS_SUM_AT));
-    Some((examples, (examples > 0).then(|| loss_sum / examples as f64)))
-}
-
-/// The most bytes a checkpoint of `model` can take: its weights and at
-/// most two optimizer slots per parameter (Adam's and FTRL's), as f32, and
-/// a megabyte for the header, settings and watermarks. A peer's answer
-/// longer than this is refused before it is read.
-pub fn largest_size(model: &Model) -> u64 {
-    let floats: u64 = model.params().iter().map(|p| p.len() as u64).sum();
-    floats * 3 * 4 + (1 << 20)
-}
-
-fn encode(model: &Model, s: &ReplicaState) -> Vec<u8> {
-    let floats: usize = s.weights.iter().map(Vec::len).sum::<usize>() * (1 + s.optimizer.slots.len());
-    let mut out = Vec::with_capacity(floats * 4 + 256);
-    out.extend_from_slice(MAGIC);
-    out.push(VERSION);
-    out.extend_from_slice(&model.fingerprint().to_le_bytes());
-    out.extend_from_slice(&s.position.to_le_bytes());
-    for v in [s.examples_learned, s.examples_skipped, s.records_applied, s.records_rejected, s.optimizer.steps] {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    out.extend_from_slice(&s.loss_sum.to_le_bytes());
-    out.extend_from_slice(&s.last_rollback.unwrap_or(-1).to_le_bytes());
-    out.extend_from_slice(&(model.settings().len() as u32).to_le_bytes());
-    for text in model.settings().iter().flat_map(|(name, value)| [name, value]) {
-        out.extend_from_slice(&(text.len() as u32).to_le_bytes());
-        out.extend_from_slice(text.as_bytes());
-    }
-    out.extend_from_slice(&(s.watermarks.len() as u32).to_le_bytes());
-    for (p, o) in &s.watermarks {
-        out.extend_from_slice(&p.to_le_bytes());
-        out.extend_from_slice(&o.to_le_bytes());
-    }
-    out.push(s.optimizer.slots.len() as u8);
-    for buffers in std::iter::once(&s.weights).chain(&s.optimizer.slots) {
-        for b in buffers {
-            out.extend_from_slice(f32_bytes(b));
-        }
-    }
-    let sum = blake3::hash(&out);
-    out.extend_from_slice(sum.as_bytes());
-    out
-}
-
-fn decode(model: &Model, bytes: &[u8], location: &str) -> Result<ReplicaState, CheckpointError> {
-    let corrupt = || CheckpointError::Corrupt(location.into());
-    let body_len = bytes.len().checked_sub(32).ok_or_else(corrupt)?;
-    let (body, sum) = bytes.split_at(body_len);
-    if blake3::hash(body).as_bytes() != sum || !body.starts_with(MAGIC) {
-        return Err(corrupt());
-    }
-    let version = *body.get(4).ok_or_else(corrupt)?;
-    if !(OLDEST_VERSION..=VERSION).contains(&version) {
-        return Err(CheckpointError::Version { location: location.into(), version });
-    }
-    let mut at = 5;
-    let mut take = |n: usize| -> Result<&[u8], CheckpointError> {
-        let s = body.get(at..at + n).ok_or_else(corrupt)?;
-        at += n;
-        Ok(s)
-    };
-    let u64_at = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
-    let fingerprint = u64_at(take(8)?);
-    let position = u64_at(take(8)?) as i64;
-    let mut counters = [0u64; 5];
-    for c in &mut counters {
-        *c = u64_at(take(8)?);
-    }
-    let loss_sum = f64::from_bits(u64_at(take(8)?));
-    let last_rollback = Some(u64_at(take(8)?) as i64).filter(|&at| at >= 0);
-    // Format 2 has no settings: a mismatch is refused without naming them.
-    let settings = if version >= 3 { Some(read_settings(&mut take)?) } else { None };
-    if fingerprint != model.fingerprint() {
-        let differs = settings.map_or_else(Vec::new, |s| settings_diff(model.settings(), &s, "in the checkpoint"));
-        return Err(CheckpointError::OtherModel { location: location.into(), differs });
-    }
-    let n = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes"));
-    let mut watermarks = BTreeMap::new();
-    for _ in 0..n {
-        let p = i32::from_le_bytes(take(4)?.try_into().expect("4 bytes"));
-        watermarks.insert(p, u64_at(take(8)?) as i64);
-    }
-    let slots = take(1)?[0] as usize;
-    let c = model.config();
-    let mut optimizer = Optimizer::new(c, model.params());
-    if slots != c.optimizer().slots() {
-        return Err(CheckpointError::OtherModel { location: location.into(), differs: Vec::new() });
-    }
-    let mut read_buffers = || {
-        (model.params().iter())
-            .map(|p| {
-                let raw = take(p.len() * 4)?;
-                Ok(raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
-            })
-            .collect::<Result<Vec<Vec<f32>>, CheckpointError>>()
-    };
-    let weights = read_buffers()?;
-    for slot in 0..slots {
-        optimizer.slots[slot] = read_buffers()?;
-    }
-    optimizer.steps = counters[4];
-    if at != body.len() {
-        return Err(corrupt());
-    }
-    Ok(ReplicaState {
-        position,
-        watermarks,
-        examples_learned: counters[0],
-        examples_skipped: counters[1],
-        records_applied: counters[2],
-        records_rejected: counters[3],
-        last_rollback,
-        loss_sum,
-        weights,
-        optimizer,
-    })
-}
-
-/// The settings block of format 3: a count, then each name and value as a
-/// length and its UTF-8 bytes. Read piece by piece from `take`, so a
-/// hostile count allocates nothing up front.
-fn read_settings<'a>(
-    take: &mut impl FnMut(usize) -> Result<&'a [u8], CheckpointError>,
-) -> Result<Settings, CheckpointError> {
-    let count = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes"));
-    let mut settings = Settings::new();
-    for _ in 0..count {
-        let name = read_text(take)?;
-        settings.insert(name, read_text(take)?);
-    }
-    Ok(settings)
-}
-
-fn read_text<'a>(take: &mut impl FnMut(usize) -> Result<&'a [u8], CheckpointError>) -> Result<String, CheckpointError> {
-    let len = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
-    Ok(String::from_utf8_lossy(take(len)?).into_owned())
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
+    use super::format::{encode, HEADER_BYTES};
     use super::*;
     use crate::config::{ModelConfig, ModelKind, OptimizerKind};
 
@@ -429,6 +274,7 @@ pub(crate) mod tests {
 mod fuzz {
     use proptest::prelude::*;
 
+    use super::format::{encode, MAGIC, VERSION};
     use super::*;
     use crate::config::{ModelConfig, ModelKind};
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::{decode, largest_size};
+use super::format::{decode, largest_size};
 use crate::model::Model;
 use crate::state::ReplicaState;
 

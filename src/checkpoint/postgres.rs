@@ -12,7 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::Row;
 
-use super::{encode, retained, CheckpointError, CheckpointInfo, Store};
+use super::format::encode;
+use super::{retained, CheckpointError, CheckpointInfo, Store};
 use crate::model::Model;
 use crate::state::ReplicaState;
 

@@ -145,12 +145,36 @@ async fn produce(
     if n > state.predictor.max_batch {
         return Err(ApiError::BadRequest(format!("{n} events; at most {} per request", state.predictor.max_batch)));
     }
-    let metrics = &state.metrics;
+    let ingested = &state.metrics.serving.events_ingested;
+    let payloads = match encoded(state, sink, request.events) {
+        Ok(payloads) => payloads,
+        Err(invalid) => {
+            ingested.with_label_values(&["invalid"]).inc_by(invalid.len() as u64);
+            let error = format!("{} of {n} events are invalid; none was produced", invalid.len());
+            return Ok((StatusCode::UNPROCESSABLE_ENTITY, Json(EventsRejected { error, invalid })).into_response());
+        }
+    };
+    let results = delivered(sink, &payloads).await;
+    let failed = results.iter().filter(|r| r.error.is_some()).count();
+    ingested.with_label_values(&["produced"]).inc_by((n - failed) as u64);
+    ingested.with_label_values(&["failed"]).inc_by(failed as u64);
+    let status = if failed == 0 {
+        StatusCode::ACCEPTED
+    } else {
+        tracing::warn!(failed, of = n, "the broker did not take some events posted to /v1/events");
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    Ok((status, Json(EventsAccepted { results })).into_response())
+}
+
+/// Each event checked against the served model and encoded in the topic's
+/// format; or every invalid one, by index, with why.
+fn encoded(state: &AppState, sink: &EventSink, events: Vec<Value>) -> Result<Vec<Vec<u8>>, Vec<InvalidEvent>> {
     let snap = state.predictor.serving.load();
     let featurizer = snap.model.featurizer();
-    let mut payloads = Vec::with_capacity(n);
+    let mut payloads = Vec::with_capacity(events.len());
     let mut invalid = Vec::new();
-    for (index, event) in request.events.into_iter().enumerate() {
+    for (index, event) in events.into_iter().enumerate() {
         let bytes = serde_json::to_vec(&event).expect("a JSON value serializes");
         let encoded = match featurizer.event(&bytes) {
             Ok(_) => sink.codec.encode_parsed(bytes, event).map_err(|e| ("avro", e)),
@@ -161,34 +185,25 @@ async fn produce(
             Err((reason, error)) => invalid.push(InvalidEvent { index, reason, error }),
         }
     }
-    if !invalid.is_empty() {
-        metrics.serving.events_ingested.with_label_values(&["invalid"]).inc_by(invalid.len() as u64);
-        let error = format!("{} of {n} events are invalid; none was produced", invalid.len());
-        return Ok((StatusCode::UNPROCESSABLE_ENTITY, Json(EventsRejected { error, invalid })).into_response());
+    if invalid.is_empty() {
+        Ok(payloads)
+    } else {
+        Err(invalid)
     }
+}
 
+/// Produces every payload, all at once, and says where each landed or why not.
+async fn delivered(sink: &EventSink, payloads: &[Vec<u8>]) -> Vec<EventResult> {
     let deliveries = payloads.iter().map(|bytes| {
         let record: FutureRecord<'_, (), [u8]> = FutureRecord::to(&sink.topic).payload(bytes);
         // Waits for queue space rather than failing under a burst; the
         // producer's message.timeout.ms bounds the whole delivery.
         sink.producer.send(record, Duration::from_secs(5))
     });
-    let results: Vec<EventResult> = futures::future::join_all(deliveries)
-        .await
-        .into_iter()
+    (futures::future::join_all(deliveries).await.into_iter())
         .map(|r| match r {
             Ok(d) => EventResult { partition: Some(d.partition), offset: Some(d.offset), error: None },
             Err((e, _)) => EventResult { partition: None, offset: None, error: Some(e.to_string()) },
         })
-        .collect();
-    let failed = results.iter().filter(|r| r.error.is_some()).count();
-    metrics.serving.events_ingested.with_label_values(&["produced"]).inc_by((n - failed) as u64);
-    metrics.serving.events_ingested.with_label_values(&["failed"]).inc_by(failed as u64);
-    let status = if failed == 0 {
-        StatusCode::ACCEPTED
-    } else {
-        tracing::warn!(failed, of = n, "the broker did not take some events posted to /v1/events");
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    Ok((status, Json(EventsAccepted { results })).into_response())
+        .collect()
 }

@@ -12,6 +12,7 @@
 //! health and metrics.
 
 pub mod admin;
+mod checkpoints;
 mod error;
 pub mod events;
 pub mod peer;
@@ -40,9 +41,10 @@ use utoipa::{Modify, OpenApi, ToSchema};
 use utoipa_axum::router::UtoipaMethodRouter;
 use utoipa_axum::routes;
 
+pub use checkpoints::CheckpointEntry;
 pub use error::ApiError;
 
-use crate::checkpoint::{CheckpointInfo, SharedStore};
+use crate::checkpoint::SharedStore;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::serve::Predictor;
@@ -56,7 +58,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub replica_id: Arc<str>,
     pub max_body_bytes: usize,
-    /// The checkpoint store, for listing snapshots (`None`: nothing to list).
+    /// The checkpoint store, for listing its checkpoints (`None`: nothing to list).
     pub checkpoints: Option<SharedStore>,
     /// The admin endpoints; `None`: off.
     pub admin: Option<Arc<admin::Admin>>,
@@ -87,6 +89,8 @@ impl AppState {
 }
 
 /// Every endpoint, once: the router and the OpenAPI document come from here.
+/// (Deprecated paths are served and documented as such.)
+#[allow(deprecated)]
 fn endpoints() -> Vec<UtoipaMethodRouter<AppState>> {
     vec![
         routes!(status::page),
@@ -97,7 +101,8 @@ fn endpoints() -> Vec<UtoipaMethodRouter<AppState>> {
         routes!(openapi_json),
         routes!(model_info),
         routes!(predict),
-        routes!(snapshots),
+        routes!(checkpoints::list),
+        routes!(checkpoints::list_as_snapshots),
         routes!(peer::newest_checkpoint),
         routes!(admin::rollback),
         routes!(events::ingest),
@@ -315,51 +320,6 @@ async fn model_info(State(state): State<AppState>, Path(model): Path<String>) ->
         dense_dim: c.dense_dim,
         sparse_fields: c.sparse_fields.clone(),
     }))
-}
-
-/// One checkpoint.
-#[derive(Serialize, ToSchema)]
-pub struct SnapshotInfo {
-    /// The update-log position it holds: a `to_version` for rollback.
-    position: i64,
-    written_unix_ms: u64,
-    bytes: u64,
-    examples_learned: Option<u64>,
-    progressive_logloss: Option<f64>,
-}
-
-impl From<&CheckpointInfo> for SnapshotInfo {
-    fn from(c: &CheckpointInfo) -> SnapshotInfo {
-        SnapshotInfo {
-            position: c.position,
-            written_unix_ms: c.written.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
-            bytes: c.bytes,
-            examples_learned: c.examples_learned,
-            progressive_logloss: c.progressive_loss,
-        }
-    }
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct Snapshots {
-    /// Newest first.
-    snapshots: Vec<SnapshotInfo>,
-}
-
-/// The checkpoint store's snapshots of this model, newest first.
-#[utoipa::path(get, path = "/v1/models/{model}/snapshots", tag = "training",
-    params(("model" = String, Path, description = "The model name", example = "default")),
-    responses((status = 200, body = Snapshots), (status = 404, body = ErrorBody), (status = 503, description = "The store is unreachable", body = ErrorBody)))]
-async fn snapshots(State(state): State<AppState>, Path(model): Path<String>) -> Result<Json<Snapshots>, ApiError> {
-    check_model(&state, &model)?;
-    let Some(store) = state.checkpoints.clone() else {
-        return Ok(Json(Snapshots { snapshots: Vec::new() }));
-    };
-    let listed = tokio::task::spawn_blocking(move || store.list())
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-    Ok(Json(Snapshots { snapshots: listed.iter().map(SnapshotInfo::from).collect() }))
 }
 
 #[derive(Deserialize, ToSchema)]

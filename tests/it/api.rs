@@ -172,7 +172,7 @@ const PEER_TOKEN: &str = "peer-token-0123456789";
 /// The HTTP state of a small model whose store holds checkpoints at
 /// positions 4 and 9 (100 and 300 examples), serving them to peers; the
 /// store's directory.
-fn state_with_snapshots() -> (AppState, tempfile::TempDir) {
+fn state_with_checkpoints() -> (AppState, tempfile::TempDir) {
     use tributary::checkpoint::Store;
     let mut config = Config::default();
     config.model.kind = ModelKind::Logistic;
@@ -196,26 +196,30 @@ fn state_with_snapshots() -> (AppState, tempfile::TempDir) {
 }
 
 #[tokio::test]
-async fn snapshots_are_listed_newest_first_with_their_counters() {
-    let (state, _dir) = state_with_snapshots();
+async fn checkpoints_are_listed_newest_first_with_their_counters_also_under_their_old_name() {
+    let (state, _dir) = state_with_checkpoints();
     let app = router(state);
-    let (status, body, _) = call(&app, "GET", "/v1/models/default/snapshots", Body::empty()).await;
+    let (status, body, _) = call(&app, "GET", "/v1/models/default/checkpoints", Body::empty()).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let listed = body["snapshots"].as_array().unwrap();
+    let listed = body["checkpoints"].as_array().unwrap();
     let positions: Vec<i64> = listed.iter().map(|s| s["position"].as_i64().unwrap()).collect();
     assert_eq!(positions, vec![9, 4]);
     assert_eq!(listed[0]["examples_learned"], 300);
     assert_eq!(listed[0]["progressive_logloss"], 0.5);
     assert!(listed[0]["bytes"].as_u64().unwrap() > 64 * 4 * 4, "{body}");
     assert!(listed[0]["written_unix_ms"].as_u64().unwrap() > 1_700_000_000_000);
-    let (status, _, _) = call(&app, "GET", "/v1/models/other/snapshots", Body::empty()).await;
+    let (status, _, _) = call(&app, "GET", "/v1/models/other/checkpoints", Body::empty()).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    // The deprecated path answers the same list under its old key.
+    let (status, old, _) = call(&app, "GET", "/v1/models/default/snapshots", Body::empty()).await;
+    assert_eq!(status, StatusCode::OK, "{old}");
+    assert_eq!(old["snapshots"], body["checkpoints"]);
 }
 
 #[tokio::test]
 async fn the_newest_checkpoint_goes_to_peers_with_the_token_whole_and_a_few_at_a_time() {
     use tributary::http::peer::DOWNLOADS_AT_ONCE;
-    let (state, _dir) = state_with_snapshots();
+    let (state, _dir) = state_with_checkpoints();
     let listed = state.checkpoints.as_ref().unwrap().list().unwrap();
     let app = router(state.clone());
     let get = |token: Option<&str>| {

@@ -234,8 +234,8 @@ fn a_peer_checkpoint_with_one_weight_changed_is_refused_by_the_fleets_attestatio
     cluster.produce(600, 1);
     steady.wait_learned(600, Duration::from_secs(120));
     let checkpointed = wait_for("a checkpoint of the 600 events", Duration::from_secs(60), || {
-        let (_, body) = steady.get("/v1/models/default/snapshots")?;
-        let newest = serde_json::from_str::<serde_json::Value>(&body).ok()?["snapshots"][0].clone();
+        let (_, body) = steady.get("/v1/models/default/checkpoints")?;
+        let newest = serde_json::from_str::<serde_json::Value>(&body).ok()?["checkpoints"][0].clone();
         (newest["examples_learned"].as_u64()? == 600).then(|| newest["position"].as_i64())?
     });
     let real = (procs::http().get(format!("http://{}/v1/models/default/checkpoint", steady.http)))

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tributary::checkpoint::{postgres::Scope, LocalStore, PgStore, Store};
-use tributary::config::ModelKind;
+use tributary::config::{CheckpointStore, ModelKind};
 use tributary::model::Model;
 
 use crate::helpers::*;
@@ -106,7 +106,7 @@ fn slow_postgres_unreachable_during_training_loses_nothing() {
     let url = &db.url;
     let proxy = Proxy::start(&db.addr);
     let via_proxy = url.replacen(&db.addr, &format!("127.0.0.1:{}", proxy.port), 1);
-    cluster.config.checkpoint.store = via_proxy;
+    cluster.config.checkpoint.store = CheckpointStore::try_from(via_proxy).unwrap();
     let mut r = cluster.spawn("r0");
     r.wait_ready();
     cluster.produce(2000, 1);
@@ -199,7 +199,7 @@ fn slow_a_broker_slow_to_list_offsets_at_start_up_is_asked_again_not_taken_for_a
 fn a_fleet_on_postgres_trims_its_update_log_and_a_new_replica_still_joins() {
     let db = fresh_database("trim");
     let mut cluster = Cluster::new("trim", ModelKind::Logistic);
-    cluster.config.checkpoint.store = db.url.clone();
+    cluster.config.checkpoint.store = CheckpointStore::try_from(db.url.clone()).unwrap();
     let first = cluster.spawn("r0");
     first.wait_ready();
     cluster.produce(2000, 1);
@@ -209,9 +209,9 @@ fn a_fleet_on_postgres_trims_its_update_log_and_a_new_replica_still_joins() {
         let start = first.metrics().value("tributary_update_log_start", "");
         (start > 0.0).then_some(start as i64)
     });
-    let (_, body) = first.get("/v1/models/default/snapshots").unwrap();
+    let (_, body) = first.get("/v1/models/default/checkpoints").unwrap();
     let listed: Value = serde_json::from_str(&body).unwrap();
-    let oldest = listed["snapshots"].as_array().unwrap().iter().filter_map(|s| s["position"].as_i64()).min();
+    let oldest = listed["checkpoints"].as_array().unwrap().iter().filter_map(|s| s["position"].as_i64()).min();
     assert!(oldest.is_some_and(|o| start <= o), "the log starts at {start}, the oldest checkpoint is {oldest:?}");
     // A new replica restores a checkpoint from the shared store and agrees.
     let second = cluster.spawn("r1");
@@ -222,7 +222,7 @@ fn a_fleet_on_postgres_trims_its_update_log_and_a_new_replica_still_joins() {
 fn slow_a_replica_stopped_longer_than_the_fleet_keeps_its_log_catches_up_from_the_store() {
     let db = fresh_database("sigstop");
     let mut cluster = Cluster::new("sigstop", ModelKind::Logistic);
-    cluster.config.checkpoint.store = db.url.clone();
+    cluster.config.checkpoint.store = CheckpointStore::try_from(db.url.clone()).unwrap();
     cluster.config.checkpoint.interval_secs = 1;
     let (steady, stopped) = (cluster.spawn("steady"), cluster.spawn("stopped"));
     steady.wait_ready();

@@ -404,8 +404,8 @@ fn a_new_replica_bootstraps_from_a_peer_after_the_log_start_moved() {
     // A checkpoint of everything learned (one every 2 s here), then the log
     // before it is deleted: a new replica cannot replay from 0 any more.
     let checkpointed = wait_for("a checkpoint of the 600 events", LEARN_LIMIT, || {
-        let (_, body) = steady.get("/v1/models/default/snapshots")?;
-        let newest = serde_json::from_str::<serde_json::Value>(&body).ok()?["snapshots"][0].clone();
+        let (_, body) = steady.get("/v1/models/default/checkpoints")?;
+        let newest = serde_json::from_str::<serde_json::Value>(&body).ok()?["checkpoints"][0].clone();
         (newest["examples_learned"].as_u64()? == 600).then(|| newest["position"].as_i64())?
     });
     delete_update_log_records_before(&cluster, checkpointed);

@@ -1,6 +1,6 @@
 //! Real parts for the fleet tests: Apache Kafka brokers and tributary
-//! replicas as child processes (started by the load tool's `procs`, shared
-//! with it). Tests share the run's broker (`scripts/test` starts one) unless
+//! replicas as child processes (started by `tributary-testkit`, which the
+//! load tool shares). Tests share the run's broker (`scripts/test` starts one) unless
 //! they kill or restart it; each has its own topics, group and state
 //! directories. Waiting is polling with a deadline, never a bare sleep.
 
@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tributary::config::{Config, ModelKind};
-pub use tributary_load::procs::{self, try_wait_for, wait_for, Broker, KafkaCluster, Scrape};
+pub use tributary_testkit as procs;
+pub use tributary_testkit::{try_wait_for, wait_for, Broker, KafkaCluster, Scrape};
 
 /// The status page's charts, each a series of `history` in `GET /v1/status`.
 pub const STATUS_SERIES: [&str; 6] =
@@ -170,7 +171,7 @@ impl Cluster {
         let model = tributary::model::Model::new(&self.config.model).expect("a built-in model");
         let labels = lines.iter().map(|l| model.featurizer().event(l.as_bytes()).unwrap().label).collect();
         let k = &self.config.kafka;
-        let report = tributary::ingest::produce(
+        let report = tributary::produce::produce(
             k,
             &k.events_topic,
             model.featurizer(),
@@ -184,11 +185,11 @@ impl Cluster {
 
     /// Produces JSON `lines` as `tributary produce` does, spread over the
     /// partitions as `partitioning` says (as teams' producers do).
-    pub fn produce_lines(&self, lines: &[String], partitioning: &tributary::ingest::Partitioning) {
+    pub fn produce_lines(&self, lines: &[String], partitioning: &tributary::produce::Partitioning) {
         let model = tributary::model::Model::new(&self.config.model).expect("a built-in model");
         let k = &self.config.kafka;
         let input = Cursor::new(lines.join("\n"));
-        let report = tributary::ingest::produce(k, &k.events_topic, model.featurizer(), input, partitioning).unwrap();
+        let report = tributary::produce::produce(k, &k.events_topic, model.featurizer(), input, partitioning).unwrap();
         assert_eq!((report.produced, report.failed, report.invalid), (lines.len() as u64, 0, 0));
     }
 

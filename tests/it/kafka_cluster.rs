@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use tributary::config::{Config, ModelKind};
-use tributary::ingest::{Counting, Delivered};
+use tributary::produce::{Counting, Delivered};
 use tributary::update_log::kafka;
 
 use crate::helpers::*;

@@ -7,6 +7,7 @@
 mod api;
 mod boundaries;
 mod browser;
+mod cli;
 mod clients;
 mod deploy;
 mod endpoints;

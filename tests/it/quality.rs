@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use tributary::config::ModelKind;
-use tributary::ingest::Partitioning;
+use tributary::produce::Partitioning;
 use tributary::synthetic::CtrStream;
 
 use crate::helpers::{constant_logloss, Cluster};

@@ -98,99 +98,145 @@ pub fn produce(
     partitioning: &Partitioning,
 ) -> anyhow::Result<ProduceReport> {
     let codec = EventCodec::new(k).map_err(anyhow::Error::msg)?;
-    let connection = kafka::Connection::of(k)?;
-    let events = [(topic, k.events_partitions, kafka::TopicRole::Events)];
-    futures::executor::block_on(kafka::create_missing(&connection, k.replication_factor, &events))?;
     let delivered = Arc::new(Delivered::default());
-    let mut config = kafka::producer_config(&connection, "tributary-produce");
-    // Events are small and many: batch them.
-    config.set("queue.buffering.max.messages", "500000").set("linger.ms", "5").set("batch.num.messages", "1000");
-    let producer: BaseProducer<Counting> = config.create_with_context(Counting(delivered.clone()))?;
-    let partitions = match partitioning {
-        Partitioning::PerMessage => partition_count(&producer, topic)?,
-        _ => 0,
+    let producer = events_producer(k, topic, delivered.clone())?;
+    let mut spread = match partitioning {
+        Partitioning::PerMessage => Some(RandomPartition::over(partition_count(&producer, topic)?)),
+        _ => None,
     };
-    let mut draw: u64 = 0x9e37_79b9_7f4a_7c15;
-    let terminal = std::io::stderr().is_terminal();
-    let start = Instant::now();
-    let mut last_draw = start;
+    let mut progress = ProgressLine::start();
     let (mut sent, mut invalid) = (0u64, 0u64);
     for (i, line) in input.lines().enumerate() {
         let line = line.with_context(|| format!("reading line {}", i + 1))?;
         if line.trim().is_empty() {
             continue;
         }
-        if let Err(e) = featurizer.event(line.as_bytes()) {
-            eprintln!("line {}: {e}", i + 1);
-            invalid += 1;
-            continue;
-        }
-        let payload = match codec.encode(line.as_bytes()) {
-            Ok(payload) => payload,
+        let (payload, key) = match checked(&line, featurizer, &codec, partitioning) {
+            Ok(checked) => checked,
             Err(e) => {
                 eprintln!("line {}: {e}", i + 1);
                 invalid += 1;
                 continue;
             }
         };
-        let key = match partitioning {
-            Partitioning::Key(pointer) => match key_of(&line, pointer) {
-                Ok(key) => Some(key),
-                Err(e) => {
-                    eprintln!("line {}: {e}", i + 1);
-                    invalid += 1;
-                    continue;
-                }
-            },
-            _ => None,
-        };
         // Keyless: an empty key, which the default partitioner places sticky.
         let mut record = BaseRecord::to(topic).payload(payload.as_ref()).key(key.as_deref().unwrap_or_default());
-        if partitions > 0 {
-            // xorshift64: a partition per event, at random.
-            draw ^= draw << 13;
-            draw ^= draw >> 7;
-            draw ^= draw << 17;
-            record = record.partition((draw % partitions) as i32);
+        if let Some(spread) = &mut spread {
+            record = record.partition(spread.next());
         }
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    record = r;
-                    producer.poll(Duration::from_millis(50));
-                }
-                Err((e, _)) => return Err(e).context("producing"),
-            }
-        }
+        send_waiting(&producer, record)?;
         sent += 1;
         producer.poll(Duration::ZERO);
-        if terminal && last_draw.elapsed() >= Duration::from_millis(200) {
-            last_draw = Instant::now();
-            let rate = sent as f64 / start.elapsed().as_secs_f64();
-            eprint!("\r{sent} events sent, {:.0}/s, {invalid} invalid   ", rate);
+        progress.draw(sent, invalid);
+    }
+    producer.flush(Duration::from_secs(60)).context("flushing the producer")?;
+    let (ok, failed) = (delivered.ok.load(Ordering::Relaxed), delivered.failed.load(Ordering::Relaxed));
+    // Sent but never reported is not delivered.
+    let report = ProduceReport { produced: ok, failed: failed + sent.saturating_sub(ok + failed), invalid };
+    progress.finish(topic, &report);
+    Ok(report)
+}
+
+/// A producer of events to `topic`, which it creates as `serve` creates
+/// the events topic if it does not exist; deliveries count in `delivered`.
+fn events_producer(k: &KafkaConfig, topic: &str, delivered: Arc<Delivered>) -> anyhow::Result<BaseProducer<Counting>> {
+    let connection = kafka::Connection::of(k)?;
+    let events = [(topic, k.events_partitions, kafka::TopicRole::Events)];
+    futures::executor::block_on(kafka::create_missing(&connection, k.replication_factor, &events))?;
+    let mut config = kafka::producer_config(&connection, "tributary-produce");
+    // Events are small and many: batch them.
+    config.set("queue.buffering.max.messages", "500000").set("linger.ms", "5").set("batch.num.messages", "1000");
+    Ok(config.create_with_context(Counting(delivered))?)
+}
+
+/// An event's payload as produced, and its key (if keyed).
+type Produced<'a> = (std::borrow::Cow<'a, [u8]>, Option<Vec<u8>>);
+
+/// A line checked against the model and encoded, with its key when
+/// `partitioning` takes one from the event; why not, otherwise.
+fn checked<'a>(
+    line: &'a str,
+    featurizer: &Featurizer,
+    codec: &EventCodec,
+    partitioning: &Partitioning,
+) -> Result<Produced<'a>, String> {
+    featurizer.event(line.as_bytes()).map_err(|e| e.to_string())?;
+    let payload = codec.encode(line.as_bytes())?;
+    let key = match partitioning {
+        Partitioning::Key(pointer) => Some(key_of(line, pointer)?),
+        _ => None,
+    };
+    Ok((payload, key))
+}
+
+/// Sends `record`, waiting while the producer's queue is full.
+fn send_waiting(producer: &BaseProducer<Counting>, mut record: BaseRecord<'_, [u8], [u8]>) -> anyhow::Result<()> {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                producer.poll(Duration::from_millis(50));
+            }
+            Err((e, _)) => return Err(e).context("producing"),
+        }
+    }
+}
+
+/// A partition per event, at random (xorshift64).
+struct RandomPartition {
+    draw: u64,
+    partitions: u64,
+}
+
+impl RandomPartition {
+    fn over(partitions: u64) -> RandomPartition {
+        RandomPartition { draw: 0x9e37_79b9_7f4a_7c15, partitions }
+    }
+
+    fn next(&mut self) -> i32 {
+        self.draw ^= self.draw << 13;
+        self.draw ^= self.draw >> 7;
+        self.draw ^= self.draw << 17;
+        (self.draw % self.partitions) as i32
+    }
+}
+
+/// The progress line drawn on a terminal, and the closing count.
+struct ProgressLine {
+    terminal: bool,
+    start: Instant,
+    last_draw: Instant,
+}
+
+impl ProgressLine {
+    fn start() -> ProgressLine {
+        let now = Instant::now();
+        ProgressLine { terminal: std::io::stderr().is_terminal(), start: now, last_draw: now }
+    }
+
+    fn draw(&mut self, sent: u64, invalid: u64) {
+        if self.terminal && self.last_draw.elapsed() >= Duration::from_millis(200) {
+            self.last_draw = Instant::now();
+            let rate = sent as f64 / self.start.elapsed().as_secs_f64();
+            eprint!("\r{sent} events sent, {rate:.0}/s, {invalid} invalid   ");
             let _ = std::io::stderr().flush();
         }
     }
-    producer.flush(Duration::from_secs(60)).context("flushing the producer")?;
-    let secs = start.elapsed().as_secs_f64();
-    let report = ProduceReport {
-        produced: delivered.ok.load(Ordering::Relaxed),
-        failed: delivered.failed.load(Ordering::Relaxed)
-            + sent.saturating_sub(delivered.ok.load(Ordering::Relaxed) + delivered.failed.load(Ordering::Relaxed)),
-        invalid,
-    };
-    if terminal {
-        eprintln!();
+
+    fn finish(&self, topic: &str, report: &ProduceReport) {
+        if self.terminal {
+            eprintln!();
+        }
+        let secs = self.start.elapsed().as_secs_f64();
+        eprintln!(
+            "produced {} events to {topic} in {secs:.2} s ({:.0}/s); {} failed, {} invalid lines",
+            report.produced,
+            report.produced as f64 / secs.max(1e-9),
+            report.failed,
+            report.invalid
+        );
     }
-    eprintln!(
-        "produced {} events to {topic} in {secs:.2} s ({:.0}/s); {} failed, {} invalid lines",
-        report.produced,
-        report.produced as f64 / secs.max(1e-9),
-        report.failed,
-        report.invalid
-    );
-    Ok(report)
 }
 
 /// How many partitions `topic` has, from the cluster's metadata.

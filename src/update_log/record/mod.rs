@@ -31,6 +31,11 @@
 //! and encoding is on the trainer's hot path. Decoding checks every length
 //! against the bytes left and never panics, whatever it is fed.
 
+mod decode;
+mod encode;
+
+use self::decode::{decode_attestation, decode_gradient, decode_rollback, decode_settings, Reader};
+use self::encode::{encode_attestation, encode_gradient, encode_rollback, encode_settings};
 use crate::model::{GradTensor, GradValues, Gradient};
 
 const MAGIC: &[u8; 4] = b"TRBU";
@@ -224,107 +229,14 @@ pub struct RecordMeta {
     pub producer: String,
 }
 
-/// Appends `s`, cut to what a u16 length can say.
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    let mut n = s.len().min(u16::MAX as usize);
-    while !s.is_char_boundary(n) {
-        n -= 1;
-    }
-    out.extend_from_slice(&(n as u16).to_le_bytes());
-    out.extend_from_slice(&s.as_bytes()[..n]);
-}
-
 impl Record {
     pub fn encode(&self) -> Vec<u8> {
-        let r = match self {
-            Record::Gradient(r) => r,
-            Record::Settings(r) => {
-                let mut out = Vec::new();
-                out.extend_from_slice(MAGIC);
-                out.extend_from_slice(&[VERSION, KIND_SETTINGS]);
-                out.extend_from_slice(&r.fingerprint.to_le_bytes());
-                put_str(&mut out, &r.producer);
-                let settings: Vec<_> = r.settings.iter().take(u16::MAX as usize).collect();
-                out.extend_from_slice(&(settings.len() as u16).to_le_bytes());
-                for (name, value) in settings {
-                    put_str(&mut out, name);
-                    put_str(&mut out, value);
-                }
-                return out;
-            }
-            Record::Attestation(r) => {
-                let mut out = Vec::with_capacity(30 + r.digest.len() + r.producer.len());
-                out.extend_from_slice(MAGIC);
-                out.extend_from_slice(&[VERSION, KIND_ATTESTATION]);
-                out.extend_from_slice(&r.fingerprint.to_le_bytes());
-                out.extend_from_slice(&r.position.to_le_bytes());
-                put_str(&mut out, &r.digest);
-                put_str(&mut out, &r.producer);
-                return out;
-            }
-            Record::Rollback(r) => {
-                let mut out = Vec::with_capacity(40 + r.reason.len() + r.producer.len());
-                out.extend_from_slice(MAGIC);
-                out.extend_from_slice(&[VERSION, KIND_ROLLBACK]);
-                out.extend_from_slice(&r.fingerprint.to_le_bytes());
-                out.extend_from_slice(&r.to.to_le_bytes());
-                out.extend_from_slice(&r.seen.to_le_bytes());
-                out.push(match r.events {
-                    EventsSince::Relearn => 0,
-                    EventsSince::Skip => 1,
-                });
-                put_str(&mut out, &r.reason);
-                put_str(&mut out, &r.producer);
-                return out;
-            }
-        };
-        let floats: usize = r
-            .gradient
-            .iter()
-            .map(|t| match &t.values {
-                GradValues::Dense(v) => v.len(),
-                GradValues::Rows { ids, values } => ids.len() + values.len(),
-            })
-            .sum();
-        let capacity = 80 + r.producer.len() + 20 * r.ranges.len() + 4 * floats + 16 * r.gradient.len();
-        let mut out = Vec::with_capacity(capacity);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&[VERSION, KIND_GRADIENT]);
-        out.extend_from_slice(&r.fingerprint.to_le_bytes());
-        out.extend_from_slice(&r.base.to_le_bytes());
-        out.extend_from_slice(&r.examples.to_le_bytes());
-        out.extend_from_slice(&r.skipped.to_le_bytes());
-        out.extend_from_slice(&r.loss_sum.to_le_bytes());
-        out.extend_from_slice(&r.oldest_ts.to_le_bytes());
-        put_str(&mut out, &r.producer);
-        // A trainer owns at most a few thousand partitions; more is a bug.
-        let ranges = &r.ranges[..r.ranges.len().min(u16::MAX as usize)];
-        out.extend_from_slice(&(ranges.len() as u16).to_le_bytes());
-        for range in ranges {
-            out.extend_from_slice(&range.partition.to_le_bytes());
-            out.extend_from_slice(&range.from.to_le_bytes());
-            out.extend_from_slice(&range.to.to_le_bytes());
+        match self {
+            Record::Gradient(r) => encode_gradient(r),
+            Record::Settings(r) => encode_settings(r),
+            Record::Attestation(r) => encode_attestation(r),
+            Record::Rollback(r) => encode_rollback(r),
         }
-        out.extend_from_slice(&(r.gradient.len() as u32).to_le_bytes());
-        for t in &r.gradient {
-            out.extend_from_slice(&t.param.to_le_bytes());
-            match &t.values {
-                GradValues::Dense(v) => {
-                    out.push(0);
-                    out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-                    v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
-                }
-                GradValues::Rows { ids, values } => {
-                    out.push(1);
-                    let width = if ids.is_empty() { 0 } else { values.len() / ids.len() };
-                    out.extend_from_slice(&(ids.len() as u32).to_le_bytes());
-                    out.extend_from_slice(&(width as u32).to_le_bytes());
-                    ids.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
-                    values.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
-                }
-            }
-        }
-        out
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
@@ -347,118 +259,6 @@ impl Record {
             return Err(DecodeError::Trailing(bytes.len() - r.at));
         }
         Ok(record)
-    }
-}
-
-fn decode_rollback(r: &mut Reader) -> Result<RollbackRecord, DecodeError> {
-    let fingerprint = r.u64()?;
-    let (to, seen) = (r.u64()? as i64, r.u64()? as i64);
-    let events = match r.u8()? {
-        0 => EventsSince::Relearn,
-        1 => EventsSince::Skip,
-        k => return Err(DecodeError::EventsKind(k)),
-    };
-    let (reason, producer) = (r.string()?, r.string()?);
-    Ok(RollbackRecord { fingerprint, to, seen, events, reason, producer })
-}
-
-fn decode_attestation(r: &mut Reader) -> Result<AttestationRecord, DecodeError> {
-    let (fingerprint, position) = (r.u64()?, r.u64()? as i64);
-    let (digest, producer) = (r.string()?, r.string()?);
-    Ok(AttestationRecord { fingerprint, position, digest, producer })
-}
-
-fn decode_settings(r: &mut Reader) -> Result<SettingsRecord, DecodeError> {
-    let fingerprint = r.u64()?;
-    let producer = r.string()?;
-    let mut settings = crate::model::Settings::new();
-    for _ in 0..r.u16()? {
-        let name = r.string()?;
-        settings.insert(name, r.string()?);
-    }
-    Ok(SettingsRecord { fingerprint, producer, settings })
-}
-
-fn decode_gradient(r: &mut Reader) -> Result<GradientRecord, DecodeError> {
-    let fingerprint = r.u64()?;
-    let base = r.u64()? as i64;
-    let (examples, skipped) = (r.u32()?, r.u32()?);
-    let loss_sum = f64::from_bits(r.u64()?);
-    let oldest_ts = r.u64()? as i64;
-    let producer = r.string()?;
-    let n_ranges = r.u16()?;
-    if n_ranges == 0 {
-        return Err(DecodeError::NoRanges);
-    }
-    // Capacity from what the bytes left can hold (20 per range), never
-    // from the count alone.
-    let mut ranges = Vec::with_capacity(usize::from(n_ranges).min(r.left() / 20));
-    for _ in 0..n_ranges {
-        let partition = r.u32()? as i32;
-        let (from, to) = (r.u64()? as i64, r.u64()? as i64);
-        ranges.push(EventRange { partition, from, to });
-    }
-    let count = r.u32()?;
-    let mut gradient = Vec::new();
-    for _ in 0..count {
-        let param = r.u32()?;
-        let values = match r.u8()? {
-            0 => {
-                let len = r.u32()? as usize;
-                GradValues::Dense(r.f32s(len)?)
-            }
-            1 => {
-                let (n, width) = (r.u32()? as usize, r.u32()? as usize);
-                let ids = r.take(n.checked_mul(4).ok_or(DecodeError::Truncated(r.at))?)?;
-                let ids = ids.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4"))).collect();
-                let values = r.f32s(n.checked_mul(width).ok_or(DecodeError::Truncated(r.at))?)?;
-                GradValues::Rows { ids, values }
-            }
-            k => return Err(DecodeError::TensorKind(k)),
-        };
-        gradient.push(GradTensor { param, values });
-    }
-    Ok(GradientRecord { fingerprint, ranges, base, examples, skipped, loss_sum, oldest_ts, producer, gradient })
-}
-
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn left(&self) -> usize {
-        self.bytes.len() - self.at
-    }
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or(DecodeError::Truncated(self.at))?;
-        let s = &self.bytes[self.at..end];
-        self.at = end;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8, DecodeError> {
-        Ok(self.take(1)?[0])
-    }
-    fn string(&mut self) -> Result<String, DecodeError> {
-        let n = self.u16()? as usize;
-        Ok(std::str::from_utf8(self.take(n)?).map_err(|_| DecodeError::Utf8)?.to_string())
-    }
-    fn u16(&mut self) -> Result<u16, DecodeError> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2")))
-    }
-    fn u32(&mut self) -> Result<u32, DecodeError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
-    }
-    fn u64(&mut self) -> Result<u64, DecodeError> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
-    }
-    fn f32s(&mut self, n: usize) -> Result<Vec<f32>, DecodeError> {
-        let bytes = self.take(n.checked_mul(4).ok_or(DecodeError::Truncated(self.at))?)?;
-        let mut values = vec![0f32; n];
-        for (value, b) in values.iter_mut().zip(bytes.chunks_exact(4)) {
-            *value = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        }
-        Ok(values)
     }
 }
 
