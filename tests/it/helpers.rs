@@ -577,6 +577,17 @@ fn copy_kafka_requests(from: &mut TcpStream, to: &mut TcpStream, delay_ms: &Atom
     }
 }
 
+/// The update log's end (its high watermark): no replica can have applied
+/// beyond it.
+pub fn update_log_end(cluster: &Cluster) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let k = &cluster.config.kafka;
+    let connection = tributary::update_log::kafka::Connection::of(k).unwrap();
+    let consumer: BaseConsumer =
+        tributary::update_log::kafka::log_reader_config(&connection, "test-log-end").create().unwrap();
+    consumer.fetch_watermarks(&k.updates_topic, 0, Duration::from_secs(5)).unwrap().1
+}
+
 /// Deletes the update log's records before `offset` (Kafka DeleteRecords):
 /// what retention or trimming does to a log.
 pub fn delete_update_log_records_before(cluster: &Cluster, offset: i64) {

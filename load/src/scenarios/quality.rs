@@ -55,7 +55,9 @@ impl Bench {
             rows.insert(id, serde_json::to_value(&outcome)?);
         }
         let loss = |id: &str| rows.get(id).and_then(|r| r["loss"].as_f64()).unwrap_or(f64::NAN);
-        for kind in ["logistic", "wide_deep"] {
+        // The kinds this run learned (`LOAD_QUALITY_KINDS` may leave one out).
+        let kinds = quality_kinds(self.smoke);
+        for kind in &kinds {
             let comparisons = [
                 ("from a backlog, 1 replica", "defaults", "no-staleness"),
                 ("from a backlog, 3 replicas", "3-replicas", "no-staleness"),
@@ -79,18 +81,10 @@ impl Bench {
         self.report.add("quality", "Vowpal Wabbit: progressive log-loss", get("progressive_logloss"), Goal::None);
         self.report.add("quality", "best constant prediction: log-loss", get("constant_logloss"), Goal::None);
         let vw_loss = get("progressive_logloss");
-        self.report.add(
-            "quality",
-            "logistic at speed over VW: log-loss",
-            loss("logistic-defaults") / vw_loss,
-            Goal::AtMost(1.0),
-        );
-        self.report.add(
-            "quality",
-            "wide_deep at speed over VW: log-loss",
-            loss("wide_deep-defaults") / vw_loss,
-            Goal::AtMost(1.0),
-        );
+        for kind in &kinds {
+            let name = format!("{kind} at speed over VW: log-loss");
+            self.report.add("quality", &name, loss(&format!("{kind}-defaults")) / vw_loss, Goal::AtMost(1.0));
+        }
         rows.insert("vowpal_wabbit".into(), vw);
         self.report.detail("quality", json!({"events": n, "runs": rows}));
         Ok(())
