@@ -13,7 +13,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use tributary::config::{Config, ModelKind};
+use tributary::config::{Config, ModelConfig, ModelKind};
 use tributary::event::avro::AvroEvents;
 use tributary::event::{EventCodec, Example};
 use tributary::model::{Gradient, Model};
@@ -286,9 +286,55 @@ fn event_decode(c: &mut Criterion) {
     }
 }
 
+/// 256 events as a team writes them (nested, with fields no feature reads)
+/// through a declaration of 10 features (`[model.features]`), against the
+/// same events reshaped into the fixed schema, decoded from JSON.
+fn declared_decode(c: &mut Criterion) {
+    const DECLARATION: &str = r#"
+        label = { path = "clicked", positive = [true] }
+        time = { path = "ts", unit = "ms" }
+        dense = [{ name = "price", path = "price" }, { name = "age", path = "user.age", default = 30.0 },
+                 { name = "score", path = "ad.score" }, { name = "rank", path = "rank" }]
+        sparse = [{ name = "user", path = "user.id" }, { name = "country", path = "user.country" },
+                  { name = "ad", path = "ad.id" }, { name = "category", path = "ad.category" },
+                  { name = "hour", path = "hour", boundaries = [6, 12, 18] },
+                  { name = "user_x_ad", cross = ["user", "ad"] }]
+    "#;
+    let mut declared = ModelConfig::small(ModelKind::Logistic);
+    declared.features = toml::from_str(DECLARATION).unwrap();
+    (declared.dense_dim, declared.sparse_fields) = (4, declared.features.sparse_names());
+    let fixed = ModelConfig { features: Default::default(), ..declared.clone() };
+    let (declared, fixed) = (Model::new(&declared).unwrap(), Model::new(&fixed).unwrap());
+    let events: Vec<(String, String)> = (0..256)
+        .map(|i| {
+            let (user, ad, hour) = (format!("u{}", i * 7 % 500), format!("a{}", i % 40), i % 24);
+            let bucket = [6, 12, 18].iter().filter(|&&b| b <= hour).count();
+            let domain = serde_json::json!({
+                "user": {"id": user, "age": 20 + i % 40, "country": "de", "segment": "s1", "signup": "2024-01-01"},
+                "ad": {"id": ad, "category": "shoes", "score": 0.5, "campaign": "c9", "creative": {"w": 300, "h": 250}},
+                "price": 12.5, "rank": i % 10, "hour": hour, "clicked": i % 3 == 0, "ts": 1_764_000_000_000i64 + i,
+                "session": format!("s{i}"), "page": "/home", "referrer": "search",
+            });
+            let reshaped = serde_json::json!({
+                "dense": [12.5, 20 + i % 40, 0.5, i % 10],
+                "sparse": {"user": user, "country": "de", "ad": ad, "category": "shoes",
+                           "hour": format!("b{bucket}"), "user_x_ad": format!("{user}\u{1f}{ad}")},
+                "label": u8::from(i % 3 == 0), "ts": 1_764_000_000_000i64 + i,
+            });
+            (domain.to_string(), reshaped.to_string())
+        })
+        .collect();
+    c.bench_function("declared_decode_256/fixed schema", |b| {
+        b.iter(|| events.iter().for_each(|(_, e)| drop(black_box(fixed.featurizer().event(e.as_bytes()).unwrap()))))
+    });
+    c.bench_function("declared_decode_256/declared, 10 features", |b| {
+        b.iter(|| events.iter().for_each(|(e, _)| drop(black_box(declared.featurizer().event(e.as_bytes()).unwrap()))))
+    });
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).measurement_time(std::time::Duration::from_secs(3));
-    targets = predict, train_step, torchscript, pipeline, applier, overlay, publish, event_decode
+    targets = predict, train_step, torchscript, pipeline, applier, overlay, publish, event_decode, declared_decode
 }
 criterion_main!(benches);

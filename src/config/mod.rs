@@ -9,6 +9,7 @@
 //! never printed.
 
 mod checkpoint;
+mod features;
 mod kafka;
 mod model;
 mod secret;
@@ -21,6 +22,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use checkpoint::{CheckpointConfig, CheckpointStore, TrimUpdateLog};
+pub use features::{
+    DenseFeature, FeaturesConfig, IfMissing, LabelFeature, Scalar, SparseFeature, TimeFeature, TimeUnit,
+};
 pub use kafka::{EventFormat, KafkaConfig, PROTECTED_CLIENT_PROPERTIES};
 pub use model::{Loss, ModelConfig, ModelKind, OptimizerKind, StalenessScaling};
 pub use secret::Secret;
@@ -161,6 +165,7 @@ impl Config {
         if let Some(v) = &flags.bootstrap_from {
             config.checkpoint.bootstrap_from = v.clone();
         }
+        config.model.adopt_features();
         config.validate()?;
         Ok(config)
     }
@@ -175,6 +180,11 @@ impl Config {
         self.checkpoint.validate()?;
         self.http.validate()?;
         self.grpc.socket_addr()?;
+        if self.model.features.is_declared() && self.kafka.event_format == EventFormat::Avro {
+            return Err(ConfigError::Invalid(
+                "model.features reads JSON events; Avro events are read through the fixed schema only (for now)".into(),
+            ));
+        }
         if self.replica_id.is_empty() || self.replica_id.len() > 255 {
             return Err(ConfigError::Invalid("replica_id must be 1 to 255 bytes".into()));
         }

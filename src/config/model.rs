@@ -1,11 +1,13 @@
-//! The `[model]` section: which model, its shape, its loss and optimizer.
-//! Its 17 keys stay flat, as users write them: serde's `flatten` would group
-//! them but cannot refuse unknown keys.
+//! The `[model]` section: which model, its shape, its loss and optimizer,
+//! and its declared features (`[model.features]`, see `features`). Its keys
+//! stay flat, as users write them: serde's `flatten` would group them but
+//! cannot refuse unknown keys.
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::features::FeaturesConfig;
 use super::ConfigError;
 
 /// Which model to train and serve.
@@ -92,6 +94,11 @@ pub struct ModelConfig {
     /// How a gradient counts when other records changed the weights between
     /// the version it was computed at and its own offset.
     pub staleness_scaling: StalenessScaling,
+    /// The model's inputs declared over the team's own events
+    /// (`[model.features]`); none: the fixed event schema. Declared, they
+    /// make `dense_dim` and `sparse_fields`.
+    #[serde(default, skip_serializing_if = "FeaturesConfig::is_empty")]
+    pub features: FeaturesConfig,
 }
 
 /// A deterministic step for stale gradients: every replica computes the
@@ -167,7 +174,35 @@ impl ModelConfig {
         if names.len() != self.sparse_fields.len() {
             return bad("model.sparse_fields has a duplicate name");
         }
+        self.validate_features()?;
         self.validate_optimizer()
+    }
+
+    /// A declaration, checked, and the inputs it makes agreeing with
+    /// `dense_dim` and `sparse_fields` (see [`ModelConfig::adopt_features`]).
+    fn validate_features(&self) -> Result<(), ConfigError> {
+        if !self.features.is_declared() {
+            return Ok(());
+        }
+        self.features.validate()?;
+        if self.dense_dim != self.features.dense.len() || self.sparse_fields != self.features.sparse_names() {
+            return Err(ConfigError::Invalid(
+                "model.dense_dim and model.sparse_fields come from model.features: leave them out".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// With declared features, the inputs they make: `dense_dim` their
+    /// dense count, `sparse_fields` their sparse names. Left as they were
+    /// when the configuration sets them otherwise: validation then says so.
+    pub fn adopt_features(&mut self) {
+        let defaults = ModelConfig::default();
+        let untouched = self.dense_dim == defaults.dense_dim && self.sparse_fields == defaults.sparse_fields;
+        if self.features.is_declared() && untouched {
+            self.dense_dim = self.features.dense.len();
+            self.sparse_fields = self.features.sparse_names();
+        }
     }
 
     fn validate_optimizer(&self) -> Result<(), ConfigError> {
@@ -208,6 +243,7 @@ impl Default for ModelConfig {
             seed: 42,
             max_grad_norm: 1000.0,
             staleness_scaling: StalenessScaling::None,
+            features: FeaturesConfig::default(),
         }
     }
 }

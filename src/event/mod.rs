@@ -10,8 +10,10 @@
 //! is the one place that choice is made.
 
 pub mod avro;
+pub mod declared;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -84,6 +86,10 @@ pub enum SchemaError {
     EventTooLarge(usize),
     #[error("{0}")]
     Avro(String),
+    /// A declared feature (or the label, or the time) that the event does
+    /// not give as declared.
+    #[error("feature {name:?}: {reason}")]
+    Feature { name: String, reason: String },
 }
 
 impl SchemaError {
@@ -100,6 +106,7 @@ impl SchemaError {
             SchemaError::ValueTooLong(..) => "value_too_long",
             SchemaError::EventTooLarge(_) => "event_too_large",
             SchemaError::Avro(_) => "avro",
+            SchemaError::Feature { .. } => "feature",
         }
     }
 }
@@ -121,6 +128,8 @@ pub struct Featurizer {
     seeds: Vec<u64>,
     buckets: u32,
     loss: Loss,
+    /// The declared features (`[model.features]`); `None`: the fixed schema.
+    declared: Option<Arc<declared::Declared>>,
 }
 
 impl Featurizer {
@@ -131,6 +140,7 @@ impl Featurizer {
             fields: model.sparse_fields.clone(),
             buckets: model.buckets,
             loss: model.loss,
+            declared: model.features.is_declared().then(|| Arc::new(declared::Declared::new(&model.features))),
         }
     }
 
@@ -144,16 +154,34 @@ impl Featurizer {
         (fnv1a(self.seeds[field], value.as_bytes()) % u64::from(self.buckets)) as u32
     }
 
-    /// Parses one prediction instance from a JSON value.
+    /// Parses one prediction instance from a JSON value: the fixed
+    /// schema's, or a record as the declared features read it.
     pub fn instance(&self, value: serde_json::Value) -> Result<Features, SchemaError> {
+        if let Some(declared) = &self.declared {
+            let r = declared.instance(&value)?;
+            return self.features(r.dense, r.sparse);
+        }
+        self.fixed_instance(value)
+    }
+
+    /// Parses one instance of the fixed schema (`dense`, `sparse`), whatever
+    /// the declaration: what a tensor request's model inputs make.
+    pub fn fixed_instance(&self, value: serde_json::Value) -> Result<Features, SchemaError> {
         let raw: RawInstance = serde_json::from_value(value).map_err(json_error)?;
         self.features(raw.dense, raw.sparse)
     }
 
-    /// Parses one training event from its JSON bytes.
+    /// Parses one training event from its JSON bytes: the fixed schema's,
+    /// or a record as the declared features read it (its other fields
+    /// ignored).
     pub fn event(&self, bytes: &[u8]) -> Result<Example, SchemaError> {
         if bytes.len() > MAX_EVENT_BYTES {
             return Err(SchemaError::EventTooLarge(bytes.len()));
+        }
+        if let Some(declared) = &self.declared {
+            let value: serde_json::Value = serde_json::from_slice(bytes).map_err(json_error)?;
+            let (r, label, ts) = declared.event(&value)?;
+            return self.example(RawEvent { dense: r.dense, sparse: r.sparse, label, ts });
         }
         let raw: RawEvent = serde_json::from_slice(bytes).map_err(json_error)?;
         self.example(raw)

@@ -89,8 +89,8 @@ impl InferenceService {
         let snap = self.predictor.serving.load();
         let c = snap.model.config();
         let instances = tensor::instances(&inputs, c.dense_dim, &c.sparse_fields, self.predictor.max_batch)?;
-        let n = instances.len() as i64;
-        let predictions = self.predictor.predict(&snap, instances)?;
+        let predictions = self.predictor.predict_rows(&snap, instances)?;
+        let n = predictions.len() as i64;
         Ok(proto::ModelInferResponse {
             model_name: request.model_name,
             model_version: snap.position.to_string(),
@@ -248,7 +248,7 @@ mod tests {
     fn instances(encoded: &[u8]) -> Result<usize, String> {
         let request = proto::ModelInferRequest::decode(encoded).map_err(|e| e.to_string())?;
         let inputs = tensors(request.inputs, request.raw_input_contents).map_err(|e| e.to_string())?;
-        tensor::instances(&inputs, 2, &["tags".to_string()], MAX_ROWS).map(|v| v.len()).map_err(|e| e.to_string())
+        tensor::instances(&inputs, 2, &["tags".to_string()], MAX_ROWS).map(|rows| rows.len()).map_err(|e| e.to_string())
     }
 
     /// `inputs` as a request, with typed contents or raw ones.

@@ -170,6 +170,11 @@ fn settings_of(config: &ModelConfig, params: &[ParamSpec], script: Option<&[u8]>
     if let Some(bytes) = script {
         settings.insert("torchscript module (blake3)".into(), blake3::hash(bytes).to_hex().to_string());
     }
+    // Only when declared: a model of the fixed schema keeps its fingerprint.
+    if c.features.is_declared() {
+        let declared = serde_json::to_string(&c.features).expect("a declaration serializes");
+        settings.insert("model.features".into(), declared);
+    }
     settings
 }
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::config::Config;
-use crate::event::Features;
+use crate::event::{Features, Featurizer, SchemaError};
 use crate::snapshot::{Serving, Snapshot};
 
 /// Why a request could not be served, in the protocol's neutral terms.
@@ -63,9 +63,27 @@ impl Predictor {
         }
     }
 
-    /// Predictions of `snap` for `instances` (JSON instances, each checked
-    /// against the model; a bad one is named by its index).
+    /// Predictions of `snap` for the rows of a tensor request.
+    pub fn predict_rows(&self, snap: &Snapshot, rows: tensor::Rows) -> Result<Vec<f32>, ServeError> {
+        match rows {
+            tensor::Rows::Records(records) => self.predict(snap, records),
+            tensor::Rows::Fixed(instances) => self.predict_with(snap, instances, Featurizer::fixed_instance),
+        }
+    }
+
+    /// Predictions of `snap` for `instances` (V1 instances: records read
+    /// through the declared features, or the fixed schema's; each checked
+    /// against the model, a bad one named by its index).
     pub fn predict(&self, snap: &Snapshot, instances: Vec<Value>) -> Result<Vec<f32>, ServeError> {
+        self.predict_with(snap, instances, Featurizer::instance)
+    }
+
+    fn predict_with(
+        &self,
+        snap: &Snapshot,
+        instances: Vec<Value>,
+        read: fn(&Featurizer, Value) -> Result<Features, SchemaError>,
+    ) -> Result<Vec<f32>, ServeError> {
         let n = instances.len();
         if n == 0 {
             return Err(ServeError::BadRequest("instances is empty".into()));
@@ -76,7 +94,7 @@ impl Predictor {
         let featurizer = snap.model.featurizer();
         let features = (instances.into_iter().enumerate())
             .map(|(i, instance)| {
-                featurizer.instance(instance).map_err(|e| ServeError::BadRequest(format!("instances[{i}]: {e}")))
+                read(featurizer, instance).map_err(|e| ServeError::BadRequest(format!("instances[{i}]: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let batch: Vec<&Features> = features.iter().collect();

@@ -132,7 +132,7 @@ fn check<'a>(input: &'a Tensor, rows: usize, dense_dim: usize, fields: &[String]
         Role::Sparse
     } else {
         return Err(ServeError::BadRequest(format!(
-            "unknown input {name:?}; the model takes \"dense\" and {fields:?}"
+            "unknown input {name:?}; the model takes \"dense\" and {fields:?}, or \"{RECORD}\" alone"
         )));
     };
     let shape = &input.shape;
@@ -178,18 +178,67 @@ fn rows(inputs: &[Tensor], max_rows: usize) -> Result<usize, ServeError> {
     Ok(rows)
 }
 
-/// The V1 instances the tensors describe, one per row: `dense`, FP32 (or
-/// FP64) `[N, dense_dim]`; a sparse field, BYTES `[N]` or `[N, K]` (a bag
-/// padded with empty strings). Every input is checked ([`check`]) before
-/// any is turned into rows, so a shape the data does not back, or more
-/// than `max_rows` rows, is refused before anything is allocated from it.
-pub fn instances(
-    inputs: &[Tensor],
-    dense_dim: usize,
-    fields: &[String],
-    max_rows: usize,
-) -> Result<Vec<Value>, ServeError> {
+/// The input that carries whole records, one JSON object per row, read as
+/// V1 instances are (through the model's declared features, if any).
+pub const RECORD: &str = "record";
+
+/// What the tensors describe, one per row.
+#[derive(Debug, PartialEq)]
+pub enum Rows {
+    /// The model's inputs as the fixed schema's instances.
+    Fixed(Vec<Value>),
+    /// Records, as V1 instances.
+    Records(Vec<Value>),
+}
+
+impl Rows {
+    pub fn len(&self) -> usize {
+        match self {
+            Rows::Fixed(rows) | Rows::Records(rows) => rows.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The rows the tensors describe: either a `record` input alone, BYTES
+/// `[N]`, each a JSON object; or `dense`, FP32 (or FP64) `[N, dense_dim]`,
+/// and each sparse field, BYTES `[N]` or `[N, K]` (a bag padded with empty
+/// strings). Every input is checked ([`check`]) before any is turned into
+/// rows, so a shape the data does not back, or more than `max_rows` rows,
+/// is refused before anything is allocated from it.
+pub fn instances(inputs: &[Tensor], dense_dim: usize, fields: &[String], max_rows: usize) -> Result<Rows, ServeError> {
     let rows = rows(inputs, max_rows)?;
+    if inputs.iter().any(|i| i.name == RECORD) {
+        return records(inputs, rows).map(Rows::Records);
+    }
+    fixed(inputs, rows, dense_dim, fields).map(Rows::Fixed)
+}
+
+/// The `record` input's rows, parsed.
+fn records(inputs: &[Tensor], rows: usize) -> Result<Vec<Value>, ServeError> {
+    let bad = |msg: String| ServeError::BadRequest(format!("input {RECORD:?}: {msg}"));
+    let [input] = inputs else { return Err(bad("send it alone, without the model's other inputs".into())) };
+    if input.datatype != "BYTES" || input.shape.len() != 1 || input.elements.count() != rows {
+        return Err(bad(format!("{} {:?}; use BYTES [N], a JSON record per row", input.datatype, input.shape)));
+    }
+    (0..rows)
+        .map(|r| {
+            let text = input.elements.json(r, RECORD)?;
+            let record: Value = serde_json::from_str(text.as_str().unwrap_or_default())
+                .map_err(|e| bad(format!("row {r} is not JSON: {e}")))?;
+            match record.is_object() {
+                true => Ok(record),
+                false => Err(bad(format!("row {r} is not a JSON object"))),
+            }
+        })
+        .collect()
+}
+
+/// The fixed schema's instances from the model's inputs.
+fn fixed(inputs: &[Tensor], rows: usize, dense_dim: usize, fields: &[String]) -> Result<Vec<Value>, ServeError> {
     let checked = inputs.iter().map(|input| check(input, rows, dense_dim, fields)).collect::<Result<Vec<_>, _>>()?;
     let mut dense: Option<Vec<Value>> = None;
     let mut sparse: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
@@ -334,8 +383,8 @@ pub(crate) mod tests {
             ),
         ];
         let fields = ["tags".to_string()];
-        assert_eq!(instances(&as_json, 2, &fields, 64).unwrap(), want);
-        assert_eq!(instances(&as_raw, 2, &fields, 64).unwrap(), want);
+        assert_eq!(instances(&as_json, 2, &fields, 64).unwrap(), Rows::Fixed(want.clone()));
+        assert_eq!(instances(&as_raw, 2, &fields, 64).unwrap(), Rows::Fixed(want));
     }
 
     #[test]
@@ -371,6 +420,26 @@ pub(crate) mod tests {
         ];
         for (t, want) in cases {
             let err = instances(&[t], 2, &["tags".into()], 64).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_record_input_carries_whole_records_alone() {
+        let records = |texts: &[&str]| {
+            let rows = texts.len() as i64;
+            tensor(RECORD, "BYTES", &[rows], Elements::Json(texts.iter().map(|t| json!(t)).collect()))
+        };
+        let rows = instances(&[records(&[r#"{"user": "u7", "price": 1}"#])], 2, &[], 64).unwrap();
+        assert_eq!(rows, Rows::Records(vec![json!({"user": "u7", "price": 1})]));
+        let dense = tensor("dense", "FP32", &[1, 2], Elements::Json(vec![json!(1), json!(2)]));
+        let cases = [
+            (vec![records(&["{}"]), dense], "alone"),
+            (vec![records(&["{\"a\": 1"])], "row 0 is not JSON"),
+            (vec![records(&["[1]"])], "not a JSON object"),
+        ];
+        for (inputs, want) in cases {
+            let err = instances(&inputs, 2, &[], 64).unwrap_err().to_string();
             assert!(err.contains(want), "{err}");
         }
     }

@@ -12,6 +12,7 @@ mod clients;
 mod deploy;
 mod endpoints;
 mod faults;
+mod features;
 mod fleet;
 mod helpers;
 mod kafka_cluster;

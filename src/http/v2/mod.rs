@@ -167,8 +167,8 @@ pub async fn infer(
     let snap = state.predictor.serving.load();
     let c = snap.model.config();
     let instances = tensor::instances(&inputs, c.dense_dim, &c.sparse_fields, state.predictor.max_batch)?;
-    let n = instances.len() as i64;
-    let predictions = state.predictor.predict(&snap, instances)?;
+    let predictions = state.predictor.predict_rows(&snap, instances)?;
+    let n = predictions.len() as i64;
     let mut output = InferOutput { name: OUTPUT, datatype: "FP32", shape: vec![n], data: None, parameters: None };
     let respond = |outputs| InferResponse {
         model_name: model,
@@ -263,7 +263,7 @@ mod tests {
     fn instances(body: &[u8], headers: &HeaderMap) -> Result<usize, String> {
         let (_, inputs) = parse_request(body, headers).map_err(|e| e.to_string())?;
         let fields = ["tags".to_string()];
-        tensor::instances(&inputs, 2, &fields, MAX_ROWS).map(|v| v.len()).map_err(|e| e.to_string())
+        tensor::instances(&inputs, 2, &fields, MAX_ROWS).map(|rows| rows.len()).map_err(|e| e.to_string())
     }
 
     /// The body of `inputs` with JSON `data`.
