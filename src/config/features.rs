@@ -154,9 +154,14 @@ impl FeaturesConfig {
             .chain(self.time.iter().map(|t| ("time", &t.path)))
             .chain(self.dense.iter().map(|f| (f.name.as_str(), &f.path)))
             .chain(self.sparse.iter().filter(|f| f.cross.is_empty()).map(|f| (f.name.as_str(), &f.path)));
-        for (name, path) in paths {
+        let paths: Vec<(&str, &String)> = paths.collect();
+        for (name, path) in &paths {
             if path.is_empty() || path.split('.').any(str::is_empty) {
                 return bad(format!("{name}: the path {path:?} is not a.b.c"));
+            }
+            // A value is read whole or walked into, not both.
+            if let Some((other, _)) = paths.iter().find(|(_, p)| p.starts_with(&format!("{path}."))) {
+                return bad(format!("{name} reads {path:?} whole, while {other} reads inside it"));
             }
         }
         let mut names: Vec<&str> = self.dense.iter().map(|f| f.name.as_str()).collect();

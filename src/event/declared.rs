@@ -5,35 +5,65 @@
 //! what the fixed schema gives, so everything after (checks, hashing) is
 //! the same code.
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
 
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
 
-use super::{SchemaError, SparseValue, MAX_BAG};
+use super::{SchemaError, MAX_BAG};
 use crate::config::{FeaturesConfig, IfMissing, Scalar, SparseFeature, TimeUnit};
 
-/// A declaration, compiled: paths split once.
+/// A declaration, compiled: the paths it reads as a tree, each leaf a slot
+/// of what one event gives.
 #[derive(Clone, Debug)]
 pub struct Declared {
     spec: FeaturesConfig,
-    label_path: Vec<String>,
-    time_path: Option<Vec<String>>,
-    dense_paths: Vec<Vec<String>>,
-    sparse_paths: Vec<Vec<String>>,
+    tree: Node,
+    slots: usize,
+    label_slot: usize,
+    time_slot: Option<usize>,
+    dense_slots: Vec<usize>,
+    /// Per sparse feature, its slot; `None` for a cross.
+    sparse_slots: Vec<Option<usize>>,
 }
 
-/// What the fixed schema would have held for an instance.
-pub(super) struct Reshaped {
+/// A key of the event's objects: a branch to walk into, or a leaf whose
+/// value fills slots.
+#[derive(Clone, Debug, Default)]
+struct Node {
+    slots: Vec<usize>,
+    children: Vec<(String, Node)>,
+}
+
+impl Node {
+    /// Adds the path `path` (dotted) leading to `slot`.
+    fn add(&mut self, path: &str, slot: usize) {
+        let node = path.split('.').fold(self, |node, key| {
+            let at = match node.children.iter().position(|(k, _)| k == key) {
+                Some(at) => at,
+                None => {
+                    node.children.push((key.to_string(), Node::default()));
+                    node.children.len() - 1
+                }
+            };
+            &mut node.children[at].1
+        });
+        node.slots.push(slot);
+    }
+
+    fn child(&self, key: &str) -> Option<&Node> {
+        self.children.iter().find(|(k, _)| k == key).map(|(_, n)| n)
+    }
+}
+
+/// What one event gives: per slot, the value at its path (null: none).
+type Slots = Vec<Option<Value>>;
+
+/// A training event's features (the model's inputs before hashing: dense
+/// values, and per sparse field its bag), label and event time.
+pub(super) struct Read {
     pub(super) dense: Vec<f32>,
-    pub(super) sparse: BTreeMap<String, SparseValue>,
-}
-
-fn split(path: &str) -> Vec<String> {
-    path.split('.').map(str::to_string).collect()
-}
-
-fn lookup<'a>(value: &'a Value, path: &[String]) -> Option<&'a Value> {
-    path.iter().try_fold(value, |v, key| v.get(key)).filter(|v| !v.is_null())
+    pub(super) bags: Vec<Vec<String>>,
 }
 
 fn refused(name: &str, reason: impl Into<String>) -> SchemaError {
@@ -42,79 +72,72 @@ fn refused(name: &str, reason: impl Into<String>) -> SchemaError {
 
 impl Declared {
     pub fn new(spec: &FeaturesConfig) -> Declared {
-        Declared {
-            label_path: spec.label.as_ref().map_or_else(Vec::new, |l| split(&l.path)),
-            time_path: spec.time.as_ref().map(|t| split(&t.path)),
-            dense_paths: spec.dense.iter().map(|f| split(&f.path)).collect(),
-            sparse_paths: spec.sparse.iter().map(|f| split(&f.path)).collect(),
-            spec: spec.clone(),
-        }
+        let mut tree = Node::default();
+        let mut next = 0;
+        let mut slot_of = |path: &str, tree: &mut Node| {
+            tree.add(path, next);
+            next += 1;
+            next - 1
+        };
+        let label_slot = slot_of(spec.label.as_ref().map_or("", |l| l.path.as_str()), &mut tree);
+        let time_slot = spec.time.as_ref().map(|t| slot_of(&t.path, &mut tree));
+        let dense_slots = spec.dense.iter().map(|f| slot_of(&f.path, &mut tree)).collect();
+        let sparse_slots =
+            spec.sparse.iter().map(|f| f.cross.is_empty().then(|| slot_of(&f.path, &mut tree))).collect();
+        Declared { spec: spec.clone(), tree, slots: next, label_slot, time_slot, dense_slots, sparse_slots }
     }
 
-    /// A training event's features, label and event time.
-    pub(super) fn event(&self, event: &Value) -> Result<(Reshaped, f64, Option<i64>), SchemaError> {
-        let features = self.instance(event)?;
-        Ok((features, self.label(event)?, self.time(event)?))
+    /// A training event from its JSON bytes: its features, label and time.
+    /// Only the declared paths are kept; every other field is skipped as it
+    /// is parsed, without being allocated.
+    pub(super) fn event(&self, bytes: &[u8]) -> Result<(Read, f64, Option<i64>), SchemaError> {
+        let mut slots: Slots = vec![None; self.slots];
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        (NodeSeed { node: &self.tree, slots: &mut slots, root: true })
+            .deserialize(&mut de)
+            .and_then(|()| de.end())
+            .map_err(|e| SchemaError::Json(e.to_string()))?;
+        let (label, ts) = (self.label(&slots)?, self.time(&slots)?);
+        Ok((self.features(&mut slots)?, label, ts))
     }
 
-    /// An instance's features.
-    pub(super) fn instance(&self, event: &Value) -> Result<Reshaped, SchemaError> {
-        if !event.is_object() {
+    /// An instance's features, from a record already parsed.
+    pub(super) fn instance(&self, record: &Value) -> Result<Read, SchemaError> {
+        if !record.is_object() {
             return Err(SchemaError::Json("an event is a JSON object".into()));
         }
-        let dense = (self.spec.dense.iter().zip(&self.dense_paths))
-            .map(|(f, path)| match (lookup(event, path).and_then(Value::as_f64), f.default) {
+        let mut slots: Slots = vec![None; self.slots];
+        fill(&self.tree, record, &mut slots);
+        self.features(&mut slots)
+    }
+
+    fn value<'s>(&self, slots: &'s Slots, slot: usize) -> Option<&'s Value> {
+        slots[slot].as_ref().filter(|v| !v.is_null())
+    }
+
+    /// The features, taking their values out of `slots`.
+    fn features(&self, slots: &mut Slots) -> Result<Read, SchemaError> {
+        let dense = (self.spec.dense.iter().zip(&self.dense_slots))
+            .map(|(f, &slot)| match (self.value(slots, slot).and_then(Value::as_f64), f.default) {
                 (Some(v), _) => Ok(v as f32),
                 (None, Some(default)) => Ok(default),
                 (None, None) => Err(refused(&f.name, format!("no number at {:?}", f.path))),
             })
             .collect::<Result<Vec<f32>, _>>()?;
-        let mut sparse: BTreeMap<String, SparseValue> = BTreeMap::new();
-        let mut values: Vec<Vec<String>> = Vec::with_capacity(self.spec.sparse.len());
-        for (f, path) in self.spec.sparse.iter().zip(&self.sparse_paths) {
-            let bag = match f.cross.is_empty() {
-                true => self.categories(f, lookup(event, path))?,
-                false => crossed(f, &self.spec.sparse, &values)?,
+        let mut bags: Vec<Vec<String>> = Vec::with_capacity(self.spec.sparse.len());
+        for (f, slot) in self.spec.sparse.iter().zip(&self.sparse_slots) {
+            let bag = match slot {
+                Some(slot) => categories(f, slots[*slot].take().filter(|v| !v.is_null()))?,
+                None => crossed(f, &self.spec.sparse, &bags)?,
             };
-            if !bag.is_empty() {
-                sparse.insert(f.name.clone(), SparseValue::Bag(bag.clone()));
-            }
-            values.push(bag);
+            bags.push(bag);
         }
-        Ok(Reshaped { dense, sparse })
+        Ok(Read { dense, bags })
     }
 
-    /// A sparse feature's bag from its value: a category or an array of
-    /// them, or a number cut at the feature's boundaries.
-    fn categories(&self, f: &SparseFeature, value: Option<&Value>) -> Result<Vec<String>, SchemaError> {
-        let wrong = |what: String| match f.if_missing {
-            IfMissing::Empty => Ok(Vec::new()),
-            IfMissing::DeadLetter => Err(refused(&f.name, what)),
-        };
-        let Some(value) = value else { return wrong(format!("no value at {:?}", f.path)) };
-        if !f.boundaries.is_empty() {
-            return match value.as_f64() {
-                Some(x) => Ok(vec![format!("b{}", f.boundaries.iter().filter(|&&b| b <= x).count())]),
-                None => wrong(format!("{value} at {:?} is not a number", f.path)),
-            };
-        }
-        let items: Vec<&Value> = match value {
-            Value::Array(items) if items.len() > MAX_BAG => {
-                return Err(refused(&f.name, format!("{} values, at most {MAX_BAG}", items.len())))
-            }
-            Value::Array(items) => items.iter().collect(),
-            one => vec![one],
-        };
-        let texts: Option<Vec<String>> = items.into_iter().map(category).collect();
-        match texts {
-            Some(texts) => Ok(texts),
-            None => wrong(format!("the value at {:?} is not a category (a string, number or bool)", f.path)),
-        }
-    }
-
-    fn label(&self, event: &Value) -> Result<f64, SchemaError> {
+    fn label(&self, slots: &Slots) -> Result<f64, SchemaError> {
         let Some(spec) = &self.spec.label else { return Err(refused("label", "no label is declared")) };
-        let Some(value) = lookup(event, &self.label_path) else {
+        let Some(value) = self.value(slots, self.label_slot) else {
             return Err(refused("label", format!("no value at {:?}", spec.path)));
         };
         let is = |list: &[Scalar]| list.iter().any(|s| matches_scalar(s, value));
@@ -128,9 +151,9 @@ impl Declared {
         }
     }
 
-    fn time(&self, event: &Value) -> Result<Option<i64>, SchemaError> {
-        let (Some(spec), Some(path)) = (&self.spec.time, &self.time_path) else { return Ok(None) };
-        let Some(value) = lookup(event, path) else { return Ok(None) };
+    fn time(&self, slots: &Slots) -> Result<Option<i64>, SchemaError> {
+        let (Some(spec), Some(slot)) = (&self.spec.time, self.time_slot) else { return Ok(None) };
+        let Some(value) = self.value(slots, slot) else { return Ok(None) };
         let unparsable = || refused("time", format!("{value} is not a time in {:?}", spec.unit));
         match spec.unit {
             TimeUnit::Ms => value.as_i64().map(Some).ok_or_else(unparsable),
@@ -144,11 +167,163 @@ impl Declared {
     }
 }
 
+/// Fills `slots` from a parsed record, walking `node`'s paths.
+fn fill(node: &Node, value: &Value, slots: &mut Slots) {
+    for &slot in &node.slots {
+        slots[slot] = Some(value.clone());
+    }
+    if let Value::Object(map) = value {
+        for (key, child) in &node.children {
+            if let Some(v) = map.get(key) {
+                fill(child, v, slots);
+            }
+        }
+    }
+}
+
+/// Parses one value of an event against `node`: a leaf is kept whole for
+/// its slots, a branch is walked key by key, and any other key's value is
+/// skipped unparsed beyond its syntax.
+struct NodeSeed<'a> {
+    node: &'a Node,
+    slots: &'a mut Slots,
+    /// The event itself, which must be an object.
+    root: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for NodeSeed<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        if let Some((&last, others)) = self.node.slots.split_last().filter(|_| self.node.children.is_empty()) {
+            let value = <Value as serde::Deserialize>::deserialize(d)?;
+            for &slot in others {
+                self.slots[slot] = Some(value.clone());
+            }
+            self.slots[last] = Some(value);
+            return Ok(());
+        }
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for NodeSeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            match self.node.child(&key.0) {
+                Some(child) => map.next_value_seed(NodeSeed { node: child, slots: &mut *self.slots, root: false })?,
+                None => drop(map.next_value::<IgnoredAny>()?),
+            }
+        }
+        Ok(())
+    }
+
+    /// Not an object where the declaration walks into one: at the root an
+    /// error, deeper a path that gives nothing (each feature then does what
+    /// it declares for a missing value).
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        if self.root {
+            return Err(serde::de::Error::custom("an event is a JSON object"));
+        }
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<(), E> {
+        self.not_an_object()
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<(), E> {
+        self.not_an_object()
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<(), E> {
+        self.not_an_object()
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<(), E> {
+        self.not_an_object()
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<(), E> {
+        self.not_an_object()
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        self.not_an_object()
+    }
+}
+
+impl NodeSeed<'_> {
+    fn not_an_object<E: serde::de::Error>(self) -> Result<(), E> {
+        match self.root {
+            true => Err(E::custom("an event is a JSON object")),
+            false => Ok(()),
+        }
+    }
+}
+
+/// An object's key, borrowed from the bytes unless it has escapes.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Key<'de>, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, s: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(s)))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(s.to_string())))
+            }
+        }
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+/// A sparse feature's bag from its value: a category or an array of them,
+/// or a number cut at the feature's boundaries.
+fn categories(f: &SparseFeature, value: Option<Value>) -> Result<Vec<String>, SchemaError> {
+    let wrong = |what: String| match f.if_missing {
+        IfMissing::Empty => Ok(Vec::new()),
+        IfMissing::DeadLetter => Err(refused(&f.name, what)),
+    };
+    let Some(value) = value else { return wrong(format!("no value at {:?}", f.path)) };
+    if !f.boundaries.is_empty() {
+        return match value.as_f64() {
+            Some(x) => Ok(vec![format!("b{}", f.boundaries.iter().filter(|&&b| b <= x).count())]),
+            None => wrong(format!("{value} at {:?} is not a number", f.path)),
+        };
+    }
+    let items: Vec<Value> = match value {
+        Value::Array(items) if items.len() > MAX_BAG => {
+            return Err(refused(&f.name, format!("{} values, at most {MAX_BAG}", items.len())))
+        }
+        Value::Array(items) => items,
+        one => vec![one],
+    };
+    let texts: Option<Vec<String>> = items.into_iter().map(category).collect();
+    match texts {
+        Some(texts) => Ok(texts),
+        None => wrong(format!("the value at {:?} is not a category (a string, number or bool)", f.path)),
+    }
+}
+
 /// A category's text: a string as it is, a number as JSON writes it, a
 /// bool as `true` or `false`.
-fn category(value: &Value) -> Option<String> {
+fn category(value: Value) -> Option<String> {
     match value {
-        Value::String(s) => Some(s.clone()),
+        Value::String(s) => Some(s),
         Value::Number(n) => Some(n.to_string()),
         Value::Bool(b) => Some(b.to_string()),
         _ => None,
@@ -159,7 +334,8 @@ fn category(value: &Value) -> Option<String> {
 fn crossed(f: &SparseFeature, sparse: &[SparseFeature], values: &[Vec<String>]) -> Result<Vec<String>, SchemaError> {
     let mut product = vec![String::new()];
     for (i, name) in f.cross.iter().enumerate() {
-        let at = sparse.iter().position(|s| s.name == *name).expect("a cross names earlier features (validated)");
+        let at = (sparse.iter().position(|s| s.name == *name))
+            .ok_or_else(|| refused(&f.name, format!("crosses {name:?}, which is not declared")))?;
         let next: Vec<String> = (product.iter())
             .flat_map(|p| values[at].iter().map(move |v| if i == 0 { v.clone() } else { format!("{p}\u{1f}{v}") }))
             .collect();
@@ -354,6 +530,9 @@ mod tests {
         assert!(refused(&format!("{label}sparse = [{{ name = \"h\", path = \"h\", boundaries = [2, 1] }}]"))
             .contains("increasing"));
         assert!(refused(&format!("{label}sparse = [{{ name = \"x\", cross = [\"a\", \"b\"] }}]")).contains("cross"));
+        let nested =
+            format!("{label}sparse = [{{ name = \"u\", path = \"user\" }}, {{ name = \"id\", path = \"user.id\" }}]");
+        assert!(refused(&nested).contains("reads inside it"));
     }
 
     #[test]

@@ -158,8 +158,7 @@ impl Featurizer {
     /// schema's, or a record as the declared features read it.
     pub fn instance(&self, value: serde_json::Value) -> Result<Features, SchemaError> {
         if let Some(declared) = &self.declared {
-            let r = declared.instance(&value)?;
-            return self.features(r.dense, r.sparse);
+            return self.read_features(declared.instance(&value)?);
         }
         self.fixed_instance(value)
     }
@@ -179,9 +178,9 @@ impl Featurizer {
             return Err(SchemaError::EventTooLarge(bytes.len()));
         }
         if let Some(declared) = &self.declared {
-            let value: serde_json::Value = serde_json::from_slice(bytes).map_err(json_error)?;
-            let (r, label, ts) = declared.event(&value)?;
-            return self.example(RawEvent { dense: r.dense, sparse: r.sparse, label, ts });
+            let (read, label, ts) = declared.event(bytes)?;
+            let features = self.read_features(read)?;
+            return Ok(Example { features, label: self.checked_label(label)?, ts });
         }
         let raw: RawEvent = serde_json::from_slice(bytes).map_err(json_error)?;
         self.example(raw)
@@ -189,43 +188,65 @@ impl Featurizer {
 
     /// Checks a parsed event (from JSON or Avro) and turns it into features.
     fn example(&self, raw: RawEvent) -> Result<Example, SchemaError> {
-        let label = match (raw.label.is_finite(), self.loss) {
-            (false, _) => return Err(SchemaError::LabelNonFinite),
-            (true, Loss::Logloss) if !(0.0..=1.0).contains(&raw.label) => {
-                return Err(SchemaError::LabelRange(raw.label))
-            }
-            (true, _) if raw.label.abs() > f64::from(f32::MAX) => return Err(SchemaError::LabelNonFinite),
-            _ => raw.label as f32,
-        };
+        let label = self.checked_label(raw.label)?;
         Ok(Example { features: self.features(raw.dense, raw.sparse)?, label, ts: raw.ts })
     }
 
+    /// A label the loss can learn: finite, and in [0, 1] under log-loss.
+    fn checked_label(&self, label: f64) -> Result<f32, SchemaError> {
+        match (label.is_finite(), self.loss) {
+            (false, _) => Err(SchemaError::LabelNonFinite),
+            (true, Loss::Logloss) if !(0.0..=1.0).contains(&label) => Err(SchemaError::LabelRange(label)),
+            (true, _) if label.abs() > f64::from(f32::MAX) => Err(SchemaError::LabelNonFinite),
+            _ => Ok(label as f32),
+        }
+    }
+
     fn features(&self, dense: Vec<f32>, sparse: BTreeMap<String, SparseValue>) -> Result<Features, SchemaError> {
-        if dense.len() != self.dense_dim {
-            return Err(SchemaError::DenseLength { got: dense.len(), want: self.dense_dim });
-        }
-        if let Some(i) = dense.iter().position(|v| !v.is_finite()) {
-            return Err(SchemaError::NonFinite(i));
-        }
+        let dense = self.checked_dense(dense)?;
         let mut ids = vec![Vec::new(); self.fields.len()];
         for (name, value) in sparse {
             let Some(field) = self.fields.iter().position(|f| *f == name) else {
                 return Err(SchemaError::UnknownField(name, self.fields.join(", ")));
             };
-            let too_long = match &value {
-                SparseValue::One(v) => (v.len() > MAX_VALUE_BYTES).then_some(v.len()),
-                SparseValue::Bag(vs) => vs.iter().map(String::len).find(|&n| n > MAX_VALUE_BYTES),
-            };
-            if let Some(len) = too_long {
-                return Err(SchemaError::ValueTooLong(name, len));
-            }
             ids[field] = match value {
-                SparseValue::One(v) => vec![self.bucket(field, &v)],
-                SparseValue::Bag(vs) if vs.len() > MAX_BAG => return Err(SchemaError::BagTooLarge(name, vs.len())),
-                SparseValue::Bag(vs) => vs.iter().map(|v| self.bucket(field, v)).collect(),
+                SparseValue::One(v) => self.bag_ids(field, std::slice::from_ref(&v))?,
+                SparseValue::Bag(vs) => self.bag_ids(field, &vs)?,
             };
         }
         Ok(Features { dense, ids })
+    }
+
+    /// Features from what a declaration read: a bag per sparse field, in
+    /// field order.
+    fn read_features(&self, read: declared::Read) -> Result<Features, SchemaError> {
+        let dense = self.checked_dense(read.dense)?;
+        let ids =
+            (read.bags.iter().enumerate()).map(|(field, bag)| self.bag_ids(field, bag)).collect::<Result<_, _>>()?;
+        Ok(Features { dense, ids })
+    }
+
+    fn checked_dense(&self, dense: Vec<f32>) -> Result<Vec<f32>, SchemaError> {
+        if dense.len() != self.dense_dim {
+            return Err(SchemaError::DenseLength { got: dense.len(), want: self.dense_dim });
+        }
+        match dense.iter().position(|v| !v.is_finite()) {
+            Some(i) => Err(SchemaError::NonFinite(i)),
+            None => Ok(dense),
+        }
+    }
+
+    /// The bucket ids of a bag of field number `field`, its size and each
+    /// value's length checked.
+    fn bag_ids(&self, field: usize, values: &[String]) -> Result<Vec<u32>, SchemaError> {
+        let name = || self.fields[field].clone();
+        if values.len() > MAX_BAG {
+            return Err(SchemaError::BagTooLarge(name(), values.len()));
+        }
+        if let Some(len) = values.iter().map(String::len).find(|&n| n > MAX_VALUE_BYTES) {
+            return Err(SchemaError::ValueTooLong(name(), len));
+        }
+        Ok(values.iter().map(|v| self.bucket(field, v)).collect())
     }
 }
 
