@@ -238,15 +238,15 @@ impl Featurizer {
 
     /// The bucket ids of a bag of field number `field`, its size and each
     /// value's length checked.
-    fn bag_ids(&self, field: usize, values: &[String]) -> Result<Vec<u32>, SchemaError> {
+    fn bag_ids(&self, field: usize, values: &[impl AsRef<str>]) -> Result<Vec<u32>, SchemaError> {
         let name = || self.fields[field].clone();
         if values.len() > MAX_BAG {
             return Err(SchemaError::BagTooLarge(name(), values.len()));
         }
-        if let Some(len) = values.iter().map(String::len).find(|&n| n > MAX_VALUE_BYTES) {
+        if let Some(len) = values.iter().map(|v| v.as_ref().len()).find(|&n| n > MAX_VALUE_BYTES) {
             return Err(SchemaError::ValueTooLong(name(), len));
         }
-        Ok(values.iter().map(|v| self.bucket(field, v)).collect())
+        Ok(values.iter().map(|v| self.bucket(field, v.as_ref())).collect())
     }
 }
 
