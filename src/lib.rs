@@ -80,11 +80,16 @@ mod layers {
     /// The Rust sources of a top-level module: its file, or its directory.
     fn sources(src: &std::path::Path, module: &str) -> Vec<std::path::PathBuf> {
         let dir = src.join(module);
-        if !dir.is_dir() {
-            return vec![src.join(format!("{module}.rs"))];
+        match dir.is_dir() {
+            true => rust_files(&dir),
+            false => vec![src.join(format!("{module}.rs"))],
         }
+    }
+
+    /// Every `.rs` file under `dir`, at any depth.
+    pub(crate) fn rust_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         let mut files = Vec::new();
-        let mut todo = vec![dir];
+        let mut todo = vec![dir.to_path_buf()];
         while let Some(d) = todo.pop() {
             for entry in std::fs::read_dir(&d).expect("readable source directory").flatten() {
                 let path = entry.path();

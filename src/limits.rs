@@ -147,19 +147,11 @@ fn over_limits(file: &str, text: &str) -> Vec<String> {
 #[test]
 fn every_room_in_src_is_within_its_limits() {
     let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut todo = vec![src.clone()];
     let mut over = Vec::new();
-    while let Some(dir) = todo.pop() {
-        for entry in std::fs::read_dir(&dir).expect("readable source directory").flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                todo.push(path);
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                let text = std::fs::read_to_string(&path).expect("readable source");
-                let name = path.strip_prefix(&src).unwrap_or(&path).display().to_string();
-                over.extend(over_limits(&name, &text));
-            }
-        }
+    for path in crate::layers::rust_files(&src) {
+        let text = std::fs::read_to_string(&path).expect("readable source");
+        let name = path.strip_prefix(&src).unwrap_or(&path).display().to_string();
+        over.extend(over_limits(&name, &text));
     }
     over.sort();
     assert!(over.is_empty(), "over the limits of a room:\n{}", over.join("\n"));

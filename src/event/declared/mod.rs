@@ -28,8 +28,17 @@ pub struct Declared {
     label_slot: usize,
     time_slot: Option<usize>,
     dense_slots: Vec<usize>,
-    /// Per sparse feature, its slot; `None` for a cross.
-    sparse_slots: Vec<Option<usize>>,
+    /// Per sparse feature, where its bag comes from.
+    sparse_sources: Vec<SparseSource>,
+}
+
+/// Where a sparse feature's bag comes from, resolved once.
+#[derive(Clone, Debug)]
+enum SparseSource {
+    /// The value in this slot.
+    Slot(usize),
+    /// The product of these earlier sparse features' bags.
+    Cross(Vec<usize>),
 }
 
 /// A training event's features (the model's inputs before hashing: dense
@@ -55,9 +64,15 @@ impl Declared {
         let label_slot = slot_of(spec.label.as_ref().map_or("", |l| l.path.as_str()), &mut tree);
         let time_slot = spec.time.as_ref().map(|t| slot_of(&t.path, &mut tree));
         let dense_slots = spec.dense.iter().map(|f| slot_of(&f.path, &mut tree)).collect();
-        let sparse_slots =
-            spec.sparse.iter().map(|f| f.cross.is_empty().then(|| slot_of(&f.path, &mut tree))).collect();
-        Declared { spec: spec.clone(), tree, slots: next, label_slot, time_slot, dense_slots, sparse_slots }
+        let position = |name: &String| spec.sparse.iter().position(|s| s.name == *name);
+        let sparse_sources = (spec.sparse.iter())
+            .map(|f| match f.cross.is_empty() {
+                true => SparseSource::Slot(slot_of(&f.path, &mut tree)),
+                // Validation names only declared features in a cross.
+                false => SparseSource::Cross(f.cross.iter().filter_map(position).collect()),
+            })
+            .collect();
+        Declared { spec: spec.clone(), tree, slots: next, label_slot, time_slot, dense_slots, sparse_sources }
     }
 
     /// A training event from its JSON bytes: its features, label and time.
@@ -98,10 +113,10 @@ impl Declared {
             })
             .collect::<Result<Vec<f32>, _>>()?;
         let mut bags: Vec<Vec<Cow<'a, str>>> = Vec::with_capacity(self.spec.sparse.len());
-        for (f, slot) in self.spec.sparse.iter().zip(&self.sparse_slots) {
-            let bag = match slot {
-                Some(slot) => categories(f, slots[*slot].take().filter(|v| *v != Leaf::Null))?,
-                None => crossed(f, &self.spec.sparse, &bags)?,
+        for (f, source) in self.spec.sparse.iter().zip(&self.sparse_sources) {
+            let bag = match source {
+                SparseSource::Slot(slot) => categories(f, slots[*slot].take().filter(|v| *v != Leaf::Null))?,
+                SparseSource::Cross(of) => crossed(f, of, &bags)?,
             };
             bags.push(bag);
         }
@@ -182,13 +197,11 @@ fn category(value: Leaf<'_>) -> Option<Cow<'_, str>> {
 /// Every combination of the crossed features' values, joined by U+001F.
 fn crossed<'a>(
     f: &SparseFeature,
-    sparse: &[SparseFeature],
+    of: &[usize],
     values: &[Vec<Cow<'a, str>>],
 ) -> Result<Vec<Cow<'a, str>>, SchemaError> {
     let mut product = vec![String::new()];
-    for (i, name) in f.cross.iter().enumerate() {
-        let at = (sparse.iter().position(|s| s.name == *name))
-            .ok_or_else(|| refused(&f.name, format!("crosses {name:?}, which is not declared")))?;
+    for (i, &at) in of.iter().enumerate() {
         let next: Vec<String> = (product.iter())
             .flat_map(|p| values[at].iter().map(move |v| if i == 0 { v.to_string() } else { format!("{p}\u{1f}{v}") }))
             .collect();
