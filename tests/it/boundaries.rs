@@ -12,22 +12,9 @@ use tributary_load::driver::proto;
 
 use crate::helpers::*;
 
-/// The address space a replica under hostile input may take: a small
-/// model's replica maps about 2.5 GiB (libtorch, the allocator's arenas,
-/// thread stacks) and holds a few hundred MiB resident.
-const MEMORY_CAP: u64 = 6 << 30;
-
 /// The most a replica's peak resident memory may grow while refusing
 /// hostile requests.
 const GROWTH_LIMIT: u64 = 64 << 20;
-
-/// Replica `id` of `cluster`, started under [`MEMORY_CAP`].
-fn spawn_capped(cluster: &Cluster, id: &str) -> Replica {
-    let mut r = cluster.replica(id);
-    r.memory_cap_bytes = Some(MEMORY_CAP);
-    r.start();
-    r
-}
 
 /// A replica of a small model serving REST and gRPC, under [`MEMORY_CAP`];
 /// and its gRPC address.
@@ -109,7 +96,7 @@ fn a_tensor_shape_its_data_does_not_back_is_refused_before_the_replica_allocates
 fn an_outlier_event_is_dead_lettered_alone_and_every_other_event_of_its_batch_is_learned() {
     let mut cluster = Cluster::new("outlier", ModelKind::Logistic);
     cluster.with_events_partitions(2);
-    let r = spawn_capped(&cluster, "r0");
+    let r = cluster.spawn_capped("r0");
     r.wait_ready();
     cluster.produce(1000, 1);
     // Two events of a dense value of 1e30, one of each label, amid the good
@@ -145,7 +132,7 @@ fn a_record_that_lies_about_its_size_is_rejected_and_moves_no_watermark() {
     use tributary::update_log::record::{EventRange, GradientRecord, Record};
 
     let cluster = Cluster::new("record-size", ModelKind::Logistic);
-    let r = spawn_capped(&cluster, "r0");
+    let r = cluster.spawn_capped("r0");
     r.wait_ready();
     cluster.produce(500, 1);
     let info = r.wait_learned(500, Duration::from_secs(120));
@@ -247,7 +234,7 @@ fn a_peer_checkpoint_with_one_weight_changed_is_refused_by_the_fleets_attestatio
     let peer = fake_peer(tampered(&model, &real.bytes().unwrap()));
 
     cluster.config.checkpoint.bootstrap_from = peer;
-    let newcomer = spawn_capped(&cluster, "newcomer");
+    let newcomer = cluster.spawn_capped("newcomer");
     wait_for("the newcomer to stop applying", Duration::from_secs(60), || {
         (newcomer.metrics().value("tributary_update_log_stalled", "") == 1.0).then_some(())
     });
@@ -269,7 +256,7 @@ fn a_fleet_on_sasl_ssl_with_acls_learns_and_serves_and_a_client_writes_only_what
 
     let cluster = Cluster::secured("secure", ModelKind::Logistic);
     let k = &cluster.config.kafka;
-    let r = spawn_capped(&cluster, "r0");
+    let r = cluster.spawn_capped("r0");
     r.wait_ready();
     // The fleet's principal reads and writes its own topics: it learns and serves.
     cluster.produce(300, 1);

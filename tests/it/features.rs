@@ -84,7 +84,8 @@ fn a_domain_stream_is_learned_once_by_two_replicas_and_what_it_cannot_read_goes_
     let m = &mut cluster.config.model;
     m.features = toml::from_str(DECLARATION).unwrap();
     (m.dense_dim, m.sparse_fields) = (m.features.dense.len(), m.features.sparse_names());
-    let replicas = [cluster.spawn("r0"), cluster.spawn("r1")];
+    // They are sent events and records the declaration must refuse.
+    let replicas = [cluster.spawn_capped("r0"), cluster.spawn_capped("r1")];
     replicas.iter().for_each(Replica::wait_ready);
     // The good events as `tributary produce` sends a team's JSON lines (it
     // checks each through the same declaration), the refused ones as they are.
@@ -105,9 +106,14 @@ fn a_domain_stream_is_learned_once_by_two_replicas_and_what_it_cannot_read_goes_
     ];
     cluster.produce_lines(&events, &Default::default());
     cluster.produce_payloads(&bad.iter().map(|(event, _)| event.clone()).collect::<Vec<_>>());
+    // The refused ones come last: wait until every event is taken, then
+    // check that each good one was learned once.
     for r in &replicas {
-        let info = r.wait_learned(396, LEARN_LIMIT);
+        let info = wait_for(&format!("{} to take every event", r.id), LEARN_LIMIT, || {
+            r.info().filter(|info| watermark_sum(info) >= 400)
+        });
         assert_eq!(watermark_sum(&info), 400, "{}: every event taken once: {info}", r.id);
+        assert_eq!(info["examples_learned"], 396, "{}: every good event learned once: {info}", r.id);
     }
     let infos = wait_at_one_version(&[&replicas[0], &replicas[1]], LEARN_LIMIT);
     assert_eq!(infos[0]["weights_digest"], infos[1]["weights_digest"], "{infos:?}");

@@ -281,6 +281,16 @@ impl Cluster {
         r.start();
         r
     }
+
+    /// Replica `id`, started under [`MEMORY_CAP`]: for tests that send it
+    /// input it must refuse, so that a runaway allocation fails the test
+    /// instead of taking the machine.
+    pub fn spawn_capped(&self, id: &str) -> Replica {
+        let mut r = self.replica(id);
+        r.memory_cap_bytes = Some(MEMORY_CAP);
+        r.start();
+        r
+    }
 }
 
 impl Drop for Cluster {
@@ -386,6 +396,11 @@ impl Replica {
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 }
+
+/// The address space a replica under hostile input may take: a small
+/// model's replica maps about 2.5 GiB (libtorch, the allocator's arenas,
+/// thread stacks) and holds a few hundred MiB resident.
+pub const MEMORY_CAP: u64 = 6 << 30;
 
 /// A database of its own on the machine's PostgreSQL (`TRIBUTARY_TEST_PG`,
 /// default postgres://postgres@127.0.0.1:5432), created afresh, dropped
