@@ -122,11 +122,7 @@ pub const MAX_EVENT_BYTES: usize = 64 * 1024;
 #[derive(Clone, Debug)]
 pub struct Featurizer {
     dense_dim: usize,
-    fields: Vec<String>,
-    /// Per field, a hash seed derived from its name, so equal values in two
-    /// fields land in unrelated buckets.
-    seeds: Vec<u64>,
-    buckets: u32,
+    buckets: Buckets,
     loss: Loss,
     /// The declared features (`[model.features]`); `None`: the fixed schema.
     declared: Option<Arc<declared::Declared>>,
@@ -136,29 +132,27 @@ impl Featurizer {
     pub fn new(model: &ModelConfig) -> Self {
         Featurizer {
             dense_dim: model.dense_dim,
-            seeds: model.sparse_fields.iter().map(|f| fnv1a(FNV_OFFSET, f.as_bytes())).collect(),
-            fields: model.sparse_fields.clone(),
-            buckets: model.buckets,
+            buckets: Buckets::new(&model.sparse_fields, model.buckets),
             loss: model.loss,
             declared: model.features.is_declared().then(|| Arc::new(declared::Declared::new(&model.features))),
         }
     }
 
     pub fn fields(&self) -> &[String] {
-        &self.fields
+        &self.buckets.fields
     }
 
     /// Bucket of `value` in field number `field`. Stable across versions and
     /// machines: FNV-1a, not the standard library's randomized hasher.
     pub fn bucket(&self, field: usize, value: &str) -> u32 {
-        (fnv1a(self.seeds[field], value.as_bytes()) % u64::from(self.buckets)) as u32
+        self.buckets.of(field, [value.as_bytes()])
     }
 
     /// Parses one prediction instance from a JSON value: the fixed
     /// schema's, or a record as the declared features read it.
     pub fn instance(&self, value: serde_json::Value) -> Result<Features, SchemaError> {
         if let Some(declared) = &self.declared {
-            return self.read_features(declared.instance(&value)?);
+            return self.declared_features(declared.instance(&value, &self.buckets)?);
         }
         self.fixed_instance(value)
     }
@@ -178,8 +172,8 @@ impl Featurizer {
             return Err(SchemaError::EventTooLarge(bytes.len()));
         }
         if let Some(declared) = &self.declared {
-            let (read, label, ts) = declared.event(bytes)?;
-            let features = self.read_features(read)?;
+            let (features, label, ts) = declared.event(bytes, &self.buckets)?;
+            let features = self.declared_features(features)?;
             return Ok(Example { features, label: self.checked_label(label)?, ts });
         }
         let raw: RawEvent = serde_json::from_slice(bytes).map_err(json_error)?;
@@ -204,26 +198,24 @@ impl Featurizer {
 
     fn features(&self, dense: Vec<f32>, sparse: BTreeMap<String, SparseValue>) -> Result<Features, SchemaError> {
         let dense = self.checked_dense(dense)?;
-        let mut ids = vec![Vec::new(); self.fields.len()];
+        let fields = &self.buckets.fields;
+        let mut ids = vec![Vec::new(); fields.len()];
         for (name, value) in sparse {
-            let Some(field) = self.fields.iter().position(|f| *f == name) else {
-                return Err(SchemaError::UnknownField(name, self.fields.join(", ")));
+            let Some(field) = fields.iter().position(|f| *f == name) else {
+                return Err(SchemaError::UnknownField(name, fields.join(", ")));
             };
             ids[field] = match value {
-                SparseValue::One(v) => self.bag_ids(field, std::slice::from_ref(&v))?,
-                SparseValue::Bag(vs) => self.bag_ids(field, &vs)?,
+                SparseValue::One(v) => self.buckets.bag(field, [v.as_str()].into_iter())?,
+                SparseValue::Bag(vs) => self.buckets.bag(field, vs.iter().map(String::as_str))?,
             };
         }
         Ok(Features { dense, ids })
     }
 
-    /// Features from what a declaration read: a bag per sparse field, in
-    /// field order.
-    fn read_features(&self, read: declared::Read) -> Result<Features, SchemaError> {
-        let dense = self.checked_dense(read.dense)?;
-        let ids =
-            (read.bags.iter().enumerate()).map(|(field, bag)| self.bag_ids(field, bag)).collect::<Result<_, _>>()?;
-        Ok(Features { dense, ids })
+    /// Features a declaration read: its dense values checked as the fixed
+    /// schema's are.
+    fn declared_features(&self, features: Features) -> Result<Features, SchemaError> {
+        Ok(Features { dense: self.checked_dense(features.dense)?, ids: features.ids })
     }
 
     fn checked_dense(&self, dense: Vec<f32>) -> Result<Vec<f32>, SchemaError> {
@@ -235,18 +227,53 @@ impl Featurizer {
             None => Ok(dense),
         }
     }
+}
+
+/// The hashing of sparse values into buckets, per field: what both the
+/// fixed schema and a declaration make their bucket ids with.
+#[derive(Clone, Debug)]
+pub(crate) struct Buckets {
+    fields: Vec<String>,
+    /// Per field, a hash seed derived from its name, so equal values in two
+    /// fields land in unrelated buckets.
+    seeds: Vec<u64>,
+    count: u32,
+}
+
+impl Buckets {
+    fn new(fields: &[String], count: u32) -> Buckets {
+        let seeds = fields.iter().map(|f| fnv1a_finish(fnv1a(FNV_OFFSET, f.as_bytes()))).collect();
+        Buckets { fields: fields.to_vec(), seeds, count }
+    }
+
+    /// The bucket of a value in field number `field`, the value given as
+    /// the parts it is joined from by U+001F (one part but for a cross).
+    pub(crate) fn of<'p>(&self, field: usize, parts: impl IntoIterator<Item = &'p [u8]>) -> u32 {
+        let mut h = self.seeds[field];
+        for (i, part) in parts.into_iter().enumerate() {
+            if i > 0 {
+                h = fnv1a(h, &[0x1f]);
+            }
+            h = fnv1a(h, part);
+        }
+        (fnv1a_finish(h) % u64::from(self.count)) as u32
+    }
 
     /// The bucket ids of a bag of field number `field`, its size and each
     /// value's length checked.
-    fn bag_ids(&self, field: usize, values: &[impl AsRef<str>]) -> Result<Vec<u32>, SchemaError> {
+    pub(crate) fn bag<'v>(
+        &self,
+        field: usize,
+        values: impl ExactSizeIterator<Item = &'v str> + Clone,
+    ) -> Result<Vec<u32>, SchemaError> {
         let name = || self.fields[field].clone();
         if values.len() > MAX_BAG {
             return Err(SchemaError::BagTooLarge(name(), values.len()));
         }
-        if let Some(len) = values.iter().map(|v| v.as_ref().len()).find(|&n| n > MAX_VALUE_BYTES) {
+        if let Some(len) = values.clone().map(str::len).find(|&n| n > MAX_VALUE_BYTES) {
             return Err(SchemaError::ValueTooLong(name(), len));
         }
-        Ok(values.iter().map(|v| self.bucket(field, v.as_ref())).collect())
+        Ok(values.map(|v| self.of(field, [v.as_bytes()])).collect())
     }
 }
 
@@ -323,13 +350,14 @@ fn json_error(e: serde_json::Error) -> SchemaError {
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
-fn fnv1a(seed: u64, bytes: &[u8]) -> u64 {
-    let mut h = seed;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    // FNV's low bits mix poorly; a final avalanche spreads them over buckets.
+/// FNV-1a over `bytes`, from the state `h`: streams, so a value given in
+/// parts hashes as the parts joined.
+fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// FNV's low bits mix poorly; a final avalanche spreads them over buckets.
+fn fnv1a_finish(mut h: u64) -> u64 {
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^ (h >> 33)

@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use self::time::rfc3339_ms;
 use self::walk::{fill, Leaf, Node, NodeSeed, Slots};
-use super::{SchemaError, MAX_BAG};
+use super::{Buckets, Features, SchemaError, MAX_BAG};
 use crate::config::{FeaturesConfig, IfMissing, Scalar, SparseFeature, TimeUnit};
 
 /// A declaration, compiled: the paths it reads as a tree, each leaf a slot
@@ -30,6 +30,9 @@ pub struct Declared {
     dense_slots: Vec<usize>,
     /// Per sparse feature, where its bag comes from.
     sparse_sources: Vec<SparseSource>,
+    /// Per sparse feature cut at boundaries, its buckets' names (`b0`,
+    /// `b1`, ...): made once, not per event.
+    bucket_names: Vec<Vec<String>>,
 }
 
 /// Where a sparse feature's bag comes from, resolved once.
@@ -39,13 +42,6 @@ enum SparseSource {
     Slot(usize),
     /// The product of these earlier sparse features' bags.
     Cross(Vec<usize>),
-}
-
-/// A training event's features (the model's inputs before hashing: dense
-/// values, and per sparse field its bag), label and event time.
-pub(super) struct Read<'a> {
-    pub(super) dense: Vec<f32>,
-    pub(super) bags: Vec<Vec<Cow<'a, str>>>,
 }
 
 fn refused(name: &str, reason: impl Into<String>) -> SchemaError {
@@ -72,39 +68,49 @@ impl Declared {
                 false => SparseSource::Cross(f.cross.iter().filter_map(position).collect()),
             })
             .collect();
-        Declared { spec: spec.clone(), tree, slots: next, label_slot, time_slot, dense_slots, sparse_sources }
+        let bucket_names = (spec.sparse.iter())
+            .map(|f| (0..=f.boundaries.len()).filter(|_| !f.boundaries.is_empty()).map(|i| format!("b{i}")).collect())
+            .collect();
+        let (slots, spec) = (next, spec.clone());
+        Declared { spec, tree, slots, label_slot, time_slot, dense_slots, sparse_sources, bucket_names }
     }
 
     /// A training event from its JSON bytes: its features, label and time.
     /// Only the declared paths are kept; every other field is skipped as it
     /// is parsed, without being allocated.
-    pub(super) fn event<'a>(&self, bytes: &'a [u8]) -> Result<(Read<'a>, f64, Option<i64>), SchemaError> {
+    pub(super) fn event(&self, bytes: &[u8], buckets: &Buckets) -> Result<(Features, f64, Option<i64>), SchemaError> {
         let mut slots: Slots = vec![None; self.slots];
         let mut de = serde_json::Deserializer::from_slice(bytes);
         (NodeSeed { node: &self.tree, slots: &mut slots, root: true })
             .deserialize(&mut de)
             .and_then(|()| de.end())
             .map_err(|e| SchemaError::Json(e.to_string()))?;
-        let (label, ts) = (self.label(&slots)?, self.time(&slots)?);
-        Ok((self.features(&mut slots)?, label, ts))
+        self.example(&slots, buckets)
+    }
+
+    /// A training event from what its reader put in `slots`.
+    fn example(&self, slots: &Slots<'_>, buckets: &Buckets) -> Result<(Features, f64, Option<i64>), SchemaError> {
+        let (label, ts) = (self.label(slots)?, self.time(slots)?);
+        Ok((self.features(slots, buckets)?, label, ts))
     }
 
     /// An instance's features, from a record already parsed.
-    pub(super) fn instance<'a>(&self, record: &'a Value) -> Result<Read<'a>, SchemaError> {
+    pub(super) fn instance(&self, record: &Value, buckets: &Buckets) -> Result<Features, SchemaError> {
         if !record.is_object() {
             return Err(SchemaError::Json("an event is a JSON object".into()));
         }
         let mut slots: Slots = vec![None; self.slots];
         fill(&self.tree, record, &mut slots);
-        self.features(&mut slots)
+        self.features(&slots, buckets)
     }
 
     fn value<'s, 'a>(&self, slots: &'s Slots<'a>, slot: usize) -> Option<&'s Leaf<'a>> {
         slots[slot].as_ref().filter(|v| **v != Leaf::Null)
     }
 
-    /// The features, taking their values out of `slots`.
-    fn features<'a>(&self, slots: &mut Slots<'a>) -> Result<Read<'a>, SchemaError> {
+    /// The features: the dense values, and each sparse feature's bag
+    /// hashed into its bucket ids.
+    fn features(&self, slots: &Slots<'_>, buckets: &Buckets) -> Result<Features, SchemaError> {
         let dense = (self.spec.dense.iter().zip(&self.dense_slots))
             .map(|(f, &slot)| match (self.value(slots, slot).and_then(Leaf::as_f64), f.default) {
                 (Some(v), _) => Ok(v as f32),
@@ -112,15 +118,22 @@ impl Declared {
                 (None, None) => Err(refused(&f.name, format!("no number at {:?}", f.path))),
             })
             .collect::<Result<Vec<f32>, _>>()?;
-        let mut bags: Vec<Vec<Cow<'a, str>>> = Vec::with_capacity(self.spec.sparse.len());
-        for (f, source) in self.spec.sparse.iter().zip(&self.sparse_sources) {
-            let bag = match source {
-                SparseSource::Slot(slot) => categories(f, slots[*slot].take().filter(|v| *v != Leaf::Null))?,
-                SparseSource::Cross(of) => crossed(f, of, &bags)?,
-            };
-            bags.push(bag);
+        let mut bags: Vec<Bag> = Vec::with_capacity(self.spec.sparse.len());
+        let mut ids = Vec::with_capacity(self.spec.sparse.len());
+        for (field, (f, source)) in self.spec.sparse.iter().zip(&self.sparse_sources).enumerate() {
+            match source {
+                SparseSource::Slot(slot) => {
+                    let bag = categories(f, &self.bucket_names[field], self.value(slots, *slot))?;
+                    ids.push(buckets.bag(field, bag.iter())?);
+                    bags.push(bag);
+                }
+                SparseSource::Cross(of) => {
+                    ids.push(crossed(f, field, of, &bags, buckets)?);
+                    bags.push(Bag::Many(Vec::new()));
+                }
+            }
         }
-        Ok(Read { dense, bags })
+        Ok(Features { dense, ids })
     }
 
     fn label(&self, slots: &Slots<'_>) -> Result<f64, SchemaError> {
@@ -155,62 +168,89 @@ impl Declared {
     }
 }
 
+/// A sparse feature's values for one event: none, one (most features),
+/// or a bag.
+enum Bag<'a> {
+    One(Cow<'a, str>),
+    Many(Vec<Cow<'a, str>>),
+}
+
+impl<'a> Bag<'a> {
+    fn values(&self) -> &[Cow<'a, str>] {
+        match self {
+            Bag::One(v) => std::slice::from_ref(v),
+            Bag::Many(vs) => vs,
+        }
+    }
+
+    fn iter(&self) -> impl ExactSizeIterator<Item = &str> + Clone {
+        self.values().iter().map(|v| v.as_ref())
+    }
+}
+
 /// A sparse feature's bag from its value: a category or an array of them,
 /// or a number cut at the feature's boundaries.
-fn categories<'a>(f: &SparseFeature, value: Option<Leaf<'a>>) -> Result<Vec<Cow<'a, str>>, SchemaError> {
+fn categories<'s>(f: &SparseFeature, named: &'s [String], value: Option<&'s Leaf>) -> Result<Bag<'s>, SchemaError> {
     let wrong = |what: String| match f.if_missing {
-        IfMissing::Empty => Ok(Vec::new()),
+        IfMissing::Empty => Ok(Bag::Many(Vec::new())),
         IfMissing::DeadLetter => Err(refused(&f.name, what)),
     };
     let Some(value) = value else { return wrong(format!("no value at {:?}", f.path)) };
     if !f.boundaries.is_empty() {
         return match value.as_f64() {
-            Some(x) => Ok(vec![Cow::Owned(format!("b{}", f.boundaries.iter().filter(|&&b| b <= x).count()))]),
+            Some(x) => Ok(Bag::One(Cow::Borrowed(&named[f.boundaries.iter().filter(|&&b| b <= x).count()]))),
             None => wrong(format!("{value} at {:?} is not a number", f.path)),
         };
     }
-    let items: Vec<Leaf<'a>> = match value {
+    let texts = match value {
         Leaf::List(items) if items.len() > MAX_BAG => {
             return Err(refused(&f.name, format!("{} values, at most {MAX_BAG}", items.len())))
         }
-        Leaf::List(items) => items,
-        one => vec![one],
+        Leaf::List(items) => items.iter().map(category).collect::<Option<Vec<_>>>().map(Bag::Many),
+        one => category(one).map(Bag::One),
     };
-    let texts: Option<Vec<Cow<'a, str>>> = items.into_iter().map(category).collect();
     match texts {
-        Some(texts) => Ok(texts),
+        Some(bag) => Ok(bag),
         None => wrong(format!("the value at {:?} is not a category (a string, number or bool)", f.path)),
     }
 }
 
 /// A category's text: a string as it is, a number as JSON writes it, a
 /// bool as `true` or `false`.
-fn category(value: Leaf<'_>) -> Option<Cow<'_, str>> {
+fn category<'s>(value: &'s Leaf) -> Option<Cow<'s, str>> {
     match value {
-        Leaf::Text(s) => Some(s),
+        Leaf::Text(s) => Some(Cow::Borrowed(s)),
         Leaf::Number(n) => Some(Cow::Owned(n.to_string())),
-        Leaf::Bool(b) => Some(Cow::Borrowed(if b { "true" } else { "false" })),
+        Leaf::Bool(b) => Some(Cow::Borrowed(if *b { "true" } else { "false" })),
         _ => None,
     }
 }
 
-/// Every combination of the crossed features' values, joined by U+001F.
-fn crossed<'a>(
+/// The bucket ids of a cross: every combination of the crossed features'
+/// values, each hashed as its values joined by U+001F.
+fn crossed(
     f: &SparseFeature,
+    field: usize,
     of: &[usize],
-    values: &[Vec<Cow<'a, str>>],
-) -> Result<Vec<Cow<'a, str>>, SchemaError> {
-    let mut product = vec![String::new()];
-    for (i, &at) in of.iter().enumerate() {
-        let next: Vec<String> = (product.iter())
-            .flat_map(|p| values[at].iter().map(move |v| if i == 0 { v.to_string() } else { format!("{p}\u{1f}{v}") }))
-            .collect();
-        if next.len() > MAX_BAG {
-            return Err(refused(&f.name, format!("{} combinations, at most {MAX_BAG}", next.len())));
-        }
-        product = next;
+    bags: &[Bag],
+    buckets: &Buckets,
+) -> Result<Vec<u32>, SchemaError> {
+    let sizes: Vec<usize> = of.iter().map(|&at| bags[at].iter().len()).collect();
+    let combinations = sizes.iter().try_fold(1usize, |n, &size| n.checked_mul(size)).unwrap_or(usize::MAX);
+    if combinations > MAX_BAG {
+        return Err(refused(&f.name, format!("{combinations} combinations, at most {MAX_BAG}")));
     }
-    Ok(product.into_iter().map(Cow::Owned).collect())
+    // The combinations in order, the last feature's value varying fastest.
+    Ok((0..combinations)
+        .map(|n| {
+            let mut rest = n;
+            let mut picks = vec![0; of.len()];
+            for (pick, size) in picks.iter_mut().zip(&sizes).rev() {
+                (*pick, rest) = (rest % size, rest / size);
+            }
+            buckets.of(field, of.iter().zip(&picks).map(|(&at, &i)| bags[at].values()[i].as_bytes()))
+        })
+        .collect())
 }
 
 fn matches_scalar(s: &Scalar, v: &Leaf<'_>) -> bool {
