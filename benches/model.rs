@@ -268,7 +268,7 @@ fn event_decode(c: &mut Criterion) {
     let mut s = Synthetic::new(m.config(), 3);
     let json: Vec<String> = (0..256).map(|_| s.event(0)).collect();
     let schema = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/event.avsc")).unwrap();
-    let avro = AvroEvents::new(&schema, Some(1)).unwrap();
+    let avro = AvroEvents::new(&schema, Some(1), None).unwrap();
     let framed: Vec<Vec<u8>> =
         json.iter().map(|line| avro.encode(serde_json::from_str(line).unwrap()).unwrap()).collect();
     let codecs = [
@@ -324,13 +324,41 @@ fn declared_decode(c: &mut Criterion) {
             (domain.to_string(), reshaped.to_string())
         })
         .collect();
-    c.bench_function("declared_decode_256/fixed schema", |b| {
-        b.iter(|| events.iter().for_each(|(_, e)| drop(black_box(fixed.featurizer().event(e.as_bytes()).unwrap()))))
-    });
-    c.bench_function("declared_decode_256/declared, 10 features", |b| {
-        b.iter(|| events.iter().for_each(|(e, _)| drop(black_box(declared.featurizer().event(e.as_bytes()).unwrap()))))
-    });
+    let fixed_schema = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/event.avsc")).unwrap();
+    let avro = |schema: &str, model: &Model| {
+        EventCodec::Avro(Box::new(AvroEvents::new(schema, None, model.featurizer().declared()).unwrap()))
+    };
+    let (declared_avro, fixed_avro) = (avro(DOMAIN_SCHEMA, &declared), avro(&fixed_schema, &fixed));
+    let encoded = |codec: &EventCodec, e: &str| codec.encode(e.as_bytes()).unwrap().into_owned();
+    let runs = [("json", &EventCodec::Json, &EventCodec::Json), ("avro", &fixed_avro, &declared_avro)];
+    for (format, fixed_codec, declared_codec) in runs {
+        let fixed_events: Vec<Vec<u8>> = events.iter().map(|(_, e)| encoded(fixed_codec, e)).collect();
+        let declared_events: Vec<Vec<u8>> = events.iter().map(|(e, _)| encoded(declared_codec, e)).collect();
+        for (name, model, codec, events) in [
+            ("fixed schema", &fixed, fixed_codec, &fixed_events),
+            ("declared, 10 features", &declared, declared_codec, &declared_events),
+        ] {
+            c.bench_function(&format!("declared_decode_256/{format}/{name}"), |b| {
+                b.iter(|| events.iter().for_each(|e| drop(black_box(codec.example(model.featurizer(), e).unwrap()))))
+            });
+        }
+    }
 }
+
+/// The Avro writer schema of the team events `declared_decode` reads.
+const DOMAIN_SCHEMA: &str = r#"{"type": "record", "name": "Click", "fields": [
+    {"name": "user", "type": {"type": "record", "name": "User", "fields": [
+        {"name": "id", "type": "string"}, {"name": "age", "type": "int"}, {"name": "country", "type": "string"},
+        {"name": "segment", "type": "string"}, {"name": "signup", "type": "string"}]}},
+    {"name": "ad", "type": {"type": "record", "name": "Ad", "fields": [
+        {"name": "id", "type": "string"}, {"name": "category", "type": "string"}, {"name": "score", "type": "double"},
+        {"name": "campaign", "type": "string"},
+        {"name": "creative", "type": {"type": "record", "name": "Creative", "fields": [
+            {"name": "w", "type": "int"}, {"name": "h", "type": "int"}]}}]}},
+    {"name": "price", "type": "double"}, {"name": "rank", "type": "int"}, {"name": "hour", "type": "int"},
+    {"name": "clicked", "type": "boolean"}, {"name": "ts", "type": "long"},
+    {"name": "session", "type": "string"}, {"name": "page", "type": "string"}, {"name": "referrer", "type": "string"}
+]}"#;
 
 criterion_group! {
     name = benches;

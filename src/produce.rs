@@ -97,7 +97,7 @@ pub fn produce(
     input: impl BufRead,
     partitioning: &Partitioning,
 ) -> anyhow::Result<ProduceReport> {
-    let codec = EventCodec::new(k).map_err(anyhow::Error::msg)?;
+    let codec = EventCodec::new(k, featurizer).map_err(anyhow::Error::msg)?;
     let delivered = Arc::new(Delivered::default());
     let producer = events_producer(k, topic, delivered.clone())?;
     let mut spread = match partitioning {

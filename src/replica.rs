@@ -157,7 +157,7 @@ impl Replica {
         }
         if config.http.ingest {
             let k = &config.kafka;
-            let codec = EventCodec::new(k).map_err(anyhow::Error::msg)?;
+            let codec = EventCodec::new(k, model.featurizer()).map_err(anyhow::Error::msg)?;
             app.events = Some(Arc::new(EventSink::new(
                 &connection,
                 &k.events_topic,

@@ -180,11 +180,6 @@ impl Config {
         self.checkpoint.validate()?;
         self.http.validate()?;
         self.grpc.socket_addr()?;
-        if self.model.features.is_declared() && self.kafka.event_format == EventFormat::Avro {
-            return Err(ConfigError::Invalid(
-                "model.features reads JSON events; Avro events are read through the fixed schema only (for now)".into(),
-            ));
-        }
         if self.replica_id.is_empty() || self.replica_id.len() > 255 {
             return Err(ConfigError::Invalid("replica_id must be 1 to 255 bytes".into()));
         }

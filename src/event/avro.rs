@@ -18,10 +18,12 @@
 
 use std::collections::BTreeMap;
 
-use apache_avro::schema::Schema;
+use apache_avro::schema::{RecordSchema, Schema};
 use apache_avro::types::Value;
 
-use super::{RawEvent, SchemaError, SparseValue};
+use super::declared::avro::{Kind, Plan};
+use super::declared::Declared;
+use super::{Example, Featurizer, RawEvent, SchemaError, SparseValue};
 
 /// The fields an event schema may have; `label` is required.
 const FIELDS: [&str; 4] = ["dense", "sparse", "label", "ts"];
@@ -30,9 +32,19 @@ const FIELDS: [&str; 4] = ["dense", "sparse", "label", "ts"];
 #[derive(Debug)]
 pub struct AvroEvents {
     schema: Schema,
-    /// The record's fields in writer order: which event field, and how to read it.
-    fields: Vec<(Field, Shape)>,
+    fields: Fields,
     schema_id: Option<u32>,
+}
+
+/// How a body is read.
+#[derive(Debug)]
+enum Fields {
+    /// The fixed schema: the record's fields in writer order, which event
+    /// field each is and how to read it.
+    Fixed(Vec<(Field, Shape)>),
+    /// Through the declared features (`[model.features]`): any record the
+    /// declared paths resolve in.
+    Declared(Box<Plan>),
 }
 
 /// An event field.
@@ -92,44 +104,24 @@ impl Shape {
 }
 
 impl AvroEvents {
-    /// Parses the writer schema `text` and checks that it is a record of
-    /// the event's fields (`label` required, nothing else) of types that
-    /// can carry them: a mismatch is a configuration error at start-up, not
-    /// a dead letter per event.
-    pub fn new(text: &str, schema_id: Option<u32>) -> Result<AvroEvents, String> {
+    /// Parses the writer schema `text` and checks that it can carry
+    /// events: through the declaration when there is one (`declared`),
+    /// else as the fixed schema. A mismatch is a configuration error at
+    /// start-up, not a dead letter per event.
+    pub fn new(text: &str, schema_id: Option<u32>, declared: Option<&Declared>) -> Result<AvroEvents, String> {
         let schema = Schema::parse_str(text).map_err(|e| format!("not an Avro schema: {e}"))?;
         let Schema::Record(record) = &schema else {
             return Err("the event schema must be an Avro record".into());
         };
-        let mut fields = Vec::new();
-        for f in &record.fields {
-            let field = match f.name.as_str() {
-                "dense" => Field::Dense,
-                "sparse" => Field::Sparse,
-                "label" => Field::Label,
-                "ts" => Field::Ts,
-                other => return Err(format!("field {other:?} is not an event field (they are {FIELDS:?})")),
-            };
-            fields.push((field, Shape::of(&f.schema, &f.name)?));
-        }
-        if !fields.iter().any(|(f, _)| *f == Field::Label) {
-            return Err("the event schema has no field \"label\"".into());
-        }
+        let fields = match declared {
+            Some(declared) => Fields::Declared(Box::new(declared.avro_plan(&Kind::of(&schema)?)?)),
+            None => Fields::Fixed(fixed_fields(record)?),
+        };
         Ok(AvroEvents { schema, fields, schema_id })
     }
 
-    /// The writer schema's fields for a record framed with `id`.
-    fn shapes_for(&self, id: u32) -> Result<&[(Field, Shape)], SchemaError> {
-        match self.schema_id {
-            Some(want) if want != id => {
-                Err(avro(format!("schema id {id}; this replica reads schema id {want} (kafka.avro_schema_id)")))
-            }
-            _ => Ok(&self.fields),
-        }
-    }
-
-    /// The event a framed record carries.
-    pub(super) fn decode(&self, bytes: &[u8]) -> Result<RawEvent, SchemaError> {
+    /// The body of a framed record, its schema id checked.
+    fn body<'b>(&self, bytes: &'b [u8]) -> Result<&'b [u8], SchemaError> {
         let (id, body) = match bytes {
             [0, a, b, c, d, body @ ..] => (u32::from_be_bytes([*a, *b, *c, *d]), body),
             [magic, ..] if *magic != 0 => {
@@ -137,53 +129,30 @@ impl AvroEvents {
             }
             _ => return Err(avro(format!("{} bytes: shorter than the 5-byte Confluent framing", bytes.len()))),
         };
-        let fields = self.shapes_for(id)?;
-        let mut r = Reader { rest: body };
-        let mut event = RawEvent { dense: Vec::new(), sparse: BTreeMap::new(), label: f64::NAN, ts: None };
-        let mut has_label = false;
-        for (field, shape) in fields {
-            match field {
-                Field::Dense => {
-                    event.dense.clear();
-                    // A null item becomes NaN, which validation refuses by index.
-                    r.items(shape, "dense", &mut |r, item| {
-                        event.dense.push(r.number(item, "dense")?.unwrap_or(f64::NAN) as f32);
-                        Ok(())
-                    })?
-                }
-                Field::Sparse => {
-                    event.sparse.clear();
-                    r.entries(shape, "sparse", &mut |r, key, value| {
-                        if let Some(v) = r.sparse_value(value)? {
-                            event.sparse.insert(key, v);
-                        }
-                        Ok(())
-                    })?
-                }
-                Field::Label => {
-                    if let Some(x) = r.number(shape, "label")? {
-                        event.label = x;
-                        has_label = true;
-                    }
-                }
-                Field::Ts => event.ts = r.timestamp(shape)?,
+        match self.schema_id {
+            Some(want) if want != id => {
+                Err(avro(format!("schema id {id}; this replica reads schema id {want} (kafka.avro_schema_id)")))
             }
+            _ => Ok(body),
         }
-        if !r.rest.is_empty() {
-            return Err(avro(format!("{} bytes after the record", r.rest.len())));
+    }
+
+    /// The training event a framed record carries.
+    pub(super) fn example(&self, featurizer: &Featurizer, bytes: &[u8]) -> Result<Example, SchemaError> {
+        let body = self.body(bytes)?;
+        match &self.fields {
+            Fields::Fixed(fields) => featurizer.example(decode_fixed(fields, body)?),
+            Fields::Declared(plan) => featurizer.avro_event(plan, body),
         }
-        if !has_label {
-            return Err(avro("the record's label is null".into()));
-        }
-        Ok(event)
     }
 
     /// A JSON event, framed with `schema_id` (0 when none is set).
     pub fn encode(&self, event: serde_json::Value) -> Result<Vec<u8>, String> {
         let mut event = event;
         // Bags: a lone sparse value becomes a bag of one, as the schema
-        // config/event.avsc has it.
-        if let Some(serde_json::Value::Object(sparse)) = event.get_mut("sparse") {
+        // config/event.avsc has it. A declared record is encoded as it is.
+        let fixed = matches!(self.fields, Fields::Fixed(_));
+        if let Some(serde_json::Value::Object(sparse)) = event.get_mut("sparse").filter(|_| fixed) {
             for value in sparse.values_mut() {
                 if value.is_string() {
                     *value = serde_json::Value::Array(vec![value.take()]);
@@ -199,21 +168,83 @@ impl AvroEvents {
     }
 }
 
-fn avro(reason: String) -> SchemaError {
+/// The fixed schema's fields of a writer record: the event's fields
+/// (`label` required, nothing else) of types that can carry them.
+fn fixed_fields(record: &RecordSchema) -> Result<Vec<(Field, Shape)>, String> {
+    let mut fields = Vec::new();
+    for f in &record.fields {
+        let field = match f.name.as_str() {
+            "dense" => Field::Dense,
+            "sparse" => Field::Sparse,
+            "label" => Field::Label,
+            "ts" => Field::Ts,
+            other => return Err(format!("field {other:?} is not an event field (they are {FIELDS:?})")),
+        };
+        fields.push((field, Shape::of(&f.schema, &f.name)?));
+    }
+    if !fields.iter().any(|(f, _)| *f == Field::Label) {
+        return Err("the event schema has no field \"label\"".into());
+    }
+    Ok(fields)
+}
+
+/// The event a body of the fixed schema carries.
+fn decode_fixed(fields: &[(Field, Shape)], body: &[u8]) -> Result<RawEvent, SchemaError> {
+    let mut r = Reader { rest: body };
+    let mut event = RawEvent { dense: Vec::new(), sparse: BTreeMap::new(), label: f64::NAN, ts: None };
+    let mut has_label = false;
+    for (field, shape) in fields {
+        match field {
+            Field::Dense => {
+                event.dense.clear();
+                // A null item becomes NaN, which validation refuses by index.
+                r.items(shape, "dense", &mut |r, item| {
+                    event.dense.push(r.number(item, "dense")?.unwrap_or(f64::NAN) as f32);
+                    Ok(())
+                })?
+            }
+            Field::Sparse => {
+                event.sparse.clear();
+                r.entries(shape, "sparse", &mut |r, key, value| {
+                    if let Some(v) = r.sparse_value(value)? {
+                        event.sparse.insert(key, v);
+                    }
+                    Ok(())
+                })?
+            }
+            Field::Label => {
+                if let Some(x) = r.number(shape, "label")? {
+                    event.label = x;
+                    has_label = true;
+                }
+            }
+            Field::Ts => event.ts = r.timestamp(shape)?,
+        }
+    }
+    if !r.rest.is_empty() {
+        return Err(avro(format!("{} bytes after the record", r.rest.len())));
+    }
+    if !has_label {
+        return Err(avro("the record's label is null".into()));
+    }
+    Ok(event)
+}
+
+pub(super) fn avro(reason: String) -> SchemaError {
     SchemaError::Avro(reason)
 }
 
 /// Avro's binary encoding, read from the front of a body. Every length
 /// and count is checked against the bytes left before anything is
 /// allocated for it.
-struct Reader<'a> {
-    rest: &'a [u8],
+pub(super) struct Reader<'a> {
+    pub(super) rest: &'a [u8],
 }
 
 type Step<'s, 'a> = &'s mut dyn FnMut(&mut Reader<'a>, &Shape) -> Result<(), SchemaError>;
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], SchemaError> {
+    pub(super) fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], SchemaError> {
         if n > self.rest.len() {
             return Err(avro(format!("{what}: the body ends {} bytes short", n - self.rest.len())));
         }
@@ -223,7 +254,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A zigzag varint (Avro's int and long).
-    fn long(&mut self, what: &str) -> Result<i64, SchemaError> {
+    pub(super) fn long(&mut self, what: &str) -> Result<i64, SchemaError> {
         let mut value: u64 = 0;
         for shift in (0..64).step_by(7) {
             let byte = self.take(1, what)?[0];
@@ -238,7 +269,7 @@ impl<'a> Reader<'a> {
     /// A length or count: non-negative and no larger than the bytes left
     /// (every item takes at least a byte, except in a block of nulls,
     /// which no event field has).
-    fn len(&mut self, what: &str) -> Result<usize, SchemaError> {
+    pub(super) fn len(&mut self, what: &str) -> Result<usize, SchemaError> {
         let n = self.long(what)?;
         match usize::try_from(n) {
             Ok(n) if n <= self.rest.len() => Ok(n),
@@ -247,9 +278,14 @@ impl<'a> Reader<'a> {
     }
 
     fn text(&mut self, what: &str) -> Result<String, SchemaError> {
+        self.str(what).map(str::to_string)
+    }
+
+    /// A string, borrowed from the body.
+    pub(super) fn str(&mut self, what: &str) -> Result<&'a str, SchemaError> {
         let len = self.len(what)?;
         let bytes = self.take(len, what)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| avro(format!("{what}: not UTF-8")))
+        std::str::from_utf8(bytes).map_err(|_| avro(format!("{what}: not UTF-8")))
     }
 
     /// The branch of a union, or the shape itself.
@@ -344,7 +380,7 @@ impl<'a> Reader<'a> {
 
     /// Arrays and maps come in blocks: a count (negative: followed by the
     /// block's size in bytes), that many items, until a count of 0.
-    fn blocks(
+    pub(super) fn blocks(
         &mut self,
         what: &str,
         item: &mut dyn FnMut(&mut Reader<'a>) -> Result<(), SchemaError>,
@@ -404,12 +440,12 @@ mod tests {
     }
 
     fn example(events: &AvroEvents, bytes: &[u8]) -> Result<crate::event::Example, SchemaError> {
-        featurizer().example(events.decode(bytes)?)
+        events.example(&featurizer(), bytes)
     }
 
     #[test]
     fn an_encoded_event_decodes_to_what_its_json_gives() {
-        let events = AvroEvents::new(SCHEMA, Some(7)).unwrap();
+        let events = AvroEvents::new(SCHEMA, Some(7), None).unwrap();
         let json = r#"{"dense":[1.5,-2],"sparse":{"a":"x","b":["y","z"]},"label":1,"ts":1764000000000}"#;
         let framed = events.encode(serde_json::from_str(json).unwrap()).unwrap();
         assert_eq!(framed[..5], [0, 0, 0, 0, 7], "magic byte, then the schema id big-endian");
@@ -421,7 +457,7 @@ mod tests {
 
     #[test]
     fn bad_records_are_refused_with_reasons() {
-        let events = AvroEvents::new(SCHEMA, Some(7)).unwrap();
+        let events = AvroEvents::new(SCHEMA, Some(7), None).unwrap();
         let good = events.encode(serde_json::json!({"dense": [1, 2], "label": 1})).unwrap();
         let out_of_range = events.encode(serde_json::json!({"dense": [1, 2], "label": 3})).unwrap();
         let other_id = [&[0, 0, 0, 0, 8][..], &good[5..]].concat();
@@ -462,7 +498,7 @@ mod tests {
             ),
         ];
         for (schema, want) in cases {
-            let err = AvroEvents::new(schema, None).unwrap_err();
+            let err = AvroEvents::new(schema, None, None).unwrap_err();
             assert!(err.contains(want), "{schema}: {err}");
         }
     }
@@ -499,14 +535,14 @@ mod tests {
         /// same JSON gives.
         #[test]
         fn apache_avro_encodings_decode_to_the_json_event(event in json_event()) {
-            let events = AvroEvents::new(SCHEMA, None).unwrap();
+            let events = AvroEvents::new(SCHEMA, None, None).unwrap();
             let want = featurizer().event(event.to_string().as_bytes()).unwrap();
             prop_assert_eq!(example(&events, &framed(SCHEMA, &event)).unwrap(), want);
         }
 
         #[test]
         fn other_field_types_decode_alike(dense in any::<[i16; 2]>(), label in any::<bool>(), micros in proptest::option::of(0i64..1 << 52)) {
-            let events = AvroEvents::new(OTHER_TYPES, None).unwrap();
+            let events = AvroEvents::new(OTHER_TYPES, None, None).unwrap();
             let dense = [dense[0] as f64 / 8.0, dense[1] as f64 / 8.0];
             let avro = serde_json::json!({"dense": dense, "sparse": {"a": "x", "b": "y"}, "label": u8::from(label), "ts": micros});
             let json = serde_json::json!({"dense": dense, "sparse": {"a": "x", "b": "y"}, "label": u8::from(label), "ts": micros.map(|m| m / 1000)});
@@ -518,7 +554,7 @@ mod tests {
         /// panic, never an allocation beyond the body's size.
         #[test]
         fn arbitrary_bodies_decode_or_fail(body in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let events = AvroEvents::new(SCHEMA, None).unwrap();
+            let events = AvroEvents::new(SCHEMA, None, None).unwrap();
             let _ = example(&events, &[&[0, 0, 0, 0, 1][..], &body].concat());
         }
     }

@@ -145,7 +145,7 @@ impl Featurizer {
     /// Bucket of `value` in field number `field`. Stable across versions and
     /// machines: FNV-1a, not the standard library's randomized hasher.
     pub fn bucket(&self, field: usize, value: &str) -> u32 {
-        self.buckets.of(field, [value.as_bytes()])
+        self.buckets.of(field, value.as_bytes())
     }
 
     /// Parses one prediction instance from a JSON value: the fixed
@@ -178,6 +178,19 @@ impl Featurizer {
         }
         let raw: RawEvent = serde_json::from_slice(bytes).map_err(json_error)?;
         self.example(raw)
+    }
+
+    /// A training event from an Avro body read through the declaration
+    /// by `plan` (compiled from it and the writer schema).
+    fn avro_event(&self, plan: &declared::avro::Plan, body: &[u8]) -> Result<Example, SchemaError> {
+        let declared = self.declared.as_ref().expect("a declared plan comes from a declaration");
+        let (features, label, ts) = declared.avro_event(plan, body, &self.buckets)?;
+        Ok(Example { features: self.declared_features(features)?, label: self.checked_label(label)?, ts })
+    }
+
+    /// The declaration, if the model has one.
+    pub fn declared(&self) -> Option<&declared::Declared> {
+        self.declared.as_deref()
     }
 
     /// Checks a parsed event (from JSON or Avro) and turns it into features.
@@ -246,17 +259,31 @@ impl Buckets {
         Buckets { fields: fields.to_vec(), seeds, count }
     }
 
-    /// The bucket of a value in field number `field`, the value given as
-    /// the parts it is joined from by U+001F (one part but for a cross).
-    pub(crate) fn of<'p>(&self, field: usize, parts: impl IntoIterator<Item = &'p [u8]>) -> u32 {
-        let mut h = self.seeds[field];
-        for (i, part) in parts.into_iter().enumerate() {
-            if i > 0 {
-                h = fnv1a(h, &[0x1f]);
+    /// The bucket of `value` in field number `field`.
+    pub(crate) fn of(&self, field: usize, value: &[u8]) -> u32 {
+        (fnv1a_finish(fnv1a(self.seeds[field], value)) % u64::from(self.count)) as u32
+    }
+
+    /// The buckets of a cross in field number `field`, into `ids`: every
+    /// combination of one value from each of `bags`, in order (the last
+    /// bag's value varying fastest), each hashed as [`Buckets::of`] hashes
+    /// its values joined by U+001F, without joining them.
+    pub(crate) fn cross(&self, field: usize, bags: &[&[impl AsRef<str>]], ids: &mut Vec<u32>) {
+        self.cross_from(self.seeds[field], bags, ids);
+    }
+
+    /// [`Buckets::cross`] from the hash state `h` of the parts before `bags`.
+    fn cross_from(&self, h: u64, bags: &[&[impl AsRef<str>]], ids: &mut Vec<u32>) {
+        let Some((first, rest)) = bags.split_first() else {
+            return ids.push((fnv1a_finish(h) % u64::from(self.count)) as u32);
+        };
+        for value in *first {
+            let h = fnv1a(h, value.as_ref().as_bytes());
+            match rest.is_empty() {
+                true => self.cross_from(h, rest, ids),
+                false => self.cross_from(fnv1a(h, &[0x1f]), rest, ids),
             }
-            h = fnv1a(h, part);
         }
-        (fnv1a_finish(h) % u64::from(self.count)) as u32
     }
 
     /// The bucket ids of a bag of field number `field`, its size and each
@@ -273,7 +300,7 @@ impl Buckets {
         if let Some(len) = values.clone().map(str::len).find(|&n| n > MAX_VALUE_BYTES) {
             return Err(SchemaError::ValueTooLong(name(), len));
         }
-        Ok(values.map(|v| self.of(field, [v.as_bytes()])).collect())
+        Ok(values.map(|v| self.of(field, v.as_bytes())).collect())
     }
 }
 
@@ -288,15 +315,16 @@ pub enum EventCodec {
 
 impl EventCodec {
     /// Reads the Avro writer schema when the format is Avro; a schema that
-    /// cannot carry events is an error here, at start-up.
-    pub fn new(k: &KafkaConfig) -> Result<EventCodec, String> {
+    /// cannot carry events (through `featurizer`'s declaration, if it has
+    /// one) is an error here, at start-up.
+    pub fn new(k: &KafkaConfig, featurizer: &Featurizer) -> Result<EventCodec, String> {
         match k.event_format {
             EventFormat::Json => Ok(EventCodec::Json),
             EventFormat::Avro => {
                 let path = &k.avro_schema;
                 let text =
                     std::fs::read_to_string(path).map_err(|e| format!("kafka.avro_schema {}: {e}", path.display()))?;
-                let events = avro::AvroEvents::new(&text, k.avro_schema_id)
+                let events = avro::AvroEvents::new(&text, k.avro_schema_id, featurizer.declared())
                     .map_err(|e| format!("kafka.avro_schema {}: {e}", path.display()))?;
                 Ok(EventCodec::Avro(Box::new(events)))
             }
@@ -331,7 +359,7 @@ impl EventCodec {
                 if bytes.len() > MAX_EVENT_BYTES {
                     return Err(SchemaError::EventTooLarge(bytes.len()));
                 }
-                featurizer.example(avro.decode(bytes)?)
+                avro.example(featurizer, bytes)
             }
         }
     }

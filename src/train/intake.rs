@@ -86,7 +86,7 @@ impl Intake {
         Ok(Intake {
             fetcher: Fetcher::new(consumer.clone(), &k.events_topic, progress),
             consumer,
-            events: EventCodec::new(k).map_err(anyhow::Error::msg)?,
+            events: EventCodec::new(k, model.featurizer()).map_err(anyhow::Error::msg)?,
             dead_letters: DeadLetters::new(&connection, config, metrics.clone())?,
             partitions: HashMap::new(),
             topic: k.events_topic.clone(),

@@ -84,7 +84,7 @@ fn avro_events_from_a_confluent_producer_are_learned_once_and_malformed_ones_dea
     assert_eq!(sent["sent"], 600);
 
     // Malformed, as a misconfigured or buggy producer writes them.
-    let avro = AvroEvents::new(&std::fs::read_to_string(&schema).unwrap(), Some(3)).unwrap();
+    let avro = AvroEvents::new(&std::fs::read_to_string(&schema).unwrap(), Some(3), None).unwrap();
     let good =
         avro.encode(serde_json::json!({"dense": vec![0.5; cluster.config.model.dense_dim], "label": 1})).unwrap();
     let bad: Vec<(Vec<u8>, &str)> = vec![

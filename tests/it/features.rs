@@ -78,52 +78,70 @@ fn declared_events_learn_the_weights_of_the_same_events_reshaped_by_hand_bit_for
     assert_ne!(declared.fingerprint(), fixed.fingerprint(), "a declaration is a setting of the model");
 }
 
-#[test]
-fn a_domain_stream_is_learned_once_by_two_replicas_and_what_it_cannot_read_goes_where_declared() {
-    let mut cluster = Cluster::new("features", ModelKind::Logistic);
+/// `domain_event(i)` with the value at `path` replaced.
+fn broken(i: usize, path: &[&str], value: Value) -> Value {
+    let mut e = domain_event(i);
+    let (last, parents) = path.split_last().unwrap();
+    let node = parents.iter().fold(&mut e, |v, k| &mut v[*k]);
+    node[*last] = value;
+    e
+}
+
+/// A cluster of the declared model.
+fn declared_cluster(name: &str) -> Cluster {
+    let mut cluster = Cluster::new(name, ModelKind::Logistic);
     let m = &mut cluster.config.model;
     m.features = toml::from_str(DECLARATION).unwrap();
     (m.dense_dim, m.sparse_fields) = (m.features.dense.len(), m.features.sparse_names());
-    // They are sent events and records the declaration must refuse.
+    cluster
+}
+
+/// Two replicas (under the memory cap: they are sent what the declaration
+/// refuses) learn `good` domain events, sent as `tributary produce` sends a
+/// team's JSON lines (each checked through the declaration, encoded as the
+/// topic's format), and the `refused` payloads sent as they are, after
+/// them: each good one learned once, equal digests, each refused one in
+/// the dead-letter topic naming its feature.
+fn two_replicas_learn(cluster: &Cluster, good: &[String], refused: &[(Vec<u8>, &str)]) -> [Replica; 2] {
     let replicas = [cluster.spawn_capped("r0"), cluster.spawn_capped("r1")];
     replicas.iter().for_each(Replica::wait_ready);
-    // The good events as `tributary produce` sends a team's JSON lines (it
-    // checks each through the same declaration), the refused ones as they are.
+    cluster.produce_lines(good, &Default::default());
+    cluster.produce_payloads(&refused.iter().map(|(event, _)| event.clone()).collect::<Vec<_>>());
+    // The refused ones come last: wait until every event is taken, then
+    // check that each good one was learned once.
+    let all = good.len() + refused.len();
+    for r in &replicas {
+        let info = wait_for(&format!("{} to take every event", r.id), LEARN_LIMIT, || {
+            r.info().filter(|info| watermark_sum(info) >= all as u64)
+        });
+        assert_eq!(watermark_sum(&info), all as u64, "{}: every event taken once: {info}", r.id);
+        assert_eq!(info["examples_learned"], good.len(), "{}: every good event learned once: {info}", r.id);
+    }
+    let infos = wait_at_one_version(&[&replicas[0], &replicas[1]], LEARN_LIMIT);
+    assert_eq!(infos[0]["weights_digest"], infos[1]["weights_digest"], "{infos:?}");
+    let letters = cluster.dead_letters(refused.len());
+    for (event, feature) in refused {
+        let letter = letters.iter().find(|(payload, _, _)| payload == event);
+        let (_, kind, reason) = letter.unwrap_or_else(|| panic!("{event:?} not dead-lettered: {letters:?}"));
+        assert_eq!(kind, "feature");
+        assert!(reason.contains(feature), "{reason}");
+    }
+    replicas
+}
+
+#[test]
+fn a_domain_stream_is_learned_once_by_two_replicas_and_what_it_cannot_read_goes_where_declared() {
+    let cluster = declared_cluster("features");
     let events: Vec<String> = (0..396).map(|i| domain_event(i).to_string()).collect();
     // What the declaration refuses, each naming its feature.
-    let broken = |i: usize, path: &[&str], value: Value| {
-        let mut e = domain_event(i);
-        let (last, parents) = path.split_last().unwrap();
-        let node = parents.iter().fold(&mut e, |v, k| &mut v[*k]);
-        node[*last] = value;
-        e.to_string()
-    };
     let bad = [
         (broken(1, &["price"], json!("cheap")), "\"price\""),
         (broken(2, &["clicked"], json!("maybe")), "\"label\""),
         (broken(3, &["event_time"], json!("yesterday")), "\"time\""),
         (broken(4, &["ad", "category"], Value::Null), "\"category\""),
     ];
-    cluster.produce_lines(&events, &Default::default());
-    cluster.produce_payloads(&bad.iter().map(|(event, _)| event.clone()).collect::<Vec<_>>());
-    // The refused ones come last: wait until every event is taken, then
-    // check that each good one was learned once.
-    for r in &replicas {
-        let info = wait_for(&format!("{} to take every event", r.id), LEARN_LIMIT, || {
-            r.info().filter(|info| watermark_sum(info) >= 400)
-        });
-        assert_eq!(watermark_sum(&info), 400, "{}: every event taken once: {info}", r.id);
-        assert_eq!(info["examples_learned"], 396, "{}: every good event learned once: {info}", r.id);
-    }
-    let infos = wait_at_one_version(&[&replicas[0], &replicas[1]], LEARN_LIMIT);
-    assert_eq!(infos[0]["weights_digest"], infos[1]["weights_digest"], "{infos:?}");
-    let letters = cluster.dead_letters(bad.len());
-    for (event, feature) in &bad {
-        let letter = letters.iter().find(|(payload, _, _)| payload == event.as_bytes());
-        let (_, kind, reason) = letter.unwrap_or_else(|| panic!("{event} not dead-lettered: {letters:?}"));
-        assert_eq!(kind, "feature");
-        assert!(reason.contains(feature), "{reason}");
-    }
+    let bad = bad.map(|(event, feature)| (event.to_string().into_bytes(), feature));
+    let replicas = two_replicas_learn(&cluster, &events, &bad);
     // A record predicts as a V1 instance and as V2's `record` input alike,
     // its unused fields ignored.
     let record = domain_event(7);
@@ -138,8 +156,43 @@ fn a_domain_stream_is_learned_once_by_two_replicas_and_what_it_cannot_read_goes_
     let (status, refused) = replicas[0].post(
         "/v1/models/default:predict",
         None,
-        &format!(r#"{{"instances": [{}]}}"#, broken(8, &["ad", "category"], Value::Null)),
+        &json!({"instances": [broken(8, &["ad", "category"], Value::Null)]}).to_string(),
     );
     assert_eq!(status, 400, "{refused}");
     assert!(refused["error"].as_str().unwrap().contains("instances[0]: feature \"category\""), "{refused}");
+}
+
+/// The team's writer schema of the same click events: nested records, a
+/// nullable one, an enum, fields no feature reads.
+const CLICK_SCHEMA: &str = r#"{"type": "record", "name": "Click", "namespace": "shop", "fields": [
+    {"name": "user", "type": {"type": "record", "name": "User", "fields": [
+        {"name": "id", "type": "string"}, {"name": "age", "type": ["null", "int"]}, {"name": "country", "type": "string"}]}},
+    {"name": "ad", "type": ["null", {"type": "record", "name": "Ad", "fields": [
+        {"name": "id", "type": "string"},
+        {"name": "category", "type": ["null", {"type": "enum", "name": "Category", "symbols": ["shoes", "books", "games", "tools"]}]}]}]},
+    {"name": "price", "type": "double"},
+    {"name": "hour", "type": "int"},
+    {"name": "clicked", "type": ["null", "boolean"]},
+    {"name": "event_time", "type": "string"},
+    {"name": "session", "type": "string"}
+]}"#;
+
+#[test]
+fn the_same_domain_stream_as_avro_of_its_own_writer_schema_is_learned_once_by_two_replicas() {
+    let mut cluster = declared_cluster("features-avro");
+    let schema = cluster.dir.path().join("click.avsc");
+    std::fs::write(&schema, CLICK_SCHEMA).unwrap();
+    let k = &mut cluster.config.kafka;
+    (k.event_format, k.avro_schema) = (tributary::config::EventFormat::Avro, schema);
+    let events: Vec<String> = (0..198).map(|i| domain_event(i).to_string()).collect();
+    // What fits the schema but not the declaration, encoded as any Avro
+    // producer would.
+    let model = tributary::model::Model::new(&cluster.config.model).unwrap();
+    let codec = tributary::event::EventCodec::new(&cluster.config.kafka, model.featurizer()).unwrap();
+    let encode = |e: Value| codec.encode(e.to_string().as_bytes()).unwrap().into_owned();
+    let bad = [
+        (encode(broken(2, &["clicked"], Value::Null)), "\"label\""),
+        (encode(broken(4, &["ad", "category"], Value::Null)), "\"category\""),
+    ];
+    two_replicas_learn(&cluster, &events, &bad);
 }

@@ -5,6 +5,7 @@
 //! what the fixed schema gives, so everything after (checks, hashing) is
 //! the same code.
 
+pub(super) mod avro;
 mod time;
 mod walk;
 
@@ -42,6 +43,32 @@ enum SparseSource {
     Slot(usize),
     /// The product of these earlier sparse features' bags.
     Cross(Vec<usize>),
+}
+
+/// What a declared path's value must be able to be, for its feature: a
+/// writer schema that can never give it is refused at start-up.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Need {
+    /// A dense value, a number cut at boundaries, a time in ms or s, a
+    /// label that is its own value.
+    Number,
+    /// An ISO 8601 time.
+    Text,
+    /// A label compared with its positive and negative values.
+    Scalar,
+    /// A category, or an array of them.
+    Category,
+}
+
+impl std::fmt::Display for Need {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Need::Number => "a number",
+            Need::Text => "a string",
+            Need::Scalar => "a boolean, number or string",
+            Need::Category => "a category (a string, number or boolean) or an array of them",
+        })
+    }
 }
 
 fn refused(name: &str, reason: impl Into<String>) -> SchemaError {
@@ -86,6 +113,50 @@ impl Declared {
             .and_then(|()| de.end())
             .map_err(|e| SchemaError::Json(e.to_string()))?;
         self.example(&slots, buckets)
+    }
+
+    /// The reader of Avro bodies of the writer schema `kind` (a record):
+    /// every declared path resolved, or the one that does not named.
+    pub(super) fn avro_plan(&self, kind: &avro::Kind) -> Result<avro::Plan, String> {
+        avro::Plan::compile(&self.tree, kind, "", &self.needs())
+    }
+
+    /// A training event from an Avro body, read by `plan`.
+    pub(super) fn avro_event(
+        &self,
+        plan: &avro::Plan,
+        body: &[u8],
+        buckets: &Buckets,
+    ) -> Result<(Features, f64, Option<i64>), SchemaError> {
+        let mut slots: Slots = vec![None; self.slots];
+        let mut r = super::avro::Reader { rest: body };
+        plan.read(&mut r, &mut slots)?;
+        if !r.rest.is_empty() {
+            return Err(super::avro::avro(format!("{} bytes after the record", r.rest.len())));
+        }
+        self.example(&slots, buckets)
+    }
+
+    /// Per slot, the feature reading it and what its value must be able
+    /// to be.
+    fn needs(&self) -> Vec<(String, Need)> {
+        let mut needs = vec![(String::new(), Need::Scalar); self.slots];
+        if let Some(label) = &self.spec.label {
+            needs[self.label_slot] =
+                ("label".into(), if label.positive.is_empty() { Need::Number } else { Need::Scalar });
+        }
+        if let (Some(time), Some(slot)) = (&self.spec.time, self.time_slot) {
+            needs[slot] = ("time".into(), if time.unit == TimeUnit::Iso8601 { Need::Text } else { Need::Number });
+        }
+        for (f, &slot) in self.spec.dense.iter().zip(&self.dense_slots) {
+            needs[slot] = (f.name.clone(), Need::Number);
+        }
+        for (f, source) in self.spec.sparse.iter().zip(&self.sparse_sources) {
+            if let SparseSource::Slot(slot) = source {
+                needs[*slot] = (f.name.clone(), if f.boundaries.is_empty() { Need::Category } else { Need::Number });
+            }
+        }
+        needs
     }
 
     /// A training event from what its reader put in `slots`.
@@ -235,22 +306,16 @@ fn crossed(
     bags: &[Bag],
     buckets: &Buckets,
 ) -> Result<Vec<u32>, SchemaError> {
-    let sizes: Vec<usize> = of.iter().map(|&at| bags[at].iter().len()).collect();
-    let combinations = sizes.iter().try_fold(1usize, |n, &size| n.checked_mul(size)).unwrap_or(usize::MAX);
-    if combinations > MAX_BAG {
-        return Err(refused(&f.name, format!("{combinations} combinations, at most {MAX_BAG}")));
+    let combinations = of.iter().try_fold(1usize, |n, &at| n.checked_mul(bags[at].values().len()));
+    match combinations.unwrap_or(usize::MAX) {
+        n if n > MAX_BAG => Err(refused(&f.name, format!("{n} combinations, at most {MAX_BAG}"))),
+        n => {
+            let mut ids = Vec::with_capacity(n);
+            let parts: Vec<&[Cow<str>]> = of.iter().map(|&at| bags[at].values()).collect();
+            buckets.cross(field, &parts, &mut ids);
+            Ok(ids)
+        }
     }
-    // The combinations in order, the last feature's value varying fastest.
-    Ok((0..combinations)
-        .map(|n| {
-            let mut rest = n;
-            let mut picks = vec![0; of.len()];
-            for (pick, size) in picks.iter_mut().zip(&sizes).rev() {
-                (*pick, rest) = (rest % size, rest / size);
-            }
-            buckets.of(field, of.iter().zip(&picks).map(|(&at, &i)| bags[at].values()[i].as_bytes()))
-        })
-        .collect())
 }
 
 fn matches_scalar(s: &Scalar, v: &Leaf<'_>) -> bool {

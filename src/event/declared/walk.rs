@@ -32,8 +32,23 @@ impl Node {
         node.slots.push(slot);
     }
 
-    fn child(&self, key: &str) -> Option<&Node> {
-        self.children.iter().find(|(k, _)| k == key).map(|(_, n)| n)
+    pub(super) fn child(&self, key: &str) -> Option<&Node> {
+        // Most of an event's keys are no path's: told apart by length and
+        // first byte before a comparison of the whole key (a call).
+        let first = key.as_bytes().first();
+        let found =
+            self.children.iter().find(|(k, _)| k.len() == key.len() && k.as_bytes().first() == first && k == key);
+        found.map(|(_, n)| n)
+    }
+
+    /// The slots this key's value fills (a leaf's).
+    pub(super) fn slots(&self) -> &[usize] {
+        &self.slots
+    }
+
+    /// The keys walked into below this one (a branch's).
+    pub(super) fn children(&self) -> &[(String, Node)] {
+        &self.children
     }
 }
 
