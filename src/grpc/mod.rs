@@ -88,7 +88,7 @@ impl InferenceService {
         let inputs = tensors(request.inputs, request.raw_input_contents)?;
         let snap = self.predictor.serving.load();
         let c = snap.model.config();
-        let instances = tensor::instances(&inputs, c.dense_dim, &c.sparse_fields, self.predictor.max_batch)?;
+        let instances = tensor::instances(&inputs, tensor::ModelInputs::of(c), self.predictor.max_batch)?;
         let predictions = self.predictor.predict_rows(&snap, instances)?;
         let n = predictions.len() as i64;
         Ok(proto::ModelInferResponse {
@@ -248,7 +248,9 @@ mod tests {
     fn instances(encoded: &[u8]) -> Result<usize, String> {
         let request = proto::ModelInferRequest::decode(encoded).map_err(|e| e.to_string())?;
         let inputs = tensors(request.inputs, request.raw_input_contents).map_err(|e| e.to_string())?;
-        tensor::instances(&inputs, 2, &["tags".to_string()], MAX_ROWS).map(|rows| rows.len()).map_err(|e| e.to_string())
+        tensor::instances(&inputs, tensor::ModelInputs::Fixed { dense_dim: 2, fields: &["tags".to_string()] }, MAX_ROWS)
+            .map(|rows| rows.len())
+            .map_err(|e| e.to_string())
     }
 
     /// `inputs` as a request, with typed contents or raw ones.

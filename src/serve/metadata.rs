@@ -4,6 +4,7 @@
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use super::tensor::ModelInputs;
 use super::Predictor;
 
 /// The one output every model has.
@@ -49,13 +50,9 @@ impl ModelMetadata {
     pub fn of(predictor: &Predictor) -> ModelMetadata {
         let snap = predictor.serving.load();
         let c = snap.model.config();
-        let mut inputs =
-            vec![TensorMetadata { name: "dense".into(), datatype: "FP32", shape: vec![-1, c.dense_dim as i64] }];
-        inputs.extend(c.sparse_fields.iter().map(|f| TensorMetadata {
-            name: f.clone(),
-            datatype: "BYTES",
-            shape: vec![-1, -1],
-        }));
+        let inputs = (ModelInputs::of(c).listed().into_iter())
+            .map(|(name, datatype, shape)| TensorMetadata { name, datatype, shape })
+            .collect();
         let kind = serde_json::to_value(c.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
         ModelMetadata {
             name: predictor.model_name.to_string(),

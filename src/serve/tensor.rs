@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde_json::{Number, Value};
 
 use super::ServeError;
+use crate::config::{FeaturesConfig, ModelConfig};
 
 /// An input tensor's elements, row-major.
 #[derive(Debug, PartialEq)]
@@ -96,11 +97,86 @@ impl Elements {
     }
 }
 
-/// What one input is to the model, decided from its name and datatype.
+/// The inputs a model takes, by name.
+#[derive(Clone, Copy)]
+pub enum ModelInputs<'a> {
+    /// The fixed schema's: `dense` FP32 `[N, dense_dim]`, and each sparse
+    /// field BYTES `[N]` or `[N, K]`.
+    Fixed { dense_dim: usize, fields: &'a [String] },
+    /// One per declared feature (its crosses are made from them): a number
+    /// (a dense feature, or one cut at boundaries) FP32 `[N]`, a category
+    /// BYTES `[N]` or `[N, K]`.
+    Declared(&'a FeaturesConfig),
+}
+
+impl ModelInputs<'_> {
+    pub fn of(model: &ModelConfig) -> ModelInputs<'_> {
+        match model.features.is_declared() {
+            true => ModelInputs::Declared(&model.features),
+            false => ModelInputs::Fixed { dense_dim: model.dense_dim, fields: &model.sparse_fields },
+        }
+    }
+
+    /// The inputs the model takes, in order, with the datatype and shape
+    /// (-1: any length) each is sent as.
+    pub fn listed(&self) -> Vec<(String, &'static str, Vec<i64>)> {
+        match self {
+            ModelInputs::Fixed { dense_dim, fields } => {
+                let sparse = fields.iter().map(|f| (f.clone(), "BYTES", vec![-1, -1]));
+                std::iter::once(("dense".to_string(), "FP32", vec![-1, *dense_dim as i64])).chain(sparse).collect()
+            }
+            ModelInputs::Declared(spec) => {
+                let numbers = spec.dense.iter().map(|f| (&f.name, true));
+                let sparse = spec.sparse.iter().filter(|f| f.cross.is_empty());
+                (numbers.chain(sparse.map(|f| (&f.name, !f.boundaries.is_empty()))))
+                    .map(|(name, number)| match number {
+                        true => (name.clone(), "FP32", vec![-1]),
+                        false => (name.clone(), "BYTES", vec![-1, -1]),
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// What the input `name` is to the model.
+    fn role(&self, name: &str) -> Result<Role, ServeError> {
+        let unknown = || {
+            let takes: Vec<String> = self.listed().into_iter().map(|(name, ..)| name).collect();
+            Err(ServeError::BadRequest(format!(
+                "unknown input {name:?}; the model takes {takes:?}, or \"{RECORD}\" alone"
+            )))
+        };
+        match self {
+            ModelInputs::Fixed { dense_dim, .. } if name == "dense" => Ok(Role::Dense(*dense_dim)),
+            ModelInputs::Fixed { fields, .. } if fields.iter().any(|f| f == name) => Ok(Role::Sparse),
+            ModelInputs::Fixed { .. } => unknown(),
+            ModelInputs::Declared(spec) => {
+                if spec.dense.iter().any(|f| f.name == name) {
+                    return Ok(Role::Number);
+                }
+                match spec.sparse.iter().find(|f| f.name == name) {
+                    Some(f) if !f.cross.is_empty() => Err(ServeError::BadRequest(format!(
+                        "input {name:?} is a cross, made from {:?}: send those",
+                        f.cross
+                    ))),
+                    Some(f) if !f.boundaries.is_empty() => Ok(Role::Number),
+                    Some(_) => Ok(Role::Sparse),
+                    None => unknown(),
+                }
+            }
+        }
+    }
+}
+
+/// What one input is to the model, decided from its name.
 #[derive(Clone, Copy, PartialEq)]
 enum Role {
-    Dense,
+    /// The fixed schema's dense values, `[N, width]`.
+    Dense(usize),
+    /// Categories: `[N]`, or `[N, K]` bags padded with empty strings.
     Sparse,
+    /// One number per row: `[N]` or `[N, 1]`.
+    Number,
 }
 
 /// An input whose shape has been checked against its data and the limits:
@@ -117,24 +193,15 @@ struct Checked<'a> {
 /// first dimension is the batch's `rows`. Only then may a caller allocate
 /// per row: the rows are at most `max_rows`, and the elements are backed
 /// by the request's bytes.
-fn check<'a>(input: &'a Tensor, rows: usize, dense_dim: usize, fields: &[String]) -> Result<Checked<'a>, ServeError> {
+fn check<'a>(input: &'a Tensor, rows: usize, model: ModelInputs) -> Result<Checked<'a>, ServeError> {
     let name = &input.name;
     let bad = |msg: String| Err(ServeError::BadRequest(format!("input {name:?}: {msg}")));
-    let role = if name == "dense" {
-        if !matches!(input.datatype.as_str(), "FP32" | "FP64") {
-            return bad(format!("datatype {}; use FP32", input.datatype));
-        }
-        Role::Dense
-    } else if fields.iter().any(|f| f == name) {
-        if input.datatype != "BYTES" {
-            return bad(format!("datatype {}; sparse fields are BYTES", input.datatype));
-        }
-        Role::Sparse
-    } else {
-        return Err(ServeError::BadRequest(format!(
-            "unknown input {name:?}; the model takes \"dense\" and {fields:?}, or \"{RECORD}\" alone"
-        )));
-    };
+    let role = model.role(name)?;
+    match (role, input.datatype.as_str()) {
+        (Role::Dense(_) | Role::Number, "FP32" | "FP64") | (Role::Sparse, "BYTES") => {}
+        (Role::Sparse, other) => return bad(format!("datatype {other}; categories are BYTES")),
+        (_, other) => return bad(format!("datatype {other}; use FP32")),
+    }
     let shape = &input.shape;
     let Ok(dims) = shape.iter().map(|&d| usize::try_from(d)).collect::<Result<Vec<usize>, _>>() else {
         return bad(format!("shape {shape:?} has a negative dimension"));
@@ -143,10 +210,13 @@ fn check<'a>(input: &'a Tensor, rows: usize, dense_dim: usize, fields: &[String]
         return bad(format!("shape {shape:?}; every input's first dimension is the batch size {rows}"));
     }
     match role {
-        Role::Dense if dims.len() != 2 || dims[1] != dense_dim => {
-            return bad(format!("shape {shape:?}; the model takes [N, {dense_dim}]"));
+        Role::Dense(width) if dims.len() != 2 || dims[1] != width => {
+            return bad(format!("shape {shape:?}; the model takes [N, {width}]"));
         }
         Role::Sparse if dims.len() > 2 => return bad(format!("shape {shape:?}; use [N] or [N, K]")),
+        Role::Number if dims.len() > 2 || dims.get(1).is_some_and(|&d| d != 1) => {
+            return bad(format!("shape {shape:?}; use [N] or [N, 1]"));
+        }
         _ => {}
     }
     let count = input.elements.count();
@@ -204,17 +274,20 @@ impl Rows {
 }
 
 /// The rows the tensors describe: either a `record` input alone, BYTES
-/// `[N]`, each a JSON object; or `dense`, FP32 (or FP64) `[N, dense_dim]`,
-/// and each sparse field, BYTES `[N]` or `[N, K]` (a bag padded with empty
-/// strings). Every input is checked ([`check`]) before any is turned into
-/// rows, so a shape the data does not back, or more than `max_rows` rows,
-/// is refused before anything is allocated from it.
-pub fn instances(inputs: &[Tensor], dense_dim: usize, fields: &[String], max_rows: usize) -> Result<Rows, ServeError> {
+/// `[N]`, each a JSON object; or the model's inputs ([`ModelInputs`]).
+/// Every input is checked ([`check`]) before any is turned into rows, so a
+/// shape the data does not back, or more than `max_rows` rows, is refused
+/// before anything is allocated from it.
+pub fn instances(inputs: &[Tensor], model: ModelInputs, max_rows: usize) -> Result<Rows, ServeError> {
     let rows = rows(inputs, max_rows)?;
     if inputs.iter().any(|i| i.name == RECORD) {
         return records(inputs, rows).map(Rows::Records);
     }
-    fixed(inputs, rows, dense_dim, fields).map(Rows::Fixed)
+    let checked = inputs.iter().map(|input| check(input, rows, model)).collect::<Result<Vec<_>, _>>()?;
+    match model {
+        ModelInputs::Fixed { .. } => fixed(checked, rows).map(Rows::Fixed),
+        ModelInputs::Declared(spec) => declared(checked, rows, spec).map(Rows::Records),
+    }
 }
 
 /// The `record` input's rows, parsed.
@@ -237,24 +310,71 @@ fn records(inputs: &[Tensor], rows: usize) -> Result<Vec<Value>, ServeError> {
         .collect()
 }
 
+impl Checked<'_> {
+    /// Row `r`'s elements as JSON values.
+    fn row(&self, r: usize) -> Result<Vec<Value>, ServeError> {
+        let name = &self.input.name;
+        (r * self.width..(r + 1) * self.width).map(|i| self.input.elements.json(i, name)).collect()
+    }
+
+    /// Row `r` as the value an instance holds: a bag (padding dropped) of
+    /// categories, the array of dense values, or the one number.
+    fn value(&self, r: usize) -> Result<Value, ServeError> {
+        let row = self.row(r)?;
+        Ok(match self.role {
+            Role::Sparse => Value::Array(row.into_iter().filter(|v| v.as_str() != Some("")).collect()),
+            Role::Dense(_) => Value::Array(row),
+            Role::Number => row.into_iter().next().unwrap_or_default(),
+        })
+    }
+}
+
+/// Records from the declared features' inputs: each input's value at its
+/// feature's path, so that the declaration reads them as it reads events.
+fn declared(checked: Vec<Checked>, rows: usize, spec: &FeaturesConfig) -> Result<Vec<Value>, ServeError> {
+    let path = |name: &str| {
+        let dense = spec.dense.iter().find(|f| f.name == name).map(|f| f.path.as_str());
+        dense.or_else(|| spec.sparse.iter().find(|f| f.name == name).map(|f| f.path.as_str())).unwrap_or_default()
+    };
+    let paths: Vec<&str> = checked.iter().map(|c| path(&c.input.name)).collect();
+    if let Some(i) = (1..paths.len()).find(|&i| paths[..i].contains(&paths[i])) {
+        let first = &checked[paths.iter().position(|p| *p == paths[i]).unwrap_or_default()].input.name;
+        let msg = format!("inputs {first:?} and {:?} both read {:?}: send one", checked[i].input.name, paths[i]);
+        return Err(ServeError::BadRequest(msg));
+    }
+    let mut records = vec![Value::Object(serde_json::Map::new()); rows];
+    for (input, path) in checked.iter().zip(&paths) {
+        for (r, record) in records.iter_mut().enumerate() {
+            set(record, path, input.value(r)?);
+        }
+    }
+    Ok(records)
+}
+
+/// Puts `value` at the dotted `path` of `record`, making the objects on
+/// the way. (No path of a declaration walks into another's value, and no
+/// two inputs give one path, so each key on the way is an object's.)
+fn set(record: &mut Value, path: &str, value: Value) {
+    let mut node = record;
+    let mut keys = path.split('.').peekable();
+    while let (Some(key), Value::Object(map)) = (keys.next(), node) {
+        if keys.peek().is_none() {
+            map.insert(key.to_string(), value);
+            return;
+        }
+        node = map.entry(key).or_insert_with(|| Value::Object(serde_json::Map::new()));
+    }
+}
+
 /// The fixed schema's instances from the model's inputs.
-fn fixed(inputs: &[Tensor], rows: usize, dense_dim: usize, fields: &[String]) -> Result<Vec<Value>, ServeError> {
-    let checked = inputs.iter().map(|input| check(input, rows, dense_dim, fields)).collect::<Result<Vec<_>, _>>()?;
+fn fixed(checked: Vec<Checked>, rows: usize) -> Result<Vec<Value>, ServeError> {
     let mut dense: Option<Vec<Value>> = None;
     let mut sparse: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
-    for Checked { input, role, width } in checked {
-        let name = &input.name;
-        let row = |r: usize| -> Result<Vec<Value>, ServeError> {
-            (r * width..(r + 1) * width).map(|i| input.elements.json(i, name)).collect()
-        };
-        match role {
-            Role::Dense => dense = Some((0..rows).map(|r| row(r).map(Value::Array)).collect::<Result<_, _>>()?),
-            Role::Sparse => {
-                let bag = |r: usize| -> Result<Value, ServeError> {
-                    Ok(Value::Array(row(r)?.into_iter().filter(|v| v.as_str() != Some("")).collect()))
-                };
-                sparse.insert(name, (0..rows).map(bag).collect::<Result<_, _>>()?);
-            }
+    for input in &checked {
+        let values = (0..rows).map(|r| input.value(r)).collect::<Result<_, _>>()?;
+        match input.role {
+            Role::Sparse => drop(sparse.insert(&input.input.name, values)),
+            _ => dense = Some(values),
         }
     }
     Ok((0..rows)
@@ -383,8 +503,14 @@ pub(crate) mod tests {
             ),
         ];
         let fields = ["tags".to_string()];
-        assert_eq!(instances(&as_json, 2, &fields, 64).unwrap(), Rows::Fixed(want.clone()));
-        assert_eq!(instances(&as_raw, 2, &fields, 64).unwrap(), Rows::Fixed(want));
+        assert_eq!(
+            instances(&as_json, ModelInputs::Fixed { dense_dim: 2, fields: &fields }, 64).unwrap(),
+            Rows::Fixed(want.clone())
+        );
+        assert_eq!(
+            instances(&as_raw, ModelInputs::Fixed { dense_dim: 2, fields: &fields }, 64).unwrap(),
+            Rows::Fixed(want)
+        );
     }
 
     #[test]
@@ -400,10 +526,12 @@ pub(crate) mod tests {
             assert!(err.contains(want) && err.contains("\"x\""), "{datatype} {raw:?}: {err}");
         }
         let nan = tensor("dense", "FP32", &[1, 2], Elements::Fp32(vec![1.0, f32::NAN]));
-        let err = instances(&[nan], 2, &[], 64).unwrap_err().to_string();
+        let err = instances(&[nan], ModelInputs::Fixed { dense_dim: 2, fields: &[] }, 64).unwrap_err().to_string();
         assert!(err.contains("not a finite number"), "{err}");
         let not_utf8 = tensor("tags", "BYTES", &[1], Elements::Bytes(vec![vec![0xff]]));
-        let err = instances(&[not_utf8], 2, &["tags".into()], 64).unwrap_err().to_string();
+        let err = instances(&[not_utf8], ModelInputs::Fixed { dense_dim: 2, fields: &["tags".into()] }, 64)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not UTF-8"), "{err}");
     }
 
@@ -419,9 +547,53 @@ pub(crate) mod tests {
             (tensor("dense", "FP32", &[-1, 2], json(&[])), "negative"),
         ];
         for (t, want) in cases {
-            let err = instances(&[t], 2, &["tags".into()], 64).unwrap_err().to_string();
+            let err = instances(&[t], ModelInputs::Fixed { dense_dim: 2, fields: &["tags".into()] }, 64)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "{err}");
         }
+    }
+
+    #[test]
+    fn declared_features_are_inputs_of_their_own_made_into_the_records_they_read() {
+        let spec: FeaturesConfig = toml::from_str(
+            r#"
+            label = { path = "clicked" }
+            dense = [{ name = "price", path = "price" }, { name = "age", path = "user.age" }]
+            sparse = [{ name = "user", path = "user.id" }, { name = "tags", path = "ad.tags" },
+                      { name = "hour", path = "hour", boundaries = [6, 12] },
+                      { name = "user_x_hour", cross = ["user", "hour"] }]
+            "#,
+        )
+        .unwrap();
+        let model = ModelInputs::Declared(&spec);
+        let listed: Vec<(String, &str, Vec<i64>)> = model.listed();
+        let names: Vec<&str> = listed.iter().map(|(n, ..)| n.as_str()).collect();
+        assert_eq!(names, ["price", "age", "user", "tags", "hour"], "every feature but the cross");
+        assert_eq!((listed[4].1, &listed[4].2), ("FP32", &vec![-1]), "a number cut at boundaries is sent whole");
+        let inputs = [
+            tensor("price", "FP32", &[2], Elements::Fp32(vec![1.5, 2.0])),
+            tensor("age", "FP64", &[2, 1], Elements::Fp64(vec![40.0, 41.0])),
+            tensor("user", "BYTES", &[2], Elements::Bytes(vec![b"u1".to_vec(), b"u2".to_vec()])),
+            tensor(
+                "tags",
+                "BYTES",
+                &[2, 2],
+                Elements::Bytes(vec![b"a".to_vec(), b"".to_vec(), b"b".to_vec(), b"c".to_vec()]),
+            ),
+        ];
+        let want = vec![
+            json!({"price": 1.5, "user": {"age": 40.0, "id": ["u1"]}, "ad": {"tags": ["a"]}}),
+            json!({"price": 2.0, "user": {"age": 41.0, "id": ["u2"]}, "ad": {"tags": ["b", "c"]}}),
+        ];
+        assert_eq!(instances(&inputs, model, 64).unwrap(), Rows::Records(want));
+        let refused = |inputs: &[Tensor]| instances(inputs, model, 64).unwrap_err().to_string();
+        let user = || tensor("user", "BYTES", &[1], Elements::Bytes(vec![b"u1".to_vec()]));
+        assert!(refused(&[tensor("user_x_hour", "BYTES", &[1], Elements::Bytes(vec![]))]).contains("is a cross"));
+        assert!(refused(&[tensor("dense", "FP32", &[1, 2], Elements::Fp32(vec![1.0, 2.0]))]).contains("unknown input"));
+        assert!(refused(&[tensor("hour", "FP32", &[1, 2], Elements::Fp32(vec![1.0, 2.0]))]).contains("[N, 1]"));
+        assert!(refused(&[tensor("hour", "BYTES", &[1], Elements::Bytes(vec![b"9".to_vec()]))]).contains("use FP32"));
+        assert!(refused(&[user(), user()]).contains("both read \"user.id\""));
     }
 
     #[test]
@@ -430,7 +602,12 @@ pub(crate) mod tests {
             let rows = texts.len() as i64;
             tensor(RECORD, "BYTES", &[rows], Elements::Json(texts.iter().map(|t| json!(t)).collect()))
         };
-        let rows = instances(&[records(&[r#"{"user": "u7", "price": 1}"#])], 2, &[], 64).unwrap();
+        let rows = instances(
+            &[records(&[r#"{"user": "u7", "price": 1}"#])],
+            ModelInputs::Fixed { dense_dim: 2, fields: &[] },
+            64,
+        )
+        .unwrap();
         assert_eq!(rows, Rows::Records(vec![json!({"user": "u7", "price": 1})]));
         let dense = tensor("dense", "FP32", &[1, 2], Elements::Json(vec![json!(1), json!(2)]));
         let cases = [
@@ -439,7 +616,7 @@ pub(crate) mod tests {
             (vec![records(&["[1]"])], "not a JSON object"),
         ];
         for (inputs, want) in cases {
-            let err = instances(&inputs, 2, &[], 64).unwrap_err().to_string();
+            let err = instances(&inputs, ModelInputs::Fixed { dense_dim: 2, fields: &[] }, 64).unwrap_err().to_string();
             assert!(err.contains(want), "{err}");
         }
     }

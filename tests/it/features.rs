@@ -153,6 +153,23 @@ fn a_domain_stream_is_learned_once_by_two_replicas_and_what_it_cannot_read_goes_
     let (status, v2) = replicas[0].post("/v2/models/default/infer", None, &infer.to_string());
     assert_eq!(status, 200, "{v2}");
     assert_eq!(v2["outputs"][0]["data"][0], v1["predictions"][0], "{v1} {v2}");
+    // And as V2's inputs of the declared features, one per feature, the
+    // cross made from them: the inputs the model's metadata lists.
+    let (status, metadata) = replicas[0].get("/v2/models/default").unwrap();
+    assert_eq!(status, 200, "{metadata}");
+    let metadata: Value = serde_json::from_str(&metadata).unwrap();
+    let listed: Vec<&str> =
+        metadata["inputs"].as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap()).collect();
+    assert_eq!(listed, ["price", "age", "user", "category", "hour"], "{metadata}");
+    let input = |name: &str, datatype: &str, value: &Value| json!({"name": name, "shape": [1], "datatype": datatype, "data": [value]});
+    let features = json!({"inputs": [
+        input("price", "FP32", &record["price"]), input("age", "FP32", &record["user"]["age"]),
+        input("user", "BYTES", &record["user"]["id"]), input("category", "BYTES", &record["ad"]["category"]),
+        input("hour", "FP32", &record["hour"]),
+    ]});
+    let (status, by_feature) = replicas[0].post("/v2/models/default/infer", None, &features.to_string());
+    assert_eq!(status, 200, "{by_feature}");
+    assert_eq!(by_feature["outputs"][0]["data"][0], v1["predictions"][0], "{v1} {by_feature}");
     let (status, refused) = replicas[0].post(
         "/v1/models/default:predict",
         None,

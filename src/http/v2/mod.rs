@@ -166,7 +166,7 @@ pub async fn infer(
     let binary_output = wants_binary_output(&request)?;
     let snap = state.predictor.serving.load();
     let c = snap.model.config();
-    let instances = tensor::instances(&inputs, c.dense_dim, &c.sparse_fields, state.predictor.max_batch)?;
+    let instances = tensor::instances(&inputs, tensor::ModelInputs::of(c), state.predictor.max_batch)?;
     let predictions = state.predictor.predict_rows(&snap, instances)?;
     let n = predictions.len() as i64;
     let mut output = InferOutput { name: OUTPUT, datatype: "FP32", shape: vec![n], data: None, parameters: None };
@@ -263,7 +263,9 @@ mod tests {
     fn instances(body: &[u8], headers: &HeaderMap) -> Result<usize, String> {
         let (_, inputs) = parse_request(body, headers).map_err(|e| e.to_string())?;
         let fields = ["tags".to_string()];
-        tensor::instances(&inputs, 2, &fields, MAX_ROWS).map(|rows| rows.len()).map_err(|e| e.to_string())
+        tensor::instances(&inputs, tensor::ModelInputs::Fixed { dense_dim: 2, fields: &fields }, MAX_ROWS)
+            .map(|rows| rows.len())
+            .map_err(|e| e.to_string())
     }
 
     /// The body of `inputs` with JSON `data`.
