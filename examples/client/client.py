@@ -9,8 +9,16 @@
            the V2 ones also gzip-compressed; prints the answers as one JSON
            object
 
+  clicks   N of a team's own click events as JSON lines on stdout, for
+           `tributary produce` (examples/domain/tributary.toml reads them)
+
 The events and instances follow the model the replica serves: its V2 model
-metadata names the dense width and the sparse fields.
+metadata names the dense width and the sparse fields, or, for a model of
+declared features (examples/domain/tributary.toml), the features; then the
+events sent are the team's click events (JSON, or Avro with
+--avro-schema examples/domain/click.avsc), and the predictions are made from
+the same records: V1 instances, V2's `record` input, and V2's inputs per
+declared feature.
 
   python examples/client/client.py send --http 127.0.0.1:8080 --brokers 127.0.0.1:9092 --topic events
   python examples/client/client.py predict --http 127.0.0.1:8080 --grpc 127.0.0.1:8001
@@ -28,12 +36,53 @@ import numpy as np
 
 
 def model_inputs(http, model):
-    """(dense width, sparse field names) from the replica's V2 model metadata."""
+    """(dense width, sparse field names) from the replica's V2 model metadata;
+    None for a model of declared features (it has no "dense" input)."""
     with urllib.request.urlopen(f"http://{http}/v2/models/{model}") as r:
         meta = json.load(r)
-    dense = next(i for i in meta["inputs"] if i["name"] == "dense")
+    dense = next((i for i in meta["inputs"] if i["name"] == "dense"), None)
+    if dense is None:
+        return None
     fields = [i["name"] for i in meta["inputs"] if i["name"] != "dense"]
     return dense["shape"][1], fields
+
+
+# examples/domain/tributary.toml's features: where each is in a click event.
+CLICK_FEATURES = {
+    "price": ("price",),
+    "age": ("user", "age"),
+    "user": ("user", "id"),
+    "country": ("user", "country"),
+    "category": ("ad", "category"),
+    "tags": ("ad", "tags"),
+    "hour": ("hour",),
+}
+
+
+def make_click(rng):
+    """One of a team's click events, as their producers write it: clicks lean
+    on the category, the user's country and the hour."""
+    user = rng.randrange(200)
+    category = rng.choice(["shoes", "books", "games", "tools", "garden"])
+    hour = rng.randrange(24)
+    country = ["de", "fr", "us"][user % 3]
+    score = -1.0 + (1.2 if category == "games" else 0.0) + (0.8 if country == "fr" else 0.0) + (0.6 if hour >= 18 else 0.0)
+    return {
+        "user": {"id": f"u{user}", "age": None if user % 10 == 0 else 18 + user % 50, "country": country},
+        "ad": {"id": f"a{rng.randrange(40)}", "category": category, "tags": rng.sample(["red", "sale", "new", "eco"], 2)},
+        "price": round(rng.uniform(1, 100), 2),
+        "hour": hour,
+        "clicked": rng.random() < 1 / (1 + pow(2.718281828, -score)),
+        "event_time": int(time.time() * 1000),
+        "session": f"s{rng.randrange(10**6)}",
+    }
+
+
+def feature(record, name):
+    value = record
+    for key in CLICK_FEATURES[name]:
+        value = value[key]
+    return value
 
 
 def make_event(rng, dense_dim, fields):
@@ -63,15 +112,16 @@ def avro_framing(schema_file, schema_id):
 def send(args):
     from confluent_kafka import Producer
 
-    dense_dim, fields = model_inputs(args.http, args.model)
+    inputs = model_inputs(args.http, args.model)
     rng = random.Random(args.seed)
+    make = (lambda: make_click(rng)) if inputs is None else (lambda: make_event(rng, *inputs))
     if args.avro_schema:
         encode = avro_framing(args.avro_schema, args.schema_id)
     else:
         encode = lambda event: json.dumps(event).encode()
     producer = Producer({"bootstrap.servers": args.brokers, "enable.idempotence": True})
     for _ in range(args.events):
-        producer.produce(args.topic, encode(make_event(rng, dense_dim, fields)))
+        producer.produce(args.topic, encode(make()))
         producer.poll(0)
     left = producer.flush(30)
     if left:
@@ -79,23 +129,72 @@ def send(args):
     print(json.dumps({"sent": args.events}))
 
 
-def predict(args):
-    import tritonclient.grpc as grpcclient
-    import tritonclient.http as httpclient
-
-    dense_dim, fields = model_inputs(args.http, args.model)
-    rng = random.Random(args.seed + 1)
-    events = [make_event(rng, dense_dim, fields) for _ in range(args.rows)]
-    instances = [{"dense": e["dense"], "sparse": e["sparse"]} for e in events]
-
-    # V1: JSON instances.
+def predict_v1(args, instances):
+    """V1: JSON instances."""
     request = urllib.request.Request(
         f"http://{args.http}/v1/models/{args.model}:predict",
         data=json.dumps({"instances": instances}).encode(),
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request) as r:
-        v1 = json.load(r)["predictions"]
+        return json.load(r)["predictions"]
+
+
+def predict_clicks(args):
+    """A model of declared features: the same click records through V1, V2's
+    `record` input and V2's inputs per feature, over HTTP and gRPC."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    rng = random.Random(args.seed + 1)
+    records = [make_click(rng) for _ in range(args.rows)]
+    for r in records:
+        del r["clicked"], r["event_time"]  # not known at prediction time
+    v1 = predict_v1(args, records)
+
+    def record_input(client):
+        data = np.array([json.dumps(r).encode() for r in records], dtype=np.object_)
+        t = client.InferInput("record", [len(records)], "BYTES")
+        t.set_data_from_numpy(data)
+        return [t]
+
+    def feature_inputs(client, listed):
+        inputs = []
+        for i in listed:
+            values = [feature(r, i["name"]) for r in records]
+            if i["datatype"] == "FP32":  # NaN: missing, the feature's default
+                data = np.array([[float("nan") if v is None else v] for v in values], dtype=np.float32)
+            else:
+                bags = [v if isinstance(v, list) else [v] for v in values]
+                width = max(len(b) for b in bags)
+                data = np.array([[x.encode() for x in b] + [b""] * (width - len(b)) for b in bags], dtype=np.object_)
+            inputs.append(client.InferInput(i["name"], list(data.shape), i["datatype"]))
+            inputs[-1].set_data_from_numpy(data)
+        return inputs
+
+    answers = {"v1": v1}
+    with httpclient.InferenceServerClient(args.http) as c:
+        listed = c.get_model_metadata(args.model)["inputs"]
+        answers["v2_http_record"] = c.infer(args.model, record_input(httpclient)).as_numpy("predictions")
+        answers["v2_http_features"] = c.infer(args.model, feature_inputs(httpclient, listed)).as_numpy("predictions")
+    c = grpcclient.InferenceServerClient(args.grpc)
+    answers["v2_grpc_record"] = c.infer(args.model, record_input(grpcclient)).as_numpy("predictions")
+    answers["v2_grpc_features"] = c.infer(args.model, feature_inputs(grpcclient, listed)).as_numpy("predictions")
+    c.close()
+    print(json.dumps({k: [float(p) for p in v] for k, v in answers.items()} | {"inputs": [i["name"] for i in listed]}))
+
+
+def predict(args):
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    inputs = model_inputs(args.http, args.model)
+    if inputs is None:
+        return predict_clicks(args)
+    dense_dim, fields = inputs
+    rng = random.Random(args.seed + 1)
+    events = [make_event(rng, dense_dim, fields) for _ in range(args.rows)]
+    v1 = predict_v1(args, [{"dense": e["dense"], "sparse": e["sparse"]} for e in events])
 
     # V2: a [rows, dense_dim] FP32 tensor, and per sparse field a [rows, K]
     # BYTES tensor of the bags, padded with empty strings.
@@ -136,9 +235,15 @@ def predict(args):
     }))
 
 
+def clicks(args):
+    rng = random.Random(args.seed)
+    for _ in range(args.events):
+        print(json.dumps(make_click(rng)))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["send", "predict"])
+    p.add_argument("command", choices=["send", "predict", "clicks"])
     p.add_argument("--http", default="127.0.0.1:8080", help="the replica's HTTP address")
     p.add_argument("--grpc", default="127.0.0.1:8001", help="the replica's grpc.addr")
     p.add_argument("--model", default="default")
@@ -150,7 +255,7 @@ def main():
     p.add_argument("--avro-schema", help="send Avro with this writer schema (.avsc) instead of JSON")
     p.add_argument("--schema-id", type=int, default=1, help="the schema id the framing carries")
     args = p.parse_args()
-    {"send": send, "predict": predict}[args.command](args)
+    {"send": send, "predict": predict, "clicks": clicks}[args.command](args)
 
 
 if __name__ == "__main__":

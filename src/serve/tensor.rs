@@ -82,6 +82,15 @@ impl Elements {
         }
     }
 
+    /// Whether element `i` is a NaN.
+    fn is_nan(&self, i: usize) -> bool {
+        match self {
+            Elements::Fp32(v) => v[i].is_nan(),
+            Elements::Fp64(v) => v[i].is_nan(),
+            Elements::Json(_) | Elements::Bytes(_) => false,
+        }
+    }
+
     /// Element `i` as the JSON value a V1 instance would hold.
     fn json(&self, i: usize, name: &str) -> Result<Value, ServeError> {
         let not_finite = || ServeError::BadRequest(format!("input {name:?}: element {i} is not a finite number"));
@@ -318,8 +327,12 @@ impl Checked<'_> {
     }
 
     /// Row `r` as the value an instance holds: a bag (padding dropped) of
-    /// categories, the array of dense values, or the one number.
+    /// categories, the array of dense values, or the one number (NaN: no
+    /// value, so the feature does what it declares for a missing one).
     fn value(&self, r: usize) -> Result<Value, ServeError> {
+        if self.role == Role::Number && self.input.elements.is_nan(r * self.width) {
+            return Ok(Value::Null);
+        }
         let row = self.row(r)?;
         Ok(match self.role {
             Role::Sparse => Value::Array(row.into_iter().filter(|v| v.as_str() != Some("")).collect()),
@@ -587,6 +600,9 @@ pub(crate) mod tests {
             json!({"price": 2.0, "user": {"age": 41.0, "id": ["u2"]}, "ad": {"tags": ["b", "c"]}}),
         ];
         assert_eq!(instances(&inputs, model, 64).unwrap(), Rows::Records(want));
+        let no_price = tensor("price", "FP32", &[1], Elements::Fp32(vec![f32::NAN]));
+        let want = Rows::Records(vec![json!({"price": null})]);
+        assert_eq!(instances(&[no_price], model, 64).unwrap(), want, "NaN: no value");
         let refused = |inputs: &[Tensor]| instances(inputs, model, 64).unwrap_err().to_string();
         let user = || tensor("user", "BYTES", &[1], Elements::Bytes(vec![b"u1".to_vec()]));
         assert!(refused(&[tensor("user_x_hour", "BYTES", &[1], Elements::Bytes(vec![]))]).contains("is a cross"));

@@ -115,3 +115,52 @@ fn avro_events_from_a_confluent_producer_are_learned_once_and_malformed_ones_dea
     assert_eq!(got, want);
     assert_eq!(r.metrics().value("tributary_events_invalid_total", ""), bad.len() as f64);
 }
+
+/// The walk-through of docs/api.md: a team's own click events, as Avro of
+/// their writer schema (`examples/domain/click.avsc`), learned through the
+/// example declaration (`examples/domain/tributary.toml`), sent and
+/// predicted by the example client: the same records predict alike as V1
+/// instances, as V2's `record` input and as V2's inputs per feature, over
+/// HTTP and gRPC.
+#[test]
+fn a_team_s_own_avro_clicks_are_learned_and_predicted_through_the_example_declaration() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/domain");
+    let walked = tributary::config::Config::load(Some(&example.join("tributary.toml")), [], &Default::default())
+        .expect("the example configuration loads");
+    let mut cluster = Cluster::new("clicks", ModelKind::WideDeep);
+    let m = &mut cluster.config.model;
+    (m.features, m.dense_dim, m.sparse_fields) =
+        (walked.model.features.clone(), walked.model.dense_dim, walked.model.sparse_fields.clone());
+    let schema = example.join("click.avsc");
+    let k = &mut cluster.config.kafka;
+    (k.event_format, k.avro_schema, k.avro_schema_id) = (EventFormat::Avro, schema.clone(), Some(5));
+    let (r, grpc) = spawn_with_grpc(&cluster, "r0");
+    let (http, k) = (r.http.to_string(), &cluster.config.kafka);
+    let schema = schema.display().to_string();
+    let sent = run_client(&[
+        "send",
+        "--http",
+        &http,
+        "--brokers",
+        &k.brokers,
+        "--topic",
+        &k.events_topic,
+        "--events",
+        "400",
+        "--avro-schema",
+        &schema,
+        "--schema-id",
+        "5",
+    ]);
+    assert_eq!(sent["sent"], 400);
+    let info = r.wait_learned(400, LEARN_LIMIT);
+    assert_eq!(watermark_sum(&info), 400, "every click read once, none refused: {info}");
+
+    let answers = run_client(&["predict", "--http", &http, "--grpc", &grpc, "--rows", "8"]);
+    assert_eq!(answers["inputs"], serde_json::json!(["price", "age", "user", "country", "category", "tags", "hour"]));
+    let v1 = floats(&answers["v1"]);
+    assert_eq!(v1.len(), 8, "{answers}");
+    for way in ["v2_http_record", "v2_http_features", "v2_grpc_record", "v2_grpc_features"] {
+        assert_eq!(floats(&answers[way]), v1, "{way} vs V1: {answers}");
+    }
+}
