@@ -48,8 +48,9 @@ enum Command {
     Produce {
         #[command(flatten)]
         config: ConfigArgs,
-        #[arg(long, default_value = "events")]
-        topic: String,
+        /// The topic; default: kafka.events_topic (`events`)
+        #[arg(long)]
+        topic: Option<String>,
         /// Encoding on the topic: json, or avro (Confluent wire format, with
         /// kafka.avro_schema); default: kafka.event_format
         #[arg(long, value_enum)]
@@ -152,6 +153,7 @@ fn main() -> anyhow::Result<()> {
                 config.kafka.event_format = format;
                 config.validate()?;
             }
+            let topic = topic.unwrap_or_else(|| config.kafka.events_topic.clone());
             produce(&config, &topic, &partitioning, file)
         }
         Command::Checkpoints { action: CheckpointsAction::List { config, state_dir, checkpoint_store, json } } => {

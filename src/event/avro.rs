@@ -2,9 +2,11 @@
 //! writer schema's id (4 bytes, big-endian), then the Avro binary body.
 //! There is no schema registry: the writer schema is a file in the
 //! configuration (`kafka.avro_schema`), and `kafka.avro_schema_id` (when
-//! set) is the one id accepted. Fields map to the JSON event schema by
-//! name and go through the same validation; what does not decode becomes a
-//! dead letter with reason kind `avro`.
+//! set) is the one id accepted. Without a declaration (`[model.features]`)
+//! fields map to the JSON event schema by name and go through the same
+//! validation; with one, any record is read through it
+//! (`declared::avro`, which this module's `Reader` serves too). What does
+//! not decode becomes a dead letter with reason kind `avro`.
 //!
 //! The writer schema is compiled once into a `Shape` per field, and a
 //! body is read straight into the event (no intermediate Avro values):
@@ -12,9 +14,9 @@
 //! does, where apache-avro's generic reader took twice as long.
 //! apache-avro parses the schema and encodes (`tributary produce`).
 //!
-//! A registry would slot in at `AvroEvents::shapes_for`: fetch the
-//! writer schema by id (cached) instead of comparing the id with the
-//! configured one.
+//! A registry would slot in at `AvroEvents::body`: fetch the writer
+//! schema by id (cached, its reader compiled once) instead of comparing
+//! the id with the configured one.
 
 use std::collections::BTreeMap;
 

@@ -8,6 +8,8 @@
 //! with shape `[N, dense_dim]`, and one BYTES input per sparse field with
 //! shape `[N]` (one value per instance) or `[N, K]` (a bag of up to K values;
 //! empty strings pad). A missing sparse input is an empty bag, as in V1.
+//! With declared features the inputs are the features' own (or a `record`
+//! input of whole records): see `serve::tensor::ModelInputs`.
 //! The output is `predictions`, FP32, shape `[N]`. Each row becomes a V1
 //! instance and goes through the same checks.
 
