@@ -11,7 +11,7 @@
 //! [model.features]
 //! label = { path = "clicked", positive = [true, "click"] }
 //! time = { path = "event_time", unit = "iso8601" }
-//! dense = [{ name = "price", path = "price", default = 0.0 }]
+//! dense = [{ name = "price", path = "price", default = 0.0, transform = "log1p" }]
 //! sparse = [
 //!   { name = "user", path = "user_id" },
 //!   { name = "category", path = "ad.category", if_missing = "dead_letter" },
@@ -82,10 +82,62 @@ pub enum TimeUnit {
 pub struct DenseFeature {
     pub name: String,
     pub path: String,
-    /// Taken when the value is missing or not a number. Absent: such an
-    /// event goes to the dead-letter topic, naming the feature.
+    /// Taken when the value is missing or not a number (and transformed
+    /// as a value read is). Absent: such an event goes to the dead-letter
+    /// topic, naming the feature.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default: Option<f32>,
+    /// Applied to the value first: numbers as a team logs them (a price in
+    /// cents, a count) are rarely on the scale a model learns well from.
+    #[serde(default, skip_serializing_if = "Transform::is_none")]
+    pub transform: Transform,
+    /// Then the model's input is `(value - center) / scale`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub center: f64,
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub scale: f64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transform {
+    /// The value as it is.
+    #[default]
+    None,
+    /// `sign(x) * ln(1 + |x|)`: for long-tailed numbers (prices, counts).
+    Log1p,
+}
+
+impl Transform {
+    fn is_none(&self) -> bool {
+        *self == Transform::None
+    }
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
+fn is_one(x: &f64) -> bool {
+    *x == 1.0
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl DenseFeature {
+    /// The model's input for the number `x` read at the feature's path.
+    pub fn input(&self, x: f64) -> f32 {
+        let x = match self.transform {
+            Transform::None => x,
+            Transform::Log1p => x.signum() * x.abs().ln_1p(),
+        };
+        match (self.center, self.scale) {
+            (0.0, 1.0) => x as f32,
+            (center, scale) => ((x - center) / scale) as f32,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -168,6 +220,9 @@ impl FeaturesConfig {
         names.extend(self.sparse.iter().map(|f| f.name.as_str()));
         if let Some(dup) = names.iter().enumerate().find(|(i, n)| names[..*i].contains(n)).map(|(_, n)| n) {
             return bad(format!("the name {dup:?} is declared twice"));
+        }
+        if let Some(f) = self.dense.iter().find(|f| !f.center.is_finite() || !f.scale.is_finite() || f.scale == 0.0) {
+            return bad(format!("{}: center must be finite, and scale finite and not 0", f.name));
         }
         for (i, f) in self.sparse.iter().enumerate() {
             if !f.boundaries.windows(2).all(|w| w[0] < w[1]) || !f.boundaries.iter().all(|b| b.is_finite()) {

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 pub use checkpoint::{CheckpointConfig, CheckpointStore, TrimUpdateLog};
 pub use features::{
-    DenseFeature, FeaturesConfig, IfMissing, LabelFeature, Scalar, SparseFeature, TimeFeature, TimeUnit,
+    DenseFeature, FeaturesConfig, IfMissing, LabelFeature, Scalar, SparseFeature, TimeFeature, TimeUnit, Transform,
 };
 pub use kafka::{EventFormat, KafkaConfig, PROTECTED_CLIENT_PROPERTIES};
 pub use model::{Loss, ModelConfig, ModelKind, OptimizerKind, StalenessScaling};

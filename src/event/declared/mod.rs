@@ -184,8 +184,8 @@ impl Declared {
     fn features(&self, slots: &Slots<'_>, buckets: &Buckets) -> Result<Features, SchemaError> {
         let dense = (self.spec.dense.iter().zip(&self.dense_slots))
             .map(|(f, &slot)| match (self.value(slots, slot).and_then(Leaf::as_f64), f.default) {
-                (Some(v), _) => Ok(v as f32),
-                (None, Some(default)) => Ok(default),
+                (Some(v), _) => Ok(f.input(v)),
+                (None, Some(default)) => Ok(f.input(f64::from(default))),
                 (None, None) => Err(refused(&f.name, format!("no number at {:?}", f.path))),
             })
             .collect::<Result<Vec<f32>, _>>()?;
@@ -434,6 +434,21 @@ mod tests {
         assert_eq!(with(&["clicked"], Some(json!("none"))).unwrap().label, 0.0);
         assert_eq!(with(&["clicked"], Some(json!("click"))).unwrap().label, 1.0);
         assert_eq!(with(&["event_time"], None).unwrap().ts, None, "no time: the record's");
+    }
+
+    #[test]
+    fn a_number_is_transformed_then_centered_and_scaled_and_so_is_its_default() {
+        let mut m = declared();
+        m.features.dense[0].transform = crate::config::Transform::Log1p;
+        (m.features.dense[1].center, m.features.dense[1].scale) = (40.0, 20.0);
+        let featurizer = Featurizer::new(&m);
+        let read = event(&featurizer, &domain_event()).unwrap();
+        assert_eq!(read.features.dense, [12.5f64.ln_1p() as f32, ((41.0 - 40.0) / 20.0) as f32]);
+        let mut no_age = domain_event();
+        no_age["user"].as_object_mut().unwrap().remove("age");
+        assert_eq!(event(&featurizer, &no_age).unwrap().features.dense[1], ((30.0 - 40.0) / 20.0) as f32);
+        m.features.dense[1].scale = 0.0;
+        assert!(m.features.validate().unwrap_err().to_string().contains("scale"));
     }
 
     #[test]
