@@ -8,7 +8,8 @@
 //! (`declared::avro`, which this module's `Reader` serves too). What does
 //! not decode becomes a dead letter with reason kind `avro`.
 //!
-//! The writer schema is compiled once into a `Shape` per field, and a
+//! The writer schema is compiled once into a `Kind` per field
+//! (`declared::avro::Kind`, the one description of writer types), and a
 //! body is read straight into the event (no intermediate Avro values):
 //! decoding this way costs about what parsing the same event from JSON
 //! does, where apache-avro's generic reader took twice as long.
@@ -20,7 +21,7 @@
 
 use std::collections::BTreeMap;
 
-use apache_avro::schema::{RecordSchema, Schema};
+use apache_avro::schema::Schema;
 use apache_avro::types::Value;
 
 use super::declared::avro::{Kind, Plan};
@@ -43,7 +44,7 @@ pub struct AvroEvents {
 enum Fields {
     /// The fixed schema: the record's fields in writer order, which event
     /// field each is and how to read it.
-    Fixed(Vec<(Field, Shape)>),
+    Fixed(Vec<(Field, Kind)>),
     /// Through the declared features (`[model.features]`): any record the
     /// declared paths resolve in.
     Declared(Box<Plan>),
@@ -58,53 +59,6 @@ enum Field {
     Ts,
 }
 
-/// What the reader needs of a writer schema: the types an event's fields
-/// may have.
-#[derive(Debug)]
-enum Shape {
-    Null,
-    Boolean,
-    Int,
-    Long,
-    /// A long counting in units of `1/divisor` milliseconds (micros: 1000).
-    Timestamp {
-        divisor: i64,
-    },
-    Float,
-    Double,
-    String,
-    Enum(Vec<String>),
-    Array(Box<Shape>),
-    Map(Box<Shape>),
-    Union(Vec<Shape>),
-}
-
-impl Shape {
-    fn of(schema: &Schema, at: &str) -> Result<Shape, String> {
-        Ok(match schema {
-            Schema::Null => Shape::Null,
-            Schema::Boolean => Shape::Boolean,
-            Schema::Int => Shape::Int,
-            Schema::Long | Schema::TimestampMillis | Schema::LocalTimestampMillis => Shape::Long,
-            Schema::TimestampMicros | Schema::LocalTimestampMicros => Shape::Timestamp { divisor: 1000 },
-            Schema::TimestampNanos | Schema::LocalTimestampNanos => Shape::Timestamp { divisor: 1_000_000 },
-            Schema::Float => Shape::Float,
-            Schema::Double => Shape::Double,
-            Schema::String => Shape::String,
-            Schema::Enum(e) => Shape::Enum(e.symbols.clone()),
-            // An item of no bytes would let a count of a few bytes declare
-            // any number of items: refused, since nulls carry nothing.
-            Schema::Array(a) if matches!(*a.items, Schema::Null) => {
-                return Err(format!("field {at:?}: an array of nulls cannot carry an event field"))
-            }
-            Schema::Array(a) => Shape::Array(Box::new(Shape::of(&a.items, at)?)),
-            Schema::Map(m) => Shape::Map(Box::new(Shape::of(&m.types, at)?)),
-            Schema::Union(u) => Shape::Union(u.variants().iter().map(|v| Shape::of(v, at)).collect::<Result<_, _>>()?),
-            other => return Err(format!("field {at:?}: Avro type {other:?} cannot carry an event field")),
-        })
-    }
-}
-
 impl AvroEvents {
     /// Parses the writer schema `text` and checks that it can carry
     /// events: through the declaration when there is one (`declared`),
@@ -112,12 +66,12 @@ impl AvroEvents {
     /// start-up, not a dead letter per event.
     pub fn new(text: &str, schema_id: Option<u32>, declared: Option<&Declared>) -> Result<AvroEvents, String> {
         let schema = Schema::parse_str(text).map_err(|e| format!("not an Avro schema: {e}"))?;
-        let Schema::Record(record) = &schema else {
+        if !matches!(schema, Schema::Record(_)) {
             return Err("the event schema must be an Avro record".into());
-        };
+        }
         let fields = match declared {
             Some(declared) => Fields::Declared(Box::new(declared.avro_plan(&Kind::of(&schema)?)?)),
-            None => Fields::Fixed(fixed_fields(record)?),
+            None => Fields::Fixed(fixed_fields(Kind::of(&schema)?)?),
         };
         Ok(AvroEvents { schema, fields, schema_id })
     }
@@ -170,19 +124,23 @@ impl AvroEvents {
     }
 }
 
-/// The fixed schema's fields of a writer record: the event's fields
-/// (`label` required, nothing else) of types that can carry them.
-fn fixed_fields(record: &RecordSchema) -> Result<Vec<(Field, Shape)>, String> {
+/// The fixed schema's fields of a writer record (`kind`): the event's
+/// fields (`label` required, nothing else) of types that can carry them.
+fn fixed_fields(kind: Kind) -> Result<Vec<(Field, Kind)>, String> {
+    let Kind::Record(record) = kind else { return Err("the event schema must be an Avro record".into()) };
     let mut fields = Vec::new();
-    for f in &record.fields {
-        let field = match f.name.as_str() {
+    for (name, kind) in record {
+        let field = match name.as_str() {
             "dense" => Field::Dense,
             "sparse" => Field::Sparse,
             "label" => Field::Label,
             "ts" => Field::Ts,
             other => return Err(format!("field {other:?} is not an event field (they are {FIELDS:?})")),
         };
-        fields.push((field, Shape::of(&f.schema, &f.name)?));
+        if let Some(other) = kind.find(&|k| matches!(k, Kind::Bytes | Kind::Fixed(_) | Kind::Record(_))) {
+            return Err(format!("field {name:?}: Avro type {} cannot carry an event field", other.name()));
+        }
+        fields.push((field, kind));
     }
     if !fields.iter().any(|(f, _)| *f == Field::Label) {
         return Err("the event schema has no field \"label\"".into());
@@ -191,7 +149,7 @@ fn fixed_fields(record: &RecordSchema) -> Result<Vec<(Field, Shape)>, String> {
 }
 
 /// The event a body of the fixed schema carries.
-fn decode_fixed(fields: &[(Field, Shape)], body: &[u8]) -> Result<RawEvent, SchemaError> {
+fn decode_fixed(fields: &[(Field, Kind)], body: &[u8]) -> Result<RawEvent, SchemaError> {
     let mut r = Reader { rest: body };
     let mut event = RawEvent { dense: Vec::new(), sparse: BTreeMap::new(), label: f64::NAN, ts: None };
     let mut has_label = false;
@@ -243,7 +201,7 @@ pub(super) struct Reader<'a> {
     pub(super) rest: &'a [u8],
 }
 
-type Step<'s, 'a> = &'s mut dyn FnMut(&mut Reader<'a>, &Shape) -> Result<(), SchemaError>;
+type Step<'s, 'a> = &'s mut dyn FnMut(&mut Reader<'a>, &Kind) -> Result<(), SchemaError>;
 
 impl<'a> Reader<'a> {
     pub(super) fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], SchemaError> {
@@ -291,9 +249,9 @@ impl<'a> Reader<'a> {
     }
 
     /// The branch of a union, or the shape itself.
-    fn branch<'s>(&mut self, shape: &'s Shape, what: &str) -> Result<&'s Shape, SchemaError> {
+    fn branch<'s>(&mut self, shape: &'s Kind, what: &str) -> Result<&'s Kind, SchemaError> {
         match shape {
-            Shape::Union(branches) => {
+            Kind::Union(branches) => {
                 let i = self.long(what)?;
                 let branch = usize::try_from(i).ok().and_then(|i| branches.get(i));
                 let branch = branch.ok_or_else(|| avro(format!("{what}: union branch {i} of {}", branches.len())))?;
@@ -304,45 +262,45 @@ impl<'a> Reader<'a> {
     }
 
     /// A number; `None` for a null.
-    fn number(&mut self, shape: &Shape, what: &str) -> Result<Option<f64>, SchemaError> {
+    fn number(&mut self, shape: &Kind, what: &str) -> Result<Option<f64>, SchemaError> {
         Ok(Some(match self.branch(shape, what)? {
-            Shape::Null => return Ok(None),
-            Shape::Boolean => f64::from(self.take(1, what)?[0] != 0),
-            Shape::Int | Shape::Long => self.long(what)? as f64,
-            Shape::Float => f64::from(f32::from_le_bytes(self.take(4, what)?.try_into().expect("4 bytes"))),
-            Shape::Double => f64::from_le_bytes(self.take(8, what)?.try_into().expect("8 bytes")),
-            other => return Err(avro(format!("{what}: {}, not a number", name(other)))),
+            Kind::Null => return Ok(None),
+            Kind::Boolean => f64::from(self.take(1, what)?[0] != 0),
+            Kind::Int | Kind::Long => self.long(what)? as f64,
+            Kind::Float => f64::from(f32::from_le_bytes(self.take(4, what)?.try_into().expect("4 bytes"))),
+            Kind::Double => f64::from_le_bytes(self.take(8, what)?.try_into().expect("8 bytes")),
+            other => return Err(avro(format!("{what}: {}, not a number", other.name()))),
         }))
     }
 
     /// Epoch milliseconds; `None` for a null.
-    fn timestamp(&mut self, shape: &Shape) -> Result<Option<i64>, SchemaError> {
+    fn timestamp(&mut self, shape: &Kind) -> Result<Option<i64>, SchemaError> {
         match self.branch(shape, "ts")? {
-            Shape::Null => Ok(None),
-            Shape::Int | Shape::Long => Ok(Some(self.long("ts")?)),
-            Shape::Timestamp { divisor } => Ok(Some(self.long("ts")? / divisor)),
-            other => Err(avro(format!("ts: {}, not epoch milliseconds", name(other)))),
+            Kind::Null => Ok(None),
+            Kind::Int | Kind::Long => Ok(Some(self.long("ts")?)),
+            Kind::Timestamp { divisor } => Ok(Some(self.long("ts")? / divisor)),
+            other => Err(avro(format!("ts: {}, not epoch milliseconds", other.name()))),
         }
     }
 
     /// A string (or enum symbol); `None` for a null.
-    fn string(&mut self, shape: &Shape, what: &str) -> Result<Option<String>, SchemaError> {
+    fn string(&mut self, shape: &Kind, what: &str) -> Result<Option<String>, SchemaError> {
         match self.branch(shape, what)? {
-            Shape::Null => Ok(None),
-            Shape::String => self.text(what).map(Some),
-            Shape::Enum(symbols) => {
+            Kind::Null => Ok(None),
+            Kind::String => self.text(what).map(Some),
+            Kind::Enum(symbols) => {
                 let i = self.long(what)?;
                 let symbol = usize::try_from(i).ok().and_then(|i| symbols.get(i));
                 symbol.cloned().map(Some).ok_or_else(|| avro(format!("{what}: enum symbol {i} of {}", symbols.len())))
             }
-            other => Err(avro(format!("{what}: {}, not a string", name(other)))),
+            other => Err(avro(format!("{what}: {}, not a string", other.name()))),
         }
     }
 
     /// A sparse value: a string, or an array of them; `None` for a null.
-    fn sparse_value(&mut self, shape: &Shape) -> Result<Option<SparseValue>, SchemaError> {
+    fn sparse_value(&mut self, shape: &Kind) -> Result<Option<SparseValue>, SchemaError> {
         match self.branch(shape, "sparse")? {
-            shape @ Shape::Array(_) => {
+            shape @ Kind::Array(_) => {
                 let mut bag = Vec::new();
                 self.items(shape, "sparse", &mut |r, item| {
                     bag.extend(r.string(item, "sparse")?);
@@ -355,28 +313,28 @@ impl<'a> Reader<'a> {
     }
 
     /// Calls `each` on every item of an array (or nothing for a null).
-    fn items(&mut self, shape: &Shape, what: &str, each: Step<'_, 'a>) -> Result<(), SchemaError> {
+    fn items(&mut self, shape: &Kind, what: &str, each: Step<'_, 'a>) -> Result<(), SchemaError> {
         match self.branch(shape, what)? {
-            Shape::Null => Ok(()),
-            Shape::Array(item) => self.blocks(what, &mut |r| each(r, item)),
-            other => Err(avro(format!("{what}: {}, not an array", name(other)))),
+            Kind::Null => Ok(()),
+            Kind::Array(item) => self.blocks(what, &mut |r| each(r, item)),
+            other => Err(avro(format!("{what}: {}, not an array", other.name()))),
         }
     }
 
     /// Calls `each` on every entry of a map (or nothing for a null).
     fn entries(
         &mut self,
-        shape: &Shape,
+        shape: &Kind,
         what: &str,
-        each: &mut dyn FnMut(&mut Reader<'a>, String, &Shape) -> Result<(), SchemaError>,
+        each: &mut dyn FnMut(&mut Reader<'a>, String, &Kind) -> Result<(), SchemaError>,
     ) -> Result<(), SchemaError> {
         match self.branch(shape, what)? {
-            Shape::Null => Ok(()),
-            Shape::Map(value) => self.blocks(what, &mut |r| {
+            Kind::Null => Ok(()),
+            Kind::Map(value) => self.blocks(what, &mut |r| {
                 let key = r.text(what)?;
                 each(r, key, value)
             }),
-            other => Err(avro(format!("{what}: {}, not a map", name(other)))),
+            other => Err(avro(format!("{what}: {}, not a map", other.name()))),
         }
     }
 
@@ -408,19 +366,6 @@ impl<'a> Reader<'a> {
                 item(self)?;
             }
         }
-    }
-}
-
-fn name(shape: &Shape) -> &'static str {
-    match shape {
-        Shape::Null => "null",
-        Shape::Boolean => "a boolean",
-        Shape::Int | Shape::Long | Shape::Timestamp { .. } => "an integer",
-        Shape::Float | Shape::Double => "a number",
-        Shape::String | Shape::Enum(_) => "a string",
-        Shape::Array(_) => "an array",
-        Shape::Map(_) => "a map",
-        Shape::Union(_) => "a union",
     }
 }
 
@@ -496,7 +441,7 @@ mod tests {
             ),
             (
                 r#"{"type":"record","name":"E","fields":[{"name":"label","type":"double"},{"name":"dense","type":{"type":"array","items":"null"}}]}"#,
-                "an array of nulls",
+                "field \"dense\": an array of null (items of no bytes)",
             ),
         ];
         for (schema, want) in cases {

@@ -110,7 +110,12 @@ impl Kind {
             Schema::Union(u) => Kind::Union(u.variants().iter().map(of).collect::<Result<_, _>>()?),
             Schema::Record(r) => {
                 within.push(r.name.clone());
-                let fields = r.fields.iter().map(|f| Ok((f.name.clone(), Kind::inline(&f.schema, names, within)?)));
+                let field = |f: &apache_avro::schema::RecordField, within: &mut Vec<Name>| {
+                    let kind =
+                        Kind::inline(&f.schema, names, within).map_err(|e| format!("field {:?}: {e}", f.name))?;
+                    Ok((f.name.clone(), kind))
+                };
+                let fields = r.fields.iter().map(|f| field(f, within));
                 let fields = fields.collect::<Result<_, String>>();
                 within.pop();
                 Kind::Record(fields?)
@@ -123,6 +128,17 @@ impl Kind {
         })
     }
 
+    /// This type, or the first type inside it (through unions, arrays and
+    /// maps), that `is` says.
+    pub(crate) fn find(&self, is: &dyn Fn(&Kind) -> bool) -> Option<&Kind> {
+        match self {
+            _ if is(self) => Some(self),
+            Kind::Union(branches) => branches.iter().find_map(|b| b.find(is)),
+            Kind::Array(item) | Kind::Map(item) => item.find(is),
+            _ => None,
+        }
+    }
+
     /// Whether a value of this type may take no bytes at all.
     fn may_be_empty(&self) -> bool {
         match self {
@@ -132,7 +148,7 @@ impl Kind {
         }
     }
 
-    fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             Kind::Null => "null",
             Kind::Boolean => "a boolean",
