@@ -15,6 +15,7 @@ pub struct TrainerMetrics {
     /// Where a trainer's record cycle goes, by stage (see `train::stages`).
     pub stage: HistogramVec,
     pub merge_holds_released: IntCounter,
+    pub partitions_read_again: IntCounter,
     pub records_too_large: IntCounter,
     pub consumer_lag: IntGaugeVec,
     pub events_below_watermark: IntCounter,
@@ -55,6 +56,11 @@ impl TrainerMetrics {
                 "trainer_merge_holds_released_total",
                 "Times a trainer stopped waiting for a partition with events still to fetch and merged without it \
                  (events then learned out of event-time order)",
+            )),
+            partitions_read_again: r.add(IntCounter::new(
+                "trainer_partitions_read_again_total",
+                "Times a trainer read a partition again from its next record's start because an event came after \
+                 events beyond it (no event is lost or learned twice; it should stay 0)",
             )),
             records_too_large: r.add(IntCounter::new(
                 "records_too_large_total",

@@ -18,7 +18,7 @@ use tracing::{debug, error, info, warn};
 use super::context::{Rebalanced, TrainerContext};
 use super::dead_letter::{DeadLetters, Refusal};
 use super::fetch::{self, Fetched, Fetcher};
-use super::read_ahead::{event_time, Partition, ReadAhead, Source};
+use super::read_ahead::{event_time, Admit, Partition, ReadAhead, Source};
 use crate::apply::progress::Progress;
 use crate::config::Config;
 use crate::event::EventCodec;
@@ -138,12 +138,19 @@ impl Intake {
     /// Returns the events taken.
     pub(super) fn take_fetched(&mut self) -> usize {
         let mut taken = 0;
-        while let Some(fetched) = self.fetcher.poll_consumer(Duration::ZERO) {
-            self.take_rebalances();
-            self.take_event(fetched);
-            taken += 1;
+        // A partition assigned during a poll is split after it: what was
+        // fetched for it in between is in the consumer's queue, so that is
+        // drained again before any partition's own queue is read.
+        loop {
+            while let Some(fetched) = self.fetcher.poll_consumer(Duration::ZERO) {
+                self.take_rebalances();
+                self.take_event(fetched);
+                taken += 1;
+            }
+            if !self.take_rebalances() {
+                break;
+            }
         }
-        self.take_rebalances();
         let share = self.partition_read_ahead();
         let short: Vec<i32> =
             (self.partitions.iter()).filter(|(_, p)| p.read_ahead.len() < share).map(|(&id, _)| id).collect();
@@ -227,11 +234,15 @@ impl Intake {
         }
     }
 
-    fn take_rebalances(&mut self) {
+    /// Takes the rebalances since the last call; whether a partition was
+    /// assigned (and given its own queue).
+    fn take_rebalances(&mut self) -> bool {
+        let mut assigned = false;
         for event in self.consumer.context().take_events() {
             match event {
                 Rebalanced::Assigned(list, hold) => {
                     for (id, watermark) in list {
+                        assigned = true;
                         info!(partition = id, watermark, "partition assigned");
                         let mut p = Partition::at(watermark);
                         p.hold_until = hold;
@@ -249,6 +260,7 @@ impl Intake {
                 }
             }
         }
+        assigned
     }
 
     /// Parses a fetched event into its partition's read-ahead (an invalid
@@ -256,8 +268,13 @@ impl Intake {
     fn take_event(&mut self, fetched: Fetched) {
         let Fetched { partition: id, offset, record_ts, payload } = fetched;
         let Some(p) = self.partitions.get_mut(&id) else { return };
-        if p.hold_until.is_some() || !p.takes(offset) {
+        if p.hold_until.is_some() {
             return;
+        }
+        match p.admit(offset) {
+            Admit::Take => {}
+            Admit::AlreadyRead => return,
+            Admit::Missed => return self.read_again(id),
         }
         if offset > p.end {
             // Legitimate with transactions or compaction; worth seeing otherwise.
@@ -278,6 +295,22 @@ impl Intake {
             let ts = event_time(example.as_ref().map(|(e, _)| e), record_ts);
             p.last_ts = ts;
             p.read_ahead.push_back(ReadAhead { offset, ts, example });
+        }
+    }
+
+    /// Reads partition `id` again from where its next record starts,
+    /// dropping what was read ahead: an event came after events beyond it
+    /// (see [`Partition::admit`]). Said, since it should not happen.
+    fn read_again(&mut self, id: i32) {
+        let Some(from) = self.partitions.get(&id).map(|p| p.next_from) else { return };
+        warn!(
+            partition = id,
+            from,
+            "an event was fetched after events beyond it: reading the partition again from its next record's start"
+        );
+        self.metrics.trainer.partitions_read_again.inc();
+        if self.seek(id, from) {
+            self.partitions.insert(id, Partition::at(from));
         }
     }
 

@@ -125,14 +125,35 @@ impl Partition {
         offset - self.next_from - taken
     }
 
-    /// Whether the event at `offset` is one to take: at or after `end`.
-    /// One before it was fetched before a seek back, or is redelivered when
-    /// librdkafka restarts a fetch at an earlier position; it is not ours to
-    /// learn again. One beyond `end` follows a gap (transaction markers,
-    /// compaction, retention), which the next record's range covers.
-    pub(super) fn takes(&self, offset: i64) -> bool {
-        offset >= self.end
+    /// What to do with the event at `offset`. At or after `end`: take it
+    /// (one beyond `end` follows a gap, transaction markers, compaction or
+    /// retention, which the next record's range covers). Before `end`: one a
+    /// record took, or one in the read-ahead, came again (fetched before a
+    /// seek back, or redelivered when librdkafka restarts a fetch at an
+    /// earlier position) and is not ours to learn again; but one that is in
+    /// neither was passed over as if it were a gap, and the next record's
+    /// range would cover it unlearned: the partition must be read again
+    /// from `next_from`.
+    pub(super) fn admit(&self, offset: i64) -> Admit {
+        if offset >= self.end {
+            return Admit::Take;
+        }
+        let read = offset < self.next_from || self.read_ahead.binary_search_by_key(&offset, |r| r.offset).is_ok();
+        match read {
+            true => Admit::AlreadyRead,
+            false => Admit::Missed,
+        }
     }
+}
+
+/// What a partition does with an event fetched for it.
+#[derive(Debug, PartialEq)]
+pub(super) enum Admit {
+    Take,
+    AlreadyRead,
+    /// Fetched out of order, after events beyond it were read: read the
+    /// partition again from where its next record starts.
+    Missed,
 }
 
 /// Takes up to `max` events from the partitions' read-ahead, merging them
@@ -380,13 +401,17 @@ mod tests {
 
     #[test]
     fn a_partition_takes_its_next_offset_and_crosses_gaps_but_never_goes_back() {
-        let mut p = Partition::at(100);
-        assert!(!p.takes(99), "fetched before the seek, or redelivered");
-        assert!(p.takes(100));
-        p.end = 101;
+        let mut p = read(100, 100, &[]);
+        assert_eq!(p.admit(99), Admit::AlreadyRead, "fetched before the seek, or redelivered");
+        assert_eq!(p.admit(100), Admit::Take);
+        p = read(100, 101, &[(100, Some(1))]);
         // Offsets 101..=149 are transaction markers or compacted away.
-        assert!(p.takes(150));
-        p.end = 151;
-        assert!(!p.takes(150), "a redelivery after a fetch restart is not learned twice");
+        assert_eq!(p.admit(150), Admit::Take);
+        p = read(100, 151, &[(100, Some(1)), (150, Some(2))]);
+        assert_eq!(p.admit(150), Admit::AlreadyRead, "a redelivery after a fetch restart is not learned twice");
+        assert_eq!(p.admit(100), Admit::AlreadyRead);
+        // An event that came after the ones beyond it (a queue drained out
+        // of order) is no gap: taking 150 had passed over it.
+        assert_eq!(p.admit(120), Admit::Missed);
     }
 }
