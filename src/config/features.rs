@@ -128,7 +128,11 @@ fn one() -> f64 {
 
 impl DenseFeature {
     /// The model's input for the number `x` read at the feature's path.
+    /// The number is an f32 first, as dense values are everywhere: so a
+    /// value sent as an FP32 tensor transforms exactly as the same value in
+    /// a record does.
     pub fn input(&self, x: f64) -> f32 {
+        let x = f64::from(x as f32);
         let x = match self.transform {
             Transform::None => x,
             Transform::Log1p => x.signum() * x.abs().ln_1p(),

@@ -444,6 +444,12 @@ mod tests {
         let featurizer = Featurizer::new(&m);
         let read = event(&featurizer, &domain_event()).unwrap();
         assert_eq!(read.features.dense, [12.5f64.ln_1p() as f32, ((41.0 - 40.0) / 20.0) as f32]);
+        // A number is an f32 before it is transformed: a price sent as an
+        // FP32 input gives what the same price in a record gives.
+        let mut priced = domain_event();
+        priced["price"] = json!(37.42);
+        let want = f64::from(37.42f32).ln_1p() as f32;
+        assert_eq!(event(&featurizer, &priced).unwrap().features.dense[0], want);
         let mut no_age = domain_event();
         no_age["user"].as_object_mut().unwrap().remove("age");
         assert_eq!(event(&featurizer, &no_age).unwrap().features.dense[1], ((30.0 - 40.0) / 20.0) as f32);
