@@ -11,6 +11,8 @@
 //! Rust loop answers a single instance in about a microsecond.
 
 mod graph;
+mod init;
+pub mod layout;
 mod logistic;
 mod mlp;
 mod script;
@@ -22,6 +24,7 @@ use crate::config::{Loss, ModelConfig, ModelKind};
 use crate::event::{Example, Features, Featurizer};
 
 pub use graph::GradientError;
+pub use layout::Layout;
 pub use script::ScriptError;
 
 /// One parameter tensor, stored row-major as `rows x cols` f32 values.
@@ -260,27 +263,6 @@ impl Model {
         self.fingerprint
     }
 
-    /// Initial weights from the configured seed, independent of libtorch's
-    /// generator so that they stay identical across libtorch versions.
-    pub fn init_weights(&self) -> Buffers {
-        if let Arch::Script(script) = &self.arch {
-            return script.initial.clone(); // the module's saved values
-        }
-        (self.params.iter())
-            .map(|p| {
-                let mut rng = SplitMix64(self.config.seed ^ fnv(&p.name));
-                let bound = if p.name.starts_with("emb.") {
-                    0.05
-                } else if p.name.ends_with(".w") {
-                    (1.0 / p.cols.max(1) as f32).sqrt()
-                } else {
-                    0.0 // biases and the linear part start at zero
-                };
-                (0..p.len()).map(|_| bound * rng.uniform()).collect()
-            })
-            .collect()
-    }
-
     /// The model's output for one instance: a probability under log-loss, the
     /// raw value under squared error.
     /// (TorchScript: NaN if libtorch fails; serving uses [`Model::predict_batch`].)
@@ -415,29 +397,9 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// splitmix64: tiny, fast, and the same on every platform.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [-1, 1).
-    fn uniform(&mut self) -> f32 {
-        ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-}
-
-fn fnv(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
-}
-
 #[cfg(test)]
 mod tests {
+    use super::init::SplitMix64;
     use super::*;
 
     fn batch(model: &Model, n: usize) -> Vec<Example> {

@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 
 use self::optim::{Optimizer, Touch};
 use crate::config::StalenessScaling;
-use crate::model::{Buffers, GradTensor, GradValues, Model, ParamSpec};
+use crate::model::{Buffers, GradTensor, GradValues, Layout, Model, ParamSpec};
 use crate::update_log::record::{
     AttestationRecord, EventRange, EventsSince, GradientRecord, Record, RollbackRecord, SettingsRecord,
 };
@@ -121,8 +121,14 @@ pub enum Outcome {
 
 impl ReplicaState {
     pub fn initial(model: &Model) -> ReplicaState {
+        ReplicaState::initial_of(model, Layout::WHOLE)
+    }
+
+    /// The initial state of the shard `layout`: the unsharded replica's
+    /// initial state, of the rows the shard holds.
+    pub fn initial_of(model: &Model, layout: Layout) -> ReplicaState {
         let c = model.config();
-        let weights = model.init_weights();
+        let weights = model.init_weights_of(layout);
         ReplicaState {
             position: 0,
             watermarks: BTreeMap::new(),
@@ -132,7 +138,7 @@ impl ReplicaState {
             records_rejected: 0,
             last_rollback: None,
             loss_sum: 0.0,
-            optimizer: Optimizer::starting_at(c, model.params(), &weights),
+            optimizer: Optimizer::starting_at(c, model.params(), &weights, layout),
             weights,
         }
     }
@@ -335,6 +341,86 @@ mod tests {
             gradient: vec![GradTensor { param: 1, values: GradValues::Dense(vec![g, g]) }],
         })
         .encode()
+    }
+
+    /// `n` examples of `model`'s shape, drawn from `seed`.
+    fn examples(model: &Model, n: usize, seed: u64) -> Vec<crate::event::Example> {
+        let c = model.config();
+        let mut x = seed;
+        let mut next = move || {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            x >> 33
+        };
+        (0..n)
+            .map(|_| crate::event::Example {
+                features: crate::event::Features {
+                    dense: (0..c.dense_dim).map(|_| (next() % 200) as f32 / 100.0 - 1.0).collect(),
+                    ids: (0..c.sparse_fields.len()).map(|_| vec![(next() % u64::from(c.buckets)) as u32]).collect(),
+                },
+                label: (next() % 2) as f32,
+                ts: None,
+            })
+            .collect()
+    }
+
+    /// The oracle of docs/design.md section 8a, for the state: shards that
+    /// apply the same records hold between them exactly what one unsharded
+    /// replica holds, bit for bit (weights and optimizer slots), each with
+    /// only its own rows of the sparse tables.
+    #[test]
+    fn shards_applying_the_same_records_hold_between_them_the_unsharded_state() {
+        for kind in [ModelKind::Logistic, ModelKind::WideDeep] {
+            let c = ModelConfig { dense_dim: 2, buckets: 37, ..ModelConfig::small(kind) };
+            let model = Model::new(&c).expect("a built-in model");
+            let mut whole = ReplicaState::initial(&model);
+            let layouts: Vec<Layout> = (0..3).map(|i| Layout::new(3, i).unwrap()).collect();
+            let mut shards: Vec<ReplicaState> = layouts.iter().map(|&l| ReplicaState::initial_of(&model, l)).collect();
+            for k in 0..30i64 {
+                let batch = examples(&model, 16, k as u64);
+                let g = model.gradient_at(None, &whole.weights, &batch).unwrap();
+                let bytes = Record::Gradient(GradientRecord {
+                    fingerprint: model.fingerprint(),
+                    ranges: vec![EventRange { partition: 0, from: k * 16, to: (k + 1) * 16 }],
+                    base: k,
+                    examples: 16,
+                    skipped: 0,
+                    loss_sum: g.loss_sum,
+                    oldest_ts: 0,
+                    producer: "t".into(),
+                    gradient: g.tensors,
+                })
+                .encode();
+                assert!(matches!(whole.apply(&model, k, &bytes, &mut NoTouch), Outcome::Applied(_)));
+                for shard in &mut shards {
+                    assert!(matches!(shard.apply(&model, k, &bytes, &mut NoTouch), Outcome::Applied(_)));
+                }
+            }
+            for (shard, layout) in shards.iter().zip(&layouts) {
+                assert_eq!((&shard.watermarks, shard.examples_learned), (&whole.watermarks, whole.examples_learned));
+                for (p, spec) in model.params().iter().enumerate() {
+                    let buffers = |s: &ReplicaState| -> Vec<Vec<f32>> {
+                        std::iter::once(&s.weights).chain(&s.optimizer.slots).map(|b| b[p].clone()).collect()
+                    };
+                    for (ours, theirs) in buffers(shard).into_iter().zip(buffers(&whole)) {
+                        if !spec.sparse {
+                            assert_eq!(ours, theirs, "{kind:?} {}: dense, whole on every shard", spec.name);
+                            continue;
+                        }
+                        assert_eq!(ours.len(), layout.rows_of(spec.rows) * spec.cols, "only its own rows");
+                        for row in 0..spec.rows as u32 {
+                            let Some(place) = layout.place(row) else { continue };
+                            let (at, cols) = (row as usize * spec.cols, spec.cols);
+                            assert_eq!(
+                                ours[place * cols..][..cols],
+                                theirs[at..][..cols],
+                                "{kind:?} {} row {row}",
+                                spec.name
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

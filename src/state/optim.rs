@@ -10,7 +10,7 @@
 //! much evidence the record holds for it, whatever the record's size.
 
 use crate::config::{ModelConfig, OptimizerKind};
-use crate::model::{Buffers, GradTensor, GradValues, ParamSpec};
+use crate::model::{Buffers, GradTensor, GradValues, Layout, ParamSpec};
 
 const ADAM_BETA1: f32 = 0.9;
 const ADAM_BETA2: f32 = 0.999;
@@ -59,12 +59,21 @@ pub struct Optimizer {
     pub slots: Vec<Buffers>,
     /// Steps taken (Adam's bias correction).
     pub steps: u64,
+    /// The rows of the sparse tables this replica holds (and steps).
+    pub layout: Layout,
 }
 
 impl Optimizer {
     /// The optimizer of `config` with zero state (a checkpoint's to be read in).
     pub fn new(config: &ModelConfig, params: &[ParamSpec]) -> Self {
-        let zeros = || params.iter().map(|p| vec![0f32; p.len()]).collect::<Buffers>();
+        Optimizer::for_layout(config, params, Layout::WHOLE)
+    }
+
+    /// The same for the shard `layout` of the parameters `params`: slots of
+    /// the rows it holds only.
+    pub fn for_layout(config: &ModelConfig, params: &[ParamSpec], layout: Layout) -> Self {
+        let held = layout.held(params);
+        let zeros = || held.iter().map(|p| vec![0f32; p.len()]).collect::<Buffers>();
         let (kind, learning_rate) = (config.optimizer(), config.step_size());
         Optimizer {
             kind,
@@ -72,6 +81,7 @@ impl Optimizer {
             ftrl: Ftrl { beta: config.ftrl_beta, l1: config.l1, l2: config.l2 },
             slots: (0..kind.slots()).map(|_| zeros()).collect(),
             steps: 0,
+            layout,
         }
     }
 
@@ -79,8 +89,8 @@ impl Optimizer {
     /// weight from its accumulators: `z` starts where the closed form gives
     /// the initial weight (exactly, without L1 and L2), so the seeded
     /// embeddings and layers of the deep models keep their values.
-    pub fn starting_at(config: &ModelConfig, params: &[ParamSpec], weights: &Buffers) -> Self {
-        let mut opt = Optimizer::new(config, params);
+    pub fn starting_at(config: &ModelConfig, params: &[ParamSpec], weights: &Buffers, layout: Layout) -> Self {
+        let mut opt = Optimizer::for_layout(config, params, layout);
         if opt.kind == OptimizerKind::Ftrl {
             let scale = opt.ftrl.beta / opt.learning_rate + opt.ftrl.l2;
             for (z, w) in opt.slots[0].iter_mut().zip(weights) {
@@ -104,7 +114,7 @@ impl Optimizer {
                     at.step_slice(values, &mut weights[p], [s0, s1]);
                     touch.all(p);
                 }
-                GradValues::Rows { ids, values } => {
+                GradValues::Rows { ids, values } if self.layout == Layout::WHOLE => {
                     for (r, &id) in ids.iter().enumerate() {
                         if let Some(&ahead) = ids.get(r + PREFETCH_ROWS_AHEAD) {
                             let at = ahead as usize * cols;
@@ -116,6 +126,19 @@ impl Optimizer {
                         at.step_slice(&values[r * cols..(r + 1) * cols], &mut weights[p][row], [s0, s1]);
                     }
                     touch.rows(p, ids);
+                }
+                // A shard steps the rows it holds, at their places in its
+                // tables, and no other.
+                GradValues::Rows { ids, values } => {
+                    let mut stepped = Vec::with_capacity(ids.len() / self.layout.count as usize + 1);
+                    for (r, &id) in ids.iter().enumerate() {
+                        let Some(place) = self.layout.place(id) else { continue };
+                        let row = place * cols..(place + 1) * cols;
+                        let [s0, s1] = slot_slices(&mut self.slots, p, row.clone());
+                        at.step_slice(&values[r * cols..(r + 1) * cols], &mut weights[p][row], [s0, s1]);
+                        stepped.push(place as u32);
+                    }
+                    touch.rows(p, &stepped);
                 }
             }
         }
@@ -260,7 +283,7 @@ mod tests {
             let mut config = crate::config::Config::default().model;
             (config.optimizer, config.learning_rate) = (Some(kind), Some(0.1));
             let mut w = vec![vec![1f32; 8]];
-            let mut opt = Optimizer::starting_at(&config, &params, &w);
+            let mut opt = Optimizer::starting_at(&config, &params, &w, Layout::WHOLE);
             let g = GradTensor { param: 0, values: GradValues::Rows { ids: vec![2], values: vec![0.5, -0.5] } };
             opt.step(&params, &mut w, &[g], &mut NoTouch);
             assert_eq!(&w[0][..4], &[1.0; 4], "{kind:?}");
@@ -274,12 +297,12 @@ mod tests {
         let mut config = crate::config::Config::default().model;
         (config.optimizer, config.learning_rate) = (Some(OptimizerKind::Ftrl), Some(0.1));
         let w = vec![vec![0.25f32, -0.5, 0.0]];
-        let opt = Optimizer::starting_at(&config, &params, &w);
+        let opt = Optimizer::starting_at(&config, &params, &w, Layout::WHOLE);
         let back: Vec<f32> =
             (0..3).map(|i| opt.ftrl.weight(opt.learning_rate, opt.slots[0][0][i], opt.slots[1][0][i])).collect();
         assert_eq!(back, w[0]);
         config.l1 = 1.0;
-        let mut opt = Optimizer::starting_at(&config, &params, &vec![vec![0.0; 3]]);
+        let mut opt = Optimizer::starting_at(&config, &params, &vec![vec![0.0; 3]], Layout::WHOLE);
         let mut w = vec![vec![0.0f32; 3]];
         let g = |v: Vec<f32>| [GradTensor { param: 0, values: GradValues::Dense(v) }];
         opt.step(&params, &mut w, &g(vec![0.5, 3.0, -3.0]), &mut NoTouch);
