@@ -3,10 +3,10 @@
 use tch::Tensor;
 
 use super::graph::BatchGraph;
-use super::LinearIdx;
+use super::{LinearIdx, Weights};
 use crate::event::Features;
 
-pub(super) fn forward<B: AsRef<[f32]>>(l: &LinearIdx, w: &[B], f: &Features) -> f32 {
+pub(super) fn forward<W: Weights + ?Sized>(l: &LinearIdx, w: &W, f: &Features) -> f32 {
     super::linear_forward(l, w, f)
 }
 

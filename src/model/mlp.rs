@@ -3,13 +3,13 @@
 use tch::Tensor;
 
 use super::graph::BatchGraph;
-use super::MlpIdx;
+use super::{MlpIdx, Weights};
 
-pub(super) fn forward<B: AsRef<[f32]>>(m: &MlpIdx, w: &[B], input: &[f32]) -> f32 {
+pub(super) fn forward<W: Weights + ?Sized>(m: &MlpIdx, w: &W, input: &[f32]) -> f32 {
     let mut x = input.to_vec();
     let last = m.layers.len() - 1;
     for (i, &(wi, bi)) in m.layers.iter().enumerate() {
-        let (weights, bias) = (w[wi].as_ref(), w[bi].as_ref());
+        let (weights, bias) = (w.param(wi), w.param(bi));
         let fan_in = x.len();
         x = (bias.iter().enumerate())
             .map(|(o, b)| {

@@ -10,6 +10,7 @@
 //! microseconds of dispatch, and a `wide_deep` prediction is a dozen ops; the
 //! Rust loop answers a single instance in about a microsecond.
 
+pub mod gathered;
 mod graph;
 mod init;
 pub mod layout;
@@ -267,13 +268,23 @@ impl Model {
     /// raw value under squared error.
     /// (TorchScript: NaN if libtorch fails; serving uses [`Model::predict_batch`].)
     pub fn predict<B: AsRef<[f32]>>(&self, w: &[B], f: &Features) -> f32 {
+        match &self.arch {
+            Arch::Script(s) => self.link(s.outputs(None, w, &[f]).map_or(f32::NAN, |v| v[0])),
+            _ => self.predict_on(w, f),
+        }
+    }
+
+    /// The same, over any view of the weights (a shard's own rows with the
+    /// rows it gathered from the others); not for TorchScript modules,
+    /// which read whole weights.
+    pub fn predict_on<W: Weights + ?Sized>(&self, w: &W, f: &Features) -> f32 {
         let out = match &self.arch {
             Arch::Logistic(l) => logistic::forward(l, w, f),
             Arch::Mlp(m) => mlp::forward(m, w, &f.dense),
             Arch::WideDeep { linear, emb, mlp } => {
                 wide_deep::forward(linear, emb, mlp, self.config.embedding_dim, w, f)
             }
-            Arch::Script(s) => s.outputs(None, w, &[f]).map_or(f32::NAN, |v| v[0]),
+            Arch::Script(_) => f32::NAN,
         };
         self.link(out)
     }
@@ -384,11 +395,10 @@ fn mlp_params(c: &ModelConfig, prefix: &str, input: usize, add: &mut impl FnMut(
 
 /// The linear part: bias + dense weights . dense + the wide weight of every
 /// bucket in every bag.
-fn linear_forward<B: AsRef<[f32]>>(l: &LinearIdx, w: &[B], f: &Features) -> f32 {
-    let mut out = w[l.bias].as_ref()[0] + dot(w[l.dense].as_ref(), &f.dense);
-    for (table, ids) in l.wide.iter().zip(&f.ids) {
-        let table = w[*table].as_ref();
-        out += ids.iter().map(|&id| table[id as usize]).sum::<f32>();
+fn linear_forward<W: Weights + ?Sized>(l: &LinearIdx, w: &W, f: &Features) -> f32 {
+    let mut out = w.param(l.bias)[0] + dot(w.param(l.dense), &f.dense);
+    for (&table, ids) in l.wide.iter().zip(&f.ids) {
+        out += ids.iter().map(|&id| w.row(table, id, 1)[0]).sum::<f32>();
     }
     out
 }

@@ -5,25 +5,24 @@
 use tch::Tensor;
 
 use super::graph::BatchGraph;
-use super::{LinearIdx, MlpIdx};
+use super::{LinearIdx, MlpIdx, Weights};
 use crate::event::Features;
 
-pub(super) fn forward<B: AsRef<[f32]>>(
+pub(super) fn forward<W: Weights + ?Sized>(
     linear: &LinearIdx,
     emb: &[usize],
     mlp: &MlpIdx,
     dim: usize,
-    w: &[B],
+    w: &W,
     f: &Features,
 ) -> f32 {
     let mut x = Vec::with_capacity(f.dense.len() + emb.len() * dim);
     x.extend_from_slice(&f.dense);
-    for (table, ids) in emb.iter().zip(&f.ids) {
-        let table = w[*table].as_ref();
+    for (&table, ids) in emb.iter().zip(&f.ids) {
         let start = x.len();
         x.resize(start + dim, 0.0);
         for &id in ids {
-            let row = &table[id as usize * dim..(id as usize + 1) * dim];
+            let row = w.row(table, id, dim);
             x[start..].iter_mut().zip(row).for_each(|(a, b)| *a += b);
         }
         if ids.len() > 1 {

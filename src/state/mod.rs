@@ -363,10 +363,11 @@ mod tests {
             .collect()
     }
 
-    /// The oracle of docs/design.md section 8a, for the state: shards that
-    /// apply the same records hold between them exactly what one unsharded
-    /// replica holds, bit for bit (weights and optimizer slots), each with
-    /// only its own rows of the sparse tables.
+    /// The oracle of docs/design.md section 8a, without the network: shards
+    /// that apply the same records hold between them exactly what one
+    /// unsharded replica holds, bit for bit (weights and optimizer slots),
+    /// each with only its own rows of the sparse tables; and each, with the
+    /// rows it gathers, predicts and learns as the unsharded replica does.
     #[test]
     fn shards_applying_the_same_records_hold_between_them_the_unsharded_state() {
         for kind in [ModelKind::Logistic, ModelKind::WideDeep] {
@@ -395,6 +396,7 @@ mod tests {
                     assert!(matches!(shard.apply(&model, k, &bytes, &mut NoTouch), Outcome::Applied(_)));
                 }
             }
+            predictions_and_gradients_through_each_shard_equal_the_whole(&model, &whole, &shards, &layouts);
             for (shard, layout) in shards.iter().zip(&layouts) {
                 assert_eq!((&shard.watermarks, shard.examples_learned), (&whole.watermarks, whole.examples_learned));
                 for (p, spec) in model.params().iter().enumerate() {
@@ -420,6 +422,36 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Each shard, with the rows a batch reads gathered from the shards
+    /// that hold them, predicts and takes gradients as the whole does, bit
+    /// for bit.
+    fn predictions_and_gradients_through_each_shard_equal_the_whole(
+        model: &Model,
+        whole: &ReplicaState,
+        shards: &[ReplicaState],
+        layouts: &[Layout],
+    ) {
+        use crate::model::gathered::{answer, wanted, Gathered};
+        let batch = examples(model, 24, 99);
+        let features: Vec<&crate::event::Features> = batch.iter().map(|e| &e.features).collect();
+        for (shard, &layout) in shards.iter().zip(layouts) {
+            let wanted = wanted(model, layout, &features);
+            let mut view = Gathered::new(&shard.weights, layout);
+            for (&from, rows) in &wanted {
+                let values = answer(model, layouts[from as usize], &shards[from as usize].weights, rows).unwrap();
+                assert!(view.take(model, rows, &values));
+                assert_eq!(answer(model, layout, &shard.weights, rows), None, "a shard answers only for its rows");
+            }
+            assert!(view.has_all(&wanted));
+            let ours: Vec<u32> = features.iter().map(|f| model.predict_on(&view, f).to_bits()).collect();
+            let theirs: Vec<u32> = features.iter().map(|f| model.predict(&whole.weights, f).to_bits()).collect();
+            assert_eq!(ours, theirs, "{layout:?}: predictions");
+            let (g, h) =
+                (model.gradient_on(&view, &batch).unwrap(), model.gradient_at(None, &whole.weights, &batch).unwrap());
+            assert_eq!((g.tensors, g.loss_sum.to_bits()), (h.tensors, h.loss_sum.to_bits()), "{layout:?}: gradient");
         }
     }
 
