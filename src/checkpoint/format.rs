@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use super::CheckpointError;
-use crate::model::{f32_bytes, settings_diff, Model, Settings};
+use crate::model::{f32_bytes, settings_diff, Layout, Model, ParamSpec, Settings};
 use crate::state::optim::Optimizer;
 use crate::state::ReplicaState;
 
@@ -15,7 +15,9 @@ pub(super) const MAGIC: &[u8; 4] = b"TRCK";
 /// 2: adds the offset of the last rollback taken after the loss sum.
 /// 3: adds the model's settings after it, so that a checkpoint of a model
 /// configured otherwise is refused naming the settings that differ.
-pub(super) const VERSION: u8 = 3;
+/// 4: adds the shard layout after the settings (shard count, then index):
+/// a shard's checkpoint holds its rows of the sparse tables only.
+pub(super) const VERSION: u8 = 4;
 /// The oldest format this build still reads (it has no settings).
 pub(super) const OLDEST_VERSION: u8 = 2;
 
@@ -62,6 +64,9 @@ pub(super) fn encode(model: &Model, s: &ReplicaState) -> Vec<u8> {
         out.extend_from_slice(&(text.len() as u32).to_le_bytes());
         out.extend_from_slice(text.as_bytes());
     }
+    let layout = s.optimizer.layout;
+    out.extend_from_slice(&layout.count.to_le_bytes());
+    out.extend_from_slice(&layout.index.to_le_bytes());
     out.extend_from_slice(&(s.watermarks.len() as u32).to_le_bytes());
     for (p, o) in &s.watermarks {
         out.extend_from_slice(&p.to_le_bytes());
@@ -94,6 +99,13 @@ pub(super) fn decode(model: &Model, bytes: &[u8], location: &str) -> Result<Repl
         let differs = settings.map_or_else(Vec::new, |s| settings_diff(model.settings(), &s, "in the checkpoint"));
         return Err(CheckpointError::OtherModel { location: location.into(), differs });
     }
+    // Before format 4, every checkpoint was of the whole model.
+    let layout = match r.version >= 4 {
+        true => Layout::new(r.u32()?, r.u32()?)
+            .filter(|l| l.count > 0)
+            .ok_or_else(|| CheckpointError::Corrupt(location.into()))?,
+        false => Layout::WHOLE,
+    };
     let mut watermarks = BTreeMap::new();
     for _ in 0..r.u32()? {
         let p = r.i32()?;
@@ -103,10 +115,11 @@ pub(super) fn decode(model: &Model, bytes: &[u8], location: &str) -> Result<Repl
     if slots != model.config().optimizer().slots() {
         return Err(CheckpointError::OtherModel { location: location.into(), differs: Vec::new() });
     }
-    let weights = r.buffers(model)?;
-    let mut optimizer = Optimizer::new(model.config(), model.params());
+    let held = layout.held(model.params());
+    let weights = r.buffers(&held)?;
+    let mut optimizer = Optimizer::for_layout(model.config(), model.params(), layout);
     for slot in 0..slots {
-        optimizer.slots[slot] = r.buffers(model)?;
+        optimizer.slots[slot] = r.buffers(&held)?;
     }
     optimizer.steps = counters[4];
     r.at_end()?;
@@ -172,8 +185,9 @@ impl<'a> Body<'a> {
     }
 
     /// One buffer per parameter of `model`, as f32.
-    fn buffers(&mut self, model: &Model) -> Result<Vec<Vec<f32>>, CheckpointError> {
-        (model.params().iter())
+    /// One buffer per parameter of the shapes `params`.
+    fn buffers(&mut self, params: &[ParamSpec]) -> Result<Vec<Vec<f32>>, CheckpointError> {
+        (params.iter())
             .map(|p| {
                 let raw = self.take(p.len() * 4)?;
                 Ok(raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())

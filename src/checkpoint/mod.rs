@@ -225,20 +225,37 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_checkpoint_of_format_2_without_settings_still_loads() {
+    fn checkpoints_of_formats_2_and_3_still_load() {
         let model = Model::new(&ModelConfig::small(ModelKind::Logistic)).expect("a built-in model");
         let mut state = ReplicaState::initial(&model);
         state.position = 7;
         let encoded = encode(&model, &state);
-        // Format 2 is format 3 without the settings block after the header.
+        // Format 3 is format 4 without the shard layout after the settings,
+        // and format 2 is format 3 without the settings after the header.
         let settings_at = HEADER_BYTES + 8;
         let settings_len: usize = 4 + model.settings().iter().map(|(n, v)| 8 + n.len() + v.len()).sum::<usize>();
-        let mut body = encoded[..encoded.len() - 32].to_vec();
-        body.drain(settings_at..settings_at + settings_len);
-        body[4] = 2;
-        let sum = blake3::hash(&body);
-        body.extend_from_slice(sum.as_bytes());
-        assert_eq!(decode(&model, &body, "v2").unwrap(), state);
+        let older = |version: u8, drop: std::ops::Range<usize>| {
+            let mut body = encoded[..encoded.len() - 32].to_vec();
+            body.drain(drop);
+            body[4] = version;
+            let sum = blake3::hash(&body);
+            body.extend_from_slice(sum.as_bytes());
+            body
+        };
+        let layout_at = settings_at + settings_len;
+        assert_eq!(decode(&model, &older(3, layout_at..layout_at + 8), "v3").unwrap(), state);
+        assert_eq!(decode(&model, &older(2, settings_at..layout_at + 8), "v2").unwrap(), state);
+    }
+
+    #[test]
+    fn a_shards_checkpoint_holds_its_rows_and_says_its_layout() {
+        let model = Model::new(&ModelConfig::small(ModelKind::WideDeep)).expect("a built-in model");
+        let layout = crate::model::Layout::new(3, 2).unwrap();
+        let state = ReplicaState::initial_of(&model, layout);
+        let encoded = encode(&model, &state);
+        assert!(encoded.len() < encode(&model, &ReplicaState::initial(&model)).len(), "a third of the rows");
+        let decoded = decode(&model, &encoded, "shard").unwrap();
+        assert_eq!((decoded.optimizer.layout, &decoded), (layout, &state));
     }
 
     #[test]
