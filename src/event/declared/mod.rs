@@ -437,6 +437,15 @@ mod tests {
     }
 
     #[test]
+    fn deep_nesting_in_a_field_no_feature_reads_is_refused_not_a_stack_overflow() {
+        let featurizer = Featurizer::new(&declared());
+        for deep in ["[".repeat(20_000), "{\"a\":".repeat(10_000)] {
+            let event = format!(r#"{{"unused": {deep}"#);
+            assert_eq!(featurizer.event(event.as_bytes()).unwrap_err().kind(), "json");
+        }
+    }
+
+    #[test]
     fn a_number_is_transformed_then_centered_and_scaled_and_so_is_its_default() {
         let mut m = declared();
         m.features.dense[0].transform = crate::config::Transform::Log1p;
