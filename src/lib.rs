@@ -15,7 +15,9 @@
 //! 3. [`update_log`]: the `updates` log: record format, Kafka clients, topics.
 //! 4. [`state`]: what a replica learned, the apply rule and the optimizer.
 //! 5. [`metrics`]; [`checkpoint`]: stores of the state, for recovery;
-//!    [`snapshot`]: the serving snapshot behind arc-swap and its publisher.
+//!    [`snapshot`]: the serving snapshot behind arc-swap and its publisher;
+//!    [`shard`]: the other shards of a sharded fleet, and the gather of rows
+//!    from them.
 //! 6. [`apply`]: the applier, the one writer of the state, and the narrow
 //!    handle the HTTP layer acts through; [`produce`]: `tributary produce`;
 //!    [`serve`]: serving whatever the protocol (predict over instances,
@@ -47,6 +49,7 @@ pub mod model;
 pub mod produce;
 pub mod replica;
 pub mod serve;
+pub mod shard;
 pub mod snapshot;
 pub mod state;
 pub mod synthetic;
@@ -67,7 +70,7 @@ mod layers {
         &["model"],
         &["update_log"],
         &["state"],
-        &["metrics", "checkpoint", "snapshot"],
+        &["metrics", "checkpoint", "snapshot", "shard"],
         &["apply", "produce", "serve"],
         &["train", "http", "grpc"],
         &["replica"],
