@@ -104,6 +104,7 @@ fn endpoints() -> Vec<UtoipaMethodRouter<AppState>> {
         routes!(checkpoints::list),
         routes!(checkpoints::list_as_snapshots),
         routes!(peer::newest_checkpoint),
+        routes!(peer::rows),
         routes!(admin::rollback),
         routes!(events::ingest),
         routes!(v2::server_metadata),

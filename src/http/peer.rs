@@ -1,6 +1,8 @@
 //! What a replica serves its peers: `GET /v1/models/{name}/checkpoint`, the
 //! newest checkpoint of its store as the stores encode it, from which a new
-//! replica bootstraps (`checkpoint.bootstrap_from`). Behind its own token
+//! replica bootstraps (`checkpoint.bootstrap_from`); and `POST
+//! /v1/models/{name}/rows`, rows of the sparse tables at the served weights,
+//! what a replica of another shard gathers (`crate::shard`). Behind its own token
 //! (`checkpoint.peer_token`; none: off), since weights are the fleet's to
 //! share, and the admin token, which rewrites history, should not be on
 //! every new replica. A checkpoint is large (about 140 MB for the default
@@ -19,6 +21,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use super::admin::check_bearer;
 use super::{check_model, ApiError, AppState, ErrorBody};
 use crate::checkpoint::{CheckpointInfo, SharedStore};
+use crate::model::{gathered, Layout};
 
 /// Checkpoints sent at once; one more is answered 429.
 pub const DOWNLOADS_AT_ONCE: usize = 2;
@@ -83,6 +86,59 @@ pub async fn newest_checkpoint(
         (header::HeaderName::from_static(POSITION_HEADER), info.position.to_string()),
     ];
     Ok((StatusCode::OK, headers, stream_parts(store, info, permit)).into_response())
+}
+
+/// The most rows one gather may ask for.
+pub const MAX_ROWS_ASKED: usize = 1 << 16;
+
+/// Rows of the sparse tables, each `[param, bucket]`.
+#[derive(serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RowsAsked {
+    rows: Vec<(u32, u32)>,
+}
+
+/// Rows of the sparse tables at the served weights, for a replica of
+/// another shard that gathers the rows a batch reads (docs/design.md
+/// section 8a): their values as little-endian f32, one row after the
+/// other, and the served position in `X-Tributary-Position`.
+#[utoipa::path(post, path = "/v1/models/{model}/rows", tag = "peers",
+    params(("model" = String, Path, description = "The model name", example = "default")),
+    request_body = RowsAsked,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The rows' values, f32 little-endian", content_type = "application/octet-stream"),
+        (status = 400, description = "A row this replica does not hold, or more than 65 536", body = ErrorBody),
+        (status = 401, description = "No token, or not checkpoint.peer_token", body = ErrorBody),
+        (status = 404, description = "No such model, or off (no checkpoint.peer_token)", body = ErrorBody),
+    ))]
+pub async fn rows(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    check_model(&state, &model)?;
+    let Some(peers) = state.peer_checkpoints.clone() else {
+        return Err(ApiError::NotFound("rows are not served: no checkpoint.peer_token is configured".into()));
+    };
+    if let Err(refusal) = check_bearer(&headers, &peers.token, "peer") {
+        return Ok(refusal);
+    }
+    let asked: RowsAsked = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    if asked.rows.len() > MAX_ROWS_ASKED {
+        return Err(ApiError::BadRequest(format!("{} rows asked; at most {MAX_ROWS_ASKED}", asked.rows.len())));
+    }
+    let snap = state.predictor.serving.load();
+    // Every replica holds the whole model until shards are configured.
+    let values = gathered::answer(&snap.model, Layout::WHOLE, &snap.weights, &asked.rows)
+        .ok_or_else(|| ApiError::BadRequest("a row asked is not a row of this replica's sparse tables".into()))?;
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let headers = [
+        (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+        (header::HeaderName::from_static(POSITION_HEADER), snap.position.to_string()),
+    ];
+    Ok((StatusCode::OK, headers, bytes).into_response())
 }
 
 /// The checkpoint's bytes as a body, read in parts on a blocking thread (two

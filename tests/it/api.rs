@@ -216,6 +216,36 @@ async fn checkpoints_are_listed_newest_first_with_their_counters_also_under_thei
     assert_eq!(old["snapshots"], body["checkpoints"]);
 }
 
+/// The gather's two ends over real HTTP: the shard client asks a replica's
+/// rows endpoint for rows and gets the served weights' rows, bit for bit,
+/// with the served position; without the peer token it gets none.
+#[tokio::test]
+async fn rows_go_to_peers_with_the_token_as_the_served_weights_hold_them() {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+    let (state, _dir) = state_with_checkpoints();
+    let snap = state.predictor.serving.load();
+    let model = snap.model.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = router(state);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let table = (0..model.params().len()).find(|&p| model.params()[p].sparse).unwrap() as u32;
+    let wanted = BTreeMap::from([(0, vec![(table, 3), (table, 60)])]);
+    let cols = |&(p, _): &(u32, u32)| model.params()[p as usize].cols;
+    let shards = |token| {
+        tributary::shard::Shards::new(vec![vec![url.clone()]], token, Duration::from_secs(1), Duration::from_secs(5))
+    };
+    let got = shards(PEER_TOKEN).gather("default", &wanted, cols).await.unwrap();
+    let weights = &snap.weights[table as usize];
+    assert_eq!(got[&0].values, [weights[3], weights[60]]);
+    assert_eq!(got[&0].position, snap.position);
+    let refused = shards("not-the-peer-token-at-all").gather("default", &wanted, cols).await.unwrap_err();
+    assert!(refused.to_string().contains("401"), "{refused}");
+    let beyond = BTreeMap::from([(0, vec![(table, 64)])]);
+    assert!(shards(PEER_TOKEN).gather("default", &beyond, cols).await.unwrap_err().to_string().contains("400"));
+}
+
 #[tokio::test]
 async fn the_newest_checkpoint_goes_to_peers_with_the_token_whole_and_a_few_at_a_time() {
     use tributary::http::peer::DOWNLOADS_AT_ONCE;
