@@ -114,31 +114,25 @@ impl Optimizer {
                     at.step_slice(values, &mut weights[p], [s0, s1]);
                     touch.all(p);
                 }
-                GradValues::Rows { ids, values } if self.layout == Layout::WHOLE => {
-                    for (r, &id) in ids.iter().enumerate() {
-                        if let Some(&ahead) = ids.get(r + PREFETCH_ROWS_AHEAD) {
-                            let at = ahead as usize * cols;
-                            prefetch(&weights[p], at);
-                            self.slots.iter().for_each(|slot| prefetch(&slot[p], at));
-                        }
-                        let row = id as usize * cols..(id as usize + 1) * cols;
-                        let [s0, s1] = slot_slices(&mut self.slots, p, row.clone());
-                        at.step_slice(&values[r * cols..(r + 1) * cols], &mut weights[p][row], [s0, s1]);
-                    }
-                    touch.rows(p, ids);
-                }
-                // A shard steps the rows it holds, at their places in its
-                // tables, and no other.
+                // Each row at its place in the tables: its id, or, for a
+                // shard, the place of a row it holds (the others skipped).
                 GradValues::Rows { ids, values } => {
-                    let mut stepped = Vec::with_capacity(ids.len() / self.layout.count as usize + 1);
+                    let whole = self.layout == Layout::WHOLE;
+                    let mut stepped = Vec::new(); // a shard's places, for `touch`
                     for (r, &id) in ids.iter().enumerate() {
                         let Some(place) = self.layout.place(id) else { continue };
+                        if let Some(ahead) = ids.get(r + PREFETCH_ROWS_AHEAD).and_then(|&a| self.layout.place(a)) {
+                            prefetch(&weights[p], ahead * cols);
+                            self.slots.iter().for_each(|slot| prefetch(&slot[p], ahead * cols));
+                        }
                         let row = place * cols..(place + 1) * cols;
                         let [s0, s1] = slot_slices(&mut self.slots, p, row.clone());
                         at.step_slice(&values[r * cols..(r + 1) * cols], &mut weights[p][row], [s0, s1]);
-                        stepped.push(place as u32);
+                        if !whole {
+                            stepped.push(place as u32);
+                        }
                     }
-                    touch.rows(p, &stepped);
+                    touch.rows(p, if whole { ids } else { &stepped });
                 }
             }
         }

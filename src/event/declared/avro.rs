@@ -18,7 +18,7 @@ use std::borrow::Cow;
 use apache_avro::schema::{Name, Schema};
 use serde_json::Number;
 
-use super::walk::{Leaf, Node, Slots};
+use super::walk::{put, Leaf, Node, Slots};
 use super::Need;
 use crate::event::avro::{avro, Reader};
 use crate::event::SchemaError;
@@ -244,12 +244,7 @@ impl Plan {
         match self {
             Plan::Skip(kind) => skip(r, kind),
             Plan::Leaf { slots: to, kind } => {
-                let value = leaf(r, kind)?;
-                let (&last, others) = to.split_last().expect("a leaf has a slot");
-                for &slot in others {
-                    slots[slot] = Some(value.clone());
-                }
-                slots[last] = Some(value);
+                put(slots, to, leaf(r, kind)?);
                 Ok(())
             }
             Plan::Record(fields) => fields.iter().try_for_each(|field| field.read(r, slots)),

@@ -175,6 +175,16 @@ impl<'de> Visitor<'de> for LeafVisitor {
     }
 }
 
+/// Puts `value` in each of the slots `to` (a path more than one feature
+/// reads), cloned for all but the last.
+pub(super) fn put<'a>(slots: &mut Slots<'a>, to: &[usize], value: Leaf<'a>) {
+    let Some((&last, others)) = to.split_last() else { return };
+    for &slot in others {
+        slots[slot] = Some(value.clone());
+    }
+    slots[last] = Some(value);
+}
+
 /// Fills `slots` from a parsed record, walking `node`'s paths.
 pub(super) fn fill<'a>(node: &Node, value: &'a Value, slots: &mut Slots<'a>) {
     for &slot in &node.slots {
@@ -203,12 +213,9 @@ impl<'de> DeserializeSeed<'de> for NodeSeed<'_, 'de> {
     type Value = ();
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        if let Some((&last, others)) = self.node.slots.split_last().filter(|_| self.node.children.is_empty()) {
+        if !self.node.slots.is_empty() && self.node.children.is_empty() {
             let value = <Leaf<'de> as serde::Deserialize>::deserialize(d)?;
-            for &slot in others {
-                self.slots[slot] = Some(value.clone());
-            }
-            self.slots[last] = Some(value);
+            put(self.slots, &self.node.slots, value);
             return Ok(());
         }
         d.deserialize_any(self)
