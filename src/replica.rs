@@ -34,7 +34,7 @@ use crate::http::peer::PeerCheckpoints;
 use crate::http::{self, AppState};
 use crate::lifecycle::{Backoff, StopRequest};
 use crate::metrics::Metrics;
-use crate::model::Model;
+use crate::model::{Layout, Model};
 use crate::state::ReplicaState;
 use crate::train::Trainer;
 use crate::update_log::control::ControlLog;
@@ -125,7 +125,8 @@ impl Replica {
     ) -> anyhow::Result<Option<Replica>> {
         init_libtorch();
         let config = Arc::new(config);
-        let model = Arc::new(Model::new(&config.model)?);
+        let layout = Layout::new(config.shard.count, config.shard.index).context("shard.index below shard.count")?;
+        let model = Arc::new(Model::new(&config.model)?.with_layout(layout));
         let metrics = Arc::new(Metrics::new(&config.replica_id));
         let store = checkpoint::open(&config)?;
         let Some(state) = restore(&store, &model, &config.checkpoint, &mut shutdown).await? else {

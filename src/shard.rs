@@ -21,7 +21,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::task::JoinSet;
 
-use crate::model::gathered::RowKey;
+use crate::config::Config;
+use crate::event::Features;
+use crate::model::gathered::{self, Gathered, RowKey};
+use crate::model::Model;
 
 /// A shard's answer: the rows' values and the position they were read at.
 #[derive(Debug, PartialEq)]
@@ -40,6 +43,8 @@ pub enum GatherError {
 /// Each shard's replicas (base URLs, `http://host:port`), and how to ask them.
 #[derive(Clone)]
 pub struct Shards {
+    /// The model's name, in the rows endpoint's path.
+    model: String,
     replicas: Vec<Vec<String>>,
     token: String,
     /// Asking the shard's next replica when none answered within this.
@@ -50,12 +55,56 @@ pub struct Shards {
 }
 
 impl Shards {
-    pub fn new(replicas: Vec<Vec<String>>, token: &str, hedge_after: Duration, deadline: Duration) -> Shards {
+    pub fn new(
+        model: &str,
+        replicas: Vec<Vec<String>>,
+        token: &str,
+        hedge_after: Duration,
+        deadline: Duration,
+    ) -> Shards {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(deadline));
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        Shards { replicas, token: token.to_string(), hedge_after, deadline, client }
+        Shards { model: model.to_string(), replicas, token: token.to_string(), hedge_after, deadline, client }
+    }
+
+    /// The other shards of a sharded replica's configuration; `None` for
+    /// one that holds the whole model.
+    pub fn of(config: &Config) -> Option<Shards> {
+        let c = &config.shard;
+        c.is_sharded().then(|| {
+            let ms = Duration::from_millis;
+            let token = config.checkpoint.peer_token.expose();
+            Shards::new(&config.model.name, c.replicas.clone(), token, ms(c.hedge_after_ms), ms(c.deadline_ms))
+        })
+    }
+
+    /// A shard's weights `local` (at `own_position`) with the rows `batch`
+    /// reads gathered from the other shards: the view a forward pass or a
+    /// gradient reads, and the position each shard read was at (this
+    /// shard's included).
+    pub async fn view<'a, B: AsRef<[f32]>>(
+        &self,
+        model: &Model,
+        local: &'a [B],
+        own_position: i64,
+        batch: &[&Features],
+    ) -> Result<(Gathered<'a, B>, BTreeMap<u32, i64>), GatherError> {
+        let layout = model.layout();
+        let wanted = gathered::wanted(model, layout, batch);
+        let cols = |&(param, _): &RowKey| model.params().get(param as usize).map_or(0, |p| p.cols);
+        let answers = self.gather(&wanted, cols).await?;
+        let mut view = Gathered::new(local, layout);
+        let mut positions = BTreeMap::from([(layout.index, own_position)]);
+        for (shard, rows) in &wanted {
+            // `gather` checked each answer's length: taking it cannot fail.
+            if !view.take(model, rows, &answers[shard].values) {
+                return Err(self.unavailable(*shard, "an answer of the wrong length".into()));
+            }
+            positions.insert(*shard, answers[shard].position);
+        }
+        Ok((view, positions))
     }
 
     /// The rows `wanted` of each shard (`model::gathered::wanted`), asked of
@@ -63,15 +112,14 @@ impl Shards {
     /// per row.
     pub async fn gather(
         &self,
-        model: &str,
         wanted: &BTreeMap<u32, Vec<RowKey>>,
         cols: impl Fn(&RowKey) -> usize,
     ) -> Result<BTreeMap<u32, Rows>, GatherError> {
         let mut asks = JoinSet::new();
         for (&shard, rows) in wanted {
-            let (this, model, rows) = (self.clone(), model.to_string(), rows.clone());
+            let (this, rows) = (self.clone(), rows.clone());
             let values = rows.iter().map(&cols).sum::<usize>();
-            asks.spawn(async move { (shard, this.shard_rows(&model, shard, &rows, values).await) });
+            asks.spawn(async move { (shard, this.shard_rows(shard, &rows, values).await) });
         }
         let mut answers = BTreeMap::new();
         while let Some(joined) = asks.join_next().await {
@@ -86,7 +134,7 @@ impl Shards {
     /// One shard's rows: its first replica asked, the next one too each
     /// `hedge_after` without an answer (or at once after a failure), the
     /// first good answer taken.
-    async fn shard_rows(&self, model: &str, shard: u32, rows: &[RowKey], values: usize) -> Result<Rows, GatherError> {
+    async fn shard_rows(&self, shard: u32, rows: &[RowKey], values: usize) -> Result<Rows, GatherError> {
         let replicas = self.replicas.get(shard as usize).filter(|r| !r.is_empty());
         let replicas = replicas.ok_or_else(|| self.unavailable(shard, "no replica configured".into()))?;
         let body = Bytes::from(serde_json::json!({ "rows": rows }).to_string());
@@ -96,7 +144,7 @@ impl Shards {
         loop {
             if next < replicas.len() {
                 let (this, url, body) =
-                    (self.clone(), format!("{}/v1/models/{model}/rows", replicas[next]), body.clone());
+                    (self.clone(), format!("{}/v1/models/{}/rows", replicas[next], self.model), body.clone());
                 tries.spawn(async move { this.ask(&url, body, values).await.map_err(|e| format!("{url}: {e}")) });
                 next += 1;
             }
@@ -196,24 +244,24 @@ mod tests {
         let (fast, _) = replica(Duration::ZERO).await;
         let want = Rows { position: 42, values: vec![10.0, 11.0, 40.0, 41.0] };
         let shards = |second: Vec<String>| {
-            Shards::new(vec![vec![], second], "t", Duration::from_millis(50), Duration::from_secs(2))
+            Shards::new("m", vec![vec![], second], "t", Duration::from_millis(50), Duration::from_secs(2))
         };
         // The first replica slow: the hedge answers, long before it would.
         let started = std::time::Instant::now();
-        let got = shards(vec![slow.clone(), fast.clone()]).gather("m", &wanted(), |_| 2).await.unwrap();
+        let got = shards(vec![slow.clone(), fast.clone()]).gather(&wanted(), |_| 2).await.unwrap();
         assert_eq!(got[&1], want);
         assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
         assert_eq!(slow_asked.load(Ordering::SeqCst), 1);
         // The first replica dead: the next one at once.
-        let got = shards(vec![dead().await, fast.clone()]).gather("m", &wanted(), |_| 2).await.unwrap();
+        let got = shards(vec![dead().await, fast.clone()]).gather(&wanted(), |_| 2).await.unwrap();
         assert_eq!(got[&1], want);
         // No live replica: the shard is named, within the deadline.
-        let err = shards(vec![dead().await, dead().await]).gather("m", &wanted(), |_| 2).await.unwrap_err();
+        let err = shards(vec![dead().await, dead().await]).gather(&wanted(), |_| 2).await.unwrap_err();
         assert!(matches!(err, GatherError::Unavailable { shard: 1, count: 2, .. }), "{err}");
-        let err = shards(vec![slow]).gather("m", &wanted(), |_| 2).await.unwrap_err();
+        let err = shards(vec![slow]).gather(&wanted(), |_| 2).await.unwrap_err();
         assert!(err.to_string().contains("deadline"), "{err}");
         // An answer of the wrong length is no answer.
-        let err = shards(vec![fast]).gather("m", &wanted(), |_| 3).await.unwrap_err();
+        let err = shards(vec![fast]).gather(&wanted(), |_| 3).await.unwrap_err();
         assert!(err.to_string().contains("for 6 values"), "{err}");
     }
 }

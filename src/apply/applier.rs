@@ -92,7 +92,7 @@ impl Applier {
         control: ControlLog,
     ) -> anyhow::Result<Applier> {
         let log = LogReader::new(config)?;
-        let trimmer = match config.checkpoint.trims_update_log() {
+        let trimmer = match config.trims_update_log() {
             true => Some(LogTrimmer::new(log.connection(), &config.replica_id, log.topic())?),
             false => None,
         };
@@ -363,8 +363,13 @@ impl Applier {
 /// (the store's or a peer's) is remembered, so the fleet's attestation of
 /// its position says whether it is theirs.
 fn attestor_of(config: &Config, model: &Model, state: &ReplicaState, control: ControlLog) -> Attestor {
-    let mut attestor =
-        Attestor::new(model.fingerprint(), &config.replica_id, control, tokio::runtime::Handle::current());
+    let mut attestor = Attestor::new(
+        model.fingerprint(),
+        model.layout(),
+        &config.replica_id,
+        control,
+        tokio::runtime::Handle::current(),
+    );
     if state.position > 0 {
         attestor.remember(state.position, model.digest(&state.weights));
     }

@@ -11,12 +11,18 @@
 //! flip): it stops applying, says where and both digests, and is not ready,
 //! rather than serve and learn on weights of its own.
 //!
+//! A shard's weights are its own rows (docs/design.md section 8a): its
+//! attestations say which shard they are of (`shard i of S <digest>`), and
+//! only those of the same layout are compared; a whole model's say the
+//! digest alone, as before shards.
+//!
 //! Owns the remembered digests and the appending; may not touch the state.
 
 use std::collections::BTreeMap;
 
 use tracing::{debug, warn};
 
+use crate::model::Layout;
 use crate::update_log::control::ControlLog;
 use crate::update_log::record::AttestationRecord;
 pub use crate::update_log::record::ATTESTATION_INTERVAL;
@@ -30,13 +36,32 @@ pub struct Attestor {
     replica_id: String,
     control: ControlLog,
     runtime: tokio::runtime::Handle,
+    /// Whose digests this replica's compare with, written before its own:
+    /// empty for the whole model, `shard i of S` for a shard.
+    scope: String,
     /// This replica's weights digest at positions it computed it.
     own: BTreeMap<i64, String>,
 }
 
+/// The layout an attested digest is of, as written before it (empty: the
+/// whole model's), and the digest.
+fn scoped(digest: &str) -> (&str, &str) {
+    digest.rsplit_once(' ').unwrap_or(("", digest))
+}
+
 impl Attestor {
-    pub fn new(fingerprint: u64, replica_id: &str, control: ControlLog, runtime: tokio::runtime::Handle) -> Attestor {
-        Attestor { fingerprint, replica_id: replica_id.to_string(), control, runtime, own: BTreeMap::new() }
+    pub fn new(
+        fingerprint: u64,
+        layout: Layout,
+        replica_id: &str,
+        control: ControlLog,
+        runtime: tokio::runtime::Handle,
+    ) -> Attestor {
+        let scope = match layout == Layout::WHOLE {
+            true => String::new(),
+            false => format!("shard {} of {}", layout.index, layout.count),
+        };
+        Attestor { fingerprint, replica_id: replica_id.to_string(), control, runtime, scope, own: BTreeMap::new() }
     }
 
     /// Remembers this replica's `digest` at `position`, to compare with the
@@ -52,6 +77,10 @@ impl Attestor {
     /// background (a lost attestation only leaves a position unchecked).
     pub fn attest(&mut self, position: i64, digest: String) {
         self.remember(position, digest.clone());
+        let digest = match self.scope.is_empty() {
+            true => digest,
+            false => format!("{} {digest}", self.scope),
+        };
         let record =
             AttestationRecord { fingerprint: self.fingerprint, position, digest, producer: self.replica_id.clone() };
         let control = self.control.clone();
@@ -66,10 +95,11 @@ impl Attestor {
     /// Why this replica's weights are not the fleet's, if `r` (read at
     /// `offset`) says another digest at a position this replica knows its own.
     pub fn disagreement(&self, offset: i64, r: &AttestationRecord) -> Option<String> {
-        if r.fingerprint != self.fingerprint {
+        let (scope, theirs) = scoped(&r.digest);
+        if r.fingerprint != self.fingerprint || scope != self.scope {
             return None;
         }
-        let own = self.own.get(&r.position).filter(|own| **own != r.digest)?;
+        let own = self.own.get(&r.position).filter(|own| *own != theirs)?;
         Some(format!(
             "at update-log position {p} this replica's weights digest is {own}, but replica {producer} attested \
              {theirs} (the attestation at offset {offset}): this replica's weights are not the fleet's, and \
@@ -78,7 +108,6 @@ impl Attestor {
              again from a checkpoint of the fleet's (another peer, or the shared store), or afresh",
             p = r.position,
             producer = r.producer,
-            theirs = r.digest,
         ))
     }
 }
@@ -88,10 +117,14 @@ mod tests {
     use super::*;
 
     fn attestor() -> Attestor {
+        attestor_of(Layout::WHOLE)
+    }
+
+    fn attestor_of(layout: Layout) -> Attestor {
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let connection = crate::update_log::kafka::Connection::plain("127.0.0.1:1");
         let control = ControlLog::new(&connection, "updates", "r0").unwrap();
-        Attestor::new(7, "r0", control, runtime.handle().clone())
+        Attestor::new(7, layout, "r0", control, runtime.handle().clone())
     }
 
     fn record(position: i64, digest: &str, fingerprint: u64) -> AttestationRecord {
@@ -107,6 +140,20 @@ mod tests {
         assert!(a.disagreement(1200, &record(1000, "bbbb", 8)).is_none(), "another model's");
         let why = a.disagreement(1200, &record(1000, "bbbb", 7)).unwrap();
         assert!(why.contains("position 1000") && why.contains("aaaa") && why.contains("bbbb"), "{why}");
+    }
+
+    #[test]
+    fn a_shard_compares_digests_of_its_own_shard_only() {
+        let mut a = attestor_of(Layout::new(2, 1).unwrap());
+        a.remember(1000, "aaaa".into());
+        assert!(a.disagreement(1200, &record(1000, "shard 1 of 2 aaaa", 7)).is_none(), "its twin");
+        assert!(a.disagreement(1200, &record(1000, "shard 0 of 2 bbbb", 7)).is_none(), "the other shard");
+        assert!(a.disagreement(1200, &record(1000, "bbbb", 7)).is_none(), "a whole replica");
+        assert!(a.disagreement(1200, &record(1000, "shard 1 of 4 bbbb", 7)).is_none(), "a shard of a grown fleet");
+        assert!(a.disagreement(1200, &record(1000, "shard 1 of 2 bbbb", 7)).is_some(), "its twin, otherwise");
+        let mut whole = attestor();
+        whole.remember(1000, "aaaa".into());
+        assert!(whole.disagreement(1200, &record(1000, "shard 0 of 2 bbbb", 7)).is_none());
     }
 
     #[test]

@@ -99,13 +99,7 @@ pub(super) fn decode(model: &Model, bytes: &[u8], location: &str) -> Result<Repl
         let differs = settings.map_or_else(Vec::new, |s| settings_diff(model.settings(), &s, "in the checkpoint"));
         return Err(CheckpointError::OtherModel { location: location.into(), differs });
     }
-    // Before format 4, every checkpoint was of the whole model.
-    let layout = match r.version >= 4 {
-        true => Layout::new(r.u32()?, r.u32()?)
-            .filter(|l| l.count > 0)
-            .ok_or_else(|| CheckpointError::Corrupt(location.into()))?,
-        false => Layout::WHOLE,
-    };
+    let layout = r.layout()?;
     let mut watermarks = BTreeMap::new();
     for _ in 0..r.u32()? {
         let p = r.i32()?;
@@ -123,7 +117,7 @@ pub(super) fn decode(model: &Model, bytes: &[u8], location: &str) -> Result<Repl
     }
     optimizer.steps = counters[4];
     r.at_end()?;
-    Ok(ReplicaState {
+    let state = ReplicaState {
         position,
         watermarks,
         examples_learned: counters[0],
@@ -134,6 +128,14 @@ pub(super) fn decode(model: &Model, bytes: &[u8], location: &str) -> Result<Repl
         loss_sum,
         weights,
         optimizer,
+    };
+    // A replica of shard `ours` takes its rows of a checkpoint that holds
+    // them (the whole model's, or the shard it splits as a fleet grows).
+    let ours = model.layout();
+    state.narrowed_to(model, ours).ok_or_else(|| CheckpointError::OtherLayout {
+        location: location.into(),
+        theirs: layout,
+        ours,
     })
 }
 
@@ -170,6 +172,16 @@ impl<'a> Body<'a> {
         let s = &self.body[self.at..end];
         self.at = end;
         Ok(s)
+    }
+
+    /// The shard layout of format 4; before it, every checkpoint was of the
+    /// whole model.
+    fn layout(&mut self) -> Result<Layout, CheckpointError> {
+        if self.version < 4 {
+            return Ok(Layout::WHOLE);
+        }
+        let layout = Layout::new(self.u32()?, self.u32()?).filter(|l| l.count > 0);
+        layout.ok_or_else(|| CheckpointError::Corrupt(self.location.into()))
     }
 
     fn u64(&mut self) -> Result<u64, CheckpointError> {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::config::{CheckpointStore, Config};
-use crate::model::Model;
+use crate::model::{Layout, Model};
 use crate::state::ReplicaState;
 
 use self::format::{decode, OLDEST_VERSION, VERSION};
@@ -45,6 +45,13 @@ pub enum CheckpointError {
         /// for a checkpoint of format 2, which does not carry them).
         differs: Vec<String>,
     },
+    /// A checkpoint of a shard layout that does not hold this replica's rows.
+    #[error(
+        "checkpoint {location} is of shard {} of {}, which does not hold the rows of this replica's shard {} of {} \
+         (a shard starts from its own shard's checkpoints, or from those of the shard it splits when a fleet grows)",
+        .theirs.index, .theirs.count, .ours.index, .ours.count
+    )]
+    OtherLayout { location: String, theirs: Layout, ours: Layout },
     /// A `postgres://` store whose URL does not parse (shown without its password).
     #[error("checkpoint store URL {0:?} is not a valid PostgreSQL URL")]
     Url(String),
@@ -131,11 +138,13 @@ pub fn open(config: &Config) -> Result<SharedStore, CheckpointError> {
         CheckpointStore::StateDir => local(&c.state_dir),
         CheckpointStore::Directory(dir) => local(dir),
         CheckpointStore::Postgres(url) => {
-            let scope = postgres::Scope {
-                model: config.model.name.clone(),
-                log: config.kafka.updates_topic.clone(),
-                writer: config.replica_id.clone(),
+            // A shard's checkpoints are its own (and hold only its rows).
+            let model = match config.shard.is_sharded() {
+                true => format!("{} (shard {} of {})", config.model.name, config.shard.index, config.shard.count),
+                false => config.model.name.clone(),
             };
+            let scope =
+                postgres::Scope { model, log: config.kafka.updates_topic.clone(), writer: config.replica_id.clone() };
             Ok(Arc::new(PgStore::open(url.expose(), scope, c.keep, every)?))
         }
     }
@@ -249,13 +258,20 @@ pub(crate) mod tests {
 
     #[test]
     fn a_shards_checkpoint_holds_its_rows_and_says_its_layout() {
-        let model = Model::new(&ModelConfig::small(ModelKind::WideDeep)).expect("a built-in model");
+        let whole = Model::new(&ModelConfig::small(ModelKind::WideDeep)).expect("a built-in model");
         let layout = crate::model::Layout::new(3, 2).unwrap();
-        let state = ReplicaState::initial_of(&model, layout);
+        let model = whole.clone().with_layout(layout);
+        let state = ReplicaState::initial(&model);
         let encoded = encode(&model, &state);
-        assert!(encoded.len() < encode(&model, &ReplicaState::initial(&model)).len(), "a third of the rows");
+        assert!(encoded.len() < encode(&whole, &ReplicaState::initial(&whole)).len(), "a third of the rows");
         let decoded = decode(&model, &encoded, "shard").unwrap();
         assert_eq!((decoded.optimizer.layout, &decoded), (layout, &state));
+        // Another shard's checkpoint is refused, naming both layouts; the
+        // whole model's is narrowed to the shard's rows (a fleet growing).
+        let err = decode(&whole.clone().with_layout(crate::model::Layout::new(3, 1).unwrap()), &encoded, "shard");
+        assert!(err.unwrap_err().to_string().contains("shard 2 of 3"));
+        let from_whole = decode(&model, &encode(&whole, &ReplicaState::initial(&whole)), "whole").unwrap();
+        assert_eq!(from_whole, state);
     }
 
     #[test]

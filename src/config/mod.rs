@@ -14,6 +14,7 @@ mod kafka;
 mod model;
 mod secret;
 mod sections;
+mod shard;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -29,6 +30,7 @@ pub use kafka::{EventFormat, KafkaConfig, PROTECTED_CLIENT_PROPERTIES};
 pub use model::{Loss, ModelConfig, ModelKind, OptimizerKind, StalenessScaling};
 pub use secret::Secret;
 pub use sections::{ApplyConfig, GrpcConfig, GuardConfig, HttpConfig, TrainConfig, MAX_RECORD_BYTES};
+pub use shard::ShardConfig;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,6 +45,7 @@ pub struct Config {
     pub checkpoint: CheckpointConfig,
     pub http: HttpConfig,
     pub grpc: GrpcConfig,
+    pub shard: ShardConfig,
 }
 
 impl Default for Config {
@@ -57,6 +60,7 @@ impl Default for Config {
             checkpoint: CheckpointConfig::default(),
             http: HttpConfig::default(),
             grpc: GrpcConfig::default(),
+            shard: ShardConfig::default(),
         }
     }
 }
@@ -111,9 +115,11 @@ impl Config {
     /// Not with `staleness_scaling` (which counts every record since a
     /// gradient's base as unseen, its own too), nor a TorchScript model
     /// (its module takes whole weights), nor with swaps off (the served
-    /// weights then never include the trainer's records).
+    /// weights then never include the trainer's records), nor a shard (the
+    /// rows it gathers from the others are not its to step).
     pub fn trainer_overlaps(&self) -> bool {
         self.train.max_in_flight > 1
+            && !self.shard.is_sharded()
             && self.model.staleness_scaling == StalenessScaling::None
             && self.model.torchscript_path.as_os_str().is_empty()
             && self.apply.max_swaps_per_sec > 0.0
@@ -180,10 +186,44 @@ impl Config {
         self.checkpoint.validate()?;
         self.http.validate()?;
         self.grpc.socket_addr()?;
+        self.shard.validate()?;
+        self.validate_shards()?;
         if self.replica_id.is_empty() || self.replica_id.len() > 255 {
             return Err(ConfigError::Invalid("replica_id must be 1 to 255 bytes".into()));
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// What a sharded replica needs of the other sections.
+    fn validate_shards(&self) -> Result<(), ConfigError> {
+        if !self.shard.is_sharded() {
+            return Ok(());
+        }
+        let bad = |msg: &str| Err(ConfigError::Invalid(msg.to_string()));
+        if self.model.kind == ModelKind::TorchScript {
+            return bad("a TorchScript model cannot be sharded (its module reads whole tables): shard.count must be 1");
+        }
+        if self.checkpoint.peer_token.is_empty() {
+            return bad("a sharded replica needs checkpoint.peer_token: shards gather rows from each other with it");
+        }
+        if self.shard.count > self.model.buckets {
+            return bad("shard.count must be at most model.buckets: a shard of no rows holds nothing");
+        }
+        if self.checkpoint.trim_update_log == TrimUpdateLog::On {
+            return bad(
+                "checkpoint.trim_update_log = \"on\" cannot be used with shards: each shard's checkpoints are its own, \
+                 and one shard trimming the log could remove what another still needs to recover",
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether this replica trims the update log after its checkpoints:
+    /// never for a shard (see `validate_shards`).
+    pub fn trims_update_log(&self) -> bool {
+        !self.shard.is_sharded() && self.checkpoint.trims_update_log()
     }
 }
 

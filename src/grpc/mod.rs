@@ -80,20 +80,21 @@ impl InferenceService {
     }
 
     /// Tensors in, predictions out, as REST V2 does it.
-    fn infer(&self, request: proto::ModelInferRequest) -> Result<proto::ModelInferResponse, ServeError> {
+    async fn infer(&self, request: proto::ModelInferRequest) -> Result<proto::ModelInferResponse, ServeError> {
         self.predictor.check_model(&request.model_name)?;
         if let Some(other) = request.outputs.iter().find(|o| o.name != OUTPUT) {
             return Err(ServeError::BadRequest(format!("unknown output {:?}; the model has {OUTPUT:?}", other.name)));
         }
         let inputs = tensors(request.inputs, request.raw_input_contents)?;
-        let snap = self.predictor.serving.load();
+        let snap = self.predictor.serving.load_full();
         let c = snap.model.config();
         let instances = tensor::instances(&inputs, tensor::ModelInputs::of(c), self.predictor.max_batch)?;
-        let predictions = self.predictor.predict_rows(&snap, instances)?;
+        let predicted = self.predictor.predict_rows(&snap, instances).await?;
+        let (predictions, model_version) = (predicted.predictions, predicted.model_version);
         let n = predictions.len() as i64;
         Ok(proto::ModelInferResponse {
             model_name: request.model_name,
-            model_version: snap.position.to_string(),
+            model_version: model_version.to_string(),
             id: request.id,
             parameters: HashMap::new(),
             outputs: vec![InferOutputTensor {
@@ -146,6 +147,7 @@ fn status(e: ServeError) -> Status {
     match e {
         ServeError::BadRequest(message) => Status::invalid_argument(message),
         ServeError::NotFound(message) => Status::not_found(message),
+        ServeError::Unavailable(message) => Status::unavailable(message),
         ServeError::Internal(detail) => {
             tracing::error!(detail, "internal error answering a gRPC request");
             Status::internal("internal error")
@@ -231,7 +233,8 @@ impl GrpcInferenceService for InferenceService {
         request: Request<proto::ModelInferRequest>,
     ) -> Result<Response<proto::ModelInferResponse>, Status> {
         let request = request.into_inner();
-        self.counted("/inference.GRPCInferenceService/ModelInfer", async { self.infer(request).map_err(status) }).await
+        self.counted("/inference.GRPCInferenceService/ModelInfer", async { self.infer(request).await.map_err(status) })
+            .await
     }
 }
 

@@ -50,6 +50,7 @@ impl From<ServeError> for ApiError {
             ServeError::BadRequest(m) => ApiError::BadRequest(m),
             ServeError::NotFound(m) => ApiError::NotFound(m),
             ServeError::Internal(m) => ApiError::Internal(m),
+            ServeError::Unavailable(m) => ApiError::Unavailable(m),
         }
     }
 }

@@ -335,8 +335,13 @@ pub struct PredictRequest {
 pub struct PredictResponse {
     /// One per instance: a probability under log-loss, else the raw output.
     predictions: Vec<f32>,
-    /// The update-log position of the weights that answered.
+    /// The update-log position of the weights that answered (of a
+    /// sharded fleet: the lowest among the shards read).
     model_version: i64,
+    /// Of a sharded fleet: the position each shard's rows were read at,
+    /// by shard index.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shard_versions: Option<std::collections::BTreeMap<u32, i64>>,
 }
 
 /// Predictions for a batch of instances (KServe V1).
@@ -348,6 +353,7 @@ pub struct PredictResponse {
         (status = 400, description = "A bad body or instance, named by index", body = ErrorBody),
         (status = 404, body = ErrorBody),
         (status = 413, body = ErrorBody),
+        (status = 503, description = "A shard the instances read has no replica answering, named", body = ErrorBody),
     ))]
 async fn predict(
     State(state): State<AppState>,
@@ -364,9 +370,13 @@ async fn predict(
     let body = body_bytes(&state, body)?;
     let request: PredictRequest =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))?;
-    let snap = state.predictor.serving.load();
-    let predictions = state.predictor.predict(&snap, request.instances)?;
-    Ok(Json(PredictResponse { predictions, model_version: snap.position }))
+    let snap = state.predictor.serving.load_full();
+    let p = state.predictor.predict(&snap, request.instances).await?;
+    Ok(Json(PredictResponse {
+        predictions: p.predictions,
+        model_version: p.model_version,
+        shard_versions: p.shard_versions,
+    }))
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use super::admin::check_bearer;
 use super::{check_model, ApiError, AppState, ErrorBody};
 use crate::checkpoint::{CheckpointInfo, SharedStore};
-use crate::model::{gathered, Layout};
+use crate::model::gathered;
 
 /// Checkpoints sent at once; one more is answered 429.
 pub const DOWNLOADS_AT_ONCE: usize = 2;
@@ -130,9 +130,13 @@ pub async fn rows(
         return Err(ApiError::BadRequest(format!("{} rows asked; at most {MAX_ROWS_ASKED}", asked.rows.len())));
     }
     let snap = state.predictor.serving.load();
-    // Every replica holds the whole model until shards are configured.
-    let values = gathered::answer(&snap.model, Layout::WHOLE, &snap.weights, &asked.rows)
-        .ok_or_else(|| ApiError::BadRequest("a row asked is not a row of this replica's sparse tables".into()))?;
+    let layout = snap.model.layout();
+    let values = gathered::answer(&snap.model, layout, &snap.weights, &asked.rows).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "a row asked is not a row this replica holds (shard {} of {})",
+            layout.index, layout.count
+        ))
+    })?;
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     let headers = [
         (header::CONTENT_TYPE, "application/octet-stream".to_string()),

@@ -137,6 +137,9 @@ pub struct Model {
     featurizer: Featurizer,
     settings: Settings,
     fingerprint: u64,
+    /// The rows of the sparse tables this replica holds: not a setting (the
+    /// log and its records are the same whatever the layout).
+    layout: Layout,
 }
 
 /// The named settings that decide what a weight and a gradient record mean
@@ -242,7 +245,18 @@ impl Model {
         };
         let settings = settings_of(config, &params, script);
         let fingerprint = fingerprint_of(&settings);
-        Ok(Model { featurizer: Featurizer::new(config), config: config.clone(), params, arch, settings, fingerprint })
+        let featurizer = Featurizer::new(config);
+        Ok(Model { featurizer, config: config.clone(), params, arch, settings, fingerprint, layout: Layout::WHOLE })
+    }
+
+    /// The same model as a replica of shard `layout` holds it.
+    pub fn with_layout(self, layout: Layout) -> Model {
+        Model { layout, ..self }
+    }
+
+    /// The rows of the sparse tables this replica holds.
+    pub fn layout(&self) -> Layout {
+        self.layout
     }
 
     pub fn config(&self) -> &ModelConfig {

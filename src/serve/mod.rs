@@ -10,6 +10,7 @@
 pub mod metadata;
 pub mod tensor;
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -17,6 +18,8 @@ use serde_json::Value;
 
 use crate::config::Config;
 use crate::event::{Features, Featurizer, SchemaError};
+use crate::model::Layout;
+use crate::shard::Shards;
 use crate::snapshot::{Serving, Snapshot};
 
 /// Why a request could not be served, in the protocol's neutral terms.
@@ -32,6 +35,22 @@ pub enum ServeError {
     /// The model failed: logged, never sent.
     #[error("internal error")]
     Internal(String),
+    /// A shard whose rows the request reads has no replica answering: the
+    /// message names it. Never a prediction from rows missing.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Predictions, and the weights that made them.
+#[derive(Debug)]
+pub struct Predicted {
+    pub predictions: Vec<f32>,
+    /// The update-log position of the weights that answered: for a shard,
+    /// the lowest among the shards it read.
+    pub model_version: i64,
+    /// For a shard, the position each shard's rows were read at (its own
+    /// included); `None` for a replica that holds the whole model.
+    pub shard_versions: Option<BTreeMap<u32, i64>>,
 }
 
 /// The served model, for every protocol.
@@ -43,11 +62,21 @@ pub struct Predictor {
     pub model_name: Arc<str>,
     /// Most instances in one request (`http.max_batch`).
     pub max_batch: usize,
+    /// The other shards, whose rows a shard's predictions gather; `None`
+    /// for a replica that holds the whole model.
+    pub shards: Option<Arc<Shards>>,
 }
 
 impl Predictor {
     pub fn new(serving: Serving, ready: Arc<AtomicBool>, config: &Config) -> Predictor {
-        Predictor { serving, ready, model_name: config.model.name.as_str().into(), max_batch: config.http.max_batch }
+        let shards = Shards::of(config).map(Arc::new);
+        Predictor {
+            serving,
+            ready,
+            model_name: config.model.name.as_str().into(),
+            max_batch: config.http.max_batch,
+            shards,
+        }
     }
 
     pub fn is_ready(&self) -> bool {
@@ -64,26 +93,26 @@ impl Predictor {
     }
 
     /// Predictions of `snap` for the rows of a tensor request.
-    pub fn predict_rows(&self, snap: &Snapshot, rows: tensor::Rows) -> Result<Vec<f32>, ServeError> {
+    pub async fn predict_rows(&self, snap: &Snapshot, rows: tensor::Rows) -> Result<Predicted, ServeError> {
         match rows {
-            tensor::Rows::Records(records) => self.predict(snap, records),
-            tensor::Rows::Fixed(instances) => self.predict_with(snap, instances, Featurizer::fixed_instance),
+            tensor::Rows::Records(records) => self.predict(snap, records).await,
+            tensor::Rows::Fixed(instances) => self.predict_with(snap, instances, Featurizer::fixed_instance).await,
         }
     }
 
     /// Predictions of `snap` for `instances` (V1 instances: records read
     /// through the declared features, or the fixed schema's; each checked
     /// against the model, a bad one named by its index).
-    pub fn predict(&self, snap: &Snapshot, instances: Vec<Value>) -> Result<Vec<f32>, ServeError> {
-        self.predict_with(snap, instances, Featurizer::instance)
+    pub async fn predict(&self, snap: &Snapshot, instances: Vec<Value>) -> Result<Predicted, ServeError> {
+        self.predict_with(snap, instances, Featurizer::instance).await
     }
 
-    fn predict_with(
+    async fn predict_with(
         &self,
         snap: &Snapshot,
         instances: Vec<Value>,
         read: fn(&Featurizer, Value) -> Result<Features, SchemaError>,
-    ) -> Result<Vec<f32>, ServeError> {
+    ) -> Result<Predicted, ServeError> {
         let n = instances.len();
         if n == 0 {
             return Err(ServeError::BadRequest("instances is empty".into()));
@@ -98,7 +127,26 @@ impl Predictor {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let batch: Vec<&Features> = features.iter().collect();
-        (snap.model.predict_batch(Some(snap.position), &snap.weights, &batch))
-            .map_err(|e| ServeError::Internal(format!("the model failed: {e}")))
+        match &self.shards {
+            Some(shards) if snap.model.layout() != Layout::WHOLE => Self::predict_gathered(shards, snap, &batch).await,
+            _ => Ok(Predicted {
+                predictions: (snap.model.predict_batch(Some(snap.position), &snap.weights, &batch))
+                    .map_err(|e| ServeError::Internal(format!("the model failed: {e}")))?,
+                model_version: snap.position,
+                shard_versions: None,
+            }),
+        }
+    }
+
+    /// A shard's predictions: its own rows, and the other shards' rows the
+    /// batch reads gathered from them (docs/design.md section 8a).
+    async fn predict_gathered(shards: &Shards, snap: &Snapshot, batch: &[&Features]) -> Result<Predicted, ServeError> {
+        let (view, positions) = (shards.view(&snap.model, &snap.weights, snap.position, batch).await)
+            .map_err(|e| ServeError::Unavailable(e.to_string()))?;
+        Ok(Predicted {
+            predictions: batch.iter().map(|f| snap.model.predict_on(&view, f)).collect(),
+            model_version: positions.values().copied().min().unwrap_or(snap.position),
+            shard_versions: Some(positions),
+        })
     }
 }

@@ -19,6 +19,7 @@
 //! watermarks if the record says the events since are skipped.
 
 pub mod optim;
+mod reshard;
 
 use std::collections::BTreeMap;
 
@@ -121,7 +122,7 @@ pub enum Outcome {
 
 impl ReplicaState {
     pub fn initial(model: &Model) -> ReplicaState {
-        ReplicaState::initial_of(model, Layout::WHOLE)
+        ReplicaState::initial_of(model, model.layout())
     }
 
     /// The initial state of the shard `layout`: the unsharded replica's

@@ -1,6 +1,8 @@
 //! A batch's gradient at the weights the trainer sees (the served snapshot,
-//! with its records in flight stepped on when it overlaps), checked as the
-//! applier will check it, with the events refused alone taken out.
+//! with its records in flight stepped on when it overlaps; for a shard,
+//! with the rows of the other shards the batch reads gathered from them),
+//! checked as the applier will check it, with the events refused alone
+//! taken out.
 //!
 //! Part of the trainer (an `impl Trainer`); changes no weights.
 
@@ -10,10 +12,15 @@ use super::dead_letter::Refusal;
 use super::overlay::Overlaid;
 use super::read_ahead::Batch;
 use super::Trainer;
-use crate::event::Example;
+use crate::event::{Example, Features};
+use crate::model::gathered::Gathered;
 use crate::model::Gradient;
 use crate::snapshot::Snapshot;
 use crate::state::check_gradient;
+
+/// How long a trainer waits after a failed gather before it reads the
+/// batch again.
+const GATHER_RETRY_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// The weights a gradient is computed at.
 enum At<'a> {
@@ -21,6 +28,8 @@ enum At<'a> {
     Served(&'a Snapshot),
     /// The served snapshot with the trainer's records in flight stepped on.
     Overlaid(Overlaid<'a>),
+    /// A shard's served snapshot with the other shards' rows it reads.
+    Gathered(Gathered<'a, Vec<f32>>),
 }
 
 impl Trainer {
@@ -34,6 +43,7 @@ impl Trainer {
         let gradient = match at {
             At::Served(snapshot) => self.model.gradient_at(Some(snapshot.position), &snapshot.weights, examples),
             At::Overlaid(weights) => self.model.gradient_on(weights, examples),
+            At::Gathered(weights) => self.model.gradient_on(weights, examples),
         };
         let gradient = gradient.map_err(|e| Refusal::Failed(e.to_string()))?;
         check_gradient(&self.model, examples.len() as u32, gradient.loss_sum, &gradient.tensors)
@@ -49,15 +59,34 @@ impl Trainer {
     /// go to the dead-letter topic and count as skipped, and the rest are
     /// learned. (The rest's gradient is the sum of gradients each within the
     /// per-example bound, so it is within the batch's.)
-    pub(super) fn gradient(&mut self, batch: &mut Batch) -> (i64, Gradient) {
+    /// `None`: a shard's rows could not be gathered (the batch is read
+    /// again).
+    pub(super) fn gradient(&mut self, batch: &mut Batch) -> Option<(i64, Gradient)> {
         let snapshot = self.serving.load_full();
-        let overlaid = self.overlay.as_mut().and_then(|overlay| {
-            overlay.retire(&snapshot.watermarks);
-            overlay.over(&self.model, &snapshot, &batch.examples)
-        });
-        let at = overlaid.map_or(At::Served(&snapshot), At::Overlaid);
+        let at = match &self.shards {
+            Some((shards, runtime)) => {
+                let features: Vec<&Features> = batch.examples.iter().map(|e| &e.features).collect();
+                let view = shards.view(&self.model, &snapshot.weights, snapshot.position, &features);
+                match runtime.block_on(view) {
+                    Ok((view, _)) => At::Gathered(view),
+                    Err(e) => {
+                        warn!(error = %e, "cannot gather the batch's rows from the other shards: reading it again");
+                        // The shard's replicas are away: not a loop at full speed.
+                        std::thread::sleep(GATHER_RETRY_AFTER);
+                        return None;
+                    }
+                }
+            }
+            None => {
+                let overlaid = self.overlay.as_mut().and_then(|overlay| {
+                    overlay.retire(&snapshot.watermarks);
+                    overlay.over(&self.model, &snapshot, &batch.examples)
+                });
+                overlaid.map_or(At::Served(&snapshot), At::Overlaid)
+            }
+        };
         let refusal = match self.checked_gradient(&at, &batch.examples) {
-            Ok(gradient) => return (snapshot.position, gradient),
+            Ok(gradient) => return Some((snapshot.position, gradient)),
             Err(refusal) => refusal,
         };
         warn!(ranges = ?batch.ranges, events = batch.examples.len(), reason = %refusal,
@@ -70,7 +99,7 @@ impl Trainer {
             self.intake.refuse_event(&batch.sources.remove(*i), refusal);
             batch.skipped += 1;
         }
-        match self.checked_gradient(&at, &batch.examples) {
+        Some(match self.checked_gradient(&at, &batch.examples) {
             Ok(gradient) => (snapshot.position, gradient),
             Err(refusal) => {
                 // Not reached while the gradient is a sum over events; if it
@@ -82,6 +111,6 @@ impl Trainer {
                 batch.sources.clear();
                 (snapshot.position, Gradient::default())
             }
-        }
+        })
     }
 }

@@ -57,6 +57,7 @@ use crate::config::{Config, TrainConfig};
 use crate::lifecycle::StopRequest;
 use crate::metrics::Metrics;
 use crate::model::Model;
+use crate::shard::Shards;
 use crate::snapshot::Serving;
 use crate::update_log::record::RecordMeta;
 
@@ -75,6 +76,9 @@ pub struct Trainer {
     /// gradients see (`Config::trainer_overlaps`); `None`: each gradient
     /// waits until the served weights include its previous record.
     overlay: Option<Overlay>,
+    /// For a shard: the other shards, whose rows each batch reads, and the
+    /// runtime their gather runs on; `None` for the whole model.
+    shards: Option<(Shards, tokio::runtime::Handle)>,
     config: TrainConfig,
     replica_id: String,
     progress: Arc<Progress>,
@@ -109,6 +113,8 @@ impl Trainer {
             model,
             serving,
             overlay: config.trainer_overlaps().then(Overlay::default),
+            // Built inside the replica's runtime (`Replica::build`).
+            shards: Shards::of(config).map(|shards| (shards, tokio::runtime::Handle::current())),
             config: config.train.clone(),
             replica_id: config.replica_id.clone(),
             state_jumps_seen,
@@ -265,11 +271,12 @@ impl Trainer {
     }
 
     /// Sends `batch` as one gradient record; false if the producer's queue
-    /// refuses it, or if the record would be too large (then the batch limit
-    /// is halved, and its events are read again into smaller batches).
+    /// refuses it, if the record would be too large (then the batch limit
+    /// is halved, and its events are read again into smaller batches), or if
+    /// a shard's rows could not be gathered.
     fn send(&mut self, mut batch: Batch) -> bool {
         let started = Instant::now();
-        let (base, gradient) = self.gradient(&mut batch);
+        let Some((base, gradient)) = self.gradient(&mut batch) else { return false };
         self.stages.observe(Stage::Gradient, started);
         let started = Instant::now();
         let meta = RecordMeta {

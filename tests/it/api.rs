@@ -234,16 +234,17 @@ async fn rows_go_to_peers_with_the_token_as_the_served_weights_hold_them() {
     let wanted = BTreeMap::from([(0, vec![(table, 3), (table, 60)])]);
     let cols = |&(p, _): &(u32, u32)| model.params()[p as usize].cols;
     let shards = |token| {
-        tributary::shard::Shards::new(vec![vec![url.clone()]], token, Duration::from_secs(1), Duration::from_secs(5))
+        let replicas = vec![vec![url.clone()]];
+        tributary::shard::Shards::new("default", replicas, token, Duration::from_secs(1), Duration::from_secs(5))
     };
-    let got = shards(PEER_TOKEN).gather("default", &wanted, cols).await.unwrap();
+    let got = shards(PEER_TOKEN).gather(&wanted, cols).await.unwrap();
     let weights = &snap.weights[table as usize];
     assert_eq!(got[&0].values, [weights[3], weights[60]]);
     assert_eq!(got[&0].position, snap.position);
-    let refused = shards("not-the-peer-token-at-all").gather("default", &wanted, cols).await.unwrap_err();
+    let refused = shards("not-the-peer-token-at-all").gather(&wanted, cols).await.unwrap_err();
     assert!(refused.to_string().contains("401"), "{refused}");
     let beyond = BTreeMap::from([(0, vec![(table, 64)])]);
-    assert!(shards(PEER_TOKEN).gather("default", &beyond, cols).await.unwrap_err().to_string().contains("400"));
+    assert!(shards(PEER_TOKEN).gather(&beyond, cols).await.unwrap_err().to_string().contains("400"));
 }
 
 #[tokio::test]

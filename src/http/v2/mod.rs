@@ -30,6 +30,7 @@ use utoipa::ToSchema;
 use super::{body_bytes, check_model, ApiError, AppState, ErrorBody};
 use crate::serve::metadata::{ModelMetadata, ServerMetadata, OUTPUT};
 use crate::serve::tensor::{self, Elements, Tensor};
+use crate::serve::Predicted;
 
 /// Server metadata.
 #[utoipa::path(get, path = "/v2", tag = "kserve-v2", responses((status = 200, body = ServerMetadata)))]
@@ -155,6 +156,7 @@ pub struct InferResponse {
         (status = 400, description = "A bad tensor, named", body = ErrorBody),
         (status = 404, body = ErrorBody),
         (status = 413, body = ErrorBody),
+        (status = 503, description = "A shard the inputs read has no replica answering, named", body = ErrorBody),
     ))]
 pub async fn infer(
     State(state): State<AppState>,
@@ -166,15 +168,15 @@ pub async fn infer(
     let body = body_bytes(&state, body)?;
     let (request, inputs) = parse_request(&body, &headers)?;
     let binary_output = wants_binary_output(&request)?;
-    let snap = state.predictor.serving.load();
+    let snap = state.predictor.serving.load_full();
     let c = snap.model.config();
     let instances = tensor::instances(&inputs, tensor::ModelInputs::of(c), state.predictor.max_batch)?;
-    let predictions = state.predictor.predict_rows(&snap, instances)?;
+    let Predicted { predictions, model_version, .. } = state.predictor.predict_rows(&snap, instances).await?;
     let n = predictions.len() as i64;
     let mut output = InferOutput { name: OUTPUT, datatype: "FP32", shape: vec![n], data: None, parameters: None };
     let respond = |outputs| InferResponse {
         model_name: model,
-        model_version: snap.position.to_string(),
+        model_version: model_version.to_string(),
         id: request.id,
         outputs,
     };
