@@ -15,19 +15,19 @@
 //! 3. [`update_log`]: the `updates` log: record format, Kafka clients, topics.
 //! 4. [`state`]: what a replica learned, the apply rule and the optimizer.
 //! 5. [`metrics`]; [`checkpoint`]: stores of the state, for recovery;
-//!    [`snapshot`]: the serving snapshot behind arc-swap and its publisher;
-//!    [`shard`]: the other shards of a sharded fleet, and the gather of rows
-//!    from them.
-//! 6. [`apply`]: the applier, the one writer of the state, and the narrow
+//!    [`snapshot`]: the serving snapshot behind arc-swap and its publisher.
+//! 6. [`shard`]: the other shards of a sharded fleet, and the gather of rows
+//!    from them (counted in `metrics`).
+//! 7. [`apply`]: the applier, the one writer of the state, and the narrow
 //!    handle the HTTP layer acts through; [`produce`]: `tributary produce`;
 //!    [`serve`]: serving whatever the protocol (predict over instances,
 //!    tensors to instances, metadata, its errors).
-//! 7. [`train`]: the trainer, a consumer-group member that turns batches of
+//! 8. [`train`]: the trainer, a consumer-group member that turns batches of
 //!    events into gradient records; [`http`]: the API, which serves through
 //!    `serve` and asks the applier only through its handle; [`grpc`]: the
 //!    Open Inference Protocol over gRPC, through `serve`. Neither protocol
 //!    uses the other.
-//! 8. [`replica`]: builds and runs a replica from its configuration, for
+//! 9. [`replica`]: builds and runs a replica from its configuration, for
 //!    `main` and tests.
 
 #[cfg(target_endian = "big")]
@@ -70,7 +70,8 @@ mod layers {
         &["model"],
         &["update_log"],
         &["state"],
-        &["metrics", "checkpoint", "snapshot", "shard"],
+        &["metrics", "checkpoint", "snapshot"],
+        &["shard"],
         &["apply", "produce", "serve"],
         &["train", "http", "grpc"],
         &["replica"],

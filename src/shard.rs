@@ -23,6 +23,7 @@ use tokio::task::JoinSet;
 
 use crate::config::Config;
 use crate::event::Features;
+use crate::metrics::ShardMetrics;
 use crate::model::gathered::{self, Gathered, RowKey};
 use crate::model::Model;
 
@@ -52,6 +53,7 @@ pub struct Shards {
     /// Giving the shard up when none answered within this.
     deadline: Duration,
     client: Client<HttpConnector, Full<Bytes>>,
+    metrics: Option<ShardMetrics>,
 }
 
 impl Shards {
@@ -66,17 +68,24 @@ impl Shards {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(deadline));
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        Shards { model: model.to_string(), replicas, token: token.to_string(), hedge_after, deadline, client }
+        let (model, token) = (model.to_string(), token.to_string());
+        Shards { model, replicas, token, hedge_after, deadline, client, metrics: None }
+    }
+
+    /// The same, its asks and gathers counted in `metrics`.
+    pub fn counted(self, metrics: &ShardMetrics) -> Shards {
+        Shards { metrics: Some(metrics.clone()), ..self }
     }
 
     /// The other shards of a sharded replica's configuration; `None` for
     /// one that holds the whole model.
-    pub fn of(config: &Config) -> Option<Shards> {
+    pub fn of(config: &Config, metrics: &ShardMetrics) -> Option<Shards> {
         let c = &config.shard;
         c.is_sharded().then(|| {
             let ms = Duration::from_millis;
             let token = config.checkpoint.peer_token.expose();
             Shards::new(&config.model.name, c.replicas.clone(), token, ms(c.hedge_after_ms), ms(c.deadline_ms))
+                .counted(metrics)
         })
     }
 
@@ -94,7 +103,15 @@ impl Shards {
         let layout = model.layout();
         let wanted = gathered::wanted(model, layout, batch);
         let cols = |&(param, _): &RowKey| model.params().get(param as usize).map_or(0, |p| p.cols);
-        let answers = self.gather(&wanted, cols).await?;
+        let started = std::time::Instant::now();
+        let answers = self.gather(&wanted, cols).await;
+        if let Some(m) = &self.metrics {
+            m.gather_duration.observe(started.elapsed().as_secs_f64());
+            if let Err(GatherError::Unavailable { shard, .. }) = &answers {
+                m.unavailable.with_label_values(&[&shard.to_string()]).inc();
+            }
+        }
+        let answers = answers?;
         let mut view = Gathered::new(local, layout);
         let mut positions = BTreeMap::from([(layout.index, own_position)]);
         for (shard, rows) in &wanted {
@@ -151,11 +168,19 @@ impl Shards {
             let hedge = tokio::time::sleep(self.hedge_after);
             tokio::select! {
                 Some(done) = tries.join_next() => match done.map_err(|e| e.to_string()).and_then(|r| r) {
-                    Ok(rows) => return Ok(rows),
-                    Err(e) if tries.is_empty() && next >= replicas.len() => return Err(self.unavailable(shard, e)),
-                    Err(e) => why = e,
+                    Ok(rows) => {
+                        self.count(shard, "answered");
+                        return Ok(rows);
+                    }
+                    Err(e) => {
+                        self.count(shard, "failed");
+                        if tries.is_empty() && next >= replicas.len() {
+                            return Err(self.unavailable(shard, e));
+                        }
+                        why = e;
+                    }
                 },
-                () = hedge, if next < replicas.len() => {}
+                () = hedge, if next < replicas.len() => self.count(shard, "hedged"),
                 () = tokio::time::sleep_until(give_up) => return Err(self.unavailable(shard, format!("deadline; last: {why}"))),
             }
         }
@@ -182,6 +207,12 @@ impl Shards {
         }
         let values = bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
         Ok(Rows { position, values })
+    }
+
+    fn count(&self, shard: u32, outcome: &str) {
+        if let Some(m) = &self.metrics {
+            m.asks.with_label_values(&[&shard.to_string(), outcome]).inc();
+        }
     }
 
     fn unavailable(&self, shard: u32, why: String) -> GatherError {

@@ -75,7 +75,7 @@ impl AppState {
     /// optional parts (snapshot list, admin, events) off until set.
     pub fn new(serving: Serving, metrics: Arc<Metrics>, config: &Config, ready: Arc<AtomicBool>) -> AppState {
         AppState {
-            predictor: Predictor::new(serving, ready, config),
+            predictor: Predictor::new(serving, ready, config, &metrics.shards),
             metrics,
             replica_id: config.replica_id.as_str().into(),
             max_body_bytes: config.http.max_body_bytes,

@@ -1,7 +1,7 @@
 //! Every metric the replica exports, named in this directory, one struct per
 //! role: [`ServingMetrics`] (requests, ingestion, admin), [`TrainerMetrics`],
 //! [`ApplierMetrics`] (the log applied and served), [`RollbackMetrics`] and
-//! [`CheckpointMetrics`]. Each role's struct is built by its own `new` from
+//! [`CheckpointMetrics`], [`ShardMetrics`] (a shard's gathers). Each role's struct is built by its own `new` from
 //! a [`Registrar`], and handed to the code of that role. Labels have few
 //! values (routes, statuses, reject reasons, partitions); counters move by
 //! batch, never per event in a hot loop.
@@ -10,6 +10,7 @@ mod applier;
 mod checkpoints;
 mod rollback;
 mod serving;
+mod shards;
 mod trainer;
 
 use prometheus::core::Collector;
@@ -20,6 +21,7 @@ pub use self::applier::ApplierMetrics;
 pub use self::checkpoints::CheckpointMetrics;
 pub use self::rollback::RollbackMetrics;
 pub use self::serving::ServingMetrics;
+pub use self::shards::ShardMetrics;
 pub use self::trainer::TrainerMetrics;
 
 /// Every series name starts with this and an underscore.
@@ -34,6 +36,7 @@ pub struct Metrics {
     pub applier: ApplierMetrics,
     pub rollback: RollbackMetrics,
     pub checkpoints: CheckpointMetrics,
+    pub shards: ShardMetrics,
 }
 
 /// Registers metrics as a role's struct builds them, and remembers each
@@ -78,7 +81,9 @@ impl Metrics {
         let (serving, trainer, applier) =
             (ServingMetrics::new(&mut r), TrainerMetrics::new(&mut r), ApplierMetrics::new(&mut r));
         let (rollback, checkpoints) = (RollbackMetrics::new(&mut r), CheckpointMetrics::new(&mut r));
-        Metrics { registry: r.registry, families: r.families, serving, trainer, applier, rollback, checkpoints }
+        let shards = ShardMetrics::new(&mut r);
+        let families = r.families;
+        Metrics { registry: r.registry, families, serving, trainer, applier, rollback, checkpoints, shards }
     }
 
     /// Every series name this replica can export, whether or not it has a

@@ -18,6 +18,7 @@ use serde_json::Value;
 
 use crate::config::Config;
 use crate::event::{Features, Featurizer, SchemaError};
+use crate::metrics::ShardMetrics;
 use crate::model::Layout;
 use crate::shard::Shards;
 use crate::snapshot::{Serving, Snapshot};
@@ -68,8 +69,8 @@ pub struct Predictor {
 }
 
 impl Predictor {
-    pub fn new(serving: Serving, ready: Arc<AtomicBool>, config: &Config) -> Predictor {
-        let shards = Shards::of(config).map(Arc::new);
+    pub fn new(serving: Serving, ready: Arc<AtomicBool>, config: &Config, metrics: &ShardMetrics) -> Predictor {
+        let shards = Shards::of(config, metrics).map(Arc::new);
         Predictor {
             serving,
             ready,

@@ -114,7 +114,7 @@ impl Trainer {
             serving,
             overlay: config.trainer_overlaps().then(Overlay::default),
             // Built inside the replica's runtime (`Replica::build`).
-            shards: Shards::of(config).map(|shards| (shards, tokio::runtime::Handle::current())),
+            shards: Shards::of(config, &metrics.shards).map(|shards| (shards, tokio::runtime::Handle::current())),
             config: config.train.clone(),
             replica_id: config.replica_id.clone(),
             state_jumps_seen,

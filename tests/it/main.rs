@@ -18,4 +18,5 @@ mod helpers;
 mod kafka_cluster;
 mod quality;
 mod rollback;
+mod shards;
 mod torchscript;

@@ -1,0 +1,216 @@
+//! Shards (docs/design.md section 8a) across real processes: replicas of
+//! two shards and a replica of the whole model read one update log on a
+//! real broker; predictions are compared bit for bit at equal positions;
+//! a shard's replica is killed with SIGKILL under prediction load; a fleet
+//! grows from one shard to two.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tributary::config::ModelKind;
+
+use crate::helpers::*;
+
+const LEARN_LIMIT: Duration = Duration::from_secs(180);
+const PEER_TOKEN: &str = "test-peer-token-0123456789";
+
+/// Configures `replica` as shard `index` of `fleet.len()`, whose replicas
+/// (each shard's, in order) are `fleet`.
+fn as_shard(replica: &mut Replica, index: usize, fleet: &[Vec<String>]) {
+    let list =
+        |urls: &Vec<String>| format!("[{}]", urls.iter().map(|u| format!("{u:?}")).collect::<Vec<_>>().join(", "));
+    let lists: Vec<String> = fleet.iter().map(list).collect();
+    replica.env.extend([
+        ("TRIBUTARY_SHARD__COUNT".to_string(), fleet.len().to_string()),
+        ("TRIBUTARY_SHARD__INDEX".to_string(), index.to_string()),
+        ("TRIBUTARY_SHARD__REPLICAS".to_string(), format!("[{}]", lists.join(", "))),
+    ]);
+}
+
+fn url(replica: &Replica) -> String {
+    format!("http://{}", replica.http)
+}
+
+/// `n` instances of the cluster's fixed schema, from the synthetic stream
+/// of seed `seed` (its events without label and time).
+fn instances(cluster: &Cluster, n: usize, seed: u64) -> Vec<Value> {
+    let mut synthetic = tributary::synthetic::Synthetic::new(&cluster.config.model, seed);
+    (0..n)
+        .map(|_| {
+            let mut event: Value = serde_json::from_str(&synthetic.event(0)).unwrap();
+            let fields = event.as_object_mut().unwrap();
+            fields.remove("label");
+            fields.remove("ts");
+            event
+        })
+        .collect()
+}
+
+/// `replica`'s predictions for `instances` (V1) and the answer whole.
+fn predict(cluster: &Cluster, replica: &Replica, instances: &[Value]) -> Value {
+    let path = format!("/v1/models/{}:predict", cluster.config.model.name);
+    let (status, body) = replica.post(&path, None, &serde_json::json!({ "instances": instances }).to_string());
+    assert_eq!(status, 200, "{}: {body}\n{}", replica.id, replica.log_tail(20));
+    body
+}
+
+/// A cluster whose replicas share the peer token the shards gather with.
+fn cluster(test: &str) -> Cluster {
+    let mut cluster = Cluster::new(test, ModelKind::WideDeep);
+    cluster.config.checkpoint.peer_token = PEER_TOKEN.into();
+    cluster
+}
+
+/// Two shards of two replicas each, and one replica of the whole model that
+/// only applies the log: at equal positions, every prediction of every
+/// shard's replica is the whole replica's, bit for bit; every event is
+/// learned once; twins hold equal weights and the two shards do not. Then a
+/// replica of shard 1 is killed with SIGKILL while shard 0's replicas
+/// answer predictions (which gather from shard 1): none fails, the hedge
+/// goes to its twin; it restarts from its checkpoint and agrees with its
+/// twin again, and with the whole replica.
+#[test]
+fn slow_a_sharded_fleet_predicts_as_one_whole_replica_and_survives_a_sigkill() {
+    let cluster = cluster("shards_oracle");
+    let mut whole = cluster.replica("whole");
+    whole.env.push(("TRIBUTARY_TRAIN__ENABLED".into(), "false".into()));
+    let mut fleet: Vec<Replica> = ["a0", "a1", "b0", "b1"].iter().map(|id| cluster.replica(id)).collect();
+    let urls: Vec<Vec<String>> = vec![vec![url(&fleet[0]), url(&fleet[1])], vec![url(&fleet[2]), url(&fleet[3])]];
+    for (i, replica) in fleet.iter_mut().enumerate() {
+        as_shard(replica, i / 2, &urls);
+        replica.start();
+    }
+    whole.start();
+    fleet.iter().chain([&whole]).for_each(Replica::wait_ready);
+
+    let labels = cluster.produce(3000, 1);
+    let everyone = |fleet: &[Replica]| -> Vec<Value> {
+        let all: Vec<&Replica> = fleet.iter().chain([&whole]).collect();
+        wait_at_one_version(&all, LEARN_LIMIT)
+    };
+    fleet.iter().chain([&whole]).for_each(|r| drop(r.wait_learned(3000, LEARN_LIMIT)));
+    let infos = everyone(&fleet);
+    for info in &infos {
+        assert_eq!(watermark_sum(info), 3000, "every event learned once: {info}");
+    }
+    let digest = |i: usize| infos[i]["weights_digest"].as_str().unwrap().to_string();
+    assert_eq!((digest(0), digest(2)), (digest(1), digest(3)), "twins hold the same rows");
+    assert_ne!(digest(0), digest(2), "the shards hold different rows");
+    let loss = infos[4]["progressive_logloss"].as_f64().unwrap();
+    assert!(loss < constant_logloss(&labels), "the sharded fleet learned: {loss}");
+    assert_predicts_as_whole(&cluster, &fleet, &whole);
+
+    // Shard 0's replicas answer predictions the whole time; each gathers
+    // shard 1's rows from b0 first, from b1 when b0 fails.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let body = serde_json::json!({ "instances": instances(&cluster, 8, 7) }).to_string();
+    let path = format!("/v1/models/{}:predict", cluster.config.model.name);
+    let clients: Vec<_> = [fleet[0].http, fleet[1].http]
+        .into_iter()
+        .map(|addr| {
+            let (stop, ok, failed, body, path) = (stop.clone(), ok.clone(), failed.clone(), body.clone(), path.clone());
+            std::thread::spawn(move || {
+                let mut errors = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    match procs::http_post(addr, &path, None, &body) {
+                        Some((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
+                        other => {
+                            errors.push(format!("{other:?}"));
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+                errors
+            })
+        })
+        .collect();
+    wait_for("a checkpoint of b0", Duration::from_secs(60), || {
+        let saved = std::fs::read_dir(&fleet[2].state_dir).ok()?.flatten();
+        saved.into_iter().any(|e| e.file_name().to_string_lossy().ends_with(".bin")).then_some(())
+    });
+    let before_kill = ok.load(Ordering::Relaxed);
+    fleet[2].kill();
+    cluster.produce(2000, 2);
+    for r in [&fleet[0], &fleet[1], &fleet[3], &whole] {
+        r.wait_learned(5000, LEARN_LIMIT);
+    }
+    wait_for("predictions while b0 is dead", Duration::from_secs(30), || {
+        (ok.load(Ordering::Relaxed) > before_kill + 50).then_some(())
+    });
+    fleet[2].start();
+    fleet[2].wait_learned(5000, LEARN_LIMIT);
+    let infos = everyone(&fleet);
+    stop.store(true, Ordering::Relaxed);
+    let errors: Vec<String> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "failed predictions at shard 0: {errors:?}");
+    let failed_over: f64 =
+        (fleet[..2].iter()).map(|r| r.metrics().value("tributary_shard_asks_total", r#"outcome="failed""#)).sum();
+    assert!(failed_over > 0.0, "shard 0 asked the dead b0 (its only other shard is 1), and its twin answered");
+    assert!(ok.load(Ordering::Relaxed) > before_kill + 50, "the prediction load ran");
+    assert_eq!(infos[2]["weights_digest"], infos[3]["weights_digest"], "b0 agrees with its twin again");
+    infos.iter().for_each(|info| assert_eq!(watermark_sum(info), 5000, "{info}"));
+    let log = std::fs::read_to_string(&fleet[2].log).unwrap();
+    assert!(log.contains("restored checkpoint"), "b0 restarts from its shard's checkpoint");
+    assert_predicts_as_whole(&cluster, &fleet, &whole);
+}
+
+/// Every replica of `fleet` predicts as `whole` does, bit for bit, asked
+/// until all answer at one version (an attestation moves the version
+/// without changing a weight).
+fn assert_predicts_as_whole(cluster: &Cluster, fleet: &[Replica], whole: &Replica) {
+    let instances = instances(cluster, 64, 99);
+    let (theirs, ours) = wait_for("every replica to answer at one version", Duration::from_secs(60), || {
+        let theirs = predict(cluster, whole, &instances);
+        let ours: Vec<Value> = fleet.iter().map(|r| predict(cluster, r, &instances)).collect();
+        let version = &theirs["model_version"];
+        let at_version = |o: &Value| {
+            let shards = o["shard_versions"].as_object().map_or(0, |s| s.values().filter(|v| *v == version).count());
+            o["model_version"] == *version && shards == 2
+        };
+        ours.iter().all(at_version).then_some((theirs, ours))
+    });
+    for (replica, ours) in fleet.iter().zip(&ours) {
+        assert_eq!(ours["predictions"], theirs["predictions"], "{}: bit for bit", replica.id);
+    }
+}
+
+/// A fleet of the whole model grows to two shards without stopping: the
+/// new replicas start from the old replica's checkpoint (each keeping its
+/// rows), apply the same log while events keep coming and the old replica
+/// keeps answering, and then predict as it does, bit for bit.
+#[test]
+fn slow_a_fleet_grows_from_one_shard_to_two_under_load() {
+    let cluster = cluster("shards_growth");
+    let old = cluster.spawn("old");
+    old.wait_ready();
+    cluster.produce(2000, 1);
+    old.wait_learned(2000, LEARN_LIMIT);
+    wait_for("a checkpoint of the old replica", Duration::from_secs(60), || {
+        let saved = std::fs::read_dir(&old.state_dir).ok()?.flatten();
+        saved.into_iter().any(|e| e.file_name().to_string_lossy().ends_with(".bin")).then_some(())
+    });
+
+    let mut new: Vec<Replica> = ["s0", "s1"].iter().map(|id| cluster.replica(id)).collect();
+    let urls = vec![vec![url(&new[0])], vec![url(&new[1])]];
+    for (i, replica) in new.iter_mut().enumerate() {
+        as_shard(replica, i, &urls);
+        replica.env.push(("TRIBUTARY_CHECKPOINT__BOOTSTRAP_FROM".into(), url(&old)));
+        replica.start();
+    }
+    // Events keep coming while they join; the old replica keeps learning.
+    cluster.produce(1000, 2);
+    new.iter().for_each(Replica::wait_ready);
+    cluster.produce(1000, 3);
+    let everyone: Vec<&Replica> = new.iter().chain([&old]).collect();
+    everyone.iter().for_each(|r| drop(r.wait_learned(4000, LEARN_LIMIT)));
+    let infos = wait_at_one_version(&everyone, LEARN_LIMIT);
+    infos.iter().for_each(|info| assert_eq!(watermark_sum(info), 4000, "{info}"));
+    for replica in &new {
+        let log = std::fs::read_to_string(&replica.log).unwrap();
+        assert!(log.contains("bootstrapped from a peer's checkpoint"), "{}", replica.log_tail(20));
+    }
+    assert_predicts_as_whole(&cluster, &new, &old);
+}
