@@ -157,24 +157,61 @@ fn slow_a_sharded_fleet_predicts_as_one_whole_replica_and_survives_a_sigkill() {
     assert_predicts_as_whole(&cluster, &fleet, &whole);
 }
 
-/// Every replica of `fleet` predicts as `whole` does, bit for bit, asked
-/// until all answer at one version (an attestation moves the version
-/// without changing a weight).
+/// Every replica of `fleet` predicts as `whole` does, bit for bit, over V1
+/// and V2 REST.
 fn assert_predicts_as_whole(cluster: &Cluster, fleet: &[Replica], whole: &Replica) {
     let instances = instances(cluster, 64, 99);
-    let (theirs, ours) = wait_for("every replica to answer at one version", Duration::from_secs(60), || {
-        let theirs = predict(cluster, whole, &instances);
-        let ours: Vec<Value> = fleet.iter().map(|r| predict(cluster, r, &instances)).collect();
-        let version = &theirs["model_version"];
-        let at_version = |o: &Value| {
-            let shards = o["shard_versions"].as_object().map_or(0, |s| s.values().filter(|v| *v == version).count());
-            o["model_version"] == *version && shards == 2
-        };
-        ours.iter().all(at_version).then_some((theirs, ours))
+    let v1 = |r: &Replica| {
+        let answer = predict(cluster, r, &instances);
+        // A shard's answer is at one version when every shard's rows were.
+        let shards = answer["shard_versions"].as_object().map(|s| s.values().cloned().collect::<Vec<_>>());
+        let at_one = shards.is_none_or(|s| s.len() == 2 && s.iter().all(|v| *v == answer["model_version"]));
+        (if at_one { answer["model_version"].clone() } else { Value::Null }, answer["predictions"].clone())
+    };
+    assert_alike_at_one_version(fleet, whole, "V1", v1);
+    let body = v2_body(&instances).to_string();
+    let v2 = |r: &Replica| {
+        let (status, answer) = r.post(&format!("/v2/models/{}/infer", cluster.config.model.name), None, &body);
+        assert_eq!(status, 200, "{}: {answer}", r.id);
+        let version: i64 = answer["model_version"].as_str().unwrap().parse().unwrap();
+        (Value::from(version), answer["outputs"][0]["data"].clone())
+    };
+    assert_alike_at_one_version(fleet, whole, "V2", v2);
+}
+
+/// Asks every replica with `ask` (its version and predictions) until all
+/// answer at one version (an attestation moves the version without
+/// changing a weight), then compares the predictions bit for bit.
+fn assert_alike_at_one_version(
+    fleet: &[Replica],
+    whole: &Replica,
+    protocol: &str,
+    ask: impl Fn(&Replica) -> (Value, Value),
+) {
+    let what = format!("every replica to answer {protocol} at one version");
+    let (theirs, ours) = wait_for(&what, Duration::from_secs(60), || {
+        let theirs = ask(whole);
+        let ours: Vec<(Value, Value)> = fleet.iter().map(&ask).collect();
+        ours.iter().all(|(version, _)| *version == theirs.0).then_some((theirs, ours))
     });
-    for (replica, ours) in fleet.iter().zip(&ours) {
-        assert_eq!(ours["predictions"], theirs["predictions"], "{}: bit for bit", replica.id);
+    for (replica, (_, predictions)) in fleet.iter().zip(&ours) {
+        assert_eq!(*predictions, theirs.1, "{protocol}, {}: bit for bit", replica.id);
     }
+}
+
+/// The V2 REST request of `instances` of the fixed schema: `dense` FP32
+/// [N, dense_dim] and one BYTES [N] input per sparse field.
+fn v2_body(instances: &[Value]) -> Value {
+    let dense: Vec<Value> = instances.iter().flat_map(|i| i["dense"].as_array().unwrap().clone()).collect();
+    let dim = instances[0]["dense"].as_array().unwrap().len();
+    let mut inputs =
+        vec![serde_json::json!({"name": "dense", "datatype": "FP32", "shape": [instances.len(), dim], "data": dense})];
+    for field in instances[0]["sparse"].as_object().unwrap().keys() {
+        let values: Vec<Value> = instances.iter().map(|i| i["sparse"][field].clone()).collect();
+        inputs
+            .push(serde_json::json!({"name": field, "datatype": "BYTES", "shape": [instances.len()], "data": values}));
+    }
+    serde_json::json!({ "inputs": inputs })
 }
 
 /// A fleet of the whole model grows to two shards without stopping: the
