@@ -196,6 +196,42 @@ fn applier(c: &mut Criterion) {
     }
 }
 
+/// The applier of one shard of S, per record of 1024 events (as
+/// `applier_1024`, whose S = 1 it is): every replica decodes the whole
+/// record and steps the dense part, and only its own rows of the sparse
+/// tables, so a shard's applier is faster, and the fleet's learning
+/// ceiling grows with S as far as the rows are the record's cost.
+fn applier_sharded(c: &mut Criterion) {
+    tributary::replica::init_libtorch();
+    for kind in [ModelKind::Logistic, ModelKind::WideDeep] {
+        let whole = model(kind);
+        let mut ctr = tributary::synthetic::CtrStream::new(whole.config(), 7, u64::MAX);
+        let ex: Vec<Example> =
+            (0..1024).map(|_| whole.featurizer().event(ctr.next_event(Some(1)).json.as_bytes()).unwrap()).collect();
+        let gradient = whole.gradient(&ReplicaState::initial(&whole).weights, &ex).unwrap();
+        for count in [1, 2, 4] {
+            let m = Arc::new(whole.clone().with_layout(tributary::model::Layout::new(count, 0).unwrap()));
+            let mut state = ReplicaState::initial(&m);
+            let mut publisher = Publisher::new(m.clone(), &state, false);
+            let next_from = std::cell::Cell::new(0i64);
+            let next_record = || record_bytes(&m, next_from.replace(next_from.get() + 1024), 1024, gradient.clone());
+            let mut offset = 0;
+            c.bench_function(&format!("applier_sharded_1024/{kind:?}/S={count}"), |b| {
+                b.iter_batched(
+                    next_record,
+                    |bytes| {
+                        state.apply(&m, offset, &bytes, &mut publisher);
+                        offset += 1;
+                        publisher.publish(&state)
+                    },
+                    BatchSize::SmallInput,
+                )
+            });
+            assert_eq!(state.records_rejected, 0, "every record continued the one before");
+        }
+    }
+}
+
 /// A trainer's next gradient of 1024 events while 3 of its records are in
 /// flight: the served snapshot with those records stepped on (copies of
 /// the rows the batch reads), against the gradient at the snapshot alone
@@ -363,6 +399,6 @@ const DOMAIN_SCHEMA: &str = r#"{"type": "record", "name": "Click", "fields": [
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).measurement_time(std::time::Duration::from_secs(3));
-    targets = predict, train_step, torchscript, pipeline, applier, overlay, publish, event_decode, declared_decode
+    targets = predict, train_step, torchscript, pipeline, applier, applier_sharded, overlay, publish, event_decode, declared_decode
 }
 criterion_main!(benches);

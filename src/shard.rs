@@ -7,7 +7,8 @@
 //! owns only their travel.
 //!
 //! The wire: `POST {replica}/v1/models/{model}/rows` with the JSON body
-//! `{"rows": [[param, bucket], ...]}` and the fleet's peer token; the answer
+//! `{"rows": [[param, bucket], ...], "at_least": position}` and the fleet's
+//! peer token; the answer
 //! is the rows' values, little-endian f32 one row after the other, and the
 //! answering replica's served position in `X-Tributary-Position`.
 
@@ -90,21 +91,22 @@ impl Shards {
     }
 
     /// A shard's weights `local` (at `own_position`) with the rows `batch`
-    /// reads gathered from the other shards: the view a forward pass or a
-    /// gradient reads, and the position each shard read was at (this
-    /// shard's included).
+    /// reads gathered from the other shards, each read at `at_least` or
+    /// later if it gets there within the rows endpoint's wait: the view a
+    /// forward pass or a gradient reads, and the position each shard read
+    /// was at (this shard's included).
     pub async fn view<'a, B: AsRef<[f32]>>(
         &self,
         model: &Model,
-        local: &'a [B],
-        own_position: i64,
+        (local, own_position): (&'a [B], i64),
+        at_least: i64,
         batch: &[&Features],
     ) -> Result<(Gathered<'a, B>, BTreeMap<u32, i64>), GatherError> {
         let layout = model.layout();
         let wanted = gathered::wanted(model, layout, batch);
         let cols = |&(param, _): &RowKey| model.params().get(param as usize).map_or(0, |p| p.cols);
         let started = std::time::Instant::now();
-        let answers = self.gather(&wanted, cols).await;
+        let answers = self.gather(&wanted, cols, at_least).await;
         if let Some(m) = &self.metrics {
             m.gather_duration.observe(started.elapsed().as_secs_f64());
             if let Err(GatherError::Unavailable { shard, .. }) = &answers {
@@ -131,12 +133,13 @@ impl Shards {
         &self,
         wanted: &BTreeMap<u32, Vec<RowKey>>,
         cols: impl Fn(&RowKey) -> usize,
+        at_least: i64,
     ) -> Result<BTreeMap<u32, Rows>, GatherError> {
         let mut asks = JoinSet::new();
         for (&shard, rows) in wanted {
             let (this, rows) = (self.clone(), rows.clone());
             let values = rows.iter().map(&cols).sum::<usize>();
-            asks.spawn(async move { (shard, this.shard_rows(shard, &rows, values).await) });
+            asks.spawn(async move { (shard, this.shard_rows(shard, &rows, values, at_least).await) });
         }
         let mut answers = BTreeMap::new();
         while let Some(joined) = asks.join_next().await {
@@ -151,10 +154,10 @@ impl Shards {
     /// One shard's rows: its first replica asked, the next one too each
     /// `hedge_after` without an answer (or at once after a failure), the
     /// first good answer taken.
-    async fn shard_rows(&self, shard: u32, rows: &[RowKey], values: usize) -> Result<Rows, GatherError> {
+    async fn shard_rows(&self, shard: u32, rows: &[RowKey], values: usize, at_least: i64) -> Result<Rows, GatherError> {
         let replicas = self.replicas.get(shard as usize).filter(|r| !r.is_empty());
         let replicas = replicas.ok_or_else(|| self.unavailable(shard, "no replica configured".into()))?;
-        let body = Bytes::from(serde_json::json!({ "rows": rows }).to_string());
+        let body = Bytes::from(serde_json::json!({ "rows": rows, "at_least": at_least }).to_string());
         let give_up = tokio::time::Instant::now() + self.deadline;
         let mut tries = JoinSet::new();
         let (mut next, mut why) = (0, String::from("none asked"));
@@ -279,20 +282,20 @@ mod tests {
         };
         // The first replica slow: the hedge answers, long before it would.
         let started = std::time::Instant::now();
-        let got = shards(vec![slow.clone(), fast.clone()]).gather(&wanted(), |_| 2).await.unwrap();
+        let got = shards(vec![slow.clone(), fast.clone()]).gather(&wanted(), |_| 2, 0).await.unwrap();
         assert_eq!(got[&1], want);
         assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
         assert_eq!(slow_asked.load(Ordering::SeqCst), 1);
         // The first replica dead: the next one at once.
-        let got = shards(vec![dead().await, fast.clone()]).gather(&wanted(), |_| 2).await.unwrap();
+        let got = shards(vec![dead().await, fast.clone()]).gather(&wanted(), |_| 2, 0).await.unwrap();
         assert_eq!(got[&1], want);
         // No live replica: the shard is named, within the deadline.
-        let err = shards(vec![dead().await, dead().await]).gather(&wanted(), |_| 2).await.unwrap_err();
+        let err = shards(vec![dead().await, dead().await]).gather(&wanted(), |_| 2, 0).await.unwrap_err();
         assert!(matches!(err, GatherError::Unavailable { shard: 1, count: 2, .. }), "{err}");
-        let err = shards(vec![slow]).gather(&wanted(), |_| 2).await.unwrap_err();
+        let err = shards(vec![slow]).gather(&wanted(), |_| 2, 0).await.unwrap_err();
         assert!(err.to_string().contains("deadline"), "{err}");
         // An answer of the wrong length is no answer.
-        let err = shards(vec![fast]).gather(&wanted(), |_| 3).await.unwrap_err();
+        let err = shards(vec![fast]).gather(&wanted(), |_| 3, 0).await.unwrap_err();
         assert!(err.to_string().contains("for 6 values"), "{err}");
     }
 }

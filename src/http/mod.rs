@@ -284,12 +284,23 @@ pub struct ModelInfo {
     /// Per events partition: the next offset to learn.
     #[schema(value_type = Object)]
     watermarks: std::collections::BTreeMap<i32, i64>,
-    /// BLAKE3 of the weights: equal digests, equal weights.
+    /// BLAKE3 of the weights this replica holds (a shard's: its rows):
+    /// equal digests, equal weights.
     weights_digest: String,
+    /// The shard of the sparse tables this replica holds (`shard.index`
+    /// of `shard.count`); absent when it holds the whole model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shard: Option<ShardInfo>,
     /// The model structure's fingerprint (hex).
     fingerprint: String,
     dense_dim: usize,
     sparse_fields: Vec<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ShardInfo {
+    index: u32,
+    count: u32,
 }
 
 /// The served model: version, progress, weights digest.
@@ -317,6 +328,7 @@ async fn model_info(State(state): State<AppState>, Path(model): Path<String>) ->
         progressive_logloss: snap.progressive_loss,
         watermarks: snap.watermarks.clone(),
         weights_digest: digest,
+        shard: Some(snap.model.layout()).filter(|l| l.count > 1).map(|l| ShardInfo { index: l.index, count: l.count }),
         fingerprint: format!("{:016x}", snap.model.fingerprint()),
         dense_dim: c.dense_dim,
         sparse_fields: c.sparse_fields.clone(),

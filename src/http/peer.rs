@@ -91,11 +91,22 @@ pub async fn newest_checkpoint(
 /// The most rows one gather may ask for.
 pub const MAX_ROWS_ASKED: usize = 1 << 16;
 
+/// The longest a rows request waits for the served weights to reach its
+/// `at_least`; then it is answered from what is served (its position says
+/// which).
+const AT_LEAST_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Rows of the sparse tables, each `[param, bucket]`.
 #[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RowsAsked {
     rows: Vec<(u32, u32)>,
+    /// Answer from served weights at this update-log position or later,
+    /// waiting up to half a second for them: a trainer asks for the
+    /// position that includes its own last record, so that no gradient of
+    /// its misses its own previous step on another shard's rows.
+    #[serde(default)]
+    at_least: i64,
 }
 
 /// Rows of the sparse tables at the served weights, for a replica of
@@ -129,7 +140,7 @@ pub async fn rows(
     if asked.rows.len() > MAX_ROWS_ASKED {
         return Err(ApiError::BadRequest(format!("{} rows asked; at most {MAX_ROWS_ASKED}", asked.rows.len())));
     }
-    let snap = state.predictor.serving.load();
+    let snap = served_at_least(&state, asked.at_least).await;
     let layout = snap.model.layout();
     let values = gathered::answer(&snap.model, layout, &snap.weights, &asked.rows).ok_or_else(|| {
         ApiError::BadRequest(format!(
@@ -143,6 +154,20 @@ pub async fn rows(
         (header::HeaderName::from_static(POSITION_HEADER), snap.position.to_string()),
     ];
     Ok((StatusCode::OK, headers, bytes).into_response())
+}
+
+/// The served snapshot once at `position` or later, or after
+/// [`AT_LEAST_WAIT`], whichever comes first.
+async fn served_at_least(state: &AppState, position: i64) -> std::sync::Arc<crate::snapshot::Snapshot> {
+    let give_up = tokio::time::Instant::now() + AT_LEAST_WAIT;
+    loop {
+        let snap = state.predictor.serving.load_full();
+        if snap.position >= position || tokio::time::Instant::now() >= give_up {
+            return snap;
+        }
+        // The applier publishes at most every few milliseconds.
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
 }
 
 /// The checkpoint's bytes as a body, read in parts on a blocking thread (two

@@ -142,7 +142,8 @@ impl Predictor {
     /// A shard's predictions: its own rows, and the other shards' rows the
     /// batch reads gathered from them (docs/design.md section 8a).
     async fn predict_gathered(shards: &Shards, snap: &Snapshot, batch: &[&Features]) -> Result<Predicted, ServeError> {
-        let (view, positions) = (shards.view(&snap.model, &snap.weights, snap.position, batch).await)
+        // Whatever the other shards serve now: a prediction waits for no one.
+        let (view, positions) = (shards.view(&snap.model, (&snap.weights, snap.position), 0, batch).await)
             .map_err(|e| ServeError::Unavailable(e.to_string()))?;
         Ok(Predicted {
             predictions: batch.iter().map(|f| snap.model.predict_on(&view, f)).collect(),

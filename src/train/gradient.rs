@@ -66,7 +66,12 @@ impl Trainer {
         let at = match &self.shards {
             Some((shards, runtime)) => {
                 let features: Vec<&Features> = batch.examples.iter().map(|e| &e.features).collect();
-                let view = shards.view(&self.model, &snapshot.weights, snapshot.position, &features);
+                // The other shards' rows at this shard's served position (or
+                // later): so they include this trainer's last record, as its
+                // own rows do (`sees_own_records`), and the view is of one
+                // version, not of each shard's.
+                let at = (snapshot.weights.as_slice(), snapshot.position);
+                let view = shards.view(&self.model, at, snapshot.position, &features);
                 match runtime.block_on(view) {
                     Ok((view, _)) => At::Gathered(view),
                     Err(e) => {

@@ -26,6 +26,11 @@
 //! since, up to `batch_size`, so they are large from a backlog and small
 //! (fresh) when live.
 //!
+//! A shard of a sharded fleet (docs/design.md section 8a) computes its
+//! gradients over its own rows and those of the other shards the batch
+//! reads, gathered at its served position or later; it does not overlap
+//! (it cannot step rows it does not hold), so one record is in flight.
+//!
 //! Why merge by event time: see `read_ahead`.
 
 mod context;

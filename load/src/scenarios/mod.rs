@@ -6,12 +6,13 @@
 //! `serving` (baseline, predict, protocols), `learning` (learn_rate,
 //! event_formats, freshness), `quality` (quality against a sequential
 //! learner and Vowpal Wabbit, stream shapes), `faults` (the guard, chaos,
-//! failover, recovery). Here: the bench they share and its helpers.
+//! failover, recovery), `shards` (a sharded fleet against a whole replica). Here: the bench they share and its helpers.
 
 mod faults;
 mod learning;
 mod quality;
 mod serving;
+mod shards;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
@@ -43,7 +44,7 @@ pub struct Scenario {
 }
 
 /// Every scenario, in the order a full run takes them.
-pub const SCENARIOS: [Scenario; 12] = [
+pub const SCENARIOS: [Scenario; 13] = [
     Scenario { name: "baseline", run: Bench::baseline },
     Scenario { name: "predict", run: Bench::predict },
     Scenario { name: "protocols", run: Bench::protocols },
@@ -56,6 +57,7 @@ pub const SCENARIOS: [Scenario; 12] = [
     Scenario { name: "chaos", run: Bench::chaos },
     Scenario { name: "failover", run: Bench::failover },
     Scenario { name: "recovery", run: Bench::recovery },
+    Scenario { name: "shards", run: Bench::shards },
 ];
 
 /// The scenarios' names, in order.
