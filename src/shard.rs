@@ -7,10 +7,12 @@
 //! owns only their travel.
 //!
 //! The wire: `POST {replica}/v1/models/{model}/rows` with the JSON body
-//! `{"rows": [[param, bucket], ...], "at_least": position}` and the fleet's
-//! peer token; the answer
-//! is the rows' values, little-endian f32 one row after the other, and the
-//! answering replica's served position in `X-Tributary-Position`.
+//! `{"rows": [[param, bucket], ...], "at_least": position, "slots": bool}`
+//! and the fleet's peer token; the answer is the rows' values, little-endian
+//! f32 one row after the other, then as many values again for each
+//! optimizer slot when asked for (`X-Tributary-Slots` says how many), with
+//! the answering replica's served position in `X-Tributary-Position` and
+//! its watermarks in `X-Tributary-Watermarks` (`partition:offset,...`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -28,11 +30,21 @@ use crate::metrics::ShardMetrics;
 use crate::model::gathered::{self, Gathered, RowKey};
 use crate::model::Model;
 
-/// A shard's answer: the rows' values and the position they were read at.
-#[derive(Debug, PartialEq)]
-pub struct Rows {
-    pub position: i64,
-    pub values: Vec<f32>,
+pub use crate::model::gathered::Answer as Rows;
+
+/// The most optimizer slots an answer may carry (Adam's and FTRL's two).
+const MOST_SLOTS: usize = 2;
+/// The longest watermarks header read: 64 KiB (thousands of partitions).
+const MOST_WATERMARK_BYTES: usize = 1 << 16;
+
+/// What a gather asks of every shard beside the rows.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Ask {
+    /// Rows read at this update-log position or later, if the shard gets
+    /// there within the rows endpoint's wait.
+    pub at_least: i64,
+    /// With the optimizer slots' values of the rows (a trainer's overlay).
+    pub slots: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -99,14 +111,14 @@ impl Shards {
         &self,
         model: &Model,
         (local, own_position): (&'a [B], i64),
-        at_least: i64,
+        ask: Ask,
         batch: &[&Features],
     ) -> Result<(Gathered<'a, B>, BTreeMap<u32, i64>), GatherError> {
         let layout = model.layout();
         let wanted = gathered::wanted(model, layout, batch);
         let cols = |&(param, _): &RowKey| model.params().get(param as usize).map_or(0, |p| p.cols);
         let started = std::time::Instant::now();
-        let answers = self.gather(&wanted, cols, at_least).await;
+        let answers = self.gather(&wanted, cols, ask).await;
         if let Some(m) = &self.metrics {
             m.gather_duration.observe(started.elapsed().as_secs_f64());
             if let Err(GatherError::Unavailable { shard, .. }) = &answers {
@@ -118,7 +130,7 @@ impl Shards {
         let mut positions = BTreeMap::from([(layout.index, own_position)]);
         for (shard, rows) in &wanted {
             // `gather` checked each answer's length: taking it cannot fail.
-            if !view.take(model, rows, &answers[shard].values) {
+            if !view.take(model, *shard, rows, &answers[shard]) {
                 return Err(self.unavailable(*shard, "an answer of the wrong length".into()));
             }
             positions.insert(*shard, answers[shard].position);
@@ -133,13 +145,13 @@ impl Shards {
         &self,
         wanted: &BTreeMap<u32, Vec<RowKey>>,
         cols: impl Fn(&RowKey) -> usize,
-        at_least: i64,
+        ask: Ask,
     ) -> Result<BTreeMap<u32, Rows>, GatherError> {
         let mut asks = JoinSet::new();
         for (&shard, rows) in wanted {
             let (this, rows) = (self.clone(), rows.clone());
             let values = rows.iter().map(&cols).sum::<usize>();
-            asks.spawn(async move { (shard, this.shard_rows(shard, &rows, values, at_least).await) });
+            asks.spawn(async move { (shard, this.shard_rows(shard, &rows, values, ask).await) });
         }
         let mut answers = BTreeMap::new();
         while let Some(joined) = asks.join_next().await {
@@ -154,10 +166,11 @@ impl Shards {
     /// One shard's rows: its first replica asked, the next one too each
     /// `hedge_after` without an answer (or at once after a failure), the
     /// first good answer taken.
-    async fn shard_rows(&self, shard: u32, rows: &[RowKey], values: usize, at_least: i64) -> Result<Rows, GatherError> {
+    async fn shard_rows(&self, shard: u32, rows: &[RowKey], values: usize, ask: Ask) -> Result<Rows, GatherError> {
         let replicas = self.replicas.get(shard as usize).filter(|r| !r.is_empty());
         let replicas = replicas.ok_or_else(|| self.unavailable(shard, "no replica configured".into()))?;
-        let body = Bytes::from(serde_json::json!({ "rows": rows, "at_least": at_least }).to_string());
+        let body = serde_json::json!({ "rows": rows, "at_least": ask.at_least, "slots": ask.slots });
+        let body = Bytes::from(body.to_string());
         let give_up = tokio::time::Instant::now() + self.deadline;
         let mut tries = JoinSet::new();
         let (mut next, mut why) = (0, String::from("none asked"));
@@ -189,7 +202,8 @@ impl Shards {
         }
     }
 
-    /// One replica's answer, its length checked against `values`.
+    /// One replica's answer, its length checked against `values` (and as
+    /// many again per slot it says it sent).
     async fn ask(&self, url: &str, body: Bytes, values: usize) -> Result<Rows, String> {
         let request = hyper::Request::post(url)
             .header("content-type", "application/json")
@@ -198,18 +212,27 @@ impl Shards {
             .map_err(|e| e.to_string())?;
         let response = self.client.request(request).await.map_err(|e| e.to_string())?;
         let status = response.status();
-        let position = (response.headers().get("x-tributary-position"))
-            .and_then(|v| v.to_str().ok()?.parse::<i64>().ok())
+        let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok());
+        let position = header("x-tributary-position")
+            .and_then(|v| v.parse::<i64>().ok())
             .ok_or_else(|| format!("status {status}, no X-Tributary-Position"))?;
+        let slots =
+            header("x-tributary-slots").map_or(Some(0), |v| v.parse::<usize>().ok()).filter(|&n| n <= MOST_SLOTS);
+        let slots = slots.ok_or_else(|| format!("status {status}, a wrong X-Tributary-Slots"))?;
+        let watermarks = watermarks(header("x-tributary-watermarks").unwrap_or(""))
+            .ok_or_else(|| format!("status {status}, a wrong X-Tributary-Watermarks"))?;
         // Never more bytes than the rows asked for: a peer cannot make this
         // replica hold more.
-        let bytes = Limited::new(response.into_body(), values * 4).collect().await.map_err(|e| e.to_string())?;
+        let expected = values * (1 + slots) * 4;
+        let bytes = Limited::new(response.into_body(), expected).collect().await.map_err(|e| e.to_string())?;
         let bytes = bytes.to_bytes();
-        if !status.is_success() || bytes.len() != values * 4 {
-            return Err(format!("status {status}, {} bytes for {values} values", bytes.len()));
+        if !status.is_success() || bytes.len() != expected {
+            return Err(format!("status {status}, {} bytes for {values} values and {slots} slots", bytes.len()));
         }
-        let values = bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
-        Ok(Rows { position, values })
+        let mut floats = bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")));
+        let values_read: Vec<f32> = floats.by_ref().take(values).collect();
+        let slots = (0..slots).map(|_| floats.by_ref().take(values).collect()).collect();
+        Ok(Rows { position, watermarks, values: values_read, slots })
     }
 
     fn count(&self, shard: u32, outcome: &str) {
@@ -221,6 +244,25 @@ impl Shards {
     fn unavailable(&self, shard: u32, why: String) -> GatherError {
         GatherError::Unavailable { shard, count: self.replicas.len() as u32, why }
     }
+}
+
+/// `partition:offset,...` as a map; `None` if it is not that, or longer
+/// than `MOST_WATERMARK_BYTES`.
+fn watermarks(text: &str) -> Option<BTreeMap<i32, i64>> {
+    if text.len() > MOST_WATERMARK_BYTES {
+        return None;
+    }
+    (text.split(',').filter(|pair| !pair.is_empty()))
+        .map(|pair| {
+            let (p, o) = pair.split_once(':')?;
+            Some((p.parse().ok()?, o.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The `X-Tributary-Watermarks` value of `watermarks`.
+pub fn watermarks_header(watermarks: &BTreeMap<i32, i64>) -> String {
+    watermarks.iter().map(|(p, o)| format!("{p}:{o}")).collect::<Vec<_>>().join(",")
 }
 
 #[cfg(test)]
@@ -276,26 +318,32 @@ mod tests {
     async fn a_slow_or_dead_replica_is_hedged_to_the_next_and_a_shard_with_none_is_named() {
         let (slow, slow_asked) = replica(Duration::from_secs(5)).await;
         let (fast, _) = replica(Duration::ZERO).await;
-        let want = Rows { position: 42, values: vec![10.0, 11.0, 40.0, 41.0] };
+        let want = Rows { position: 42, values: vec![10.0, 11.0, 40.0, 41.0], ..Rows::default() };
         let shards = |second: Vec<String>| {
             Shards::new("m", vec![vec![], second], "t", Duration::from_millis(50), Duration::from_secs(2))
         };
         // The first replica slow: the hedge answers, long before it would.
         let started = std::time::Instant::now();
-        let got = shards(vec![slow.clone(), fast.clone()]).gather(&wanted(), |_| 2, 0).await.unwrap();
+        let got = shards(vec![slow.clone(), fast.clone()]).gather(&wanted(), |_| 2, Ask::default()).await.unwrap();
         assert_eq!(got[&1], want);
         assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
         assert_eq!(slow_asked.load(Ordering::SeqCst), 1);
         // The first replica dead: the next one at once.
-        let got = shards(vec![dead().await, fast.clone()]).gather(&wanted(), |_| 2, 0).await.unwrap();
+        let got = shards(vec![dead().await, fast.clone()]).gather(&wanted(), |_| 2, Ask::default()).await.unwrap();
         assert_eq!(got[&1], want);
         // No live replica: the shard is named, within the deadline.
-        let err = shards(vec![dead().await, dead().await]).gather(&wanted(), |_| 2, 0).await.unwrap_err();
+        let err = shards(vec![dead().await, dead().await]).gather(&wanted(), |_| 2, Ask::default()).await.unwrap_err();
         assert!(matches!(err, GatherError::Unavailable { shard: 1, count: 2, .. }), "{err}");
-        let err = shards(vec![slow]).gather(&wanted(), |_| 2, 0).await.unwrap_err();
+        let err = shards(vec![slow]).gather(&wanted(), |_| 2, Ask::default()).await.unwrap_err();
         assert!(err.to_string().contains("deadline"), "{err}");
         // An answer of the wrong length is no answer.
-        let err = shards(vec![fast]).gather(&wanted(), |_| 3, 0).await.unwrap_err();
+        let err = shards(vec![fast]).gather(&wanted(), |_| 3, Ask::default()).await.unwrap_err();
         assert!(err.to_string().contains("for 6 values"), "{err}");
+        assert_eq!(
+            watermarks(&watermarks_header(&BTreeMap::from([(0, 5), (3, 9)]))),
+            Some(BTreeMap::from([(0, 5), (3, 9)]))
+        );
+        assert_eq!(watermarks(""), Some(BTreeMap::new()));
+        assert_eq!(watermarks("0:5,x"), None);
     }
 }

@@ -115,11 +115,10 @@ impl Config {
     /// Not with `staleness_scaling` (which counts every record since a
     /// gradient's base as unseen, its own too), nor a TorchScript model
     /// (its module takes whole weights), nor with swaps off (the served
-    /// weights then never include the trainer's records), nor a shard (the
-    /// rows it gathers from the others are not its to step).
+    /// weights then never include the trainer's records). A shard overlaps
+    /// too: it gathers the other shards' rows with their optimizer slots.
     pub fn trainer_overlaps(&self) -> bool {
         self.train.max_in_flight > 1
-            && !self.shard.is_sharded()
             && self.model.staleness_scaling == StalenessScaling::None
             && self.model.torchscript_path.as_os_str().is_empty()
             && self.apply.max_swaps_per_sec > 0.0

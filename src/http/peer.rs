@@ -107,12 +107,19 @@ pub struct RowsAsked {
     /// its misses its own previous step on another shard's rows.
     #[serde(default)]
     at_least: i64,
+    /// With each optimizer slot's values of the rows after theirs, when
+    /// the served weights carry the optimizer's state (a fleet whose
+    /// trainers overlap): what a trainer's overlay steps.
+    #[serde(default)]
+    slots: bool,
 }
 
 /// Rows of the sparse tables at the served weights, for a replica of
 /// another shard that gathers the rows a batch reads (docs/design.md
 /// section 8a): their values as little-endian f32, one row after the
-/// other, and the served position in `X-Tributary-Position`.
+/// other, then each optimizer slot's values for them when asked for and
+/// served (`X-Tributary-Slots`: how many), the served position in
+/// `X-Tributary-Position` and its watermarks in `X-Tributary-Watermarks`.
 #[utoipa::path(post, path = "/v1/models/{model}/rows", tag = "peers",
     params(("model" = String, Path, description = "The model name", example = "default")),
     request_body = RowsAsked,
@@ -142,16 +149,23 @@ pub async fn rows(
     }
     let snap = served_at_least(&state, asked.at_least).await;
     let layout = snap.model.layout();
-    let values = gathered::answer(&snap.model, layout, &snap.weights, &asked.rows).ok_or_else(|| {
+    let not_held = || {
         ApiError::BadRequest(format!(
             "a row asked is not a row this replica holds (shard {} of {})",
             layout.index, layout.count
         ))
-    })?;
+    };
+    let mut values = gathered::answer(&snap.model, layout, &snap.weights, &asked.rows).ok_or_else(not_held)?;
+    let slots = snap.optimizer.as_ref().filter(|_| asked.slots).map_or(&[][..], |o| o.slots.as_slice());
+    for slot in slots {
+        values.extend(gathered::answer(&snap.model, layout, slot, &asked.rows).ok_or_else(not_held)?);
+    }
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     let headers = [
         (header::CONTENT_TYPE, "application/octet-stream".to_string()),
         (header::HeaderName::from_static(POSITION_HEADER), snap.position.to_string()),
+        (header::HeaderName::from_static("x-tributary-slots"), slots.len().to_string()),
+        (header::HeaderName::from_static("x-tributary-watermarks"), crate::shard::watermarks_header(&snap.watermarks)),
     ];
     Ok((StatusCode::OK, headers, bytes).into_response())
 }

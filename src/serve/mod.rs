@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::event::{Features, Featurizer, SchemaError};
 use crate::metrics::ShardMetrics;
 use crate::model::Layout;
-use crate::shard::Shards;
+use crate::shard::{Ask, Shards};
 use crate::snapshot::{Serving, Snapshot};
 
 /// Why a request could not be served, in the protocol's neutral terms.
@@ -143,7 +143,7 @@ impl Predictor {
     /// batch reads gathered from them (docs/design.md section 8a).
     async fn predict_gathered(shards: &Shards, snap: &Snapshot, batch: &[&Features]) -> Result<Predicted, ServeError> {
         // Whatever the other shards serve now: a prediction waits for no one.
-        let (view, positions) = (shards.view(&snap.model, (&snap.weights, snap.position), 0, batch).await)
+        let (view, positions) = (shards.view(&snap.model, (&snap.weights, snap.position), Ask::default(), batch).await)
             .map_err(|e| ServeError::Unavailable(e.to_string()))?;
         Ok(Predicted {
             predictions: batch.iter().map(|f| snap.model.predict_on(&view, f)).collect(),

@@ -443,7 +443,8 @@ mod tests {
             let mut view = Gathered::new(&shard.weights, layout);
             for (&from, rows) in &wanted {
                 let values = answer(model, layouts[from as usize], &shards[from as usize].weights, rows).unwrap();
-                assert!(view.take(model, rows, &values));
+                let answered = crate::model::gathered::Answer { values, ..Default::default() };
+                assert!(view.take(model, from, rows, &answered));
                 assert_eq!(answer(model, layout, &shard.weights, rows), None, "a shard answers only for its rows");
             }
             assert!(view.has_all(&wanted));

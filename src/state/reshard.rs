@@ -11,7 +11,7 @@ impl Layout {
     /// this layout's shard (its count a multiple of this one's, its index
     /// this one's modulo this count).
     pub fn holds_all_of(&self, to: Layout) -> bool {
-        to.count % self.count == 0 && to.index % self.count == self.index
+        to.count.is_multiple_of(self.count) && to.index % self.count == self.index
     }
 }
 

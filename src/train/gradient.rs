@@ -15,6 +15,7 @@ use super::Trainer;
 use crate::event::{Example, Features};
 use crate::model::gathered::Gathered;
 use crate::model::Gradient;
+use crate::shard::Ask;
 use crate::snapshot::Snapshot;
 use crate::state::check_gradient;
 
@@ -26,10 +27,11 @@ const GATHER_RETRY_AFTER: std::time::Duration = std::time::Duration::from_millis
 enum At<'a> {
     /// The served snapshot.
     Served(&'a Snapshot),
-    /// The served snapshot with the trainer's records in flight stepped on.
-    Overlaid(Overlaid<'a>),
+    /// The served snapshot with the trainer's records in flight stepped on
+    /// (boxed: the largest by far, and made once a batch).
+    Overlaid(Box<Overlaid<'a>>),
     /// A shard's served snapshot with the other shards' rows it reads.
-    Gathered(Gathered<'a, Vec<f32>>),
+    Gathered(&'a Gathered<'a, Vec<f32>>),
 }
 
 impl Trainer {
@@ -42,13 +44,34 @@ impl Trainer {
         }
         let gradient = match at {
             At::Served(snapshot) => self.model.gradient_at(Some(snapshot.position), &snapshot.weights, examples),
-            At::Overlaid(weights) => self.model.gradient_on(weights, examples),
-            At::Gathered(weights) => self.model.gradient_on(weights, examples),
+            At::Overlaid(weights) => self.model.gradient_on(weights.as_ref(), examples),
+            At::Gathered(weights) => self.model.gradient_on(*weights, examples),
         };
         let gradient = gradient.map_err(|e| Refusal::Failed(e.to_string()))?;
         check_gradient(&self.model, examples.len() as u32, gradient.loss_sum, &gradient.tensors)
             .map_err(Refusal::Rejected)?;
         Ok(gradient)
+    }
+
+    /// A shard's served weights with the other shards' rows `batch` reads,
+    /// asked at the snapshot's position or later (so they include this
+    /// trainer's records that its own rows do, and the view is of one
+    /// version), with their optimizer slots when the trainer overlaps.
+    /// `None`: a shard did not answer (the batch is read again).
+    fn gathered<'a>(&self, snapshot: &'a Snapshot, batch: &Batch) -> Option<Gathered<'a, Vec<f32>>> {
+        let (shards, runtime) = self.shards.as_ref()?;
+        let features: Vec<&Features> = batch.examples.iter().map(|e| &e.features).collect();
+        let ask = Ask { at_least: snapshot.position, slots: self.overlay.is_some() };
+        let view = shards.view(&self.model, (snapshot.weights.as_slice(), snapshot.position), ask, &features);
+        match runtime.block_on(view) {
+            Ok((view, _)) => Some(view),
+            Err(e) => {
+                warn!(error = %e, "cannot gather the batch's rows from the other shards: reading it again");
+                // The shard's replicas are away: not a loop at full speed.
+                std::thread::sleep(GATHER_RETRY_AFTER);
+                None
+            }
+        }
     }
 
     /// The progressive loss and gradient of `batch` against the served
@@ -63,32 +86,21 @@ impl Trainer {
     /// again).
     pub(super) fn gradient(&mut self, batch: &mut Batch) -> Option<(i64, Gradient)> {
         let snapshot = self.serving.load_full();
-        let at = match &self.shards {
-            Some((shards, runtime)) => {
-                let features: Vec<&Features> = batch.examples.iter().map(|e| &e.features).collect();
-                // The other shards' rows at this shard's served position (or
-                // later): so they include this trainer's last record, as its
-                // own rows do (`sees_own_records`), and the view is of one
-                // version, not of each shard's.
-                let at = (snapshot.weights.as_slice(), snapshot.position);
-                let view = shards.view(&self.model, at, snapshot.position, &features);
-                match runtime.block_on(view) {
-                    Ok((view, _)) => At::Gathered(view),
-                    Err(e) => {
-                        warn!(error = %e, "cannot gather the batch's rows from the other shards: reading it again");
-                        // The shard's replicas are away: not a loop at full speed.
-                        std::thread::sleep(GATHER_RETRY_AFTER);
-                        return None;
-                    }
-                }
+        let gathered = match &self.shards {
+            Some(_) => Some(self.gathered(&snapshot, batch)?),
+            None => None,
+        };
+        let overlaid = self.overlay.as_mut().and_then(|overlay| {
+            overlay.retire(&snapshot.watermarks);
+            match &gathered {
+                Some(gathered) => overlay.over_shard(&self.model, &snapshot, gathered, &batch.examples),
+                None => overlay.over(&self.model, &snapshot, &batch.examples),
             }
-            None => {
-                let overlaid = self.overlay.as_mut().and_then(|overlay| {
-                    overlay.retire(&snapshot.watermarks);
-                    overlay.over(&self.model, &snapshot, &batch.examples)
-                });
-                overlaid.map_or(At::Served(&snapshot), At::Overlaid)
-            }
+        });
+        let at = match (overlaid, &gathered) {
+            (Some(overlaid), _) => At::Overlaid(Box::new(overlaid)),
+            (None, Some(gathered)) => At::Gathered(gathered),
+            (None, None) => At::Served(&snapshot),
         };
         let refusal = match self.checked_gradient(&at, &batch.examples) {
             Ok(gradient) => return Some((snapshot.position, gradient)),

@@ -28,8 +28,9 @@
 //!
 //! A shard of a sharded fleet (docs/design.md section 8a) computes its
 //! gradients over its own rows and those of the other shards the batch
-//! reads, gathered at its served position or later; it does not overlap
-//! (it cannot step rows it does not hold), so one record is in flight.
+//! reads, gathered at its served position or later with their optimizer
+//! slots, so that its overlay steps its records in flight on those rows
+//! too (each shard's at its own watermarks).
 //!
 //! Why merge by event time: see `read_ahead`.
 

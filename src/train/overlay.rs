@@ -19,7 +19,8 @@ use std::ops::Range;
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use crate::event::Example;
-use crate::model::{Buffers, GradTensor, GradValues, Model, Weights};
+use crate::model::gathered::Gathered;
+use crate::model::{Buffers, GradTensor, GradValues, Layout, Model, Weights};
 use crate::snapshot::Snapshot;
 use crate::state::optim::{Optimizer, Step};
 use crate::update_log::record::EventRange;
@@ -71,15 +72,50 @@ impl Overlay {
     /// to step on (the snapshot's weights are the ones), or the snapshot
     /// carries no optimizer state.
     pub fn over<'a>(&self, model: &Model, snapshot: &'a Snapshot, batch: &[Example]) -> Option<Overlaid<'a>> {
+        let optimizer = snapshot.optimizer.as_ref()?;
+        let base = Base { weights: &snapshot.weights, optimizer, layout: model.layout(), gathered: None };
+        self.over_base(model, base, batch)
+    }
+
+    /// The same for a shard: its snapshot's own rows, and the rows of the
+    /// other shards `gathered` with their optimizer slots, each shard's at
+    /// its own watermarks (a record a shard's rows already include is not
+    /// stepped on them again). `None` also when the gathered rows came
+    /// without their slots.
+    pub fn over_shard<'a>(
+        &self,
+        model: &Model,
+        snapshot: &'a Snapshot,
+        gathered: &'a Gathered<'a, Vec<f32>>,
+        batch: &[Example],
+    ) -> Option<Overlaid<'a>> {
+        let optimizer = snapshot.optimizer.as_ref()?;
+        if gathered.slots() != optimizer.slots.len() {
+            return None;
+        }
+        let base = Base { weights: &snapshot.weights, optimizer, layout: model.layout(), gathered: Some(gathered) };
+        self.over_base(model, base, batch)
+    }
+
+    fn over_base<'a>(&self, model: &Model, base: Base<'a>, batch: &[Example]) -> Option<Overlaid<'a>> {
         if self.sent.is_empty() {
             return None;
         }
-        let optimizer = snapshot.optimizer.as_ref()?;
-        let mut overlaid = Overlaid::new(&snapshot.weights, optimizer, rows_read(model, batch));
-        for (steps, sent) in (optimizer.steps + 1..).zip(&self.sent) {
-            overlaid.step(model, steps, &sent.gradient);
+        let mut overlaid = Overlaid::new(model, base, rows_read(model, batch));
+        if let Some(g) = base.gathered {
+            overlaid.included = g.watermarks().iter().map(|(&shard, w)| (shard, self.included_at(w))).collect();
+        }
+        for (k, sent) in self.sent.iter().enumerate() {
+            overlaid.step(model, k, &sent.gradient);
         }
         Some(overlaid)
+    }
+
+    /// How many of the records in flight, from the oldest, weights at
+    /// `watermarks` include.
+    fn included_at(&self, watermarks: &BTreeMap<i32, i64>) -> usize {
+        let served = |r: &EventRange| watermarks.get(&r.partition).is_some_and(|&wm| wm >= r.to);
+        self.sent.iter().take_while(|s| s.ranges.iter().all(served)).count()
     }
 }
 
@@ -96,6 +132,43 @@ fn rows_read(model: &Model, batch: &[Example]) -> HashSet<(usize, u32)> {
         rows.extend(batch.iter().flat_map(|e| e.features.ids[field].iter().map(move |&id| (param, id))));
     }
     rows
+}
+
+/// What an overlay copies parameters and rows from: the served snapshot's
+/// weights and optimizer state, and for a shard the other shards' rows
+/// with their slots, gathered.
+#[derive(Clone, Copy)]
+struct Base<'a> {
+    weights: &'a Buffers,
+    optimizer: &'a Optimizer,
+    /// The rows of the snapshot's sparse tables.
+    layout: Layout,
+    gathered: Option<&'a Gathered<'a, Vec<f32>>>,
+}
+
+/// A row's weights and its cells of each optimizer slot (empty for a slot
+/// the optimizer does not have).
+type RowCells<'a> = (&'a [f32], [&'a [f32]; 2]);
+
+impl<'a> Base<'a> {
+    /// Row `id` of parameter `p`, from the snapshot or from the shard that
+    /// holds it, and that shard (`None`: the snapshot's own).
+    fn row(&self, p: usize, id: u32, cols: usize) -> (RowCells<'a>, Option<u32>) {
+        let slots = self.optimizer.slots.len();
+        if let Some(place) = self.layout.place(id) {
+            let r = place * cols..(place + 1) * cols;
+            let slot = |k: usize| self.optimizer.slots.get(k).map_or(&[][..], |s| &s[p][r.clone()]);
+            return ((&self.weights[p][r.clone()], [slot(0), slot(1)]), None);
+        }
+        let g = self.gathered.expect("a row this shard does not hold was gathered");
+        let slot =
+            |k: usize| if k < slots { g.slot_row(k, p, id, cols).expect("gathered with its slots") } else { &[] };
+        ((g.row(p, id, cols), [slot(0), slot(1)]), g.source(p, id))
+    }
+
+    fn param(&self, p: usize) -> &'a [f32] {
+        &self.weights[p]
+    }
 }
 
 /// A parameter's values with its optimizer slots (up to two).
@@ -129,19 +202,18 @@ impl Rows {
         Rows { start: HashMap::with_capacity(rows), weights: Vec::new(), slots: [Vec::new(), Vec::new()] }
     }
 
-    /// The arena range of row `id` of parameter `p`, copied from `weights`
-    /// and `optimizer` the first time it is asked for.
-    fn copy_in(&mut self, weights: &Buffers, optimizer: &Optimizer, p: usize, id: u32, cols: usize) -> Range<usize> {
+    /// The arena range of row `id` of parameter `p`, copied from `cells`
+    /// the first time it is asked for.
+    fn copy_in(&mut self, p: usize, id: u32, (weights, slots): RowCells<'_>) -> Range<usize> {
         let start = *self.start.entry((p, id)).or_insert_with(|| {
-            let row = id as usize * cols..(id as usize + 1) * cols;
             let start = self.weights.len();
-            self.weights.extend_from_slice(&weights[p][row.clone()]);
-            for (arena, slot) in self.slots.iter_mut().zip(&optimizer.slots) {
-                arena.extend_from_slice(&slot[p][row.clone()]);
+            self.weights.extend_from_slice(weights);
+            for (arena, slot) in self.slots.iter_mut().zip(slots) {
+                arena.extend_from_slice(slot);
             }
             start
         });
-        start..start + cols
+        start..start + weights.len()
     }
 
     /// Steps the copied row at `range` by `grads`.
@@ -165,42 +237,53 @@ fn cells(arena: &mut [f32], range: Range<usize>) -> &mut [f32] {
 }
 
 /// Served weights with some parameters and rows of the trainer's own.
-#[derive(Debug)]
 pub struct Overlaid<'a> {
-    base: &'a Buffers,
-    optimizer: &'a Optimizer,
+    base: Base<'a>,
+    /// Per shard rows were gathered from: how many of the records in flight
+    /// its rows already include.
+    included: BTreeMap<u32, usize>,
     /// Dense parameters stepped, whole.
     params: HashMap<usize, Cells>,
     /// Rows of sparse tables stepped.
     rows: Rows,
     /// The rows worth stepping: those the gradient reads.
     read: HashSet<(usize, u32)>,
+    /// Per parameter, whether it is a sparse table (whose rows may be
+    /// another shard's) rather than dense (whole here).
+    sparse: Vec<bool>,
 }
 
 impl<'a> Overlaid<'a> {
-    fn new(base: &'a Buffers, optimizer: &'a Optimizer, read: HashSet<(usize, u32)>) -> Overlaid<'a> {
+    fn new(model: &Model, base: Base<'a>, read: HashSet<(usize, u32)>) -> Overlaid<'a> {
         let rows = Rows::with_capacity(read.len());
-        Overlaid { base, optimizer, params: HashMap::new(), rows, read }
+        let sparse = model.params().iter().map(|p| p.sparse).collect();
+        Overlaid { base, included: BTreeMap::new(), params: HashMap::new(), rows, read, sparse }
     }
 
-    /// Steps `gradient` on as the optimizer's `steps`-th step, copying each
-    /// parameter or row from the base the first time it is touched.
-    fn step(&mut self, model: &Model, steps: u64, gradient: &[GradTensor]) {
-        let (base, opt) = (self.base, self.optimizer);
-        let at = opt.at(steps);
+    /// Steps `gradient`, the `k`-th record in flight, on as the optimizer's
+    /// next steps after the snapshot's, copying each parameter or row from
+    /// the base the first time it is touched; a gathered row whose shard's
+    /// weights include the record already is left as it is.
+    fn step(&mut self, model: &Model, k: usize, gradient: &[GradTensor]) {
+        let (base, opt) = (self.base, self.base.optimizer);
+        let at = opt.at(opt.steps + 1 + k as u64);
         for g in gradient {
             let p = g.param as usize;
             let Some(spec) = model.params().get(p) else { continue };
             let cols = spec.cols;
             match &g.values {
                 GradValues::Dense(values) => {
-                    let cells = self.params.entry(p).or_insert_with(|| Cells::copy(base, opt, p));
+                    let cells = self.params.entry(p).or_insert_with(|| Cells::copy(base.weights, opt, p));
                     let [s0, s1] = &mut cells.slots;
                     at.step_slice(values, &mut cells.weights, [s0.as_mut_slice(), s1.as_mut_slice()]);
                 }
                 GradValues::Rows { ids, values } => {
                     for (r, &id) in ids.iter().enumerate().filter(|(_, &id)| self.read.contains(&(p, id))) {
-                        let range = self.rows.copy_in(base, opt, p, id, cols);
+                        let (cells, source) = base.row(p, id, cols);
+                        if source.is_some_and(|shard| k < self.included.get(&shard).copied().unwrap_or(0)) {
+                            continue;
+                        }
+                        let range = self.rows.copy_in(p, id, cells);
                         self.rows.step(&at, range, &values[r * cols..(r + 1) * cols]);
                     }
                 }
@@ -211,12 +294,13 @@ impl<'a> Overlaid<'a> {
 
 impl Weights for Overlaid<'_> {
     fn param(&self, param: usize) -> &[f32] {
-        self.params.get(&param).map_or(&self.base[param], |c| &c.weights)
+        self.params.get(&param).map_or(self.base.param(param), |c| &c.weights)
     }
 
     fn row(&self, param: usize, id: u32, cols: usize) -> &[f32] {
         match self.rows.get(param, id, cols) {
             Some(row) => row,
+            None if self.sparse[param] => self.base.row(param, id, cols).0 .0,
             None => &self.param(param)[id as usize * cols..(id as usize + 1) * cols],
         }
     }
@@ -229,6 +313,7 @@ mod tests {
     use super::*;
     use crate::config::{Config, ModelConfig, ModelKind, OptimizerKind};
     use crate::event::{Example, Features};
+    use crate::model::Layout;
     use crate::snapshot::Publisher;
     use crate::state::optim::NoTouch;
     use crate::state::ReplicaState;
@@ -319,6 +404,66 @@ mod tests {
             overlay.retire(&snapshot.watermarks);
             assert_eq!(overlay.len(), 0, "all served");
             let _ = NoTouch;
+        }
+    }
+
+    /// A shard's trainer: its snapshot's rows and shard 1's rows gathered
+    /// with their slots, shard 1 a record ahead of it (its rows already
+    /// include one of the records in flight), records in flight stepped on
+    /// both: the gradient of a sequential learner of the whole model, bit
+    /// for bit.
+    #[test]
+    fn records_in_flight_stepped_on_a_shard_and_its_gathered_rows_give_the_sequential_gradient() {
+        use crate::model::gathered::{self, Answer, Gathered};
+        for (kind, optimizer) in
+            [(ModelKind::Logistic, OptimizerKind::Ftrl), (ModelKind::WideDeep, OptimizerKind::Adam)]
+        {
+            let config = ModelConfig { kind, buckets: 64, optimizer: Some(optimizer), ..Config::default().model };
+            let whole = Model::new(&config).unwrap();
+            let layouts = [Layout::new(2, 0).unwrap(), Layout::new(2, 1).unwrap()];
+            let models = layouts.map(|l| Arc::new(whole.clone().with_layout(l)));
+            let mut states = models.each_ref().map(|m| ReplicaState::initial(m));
+            let mut publishers = [0, 1].map(|i| Publisher::new(models[i].clone(), &states[i], true));
+            let mut sequential = ReplicaState::initial(&whole);
+            let mut overlay = Overlay::default();
+            for b in 0..6u32 {
+                // Events seen again: each batch reads rows the records in flight stepped.
+                let batch: Vec<Example> = (b * 8..b * 8 + 8).map(|i| example(&whole, i % 12)).collect();
+                let (snap0, snap1) = (publishers[0].serving().load_full(), publishers[1].serving().load_full());
+                overlay.retire(&snap0.watermarks);
+                let features: Vec<&Features> = batch.iter().map(|e| &e.features).collect();
+                let mut view = Gathered::new(&snap0.weights, layouts[0]);
+                for (shard, rows) in &gathered::wanted(&models[0], layouts[0], &features) {
+                    let of = |buffers: &Buffers| gathered::answer(&models[1], layouts[1], buffers, rows).unwrap();
+                    let slots = snap1.optimizer.as_ref().unwrap().slots.iter().map(of).collect();
+                    let answer = Answer {
+                        position: snap1.position,
+                        watermarks: snap1.watermarks.clone(),
+                        values: of(&snap1.weights),
+                        slots,
+                    };
+                    assert!(view.take(&models[0], *shard, rows, &answer));
+                }
+                let (ranges, bytes, tensors) = match overlay.over_shard(&models[0], &snap0, &view, &batch) {
+                    Some(at) => record(&whole, &at, &batch, i64::from(b) * 8),
+                    None => record(&whole, &view, &batch, i64::from(b) * 8),
+                };
+                let expected = whole.gradient(&sequential.weights, &batch).unwrap();
+                assert_eq!(tensors, expected.tensors, "{kind:?} {optimizer:?}, batch {b}");
+                overlay.push(ranges, tensors);
+                for (i, state) in states.iter_mut().enumerate() {
+                    let outcome = state.apply(&models[i], i64::from(b), &bytes, &mut publishers[i]);
+                    assert!(matches!(outcome, crate::state::Outcome::Applied(_)), "{outcome:?}");
+                }
+                sequential.apply(&whole, i64::from(b), &bytes, &mut NoTouch);
+                // Shard 0 serves the first two records; shard 1 three.
+                if b < 2 {
+                    publishers[0].publish(&states[0]);
+                }
+                if b < 3 {
+                    publishers[1].publish(&states[1]);
+                }
+            }
         }
     }
 }

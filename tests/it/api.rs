@@ -223,6 +223,7 @@ async fn checkpoints_are_listed_newest_first_with_their_counters_also_under_thei
 async fn rows_go_to_peers_with_the_token_as_the_served_weights_hold_them() {
     use std::collections::BTreeMap;
     use std::time::Duration;
+    use tributary::shard::Ask;
     let (state, _dir) = state_with_checkpoints();
     let snap = state.predictor.serving.load();
     let model = snap.model.clone();
@@ -237,20 +238,21 @@ async fn rows_go_to_peers_with_the_token_as_the_served_weights_hold_them() {
         let replicas = vec![vec![url.clone()]];
         tributary::shard::Shards::new("default", replicas, token, Duration::from_secs(1), Duration::from_secs(5))
     };
-    let got = shards(PEER_TOKEN).gather(&wanted, cols, 0).await.unwrap();
+    let got = shards(PEER_TOKEN).gather(&wanted, cols, Ask::default()).await.unwrap();
     let weights = &snap.weights[table as usize];
     assert_eq!(got[&0].values, [weights[3], weights[60]]);
     assert_eq!(got[&0].position, snap.position);
-    let refused = shards("not-the-peer-token-at-all").gather(&wanted, cols, 0).await.unwrap_err();
+    let refused = shards("not-the-peer-token-at-all").gather(&wanted, cols, Ask::default()).await.unwrap_err();
     assert!(refused.to_string().contains("401"), "{refused}");
     // A position not served yet is waited for, then the rows come from
     // what is served, which the position says.
     let started = std::time::Instant::now();
-    let later = shards(PEER_TOKEN).gather(&wanted, cols, snap.position + 1).await.unwrap();
+    let later =
+        shards(PEER_TOKEN).gather(&wanted, cols, Ask { at_least: snap.position + 1, slots: false }).await.unwrap();
     assert_eq!((later[&0].position, &later[&0].values), (snap.position, &got[&0].values));
     assert!(started.elapsed() >= Duration::from_millis(400), "{:?}", started.elapsed());
     let beyond = BTreeMap::from([(0, vec![(table, 64)])]);
-    assert!(shards(PEER_TOKEN).gather(&beyond, cols, 0).await.unwrap_err().to_string().contains("400"));
+    assert!(shards(PEER_TOKEN).gather(&beyond, cols, Ask::default()).await.unwrap_err().to_string().contains("400"));
 }
 
 #[tokio::test]
