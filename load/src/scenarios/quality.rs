@@ -347,7 +347,7 @@ fn quality_kinds(smoke: bool) -> Vec<&'static str> {
 /// the project's virtualenv) over the VW text file `events`: its rate, its
 /// progressive log-loss (VW's average loss, in nats), and the best constant
 /// prediction's log-loss on the same labels, as JSON.
-fn vowpal_wabbit(events: &Path) -> anyhow::Result<serde_json::Value> {
+pub(super) fn vowpal_wabbit(events: &Path) -> anyhow::Result<serde_json::Value> {
     const SCRIPT: &str = r#"
 import json, math, sys, time
 import vowpalwabbit

@@ -17,36 +17,11 @@ impl Bench {
         let dir = self.dir("shards")?;
         let broker = Broker::start(&dir)?;
         let n: u64 = if self.smoke { 20_000 } else { 300_000 };
-        self.stream(&dir, &broker, None, Some(n))?.finish(Duration::from_secs(900))?;
-
-        let loss = |r: &Replica| r.info().and_then(|i| i["progressive_logloss"].as_f64()).unwrap_or(f64::NAN);
-        let mut whole = self.ready_replica(&dir, "whole", &broker, &counted_learner("wide_deep", "whole"))?;
-        let whole_rate = learned_rate(&whole, n, Duration::from_secs(900))?;
-        // As many trainers as the sharded fleet, whole: what two trainers
-        // cost the log-loss, apart from what the shards do.
-        let mut twins: Vec<Replica> = (0..2)
-            .map(|i| self.replica(&dir, &format!("twin{i}"), &broker, &counted_learner("wide_deep", "twins")))
-            .collect();
-        twins.iter_mut().try_for_each(|r| r.start())?;
-        twins.iter().try_for_each(|r| r.wait_ready(READY_LIMIT))?;
-        let twins_rate = learned_rate(&twins[0], n, Duration::from_secs(900))?;
-        let twins_loss = loss(&twins[0]);
-        twins.iter_mut().for_each(Replica::kill);
-        let mut fleet = self.sharded_fleet(&dir, &broker, 2, &counted_learner("wide_deep", "sharded"))?;
-        let sharded_rate = learned_rate(&fleet[0], n, Duration::from_secs(900))?;
-        wait_examples(&fleet[1], n, Duration::from_secs(300))?;
-        let s = "shards";
-        self.report.add(s, "whole replica: events learned/s, wide_deep, pre-filled topic", whole_rate, Goal::None);
-        self.report.add(s, "2 whole replicas: events learned/s, same events", twins_rate, Goal::None);
-        self.report.add(s, "2 shards x 1 replica: events learned/s, same events", sharded_rate, Goal::None);
-        self.report.add(s, "learn rate, 2 shards over whole", sharded_rate / whole_rate, Goal::None);
-        self.report.add(s, "whole replica: progressive log-loss", loss(&whole), Goal::None);
-        self.report.add(s, "2 whole replicas: progressive log-loss", twins_loss, Goal::None);
-        self.report.add(s, "2 shards: progressive log-loss", loss(&fleet[0]), Goal::None);
-        let over_whole = loss(&fleet[0]) / loss(&whole);
-        self.report.add(s, "progressive log-loss, 2 shards over whole", over_whole, Goal::AtMost(1.01));
-        let over_twins = loss(&fleet[0]) / twins_loss;
-        self.report.add(s, "progressive log-loss, 2 shards over 2 whole replicas", over_twins, Goal::AtMost(1.01));
+        let mut last = None;
+        for stream in ["demo", "clicks"] {
+            last = Some(self.shards_learn(&dir, &broker, stream, n)?);
+        }
+        let (mut whole, mut fleet) = last.expect("a stream learned");
         self.gather_cost(&whole, &fleet[0]);
         whole.kill();
         fleet.iter_mut().for_each(Replica::kill);
@@ -54,6 +29,74 @@ impl Bench {
             self.memory_per_shard(&dir, &broker)?;
         }
         Ok(())
+    }
+
+    /// The `n` events of `stream`, pre-filled, learned by a whole replica,
+    /// by two whole replicas (as many trainers as the sharded fleet), and
+    /// by two shards of one replica each, one after the other: how fast and
+    /// how well. Vowpal Wabbit learns the `clicks` events too. Returns the
+    /// whole replica and the shards, idle.
+    fn shards_learn(
+        &mut self,
+        dir: &Path,
+        broker: &Broker,
+        stream: &str,
+        n: u64,
+    ) -> anyhow::Result<(Replica, Vec<Replica>)> {
+        let topic = format!("events-{stream}");
+        let vw_file = dir.join(format!("{stream}.vw"));
+        let mut generate: Vec<String> = ["--stream", stream, "--seed", "23"].map(String::from).to_vec();
+        if stream != "demo" {
+            generate.extend(["--vw".to_string(), vw_file.display().to_string()]);
+        }
+        let spec = StreamSpec { topic: &topic, count: Some(n), generate: &generate, ..StreamSpec::default() };
+        let log = dir.join(format!("produce-{stream}.log"));
+        EventStream::start(&self.tributary, &broker.addr, &spec, &log)?.finish(Duration::from_secs(900))?;
+        let learner = |id: &str| {
+            let mut env = counted_learner("wide_deep", &format!("{id}-{stream}"));
+            env.push(("KAFKA__EVENTS_TOPIC", topic.clone()));
+            env
+        };
+        let loss = |r: &Replica| r.info().and_then(|i| i["progressive_logloss"].as_f64()).unwrap_or(f64::NAN);
+        let limit = Duration::from_secs(900);
+        let whole = self.ready_replica(dir, &format!("whole-{stream}"), broker, &learner("whole"))?;
+        let whole_rate = learned_rate(&whole, n, limit)?;
+        let mut twins: Vec<Replica> =
+            (0..2).map(|i| self.replica(dir, &format!("twin{i}-{stream}"), broker, &learner("twins"))).collect();
+        twins.iter_mut().try_for_each(|r| r.start())?;
+        twins.iter().try_for_each(|r| r.wait_ready(READY_LIMIT))?;
+        let twins_rate = learned_rate(&twins[0], n, limit)?;
+        let twins_loss = loss(&twins[0]);
+        twins.iter_mut().for_each(Replica::kill);
+        let fleet = self.sharded_fleet(dir, broker, 2, &learner("sharded"))?;
+        let sharded_rate = learned_rate(&fleet[0], n, limit)?;
+        wait_examples(&fleet[1], n, Duration::from_secs(300))?;
+        let s = "shards";
+        let add = |report: &mut Report, what: &str, value: f64, goal: Goal| {
+            report.add(s, &format!("{stream}, wide_deep, pre-filled: {what}"), value, goal);
+        };
+        add(&mut self.report, "whole replica, events learned/s", whole_rate, Goal::None);
+        add(&mut self.report, "2 whole replicas, events learned/s", twins_rate, Goal::None);
+        add(&mut self.report, "2 shards x 1 replica, events learned/s", sharded_rate, Goal::None);
+        add(&mut self.report, "learn rate, 2 shards over whole", sharded_rate / whole_rate, Goal::None);
+        add(&mut self.report, "whole replica, progressive log-loss", loss(&whole), Goal::None);
+        add(&mut self.report, "2 whole replicas, progressive log-loss", twins_loss, Goal::None);
+        add(&mut self.report, "2 shards, progressive log-loss", loss(&fleet[0]), Goal::None);
+        let over_whole = loss(&fleet[0]) / loss(&whole);
+        add(&mut self.report, "progressive log-loss, 2 shards over whole", over_whole, Goal::AtMost(1.01));
+        let over_twins = loss(&fleet[0]) / twins_loss;
+        add(&mut self.report, "progressive log-loss, 2 shards over 2 whole replicas", over_twins, Goal::AtMost(1.01));
+        if stream != "demo" {
+            let vw = super::quality::vowpal_wabbit(&vw_file)?["progressive_logloss"].as_f64().unwrap_or(f64::NAN);
+            add(&mut self.report, "Vowpal Wabbit, progressive log-loss", vw, Goal::None);
+            add(
+                &mut self.report,
+                "progressive log-loss, 2 shards over Vowpal Wabbit",
+                loss(&fleet[0]) / vw,
+                Goal::None,
+            );
+        }
+        Ok((whole, fleet))
     }
 
     /// `count` replicas, shard `i` of `count` each, ready: each knows the
