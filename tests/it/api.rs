@@ -307,3 +307,44 @@ async fn admin_endpoints_are_off_without_a_configured_token() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(v["error"].as_str().unwrap().contains("no admin token"), "{v}");
 }
+
+/// A shard whose other shard has no replica answering: a prediction that
+/// reads that shard's rows is a 503 naming it, over V1 and V2 REST, never
+/// an answer from rows missing; the replica answers on.
+#[tokio::test]
+async fn a_prediction_of_a_shard_whose_other_shard_is_down_is_a_503_naming_it() {
+    let mut config = Config::default();
+    config.model.kind = ModelKind::WideDeep;
+    config.model.buckets = 64;
+    config.checkpoint.peer_token = PEER_TOKEN.into();
+    config.shard.count = 2;
+    config.shard.index = 0;
+    config.shard.deadline_ms = 500;
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    config.shard.replicas = vec![vec![], vec![dead]];
+    config.validate().unwrap();
+    let layout = tributary::model::Layout::new(2, 0).unwrap();
+    let model = Arc::new(Model::new(&config.model).unwrap().with_layout(layout));
+    let publisher = Publisher::new(model.clone(), &ReplicaState::initial(&model), false);
+    let ready = Arc::new(AtomicBool::new(true));
+    let app = router(AppState::new(publisher.serving(), Arc::new(Metrics::new("test")), &config, ready));
+    // Values of f0 whose buckets fall on both shards.
+    let instances: Vec<Value> =
+        (0..16).map(|i| json!({"dense": vec![0.0; 8], "sparse": {"f0": format!("v{i}")}})).collect();
+    let (status, body, text) =
+        call(&app, "POST", "/v1/models/default:predict", json!({ "instances": instances }).to_string()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert!(body["error"].as_str().unwrap().contains("shard 1 of 2"), "{text}");
+    let v2 = json!({"inputs": [
+        {"name": "dense", "shape": [16, 8], "datatype": "FP32", "data": vec![0.0; 128]},
+        {"name": "f0", "shape": [16], "datatype": "BYTES", "data": (0..16).map(|i| format!("v{i}")).collect::<Vec<_>>()},
+    ]});
+    let (status, body, text) = call(&app, "POST", "/v2/models/default/infer", v2.to_string()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert!(body["error"].as_str().unwrap().contains("shard 1 of 2"), "{text}");
+    let (status, _, text) = call(&app, "GET", "/healthz", Body::empty()).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+}
