@@ -155,45 +155,54 @@ fn applier(c: &mut Criterion) {
     tributary::replica::init_libtorch();
     for kind in [ModelKind::Logistic, ModelKind::WideDeep] {
         let m = Arc::new(model(kind));
-        // The load report's click-through stream: most values rare, so a
-        // record touches about as many rows per table as it has events.
-        let mut ctr = tributary::synthetic::CtrStream::new(m.config(), 7, u64::MAX);
-        let ex: Vec<Example> =
-            (0..1024).map(|_| m.featurizer().event(ctr.next_event(Some(1)).json.as_bytes()).unwrap()).collect();
-        let mut state = ReplicaState::initial(&m);
-        let gradient = m.gradient(&state.weights, &ex).unwrap();
-        let mut publisher = Publisher::new(m.clone(), &state, false);
-        // Each record continues the one before: record k covers [1024 k, 1024 (k + 1)).
-        let next_from = std::cell::Cell::new(0i64);
-        let next_record = || record_bytes(&m, next_from.replace(next_from.get() + 1024), 1024, gradient.clone());
-        let mut offset = 0;
-        c.bench_function(&format!("applier_1024/{kind:?}"), |b| {
-            b.iter_batched(
-                next_record,
-                |bytes| {
-                    state.apply(&m, offset, &bytes, &mut publisher);
-                    offset += 1;
-                    publisher.publish(&state)
-                },
-                BatchSize::SmallInput,
-            )
-        });
-        assert_eq!(state.records_rejected, 0, "every record continued the one before");
+        let gradient = ctr_gradient_1024(&m);
+        bench_applier(c, &format!("applier_1024/{kind:?}"), &m, &gradient, true);
         // The applier's stages alone, each a part of the whole above:
         // decoding, then decoding and the step with nothing to publish.
         let bytes = record_bytes(&m, 0, 1024, gradient.clone());
         c.bench_function(&format!("applier_1024_decode/{kind:?}"), |b| b.iter(|| Record::decode(black_box(&bytes))));
-        c.bench_function(&format!("applier_1024_unpublished/{kind:?}"), |b| {
-            b.iter_batched(
-                next_record,
-                |bytes| {
-                    state.apply(&m, offset, &bytes, &mut NoTouch);
-                    offset += 1;
-                },
-                BatchSize::SmallInput,
-            )
-        });
+        bench_applier(c, &format!("applier_1024_unpublished/{kind:?}"), &m, &gradient, false);
     }
+}
+
+/// The gradient of 1024 events of the load report's click-through stream
+/// (most values rare, so a record touches about as many rows per table as
+/// it has events) at `m`'s initial weights.
+fn ctr_gradient_1024(m: &Model) -> Gradient {
+    let mut ctr = tributary::synthetic::CtrStream::new(m.config(), 7, u64::MAX);
+    let ex: Vec<Example> =
+        (0..1024).map(|_| m.featurizer().event(ctr.next_event(Some(1)).json.as_bytes()).unwrap()).collect();
+    m.gradient(&ReplicaState::initial(m).weights, &ex).unwrap()
+}
+
+/// Records of `gradient` over 1024 events applied to a fresh state of `m`,
+/// each continuing the one before (record k covers [1024 k, 1024 (k + 1))),
+/// with a left-right publish after each when `publish`.
+fn bench_applier(c: &mut Criterion, name: &str, m: &Arc<Model>, gradient: &Gradient, publish: bool) {
+    let mut state = ReplicaState::initial(m);
+    let mut publisher = Publisher::new(m.clone(), &state, false);
+    let next_from = std::cell::Cell::new(0i64);
+    let next_record = || record_bytes(m, next_from.replace(next_from.get() + 1024), 1024, gradient.clone());
+    let mut offset = 0;
+    c.bench_function(name, |b| {
+        b.iter_batched(
+            next_record,
+            |bytes| {
+                match publish {
+                    true => {
+                        state.apply(m, offset, &bytes, &mut publisher);
+                        publisher.publish(&state);
+                    }
+                    false => {
+                        state.apply(m, offset, &bytes, &mut NoTouch);
+                    }
+                }
+                offset += 1;
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    assert_eq!(state.records_rejected, 0, "every record continued the one before");
 }
 
 /// The applier of one shard of S, per record of 1024 events (as
@@ -205,29 +214,10 @@ fn applier_sharded(c: &mut Criterion) {
     tributary::replica::init_libtorch();
     for kind in [ModelKind::Logistic, ModelKind::WideDeep] {
         let whole = model(kind);
-        let mut ctr = tributary::synthetic::CtrStream::new(whole.config(), 7, u64::MAX);
-        let ex: Vec<Example> =
-            (0..1024).map(|_| whole.featurizer().event(ctr.next_event(Some(1)).json.as_bytes()).unwrap()).collect();
-        let gradient = whole.gradient(&ReplicaState::initial(&whole).weights, &ex).unwrap();
+        let gradient = ctr_gradient_1024(&whole);
         for count in [1, 2, 4] {
             let m = Arc::new(whole.clone().with_layout(tributary::model::Layout::new(count, 0).unwrap()));
-            let mut state = ReplicaState::initial(&m);
-            let mut publisher = Publisher::new(m.clone(), &state, false);
-            let next_from = std::cell::Cell::new(0i64);
-            let next_record = || record_bytes(&m, next_from.replace(next_from.get() + 1024), 1024, gradient.clone());
-            let mut offset = 0;
-            c.bench_function(&format!("applier_sharded_1024/{kind:?}/S={count}"), |b| {
-                b.iter_batched(
-                    next_record,
-                    |bytes| {
-                        state.apply(&m, offset, &bytes, &mut publisher);
-                        offset += 1;
-                        publisher.publish(&state)
-                    },
-                    BatchSize::SmallInput,
-                )
-            });
-            assert_eq!(state.records_rejected, 0, "every record continued the one before");
+            bench_applier(c, &format!("applier_sharded_1024/{kind:?}/S={count}"), &m, &gradient, true);
         }
     }
 }

@@ -1,8 +1,6 @@
 //! The exactly-once protocol across real processes: an Apache Kafka broker, replicas
 //! started as child processes and killed with SIGKILL.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -138,29 +136,9 @@ fn slow_three_replicas_survive_a_sigkill_with_no_failed_prediction() {
     replicas.iter().for_each(Replica::wait_ready);
 
     // Predictions go to the two survivors the whole time.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let predict_path = format!("/v1/models/{}:predict", cluster.config.model.name);
-    let clients: Vec<_> = [replicas[0].http, replicas[1].http]
-        .into_iter()
-        .map(|addr| {
-            let (stop, ok, failed, predict_path) = (stop.clone(), ok.clone(), failed.clone(), predict_path.clone());
-            std::thread::spawn(move || {
-                let body = r#"{"instances": [{"dense": [0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8], "sparse": {"f0": "v1"}}]}"#;
-                let mut errors = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    match procs::http_post(addr, &predict_path, None, body) {
-                        Some((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
-                        other => {
-                            errors.push(format!("{other:?}"));
-                            failed.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
-                }
-                errors
-            })
-        })
-        .collect();
+    let body = r#"{"instances": [{"dense": [0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8], "sparse": {"f0": "v1"}}]}"#;
+    let load = PredictionLoad::start(&[replicas[0].http, replicas[1].http], &predict_path, body);
 
     cluster.produce(4000, 1);
     wait_for("a checkpoint of r2", Duration::from_secs(60), || {
@@ -184,16 +162,15 @@ fn slow_three_replicas_survive_a_sigkill_with_no_failed_prediction() {
     // The restart appended its settings record (and maybe records its
     // trainer sent while it replayed, which all reject): all read them.
     let infos = wait_at_one_version(&replicas.iter().collect::<Vec<_>>(), LEARN_LIMIT);
-    stop.store(true, Ordering::Relaxed);
-    let errors: Vec<String> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+    let (ok, errors) = load.stop();
     for info in &infos {
         assert_eq!(info["weights_digest"], infos[0]["weights_digest"], "{infos:?}");
         assert_eq!(watermark_sum(info), 10000);
     }
-    assert!(ok.load(Ordering::Relaxed) > 100, "the prediction load ran");
+    assert!(ok > 100, "the prediction load ran");
     let log = std::fs::read_to_string(&replicas[2].log).unwrap();
     assert!(log.contains("restored checkpoint"), "r2 should restart from its checkpoint and replay the log");
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "failed predictions at the survivors: {errors:?}");
+    assert!(errors.is_empty(), "failed predictions at the survivors: {errors:?}");
 }
 
 #[test]

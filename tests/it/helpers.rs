@@ -622,3 +622,61 @@ pub fn delete_update_log_records_before(cluster: &Cluster, offset: i64) {
     let deleted = runtime.block_on(admin.delete_records(&tpl, &AdminOptions::new())).unwrap();
     assert!(deleted.elements().iter().all(|e| e.error().is_ok()), "{deleted:?}");
 }
+
+/// Predictions sent to each of some replicas, one after the other on a
+/// thread per replica, until stopped: how many were answered 200, and how
+/// the others failed.
+pub struct PredictionLoad {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    clients: Vec<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl PredictionLoad {
+    /// `POST path` with `body` to every address of `targets`, each in a loop.
+    pub fn start(targets: &[std::net::SocketAddr], path: &str, body: &str) -> PredictionLoad {
+        let (stop, ok, failed) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::default());
+        let clients = (targets.iter())
+            .map(|&addr| {
+                let (stop, ok, failed): (_, _, Arc<AtomicU64>) = (stop.clone(), ok.clone(), Arc::clone(&failed));
+                let (path, body) = (path.to_string(), body.to_string());
+                std::thread::spawn(move || {
+                    let mut errors = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        match procs::http_post(addr, &path, None, &body) {
+                            Some((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
+                            other => {
+                                errors.push(format!("{other:?}"));
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                    errors
+                })
+            })
+            .collect();
+        PredictionLoad { stop, ok, failed, clients }
+    }
+
+    /// Predictions answered 200 so far.
+    pub fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Stops the clients: predictions answered 200, and every failure.
+    pub fn stop(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let errors: Vec<String> = self.clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+        assert_eq!(errors.len() as u64, self.failed.load(Ordering::Relaxed));
+        (self.ok.load(Ordering::Relaxed), errors)
+    }
+}
+
+/// Waits until `replica` has written a checkpoint to its state directory.
+pub fn wait_for_checkpoint(replica: &Replica) {
+    wait_for(&format!("a checkpoint of {}", replica.id), Duration::from_secs(60), || {
+        let saved = std::fs::read_dir(&replica.state_dir).ok()?.flatten();
+        saved.into_iter().any(|e| e.file_name().to_string_lossy().ends_with(".bin")).then_some(())
+    });
+}

@@ -4,8 +4,6 @@
 //! a shard's replica is killed with SIGKILL under prediction load; a fleet
 //! grows from one shard to two.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -104,52 +102,26 @@ fn slow_a_sharded_fleet_predicts_as_one_whole_replica_and_survives_a_sigkill() {
 
     // Shard 0's replicas answer predictions the whole time; each gathers
     // shard 1's rows from b0 first, from b1 when b0 fails.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let body = serde_json::json!({ "instances": instances(&cluster, 8, 7) }).to_string();
     let path = format!("/v1/models/{}:predict", cluster.config.model.name);
-    let clients: Vec<_> = [fleet[0].http, fleet[1].http]
-        .into_iter()
-        .map(|addr| {
-            let (stop, ok, failed, body, path) = (stop.clone(), ok.clone(), failed.clone(), body.clone(), path.clone());
-            std::thread::spawn(move || {
-                let mut errors = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    match procs::http_post(addr, &path, None, &body) {
-                        Some((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
-                        other => {
-                            errors.push(format!("{other:?}"));
-                            failed.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
-                }
-                errors
-            })
-        })
-        .collect();
-    wait_for("a checkpoint of b0", Duration::from_secs(60), || {
-        let saved = std::fs::read_dir(&fleet[2].state_dir).ok()?.flatten();
-        saved.into_iter().any(|e| e.file_name().to_string_lossy().ends_with(".bin")).then_some(())
-    });
-    let before_kill = ok.load(Ordering::Relaxed);
+    let load = PredictionLoad::start(&[fleet[0].http, fleet[1].http], &path, &body);
+    wait_for_checkpoint(&fleet[2]);
+    let before_kill = load.ok();
     fleet[2].kill();
     cluster.produce(2000, 2);
     for r in [&fleet[0], &fleet[1], &fleet[3], &whole] {
         r.wait_learned(5000, LEARN_LIMIT);
     }
-    wait_for("predictions while b0 is dead", Duration::from_secs(30), || {
-        (ok.load(Ordering::Relaxed) > before_kill + 50).then_some(())
-    });
+    wait_for("predictions while b0 is dead", Duration::from_secs(30), || (load.ok() > before_kill + 50).then_some(()));
     fleet[2].start();
     fleet[2].wait_learned(5000, LEARN_LIMIT);
     let infos = everyone(&fleet);
-    stop.store(true, Ordering::Relaxed);
-    let errors: Vec<String> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "failed predictions at shard 0: {errors:?}");
+    let (ok, errors) = load.stop();
+    assert!(errors.is_empty(), "failed predictions at shard 0: {errors:?}");
     let failed_over: f64 =
         (fleet[..2].iter()).map(|r| r.metrics().value("tributary_shard_asks_total", r#"outcome="failed""#)).sum();
     assert!(failed_over > 0.0, "shard 0 asked the dead b0 (its only other shard is 1), and its twin answered");
-    assert!(ok.load(Ordering::Relaxed) > before_kill + 50, "the prediction load ran");
+    assert!(ok > before_kill + 50, "the prediction load ran");
     assert_eq!(infos[2]["weights_digest"], infos[3]["weights_digest"], "b0 agrees with its twin again");
     infos.iter().for_each(|info| assert_eq!(watermark_sum(info), 5000, "{info}"));
     let log = std::fs::read_to_string(&fleet[2].log).unwrap();
@@ -225,10 +197,7 @@ fn slow_a_fleet_grows_from_one_shard_to_two_under_load() {
     old.wait_ready();
     cluster.produce(2000, 1);
     old.wait_learned(2000, LEARN_LIMIT);
-    wait_for("a checkpoint of the old replica", Duration::from_secs(60), || {
-        let saved = std::fs::read_dir(&old.state_dir).ok()?.flatten();
-        saved.into_iter().any(|e| e.file_name().to_string_lossy().ends_with(".bin")).then_some(())
-    });
+    wait_for_checkpoint(&old);
 
     let mut new: Vec<Replica> = ["s0", "s1"].iter().map(|id| cluster.replica(id)).collect();
     let urls = vec![vec![url(&new[0])], vec![url(&new[1])]];
