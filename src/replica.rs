@@ -128,7 +128,7 @@ impl Replica {
         let layout = Layout::new(config.shard.count, config.shard.index).context("shard.index below shard.count")?;
         let model = Arc::new(Model::new(&config.model)?.with_layout(layout));
         let metrics = Arc::new(Metrics::new(&config.replica_id));
-        let store = checkpoint::open(&config)?;
+        let store = checkpoint::open_to_write(&config)?;
         let Some(state) = restore(&store, &model, &config.checkpoint, &mut shutdown).await? else {
             return Ok(None);
         };

@@ -24,18 +24,27 @@ pub struct LocalStore {
 }
 
 impl LocalStore {
-    /// Opens (creates) `dir` and removes temporary files a crash left there.
+    /// Opens (creates) `dir`, touching no file in it: a running replica's
+    /// checkpoint being written stays as it is.
     pub fn open(dir: &Path, keep: usize) -> Result<LocalStore, CheckpointError> {
-        let io = |source| CheckpointError::Io { path: dir.into(), source };
-        fs::create_dir_all(dir).map_err(io)?;
-        for entry in fs::read_dir(dir).map_err(io)?.flatten() {
+        fs::create_dir_all(dir).map_err(|source| CheckpointError::Io { path: dir.into(), source })?;
+        Ok(LocalStore { dir: dir.into(), keep: keep.max(1), keep_every: None })
+    }
+
+    /// Removes the temporary files a crash left mid-write: for the replica
+    /// that writes this directory, as it starts. (A reader that did so
+    /// would tear a running replica's write: a test that listed the store
+    /// while its replica wrote failed that way.)
+    pub fn removing_half_written(self) -> Result<LocalStore, CheckpointError> {
+        let io = |source| CheckpointError::Io { path: self.dir.clone(), source };
+        for entry in fs::read_dir(&self.dir).map_err(io)?.flatten() {
             let name = entry.file_name();
             if name.to_str().is_some_and(|n| n.starts_with("checkpoint-") && n.ends_with(".tmp")) {
                 tracing::info!(path = %entry.path().display(), "removing a checkpoint left half-written");
                 let _ = fs::remove_file(entry.path());
             }
         }
-        Ok(LocalStore { dir: dir.into(), keep: keep.max(1), keep_every: None })
+        Ok(self)
     }
 
     /// Also keeps, beyond the newest `keep`, the newest checkpoint of every
@@ -158,11 +167,14 @@ mod tests {
         // The listing reads counters from headers; a torn file has none.
         fs::write(&newest.location, b"TRCK").unwrap();
         assert_eq!(store.list().unwrap()[0].examples_learned, None);
-        // What a crash mid-write leaves is never listed, and goes at the next open.
+        // What a crash mid-write leaves is never listed; a reader leaves it,
+        // the writer removes it when it starts.
         let tmp = dir.path().join("checkpoint-00000000000000000012.tmp");
         fs::write(&tmp, &bytes[..10]).unwrap();
         assert_eq!(store.list().unwrap().len(), 2);
         LocalStore::open(dir.path(), 3).unwrap();
+        assert!(tmp.exists());
+        LocalStore::open(dir.path(), 3).unwrap().removing_half_written().unwrap();
         assert!(!tmp.exists());
     }
 }

@@ -127,12 +127,25 @@ pub type SharedStore = Arc<dyn Store>;
 /// Opens the store `checkpoint.store` names: empty or `file:PATH` a local
 /// directory (empty: `checkpoint.state_dir`), `postgres://...` PostgreSQL,
 /// whose migrations run first. Checkpoints in PostgreSQL are scoped by model
-/// name and update log, so fleets may share a database.
+/// name and update log, so fleets may share a database. For reading
+/// (`tributary checkpoints list`): a directory a running replica writes is
+/// left as it is.
 pub fn open(config: &Config) -> Result<SharedStore, CheckpointError> {
+    open_as(config, false)
+}
+
+/// The same for the replica that writes the store: half-written files a
+/// crash left in a directory are removed first.
+pub fn open_to_write(config: &Config) -> Result<SharedStore, CheckpointError> {
+    open_as(config, true)
+}
+
+fn open_as(config: &Config, writer: bool) -> Result<SharedStore, CheckpointError> {
     let c = &config.checkpoint;
     let every = Duration::from_secs(c.keep_one_every_secs);
     let local = |dir: &Path| -> Result<SharedStore, CheckpointError> {
-        Ok(Arc::new(LocalStore::open(dir, c.keep)?.keep_one_every(every)))
+        let store = LocalStore::open(dir, c.keep)?.keep_one_every(every);
+        Ok(Arc::new(if writer { store.removing_half_written()? } else { store }))
     };
     match &c.store {
         CheckpointStore::StateDir => local(&c.state_dir),
