@@ -35,6 +35,7 @@ use crate::http::{self, AppState};
 use crate::lifecycle::{Backoff, StopRequest};
 use crate::metrics::Metrics;
 use crate::model::{Layout, Model};
+use crate::serve::feedback::PredictionLog;
 use crate::state::ReplicaState;
 use crate::train::Trainer;
 use crate::update_log::control::ControlLog;
@@ -155,6 +156,9 @@ impl Replica {
         if !config.http.admin_token.is_empty() {
             let handle = ReplicaHandle::new(&config, control.clone(), applier.progress(), store, model.fingerprint())?;
             app.admin = Some(Arc::new(Admin { token: config.http.admin_token.expose().to_string(), replica: handle }));
+        }
+        if config.feedback.enabled {
+            app.predictions_log = Some(Arc::new(PredictionLog::new(&config, metrics.clone())?));
         }
         if config.http.ingest {
             let k = &config.kafka;
@@ -291,7 +295,14 @@ async fn wait_for_topics<F: Future<Output = ()>>(
 ) -> anyhow::Result<bool> {
     let mut backoff = Backoff::new();
     loop {
-        match kafka::ensure_topics(&config.kafka).await {
+        let feedback = &config.feedback;
+        let ensured = match kafka::ensure_topics(&config.kafka).await {
+            Ok(()) if feedback.enabled => {
+                kafka::ensure_predictions_topic(&config.kafka, &feedback.predictions_topic).await
+            }
+            other => other,
+        };
+        match ensured {
             Ok(()) => return Ok(true),
             Err(e @ kafka::TopicError::UpdatesPartitions { .. }) => return Err(e.into()),
             Err(e) => warn!(error = %e, "topics not ready; retrying"),

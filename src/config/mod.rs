@@ -10,6 +10,7 @@
 
 mod checkpoint;
 mod features;
+mod feedback;
 mod kafka;
 mod model;
 mod secret;
@@ -26,6 +27,7 @@ pub use checkpoint::{CheckpointConfig, CheckpointStore, TrimUpdateLog};
 pub use features::{
     DenseFeature, FeaturesConfig, IfMissing, LabelFeature, Scalar, SparseFeature, TimeFeature, TimeUnit, Transform,
 };
+pub use feedback::FeedbackConfig;
 pub use kafka::{EventFormat, KafkaConfig, PROTECTED_CLIENT_PROPERTIES};
 pub use model::{Loss, ModelConfig, ModelKind, OptimizerKind, StalenessScaling};
 pub use secret::Secret;
@@ -46,6 +48,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub grpc: GrpcConfig,
     pub shard: ShardConfig,
+    pub feedback: FeedbackConfig,
 }
 
 impl Default for Config {
@@ -61,6 +64,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             grpc: GrpcConfig::default(),
             shard: ShardConfig::default(),
+            feedback: FeedbackConfig::default(),
         }
     }
 }
@@ -186,6 +190,7 @@ impl Config {
         self.http.validate()?;
         self.grpc.socket_addr()?;
         self.shard.validate()?;
+        self.feedback.validate()?;
         self.validate_shards()?;
         if self.replica_id.is_empty() || self.replica_id.len() > 255 {
             return Err(ConfigError::Invalid("replica_id must be 1 to 255 bytes".into()));

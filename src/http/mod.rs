@@ -66,6 +66,8 @@ pub struct AppState {
     pub peer_checkpoints: Option<Arc<peer::PeerCheckpoints>>,
     /// `POST /v1/events`; `None`: off.
     pub events: Option<Arc<events::EventSink>>,
+    /// Where V1 predictions are logged (`feedback.enabled`); `None`: off.
+    pub predictions_log: Option<Arc<crate::serve::feedback::PredictionLog>>,
     /// The last minutes of the status page's series.
     pub history: Arc<status::History>,
 }
@@ -83,6 +85,7 @@ impl AppState {
             admin: None,
             peer_checkpoints: None,
             events: None,
+            predictions_log: None,
             history: Arc::default(),
         }
     }
@@ -341,6 +344,10 @@ pub struct PredictRequest {
     /// Each: `{"dense": [...], "sparse": {"field": "value" or ["v1", "v2"]}}`.
     #[schema(value_type = Vec<Object>)]
     instances: Vec<Value>,
+    /// With `feedback.enabled`: an id per instance, under which it is
+    /// logged to the predictions topic (absent: the replica makes them).
+    #[serde(default)]
+    ids: Option<Vec<String>>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -354,6 +361,17 @@ pub struct PredictResponse {
     /// by shard index.
     #[serde(skip_serializing_if = "Option::is_none")]
     shard_versions: Option<std::collections::BTreeMap<u32, i64>>,
+    /// With `feedback.enabled`: each instance's id in the predictions topic
+    /// (the request's, or made by the replica).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ids: Option<Vec<String>>,
+}
+
+impl PredictResponse {
+    fn of(p: crate::serve::Predicted, ids: Option<Vec<String>>) -> PredictResponse {
+        let (predictions, model_version, shard_versions) = (p.predictions, p.model_version, p.shard_versions);
+        PredictResponse { predictions, model_version, shard_versions, ids }
+    }
 }
 
 /// Predictions for a batch of instances (KServe V1).
@@ -383,12 +401,18 @@ async fn predict(
     let request: PredictRequest =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))?;
     let snap = state.predictor.serving.load_full();
-    let p = state.predictor.predict(&snap, request.instances).await?;
-    Ok(Json(PredictResponse {
-        predictions: p.predictions,
-        model_version: p.model_version,
-        shard_versions: p.shard_versions,
-    }))
+    let Some(log) = &state.predictions_log else {
+        if request.ids.is_some() {
+            return Err(ApiError::BadRequest("ids are for logged predictions, and feedback.enabled is off".into()));
+        }
+        let p = state.predictor.predict(&snap, request.instances).await?;
+        return Ok(Json(PredictResponse::of(p, None)));
+    };
+    // Logged as served: the instances as they came, under their ids.
+    let ids = log.ids(request.ids, request.instances.len())?;
+    let p = state.predictor.predict(&snap, request.instances.clone()).await?;
+    log.log(&ids, &request.instances, &p);
+    Ok(Json(PredictResponse::of(p, Some(ids))))
 }
 
 #[cfg(test)]

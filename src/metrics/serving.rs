@@ -15,6 +15,10 @@ pub struct ServingMetrics {
     pub http_duration: HistogramVec,
     pub admin_denied: IntCounter,
     pub events_ingested: IntCounterVec,
+    /// Served instances handed to the predictions topic's producer, by
+    /// result: `queued`, `unlogged` (its queue was full), `failed` (the
+    /// broker did not take it).
+    pub predictions_logged: IntCounterVec,
 }
 
 impl ServingMetrics {
@@ -43,7 +47,17 @@ impl ServingMetrics {
                 opts("events_ingested_total", "Events posted to /v1/events, by result (produced, invalid, failed)"),
                 &["result"],
             )),
+            predictions_logged: r.add(IntCounterVec::new(
+                opts(
+                    "predictions_logged_total",
+                    "Served instances logged to the predictions topic, by result (queued, unlogged, failed)",
+                ),
+                &["result"],
+            )),
         };
+        for result in ["queued", "unlogged", "failed"] {
+            m.predictions_logged.with_label_values(&[result]);
+        }
         for result in ["produced", "invalid", "failed"] {
             m.events_ingested.with_label_values(&[result]);
         }

@@ -7,6 +7,7 @@
 //! The layers read snapshot -> serve -> {http, grpc}: this module knows
 //! neither protocol, and may not touch training or the log.
 
+pub mod feedback;
 pub mod metadata;
 pub mod tensor;
 

@@ -243,6 +243,14 @@ pub async fn create_missing(
     Ok(admin)
 }
 
+/// Creates the topic served predictions are logged to when it is missing,
+/// with the events topic's partitions (`feedback.predictions_topic`).
+pub async fn ensure_predictions_topic(k: &KafkaConfig, topic: &str) -> Result<(), TopicError> {
+    create_missing(&Connection::of(k)?, k.replication_factor, &[(topic, k.events_partitions, TopicRole::Events)])
+        .await?;
+    Ok(())
+}
+
 /// Creates the events, updates and dead-letter topics if missing, and refuses an updates
 /// topic with more than one partition.
 pub async fn ensure_topics(k: &KafkaConfig) -> Result<(), TopicError> {

@@ -13,6 +13,7 @@ mod deploy;
 mod endpoints;
 mod faults;
 mod features;
+mod feedback;
 mod fleet;
 mod helpers;
 mod kafka_cluster;
