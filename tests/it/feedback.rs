@@ -76,3 +76,38 @@ fn served_instances_are_logged_under_their_ids_as_they_were_served() {
     assert_eq!(logged.len(), 3, "the refused request logged nothing: {logged:?}");
     assert_eq!(replica.metrics().value("tributary_predictions_logged_total", r#"result="queued""#), 3.0);
 }
+
+/// The broker away: every prediction is still answered at once; the first
+/// `max_unsent` served instances wait in the producer's queue and reach the
+/// topic when the broker is back, and each one after them is counted as
+/// unlogged, never a failed prediction.
+#[test]
+fn slow_with_the_broker_down_predictions_are_answered_and_what_does_not_fit_is_counted_unlogged() {
+    let mut cluster = Cluster::with_own_brokers("feedback_down", ModelKind::Logistic, 1);
+    cluster.config.feedback.enabled = true;
+    cluster.config.feedback.max_unsent = 10;
+    let replica = cluster.spawn("r0");
+    replica.wait_ready();
+    let path = format!("/v1/models/{}:predict", cluster.config.model.name);
+    let body = json!({"instances": [{"dense": vec![0.5; 8], "sparse": {"f0": "v1"}}]}).to_string();
+
+    cluster.brokers[0].kill();
+    let mut ids = Vec::new();
+    for _ in 0..30 {
+        let started = std::time::Instant::now();
+        let (status, answer) = replica.post(&path, None, &body);
+        assert_eq!(status, 200, "{answer}");
+        assert!(started.elapsed() < Duration::from_secs(1), "answered without waiting on the broker");
+        ids.push(answer["ids"][0].as_str().unwrap().to_string());
+    }
+    let m = replica.metrics();
+    let result = |r: &str| m.value("tributary_predictions_logged_total", &format!("result=\"{r}\""));
+    assert_eq!((result("queued"), result("unlogged")), (10.0, 20.0));
+
+    cluster.brokers[0].restart().unwrap();
+    let topic = cluster.config.feedback.predictions_topic.clone();
+    let logged = read_all(&cluster, &topic, cluster.config.kafka.events_partitions, 10);
+    let mut queued: Vec<&String> = ids.iter().take(10).collect();
+    queued.sort();
+    assert_eq!(logged.keys().collect::<Vec<_>>(), queued, "the ten queued, and only they");
+}
