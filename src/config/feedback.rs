@@ -9,9 +9,10 @@ use super::ConfigError;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FeedbackConfig {
-    /// Log every instance a V1 predict serves (its record, the prediction,
-    /// `model_version`, the time) to `predictions_topic`, keyed by its id:
-    /// the request's `ids`, or ids the replica makes and answers.
+    /// Log every instance a predict serves (V1, V2 REST, gRPC: its record,
+    /// the prediction, `model_version`, the time) to `predictions_topic`,
+    /// keyed by its id: the request's (V1 `ids`, V2 input `id`), or ids the
+    /// replica makes and answers.
     pub enabled: bool,
     /// Created with `kafka.events_partitions` partitions when missing.
     pub predictions_topic: String,

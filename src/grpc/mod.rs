@@ -19,7 +19,7 @@ use tracing::info;
 use crate::metrics::Metrics;
 use crate::serve::metadata::{self, ModelMetadata, ServerMetadata, OUTPUT};
 use crate::serve::tensor::{self, Elements, Tensor};
-use crate::serve::{Predictor, ServeError};
+use crate::serve::{feedback, Predictor, ServeError};
 
 /// The messages and service of `inference.proto`.
 pub mod proto {
@@ -82,29 +82,41 @@ impl InferenceService {
     /// Tensors in, predictions out, as REST V2 does it.
     async fn infer(&self, request: proto::ModelInferRequest) -> Result<proto::ModelInferResponse, ServeError> {
         self.predictor.check_model(&request.model_name)?;
-        if let Some(other) = request.outputs.iter().find(|o| o.name != OUTPUT) {
+        let logged = self.predictor.log.is_some();
+        if let Some(other) =
+            request.outputs.iter().find(|o| o.name != OUTPUT && !(logged && o.name == feedback::ID_TENSOR))
+        {
             return Err(ServeError::BadRequest(format!("unknown output {:?}; the model has {OUTPUT:?}", other.name)));
         }
-        let inputs = tensors(request.inputs, request.raw_input_contents)?;
+        let mut inputs = tensors(request.inputs, request.raw_input_contents)?;
+        let given = if self.predictor.log.is_some() { feedback::take_ids(&mut inputs)? } else { None };
         let snap = self.predictor.serving.load_full();
         let c = snap.model.config();
         let instances = tensor::instances(&inputs, tensor::ModelInputs::of(c), self.predictor.max_batch)?;
-        let predicted = self.predictor.predict_rows(&snap, instances).await?;
-        let (predictions, model_version) = (predicted.predictions, predicted.model_version);
-        let n = predictions.len() as i64;
+        let (predicted, ids) = self.predictor.predict_logged(&snap, instances, given).await?;
+        let n = predicted.predictions.len() as i64;
+        let output = |name: &str, datatype: &str| InferOutputTensor {
+            name: name.into(),
+            datatype: datatype.into(),
+            shape: vec![n],
+            parameters: HashMap::new(),
+            contents: None,
+        };
+        let mut outputs = vec![output(OUTPUT, "FP32")];
+        let mut raw = vec![tensor::fp32_bytes(&predicted.predictions)];
+        if let Some(ids) = ids {
+            outputs.push(output(feedback::ID_TENSOR, "BYTES"));
+            raw.push(
+                ids.iter().flat_map(|id| [&(id.len() as u32).to_le_bytes()[..], id.as_bytes()].concat()).collect(),
+            );
+        }
         Ok(proto::ModelInferResponse {
             model_name: request.model_name,
-            model_version: model_version.to_string(),
+            model_version: predicted.model_version.to_string(),
             id: request.id,
             parameters: HashMap::new(),
-            outputs: vec![InferOutputTensor {
-                name: OUTPUT.into(),
-                datatype: "FP32".into(),
-                shape: vec![n],
-                parameters: HashMap::new(),
-                contents: None,
-            }],
-            raw_output_contents: vec![tensor::fp32_bytes(&predictions)],
+            outputs,
+            raw_output_contents: raw,
         })
     }
 }

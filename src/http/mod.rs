@@ -66,8 +66,6 @@ pub struct AppState {
     pub peer_checkpoints: Option<Arc<peer::PeerCheckpoints>>,
     /// `POST /v1/events`; `None`: off.
     pub events: Option<Arc<events::EventSink>>,
-    /// Where V1 predictions are logged (`feedback.enabled`); `None`: off.
-    pub predictions_log: Option<Arc<crate::serve::feedback::PredictionLog>>,
     /// The last minutes of the status page's series.
     pub history: Arc<status::History>,
 }
@@ -85,7 +83,6 @@ impl AppState {
             admin: None,
             peer_checkpoints: None,
             events: None,
-            predictions_log: None,
             history: Arc::default(),
         }
     }
@@ -401,18 +398,9 @@ async fn predict(
     let request: PredictRequest =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))?;
     let snap = state.predictor.serving.load_full();
-    let Some(log) = &state.predictions_log else {
-        if request.ids.is_some() {
-            return Err(ApiError::BadRequest("ids are for logged predictions, and feedback.enabled is off".into()));
-        }
-        let p = state.predictor.predict(&snap, request.instances).await?;
-        return Ok(Json(PredictResponse::of(p, None)));
-    };
-    // Logged as served: the instances as they came, under their ids.
-    let ids = log.ids(request.ids, request.instances.len())?;
-    let p = state.predictor.predict(&snap, request.instances.clone()).await?;
-    log.log(&ids, &request.instances, &p);
-    Ok(Json(PredictResponse::of(p, Some(ids))))
+    let rows = crate::serve::tensor::Rows::Records(request.instances);
+    let (p, ids) = state.predictor.predict_logged(&snap, rows, request.ids).await?;
+    Ok(Json(PredictResponse::of(p, ids)))
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use rdkafka::ClientContext;
 use serde::Serialize;
 use serde_json::Value;
 
+use super::tensor::{Elements, Tensor};
 use super::{Predicted, ServeError};
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -22,6 +23,34 @@ use crate::update_log::kafka;
 
 /// The longest id a request may give an instance.
 pub const MAX_ID_BYTES: usize = 256;
+/// The input (BYTES `[N]`, one UTF-8 id per row) through which a V2 request,
+/// REST or gRPC, names its instances, and the output it gets them back in.
+pub const ID_TENSOR: &str = "id";
+
+/// Takes the ids input out of `inputs`, when there is one.
+pub fn take_ids(inputs: &mut Vec<Tensor>) -> Result<Option<Vec<String>>, ServeError> {
+    let Some(at) = inputs.iter().position(|t| t.name == ID_TENSOR) else { return Ok(None) };
+    let input = inputs.remove(at);
+    let bad = |why: &str| ServeError::BadRequest(format!("input {ID_TENSOR:?}: {why}; use BYTES [N], an id per row"));
+    if input.datatype != "BYTES" || input.shape.len() != 1 {
+        return Err(bad(&format!("{} {:?}", input.datatype, input.shape)));
+    }
+    let ids: Vec<String> = match input.elements {
+        Elements::Bytes(ids) => {
+            ids.into_iter().map(String::from_utf8).collect::<Result<_, _>>().map_err(|_| bad("not UTF-8"))?
+        }
+        Elements::Json(ids) => ids
+            .into_iter()
+            .map(|id| id.as_str().map(String::from))
+            .collect::<Option<_>>()
+            .ok_or_else(|| bad("not strings"))?,
+        _ => return Err(bad("not BYTES")),
+    };
+    match ids.len() as i64 == input.shape[0] {
+        true => Ok(Some(ids)),
+        false => Err(bad(&format!("{} ids for the shape {:?}", ids.len(), input.shape))),
+    }
+}
 
 /// Counts what the broker did not take.
 struct Deliveries {

@@ -67,6 +67,8 @@ pub struct Predictor {
     /// The other shards, whose rows a shard's predictions gather; `None`
     /// for a replica that holds the whole model.
     pub shards: Option<Arc<Shards>>,
+    /// Where served instances are logged (`feedback.enabled`); `None`: off.
+    pub log: Option<Arc<feedback::PredictionLog>>,
 }
 
 impl Predictor {
@@ -78,6 +80,7 @@ impl Predictor {
             model_name: config.model.name.as_str().into(),
             max_batch: config.http.max_batch,
             shards,
+            log: None,
         }
     }
 
@@ -92,6 +95,30 @@ impl Predictor {
         } else {
             Err(ServeError::NotFound(format!("model {name:?} not found; this replica serves {:?}", &*self.model_name)))
         }
+    }
+
+    /// Predictions of `snap` for `rows` (V1 instances are `Rows::Records`),
+    /// each served instance logged under its id when logging is on: the
+    /// request's `given` ids, or ids made here; and the ids.
+    pub async fn predict_logged(
+        &self,
+        snap: &Snapshot,
+        rows: tensor::Rows,
+        given: Option<Vec<String>>,
+    ) -> Result<(Predicted, Option<Vec<String>>), ServeError> {
+        let Some(log) = &self.log else {
+            if given.is_some() {
+                return Err(ServeError::BadRequest(
+                    "ids are for logged predictions, and feedback.enabled is off".into(),
+                ));
+            }
+            return Ok((self.predict_rows(snap, rows).await?, None));
+        };
+        let ids = log.ids(given, rows.len())?;
+        let served = rows.values().to_vec();
+        let predicted = self.predict_rows(snap, rows).await?;
+        log.log(&ids, &served, &predicted);
+        Ok((predicted, Some(ids)))
     }
 
     /// Predictions of `snap` for the rows of a tensor request.

@@ -280,6 +280,13 @@ impl Rows {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The rows as instances (JSON), as they were served.
+    pub fn values(&self) -> &[Value] {
+        match self {
+            Rows::Fixed(rows) | Rows::Records(rows) => rows,
+        }
+    }
 }
 
 /// The rows the tensors describe: either a `record` input alone, BYTES

@@ -44,14 +44,18 @@ fn served_instances_are_logged_under_their_ids_as_they_were_served() {
     let mut cluster = Cluster::new("feedback_log", ModelKind::WideDeep);
     cluster.config.feedback.enabled = true;
     cluster.config.feedback.predictions_topic = format!("predictions-{}", cluster.config.kafka.events_topic);
-    let replica = cluster.spawn("r0");
+    let mut replica = cluster.replica("r0");
+    let grpc = format!("127.0.0.1:{}", procs::free_port());
+    replica.env.push(("TRIBUTARY_GRPC__ADDR".into(), grpc.clone()));
+    replica.start();
     replica.wait_ready();
     let path = format!("/v1/models/{}:predict", cluster.config.model.name);
-    let instance = |i: usize| json!({"dense": vec![0.1 * i as f64; 8], "sparse": {"f0": format!("v{i}")}});
+    let instance = |i: usize| json!({"dense": vec![0.25 * i as f64; 8], "sparse": {"f0": format!("v{i}")}});
+    let from_tensors = |i: usize| json!({"dense": vec![0.25 * i as f64; 8], "sparse": {"f0": [format!("v{i}")]}});
+    // V1: ids given, ids made, ids that do not match the instances.
     let given = json!({"instances": [instance(1), instance(2)], "ids": ["click-1", "click-2"]});
     let (status, answered) = replica.post(&path, None, &given.to_string());
-    assert_eq!(status, 200, "{answered}");
-    assert_eq!(answered["ids"], json!(["click-1", "click-2"]));
+    assert_eq!((status, &answered["ids"]), (200, &json!(["click-1", "click-2"])), "{answered}");
     let (status, made) = replica.post(&path, None, &json!({"instances": [instance(3)]}).to_string());
     assert_eq!(status, 200, "{made}");
     let made_id = made["ids"][0].as_str().unwrap().to_string();
@@ -59,22 +63,79 @@ fn served_instances_are_logged_under_their_ids_as_they_were_served() {
     let (status, wrong) =
         replica.post(&path, None, &json!({"instances": [instance(4)], "ids": ["a", "b"]}).to_string());
     assert_eq!(status, 400, "{wrong}");
+    // V2 REST and gRPC: the ids as the `id` input, back as the `id` output.
+    let v2 = json!({"inputs": [
+        {"name": "dense", "datatype": "FP32", "shape": [1, 8], "data": vec![0.25 * 5.0; 8]},
+        {"name": "f0", "datatype": "BYTES", "shape": [1], "data": ["v5"]},
+        {"name": "id", "datatype": "BYTES", "shape": [1], "data": ["click-5"]},
+    ]});
+    let (status, rest) =
+        replica.post(&format!("/v2/models/{}/infer", cluster.config.model.name), None, &v2.to_string());
+    assert_eq!(status, 200, "{rest}");
+    assert_eq!(
+        (&rest["outputs"][1]["name"], &rest["outputs"][1]["data"]),
+        (&json!("id"), &json!(["click-5"])),
+        "{rest}"
+    );
+    let grpc_answer = infer_over_grpc(&grpc, 6, "click-6");
 
-    let logged = read_all(&cluster, &cluster.config.feedback.predictions_topic, 8, 3);
+    let logged = read_all(&cluster, &cluster.config.feedback.predictions_topic, 8, 5);
+    let v1 = |answer: &Value, i: usize| (answer["predictions"][i].clone(), answer["model_version"].clone());
+    let v2_rest =
+        (rest["outputs"][0]["data"][0].clone(), json!(rest["model_version"].as_str().unwrap().parse::<i64>().unwrap()));
     let expect = [
-        ("click-1", instance(1), &answered, 0),
-        ("click-2", instance(2), &answered, 1),
-        (&made_id, instance(3), &made, 0),
+        ("click-1", instance(1), v1(&answered, 0)),
+        ("click-2", instance(2), v1(&answered, 1)),
+        (made_id.as_str(), instance(3), v1(&made, 0)),
+        // From tensors, a BYTES [N] input is a bag of one value per row.
+        ("click-5", from_tensors(5), v2_rest),
+        ("click-6", from_tensors(6), grpc_answer),
     ];
-    for (id, instance, answer, i) in expect {
+    for (id, instance, (prediction, version)) in expect {
         let record = &logged[id];
         assert_eq!((&record["id"], &record["instance"]), (&json!(id), &instance), "{record}");
-        assert_eq!(record["prediction"], answer["predictions"][i], "the prediction served: {record}");
-        assert_eq!(record["model_version"], answer["model_version"], "{record}");
+        // The same f32, written once by the answer and once by the log.
+        let f32_of = |v: &Value| v.as_f64().unwrap() as f32;
+        assert_eq!(f32_of(&record["prediction"]).to_bits(), f32_of(&prediction).to_bits(), "as served: {record}");
+        assert_eq!(record["model_version"], version, "{record}");
         assert!(record["ts"].as_i64().unwrap() > 1_700_000_000_000, "{record}");
     }
-    assert_eq!(logged.len(), 3, "the refused request logged nothing: {logged:?}");
-    assert_eq!(replica.metrics().value("tributary_predictions_logged_total", r#"result="queued""#), 3.0);
+    assert_eq!(logged.len(), 5, "the refused request logged nothing: {logged:?}");
+    assert_eq!(replica.metrics().value("tributary_predictions_logged_total", r#"result="queued""#), 5.0);
+}
+
+/// `ModelInfer` of instance `i` (as the test's V1 instances) under `id`:
+/// the prediction (as JSON, from its f32) and the version answered; the
+/// answer's `id` output is checked to be `id`.
+fn infer_over_grpc(addr: &str, i: usize, id: &str) -> (Value, Value) {
+    use tributary_load::driver::proto::{self, grpc_inference_service_client::GrpcInferenceServiceClient};
+    let tensor = |name: &str, datatype: &str, shape: Vec<i64>| proto::model_infer_request::InferInputTensor {
+        name: name.into(),
+        datatype: datatype.into(),
+        shape,
+        ..Default::default()
+    };
+    let bytes = |s: &str| [(s.len() as u32).to_le_bytes().to_vec(), s.as_bytes().to_vec()].concat();
+    let dense: Vec<u8> = [0.25 * i as f32; 8].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let request = proto::ModelInferRequest {
+        model_name: "default".into(),
+        inputs: vec![
+            tensor("dense", "FP32", vec![1, 8]),
+            tensor("f0", "BYTES", vec![1]),
+            tensor("id", "BYTES", vec![1]),
+        ],
+        raw_input_contents: vec![dense, bytes(&format!("v{i}")), bytes(id)],
+        ..Default::default()
+    };
+    let answer = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut client = GrpcInferenceServiceClient::connect(format!("http://{addr}")).await.unwrap();
+        client.model_infer(request).await.unwrap().into_inner()
+    });
+    assert_eq!(answer.outputs[1].name, "id");
+    assert_eq!(answer.raw_output_contents[1], bytes(id));
+    let prediction = f32::from_le_bytes(answer.raw_output_contents[0][..4].try_into().unwrap());
+    let version: i64 = answer.model_version.parse().unwrap();
+    (serde_json::to_value(prediction).unwrap(), json!(version))
 }
 
 /// The broker away: every prediction is still answered at once; the first

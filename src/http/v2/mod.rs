@@ -30,7 +30,7 @@ use utoipa::ToSchema;
 use super::{body_bytes, check_model, ApiError, AppState, ErrorBody};
 use crate::serve::metadata::{ModelMetadata, ServerMetadata, OUTPUT};
 use crate::serve::tensor::{self, Elements, Tensor};
-use crate::serve::Predicted;
+use crate::serve::{feedback, Predicted};
 
 /// Server metadata.
 #[utoipa::path(get, path = "/v2", tag = "kserve-v2", responses((status = 200, body = ServerMetadata)))]
@@ -126,11 +126,21 @@ pub struct InferOutput {
     shape: Vec<i64>,
     /// Absent when the data follows the JSON in binary form.
     #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<Vec<f32>>,
+    #[schema(value_type = Option<Vec<Object>>)]
+    data: Option<OutputData>,
     /// `binary_data_size` of binary data.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     parameters: Option<Value>,
+}
+
+/// An output's elements: the predictions, or (output `id`) the ids under
+/// which they were logged.
+#[derive(Serialize)]
+#[serde(untagged)]
+pub enum OutputData {
+    Fp32(Vec<f32>),
+    Bytes(Vec<String>),
 }
 
 #[derive(Serialize, ToSchema)]
@@ -166,27 +176,36 @@ pub async fn infer(
 ) -> Result<Response, ApiError> {
     check_model(&state, &model)?;
     let body = body_bytes(&state, body)?;
-    let (request, inputs) = parse_request(&body, &headers)?;
+    let (request, mut inputs) = parse_request(&body, &headers)?;
     let binary_output = wants_binary_output(&request)?;
+    let given = if state.predictor.log.is_some() { feedback::take_ids(&mut inputs)? } else { None };
     let snap = state.predictor.serving.load_full();
     let c = snap.model.config();
     let instances = tensor::instances(&inputs, tensor::ModelInputs::of(c), state.predictor.max_batch)?;
-    let Predicted { predictions, model_version, .. } = state.predictor.predict_rows(&snap, instances).await?;
+    let (Predicted { predictions, model_version, .. }, ids) =
+        state.predictor.predict_logged(&snap, instances, given).await?;
     let n = predictions.len() as i64;
     let mut output = InferOutput { name: OUTPUT, datatype: "FP32", shape: vec![n], data: None, parameters: None };
-    let respond = |outputs| InferResponse {
+    let ids = ids.map(|ids| InferOutput {
+        name: feedback::ID_TENSOR,
+        datatype: "BYTES",
+        shape: vec![n],
+        data: Some(OutputData::Bytes(ids)),
+        parameters: None,
+    });
+    let respond = |output| InferResponse {
         model_name: model,
         model_version: model_version.to_string(),
         id: request.id,
-        outputs,
+        outputs: std::iter::once(output).chain(ids).collect(),
     };
     if !binary_output {
-        output.data = Some(predictions);
-        return Ok(Json(respond(vec![output])).into_response());
+        output.data = Some(OutputData::Fp32(predictions));
+        return Ok(Json(respond(output)).into_response());
     }
     let bytes = tensor::fp32_bytes(&predictions);
     output.parameters = Some(json!({ "binary_data_size": bytes.len() }));
-    let header = serde_json::to_vec(&respond(vec![output])).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let header = serde_json::to_vec(&respond(output)).map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(binary::response(header, bytes))
 }
 
@@ -236,7 +255,8 @@ fn wants_binary_output(request: &InferRequest) -> Result<bool, ApiError> {
     let all = flag(&request.parameters, "binary_data_output")?.unwrap_or(false);
     let Some(outputs) = &request.outputs else { return Ok(all) };
     let mut binary = all;
-    for output in outputs {
+    // The ids of logged predictions come back as JSON, whatever is asked.
+    for output in outputs.iter().filter(|o| o.name != feedback::ID_TENSOR) {
         if output.name != OUTPUT {
             return Err(ApiError::BadRequest(format!("unknown output {:?}; the model has {OUTPUT:?}", output.name)));
         }
