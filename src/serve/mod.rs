@@ -115,7 +115,7 @@ impl Predictor {
             return Ok((self.predict_rows(snap, rows).await?, None));
         };
         let ids = log.ids(given, rows.len())?;
-        let served = rows.values().to_vec();
+        let served: Vec<String> = rows.values().iter().map(Value::to_string).collect();
         let predicted = self.predict_rows(snap, rows).await?;
         log.log(&ids, &served, &predicted);
         Ok((predicted, Some(ids)))

@@ -128,6 +128,18 @@ impl Proc {
         Ok(())
     }
 
+    /// CPU time the process has used so far (user and system), in seconds.
+    pub fn cpu_secs(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()?)).ok()?;
+        // The fields after the command's closing parenthesis: utime, stime
+        // are the 12th and 13th of them.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+        // SAFETY: sysconf has no preconditions.
+        let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        Some(ticks / per_sec)
+    }
+
     /// The most resident memory the process has had (`VmHWM`), in bytes.
     pub fn peak_rss_bytes(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
@@ -287,6 +299,12 @@ impl Broker {
 
     pub fn is_running(&self) -> bool {
         self.shared || self.proc.is_running()
+    }
+
+    /// The broker's process (the JVM: the start script execs it); none for
+    /// the run's shared broker.
+    pub fn process(&self) -> &Proc {
+        &self.proc
     }
 
     /// SIGKILL.

@@ -6,9 +6,11 @@
 //! `serving` (baseline, predict, protocols), `learning` (learn_rate,
 //! event_formats, freshness), `quality` (quality against a sequential
 //! learner and Vowpal Wabbit, stream shapes), `faults` (the guard, chaos,
-//! failover, recovery), `shards` (a sharded fleet against a whole replica). Here: the bench they share and its helpers.
+//! failover, recovery), `shards` (a sharded fleet against a whole replica),
+//! `feedback` (predictions logged for the join with late labels). Here: the bench they share and its helpers.
 
 mod faults;
+mod feedback;
 mod learning;
 mod quality;
 mod serving;
@@ -44,7 +46,7 @@ pub struct Scenario {
 }
 
 /// Every scenario, in the order a full run takes them.
-pub const SCENARIOS: [Scenario; 13] = [
+pub const SCENARIOS: [Scenario; 14] = [
     Scenario { name: "baseline", run: Bench::baseline },
     Scenario { name: "predict", run: Bench::predict },
     Scenario { name: "protocols", run: Bench::protocols },
@@ -58,6 +60,7 @@ pub const SCENARIOS: [Scenario; 13] = [
     Scenario { name: "failover", run: Bench::failover },
     Scenario { name: "recovery", run: Bench::recovery },
     Scenario { name: "shards", run: Bench::shards },
+    Scenario { name: "feedback", run: Bench::feedback },
 ];
 
 /// The scenarios' names, in order.
