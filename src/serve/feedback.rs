@@ -93,6 +93,9 @@ impl PredictionLog {
             // replica the fewest requests.
             .set("linger.ms", "50")
             .set("compression.type", "lz4")
+            // Only failures are reported back (and counted): a report per
+            // logged instance woke the producer's thread for nothing.
+            .set("delivery.report.only.error", "true")
             // The Java clients' partitioner: a team's labels keyed by the
             // same id, written from the JVM, land in the same partition.
             .set("partitioner", "murmur2_random");
