@@ -63,12 +63,11 @@ pub async fn newest_checkpoint(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     check_model(&state, &model)?;
-    let (Some(peers), Some(store)) = (state.peer_checkpoints.clone(), state.checkpoints.clone()) else {
-        return Err(ApiError::NotFound("checkpoints are not served: no checkpoint.peer_token is configured".into()));
+    let Some(store) = state.checkpoints.clone() else { return Err(not_served("checkpoints")) };
+    let peers = match admitted(&state, &headers, "checkpoints") {
+        Ok(peers) => peers,
+        Err(answer) => return Ok(answer),
     };
-    if let Err(refusal) = check_bearer(&headers, &peers.token, "peer") {
-        return Ok(refusal);
-    }
     let Ok(permit) = peers.downloads.clone().try_acquire_owned() else {
         return Err(ApiError::Busy(format!("{DOWNLOADS_AT_ONCE} checkpoints are being sent; try again later")));
     };
@@ -86,6 +85,21 @@ pub async fn newest_checkpoint(
         (header::HeaderName::from_static(POSITION_HEADER), info.position.to_string()),
     ];
     Ok((StatusCode::OK, headers, stream_parts(store, info, permit)).into_response())
+}
+
+/// What the peers' endpoints answer when no peer token is configured.
+fn not_served(what: &str) -> ApiError {
+    ApiError::NotFound(format!("{what} are not served: no checkpoint.peer_token is configured"))
+}
+
+/// The peers' side of this replica, for a request of `what` (named in a
+/// refusal): a peer token is configured, and the request carries it.
+/// `Err`: the answer to send instead (as `check_bearer`'s, unboxed).
+#[allow(clippy::result_large_err)]
+fn admitted(state: &AppState, headers: &HeaderMap, what: &str) -> Result<Arc<PeerCheckpoints>, Response> {
+    let peers = state.peer_checkpoints.clone().ok_or_else(|| not_served(what).into_response())?;
+    check_bearer(headers, &peers.token, "peer")?;
+    Ok(peers)
 }
 
 /// The most rows one gather may ask for.
@@ -137,11 +151,8 @@ pub async fn rows(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     check_model(&state, &model)?;
-    let Some(peers) = state.peer_checkpoints.clone() else {
-        return Err(ApiError::NotFound("rows are not served: no checkpoint.peer_token is configured".into()));
-    };
-    if let Err(refusal) = check_bearer(&headers, &peers.token, "peer") {
-        return Ok(refusal);
+    if let Err(answer) = admitted(&state, &headers, "rows") {
+        return Ok(answer);
     }
     let asked: RowsAsked = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     if asked.rows.len() > MAX_ROWS_ASKED {
