@@ -247,7 +247,7 @@ fn overlay(c: &mut Criterion) {
         });
         c.bench_function(&format!("next_gradient_1024/{kind:?} over 3 in flight"), |b| {
             b.iter(|| {
-                let overlaid = in_flight.over(&m, &snapshot, black_box(&next)).expect("records in flight");
+                let overlaid = in_flight.over(&m, &snapshot, None, black_box(&next)).expect("records in flight");
                 m.gradient_on(&overlaid, &next).unwrap()
             })
         });

@@ -158,7 +158,7 @@ impl Replica {
             app.admin = Some(Arc::new(Admin { token: config.http.admin_token.expose().to_string(), replica: handle }));
         }
         if config.feedback.enabled {
-            app.predictor.log = Some(Arc::new(PredictionLog::new(&config, metrics.clone())?));
+            app.predictor.log = Some(Arc::new(PredictionLog::new(&config, &metrics)?));
         }
         if config.http.ingest {
             let k = &config.kafka;

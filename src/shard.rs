@@ -27,10 +27,8 @@ use tokio::task::JoinSet;
 use crate::config::Config;
 use crate::event::Features;
 use crate::metrics::ShardMetrics;
-use crate::model::gathered::{self, Gathered, RowKey};
+use crate::model::gathered::{self, Answer, Gathered, RowKey};
 use crate::model::Model;
-
-pub use crate::model::gathered::Answer as Rows;
 
 /// The most optimizer slots an answer may carry (Adam's and FTRL's two).
 const MOST_SLOTS: usize = 2;
@@ -146,7 +144,7 @@ impl Shards {
         wanted: &BTreeMap<u32, Vec<RowKey>>,
         cols: impl Fn(&RowKey) -> usize,
         ask: Ask,
-    ) -> Result<BTreeMap<u32, Rows>, GatherError> {
+    ) -> Result<BTreeMap<u32, Answer>, GatherError> {
         let mut asks = JoinSet::new();
         for (&shard, rows) in wanted {
             let (this, rows) = (self.clone(), rows.clone());
@@ -166,7 +164,7 @@ impl Shards {
     /// One shard's rows: its first replica asked, the next one too each
     /// `hedge_after` without an answer (or at once after a failure), the
     /// first good answer taken.
-    async fn shard_rows(&self, shard: u32, rows: &[RowKey], values: usize, ask: Ask) -> Result<Rows, GatherError> {
+    async fn shard_rows(&self, shard: u32, rows: &[RowKey], values: usize, ask: Ask) -> Result<Answer, GatherError> {
         let replicas = self.replicas.get(shard as usize).filter(|r| !r.is_empty());
         let replicas = replicas.ok_or_else(|| self.unavailable(shard, "no replica configured".into()))?;
         let body = serde_json::json!({ "rows": rows, "at_least": ask.at_least, "slots": ask.slots });
@@ -204,7 +202,7 @@ impl Shards {
 
     /// One replica's answer, its length checked against `values` (and as
     /// many again per slot it says it sent).
-    async fn ask(&self, url: &str, body: Bytes, values: usize) -> Result<Rows, String> {
+    async fn ask(&self, url: &str, body: Bytes, values: usize) -> Result<Answer, String> {
         let request = hyper::Request::post(url)
             .header("content-type", "application/json")
             .header("authorization", format!("Bearer {}", self.token))
@@ -232,7 +230,7 @@ impl Shards {
         let mut floats = bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")));
         let values_read: Vec<f32> = floats.by_ref().take(values).collect();
         let slots = (0..slots).map(|_| floats.by_ref().take(values).collect()).collect();
-        Ok(Rows { position, watermarks, values: values_read, slots })
+        Ok(Answer { position, watermarks, values: values_read, slots })
     }
 
     fn count(&self, shard: u32, outcome: &str) {
@@ -318,7 +316,7 @@ mod tests {
     async fn a_slow_or_dead_replica_is_hedged_to_the_next_and_a_shard_with_none_is_named() {
         let (slow, slow_asked) = replica(Duration::from_secs(5)).await;
         let (fast, _) = replica(Duration::ZERO).await;
-        let want = Rows { position: 42, values: vec![10.0, 11.0, 40.0, 41.0], ..Rows::default() };
+        let want = Answer { position: 42, values: vec![10.0, 11.0, 40.0, 41.0], ..Answer::default() };
         let shards = |second: Vec<String>| {
             Shards::new("m", vec![vec![], second], "t", Duration::from_millis(50), Duration::from_secs(2))
         };

@@ -89,7 +89,7 @@ impl InferenceService {
             return Err(ServeError::BadRequest(format!("unknown output {:?}; the model has {OUTPUT:?}", other.name)));
         }
         let mut inputs = tensors(request.inputs, request.raw_input_contents)?;
-        let given = if self.predictor.log.is_some() { feedback::take_ids(&mut inputs)? } else { None };
+        let given = self.predictor.take_ids(&mut inputs)?;
         let snap = self.predictor.serving.load_full();
         let c = snap.model.config();
         let instances = tensor::instances(&inputs, tensor::ModelInputs::of(c), self.predictor.max_batch)?;
@@ -106,9 +106,7 @@ impl InferenceService {
         let mut raw = vec![tensor::fp32_bytes(&predicted.predictions)];
         if let Some(ids) = ids {
             outputs.push(output(feedback::ID_TENSOR, "BYTES"));
-            raw.push(
-                ids.iter().flat_map(|id| [&(id.len() as u32).to_le_bytes()[..], id.as_bytes()].concat()).collect(),
-            );
+            raw.push(tensor::bytes_raw(&ids));
         }
         Ok(proto::ModelInferResponse {
             model_name: request.model_name,

@@ -110,11 +110,6 @@ impl<'a, B: AsRef<[f32]>> Gathered<'a, B> {
         wanted.values().flatten().all(|row| self.places.contains_key(row))
     }
 
-    /// This shard's own buffers, and which rows they hold.
-    pub fn local(&self) -> (&'a [B], Layout) {
-        (self.local, self.layout)
-    }
-
     /// The shard gathered row `id` of `param` came from; `None` for a row
     /// this shard holds.
     pub fn source(&self, param: usize, id: u32) -> Option<u32> {

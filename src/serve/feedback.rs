@@ -7,7 +7,6 @@
 //! prediction. Owns its producer and the ids it makes; knows no protocol.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus::IntCounter;
@@ -54,7 +53,8 @@ pub fn take_ids(inputs: &mut Vec<Tensor>) -> Result<Option<Vec<String>>, ServeEr
 
 /// Counts what the broker did not take.
 struct Deliveries {
-    metrics: Arc<Metrics>,
+    /// `predictions_logged_total{result="failed"}`.
+    failed: IntCounter,
 }
 
 impl ClientContext for Deliveries {}
@@ -65,7 +65,7 @@ impl ProducerContext for Deliveries {
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         if let Err((e, _)) = result {
             tracing::warn!(error = %e, "a served prediction was not logged");
-            self.metrics.serving.predictions_logged.with_label_values(&["failed"]).inc();
+            self.failed.inc();
         }
     }
 }
@@ -83,7 +83,7 @@ pub struct PredictionLog {
 }
 
 impl PredictionLog {
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<PredictionLog> {
+    pub fn new(config: &Config, metrics: &Metrics) -> anyhow::Result<PredictionLog> {
         let connection = kafka::Connection::of(&config.kafka)?;
         let mut producer = kafka::producer_config(&connection, &format!("{}-predictions", config.replica_id));
         producer
@@ -100,13 +100,14 @@ impl PredictionLog {
             // same id, written from the JVM, land in the same partition.
             .set("partitioner", "murmur2_random");
         let started = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        let logged = &metrics.serving.predictions_logged;
         Ok(PredictionLog {
-            producer: producer.create_with_context(Deliveries { metrics: metrics.clone() })?,
+            producer: producer.create_with_context(Deliveries { failed: logged.with_label_values(&["failed"]) })?,
             topic: config.feedback.predictions_topic.clone(),
             prefix: format!("{}-{started}", config.replica_id),
             made: AtomicU64::new(0),
-            queued: metrics.serving.predictions_logged.with_label_values(&["queued"]),
-            unlogged: metrics.serving.predictions_logged.with_label_values(&["unlogged"]),
+            queued: logged.with_label_values(&["queued"]),
+            unlogged: logged.with_label_values(&["unlogged"]),
         })
     }
 

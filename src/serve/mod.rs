@@ -121,6 +121,16 @@ impl Predictor {
         Ok((predicted, Some(ids)))
     }
 
+    /// Takes the ids input (`feedback::ID_TENSOR`) out of a tensor request's
+    /// `inputs` when predictions are logged; otherwise leaves every input to
+    /// the model (a declared feature may be named `id`).
+    pub fn take_ids(&self, inputs: &mut Vec<tensor::Tensor>) -> Result<Option<Vec<String>>, ServeError> {
+        match self.log {
+            Some(_) => feedback::take_ids(inputs),
+            None => Ok(None),
+        }
+    }
+
     /// Predictions of `snap` for the rows of a tensor request.
     pub async fn predict_rows(&self, snap: &Snapshot, rows: tensor::Rows) -> Result<Predicted, ServeError> {
         match rows {

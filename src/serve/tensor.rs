@@ -417,6 +417,18 @@ pub fn fp32_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
+/// BYTES elements as the binary extension and gRPC's raw contents carry
+/// them (what `Elements::from_raw` reads): each a 4-byte little-endian
+/// length and the bytes.
+pub fn bytes_raw<S: AsRef<[u8]>>(items: &[S]) -> Vec<u8> {
+    let mut raw = Vec::with_capacity(items.iter().map(|i| 4 + i.as_ref().len()).sum());
+    for item in items.iter().map(AsRef::as_ref) {
+        raw.extend_from_slice(&(item.len() as u32).to_le_bytes());
+        raw.extend_from_slice(item);
+    }
+    raw
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use proptest::prelude::*;
@@ -454,12 +466,7 @@ pub(crate) mod tests {
             match self.datatype.as_str() {
                 "FP32" => (0..self.len).flat_map(|k| (k as f32).to_le_bytes()).collect(),
                 "FP64" => (0..self.len).flat_map(|k| (k as f64).to_le_bytes()).collect(),
-                "BYTES" => (0..self.len)
-                    .flat_map(|k| {
-                        let s = format!("v{k}");
-                        [(s.len() as u32).to_le_bytes().to_vec(), s.into_bytes()].concat()
-                    })
-                    .collect(),
+                "BYTES" => bytes_raw(&(0..self.len).map(|k| format!("v{k}")).collect::<Vec<_>>()),
                 _ => vec![1; self.len],
             }
         }
@@ -496,10 +503,6 @@ pub(crate) mod tests {
 
     fn tensor(name: &str, datatype: &str, shape: &[i64], elements: Elements) -> Tensor {
         Tensor { name: name.into(), datatype: datatype.into(), shape: shape.to_vec(), elements }
-    }
-
-    fn bytes_raw(items: &[&str]) -> Vec<u8> {
-        items.iter().flat_map(|s| [(s.len() as u32).to_le_bytes().to_vec(), s.as_bytes().to_vec()].concat()).collect()
     }
 
     #[test]

@@ -92,10 +92,7 @@ impl Trainer {
         };
         let overlaid = self.overlay.as_mut().and_then(|overlay| {
             overlay.retire(&snapshot.watermarks);
-            match &gathered {
-                Some(gathered) => overlay.over_shard(&self.model, &snapshot, gathered, &batch.examples),
-                None => overlay.over(&self.model, &snapshot, &batch.examples),
-            }
+            overlay.over(&self.model, &snapshot, gathered.as_ref(), &batch.examples)
         });
         let at = match (overlaid, &gathered) {
             (Some(overlaid), _) => At::Overlaid(Box::new(overlaid)),

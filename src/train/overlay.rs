@@ -59,50 +59,33 @@ impl Overlay {
     /// Forgets the records that weights at `watermarks` include (each of
     /// their ranges below its partition's watermark).
     pub fn retire(&mut self, watermarks: &BTreeMap<i32, i64>) {
-        let served = |r: &EventRange| watermarks.get(&r.partition).is_some_and(|&wm| wm >= r.to);
-        while self.sent.front().is_some_and(|s| s.ranges.iter().all(served)) {
-            self.sent.pop_front();
-        }
+        let included = self.included_at(watermarks);
+        self.sent.drain(..included);
     }
 
     /// The weights of `snapshot` with the records not yet retired stepped
     /// on, as the applier will step them, for a gradient of `batch`: only
     /// the rows it reads are stepped (a record of rare values touches
-    /// thousands the next batch never reads). `None` when there is nothing
-    /// to step on (the snapshot's weights are the ones), or the snapshot
-    /// carries no optimizer state.
-    pub fn over<'a>(&self, model: &Model, snapshot: &'a Snapshot, batch: &[Example]) -> Option<Overlaid<'a>> {
-        let optimizer = snapshot.optimizer.as_ref()?;
-        let base = Base { weights: &snapshot.weights, optimizer, layout: model.layout(), gathered: None };
-        self.over_base(model, base, batch)
-    }
-
-    /// The same for a shard: its snapshot's own rows, and the rows of the
-    /// other shards `gathered` with their optimizer slots, each shard's at
-    /// its own watermarks (a record a shard's rows already include is not
-    /// stepped on them again). `None` also when the gathered rows came
-    /// without their slots.
-    pub fn over_shard<'a>(
+    /// thousands the next batch never reads). For a shard, with the rows of
+    /// the other shards `gathered` with their optimizer slots, each shard's
+    /// at its own watermarks (a record a shard's rows already include is not
+    /// stepped on them again). `None` when there is nothing to step on (the
+    /// snapshot's weights are the ones), or the snapshot carries no
+    /// optimizer state, or the gathered rows came without their slots.
+    pub fn over<'a>(
         &self,
         model: &Model,
         snapshot: &'a Snapshot,
-        gathered: &'a Gathered<'a, Vec<f32>>,
+        gathered: Option<&'a Gathered<'a, Vec<f32>>>,
         batch: &[Example],
     ) -> Option<Overlaid<'a>> {
         let optimizer = snapshot.optimizer.as_ref()?;
-        if gathered.slots() != optimizer.slots.len() {
+        if self.sent.is_empty() || gathered.is_some_and(|g| g.slots() != optimizer.slots.len()) {
             return None;
         }
-        let base = Base { weights: &snapshot.weights, optimizer, layout: model.layout(), gathered: Some(gathered) };
-        self.over_base(model, base, batch)
-    }
-
-    fn over_base<'a>(&self, model: &Model, base: Base<'a>, batch: &[Example]) -> Option<Overlaid<'a>> {
-        if self.sent.is_empty() {
-            return None;
-        }
+        let base = Base { weights: &snapshot.weights, optimizer, layout: model.layout(), gathered };
         let mut overlaid = Overlaid::new(model, base, rows_read(model, batch));
-        if let Some(g) = base.gathered {
+        if let Some(g) = gathered {
             overlaid.included = g.watermarks().iter().map(|(&shard, w)| (shard, self.included_at(w))).collect();
         }
         for (k, sent) in self.sent.iter().enumerate() {
@@ -366,7 +349,7 @@ mod tests {
                 let snapshot = publisher.serving().load_full();
                 overlay.retire(&snapshot.watermarks);
                 // Nothing in flight: the snapshot's own weights.
-                let (ranges, bytes, tensors) = match overlay.over(&model, &snapshot, &batch) {
+                let (ranges, bytes, tensors) = match overlay.over(&model, &snapshot, None, &batch) {
                     Some(at) => record(&model, &at, &batch, i64::from(b) * 8),
                     None => record(&model, snapshot.weights.as_slice(), &batch, i64::from(b) * 8),
                 };
@@ -388,7 +371,7 @@ mod tests {
             assert_eq!(overlay.len(), 3, "the records after the served ones");
             // Every row any record touched is read by one of its events.
             let every: Vec<Example> = (0..40).map(|i| example(&model, i)).collect();
-            let at = overlay.over(&model, &snapshot, &every).unwrap();
+            let at = overlay.over(&model, &snapshot, None, &every).unwrap();
             for (p, spec) in model.params().iter().enumerate() {
                 for id in 0..spec.rows as u32 {
                     assert_eq!(
@@ -444,7 +427,7 @@ mod tests {
                     };
                     assert!(view.take(&models[0], *shard, rows, &answer));
                 }
-                let (ranges, bytes, tensors) = match overlay.over_shard(&models[0], &snap0, &view, &batch) {
+                let (ranges, bytes, tensors) = match overlay.over(&models[0], &snap0, Some(&view), &batch) {
                     Some(at) => record(&whole, &at, &batch, i64::from(b) * 8),
                     None => record(&whole, &view, &batch, i64::from(b) * 8),
                 };

@@ -178,7 +178,7 @@ pub async fn infer(
     let body = body_bytes(&state, body)?;
     let (request, mut inputs) = parse_request(&body, &headers)?;
     let binary_output = wants_binary_output(&request)?;
-    let given = if state.predictor.log.is_some() { feedback::take_ids(&mut inputs)? } else { None };
+    let given = state.predictor.take_ids(&mut inputs)?;
     let snap = state.predictor.serving.load_full();
     let c = snap.model.config();
     let instances = tensor::instances(&inputs, tensor::ModelInputs::of(c), state.predictor.max_batch)?;
