@@ -26,7 +26,8 @@
 //!    events into gradient records; [`http`]: the API, which serves through
 //!    `serve` and asks the applier only through its handle; [`grpc`]: the
 //!    Open Inference Protocol over gRPC, through `serve`. Neither protocol
-//!    uses the other.
+//!    uses the other; [`join`]: the join of logged predictions with their
+//!    late labels into training events.
 //! 9. [`replica`]: builds and runs a replica from its configuration, for
 //!    `main` and tests.
 
@@ -41,6 +42,7 @@ pub mod config;
 pub mod event;
 pub mod grpc;
 pub mod http;
+pub mod join;
 pub mod lifecycle;
 #[cfg(test)]
 mod limits;
@@ -73,7 +75,7 @@ mod layers {
         &["metrics", "checkpoint", "snapshot"],
         &["shard"],
         &["apply", "produce", "serve"],
-        &["train", "http", "grpc"],
+        &["train", "join", "http", "grpc"],
         &["replica"],
     ];
 

@@ -3,11 +3,12 @@
 //! newest checkpoint; [`Replica::run_until_stopped`] serves HTTP, waits for
 //! the topics, runs the roles and stops them in order.
 //!
-//! Three sibling roles run until shutdown: the HTTP server (tokio), the
-//! applier and the trainer (an OS thread each: they block on Kafka and burn
-//! CPU). If one ends on its own, the replica logs which and why, and stops
-//! the others. A graceful stop runs in order: the trainer sends what it has
-//! batched and leaves the group; the applier drains the log to its current
+//! Sibling roles run until shutdown: the HTTP server (tokio), the applier,
+//! the trainer and, with feedback, the joiner (an OS thread each: they
+//! block on Kafka and burn CPU). If one ends on its own, the replica logs
+//! which and why, and stops the others. A graceful stop runs in order: the
+//! joiner commits or drops its batch; the trainer sends what it has batched
+//! and leaves the group; the applier drains the log to its current
 //! end and writes a final checkpoint; the HTTP server stops last.
 
 use std::future::Future;
@@ -30,8 +31,10 @@ use crate::event::EventCodec;
 use crate::grpc;
 use crate::http::admin::Admin;
 use crate::http::events::EventSink;
+use crate::http::feedback::LabelSink;
 use crate::http::peer::PeerCheckpoints;
 use crate::http::{self, AppState};
+use crate::join::Joiner;
 use crate::lifecycle::{Backoff, StopRequest};
 use crate::metrics::Metrics;
 use crate::model::{Layout, Model};
@@ -100,10 +103,18 @@ pub struct Replica {
     metrics: Arc<Metrics>,
     control: ControlLog,
     applier: Applier,
+    roles: Roles,
+    app: AppState,
+}
+
+/// The roles beside the applier, each with its stop request.
+struct Roles {
     /// `None` when `train.enabled` is off.
     trainer: Option<Trainer>,
     trainer_stop: StopRequest,
-    app: AppState,
+    /// `None` unless `feedback.enabled` and `feedback.join`.
+    joiner: Option<Joiner>,
+    joiner_stop: StopRequest,
 }
 
 /// Which role ended first, and how.
@@ -113,6 +124,7 @@ enum Ended {
     Asked,
     Applier,
     Trainer,
+    Joiner,
     Http,
 }
 
@@ -159,6 +171,7 @@ impl Replica {
         }
         if config.feedback.enabled {
             app.predictor.log = Some(Arc::new(PredictionLog::new(&config, &metrics)?));
+            app.labels = Some(Arc::new(LabelSink::new(&connection, &config)?));
         }
         if config.http.ingest {
             let k = &config.kafka;
@@ -171,14 +184,21 @@ impl Replica {
                 config.http.ingest_token.expose(),
             )?));
         }
-        Ok(Some(Replica { config, model, metrics, control, applier, trainer, trainer_stop, app }))
+        let joiner_stop = StopRequest::default();
+        let joiner = match config.feedback.enabled && config.feedback.join {
+            true => Some(Joiner::new(config.clone(), model.featurizer().clone(), &metrics, joiner_stop.clone())?),
+            false => None,
+        };
+        let roles = Roles { trainer, trainer_stop, joiner, joiner_stop };
+        Ok(Some(Replica { config, model, metrics, control, applier, roles, app }))
     }
 
     /// Serves HTTP at once (from the restored weights), waits for the
     /// topics, runs the applier and the trainer until `shutdown` or until a
     /// role ends on its own, then stops them in order.
     pub async fn run_until_stopped<F: Future<Output = ()>>(self, mut shutdown: Shutdown<'_, F>) -> anyhow::Result<()> {
-        let Replica { config, model, metrics, control, applier, trainer, trainer_stop, app } = self;
+        let Replica { config, model, metrics, control, applier, roles, app } = self;
+        let Roles { trainer, trainer_stop, joiner, joiner_stop } = roles;
         tokio::spawn(app.history.clone().run(app.predictor.serving.clone(), metrics));
         let grpc_stop = serve_grpc(&config, app.clone()).await?;
         let (mut http, http_stop) = serve_http(&config, app).await?;
@@ -192,11 +212,13 @@ impl Replica {
         let drain = applier.drain_request();
         let mut applier_done = Some(spawn_role("applier", move || applier.run()));
         let mut trainer_done = trainer.map(|t| spawn_role("trainer", move || t.run()));
+        let mut joiner_done = joiner.map(|j| spawn_role("joiner", move || j.run()));
 
         let (ended, failure): (Ended, Option<anyhow::Error>) = tokio::select! {
             _ = &mut shutdown => { info!("stop requested"); (Ended::Asked, None) }
             r = role_result(&mut applier_done) => (Ended::Applier, Some(ended_with(r).context("applier stopped"))),
             r = role_result(&mut trainer_done) => (Ended::Trainer, Some(ended_with(r).context("trainer stopped"))),
+            r = role_result(&mut joiner_done) => (Ended::Joiner, Some(ended_with(r).context("joiner stopped"))),
             r = &mut http => (Ended::Http, Some(match r {
                 Ok(Ok(())) => anyhow::anyhow!("ended"),
                 Ok(Err(e)) => e.into(),
@@ -210,6 +232,11 @@ impl Replica {
         // Graceful stop, in order: the trainer sends what it batched and
         // leaves the group; the applier drains to the log end and writes a
         // final checkpoint; the HTTP server stops last.
+        joiner_stop.request();
+        if ended != Ended::Joiner {
+            // What it has not committed is read again by the next owner.
+            stop_role("joiner", &mut joiner_done, "broker unreachable?").await;
+        }
         trainer_stop.request();
         if ended != Ended::Trainer {
             // Bounded: with the broker gone, the trainer's flush, commit and
@@ -297,14 +324,14 @@ async fn wait_for_topics<F: Future<Output = ()>>(
     loop {
         let feedback = &config.feedback;
         let ensured = match kafka::ensure_topics(&config.kafka).await {
-            Ok(()) if feedback.enabled => {
-                kafka::ensure_predictions_topic(&config.kafka, &feedback.predictions_topic).await
-            }
+            Ok(()) if feedback.enabled => kafka::ensure_feedback_topics(&config.kafka, feedback).await,
             other => other,
         };
         match ensured {
             Ok(()) => return Ok(true),
-            Err(e @ kafka::TopicError::UpdatesPartitions { .. }) => return Err(e.into()),
+            Err(e @ (kafka::TopicError::UpdatesPartitions { .. } | kafka::TopicError::NotCoPartitioned { .. })) => {
+                return Err(e.into())
+            }
             Err(e) => warn!(error = %e, "topics not ready; retrying"),
         }
         if !wait_to_retry(&mut backoff, shutdown).await {

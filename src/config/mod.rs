@@ -27,7 +27,7 @@ pub use checkpoint::{CheckpointConfig, CheckpointStore, TrimUpdateLog};
 pub use features::{
     DenseFeature, FeaturesConfig, IfMissing, LabelFeature, Scalar, SparseFeature, TimeFeature, TimeUnit, Transform,
 };
-pub use feedback::FeedbackConfig;
+pub use feedback::{FeedbackConfig, OnExpiry};
 pub use kafka::{EventFormat, KafkaConfig, PROTECTED_CLIENT_PROPERTIES};
 pub use model::{Loss, ModelConfig, ModelKind, OptimizerKind, StalenessScaling};
 pub use secret::Secret;

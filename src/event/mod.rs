@@ -188,6 +188,26 @@ impl Featurizer {
         Ok(Example { features: self.declared_features(features)?, label: self.checked_label(label)?, ts })
     }
 
+    /// The training event of a served instance (as it was served and
+    /// logged) and its outcome: the fixed schema's instance with `label`
+    /// and `ts`, or the declared record with them at their paths.
+    pub fn event_of(
+        &self,
+        instance: serde_json::Value,
+        label: serde_json::Value,
+        ts: i64,
+    ) -> Result<serde_json::Value, SchemaError> {
+        if let Some(declared) = &self.declared {
+            return declared.with_outcome(instance, label, ts);
+        }
+        let serde_json::Value::Object(mut event) = instance else {
+            return Err(SchemaError::Json("a served instance of the fixed schema is an object".into()));
+        };
+        event.insert("label".into(), label);
+        event.insert("ts".into(), ts.into());
+        Ok(serde_json::Value::Object(event))
+    }
+
     /// The declaration, if the model has one.
     pub fn declared(&self) -> Option<&declared::Declared> {
         self.declared.as_deref()
@@ -302,6 +322,12 @@ impl Buckets {
         }
         Ok(values.map(|v| self.of(field, v.as_bytes())).collect())
     }
+}
+
+/// Whether `value` can be a label as a label record carries it: a number,
+/// a boolean or a string (what the label's field or declaration reads).
+pub fn is_label_value(value: &serde_json::Value) -> bool {
+    value.is_number() || value.is_boolean() || value.is_string()
 }
 
 /// How training events are encoded on the events topic

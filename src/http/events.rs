@@ -74,13 +74,13 @@ pub struct EventResult {
     #[serde(skip_serializing_if = "Option::is_none")]
     offset: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
+    pub(super) error: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
 pub struct EventsAccepted {
     /// One per event, in request order.
-    results: Vec<EventResult>,
+    pub(super) results: Vec<EventResult>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -154,7 +154,7 @@ async fn produce(
             return Ok((StatusCode::UNPROCESSABLE_ENTITY, Json(EventsRejected { error, invalid })).into_response());
         }
     };
-    let results = delivered(sink, &payloads).await;
+    let results = delivered(&sink.producer, &sink.topic, payloads.iter().map(|p| (None, p.as_slice()))).await;
     let failed = results.iter().filter(|r| r.error.is_some()).count();
     ingested.with_label_values(&["produced"]).inc_by((n - failed) as u64);
     ingested.with_label_values(&["failed"]).inc_by(failed as u64);
@@ -192,13 +192,19 @@ fn encoded(state: &AppState, sink: &EventSink, events: Vec<Value>) -> Result<Vec
     }
 }
 
-/// Produces every payload, all at once, and says where each landed or why not.
-async fn delivered(sink: &EventSink, payloads: &[Vec<u8>]) -> Vec<EventResult> {
-    let deliveries = payloads.iter().map(|bytes| {
-        let record: FutureRecord<'_, (), [u8]> = FutureRecord::to(&sink.topic).payload(bytes);
+/// Produces every `(key, payload)` to `topic`, all at once, and says where
+/// each landed or why not.
+pub(super) async fn delivered(
+    producer: &FutureProducer,
+    topic: &str,
+    records: impl Iterator<Item = (Option<&[u8]>, &[u8])>,
+) -> Vec<EventResult> {
+    let deliveries = records.map(|(key, payload)| {
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).payload(payload);
+        record.key = key;
         // Waits for queue space rather than failing under a burst; the
         // producer's message.timeout.ms bounds the whole delivery.
-        sink.producer.send(record, Duration::from_secs(5))
+        producer.send(record, Duration::from_secs(5))
     });
     (futures::future::join_all(deliveries).await.into_iter())
         .map(|r| match r {

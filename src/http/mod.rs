@@ -8,6 +8,7 @@
 //! (`GET /openapi.json`) are both built from that list, so they cannot
 //! disagree. Groups: KServe V1 (`/v1/models/...`), the Open Inference
 //! Protocol (KServe V2, [`v2`]), training events over HTTP ([`events`]),
+//! the outcomes of logged predictions ([`feedback`]),
 //! the admin endpoints ([`admin`]), the status page ([`status`]), and
 //! health and metrics.
 
@@ -15,6 +16,7 @@ pub mod admin;
 mod checkpoints;
 mod error;
 pub mod events;
+pub mod feedback;
 pub mod peer;
 pub mod status;
 pub mod v2;
@@ -66,6 +68,8 @@ pub struct AppState {
     pub peer_checkpoints: Option<Arc<peer::PeerCheckpoints>>,
     /// `POST /v1/events`; `None`: off.
     pub events: Option<Arc<events::EventSink>>,
+    /// `POST /v1/models/{model}/feedback`; `None`: off.
+    pub labels: Option<Arc<feedback::LabelSink>>,
     /// The last minutes of the status page's series.
     pub history: Arc<status::History>,
 }
@@ -83,6 +87,7 @@ impl AppState {
             admin: None,
             peer_checkpoints: None,
             events: None,
+            labels: None,
             history: Arc::default(),
         }
     }
@@ -107,6 +112,7 @@ fn endpoints() -> Vec<UtoipaMethodRouter<AppState>> {
         routes!(peer::rows),
         routes!(admin::rollback),
         routes!(events::ingest),
+        routes!(feedback::labels),
         routes!(v2::server_metadata),
         routes!(v2::live),
         routes!(v2::ready),

@@ -1,13 +1,15 @@
 //! Every metric the replica exports, named in this directory, one struct per
 //! role: [`ServingMetrics`] (requests, ingestion, admin), [`TrainerMetrics`],
 //! [`ApplierMetrics`] (the log applied and served), [`RollbackMetrics`] and
-//! [`CheckpointMetrics`], [`ShardMetrics`] (a shard's gathers). Each role's struct is built by its own `new` from
+//! [`CheckpointMetrics`], [`ShardMetrics`] (a shard's gathers), [`JoinMetrics`]
+//! (the join of predictions with their labels). Each role's struct is built by its own `new` from
 //! a [`Registrar`], and handed to the code of that role. Labels have few
 //! values (routes, statuses, reject reasons, partitions); counters move by
 //! batch, never per event in a hot loop.
 
 mod applier;
 mod checkpoints;
+mod join;
 mod rollback;
 mod serving;
 mod shards;
@@ -19,6 +21,7 @@ use prometheus::{Encoder, HistogramOpts, Opts, Registry, TextEncoder};
 
 pub use self::applier::ApplierMetrics;
 pub use self::checkpoints::CheckpointMetrics;
+pub use self::join::JoinMetrics;
 pub use self::rollback::RollbackMetrics;
 pub use self::serving::ServingMetrics;
 pub use self::shards::ShardMetrics;
@@ -37,6 +40,7 @@ pub struct Metrics {
     pub rollback: RollbackMetrics,
     pub checkpoints: CheckpointMetrics,
     pub shards: ShardMetrics,
+    pub join: JoinMetrics,
 }
 
 /// Registers metrics as a role's struct builds them, and remembers each
@@ -81,9 +85,9 @@ impl Metrics {
         let (serving, trainer, applier) =
             (ServingMetrics::new(&mut r), TrainerMetrics::new(&mut r), ApplierMetrics::new(&mut r));
         let (rollback, checkpoints) = (RollbackMetrics::new(&mut r), CheckpointMetrics::new(&mut r));
-        let shards = ShardMetrics::new(&mut r);
+        let (shards, join) = (ShardMetrics::new(&mut r), JoinMetrics::new(&mut r));
         let families = r.families;
-        Metrics { registry: r.registry, families, serving, trainer, applier, rollback, checkpoints, shards }
+        Metrics { registry: r.registry, families, serving, trainer, applier, rollback, checkpoints, shards, join }
     }
 
     /// Every series name this replica can export, whether or not it has a

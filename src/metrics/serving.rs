@@ -19,6 +19,9 @@ pub struct ServingMetrics {
     /// result: `queued`, `unlogged` (its queue was full), `failed` (the
     /// broker did not take it).
     pub predictions_logged: IntCounterVec,
+    /// Labels posted to `/v1/models/{m}/feedback`, by result: `produced`,
+    /// `failed` (the broker did not take it).
+    pub labels_posted: IntCounterVec,
 }
 
 impl ServingMetrics {
@@ -54,7 +57,14 @@ impl ServingMetrics {
                 ),
                 &["result"],
             )),
+            labels_posted: r.add(IntCounterVec::new(
+                opts("labels_posted_total", "Labels posted to /v1/models/{m}/feedback, by result (produced, failed)"),
+                &["result"],
+            )),
         };
+        for result in ["produced", "failed"] {
+            m.labels_posted.with_label_values(&[result]);
+        }
         for result in ["queued", "unlogged", "failed"] {
             m.predictions_logged.with_label_values(&[result]);
         }

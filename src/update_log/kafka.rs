@@ -9,7 +9,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::config::{ConfigError, KafkaConfig};
+use crate::config::{ConfigError, FeedbackConfig, KafkaConfig};
 
 /// Gradient records of a large model are big; the broker default (1 MB) is not.
 pub const MAX_MESSAGE_BYTES: usize = crate::config::MAX_RECORD_BYTES;
@@ -33,6 +33,8 @@ pub enum TopicError {
     Config(#[from] ConfigError),
     #[error("topic {topic} has {partitions} partitions; the update log needs exactly one (total order). Recreate it with one partition.")]
     UpdatesPartitions { topic: String, partitions: usize },
+    #[error("topics {topics:?} have {partitions:?} partitions; the join needs them co-partitioned (as many partitions each)")]
+    NotCoPartitioned { topics: Vec<String>, partitions: Vec<usize> },
 }
 
 /// Where the brokers are and how to reach them: `kafka.brokers` and the
@@ -183,6 +185,8 @@ pub enum TopicRole {
     /// The update log: one partition, every record kept, records up to
     /// [`MAX_MESSAGE_BYTES`].
     Updates,
+    /// A changelog keyed by id: compacted, so it keeps each id's last entry.
+    Changelog,
 }
 
 /// The settings tributary relies on for a topic of `role` replicated
@@ -207,6 +211,9 @@ pub fn topic_settings(role: TopicRole, replication: i32) -> Vec<(&'static str, S
             // A gradient record of a large model is far above the 1 MB default.
             ("max.message.bytes", MAX_MESSAGE_BYTES.to_string()),
         ]);
+    }
+    if role == TopicRole::Changelog {
+        settings.push(("cleanup.policy", "compact".to_string()));
     }
     settings
 }
@@ -243,12 +250,33 @@ pub async fn create_missing(
     Ok(admin)
 }
 
-/// Creates the topic served predictions are logged to when it is missing,
-/// with the events topic's partitions (`feedback.predictions_topic`).
-pub async fn ensure_predictions_topic(k: &KafkaConfig, topic: &str) -> Result<(), TopicError> {
-    create_missing(&Connection::of(k)?, k.replication_factor, &[(topic, k.events_partitions, TopicRole::Events)])
-        .await?;
-    Ok(())
+/// Creates the join's topics when missing (`feedback`: predictions,
+/// labels and the join's changelog) with the events topic's partitions,
+/// and refuses them when they are not co-partitioned.
+pub async fn ensure_feedback_topics(k: &KafkaConfig, feedback: &FeedbackConfig) -> Result<(), TopicError> {
+    let changelog = feedback.changelog_topic();
+    let names = [feedback.predictions_topic.as_str(), &feedback.labels_topic, &changelog];
+    let topics =
+        names.map(|t| (t, k.events_partitions, if t == changelog { TopicRole::Changelog } else { TopicRole::Events }));
+    let admin = create_missing(&Connection::of(k)?, k.replication_factor, &topics).await?;
+    let unreachable = |source| TopicError::Unreachable { brokers: k.brokers.clone(), source };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut partitions = Vec::new();
+        for topic in names {
+            let metadata = admin.inner().fetch_metadata(Some(topic), Duration::from_secs(10)).map_err(unreachable)?;
+            partitions.push(metadata.topics().first().map_or(0, |t| t.partitions().len()));
+        }
+        match partitions.iter().position(|&n| n == 0) {
+            Some(_) if std::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            Some(i) => return Err(TopicError::NotVisible { topic: names[i].to_string() }),
+            None if partitions.iter().all(|&n| n == partitions[0]) => return Ok(()),
+            None => {
+                let topics = names.map(String::from).to_vec();
+                return Err(TopicError::NotCoPartitioned { topics, partitions });
+            }
+        }
+    }
 }
 
 /// Creates the events, updates and dead-letter topics if missing, and refuses an updates

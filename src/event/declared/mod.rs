@@ -14,7 +14,7 @@ use std::borrow::Cow;
 use serde::de::DeserializeSeed;
 use serde_json::Value;
 
-use self::time::rfc3339_ms;
+use self::time::{rfc3339_ms, rfc3339_of_ms};
 use self::walk::{fill, Leaf, Node, NodeSeed, Slots};
 use super::{Buckets, Features, SchemaError, MAX_BAG};
 use crate::config::{FeaturesConfig, IfMissing, Scalar, SparseFeature, TimeUnit};
@@ -76,6 +76,22 @@ fn refused(name: &str, reason: impl Into<String>) -> SchemaError {
 }
 
 impl Declared {
+    /// A served record made a training event: `label` written at the
+    /// label's path and, when the time is declared, `ts` (epoch ms) at the
+    /// time's path in its unit; objects on the way made as needed.
+    pub fn with_outcome(&self, mut record: Value, label: Value, ts: i64) -> Result<Value, SchemaError> {
+        set_path(&mut record, &self.spec.label.as_ref().expect("a declaration has a label").path, label)?;
+        if let Some(time) = &self.spec.time {
+            let value = match time.unit {
+                TimeUnit::Ms => Value::from(ts),
+                TimeUnit::S => Value::from(ts as f64 / 1000.0),
+                TimeUnit::Iso8601 => Value::from(rfc3339_of_ms(ts)),
+            };
+            set_path(&mut record, &time.path, value)?;
+        }
+        Ok(record)
+    }
+
     pub fn new(spec: &FeaturesConfig) -> Declared {
         let mut tree = Node::default();
         let mut next = 0;
@@ -325,6 +341,20 @@ fn matches_scalar(s: &Scalar, v: &Leaf<'_>) -> bool {
         Scalar::Float(f) => v.as_f64() == Some(*f),
         Scalar::Text(t) => v.as_str() == Some(t.as_str()),
     }
+}
+
+/// Writes `value` at the dotted `path` of `record`, making the objects on
+/// the way; a value on the way that is not an object is an error.
+fn set_path(record: &mut Value, path: &str, value: Value) -> Result<(), SchemaError> {
+    let mut node = record;
+    for key in path.split('.') {
+        let object = node.as_object_mut().ok_or_else(|| {
+            SchemaError::Json(format!("the record has no object where {path:?} goes; it cannot take the outcome"))
+        })?;
+        node = object.entry(key).or_insert_with(|| Value::Object(Default::default()));
+    }
+    *node = value;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -39,6 +39,27 @@ pub(super) fn rfc3339_ms(text: &str) -> Option<i64> {
     Some(((days * 86_400 + hour * 3600 + minute * 60 + second - offset_minutes * 60) * 1000) + millis)
 }
 
+/// The RFC 3339 time (UTC, to the millisecond) of epoch milliseconds.
+pub(super) fn rfc3339_of_ms(ms: i64) -> String {
+    let (days, in_day) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
+    let (year, month, day) = civil_from_days(days);
+    let (h, m, s, milli) = (in_day / 3_600_000, in_day / 60_000 % 60, in_day / 1000 % 60, in_day % 1000);
+    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{milli:03}Z")
+}
+
+/// The civil date of days since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
 /// Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
 fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     let y = if month <= 2 { year - 1 } else { year };
@@ -59,6 +80,10 @@ mod tests {
         assert_eq!(rfc3339_ms("2026-12-02T21:58:00.25Z"), Some(1_796_248_680_250));
         assert_eq!(rfc3339_ms("2026-12-02T22:58:00.250+01:00"), Some(1_796_248_680_250));
         assert_eq!(rfc3339_ms("2000-02-29T00:00:00Z"), Some(951_782_400_000));
+        for ms in [0, 951_782_400_000, 1_796_248_680_250, -86_400_001, 4_102_444_799_999] {
+            assert_eq!(rfc3339_ms(&rfc3339_of_ms(ms)), Some(ms), "{}", rfc3339_of_ms(ms));
+        }
+        assert_eq!(rfc3339_of_ms(1_796_248_680_250), "2026-12-02T21:58:00.250Z");
         for bad in ["yesterday", "2026-13-02T21:58:00Z", "2026-12-02T21:58:00", "2026-12-02T21:58:00+0100", ""] {
             assert_eq!(rfc3339_ms(bad), None, "{bad}");
         }
