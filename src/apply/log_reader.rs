@@ -117,7 +117,7 @@ impl LogReader {
 
     /// The log's end as of the last fetch (no request to the broker).
     pub(super) fn fetched_end(&self) -> Option<i64> {
-        kafka::fetched_end(&self.consumer, &self.topic)
+        kafka::fetched_end(&self.consumer, &self.topic, 0)
     }
 
     /// The log's end for the trainer's bound on records it has not seen:

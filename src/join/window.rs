@@ -4,9 +4,9 @@
 //! one). Pure logic: records in, [`Out`]puts (joined predictions, dead
 //! letters, changelog entries) out; no Kafka, no clock of its own.
 //!
-//! Time is each partition's stream time: the newest record time read from
-//! it (the caller may advance it with the wall clock when it has nothing to
-//! read). Every entry has one deadline, its time plus the window:
+//! Time is each partition's, as the caller moves it ([`Window::advance`],
+//! from `clock`); records do not move it. Every entry has one deadline, its
+//! time plus the window:
 //! - an open prediction (its time: when it was served) expires at its
 //!   deadline, then is remembered as expired for one more window;
 //! - a label before its prediction (its time: its record's) is held until
@@ -136,33 +136,27 @@ impl Window {
         let id: Arc<str> = id.into();
         self.forget(partition, &id);
         if let Some((entry, time)) = entry {
-            let p = self.partitions.entry(partition).or_default();
-            p.stream_time = p.stream_time.max(time);
             self.put(partition, id, entry, time);
         }
     }
 
-    /// A served prediction, logged at `time` (ms). What its time passes
-    /// ends first.
+    /// A served prediction, logged at `time` (ms).
     pub fn prediction(&mut self, partition: i32, id: &str, record: Arc<[u8]>, time: i64, out: &mut Vec<Out>) {
         let id: Arc<str> = id.into();
-        self.advance(partition, time, out);
         match self.entry(partition, &id) {
             None => self.put_logged(partition, id, Entry::Open(record), time, out),
-            Some(Entry::Held(label)) => self.close(partition, id, record, Some(label), Ending::Labeled, out),
+            Some(Entry::Held(label)) => self.close(partition, id, record, Some(label), Ending::Labeled, time, out),
             Some(_) => out.push(Out::DeadLetter { partition, id, record, refused: Refused::DuplicatePrediction }),
         }
     }
 
-    /// A label record for `id`, arrived at `time` (ms). What its time
-    /// passes ends first.
+    /// A label record for `id`, arrived at `time` (ms).
     pub fn label(&mut self, partition: i32, id: &str, record: Arc<[u8]>, time: i64, out: &mut Vec<Out>) {
         let id: Arc<str> = id.into();
-        self.advance(partition, time, out);
         let refused = match self.entry(partition, &id) {
             None => return self.put_logged(partition, id, Entry::Held(record), time, out),
             Some(Entry::Open(prediction)) => {
-                return self.close(partition, id, prediction, Some(record), Ending::Labeled, out)
+                return self.close(partition, id, prediction, Some(record), Ending::Labeled, time, out)
             }
             Some(Entry::Held(_)) | Some(Entry::Closed(Closed::Joined)) => Refused::Duplicate,
             Some(Entry::Closed(Closed::Expired)) => Refused::Late,
@@ -170,17 +164,16 @@ impl Window {
         out.push(Out::DeadLetter { partition, id, record, refused });
     }
 
-    /// Moves `partition`'s stream time to at least `now` (the caller's
-    /// wall clock while it has nothing to read), and ends what that passes.
+    /// Moves `partition`'s time to at least `now`, and ends what that passes.
     pub fn advance(&mut self, partition: i32, now: i64, out: &mut Vec<Out>) {
-        self.advance_stream(partition, now);
-        let Some(p) = self.partitions.get(&partition) else { return };
+        let Some(p) = self.partitions.get_mut(&partition) else { return };
+        p.stream_time = p.stream_time.max(now);
         let now = p.stream_time;
         while let Some((deadline, id)) = self.partitions[&partition].deadlines.first().cloned() {
             if deadline > now {
                 break;
             }
-            self.end(partition, id, Ending::Expired, out);
+            self.end(partition, id, deadline, Ending::Expired, out);
         }
     }
 
@@ -196,25 +189,22 @@ impl Window {
             let nearest = (self.partitions.iter())
                 .filter_map(|(&partition, p)| p.deadlines.first().map(|(d, id)| (*d, partition, id.clone())))
                 .min();
-            let Some((_, partition, id)) = nearest else { return };
-            self.end(partition, id, Ending::ExpiredEarly, out);
+            let Some((deadline, partition, id)) = nearest else { return };
+            let now = self.partitions[&partition].stream_time.min(deadline);
+            self.end(partition, id, now, Ending::ExpiredEarly, out);
         }
-    }
-
-    fn advance_stream(&mut self, partition: i32, time: i64) {
-        let p = self.partitions.entry(partition).or_default();
-        p.stream_time = p.stream_time.max(time);
     }
 
     fn entry(&self, partition: i32, id: &str) -> Option<Entry> {
         self.partitions.get(&partition)?.entries.get(id).map(|(e, _)| e.clone())
     }
 
-    /// An entry's deadline passed (or the window is full): an open
-    /// prediction expires, a held label is unknown, a closed id forgotten.
-    fn end(&mut self, partition: i32, id: Arc<str>, ending: Ending, out: &mut Vec<Out>) {
+    /// An entry's deadline passed (or the window is full) at `now`: an
+    /// open prediction expires, a held label is unknown, a closed id
+    /// forgotten.
+    fn end(&mut self, partition: i32, id: Arc<str>, now: i64, ending: Ending, out: &mut Vec<Out>) {
         match self.entry(partition, &id) {
-            Some(Entry::Open(prediction)) => self.close(partition, id, prediction, None, ending, out),
+            Some(Entry::Open(prediction)) => self.close(partition, id, prediction, None, ending, now, out),
             Some(Entry::Held(record)) => {
                 self.forget(partition, &id);
                 out.push(Out::Changelog { partition, id: id.clone(), entry: None });
@@ -228,8 +218,9 @@ impl Window {
         }
     }
 
-    /// A prediction leaves the window (with its label, or expired) and its
-    /// id is remembered, closed, for one window from now.
+    /// A prediction leaves the window at `now` (with its label, or
+    /// expired) and its id is remembered, closed, for one window more.
+    #[allow(clippy::too_many_arguments)]
     fn close(
         &mut self,
         partition: i32,
@@ -237,13 +228,13 @@ impl Window {
         prediction: Arc<[u8]>,
         label: Option<Arc<[u8]>>,
         ending: Ending,
+        now: i64,
         out: &mut Vec<Out>,
     ) {
         let closed = Entry::Closed(match label {
             Some(_) => Closed::Joined,
             None => Closed::Expired,
         });
-        let now = self.partitions.get(&partition).map_or(0, |p| p.stream_time);
         out.push(Out::Joined { partition, id: id.clone(), prediction, label, ending });
         self.put_logged(partition, id, closed, now, out);
     }
@@ -342,8 +333,8 @@ mod tests {
         w.label(0, "b", bytes("1"), 10, &mut out);
         w.prediction(0, "a", bytes("p"), 900, &mut out);
         assert_eq!(ends(&out), pairs(&[("a", "Labeled 1")]));
-        // Stream time is the newest record's: b's label waits until 1010.
-        w.prediction(0, "c", bytes("r"), 1010, &mut out);
+        // b's label waits until 1010.
+        w.advance(0, 1010, &mut out);
         w.prediction(0, "b", bytes("q"), 1011, &mut out);
         assert_eq!(ends(&out)[1..], pairs(&[("b", "label_unknown")])[..]);
     }
@@ -354,6 +345,7 @@ mod tests {
         w.prediction(0, "a", bytes("p"), 10, &mut out);
         w.prediction(0, "a", bytes("p2"), 20, &mut out);
         w.prediction(1, "z", bytes("q"), 5000, &mut out);
+        w.advance(1, 5000, &mut out);
         assert_eq!(ends(&out), pairs(&[("a", "prediction_duplicate")]));
         assert_eq!(w.open(), 2, "partition 1's time does not expire partition 0's");
     }

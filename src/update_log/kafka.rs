@@ -136,12 +136,16 @@ pub fn log_reader_config(connection: &Connection, client_id: &str) -> ClientConf
     c
 }
 
-/// The high watermark of partition 0 of `topic` as the last fetch response
+/// The high watermark of `partition` of `topic` as the last fetch response
 /// reported it: no request is made, and there is none before the first
 /// fetch. The applier's start-up asks the broker for the log end
 /// ([`log_end`]); when the broker cannot be reached then, the first fetch
 /// response tells it instead.
-pub fn fetched_end(consumer: &BaseConsumer<impl rdkafka::consumer::ConsumerContext>, topic: &str) -> Option<i64> {
+pub fn fetched_end(
+    consumer: &BaseConsumer<impl rdkafka::consumer::ConsumerContext>,
+    topic: &str,
+    partition: i32,
+) -> Option<i64> {
     let topic = std::ffi::CString::new(topic).ok()?;
     let (mut low, mut high) = (-1i64, -1i64);
     // SAFETY: a live client handle, a NUL-terminated topic name and two
@@ -150,7 +154,7 @@ pub fn fetched_end(consumer: &BaseConsumer<impl rdkafka::consumer::ConsumerConte
         rdkafka_sys::rd_kafka_get_watermark_offsets(
             consumer.client().native_ptr(),
             topic.as_ptr(),
-            0,
+            partition,
             &mut low,
             &mut high,
         )

@@ -1,9 +1,10 @@
-//! Predict now, learn later (docs/design.md section 8b), as far as it is
-//! built: every served V1 instance logged to the predictions topic, keyed
-//! by its id, as it was served.
+//! Predict now, learn later (docs/design.md section 8b): every served
+//! instance logged to the predictions topic, keyed by its id, as it was
+//! served; labels posted under the same ids; the join of the two into
+//! training events, exactly once through a SIGKILL of a joiner.
 
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -15,23 +16,84 @@ use crate::helpers::*;
 
 /// Every record of `topic` (of `partitions`), keyed: key -> value.
 fn read_all(cluster: &Cluster, topic: &str, partitions: i32, n: usize) -> BTreeMap<String, Value> {
+    let records = read_records(cluster, topic, partitions, n);
+    records.into_iter().map(|r| (r.key, serde_json::from_slice(&r.payload).unwrap())).collect()
+}
+
+/// A record as read back: its key, payload and headers.
+struct Read {
+    key: String,
+    payload: Vec<u8>,
+    headers: BTreeMap<String, String>,
+}
+
+/// The first `n` records of `topic` (of `partitions`), committed ones
+/// only, in the order read.
+fn read_records(cluster: &Cluster, topic: &str, partitions: i32, n: usize) -> Vec<Read> {
+    use rdkafka::message::Headers;
     let connection = tributary::update_log::kafka::Connection::of(&cluster.config.kafka).unwrap();
     let consumer: BaseConsumer =
-        tributary::update_log::kafka::log_reader_config(&connection, "predictions-reader").create().unwrap();
+        tributary::update_log::kafka::log_reader_config(&connection, "feedback-reader").create().unwrap();
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
         tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
     }
     consumer.assign(&tpl).unwrap();
-    let mut read = BTreeMap::new();
-    wait_for(&format!("{n} records in {topic}"), Duration::from_secs(30), || {
+    let mut read = Vec::new();
+    wait_for(&format!("{n} records in {topic}"), Duration::from_secs(60), || {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-            let key = String::from_utf8(m.key().unwrap().to_vec()).unwrap();
-            read.insert(key, serde_json::from_slice(m.payload().unwrap()).unwrap());
+            let headers = m.headers().map_or_else(BTreeMap::new, |h| {
+                let text = |v: Option<&[u8]>| String::from_utf8(v.unwrap_or_default().to_vec()).unwrap();
+                h.iter().map(|h| (h.key.to_string(), text(h.value))).collect()
+            });
+            let key = String::from_utf8(m.key().unwrap_or_default().to_vec()).unwrap();
+            read.push(Read { key, payload: m.payload().unwrap_or_default().to_vec(), headers });
         }
         (read.len() >= n).then_some(())
     });
     read
+}
+
+/// Feedback on, on topics of the test's own, the join's window `window_ms`.
+fn feedback_on(cluster: &mut Cluster, window_ms: u64) {
+    let events = cluster.config.kafka.events_topic.clone();
+    let f = &mut cluster.config.feedback;
+    f.enabled = true;
+    f.predictions_topic = format!("predictions-{events}");
+    f.labels_topic = format!("labels-{events}");
+    f.window_ms = window_ms;
+}
+
+/// An instance that names its id, so that its training event shows whose
+/// it is; the dense values vary with it.
+fn named_instance(id: &str, i: usize) -> Value {
+    json!({"dense": (0..8).map(|d| (i * 8 + d) as f64 / 7.0).collect::<Vec<_>>(), "sparse": {"f0": id}})
+}
+
+/// V1 predictions of `ids` (instance `i` each) on `replica`.
+fn predict_ids(replica: &Replica, ids: &[(String, usize)]) {
+    let instances: Vec<Value> = ids.iter().map(|(id, i)| named_instance(id, *i)).collect();
+    let names: Vec<&str> = ids.iter().map(|(id, _)| id.as_str()).collect();
+    let body = json!({"instances": instances, "ids": names}).to_string();
+    let (status, answer) = replica.post(&format!("/v1/models/{}:predict", replica.model_name), None, &body);
+    assert_eq!(status, 200, "{answer}");
+}
+
+/// Posts `(id, label)` pairs to the feedback endpoint of `replica`.
+fn post_labels(replica: &Replica, labels: &[(&str, i64)]) {
+    let labels: Vec<Value> = labels.iter().map(|(id, label)| json!({"id": id, "label": label})).collect();
+    let body = json!({"labels": labels}).to_string();
+    let (status, answer) = replica.post(&format!("/v1/models/{}/feedback", replica.model_name), None, &body);
+    assert_eq!(status, 202, "{answer}");
+}
+
+/// The training events the join wrote, by the prediction id (their key).
+fn joined_events(cluster: &Cluster, n: usize) -> BTreeMap<String, Value> {
+    let k = &cluster.config.kafka;
+    let read = read_records(cluster, &k.events_topic, k.events_partitions, n);
+    let ids: BTreeSet<&String> = read.iter().map(|r| &r.key).collect();
+    assert_eq!(ids.len(), read.len(), "one event per prediction id");
+    read.into_iter().map(|r| (r.key, serde_json::from_slice(&r.payload).unwrap())).collect()
 }
 
 /// With `feedback.enabled`, a V1 predict's instances are logged under the
@@ -171,4 +233,106 @@ fn slow_with_the_broker_down_predictions_are_answered_and_what_does_not_fit_is_c
     let mut queued: Vec<&String> = ids.iter().take(10).collect();
     queued.sort();
     assert_eq!(logged.keys().collect::<Vec<_>>(), queued, "the ten queued, and only they");
+}
+
+/// The window's cases, on one replica: a label before its prediction waits
+/// for it; a label joins its prediction into an event of the served
+/// instance at the prediction's time; a prediction without a label is
+/// learned with the default label once the window passes; a second label,
+/// a label after the window and a label no prediction had are
+/// dead-lettered, each with its reason. Every joined event is learned once.
+#[test]
+fn labels_join_their_predictions_and_second_late_and_unknown_labels_are_dead_lettered() {
+    let mut cluster = Cluster::new("feedback_join", ModelKind::Logistic);
+    feedback_on(&mut cluster, 1500);
+    let replica = cluster.spawn("r0");
+    replica.wait_ready();
+    post_labels(&replica, &[("early", 1)]);
+    let ids: Vec<(String, usize)> =
+        ["early", "labeled", "expires", "late"].iter().map(|s| s.to_string()).zip(0..).collect();
+    predict_ids(&replica, &ids);
+    post_labels(&replica, &[("labeled", 1), ("labeled", 0), ("unknown", 1)]);
+
+    let events = joined_events(&cluster, 4);
+    let label = |id: &str| events[id]["label"].as_i64();
+    assert_eq!(
+        [label("early"), label("labeled"), label("expires"), label("late")],
+        [Some(1), Some(1), Some(0), Some(0)]
+    );
+    let logged = read_all(&cluster, &cluster.config.feedback.predictions_topic, 8, 4);
+    for (id, i) in &ids {
+        let event = &events[id];
+        assert_eq!((&event["dense"], &event["sparse"]), (&named_instance(id, *i)["dense"], &json!({"f0": id})));
+        assert_eq!(event["ts"], logged[id]["ts"], "the prediction's time");
+    }
+    post_labels(&replica, &[("late", 1)]);
+    let dead = read_records(&cluster, &cluster.config.kafka.dlq_topic, 1, 3);
+    let reasons: BTreeMap<&str, &str> =
+        dead.iter().map(|d| (d.key.as_str(), d.headers["tributary.reason_kind"].as_str())).collect();
+    let expected = [("labeled", "label_duplicate"), ("late", "label_late"), ("unknown", "label_unknown")];
+    assert_eq!(reasons, expected.into_iter().collect(), "{:?}", dead.iter().map(|d| &d.headers).collect::<Vec<_>>());
+    assert!(dead.iter().all(|d| d.headers["tributary.topic"] == cluster.config.feedback.labels_topic));
+    replica.wait_learned(4, Duration::from_secs(30));
+    let m = replica.metrics();
+    let ending = |e: &str| m.value("tributary_join_predictions_total", &format!("ending=\"{e}\""));
+    assert_eq!((ending("labeled"), ending("expired")), (2.0, 2.0));
+}
+
+/// Exactly once through a SIGKILL: two replicas join (each owns half the
+/// partitions) while predictions with ids are served and labels for half
+/// of them arrive after random delays; one replica is SIGKILLed mid-stream
+/// and restarted. Every prediction becomes exactly one training event, with
+/// its label (or the default after the window) and the features as served,
+/// bit for bit; both replicas learn each event once and hold equal weights.
+#[test]
+fn slow_every_prediction_is_learned_once_with_its_label_through_a_sigkill_of_a_joiner() {
+    const N: usize = 1200;
+    let mut cluster = Cluster::new("feedback_sigkill", ModelKind::Logistic);
+    feedback_on(&mut cluster, 2500);
+    let (mut r0, r1) = (cluster.spawn("r0"), cluster.spawn("r1"));
+    r0.wait_ready();
+    r1.wait_ready();
+    // Labels for ids whose number is odd, each due a pseudo-random 0 to
+    // 1 s after its prediction.
+    let delay = |i: usize| Duration::from_millis((i as u64 * 7919) % 1000);
+    let labeled = |i: usize| i % 2 == 1;
+    let started = Instant::now();
+    let mut due: Vec<(Instant, String)> = Vec::new();
+    for step in 0..N / 4 {
+        let ids: Vec<(String, usize)> = (step * 4..step * 4 + 4).map(|i| (format!("p{i}"), i)).collect();
+        predict_ids(&r1, &ids);
+        let now = Instant::now();
+        due.extend(ids.iter().filter(|(_, i)| labeled(*i)).map(|(id, i)| (now + delay(*i), id.clone())));
+        let (ready, waiting): (Vec<_>, Vec<_>) = due.into_iter().partition(|(at, _)| *at <= now);
+        due = waiting;
+        if !ready.is_empty() {
+            post_labels(&r1, &ready.iter().map(|(_, id)| (id.as_str(), 1)).collect::<Vec<_>>());
+        }
+        if step == N / 8 {
+            r0.kill();
+            r0.start();
+        }
+        std::thread::sleep(Duration::from_millis(10).saturating_sub(now.elapsed()));
+    }
+    for (at, id) in due {
+        std::thread::sleep(at.saturating_duration_since(Instant::now()));
+        post_labels(&r1, &[(id.as_str(), 1)]);
+    }
+    eprintln!("{N} predictions and {} labels sent in {:?}", N / 2, started.elapsed());
+
+    let events = joined_events(&cluster, N);
+    let logged = read_all(&cluster, &cluster.config.feedback.predictions_topic, 8, N);
+    for i in 0..N {
+        let id = format!("p{i}");
+        let (event, served) = (&events[&id], &logged[&id]);
+        assert_eq!(event["label"].as_i64(), Some(labeled(i) as i64), "{id}: {event}");
+        assert_eq!((&event["dense"], &event["sparse"]), (&served["instance"]["dense"], &served["instance"]["sparse"]));
+        assert_eq!(event["ts"], served["ts"]);
+    }
+    r0.wait_ready();
+    for r in [&r0, &r1] {
+        r.wait_learned(N as u64, Duration::from_secs(60));
+    }
+    let infos = wait_at_one_version(&[&r0, &r1], Duration::from_secs(30));
+    assert_eq!(infos[0]["weights_digest"], infos[1]["weights_digest"]);
 }

@@ -1,0 +1,82 @@
+//! The join's time per partition, aligned across its two topics: a
+//! prediction may expire only once the labels that came before its
+//! deadline have been read, whichever topic the consumer fetched ahead.
+//!
+//! Each topic's partition has a time: the newest record time read from it
+//! or, once it is read to the end its last fetch reported, the clock's (a
+//! record written after that is newer). A partition's time is the lower of
+//! its two topics' (as Flink aligns watermarks and Kafka Streams waits for
+//! an idle input): after a restart with a backlog, a fetch of predictions
+//! ahead of their labels does not expire them.
+
+use std::collections::HashMap;
+
+/// Per `(topic is labels, partition)`: the next offset to read and the
+/// newest record time read.
+#[derive(Default)]
+pub struct Clock {
+    read: HashMap<(bool, i32), Read>,
+}
+
+#[derive(Clone, Copy)]
+struct Read {
+    next: i64,
+    newest: i64,
+}
+
+impl Clock {
+    /// Forgets every partition (after a revoke or an abort).
+    pub fn clear(&mut self) {
+        self.read.clear();
+    }
+
+    /// Where reading starts (the committed offset), before any record.
+    pub fn starts(&mut self, is_label: bool, partition: i32, next: i64) {
+        self.read.insert((is_label, partition), Read { next, newest: i64::MIN });
+    }
+
+    /// A record read at `offset`, of `time`.
+    pub fn read(&mut self, is_label: bool, partition: i32, offset: i64, time: i64) {
+        let read = self.read.entry((is_label, partition)).or_insert(Read { next: 0, newest: i64::MIN });
+        read.next = offset + 1;
+        read.newest = read.newest.max(time);
+    }
+
+    /// The time of `partition` at wall-clock `now`; `end` gives a topic's
+    /// partition's end as last fetched (`None`: not fetched yet).
+    pub fn time(&self, partition: i32, now: i64, end: impl Fn(bool, i32) -> Option<i64>) -> i64 {
+        let topic_time = |is_label: bool| {
+            let read = self.read.get(&(is_label, partition)).copied();
+            match (read, end(is_label, partition)) {
+                (Some(r), Some(end)) if r.next >= end => now,
+                (Some(r), _) => r.newest,
+                (None, _) => i64::MIN,
+            }
+        };
+        topic_time(false).min(topic_time(true))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_is_as_late_as_its_topic_not_read_to_the_end() {
+        let mut clock = Clock::default();
+        clock.starts(true, 0, 5);
+        clock.read(false, 0, 0, 1000);
+        clock.read(false, 0, 1, 9000);
+        let end = |labels_end: i64| move |is_label: bool, _| Some(if is_label { labels_end } else { 2 });
+        // Labels read to their end: the clock's time (predictions read to theirs too).
+        assert_eq!(clock.time(0, 20_000, end(5)), 20_000);
+        // Labels behind: the labels' newest time, none read yet.
+        assert_eq!(clock.time(0, 20_000, end(9)), i64::MIN);
+        clock.read(true, 0, 5, 3000);
+        assert_eq!(clock.time(0, 20_000, end(9)), 3000);
+        // Predictions behind: the lower of the two newest times.
+        clock.read(false, 0, 1, 9000);
+        assert_eq!(clock.time(0, 20_000, |l, _| Some(if l { 6 } else { 7 })), 9000.min(20_000));
+        assert_eq!(clock.time(1, 20_000, end(5)), i64::MIN, "a partition not started has no time");
+    }
+}

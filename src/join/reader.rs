@@ -1,0 +1,152 @@
+//! The join's reading side: its consumer of the predictions and labels
+//! topics (the range assignor: partition p of both to one member), the
+//! rebalances it follows, and the partitions' [`Clock`].
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::BorrowedMessage;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use super::clock::Clock;
+use crate::config::Config;
+use crate::update_log::kafka;
+
+/// Rebalances, as the consumer's callbacks saw them, for the loop to act on.
+#[derive(Default)]
+struct JoinContext {
+    revoked: AtomicBool,
+    assigned: Mutex<Option<Vec<i32>>>,
+}
+
+impl ClientContext for JoinContext {}
+
+impl ConsumerContext for JoinContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(_) = rebalance {
+            self.revoked.store(true, Ordering::Release);
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let mut partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            partitions.sort_unstable();
+            partitions.dedup();
+            *self.assigned.lock().expect("assigned lock") = Some(partitions);
+        }
+    }
+}
+
+/// What the last poll's rebalance callbacks did.
+pub struct Rebalanced {
+    /// Every partition was revoked: what was read since the last commit
+    /// is read again.
+    pub revoked: bool,
+    /// The partitions now assigned, if an assignment came.
+    pub assigned: Option<Vec<i32>>,
+}
+
+pub struct Reader {
+    consumer: BaseConsumer<JoinContext>,
+    pub predictions: String,
+    pub labels: String,
+    pub clock: Clock,
+}
+
+impl Reader {
+    pub fn new(config: &Config) -> anyhow::Result<Reader> {
+        let (k, f) = (&config.kafka, &config.feedback);
+        // Partition p of both topics to one member: co-partitioned by id.
+        let consumer: BaseConsumer<JoinContext> =
+            kafka::base_config(&kafka::Connection::of(k)?, &format!("{}-join", config.replica_id))
+                .set("group.id", format!("{}-join", k.group_id))
+                .set("enable.auto.commit", "false")
+                .set("auto.offset.reset", "earliest")
+                .set("isolation.level", "read_committed")
+                .set("partition.assignment.strategy", "range")
+                .set("session.timeout.ms", k.session_timeout_ms.to_string())
+                .set("heartbeat.interval.ms", (k.session_timeout_ms / 10).clamp(100, 1000).to_string())
+                .set("fetch.wait.max.ms", "10")
+                .create_with_context(JoinContext::default())?;
+        Ok(Reader {
+            consumer,
+            predictions: f.predictions_topic.clone(),
+            labels: f.labels_topic.clone(),
+            clock: Clock::default(),
+        })
+    }
+
+    /// Joins the group over both topics.
+    pub fn subscribe(&self) -> Result<(), KafkaError> {
+        self.consumer.subscribe(&[&self.predictions, &self.labels])
+    }
+
+    /// The next record, waiting up to `timeout`; rebalance callbacks run
+    /// inside, and [`Reader::rebalanced`] says what they did.
+    pub fn poll(&self, timeout: Duration) -> Option<Result<BorrowedMessage<'_>, KafkaError>> {
+        self.consumer.poll(timeout)
+    }
+
+    /// Takes what the rebalance callbacks of the last polls did; an
+    /// assignment starts the clock at the committed offsets.
+    pub fn rebalanced(&mut self) -> Result<Rebalanced, KafkaError> {
+        let context = self.consumer.context();
+        let revoked = context.revoked.swap(false, Ordering::AcqRel);
+        let assigned = context.assigned.lock().expect("assigned lock").take();
+        if revoked || assigned.is_some() {
+            self.clock.clear();
+        }
+        if assigned.is_some() {
+            self.start_clock()?;
+        }
+        Ok(Rebalanced { revoked, assigned })
+    }
+
+    /// The clock started at the committed offsets of the assignment.
+    fn start_clock(&mut self) -> Result<TopicPartitionList, KafkaError> {
+        let committed = self.consumer.committed(Duration::from_secs(30))?;
+        for e in committed.elements() {
+            let next = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => 0,
+            };
+            self.clock.starts(e.topic() == self.labels, e.partition(), next);
+        }
+        Ok(committed)
+    }
+
+    /// Back to the committed offsets (after an aborted transaction); the
+    /// partitions assigned.
+    pub fn rewind(&mut self) -> anyhow::Result<Vec<i32>> {
+        self.clock.clear();
+        let committed = self.start_clock()?;
+        let mut positions = TopicPartitionList::new();
+        for e in committed.elements() {
+            let offset = match e.offset() {
+                Offset::Offset(o) => Offset::Offset(o),
+                _ => Offset::Beginning,
+            };
+            positions.add_partition_offset(e.topic(), e.partition(), offset)?;
+        }
+        self.consumer.seek_partitions(positions, Duration::from_secs(30))?;
+        let mut partitions: Vec<i32> = committed.elements().iter().map(|e| e.partition()).collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        Ok(partitions)
+    }
+
+    /// `partition`'s time at wall-clock `now` ([`Clock::time`]).
+    pub fn time(&self, partition: i32, now: i64) -> i64 {
+        self.clock.time(partition, now, |is_label, p| {
+            kafka::fetched_end(&self.consumer, if is_label { &self.labels } else { &self.predictions }, p)
+        })
+    }
+
+    pub fn group(&self) -> Option<ConsumerGroupMetadata> {
+        self.consumer.group_metadata()
+    }
+}
