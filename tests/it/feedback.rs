@@ -67,7 +67,7 @@ fn feedback_on(cluster: &mut Cluster, window_ms: u64) {
 /// An instance that names its id, so that its training event shows whose
 /// it is; the dense values vary with it.
 fn named_instance(id: &str, i: usize) -> Value {
-    json!({"dense": (0..8).map(|d| (i * 8 + d) as f64 / 7.0).collect::<Vec<_>>(), "sparse": {"f0": id}})
+    json!({"dense": (0..8).map(|d| ((i * 8 + d) % 97) as f64 / 97.0).collect::<Vec<_>>(), "sparse": {"f0": id}})
 }
 
 /// V1 predictions of `ids` (instance `i` each) on `replica`.
