@@ -9,7 +9,8 @@
 //! which and why, and stops the others. A graceful stop runs in order: the
 //! joiner commits or drops its batch; the trainer sends what it has batched
 //! and leaves the group; the applier drains the log to its current
-//! end and writes a final checkpoint; the HTTP server stops last.
+//! end and writes a final checkpoint; the HTTP server stops last, and the
+//! predictions it logged are sent.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -200,6 +201,7 @@ impl Replica {
         let Replica { config, model, metrics, control, applier, roles, app } = self;
         let Roles { trainer, trainer_stop, joiner, joiner_stop } = roles;
         tokio::spawn(app.history.clone().run(app.predictor.serving.clone(), metrics));
+        let prediction_log = app.predictor.log.clone();
         let grpc_stop = serve_grpc(&config, app.clone()).await?;
         let (mut http, http_stop) = serve_http(&config, app).await?;
         let started = wait_for_topics(&config, &mut shutdown).await?
@@ -252,6 +254,10 @@ impl Replica {
         drop(grpc_stop); // its server stops when the sender goes
         if ended != Ended::Http {
             let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
+        }
+        if let Some(log) = prediction_log {
+            // What was served is logged before the process goes.
+            let _ = tokio::task::spawn_blocking(move || log.flush(Duration::from_secs(5))).await;
         }
         info!("replica stopped");
         failure.map_or(Ok(()), Err)

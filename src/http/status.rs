@@ -1,6 +1,6 @@
 //! The status page at `/`: model version, events/s, lag, freshness, the
-//! staleness of applied gradients and the progressive loss over the last
-//! minutes, as small charts that refresh
+//! staleness of applied gradients, the join's open predictions and the
+//! progressive loss over the last minutes, as small charts that refresh
 //! live. The page is one self-contained HTML file (no external scripts or
 //! fonts: it works air-gapped); it polls `GET /v1/status`, whose history the
 //! replica samples once a second and keeps for ten minutes, so the charts
@@ -37,6 +37,7 @@ struct Sample {
     /// Records between an applied gradient's version and its offset, p99
     /// since the sample before; `None` without any.
     staleness_p99: Option<f64>,
+    join_open: i64,
     progressive_logloss: Option<f64>,
 }
 
@@ -106,6 +107,7 @@ impl History {
             lag,
             freshness_p99,
             staleness_p99,
+            join_open: metrics.join.open.get(),
             progressive_logloss: snap.progressive_loss,
         });
     }
@@ -125,6 +127,7 @@ impl History {
             lag: s.iter().map(|x| x.lag).collect(),
             freshness_p99_seconds: s.iter().map(|x| x.freshness_p99).collect(),
             staleness_p99_records: s.iter().map(|x| x.staleness_p99).collect(),
+            join_open_predictions: s.iter().map(|x| x.join_open).collect(),
             progressive_logloss: s.iter().map(|x| x.progressive_logloss).collect(),
         }
     }
@@ -173,6 +176,8 @@ pub struct Series {
     /// Update-log records between an applied gradient's version and its
     /// offset, p99 over each interval; null without records applied.
     staleness_p99_records: Vec<Option<f64>>,
+    /// Predictions this replica's joiner holds waiting for their label.
+    join_open_predictions: Vec<i64>,
     progressive_logloss: Vec<Option<f64>>,
 }
 
@@ -186,7 +191,37 @@ pub struct Status {
     model_version: i64,
     examples_learned: u64,
     progressive_logloss: Option<f64>,
+    /// This replica's join (`feedback.join`), since it started.
+    join: JoinStatus,
     history: Series,
+}
+
+/// The join's counts since the replica started.
+#[derive(Serialize, ToSchema)]
+pub struct JoinStatus {
+    open_predictions: i64,
+    /// Predictions by how they left the window: labeled, expired,
+    /// expired_early.
+    predictions: std::collections::BTreeMap<String, u64>,
+    /// Records dead-lettered, by reason.
+    dead_letters: std::collections::BTreeMap<String, u64>,
+}
+
+impl JoinStatus {
+    fn of(metrics: &Metrics) -> JoinStatus {
+        let by = |counter: &prometheus::IntCounterVec| {
+            (counter.collect().iter())
+                .flat_map(|f| f.get_metric())
+                .map(|m| (m.get_label()[0].value().to_string(), m.get_counter().get_value() as u64))
+                .collect()
+        };
+        let j = &metrics.join;
+        JoinStatus {
+            open_predictions: j.open.get(),
+            predictions: by(&j.predictions),
+            dead_letters: by(&j.dead_letters),
+        }
+    }
 }
 
 /// What the status page shows: now, and the last ten minutes.
@@ -201,6 +236,7 @@ pub async fn status(State(state): State<AppState>) -> Json<Status> {
         model_version: snap.position,
         examples_learned: snap.examples_learned,
         progressive_logloss: snap.progressive_loss,
+        join: JoinStatus::of(&state.metrics),
         history: state.history.series(),
     })
 }

@@ -8,9 +8,9 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use super::window::{Closed, Entry, Window};
 use crate::config::Config;
@@ -20,6 +20,20 @@ use crate::update_log::kafka;
 /// joiner gives up and stops (a broker away that long stops the role;
 /// the replica reports it).
 const RESTORE_LIMIT: Duration = Duration::from_secs(120);
+
+/// The restore's consumer context: the end of a partition is what it
+/// reads to, not an error to log (librdkafka reports it as one).
+struct QuietEof;
+
+impl ClientContext for QuietEof {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::error!(error = %error, reason, "the changelog's reader");
+        }
+    }
+}
+
+impl ConsumerContext for QuietEof {}
 
 /// An entry as the changelog holds it.
 pub fn value_of(entry: &Entry) -> Vec<u8> {
@@ -52,13 +66,14 @@ pub fn entry_of(value: &[u8]) -> Option<Entry> {
 pub fn restore(config: &Config, partitions: &[i32], window: &mut Window) -> anyhow::Result<u64> {
     let topic = config.feedback.changelog_topic();
     let connection = kafka::Connection::of(&config.kafka)?;
-    let consumer: BaseConsumer = kafka::base_config(&connection, &format!("{}-join-restore", config.replica_id))
-        .set("group.id", format!("{}-join-restore", config.replica_id))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed")
-        .set("auto.offset.reset", "earliest")
-        .create()?;
+    let consumer: BaseConsumer<QuietEof> =
+        kafka::base_config(&connection, &format!("{}-join-restore", config.replica_id))
+            .set("group.id", format!("{}-join-restore", config.replica_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "earliest")
+            .create_with_context(QuietEof)?;
     let mut assignment = TopicPartitionList::new();
     for &p in partitions {
         assignment.add_partition_offset(&topic, p, Offset::Beginning)?;

@@ -105,8 +105,12 @@ impl Joiner {
             if batch.out.is_empty() && batch.offsets.is_empty() {
                 continue;
             }
+            let started = Instant::now();
             match self.commit(&batch) {
-                Ok(()) => self.count(&batch),
+                Ok(()) => {
+                    self.metrics.commit_duration.observe(started.elapsed().as_secs_f64());
+                    self.count(&batch)
+                }
                 Err(e) => self.start_over(e)?,
             }
         }

@@ -26,6 +26,8 @@ pub struct JoinMetrics {
     pub transactions: IntCounterVec,
     /// From a label's record time to its joined event's commit.
     pub latency: Histogram,
+    /// One transaction's writing and commit.
+    pub commit_duration: Histogram,
 }
 
 impl JoinMetrics {
@@ -54,6 +56,10 @@ impl JoinMetrics {
             latency: r.add(Histogram::with_opts(seconds(
                 "join_latency_seconds",
                 "From a label's record time to its joined training event's commit",
+            ))),
+            commit_duration: r.add(Histogram::with_opts(seconds(
+                "join_commit_duration_seconds",
+                "One join transaction: its records written and committed",
             ))),
         };
         for ending in ["labeled", "expired", "expired_early"] {

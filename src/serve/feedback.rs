@@ -127,6 +127,15 @@ impl PredictionLog {
         Ok(ids)
     }
 
+    /// Waits up to `limit` for the logged instances still queued to reach
+    /// the broker (a graceful stop).
+    pub fn flush(&self, limit: std::time::Duration) {
+        use rdkafka::producer::Producer;
+        if let Err(e) = self.producer.flush(limit) {
+            tracing::warn!(error = %e, "served predictions not all logged before the stop");
+        }
+    }
+
     /// Hands each served instance (`instances`: each as JSON text, written
     /// before it was served) to the producer, without waiting: one that
     /// finds the queue full is counted as unlogged.

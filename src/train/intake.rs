@@ -176,11 +176,17 @@ impl Intake {
         self.partitions.values().map(|p| p.read_ahead.len()).sum()
     }
 
-    /// Notes each partition's high watermark as librdkafka last fetched it
-    /// (from its cache: no request to the broker).
+    /// Notes each partition's high watermark as librdkafka last fetched it,
+    /// and the consumer's position (from its cache: no request to the
+    /// broker).
     pub(super) fn note_fetched_ends(&mut self) {
         let client = self.consumer.client().native_ptr();
+        let positions = self.consumer.position().ok();
         for (&id, p) in self.partitions.iter_mut() {
+            let position = positions.as_ref().and_then(|t| t.find_partition(&self.topic, id)).map(|e| e.offset());
+            if let Some(rdkafka::Offset::Offset(o)) = position {
+                p.position = o;
+            }
             let (mut low, mut high) = (-1i64, -1i64);
             // SAFETY: the client lives as long as `self.consumer`; the topic
             // is a NUL-terminated string that outlives the call; librdkafka

@@ -86,6 +86,10 @@ pub(super) struct Partition {
     /// The partition's high watermark as librdkafka last fetched it (-1
     /// before a fetch): events before it exist, read or not.
     pub(super) fetched_end: i64,
+    /// The consumer's position as librdkafka keeps it (-1 before one):
+    /// past the transaction markers it read after the last event, which
+    /// `end` cannot see.
+    pub(super) position: i64,
     /// The event time of the last event read: where the partition's next
     /// event is in time, at the earliest.
     pub(super) last_ts: i64,
@@ -103,6 +107,7 @@ impl Partition {
             hold_until: None,
             below_watermark: false,
             fetched_end: -1,
+            position: -1,
             last_ts: 0,
             released_at: None,
         }
@@ -111,11 +116,12 @@ impl Partition {
     /// Whether the merge must wait for this partition: nothing of it is read
     /// ahead, yet it has events to fetch (below its high watermark), and
     /// those may be older than the other partitions' heads. A partition at
-    /// its end (live, caught up) does not hold the others back.
+    /// its end (live, caught up; at a transaction's commit marker, which
+    /// only the consumer's position passes) does not hold the others back.
     pub(super) fn holds(&self) -> bool {
         self.read_ahead.is_empty()
             && self.hold_until.is_none()
-            && self.end < self.fetched_end
+            && self.end.max(self.position) < self.fetched_end
             && self.released_at != Some(self.end)
     }
 

@@ -142,8 +142,18 @@ impl Proc {
 
     /// The most resident memory the process has had (`VmHWM`), in bytes.
     pub fn peak_rss_bytes(&self) -> Option<u64> {
+        self.status_bytes("VmHWM:")
+    }
+
+    /// The process's resident memory now (`VmRSS`), in bytes.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        self.status_bytes("VmRSS:")
+    }
+
+    /// A size in kB of `/proc/PID/status`, in bytes.
+    fn status_bytes(&self, field: &str) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
-        let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().strip_suffix("kB")?.trim();
+        let kb = status.lines().find_map(|l| l.strip_prefix(field))?.trim().strip_suffix("kB")?.trim();
         kb.parse::<u64>().ok().map(|kb| kb * 1024)
     }
 

@@ -7,10 +7,13 @@
 //! event_formats, freshness), `quality` (quality against a sequential
 //! learner and Vowpal Wabbit, stream shapes), `faults` (the guard, chaos,
 //! failover, recovery), `shards` (a sharded fleet against a whole replica),
-//! `feedback` (predictions logged for the join with late labels). Here: the bench they share and its helpers.
+//! `feedback` (predictions logged for the join with late labels), `join`
+//! (learning from late labels: quality, join rate, freshness, memory).
+//! Here: the bench they share and its helpers.
 
 mod faults;
 mod feedback;
+mod join;
 mod learning;
 mod quality;
 mod serving;
@@ -46,7 +49,7 @@ pub struct Scenario {
 }
 
 /// Every scenario, in the order a full run takes them.
-pub const SCENARIOS: [Scenario; 14] = [
+pub const SCENARIOS: [Scenario; 15] = [
     Scenario { name: "baseline", run: Bench::baseline },
     Scenario { name: "predict", run: Bench::predict },
     Scenario { name: "protocols", run: Bench::protocols },
@@ -61,6 +64,7 @@ pub const SCENARIOS: [Scenario; 14] = [
     Scenario { name: "recovery", run: Bench::recovery },
     Scenario { name: "shards", run: Bench::shards },
     Scenario { name: "feedback", run: Bench::feedback },
+    Scenario { name: "join", run: Bench::join },
 ];
 
 /// The scenarios' names, in order.
