@@ -11,6 +11,11 @@
 
   clicks   N of a team's own click events as JSON lines on stdout, for
            `tributary produce` (examples/domain/tributary.toml reads them)
+  feedback predict now, learn later (feedback.enabled): N instances
+           predicted over V1 under ids of the client's own, then, for those
+           its hidden model clicks, the label posted to
+           /v1/models/{m}/feedback after a random delay (--delay-ms); the
+           others are left to expire to feedback.default_label
 
 The events and instances follow the model the replica serves: its V2 model
 metadata names the dense width and the sparse fields, or, for a model of
@@ -22,6 +27,7 @@ declared feature.
 
   python examples/client/client.py send --http 127.0.0.1:8080 --brokers 127.0.0.1:9092 --topic events
   python examples/client/client.py predict --http 127.0.0.1:8080 --grpc 127.0.0.1:8001
+  python examples/client/client.py feedback --http 127.0.0.1:8080 --events 2000
 """
 
 import argparse
@@ -235,6 +241,50 @@ def predict(args):
     }))
 
 
+def post_json(args, path, body, token=None):
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(f"http://{args.http}{path}", data=json.dumps(body).encode(), headers=headers)
+    with urllib.request.urlopen(request) as r:
+        return json.load(r)
+
+
+def feedback(args):
+    """Predictions under ids, and the outcomes that come later: a label for
+    each clicked instance, posted --delay-ms at most after its prediction."""
+    inputs = model_inputs(args.http, args.model)
+    rng = random.Random(args.seed)
+    label_field = "clicked" if inputs is None else "label"
+    make = (lambda: make_click(rng)) if inputs is None else (lambda: make_event(rng, *inputs))
+    due, sent, clicked, started = [], 0, 0, time.time()
+    run = f"{args.seed}-{int(started)}"
+    while sent < args.events:
+        batch = [make() for _ in range(min(32, args.events - sent))]
+        ids = [f"client-{run}-{sent + i}" for i in range(len(batch))]
+        instances = [{k: v for k, v in e.items() if k not in (label_field, "ts", "event_time")} for e in batch]
+        answer = post_json(args, f"/v1/models/{args.model}:predict", {"instances": instances, "ids": ids})
+        assert answer["ids"] == ids, answer
+        now = time.time()
+        for id_, event in zip(ids, batch):
+            if event[label_field] in (True, 1, 1.0):
+                due.append((now + rng.uniform(0, args.delay_ms / 1000), id_))
+        sent += len(batch)
+        ready = [d for d in due if d[0] <= now]
+        due = [d for d in due if d[0] > now]
+        if ready:
+            label = True if inputs is None else 1
+            post_json(args, f"/v1/models/{args.model}/feedback", {"labels": [{"id": i, "label": label} for _, i in ready]}, args.token)
+            clicked += len(ready)
+        time.sleep(0.01)
+    for at, id_ in sorted(due):
+        time.sleep(max(0.0, at - time.time()))
+        label = True if inputs is None else 1
+        post_json(args, f"/v1/models/{args.model}/feedback", {"labels": [{"id": id_, "label": label}]}, args.token)
+        clicked += 1
+    print(json.dumps({"predicted": sent, "labels_posted": clicked, "seconds": round(time.time() - started, 1)}))
+
+
 def clicks(args):
     rng = random.Random(args.seed)
     for _ in range(args.events):
@@ -243,7 +293,7 @@ def clicks(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["send", "predict", "clicks"])
+    p.add_argument("command", choices=["send", "predict", "clicks", "feedback"])
     p.add_argument("--http", default="127.0.0.1:8080", help="the replica's HTTP address")
     p.add_argument("--grpc", default="127.0.0.1:8001", help="the replica's grpc.addr")
     p.add_argument("--model", default="default")
@@ -254,8 +304,10 @@ def main():
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--avro-schema", help="send Avro with this writer schema (.avsc) instead of JSON")
     p.add_argument("--schema-id", type=int, default=1, help="the schema id the framing carries")
+    p.add_argument("--delay-ms", type=int, default=2000, help="feedback: a label comes at most this late")
+    p.add_argument("--token", help="feedback: http.ingest_token, when the replica requires it")
     args = p.parse_args()
-    {"send": send, "predict": predict, "clicks": clicks}[args.command](args)
+    {"send": send, "predict": predict, "clicks": clicks, "feedback": feedback}[args.command](args)
 
 
 if __name__ == "__main__":

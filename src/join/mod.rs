@@ -108,7 +108,9 @@ impl Joiner {
             let started = Instant::now();
             match self.commit(&batch) {
                 Ok(()) => {
-                    self.metrics.commit_duration.observe(started.elapsed().as_secs_f64());
+                    let took = started.elapsed();
+                    tracing::debug!(records = batch.records, out = batch.out.len(), ?took, "join batch committed");
+                    self.metrics.commit_duration.observe(took.as_secs_f64());
                     self.count(&batch)
                 }
                 Err(e) => self.start_over(e)?,

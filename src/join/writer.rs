@@ -82,6 +82,8 @@ impl Writer {
             let topic = if *is_label { &self.labels } else { &self.predictions };
             self.dead_letter(*partition, None, topic, record, "record_invalid", why)?;
         }
+        // Delivered first: the crate's commit would flush in 100 ms steps.
+        kafka::flush_promptly(&self.producer, TRANSACTION_LIMIT)?;
         self.producer.send_offsets_to_transaction(offsets, group, TRANSACTION_LIMIT)?;
         self.producer.commit_transaction(TRANSACTION_LIMIT)
     }
@@ -91,7 +93,7 @@ impl Writer {
     }
 
     pub fn flush(&self) {
-        let _ = self.producer.flush(Duration::from_secs(5));
+        let _ = kafka::flush_promptly(&self.producer, Duration::from_secs(5));
     }
 
     /// One decision of the window as records of the transaction.

@@ -162,6 +162,25 @@ pub fn fetched_end(
     (err == rdkafka_sys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
 }
 
+/// Waits up to `limit` until every message `producer` queued is delivered
+/// (or failed). The rdkafka crate's `flush` waits in steps of 100 ms while
+/// any is in flight: a transaction committed every few tens of ms then took
+/// 100 ms each. A threaded producer's own thread serves the delivery
+/// reports meanwhile.
+pub fn flush_promptly<C: rdkafka::producer::ProducerContext>(
+    producer: &rdkafka::producer::ThreadedProducer<C>,
+    limit: Duration,
+) -> Result<(), rdkafka::error::KafkaError> {
+    use rdkafka::producer::Producer;
+    let limit_ms = limit.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: a live producer handle; librdkafka only waits on it.
+    let err = unsafe { rdkafka_sys::rd_kafka_flush(producer.client().native_ptr(), limit_ms) };
+    match err {
+        rdkafka_sys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR => Ok(()),
+        e => Err(rdkafka::error::KafkaError::Flush(e.into())),
+    }
+}
+
 /// The low watermark (start) of partition 0 of `topic`: the first record
 /// the broker still holds.
 pub fn log_start(consumer: &BaseConsumer<impl rdkafka::consumer::ConsumerContext>, topic: &str) -> Option<i64> {
