@@ -123,6 +123,9 @@ impl Bench {
             let id = format!("probe-{stream}-{k}");
             let probe = json!({"instances": [{"dense": vec![0.5; 8], "sparse": {"f0": id}}], "ids": [id]}).to_string();
             post_ok(&joined, "/v1/models/default:predict", &probe)?;
+            // The outcome comes later than the logged prediction (whose
+            // producer lingers up to 50 ms): measured from the label on.
+            std::thread::sleep(Duration::from_millis(200));
             let label = json!({"labels": [{"id": id, "label": 1}]}).to_string();
             post_ok(&joined, "/v1/models/default/feedback", &label)?;
             let posted = Instant::now();
