@@ -46,6 +46,10 @@ use crate::update_log::control::ControlLog;
 use crate::update_log::kafka;
 use crate::update_log::record::SettingsRecord;
 
+mod roles;
+
+use self::roles::{ended_with, role_result, spawn_role, stop_role, Roles};
+
 /// libtorch's own thread pools would fight the trainer and the HTTP server
 /// for two cores; one thread each is fastest for our small graphs.
 pub fn init_libtorch() {
@@ -56,37 +60,8 @@ pub fn init_libtorch() {
     });
 }
 
-/// Runs `f` on a named OS thread; the receiver yields its result.
-fn spawn_role(
-    name: &str,
-    f: impl FnOnce() -> anyhow::Result<()> + Send + 'static,
-) -> oneshot::Receiver<anyhow::Result<()>> {
-    let (tx, rx) = oneshot::channel();
-    let thread_name = name.to_string();
-    std::thread::Builder::new()
-        .name(thread_name.clone())
-        .spawn(move || {
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("{thread_name} panicked")));
-            let _ = tx.send(result);
-        })
-        .expect("spawn thread");
-    rx
-}
-
-/// A role's result once it ends; a role that is not running never ends.
-async fn role_result(rx: &mut Option<oneshot::Receiver<anyhow::Result<()>>>) -> anyhow::Result<()> {
-    match rx {
-        Some(rx) => rx.await.unwrap_or_else(|_| Err(anyhow::anyhow!("role thread vanished"))),
-        None => std::future::pending().await,
-    }
-}
-
 /// A future the replica stops on, pinned where it is awaited.
 type Shutdown<'a, F> = Pin<&'a mut F>;
-
-/// How long each role may take to stop before the replica goes on without it.
-const ROLE_STOP_LIMIT: Duration = Duration::from_secs(30);
 
 /// Runs a replica until `shutdown` resolves or a role fails.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -106,16 +81,6 @@ pub struct Replica {
     applier: Applier,
     roles: Roles,
     app: AppState,
-}
-
-/// The roles beside the applier, each with its stop request.
-struct Roles {
-    /// `None` when `train.enabled` is off.
-    trainer: Option<Trainer>,
-    trainer_stop: StopRequest,
-    /// `None` unless `feedback.enabled` and `feedback.join`.
-    joiner: Option<Joiner>,
-    joiner_stop: StopRequest,
 }
 
 /// Which role ended first, and how.
@@ -199,7 +164,6 @@ impl Replica {
     /// role ends on its own, then stops them in order.
     pub async fn run_until_stopped<F: Future<Output = ()>>(self, mut shutdown: Shutdown<'_, F>) -> anyhow::Result<()> {
         let Replica { config, model, metrics, control, applier, roles, app } = self;
-        let Roles { trainer, trainer_stop, joiner, joiner_stop } = roles;
         tokio::spawn(app.history.clone().run(app.predictor.serving.clone(), metrics));
         let prediction_log = app.predictor.log.clone();
         let grpc_stop = serve_grpc(&config, app.clone()).await?;
@@ -213,14 +177,13 @@ impl Replica {
         }
         let drain = applier.drain_request();
         let mut applier_done = Some(spawn_role("applier", move || applier.run()));
-        let mut trainer_done = trainer.map(|t| spawn_role("trainer", move || t.run()));
-        let mut joiner_done = joiner.map(|j| spawn_role("joiner", move || j.run()));
+        let mut started = roles.spawn();
 
         let (ended, failure): (Ended, Option<anyhow::Error>) = tokio::select! {
             _ = &mut shutdown => { info!("stop requested"); (Ended::Asked, None) }
             r = role_result(&mut applier_done) => (Ended::Applier, Some(ended_with(r).context("applier stopped"))),
-            r = role_result(&mut trainer_done) => (Ended::Trainer, Some(ended_with(r).context("trainer stopped"))),
-            r = role_result(&mut joiner_done) => (Ended::Joiner, Some(ended_with(r).context("joiner stopped"))),
+            r = role_result(&mut started.trainer) => (Ended::Trainer, Some(ended_with(r).context("trainer stopped"))),
+            r = role_result(&mut started.joiner) => (Ended::Joiner, Some(ended_with(r).context("joiner stopped"))),
             r = &mut http => (Ended::Http, Some(match r {
                 Ok(Ok(())) => anyhow::anyhow!("ended"),
                 Ok(Err(e)) => e.into(),
@@ -231,21 +194,10 @@ impl Replica {
             error!(error = format!("{e:#}"), "a role ended; stopping the replica");
         }
 
-        // Graceful stop, in order: the trainer sends what it batched and
-        // leaves the group; the applier drains to the log end and writes a
-        // final checkpoint; the HTTP server stops last.
-        joiner_stop.request();
-        if ended != Ended::Joiner {
-            // What it has not committed is read again by the next owner.
-            stop_role("joiner", &mut joiner_done, "broker unreachable?").await;
-        }
-        trainer_stop.request();
-        if ended != Ended::Trainer {
-            // Bounded: with the broker gone, the trainer's flush, commit and
-            // group leave each wait on it. Whatever it did not send is relearned
-            // from the watermarks by whoever owns the partitions next.
-            stop_role("trainer", &mut trainer_done, "broker unreachable?").await;
-        }
+        // Graceful stop, in order: the joiner and the trainer; the applier
+        // drains to the log end and writes a final checkpoint; the HTTP
+        // server stops last, and the predictions it logged are sent.
+        started.stop(ended == Ended::Joiner, ended == Ended::Trainer).await;
         drain.request(current_log_end(&config).await);
         if ended != Ended::Applier {
             stop_role("applier", &mut applier_done, "did not drain").await;
@@ -256,28 +208,10 @@ impl Replica {
             let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
         }
         if let Some(log) = prediction_log {
-            // What was served is logged before the process goes.
             let _ = tokio::task::spawn_blocking(move || log.flush(Duration::from_secs(5))).await;
         }
         info!("replica stopped");
         failure.map_or(Ok(()), Err)
-    }
-}
-
-/// A role that ended on its own ended with an error, or for no reason.
-fn ended_with(result: anyhow::Result<()>) -> anyhow::Error {
-    result.err().unwrap_or_else(|| anyhow::anyhow!("ended"))
-}
-
-/// Waits up to `ROLE_STOP_LIMIT` for a role asked to stop; says why not.
-async fn stop_role(name: &str, done: &mut Option<oneshot::Receiver<anyhow::Result<()>>>, why_late: &str) {
-    if done.is_none() {
-        return;
-    }
-    match tokio::time::timeout(ROLE_STOP_LIMIT, role_result(done)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => warn!(error = format!("{e:#}"), "{name} stopped with an error"),
-        Err(_) => warn!("{name} did not stop in {} s ({why_late}); stopping without it", ROLE_STOP_LIMIT.as_secs()),
     }
 }
 

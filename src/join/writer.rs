@@ -38,10 +38,11 @@ impl Writer {
     pub fn new(config: &Config, featurizer: Featurizer) -> anyhow::Result<Writer> {
         let (k, f) = (&config.kafka, &config.feedback);
         let producer = kafka::producer_config(&kafka::Connection::of(k)?, &format!("{}-join", config.replica_id))
-            // One id per replica: a restarted joiner fences its own former
-            // self; another member's zombie is fenced by the group's
-            // generation when it commits offsets (KIP-447).
-            .set("transactional.id", format!("tributary-join-{}", config.replica_id))
+            // One id per replica of the fleet (its group): a restarted
+            // joiner fences its own former self; another member's zombie is
+            // fenced by the group's generation when it commits offsets
+            // (KIP-447). Fleets sharing a cluster do not fence each other.
+            .set("transactional.id", format!("tributary-join-{}-{}", k.group_id, config.replica_id))
             .set("linger.ms", "5")
             // Joined events keyed by id, partitioned as the predictions.
             .set("partitioner", "murmur2_random")
