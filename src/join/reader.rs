@@ -61,16 +61,12 @@ impl Reader {
     pub fn new(config: &Config) -> anyhow::Result<Reader> {
         let (k, f) = (&config.kafka, &config.feedback);
         // Partition p of both topics to one member: co-partitioned by id.
+        let connection = kafka::Connection::of(k)?;
+        let client = format!("{}-join", config.replica_id);
         let consumer: BaseConsumer<JoinContext> =
-            kafka::base_config(&kafka::Connection::of(k)?, &format!("{}-join", config.replica_id))
-                .set("group.id", format!("{}-join", k.group_id))
-                .set("enable.auto.commit", "false")
-                .set("auto.offset.reset", "earliest")
+            kafka::group_member_config(&connection, &client, &format!("{}-join", k.group_id), k)
                 .set("isolation.level", "read_committed")
                 .set("partition.assignment.strategy", "range")
-                .set("session.timeout.ms", k.session_timeout_ms.to_string())
-                .set("heartbeat.interval.ms", (k.session_timeout_ms / 10).clamp(100, 1000).to_string())
-                .set("fetch.wait.max.ms", "10")
                 .create_with_context(JoinContext::default())?;
         Ok(Reader {
             consumer,

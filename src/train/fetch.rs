@@ -124,16 +124,8 @@ impl Fetcher {
 /// The consumer's settings, each with why.
 pub fn consumer_config(connection: &kafka::Connection, config: &Config) -> rdkafka::ClientConfig {
     let k = &config.kafka;
-    let mut c = kafka::base_config(connection, &config.replica_id);
-    c.set("group.id", &k.group_id)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("session.timeout.ms", k.session_timeout_ms.to_string())
-        // Frequent heartbeats: a member learns of a rebalance (a peer left)
-        // on its next heartbeat, and a hand-over should take well under 2 s.
-        .set("heartbeat.interval.ms", (k.session_timeout_ms / 10).clamp(100, 1000).to_string())
-        .set("fetch.wait.max.ms", "10")
+    let mut c = kafka::group_member_config(connection, &config.replica_id, &k.group_id, k);
+    c.set("partition.assignment.strategy", "cooperative-sticky")
         // Small fetches per partition, so that the read-ahead holds
         // every partition to merge, not a megabyte of one: with 1 MB the
         // read-ahead often held few partitions when a batch was taken, and

@@ -85,6 +85,21 @@ pub fn base_config(connection: &Connection, client_id: &str) -> ClientConfig {
     c
 }
 
+/// A member of consumer group `group` that commits its offsets itself
+/// (the trainer's and the join's), from the earliest offset when the group
+/// has none. Frequent heartbeats: a member learns of a rebalance (a peer
+/// left) on its next heartbeat, and a hand-over should take well under 2 s.
+pub fn group_member_config(connection: &Connection, client_id: &str, group: &str, k: &KafkaConfig) -> ClientConfig {
+    let mut c = base_config(connection, client_id);
+    c.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", k.session_timeout_ms.to_string())
+        .set("heartbeat.interval.ms", (k.session_timeout_ms / 10).clamp(100, 1000).to_string())
+        .set("fetch.wait.max.ms", "10");
+    c
+}
+
 /// Producer of gradient records (and, with batching, events).
 ///
 /// - Idempotence (which implies `acks=all`): a write is acknowledged once

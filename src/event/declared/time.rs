@@ -1,4 +1,6 @@
-//! RFC 3339 times to epoch milliseconds, without a date crate.
+//! RFC 3339 times to epoch milliseconds and back, without a date crate.
+
+use crate::telemetry::civil_from_days;
 
 /// Epoch milliseconds of an RFC 3339 time (`2026-12-02T21:58:00.250Z`,
 /// `...+01:00`); `None` if it is not one.
@@ -45,19 +47,6 @@ pub(super) fn rfc3339_of_ms(ms: i64) -> String {
     let (year, month, day) = civil_from_days(days);
     let (h, m, s, milli) = (in_day / 3_600_000, in_day / 60_000 % 60, in_day / 1000 % 60, in_day % 1000);
     format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{milli:03}Z")
-}
-
-/// The civil date of days since 1970-01-01 (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(month <= 2), month, day)
 }
 
 /// Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
