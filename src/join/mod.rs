@@ -152,7 +152,11 @@ impl Joiner {
         }
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         for p in self.window.partitions() {
-            self.window.advance(p, self.reader.time(p, now), &mut batch.out);
+            let time = self.reader.time(p, now);
+            if batch.records == 0 && self.window.len() > 0 {
+                tracing::debug!(partition = p, behind_ms = now.saturating_sub(time), "the join idle, its time");
+            }
+            self.window.advance(p, time, &mut batch.out);
         }
         self.window.bound(&mut batch.out);
         Ok(batch)

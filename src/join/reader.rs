@@ -2,9 +2,10 @@
 //! topics (the range assignor: partition p of both to one member), the
 //! rebalances it follows, and the partitions' [`Clock`].
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance};
 use rdkafka::error::KafkaError;
@@ -55,6 +56,8 @@ pub struct Reader {
     pub predictions: String,
     pub labels: String,
     pub clock: Clock,
+    /// When each partition's end was last asked of the broker.
+    asked: HashMap<(bool, i32), Instant>,
 }
 
 impl Reader {
@@ -73,6 +76,7 @@ impl Reader {
             predictions: f.predictions_topic.clone(),
             labels: f.labels_topic.clone(),
             clock: Clock::default(),
+            asked: HashMap::new(),
         })
     }
 
@@ -102,15 +106,19 @@ impl Reader {
         Ok(Rebalanced { revoked, assigned })
     }
 
-    /// The clock started at the committed offsets of the assignment.
+    /// The clock started at the committed offsets of the assignment, with
+    /// each partition's end as the broker gives it now.
     fn start_clock(&mut self) -> Result<TopicPartitionList, KafkaError> {
         let committed = self.consumer.committed(Duration::from_secs(30))?;
         for e in committed.elements() {
-            let next = match e.offset() {
-                Offset::Offset(o) => o,
+            let ends = self.consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(5)).ok();
+            // No offset committed: reading starts at the partition's start.
+            let next = match (e.offset(), ends) {
+                (Offset::Offset(o), _) => o,
+                (_, Some((low, _))) => low,
                 _ => 0,
             };
-            self.clock.starts(e.topic() == self.labels, e.partition(), next);
+            self.clock.starts(e.topic() == self.labels, e.partition(), next, ends.map(|(_, high)| high));
         }
         Ok(committed)
     }
@@ -135,8 +143,22 @@ impl Reader {
         Ok(partitions)
     }
 
-    /// `partition`'s time at wall-clock `now` ([`Clock::time`]).
-    pub fn time(&self, partition: i32, now: i64) -> i64 {
+    /// `partition`'s time at wall-clock `now` ([`Clock::time`]). A
+    /// partition whose end neither a fetch nor the assignment told is asked
+    /// of the broker, at most once a second.
+    pub fn time(&mut self, partition: i32, now: i64) -> i64 {
+        for is_label in [false, true] {
+            let topic = if is_label { &self.labels } else { &self.predictions };
+            let unknown = kafka::fetched_end(&self.consumer, topic, partition).is_none()
+                && !self.clock.has_end(is_label, partition);
+            let asked = self.asked.get(&(is_label, partition));
+            if unknown && asked.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                self.asked.insert((is_label, partition), Instant::now());
+                if let Ok((_, high)) = self.consumer.fetch_watermarks(topic, partition, Duration::from_secs(1)) {
+                    self.clock.ends_at(is_label, partition, high);
+                }
+            }
+        }
         self.clock.time(partition, now, |is_label, p| {
             kafka::fetched_end(&self.consumer, if is_label { &self.labels } else { &self.predictions }, p)
         })

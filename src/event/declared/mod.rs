@@ -422,6 +422,23 @@ mod tests {
     }
 
     #[test]
+    fn a_served_record_with_its_outcome_is_the_event_the_team_would_have_written() {
+        let featurizer = Featurizer::new(&declared());
+        let mut served = domain_event();
+        let object = served.as_object_mut().unwrap();
+        object.remove("clicked");
+        object.remove("event_time");
+        let joined = featurizer.event_of(served.clone(), json!("click"), 1_796_248_680_250).unwrap();
+        assert_eq!((&joined["clicked"], &joined["event_time"]), (&json!("click"), &json!("2026-12-02T21:58:00.250Z")));
+        let example = event(&featurizer, &joined).unwrap();
+        let whole = event(&featurizer, &domain_event()).unwrap();
+        assert_eq!((example.features, example.label, example.ts), (whole.features, 1.0, Some(1_796_248_680_250)));
+        // A served value that is not a record cannot take the outcome.
+        let refused = featurizer.event_of(json!(["not", "a", "record"]), json!(true), 0).unwrap_err();
+        assert!(refused.to_string().contains("\"clicked\""), "{refused}");
+    }
+
+    #[test]
     fn an_instance_is_a_record_read_through_the_same_declaration() {
         let (declared, fixed) = (Featurizer::new(&declared()), Featurizer::new(&fixed()));
         let mut instance = domain_event();
