@@ -327,7 +327,9 @@ impl Broker {
     /// has joined its quorum and serves clients.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.spawn()?;
-        self.wait_started(Duration::from_secs(60))
+        // A JVM restarting into a quorum on two busy cores: 60 s was not
+        // always enough in a full run (its controller events took 3 s each).
+        self.wait_started(Duration::from_secs(120))
     }
 
     /// Starts the JVM, without waiting.
