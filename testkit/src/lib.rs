@@ -327,9 +327,10 @@ impl Broker {
     /// has joined its quorum and serves clients.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.spawn()?;
-        // A JVM restarting into a quorum on two busy cores: 60 s was not
-        // always enough in a full run (its controller events took 3 s each).
-        self.wait_started(Duration::from_secs(120))
+        // A JVM restarting into a KRaft quorum replays the metadata log
+        // first: on two busy cores 60 s and once 120 s were not enough in a
+        // full run (its controller events took 3-4 s each).
+        self.wait_started(Duration::from_secs(180))
     }
 
     /// Starts the JVM, without waiting.
