@@ -4,7 +4,7 @@
 //! Owns the publisher; never changes the state.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -85,7 +85,7 @@ impl Swaps {
         if let Some(loss) = state.progressive_loss() {
             self.metrics.applier.progressive_logloss.set(loss);
         }
-        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let now_ms = crate::telemetry::unix_ms();
         for ts in self.pending_ts.drain(..) {
             self.metrics.applier.freshness.observe((now_ms - ts).max(0) as f64 / 1000.0);
         }

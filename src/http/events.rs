@@ -20,6 +20,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use prometheus::IntCounterVec;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -155,16 +156,23 @@ async fn produce(
         }
     };
     let results = delivered(&sink.producer, &sink.topic, payloads.iter().map(|p| (None, p.as_slice()))).await;
+    Ok(accepted(results, ingested, "events posted to /v1/events"))
+}
+
+/// The answer to a batch produced: 202 when the broker took every record,
+/// else 503 with the result per record; each counted in `counted` as
+/// `produced` or `failed`.
+pub(super) fn accepted(results: Vec<EventResult>, counted: &IntCounterVec, what: &str) -> Response {
     let failed = results.iter().filter(|r| r.error.is_some()).count();
-    ingested.with_label_values(&["produced"]).inc_by((n - failed) as u64);
-    ingested.with_label_values(&["failed"]).inc_by(failed as u64);
+    counted.with_label_values(&["produced"]).inc_by((results.len() - failed) as u64);
+    counted.with_label_values(&["failed"]).inc_by(failed as u64);
     let status = if failed == 0 {
         StatusCode::ACCEPTED
     } else {
-        tracing::warn!(failed, of = n, "the broker did not take some events posted to /v1/events");
+        tracing::warn!(failed, of = results.len(), "the broker did not take some {what}");
         StatusCode::SERVICE_UNAVAILABLE
     };
-    Ok((status, Json(EventsAccepted { results })).into_response())
+    (status, Json(EventsAccepted { results })).into_response()
 }
 
 /// Each event checked against the served model and encoded in the topic's

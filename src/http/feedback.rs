@@ -10,16 +10,15 @@
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use rdkafka::producer::FutureProducer;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
 use super::admin::check_bearer;
-use super::events::{delivered, EventsAccepted};
+use super::events::{accepted, delivered, EventsAccepted};
 use super::{body_bytes, check_model, ApiError, AppState};
 use crate::config::Config;
 use crate::event::is_label_value;
@@ -114,15 +113,7 @@ async fn produce(
     let results =
         delivered(&sink.producer, &sink.topic, records.iter().map(|(id, label)| (Some(id.as_bytes()), &label[..])))
             .await;
-    let failed = results.iter().filter(|r| r.error.is_some()).count();
-    let posted = &state.metrics.serving.labels_posted;
-    posted.with_label_values(&["produced"]).inc_by((records.len() - failed) as u64);
-    posted.with_label_values(&["failed"]).inc_by(failed as u64);
-    let status = match failed {
-        0 => StatusCode::ACCEPTED,
-        _ => StatusCode::SERVICE_UNAVAILABLE,
-    };
-    Ok((status, Json(EventsAccepted { results })).into_response())
+    Ok(accepted(results, &state.metrics.serving.labels_posted, "labels posted to /v1/models/{m}/feedback"))
 }
 
 /// Each label checked (an id of 1 to `MAX_ID_BYTES` bytes, a scalar label)

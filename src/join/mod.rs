@@ -29,7 +29,7 @@ mod writer;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::error::KafkaError;
@@ -44,6 +44,7 @@ use crate::config::Config;
 use crate::event::Featurizer;
 use crate::lifecycle::StopRequest;
 use crate::metrics::{JoinMetrics, Metrics};
+use crate::telemetry::unix_ms;
 
 /// A batch (one transaction) ends this long after its first record: the
 /// label's wait to be joined and learnable, on top of the commit.
@@ -150,7 +151,7 @@ impl Joiner {
                 break;
             }
         }
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let now = unix_ms();
         for p in self.window.partitions() {
             let time = self.reader.time(p, now);
             if batch.records == 0 && self.window.len() > 0 {
@@ -171,14 +172,14 @@ impl Joiner {
             true => records::label_id(&payload).map(|id| (id, time)),
             false => records::prediction_head(&payload),
         };
+        // A prediction's time is when it was served; any other record's,
+        // its timestamp.
+        let read_at = parsed.as_ref().map_or(time, |&(_, t)| t);
+        self.reader.clock.read(is_label, p, offset, read_at);
         let (id, time) = match parsed {
             Ok(head) => head,
-            Err(why) => {
-                self.reader.clock.read(is_label, p, offset, time);
-                return batch.invalid.push((p, is_label, payload, why));
-            }
+            Err(why) => return batch.invalid.push((p, is_label, payload, why)),
         };
-        self.reader.clock.read(is_label, p, offset, time);
         match is_label {
             true => {
                 let before = batch.out.len();
@@ -195,8 +196,7 @@ impl Joiner {
     fn commit(&self, batch: &Batch) -> Result<(), KafkaError> {
         let mut offsets = TopicPartitionList::new();
         for (&(is_label, p), &next) in &batch.offsets {
-            let topic = if is_label { &self.reader.labels } else { &self.reader.predictions };
-            offsets.add_partition_offset(topic, p, Offset::Offset(next))?;
+            offsets.add_partition_offset(self.reader.topic(is_label), p, Offset::Offset(next))?;
         }
         let group = self.reader.group().ok_or_else(|| KafkaError::Subscription("no group metadata yet".into()))?;
         self.writer.commit(batch, &offsets, &group)
@@ -214,7 +214,7 @@ impl Joiner {
             }
         }
         m.dead_letters.with_label_values(&["record_invalid"]).inc_by(batch.invalid.len() as u64);
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let now = unix_ms();
         for at in &batch.labels_joined_at {
             m.latency.observe((now - at).max(0) as f64 / 1000.0);
         }

@@ -34,12 +34,17 @@ impl ConsumerContext for JoinContext {
 
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            let mut partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-            partitions.sort_unstable();
-            partitions.dedup();
-            *self.assigned.lock().expect("assigned lock") = Some(partitions);
+            *self.assigned.lock().expect("assigned lock") = Some(partitions_of(tpl));
         }
     }
+}
+
+/// The partitions of both topics in `tpl`, each once, in order.
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<i32> {
+    let mut partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+    partitions.sort_unstable();
+    partitions.dedup();
+    partitions
 }
 
 /// What the last poll's rebalance callbacks did.
@@ -137,10 +142,16 @@ impl Reader {
             positions.add_partition_offset(e.topic(), e.partition(), offset)?;
         }
         self.consumer.seek_partitions(positions, Duration::from_secs(30))?;
-        let mut partitions: Vec<i32> = committed.elements().iter().map(|e| e.partition()).collect();
-        partitions.sort_unstable();
-        partitions.dedup();
-        Ok(partitions)
+        Ok(partitions_of(&committed))
+    }
+
+    /// The labels topic's name, or the predictions'.
+    pub fn topic(&self, is_label: bool) -> &str {
+        if is_label {
+            &self.labels
+        } else {
+            &self.predictions
+        }
     }
 
     /// `partition`'s time at wall-clock `now` ([`Clock::time`]). A
@@ -148,20 +159,18 @@ impl Reader {
     /// of the broker, at most once a second.
     pub fn time(&mut self, partition: i32, now: i64) -> i64 {
         for is_label in [false, true] {
-            let topic = if is_label { &self.labels } else { &self.predictions };
-            let unknown = kafka::fetched_end(&self.consumer, topic, partition).is_none()
+            let unknown = kafka::fetched_end(&self.consumer, self.topic(is_label), partition).is_none()
                 && !self.clock.has_end(is_label, partition);
             let asked = self.asked.get(&(is_label, partition));
             if unknown && asked.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
                 self.asked.insert((is_label, partition), Instant::now());
+                let topic = self.topic(is_label);
                 if let Ok((_, high)) = self.consumer.fetch_watermarks(topic, partition, Duration::from_secs(1)) {
                     self.clock.ends_at(is_label, partition, high);
                 }
             }
         }
-        self.clock.time(partition, now, |is_label, p| {
-            kafka::fetched_end(&self.consumer, if is_label { &self.labels } else { &self.predictions }, p)
-        })
+        self.clock.time(partition, now, |is_label, p| kafka::fetched_end(&self.consumer, self.topic(is_label), p))
     }
 
     pub fn group(&self) -> Option<ConsumerGroupMetadata> {

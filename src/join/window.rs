@@ -134,9 +134,9 @@ impl Window {
     /// forgotten (`None`). Outputs nothing: the changelog has it.
     pub fn restore(&mut self, partition: i32, id: &str, entry: Option<(Entry, i64)>) {
         let id: Arc<str> = id.into();
-        self.forget(partition, &id);
-        if let Some((entry, time)) = entry {
-            self.put(partition, id, entry, time);
+        match entry {
+            Some((entry, time)) => self.put(partition, id, entry, time),
+            None => self.forget(partition, &id),
         }
     }
 

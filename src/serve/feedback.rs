@@ -7,7 +7,6 @@
 //! prediction. Owns its producer and the ids it makes; knows no protocol.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus::IntCounter;
 use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
@@ -99,7 +98,7 @@ impl PredictionLog {
             // The Java clients' partitioner: a team's labels keyed by the
             // same id, written from the JVM, land in the same partition.
             .set("partitioner", "murmur2_random");
-        let started = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        let started = crate::telemetry::unix_ms();
         let logged = &metrics.serving.predictions_logged;
         Ok(PredictionLog {
             producer: producer.create_with_context(Deliveries { failed: logged.with_label_values(&["failed"]) })?,
@@ -140,7 +139,7 @@ impl PredictionLog {
     /// before it was served) to the producer, without waiting: one that
     /// finds the queue full is counted as unlogged.
     pub fn log(&self, ids: &[String], instances: &[String], served: &Predicted) {
-        let ts = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let ts = crate::telemetry::unix_ms();
         for ((id, instance), &prediction) in ids.iter().zip(instances).zip(&served.predictions) {
             let value = logged(id, instance, prediction, served.model_version, ts);
             match self.producer.send(BaseRecord::to(&self.topic).key(id).payload(&value)) {
