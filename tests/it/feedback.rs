@@ -348,3 +348,56 @@ fn slow_every_prediction_is_learned_once_with_its_label_through_a_sigkill_of_a_j
     let infos = wait_at_one_version(&[&r0, &r1], Duration::from_secs(30));
     assert_eq!(infos[0]["weights_digest"], infos[1]["weights_digest"]);
 }
+
+/// Hostile labels, under a memory cap: bodies the feedback endpoint must
+/// refuse (an id too long, a label that is no scalar, more labels than a
+/// batch, nesting past serde's limit, bytes that are no JSON) are 400s;
+/// records on the labels topic that are no label are dead-lettered as
+/// `record_invalid`; the replica stays up, and a good prediction and label
+/// after them are joined and learned.
+#[test]
+fn hostile_labels_are_refused_or_dead_lettered_and_the_good_one_after_them_is_learned() {
+    let mut cluster = Cluster::new("feedback_hostile", ModelKind::Logistic);
+    feedback_on(&mut cluster, 60_000);
+    let replica = cluster.spawn_capped("r0");
+    replica.wait_ready();
+    let path = format!("/v1/models/{}/feedback", replica.model_name);
+    let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let over_a_batch = cluster.config.http.max_batch + 1;
+    let many: Vec<Value> = (0..over_a_batch).map(|i| json!({"id": format!("m{i}"), "label": 1})).collect();
+    let bodies = [
+        json!({"labels": [{"id": "x".repeat(10_000), "label": 1}]}).to_string(),
+        json!({"labels": [{"id": "a", "label": {"nested": [1, 2]}}]}).to_string(),
+        json!({"labels": many}).to_string(),
+        format!("{{\"labels\": [{{\"id\": \"a\", \"label\": {nested}}}]}}"),
+        "\u{0}\u{1}not json".to_string(),
+    ];
+    for body in &bodies {
+        let (status, answer) = replica.post(&path, None, body);
+        assert_eq!(status, 400, "{}: {answer}", &body[..body.len().min(80)]);
+    }
+
+    let f = &cluster.config.feedback;
+    let producer: rdkafka::producer::BaseProducer = tributary::update_log::kafka::producer_config(
+        &tributary::update_log::kafka::Connection::of(&cluster.config.kafka).unwrap(),
+        "hostile-labels",
+    )
+    .create()
+    .unwrap();
+    let records: [&[u8]; 3] = [b"\xff\xfe garbage", br#"{"id": 7}"#, br#"{"id": "b", "label": [1]}"#];
+    for record in records {
+        let sent =
+            producer.send(rdkafka::producer::BaseRecord::<(), [u8]>::to(&f.labels_topic).partition(0).payload(record));
+        sent.map_err(|(e, _)| e).unwrap();
+    }
+    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(30)).unwrap();
+    predict_ids(&replica, &[("good".to_string(), 1)]);
+    post_labels(&replica, &[("good", 1)]);
+
+    let events = joined_events(&cluster, 1);
+    assert_eq!(events["good"]["label"], json!(1));
+    let dead = read_records(&cluster, &cluster.config.kafka.dlq_topic, 1, 3);
+    assert!(dead.iter().all(|d| d.headers["tributary.reason_kind"] == "record_invalid"), "{:?}", dead.len());
+    replica.wait_learned(1, Duration::from_secs(30));
+    assert!(replica.is_running(), "the replica is up after the hostile labels");
+}
